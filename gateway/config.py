@@ -1,0 +1,536 @@
+"""Configuration: TOML in, validated dataclasses out.
+
+Loading reports *every* problem at once, each with its key path
+(`tenants[1].limits.max_active_tasks: must be a positive integer`), so an operator fixes a
+file in one pass. `${NAME}` / `${NAME:-default}` are replaced from the environment in every
+string before validation, so secrets never need to be written into the file.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+TENANT_ID_RE = re.compile(r"^[a-z0-9-]{1,64}$")
+KEY_HASH_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
+JWT_ALGORITHMS = {"HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512", "EdDSA"}
+GEN2_OPTION_TYPES: dict[str, type | tuple[type, ...]] = {
+    "mode": str,
+    "seed": int,
+    "interpolate": bool,
+    "upscale": bool,
+    "watermark": bool,
+    "motion_score": int,
+    "use_motion_score": bool,
+    "use_motion_vectors": bool,
+    "text_prompt": str,
+    "image_prompt": str,
+    "init_image": str,
+}
+
+
+class ConfigError(Exception):
+    """Every problem found in a config file, one line each."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    public_url: str = ""
+    max_body_bytes: int = 1_048_576
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    signing_secret: str = ""
+    log_level: str = "info"
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    base_url: str = "http://127.0.0.1:8090"
+    api_keys: tuple[str, ...] = ()
+    timeout_seconds: float = 30.0
+    status_path: str = "/runway/tasks/{id}"
+    poll_interval_seconds: float = 5.0
+    task_timeout_seconds: float = 3600.0
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    url: str = "sqlite:///data/gateway.db"
+
+
+@dataclass(frozen=True)
+class PricingConfig:
+    gen2: int = 10
+    upscale: int = 5
+    interpolate: int = 0
+    refund_failed: bool = True
+
+    def price(self, gen2_options: dict[str, Any]) -> int:
+        credits = self.gen2
+        if gen2_options.get("upscale") is True:
+            credits += self.upscale
+        if gen2_options.get("interpolate") is True:
+            credits += self.interpolate
+        return credits
+
+
+@dataclass(frozen=True)
+class JWTConfig:
+    algorithms: tuple[str, ...]
+    public_key_file: str = ""
+    jwks_url: str = ""
+    secret: str = ""
+    issuer: str = ""
+    audience: str = ""
+    tenant_claim: str = "tenant"
+    leeway_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class Limits:
+    """A tenant's limits; None means unlimited."""
+
+    requests_per_minute: int | None = None
+    tasks_per_minute: int | None = None
+    max_active_tasks: int | None = None
+    tasks_per_day: int | None = None
+    credits_per_day: int | None = None
+    credits_per_month: int | None = None
+
+
+@dataclass(frozen=True)
+class Policy:
+    force: dict[str, Any] = field(default_factory=dict)
+    defaults: dict[str, Any] = field(default_factory=dict)
+    hook_hosts: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Tenant:
+    id: str
+    keys: tuple[str, ...] = ()
+    webhook_secret: str = ""
+    enabled: bool = True
+    limits: Limits = field(default_factory=Limits)
+    policy: Policy = field(default_factory=Policy)
+
+
+@dataclass(frozen=True)
+class WebhookConfig:
+    max_attempts: int = 20
+    initial_backoff_seconds: float = 2.0
+    max_backoff_seconds: float = 3600.0
+
+    def backoff(self, attempt: int) -> float:
+        """Delay after failed attempt number `attempt` (1-based): 2, 4, 8, ... capped."""
+        return min(self.initial_backoff_seconds * (2 ** (attempt - 1)), self.max_backoff_seconds)
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    pricing: PricingConfig = field(default_factory=PricingConfig)
+    admin_keys: tuple[str, ...] = ()
+    metrics_bearer_token: str = ""
+    jwt: JWTConfig | None = None
+    tenants: tuple[Tenant, ...] = ()
+    webhooks: WebhookConfig = field(default_factory=WebhookConfig)
+    base_dir: Path = Path(".")
+
+    def tenant(self, tenant_id: str) -> Tenant | None:
+        for t in self.tenants:
+            if t.id == tenant_id:
+                return t
+        return None
+
+
+# --- loading -------------------------------------------------------------------------
+
+
+def load_config(path: str | os.PathLike[str], environ: dict[str, str] | None = None) -> Config:
+    """Read, substitute and validate a TOML file; raise ConfigError listing every problem."""
+    p = Path(path)
+    try:
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError([f"{p}: file not found"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{p}: invalid TOML: {exc}"]) from None
+    return parse_config(raw, environ if environ is not None else dict(os.environ), base_dir=p.parent)
+
+
+def parse_config(raw: dict[str, Any], environ: dict[str, str], base_dir: Path = Path(".")) -> Config:
+    v = _Validator(environ)
+    data = v.substitute(raw, "")
+    cfg = v.config(data, base_dir)
+    if v.problems:
+        raise ConfigError(v.problems)
+    return cfg
+
+
+class _Validator:
+    """Walks the parsed TOML, collecting problems instead of stopping at the first."""
+
+    def __init__(self, environ: dict[str, str]):
+        self.environ = environ
+        self.problems: list[str] = []
+
+    def fail(self, path: str, message: str) -> None:
+        self.problems.append(f"{path}: {message}")
+
+    # ${VAR} substitution ------------------------------------------------------------
+    def substitute(self, value: Any, path: str) -> Any:
+        if isinstance(value, str):
+            return self._sub_str(value, path)
+        if isinstance(value, list):
+            return [self.substitute(x, f"{path}[{i}]") for i, x in enumerate(value)]
+        if isinstance(value, dict):
+            return {k: self.substitute(x, _join(path, k)) for k, x in value.items()}
+        return value
+
+    def _sub_str(self, s: str, path: str) -> str:
+        def repl(m: re.Match[str]) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in self.environ:
+                return self.environ[name]
+            if default is not None:
+                return default
+            self.fail(path, f"environment variable {name} is not set and has no default")
+            return ""
+
+        return ENV_RE.sub(repl, s)
+
+    # typed getters ------------------------------------------------------------------
+    def table(self, data: dict[str, Any], key: str, path: str, known: set[str]) -> dict[str, Any]:
+        value = data.get(key, {})
+        full = _join(path, key)
+        if not isinstance(value, dict):
+            self.fail(full, "must be a table")
+            return {}
+        for k in value:
+            if k not in known:
+                self.fail(_join(full, k), "unknown key")
+        return value
+
+    def get(self, data: dict[str, Any], key: str, path: str, default: Any, check: Callable[[Any], str | None]) -> Any:
+        if key not in data:
+            return default
+        value = data[key]
+        problem = check(value)
+        if problem:
+            self.fail(_join(path, key), problem)
+            return default
+        return value
+
+    # sections -----------------------------------------------------------------------
+    def config(self, data: dict[str, Any], base_dir: Path) -> Config:
+        known = {"server", "upstream", "store", "pricing", "admin", "metrics", "auth", "tenants", "webhooks"}
+        for k in data:
+            if k not in known:
+                self.fail(k, "unknown key")
+        server = self.server(self.table(data, "server", "", {"public_url", "max_body_bytes", "trusted_proxies", "signing_secret", "log_level"}))
+        upstream = self.upstream(self.table(data, "upstream", "", {"base_url", "api_keys", "timeout_seconds", "status_path", "poll_interval_seconds", "task_timeout_seconds"}))
+        store_t = self.table(data, "store", "", {"url"})
+        store = StoreConfig(url=self.get(store_t, "url", "store", StoreConfig.url, _store_url))
+        pricing = self.pricing(self.table(data, "pricing", "", {"gen2", "upscale", "interpolate", "refund_failed"}))
+        admin_t = self.table(data, "admin", "", {"keys"})
+        admin_keys = tuple(self.get(admin_t, "keys", "admin", [], _key_hashes))
+        metrics_t = self.table(data, "metrics", "", {"bearer_token"})
+        metrics_token = self.get(metrics_t, "bearer_token", "metrics", "", _string)
+        auth_t = self.table(data, "auth", "", {"jwt"})
+        jwt_cfg = self.jwt(auth_t["jwt"], base_dir) if "jwt" in auth_t else None
+        tenants = self.tenants(data.get("tenants", []))
+        webhooks = self.webhooks(self.table(data, "webhooks", "", {"max_attempts", "initial_backoff_seconds", "max_backoff_seconds"}))
+        return Config(server, upstream, store, pricing, admin_keys, metrics_token, jwt_cfg, tenants, webhooks, base_dir)
+
+    def server(self, t: dict[str, Any]) -> ServerConfig:
+        proxies: list[Any] = []
+        for i, cidr in enumerate(self.get(t, "trusted_proxies", "server", [], _list_of(_string))):
+            try:
+                proxies.append(ipaddress.ip_network(cidr, strict=False))
+            except ValueError:
+                self.fail(f"server.trusted_proxies[{i}]", "must be an IP address or CIDR")
+        return ServerConfig(
+            public_url=self.get(t, "public_url", "server", "", _http_url_or_empty).rstrip("/"),
+            max_body_bytes=self.get(t, "max_body_bytes", "server", ServerConfig.max_body_bytes, _positive_int),
+            trusted_proxies=tuple(proxies),
+            signing_secret=self.get(t, "signing_secret", "server", "", _secret_or_empty),
+            log_level=self.get(t, "log_level", "server", "info", _one_of({"debug", "info", "warning", "error"})),
+        )
+
+    def upstream(self, t: dict[str, Any]) -> UpstreamConfig:
+        keys = self.get(t, "api_keys", "upstream", [], _list_of(_non_empty_string))
+        if not keys:
+            self.fail("upstream.api_keys", "must list at least one upstream API key")
+        status_path = self.get(t, "status_path", "upstream", UpstreamConfig.status_path, _status_path)
+        return UpstreamConfig(
+            base_url=self.get(t, "base_url", "upstream", UpstreamConfig.base_url, _http_url).rstrip("/"),
+            api_keys=tuple(keys),
+            timeout_seconds=float(self.get(t, "timeout_seconds", "upstream", 30.0, _positive_number)),
+            status_path=status_path,
+            poll_interval_seconds=float(self.get(t, "poll_interval_seconds", "upstream", 5.0, _positive_number)),
+            task_timeout_seconds=float(self.get(t, "task_timeout_seconds", "upstream", 3600.0, _positive_number)),
+        )
+
+    def pricing(self, t: dict[str, Any]) -> PricingConfig:
+        return PricingConfig(
+            gen2=self.get(t, "gen2", "pricing", 10, _non_negative_int),
+            upscale=self.get(t, "upscale", "pricing", 5, _non_negative_int),
+            interpolate=self.get(t, "interpolate", "pricing", 0, _non_negative_int),
+            refund_failed=self.get(t, "refund_failed", "pricing", True, _bool),
+        )
+
+    def jwt(self, t: Any, base_dir: Path) -> JWTConfig | None:
+        path = "auth.jwt"
+        if not isinstance(t, dict):
+            self.fail(path, "must be a table")
+            return None
+        known = {"algorithms", "public_key_file", "jwks_url", "secret", "issuer", "audience", "tenant_claim", "leeway_seconds"}
+        for k in t:
+            if k not in known:
+                self.fail(_join(path, k), "unknown key")
+        algs = self.get(t, "algorithms", path, [], _algorithms)
+        if not algs:
+            self.fail(f"{path}.algorithms", "must list at least one algorithm")
+        sources = [k for k in ("public_key_file", "jwks_url", "secret") if t.get(k)]
+        if len(sources) != 1:
+            self.fail(path, "set exactly one of public_key_file, jwks_url or secret")
+        secret = self.get(t, "secret", path, "", _string)
+        if secret and any(not a.startswith("HS") for a in algs):
+            self.fail(f"{path}.algorithms", "a shared secret works only with HS256/HS384/HS512")
+        if not secret and any(a.startswith("HS") for a in algs):
+            self.fail(f"{path}.algorithms", "HS* algorithms need `secret`; with a public key or JWKS they would accept forged tokens")
+        key_file = self.get(t, "public_key_file", path, "", _string)
+        if key_file:
+            kp = Path(key_file) if os.path.isabs(key_file) else base_dir / key_file
+            if not kp.is_file():
+                self.fail(f"{path}.public_key_file", f"file {key_file} not found")
+            else:
+                key_file = str(kp)
+        return JWTConfig(
+            algorithms=tuple(algs),
+            public_key_file=key_file,
+            jwks_url=self.get(t, "jwks_url", path, "", _http_url_or_empty),
+            secret=secret,
+            issuer=self.get(t, "issuer", path, "", _string),
+            audience=self.get(t, "audience", path, "", _string),
+            tenant_claim=self.get(t, "tenant_claim", path, "tenant", _non_empty_string),
+            leeway_seconds=float(self.get(t, "leeway_seconds", path, 30.0, _non_negative_number)),
+        )
+
+    def tenants(self, items: Any) -> tuple[Tenant, ...]:
+        if not isinstance(items, list):
+            self.fail("tenants", "must be an array of tables ([[tenants]])")
+            return ()
+        out: list[Tenant] = []
+        seen_ids: set[str] = set()
+        seen_keys: dict[str, str] = {}
+        for i, t in enumerate(items):
+            path = f"tenants[{i}]"
+            if not isinstance(t, dict):
+                self.fail(path, "must be a table")
+                continue
+            for k in t:
+                if k not in {"id", "keys", "webhook_secret", "enabled", "limits", "policy"}:
+                    self.fail(_join(path, k), "unknown key")
+            tid = t.get("id")
+            if not isinstance(tid, str) or not TENANT_ID_RE.match(tid):
+                self.fail(f"{path}.id", "must match [a-z0-9-]{1,64}")
+                tid = f"invalid-{i}"
+            elif tid in seen_ids:
+                self.fail(f"{path}.id", f"duplicate tenant id {tid!r}")
+            seen_ids.add(tid)
+            keys = tuple(self.get(t, "keys", path, [], _key_hashes))
+            for j, k in enumerate(keys):
+                if k in seen_keys:
+                    self.fail(f"{path}.keys[{j}]", f"already used by tenant {seen_keys[k]!r}")
+                seen_keys[k] = tid
+            limits_t = self.table(t, "limits", path, set(Limits.__dataclass_fields__))
+            limits = Limits(**{k: self.get(limits_t, k, f"{path}.limits", None, _positive_int) for k in Limits.__dataclass_fields__})
+            policy = self.policy(self.table(t, "policy", path, {"force", "defaults", "hook_hosts"}), f"{path}.policy")
+            out.append(
+                Tenant(
+                    id=tid,
+                    keys=keys,
+                    webhook_secret=self.get(t, "webhook_secret", path, "", _string),
+                    enabled=self.get(t, "enabled", path, True, _bool),
+                    limits=limits,
+                    policy=policy,
+                )
+            )
+        return tuple(out)
+
+    def policy(self, t: dict[str, Any], path: str) -> Policy:
+        force = self.gen2_fields(t.get("force", {}), f"{path}.force")
+        defaults = self.gen2_fields(t.get("defaults", {}), f"{path}.defaults")
+        hosts = self.get(t, "hook_hosts", path, [], _list_of(_hook_host))
+        return Policy(force=force, defaults=defaults, hook_hosts=tuple(h.lower() for h in hosts))
+
+    def gen2_fields(self, t: Any, path: str) -> dict[str, Any]:
+        if not isinstance(t, dict):
+            self.fail(path, "must be a table of gen2Options fields")
+            return {}
+        for k, val in t.items():
+            expected = GEN2_OPTION_TYPES.get(k)
+            if expected is None:
+                self.fail(_join(path, k), "not a gen2Options field")
+            elif not _is_type(val, expected):
+                self.fail(_join(path, k), f"must be a {_type_name(expected)}")
+        return dict(t)
+
+    def webhooks(self, t: dict[str, Any]) -> WebhookConfig:
+        cfg = WebhookConfig(
+            max_attempts=self.get(t, "max_attempts", "webhooks", 20, _positive_int),
+            initial_backoff_seconds=float(self.get(t, "initial_backoff_seconds", "webhooks", 2.0, _positive_number)),
+            max_backoff_seconds=float(self.get(t, "max_backoff_seconds", "webhooks", 3600.0, _positive_number)),
+        )
+        if cfg.max_backoff_seconds < cfg.initial_backoff_seconds:
+            self.fail("webhooks.max_backoff_seconds", "must not be below initial_backoff_seconds")
+        return cfg
+
+
+# --- value checks: each returns a problem or None -------------------------------------
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _is_type(value: Any, expected: type | tuple[type, ...]) -> bool:
+    if expected is int or expected == (int,):
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, expected)
+
+
+def _type_name(expected: type | tuple[type, ...]) -> str:
+    return {str: "string", int: "integer", bool: "boolean"}.get(expected, str(expected))  # type: ignore[call-overload]
+
+
+def _string(v: Any) -> str | None:
+    return None if isinstance(v, str) else "must be a string"
+
+
+def _non_empty_string(v: Any) -> str | None:
+    return None if isinstance(v, str) and v else "must be a non-empty string"
+
+
+def _secret_or_empty(v: Any) -> str | None:
+    if not isinstance(v, str):
+        return "must be a string"
+    if v and len(v) < 32:
+        return "must be at least 32 characters (or empty to let the store generate one)"
+    return None
+
+
+def _bool(v: Any) -> str | None:
+    return None if isinstance(v, bool) else "must be true or false"
+
+
+def _positive_int(v: Any) -> str | None:
+    return None if isinstance(v, int) and not isinstance(v, bool) and v > 0 else "must be a positive integer"
+
+
+def _non_negative_int(v: Any) -> str | None:
+    return None if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else "must be a non-negative integer"
+
+
+def _positive_number(v: Any) -> str | None:
+    return None if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 else "must be a positive number"
+
+
+def _non_negative_number(v: Any) -> str | None:
+    return None if isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 else "must be a non-negative number"
+
+
+def _one_of(options: set[str]) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        return None if v in options else f"must be one of {', '.join(sorted(options))}"
+
+    return check
+
+
+def _list_of(item: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        if not isinstance(v, list):
+            return "must be an array"
+        for i, x in enumerate(v):
+            problem = item(x)
+            if problem:
+                return f"item {i} {problem}"
+        return None
+
+    return check
+
+
+def _key_hashes(v: Any) -> str | None:
+    if not isinstance(v, list):
+        return "must be an array of \"sha256:<64 hex>\" strings"
+    for i, x in enumerate(v):
+        if not isinstance(x, str) or not KEY_HASH_RE.match(x):
+            return f"item {i} must be \"sha256:<64 lowercase hex>\" (make one with `runway-gateway new-key`)"
+    return None
+
+
+def _algorithms(v: Any) -> str | None:
+    if not isinstance(v, list) or not all(isinstance(a, str) for a in v):
+        return "must be an array of algorithm names"
+    bad = [a for a in v if a not in JWT_ALGORITHMS]
+    if bad:
+        return f"unsupported algorithm(s) {', '.join(bad)} (never 'none')"
+    return None
+
+
+def _http_url(v: Any) -> str | None:
+    if not isinstance(v, str):
+        return "must be a string"
+    parts = urlsplit(v)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must be an http(s) URL"
+    return None
+
+
+def _http_url_or_empty(v: Any) -> str | None:
+    return None if v == "" else _http_url(v)
+
+
+def _status_path(v: Any) -> str | None:
+    if not isinstance(v, str):
+        return "must be a string"
+    if v and (not v.startswith("/") or "{id}" not in v):
+        return "must be empty or a path starting with / that contains {id}"
+    return None
+
+
+def _store_url(v: Any) -> str | None:
+    if not isinstance(v, str):
+        return "must be a string"
+    if v.startswith("sqlite:///") and len(v) > len("sqlite:///"):
+        return None
+    if v.startswith(("redis://", "rediss://", "unix://")):
+        return None
+    return "must be sqlite:///PATH or redis://HOST:PORT/DB"
+
+
+def _hook_host(v: Any) -> str | None:
+    if not isinstance(v, str) or not v:
+        return "must be a host name, *.suffix, IP address or CIDR"
+    if v.startswith("*."):
+        return None if len(v) > 2 else "wildcard needs a suffix"
+    try:
+        ipaddress.ip_network(v, strict=False)
+        return None
+    except ValueError:
+        pass
+    return None if re.match(r"^[A-Za-z0-9.-]+$", v) else "must be a host name, *.suffix, IP address or CIDR"
