@@ -1,0 +1,307 @@
+"""The store interface: a few coarse, atomic operations that say what the gateway means.
+
+Every method is one unit of atomicity: SQLite does each in one `BEGIN IMMEDIATE`
+transaction, Redis in one Lua script. Nothing above this layer does read-then-write, so
+limits hold and each task settles exactly once however many workers and replicas race.
+
+Times are UNIX seconds (float) passed in by the caller, so tests can move the clock.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from gateway.config import Limits
+
+TERMINAL = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
+REFUNDABLE = frozenset({"FAILED", "CANCELLED"})
+# Internal states before the upstream answered. SUBMITTING: admitted and charged, upstream
+# not answered yet. UNKNOWN: the upstream call timed out after sending; the charge stands
+# until a callback or poll tells what happened.
+SUBMITTING = "SUBMITTING"
+UNKNOWN = "UNKNOWN"
+STATUS_RANK = {SUBMITTING: 0, UNKNOWN: 0, "PENDING": 1, "THROTTLED": 2, "RUNNING": 3, "SUCCEEDED": 4, "FAILED": 4, "CANCELLED": 4}
+
+# Limit names, in the order they are checked (the first failing one is reported).
+RATE_LIMITS = ("requests_per_minute", "tasks_per_minute")
+ALL_LIMITS = ("requests_per_minute", "tasks_per_minute", "max_active_tasks", "tasks_per_day", "credits_per_day", "credits_per_month")
+
+
+def status_rank(status: str) -> int:
+    """Order of states; unknown upstream states rank with RUNNING (in progress, not final)."""
+    return STATUS_RANK.get(status, 3)
+
+
+def day_key(now: float) -> str:
+    return datetime.fromtimestamp(now, timezone.utc).strftime("%Y-%m-%d")
+
+
+def month_key(now: float) -> str:
+    return datetime.fromtimestamp(now, timezone.utc).strftime("%Y-%m")
+
+
+def seconds_to_next_day(now: float) -> float:
+    return 86400 - (now % 86400)
+
+
+def seconds_to_next_month(now: float) -> float:
+    d = datetime.fromtimestamp(now, timezone.utc)
+    nxt = datetime(d.year + (d.month == 12), d.month % 12 + 1, 1, tzinfo=timezone.utc)
+    return nxt.timestamp() - now
+
+
+@dataclass
+class RateInfo:
+    """What the x-ratelimit-*-requests headers say about one token bucket."""
+
+    limit: int
+    remaining: int
+    reset_seconds: float  # until the bucket is full again
+
+
+@dataclass
+class Admission:
+    ok: bool
+    limit: str | None = None  # name of the limit that refused (one of ALL_LIMITS)
+    retry_after: float = 0.0  # seconds until a retry can succeed
+    rate: RateInfo | None = None  # the tightest bucket this request drew from
+
+    @property
+    def code(self) -> str:
+        if self.limit in RATE_LIMITS:
+            return "rate_limit_exceeded"
+        if self.limit == "max_active_tasks":
+            return "concurrency_limit_exceeded"
+        return "insufficient_quota"
+
+
+@dataclass
+class TaskRecord:
+    """One task as the gateway owns it. `rid` is the gateway's request id (the key the
+    callback token names); `task_id` is the upstream's id, what tenants see."""
+
+    rid: str
+    tenant_id: str
+    status: str = SUBMITTING
+    task_id: str | None = None
+    key_index: int = 0
+    task: dict[str, Any] = field(default_factory=dict)  # latest upstream task object
+    hook: str = ""  # the tenant's own notify_hook ("" = none)
+    task_type: str = "gen2"
+    credits: int = 0  # charged at admission
+    charge_day: str = ""
+    charge_month: str = ""
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    active: bool = True  # counts toward max_active_tasks
+    settled: bool = False  # the charge is final (kept or refunded), never touched again
+    timed_out: bool = False
+    deleted: bool = False  # hidden from the tenant (DELETE /v1/videos/{id})
+    next_poll_at: float = 0.0
+    meta: dict[str, Any] = field(default_factory=dict)  # route-specific extras (OpenAI size, model...)
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+
+@dataclass
+class UpdateResult:
+    record: TaskRecord | None  # the record after the update (None: unknown rid, not adopted)
+    applied: bool = False  # the task object was stored (not stale)
+    status_changed: bool = False
+    previous_status: str | None = None
+    refunded_credits: int = 0
+    finished: bool = False  # this update made the task terminal
+    event_id: str | None = None  # webhook event enqueued in the same transaction
+    adopted: bool = False
+
+
+@dataclass
+class WebhookEvent:
+    event_id: str
+    rid: str
+    tenant_id: str
+    seq: int  # order of events within one task
+    url: str
+    body: bytes
+    attempts: int = 0  # delivery attempts made so far
+    created_at: float = 0.0
+
+
+@dataclass
+class StoredResponse:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class IdempotencyResult:
+    state: str  # "new" (caller owns the key now) | "replay" | "conflict" | "pending"
+    response: StoredResponse | None = None
+
+
+@dataclass
+class Usage:
+    active: int = 0
+    tasks_today: int = 0
+    credits_today: int = 0
+    credits_this_month: int = 0
+
+
+@dataclass
+class Charge:
+    """What an admitted create costs, and when (UTC period keys)."""
+
+    credits: int
+    day: str
+    month: str
+
+
+def bucket_take(tokens: float | None, ts: float, capacity: int, now: float) -> tuple[float, bool]:
+    """Token bucket, refilled continuously at `capacity` per minute. Returns the new level and
+    whether one token was taken. A missing bucket (None) is full."""
+    level = capacity if tokens is None else min(capacity, tokens + max(0.0, now - ts) * capacity / 60.0)
+    if level >= 1.0:
+        return level - 1.0, True
+    return level, False
+
+
+def bucket_info(level: float, capacity: int) -> RateInfo:
+    return RateInfo(capacity, int(math.floor(level)), (capacity - level) * 60.0 / capacity)
+
+
+def bucket_retry_after(level: float, capacity: int) -> float:
+    return max(0.0, (1.0 - level) * 60.0 / capacity)
+
+
+class Store(abc.ABC):
+    """The gateway's shared state. Implementations: store/sqlite.py, store/redis.py."""
+
+    # lifecycle ----------------------------------------------------------------------
+    @abc.abstractmethod
+    async def open(self) -> None: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Raise if the store does not answer."""
+
+    async def maintain(self, now: float) -> None:
+        """Periodic housekeeping (expired keys, WAL checkpoints); called off the request path."""
+
+    @abc.abstractmethod
+    async def secret(self, name: str, candidate: str) -> str:
+        """Get-or-create a shared secret: the first caller's `candidate` wins for everyone."""
+
+    # admission ----------------------------------------------------------------------
+    @abc.abstractmethod
+    async def take_request(self, tenant_id: str, limits: Limits, now: float) -> Admission:
+        """One token from requests_per_minute (if limited). A refusal changes nothing."""
+
+    @abc.abstractmethod
+    async def admit_create(self, tenant_id: str, limits: Limits, charge: Charge, reservation: TaskRecord, now: float) -> Admission:
+        """All of a create's limits at once (requests/tasks per minute, active tasks, day and
+        month budgets): either every counter moves and `reservation` (status SUBMITTING) is
+        inserted, or nothing changes."""
+
+    @abc.abstractmethod
+    async def settle_not_created(self, rid: str, now: float) -> bool:
+        """The upstream definitely did not create the task: give back the active slot, the
+        day's task and the credits (to the periods they were charged in, if still current),
+        and remove the reservation. Only from SUBMITTING/UNKNOWN; returns whether it did."""
+
+    @abc.abstractmethod
+    async def mark_unknown(self, rid: str, now: float) -> None:
+        """SUBMITTING -> UNKNOWN (timeout after sending): the charge stands until settled."""
+
+    @abc.abstractmethod
+    async def apply_update(
+        self, rid: str, tenant_id: str, task: dict[str, Any], now: float, *, refund_failed: bool, adopt: TaskRecord | None = None
+    ) -> UpdateResult:
+        """Compare-and-set a new upstream task object onto the record `rid`.
+
+        Stale updates (lower status rank than stored, or anything after a terminal state)
+        are no-ops. A status change records the object, frees the active slot on a
+        terminal state, refunds credits once on FAILED/CANCELLED when `refund_failed`,
+        and, when the record has a hook and this is not just SUBMITTING -> PENDING,
+        enqueues a webhook event `{"task": ...}` in the same transaction. Same status:
+        the object is replaced (progress) without an event.
+        An unknown `rid` with `adopt` given inserts `adopt` (charged as in admit_create,
+        without limit checks) and then applies the update."""
+
+    # reads --------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def get_by_task_id(self, tenant_id: str, task_id: str) -> TaskRecord | None:
+        """The tenant's task by upstream id; None for another tenant's or hidden task."""
+
+    @abc.abstractmethod
+    async def get_by_rid(self, rid: str) -> TaskRecord | None: ...
+
+    @abc.abstractmethod
+    async def list_tasks(
+        self, tenant_id: str, *, limit: int, after: str | None = None, status: str | None = None, order: str = "desc"
+    ) -> tuple[list[TaskRecord], bool]:
+        """The tenant's visible tasks that have an upstream id, by creation time (`desc` =
+        newest first), starting after the task `after`; returns (page, has_more)."""
+
+    @abc.abstractmethod
+    async def hide_task(self, tenant_id: str, task_id: str) -> bool: ...
+
+    @abc.abstractmethod
+    async def set_meta(self, rid: str, meta: dict[str, Any]) -> None:
+        """Merge route-specific extras into the record's meta."""
+
+    @abc.abstractmethod
+    async def usage(self, tenant_id: str, now: float) -> Usage: ...
+
+    @abc.abstractmethod
+    async def active_by_tenant(self) -> dict[str, int]: ...
+
+    @abc.abstractmethod
+    async def webhook_pending(self) -> int: ...
+
+    # polling and timeouts -----------------------------------------------------------
+    @abc.abstractmethod
+    async def claim_poll(self, rid: str, now: float, interval: float) -> bool:
+        """Take the right to poll one task now (next_poll_at <= now), pushing next_poll_at
+        to now + interval. Across processes at most one caller wins per interval."""
+
+    @abc.abstractmethod
+    async def claim_due_polls(self, now: float, interval: float, limit: int, timed_out_interval: float, give_up_after: float) -> list[TaskRecord]:
+        """Claim up to `limit` non-terminal tasks with an upstream id whose next_poll_at is
+        due (as claim_poll). Timed-out tasks are polled every `timed_out_interval` until
+        `give_up_after` seconds after creation."""
+
+    @abc.abstractmethod
+    async def expire_tasks(self, now: float, timeout: float) -> list[TaskRecord]:
+        """Active, non-terminal tasks created before now - timeout: free their slot, mark
+        them timed_out (the charge stands). Returns the ones it changed."""
+
+    # webhook outbox -----------------------------------------------------------------
+    @abc.abstractmethod
+    async def claim_webhooks(self, now: float, limit: int, lease: float) -> list[WebhookEvent]:
+        """Claim due events, only the oldest pending one of each task (order within a
+        task), leasing them for `lease` seconds so no other worker takes them meanwhile."""
+
+    @abc.abstractmethod
+    async def finish_webhook(self, event_id: str, *, delivered: bool, attempts: int, next_at: float | None) -> None:
+        """delivered: done. Otherwise record `attempts`; retry at `next_at`, or give up
+        (dead, no longer pending) when next_at is None."""
+
+    # idempotency --------------------------------------------------------------------
+    @abc.abstractmethod
+    async def idem_begin(self, tenant_id: str, key: str, fingerprint: str, now: float, lease: float) -> IdempotencyResult:
+        """new: the caller now holds the key (for at most `lease` seconds); replay: the kept
+        response of an identical body; conflict: another body; pending: still in flight."""
+
+    @abc.abstractmethod
+    async def idem_finish(self, tenant_id: str, key: str, response: StoredResponse | None, now: float, ttl: float) -> None:
+        """Keep `response` for `ttl` seconds, or free the key when None (429/5xx)."""
