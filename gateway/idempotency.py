@@ -1,0 +1,80 @@
+"""Idempotent creates (contract §6): one task and one charge per tenant and key.
+
+The first response is kept for 24 h when it is a 2xx or a 4xx other than 429; after a 429
+or 5xx the key is free again. Bodies are compared after parsing (a retried multipart
+request has a fresh boundary), so the caller hands in a fingerprint, not raw bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import time
+from typing import Any, Awaitable, Callable
+
+import orjson
+from starlette.responses import Response
+
+from gateway.errors import GatewayError, error_response
+from gateway.store.base import Store, StoredResponse
+
+KEEP_SECONDS = 24 * 3600
+KEY_RE = re.compile(r"^[\x21-\x7e]{1,255}$")
+KEPT_HEADERS = ("content-type",)
+
+
+def fingerprint(route: str, parsed: Any) -> str:
+    """Canonical hash of a parsed body (sorted keys) for one route."""
+    return hashlib.sha256(route.encode() + b"\0" + orjson.dumps(parsed, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def idempotency_key(headers: Any) -> str | None:
+    key = headers.get("idempotency-key")
+    if key is None:
+        return None
+    if not KEY_RE.match(key):
+        raise GatewayError(400, "invalid_idempotency_key", "Idempotency-Key must be 1-255 visible ASCII characters.", param="Idempotency-Key")
+    return key
+
+
+async def run_idempotent(
+    store: Store,
+    tenant_id: str,
+    key: str,
+    fp: str,
+    wait_seconds: float,
+    on_replay: Callable[[], Awaitable[None]],
+    handler: Callable[[], Awaitable[Response]],
+    clock: Callable[[], float] = time.time,
+) -> Response:
+    """Run `handler` once per (tenant, key); replay or refuse repeats. `on_replay` charges
+    the replay as a request (requests_per_minute) and may raise its 429."""
+    deadline = clock() + wait_seconds
+    delay = 0.02
+    while True:
+        begun = await store.idem_begin(tenant_id, key, fp, clock(), lease=wait_seconds + 5)
+        if begun.state == "new":
+            break
+        if begun.state == "conflict":
+            raise GatewayError(409, "idempotency_key_reused", "This Idempotency-Key was used with a different request body.", param="Idempotency-Key")
+        if begun.state == "replay" and begun.response is not None:
+            await on_replay()
+            kept = begun.response
+            return Response(kept.body, status_code=kept.status, headers={**kept.headers, "idempotent-replayed": "true"})
+        if clock() >= deadline:
+            raise GatewayError(409, "idempotency_key_in_use", "A request with this Idempotency-Key is still in progress.", param="Idempotency-Key")
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.25)
+    try:
+        response = await handler()
+    except GatewayError as err:
+        response = error_response(err)
+    except BaseException:
+        await store.idem_finish(tenant_id, key, None, clock(), KEEP_SECONDS)
+        raise
+    status = response.status_code
+    keep = 200 <= status < 300 or (400 <= status < 500 and status != 429)
+    kept = StoredResponse(status, {h: response.headers[h] for h in KEPT_HEADERS if h in response.headers}, bytes(response.body)) if keep else None
+    await store.idem_finish(tenant_id, key, kept, clock(), KEEP_SECONDS)
+    return response

@@ -1,0 +1,124 @@
+"""Every Prometheus series the gateway exports, declared in one place.
+
+Labels are bounded: tenant ids from the config, route templates, status codes, fixed
+result names. Never a key, task id or prompt. Labelled series get a zero child for every
+configured tenant and known label value at start, so dashboards see them from the first
+scrape (in multiprocess mode a series exists only once a child was touched).
+
+Gauges that describe global state (active tasks, pending webhooks, budget usage) are read
+from the store at scrape time, so every replica and worker reports the same value.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from gateway import __version__
+from gateway.store.base import ALL_LIMITS, Store
+
+REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+UPSTREAM_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TASK_BUCKETS = (10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
+LAG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+TASK_STATUSES = ("SUCCEEDED", "FAILED", "CANCELLED")
+CALLBACK_RESULTS = ("applied", "duplicate", "stale", "adopted", "unknown", "bad_token", "invalid")
+WEBHOOK_RESULTS = ("delivered", "failed", "gave_up")
+AUTH_REASONS = ("missing", "malformed", "unknown_key", "unknown_tenant", "jwt_expired", "jwt_audience", "jwt_issuer", "jwt_algorithm", "jwt_invalid", "tenant_disabled")
+UPSTREAM_OPERATIONS = ("create", "status", "artifact")
+BUDGET_LIMITS = ("max_active_tasks", "tasks_per_day", "credits_per_day", "credits_per_month")
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class Metrics:
+    def __init__(self, tenant_ids: Iterable[str], registry: CollectorRegistry | None = None):
+        self.multiprocess = "PROMETHEUS_MULTIPROC_DIR" in os.environ
+        # In multiprocess mode values live in files; this registry only keeps names unique.
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("gateway_requests_total", "Requests answered, by tenant, route template, method and status.", ["tenant", "route", "method", "status"], registry=r)
+        self.request_duration = Histogram("gateway_request_duration_seconds", "Time to answer a request.", ["route", "method"], buckets=REQUEST_BUCKETS, registry=r)
+        self.upstream_requests = Counter("gateway_upstream_requests_total", "Calls to the upstream relay, by operation and outcome.", ["operation", "status"], registry=r)
+        self.upstream_duration = Histogram("gateway_upstream_request_duration_seconds", "Time the upstream took to answer.", ["operation"], buckets=UPSTREAM_BUCKETS, registry=r)
+        self.auth_failures = Counter("gateway_auth_failures_total", "Rejected credentials, by reason.", ["reason"], registry=r)
+        self.quota_rejections = Counter("gateway_quota_rejections_total", "Requests refused by a quota, by tenant and limit.", ["tenant", "limit"], registry=r)
+        self.tasks_created = Counter("gateway_tasks_created_total", "Tasks the upstream accepted.", ["tenant", "task_type"], registry=r)
+        self.tasks_finished = Counter("gateway_tasks_finished_total", "Tasks that reached a terminal state.", ["tenant", "status"], registry=r)
+        self.credits_charged = Counter("gateway_credits_charged_total", "Credits charged at admission.", ["tenant"], registry=r)
+        self.credits_refunded = Counter("gateway_credits_refunded_total", "Credits given back.", ["tenant"], registry=r)
+        self.callbacks = Counter("gateway_callbacks_received_total", "Upstream callbacks, by what they did.", ["result"], registry=r)
+        self.webhook_deliveries = Counter("gateway_webhook_deliveries_total", "Tenant webhook delivery attempts, by result.", ["tenant", "result"], registry=r)
+        self.task_duration = Histogram("gateway_task_duration_seconds", "Task creation to terminal state.", ["task_type", "status"], buckets=TASK_BUCKETS, registry=r)
+        self.callback_lag = Histogram("gateway_callback_lag_seconds", "Upstream updatedAt to callback receipt.", buckets=LAG_BUCKETS, registry=r)
+        self.build_info = Gauge("gateway_build_info", "Build information.", ["version"], multiprocess_mode="max", registry=r)
+        self.build_info.labels(__version__).set(1)
+        self._tenant_ids = tuple(tenant_ids)
+        self._zero_children()
+
+    def _zero_children(self) -> None:
+        for tenant in self._tenant_ids:
+            for limit in ALL_LIMITS:
+                self.quota_rejections.labels(tenant, limit)
+            self.tasks_created.labels(tenant, "gen2")
+            for status in TASK_STATUSES:
+                self.tasks_finished.labels(tenant, status)
+            self.credits_charged.labels(tenant)
+            self.credits_refunded.labels(tenant)
+            for result in WEBHOOK_RESULTS:
+                self.webhook_deliveries.labels(tenant, result)
+        for result in CALLBACK_RESULTS:
+            self.callbacks.labels(result)
+        for reason in AUTH_REASONS:
+            self.auth_failures.labels(reason)
+        for op in UPSTREAM_OPERATIONS:
+            self.upstream_duration.labels(op)
+        for status in TASK_STATUSES:
+            self.task_duration.labels("gen2", status)
+
+    async def render(self, store: Store, limits: dict[str, dict[str, int | None]], now: float) -> bytes:
+        """One scrape: this process's (or every worker's) series plus the store's gauges."""
+        ready = 1.0
+        try:
+            active = await store.active_by_tenant()
+            pending = await store.webhook_pending()
+            usage = {t: await store.usage(t, now) for t in self._tenant_ids}
+        except Exception:  # the store is down: say so, still export the rest
+            ready, active, pending, usage = 0.0, {}, 0, {}
+        if self.multiprocess:
+            registry = CollectorRegistry(auto_describe=False)
+            MultiProcessCollector(registry)
+        else:
+            registry = self.registry
+        gauges = _StoreGauges(self._tenant_ids, active, pending, usage, limits, ready)
+        registry.register(gauges)
+        try:
+            return generate_latest(registry)
+        finally:
+            registry.unregister(gauges)
+
+
+class _StoreGauges:
+    """Scrape-time gauges read from the store (the same value on every replica)."""
+
+    def __init__(self, tenants: tuple[str, ...], active: dict[str, int], pending: int, usage: dict, limits: dict, ready: float):
+        self.tenants, self.active, self.pending, self.usage, self.limits, self.ready = tenants, active, pending, usage, limits, ready
+
+    def collect(self) -> Iterable[Metric]:
+        active = GaugeMetricFamily("gateway_tasks_active", "Tasks created and not yet terminal (store-wide).", labels=["tenant"])
+        for t in self.tenants:
+            active.add_metric([t], float(self.active.get(t, 0)))
+        yield active
+        yield GaugeMetricFamily("gateway_webhook_pending", "Tenant webhook events not yet delivered (store-wide).", value=float(self.pending))
+        yield GaugeMetricFamily("gateway_ready", "1 when the store answered this scrape.", value=self.ready)
+        ratio = GaugeMetricFamily("gateway_quota_usage_ratio", "Used share of a tenant's budget (0..1).", labels=["tenant", "limit"])
+        for t, u in self.usage.items():
+            used = {"max_active_tasks": u.active, "tasks_per_day": u.tasks_today, "credits_per_day": u.credits_today, "credits_per_month": u.credits_this_month}
+            for limit in BUDGET_LIMITS:
+                cap = self.limits.get(t, {}).get(limit)
+                if cap:
+                    ratio.add_metric([t, limit], min(1.0, used[limit] / cap))
+        yield ratio

@@ -1,0 +1,50 @@
+"""Turning the store's admission decisions into HTTP: 429 errors and OpenAI rate headers.
+
+The decisions themselves (token buckets, budgets, all-or-nothing) are made inside the
+store, atomically; this module only words them.
+"""
+
+from __future__ import annotations
+
+import math
+
+from gateway.errors import GatewayError
+from gateway.store.base import Admission, RateInfo
+
+MESSAGES = {
+    "requests_per_minute": "Rate limit reached for requests_per_minute ({limit}/min).",
+    "tasks_per_minute": "Rate limit reached for tasks_per_minute ({limit}/min).",
+    "max_active_tasks": "Concurrency limit reached: max_active_tasks is {limit}; wait for a task to finish.",
+    "tasks_per_day": "Daily task budget exhausted (tasks_per_day = {limit}); it resets at 00:00 UTC.",
+    "credits_per_day": "Daily credit budget exhausted (credits_per_day = {limit}); it resets at 00:00 UTC.",
+    "credits_per_month": "Monthly credit budget exhausted (credits_per_month = {limit}); it resets on the 1st, 00:00 UTC.",
+}
+
+
+def format_duration(seconds: float) -> str:
+    """OpenAI's reset format: `1s`, `6m0s`, `1h2m3s` (whole seconds, rounded up)."""
+    total = max(0, math.ceil(seconds - 1e-9))
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"
+
+
+def rate_headers(info: RateInfo | None) -> dict[str, str]:
+    if info is None:
+        return {}
+    return {
+        "x-ratelimit-limit-requests": str(info.limit),
+        "x-ratelimit-remaining-requests": str(info.remaining),
+        "x-ratelimit-reset-requests": format_duration(info.reset_seconds),
+    }
+
+
+def quota_error(admission: Admission, limit_value: int | None) -> GatewayError:
+    name = admission.limit or "requests_per_minute"
+    headers = rate_headers(admission.rate)
+    headers["retry-after"] = str(max(1, math.ceil(admission.retry_after - 1e-9)))
+    return GatewayError(429, admission.code, MESSAGES[name].format(limit=limit_value), "rate_limit_error" if admission.code != "insufficient_quota" else "insufficient_quota", None, headers)

@@ -1,0 +1,48 @@
+"""Operations routes: liveness, readiness, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from gateway.errors import GatewayError
+from gateway.metrics import CONTENT_TYPE
+from gateway.routes.common import gateway, json_response
+
+READY_TIMEOUT = 1.0
+
+
+async def healthz(request: Request) -> Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    gw = gateway(request)
+    circuit = gw.upstream.circuit.state
+    try:
+        await asyncio.wait_for(gw.store.ping(), READY_TIMEOUT)
+    except Exception:
+        return json_response({"status": "unavailable", "store": "unreachable", "upstream_circuit": circuit}, status=503)
+    return json_response({"status": "ok", "store": "ok", "upstream_circuit": circuit})
+
+
+async def metrics(request: Request) -> Response:
+    gw = gateway(request)
+    token = gw.config.metrics_bearer_token
+    if token:
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            raise GatewayError(401, "invalid_api_key", "Metrics need the configured bearer token.", "authentication_error", None, {"www-authenticate": "Bearer"})
+    body = await gw.metrics.render(gw.store, gw.tenant_limits, gw.clock())
+    return Response(body, media_type=CONTENT_TYPE)
+
+
+routes = [
+    Route("/healthz", healthz, methods=["GET"]),
+    Route("/readyz", readyz, methods=["GET"]),
+    Route("/metrics", metrics, methods=["GET"]),
+]

@@ -1,0 +1,211 @@
+"""A task's life as the gateway owns it: admit, forward, record, update, settle.
+
+Both APIs (native and OpenAI) create through `TaskService.create`; callbacks, status polls
+and the timeout sweep all change a task through `TaskService.apply`, which is the store's
+single compare-and-set. That is what makes charges, refunds and webhook events happen
+exactly once however these race.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Callable
+
+from gateway.auth import Principal
+from gateway.config import Config
+from gateway.errors import GatewayError
+from gateway.gen2 import Gen2Request
+from gateway.logs import log_fields
+from gateway.metrics import Metrics
+from gateway.quotas import quota_error
+from gateway.store.base import Charge, RateInfo, Store, TaskRecord, UpdateResult, day_key, month_key
+from gateway.tokens import TokenSigner
+from gateway.upstream import Outcome, Upstream, UpstreamFailure
+
+logger = logging.getLogger("gateway.tasks")
+TIMED_OUT_POLL_SECONDS = 3600.0
+POLL_AFTER_TIMEOUT_SECONDS = 86400.0
+
+
+@dataclass
+class Created:
+    record: TaskRecord
+    task: dict[str, Any]  # the upstream's answer, as the tenant sees it
+    rate: RateInfo | None
+    upstream_ms: float
+
+
+class TaskService:
+    def __init__(self, config: Config, store: Store, upstream: Upstream, signer: TokenSigner, metrics: Metrics, clock: Callable[[], float] = time.time):
+        self.config = config
+        self.store = store
+        self.upstream = upstream
+        self.signer = signer
+        self.metrics = metrics
+        self.clock = clock
+        self.webhooks_due = asyncio.Event()  # wakes the webhook dispatcher early
+        self._refreshing: dict[str, asyncio.Task[None]] = {}
+
+    # create -------------------------------------------------------------------------
+    async def create(self, principal: Principal, req: Gen2Request, request_state: dict[str, Any], meta: dict[str, Any] | None = None) -> Created:
+        """authenticate (done) -> admit -> rewrite -> forward -> record.
+
+        `request_state` is the request's scope state: the rate-limit headers, upstream time
+        and task id for the access log are left there, also when this raises."""
+        request_id = request_state["request_id"]
+        tenant = principal.tenant
+        now = self.clock()
+        credits = self.config.pricing.price(req.gen2_options)
+        rid = f"gwr_{uuid.uuid4().hex}"
+        reservation = TaskRecord(
+            rid=rid, tenant_id=tenant.id, key_index=self.upstream.next_key_index(), hook=req.tenant_hook, credits=credits,
+            created_at=now, updated_at=now, next_poll_at=now + self.config.upstream.poll_interval_seconds, meta=meta or {},
+        )
+        admission = await self.store.admit_create(tenant.id, tenant.limits, Charge(credits, day_key(now), month_key(now)), reservation, now)
+        request_state["rate"] = admission.rate
+        if not admission.ok:
+            self.metrics.quota_rejections.labels(tenant.id, admission.limit).inc()
+            raise quota_error(admission, getattr(tenant.limits, admission.limit or "", None))
+        self.metrics.credits_charged.labels(tenant.id).inc(credits)
+        body = dict(req.body)
+        if self.config.server.public_url:
+            body["notify_hook"] = f"{self.config.server.public_url}/hooks/runway/{self.signer.callback_token(tenant.id, rid)}"
+        start = time.perf_counter()
+        try:
+            task = await self.upstream.create(body, reservation.key_index, request_id)
+        except UpstreamFailure as failure:
+            request_state["upstream_ms"] = (time.perf_counter() - start) * 1000
+            await self._settle_failed_create(reservation, failure)
+            raise
+        upstream_ms = request_state["upstream_ms"] = (time.perf_counter() - start) * 1000
+        request_state["task_id"] = task["id"]
+        result = await self.apply(rid, tenant.id, task)
+        self.metrics.tasks_created.labels(tenant.id, "gen2").inc()
+        record = result.record or reservation
+        return Created(record, public_task(task), admission.rate, upstream_ms)
+
+    async def _settle_failed_create(self, reservation: TaskRecord, failure: UpstreamFailure) -> None:
+        now = self.clock()
+        if failure.outcome is Outcome.UNKNOWN:
+            await self.store.mark_unknown(reservation.rid, now)
+            log_fields(logger, logging.WARNING, {"event": "create_outcome_unknown", "rid": reservation.rid, "tenant": reservation.tenant_id, "code": failure.code})
+        elif await self.store.settle_not_created(reservation.rid, now):
+            self.metrics.credits_refunded.labels(reservation.tenant_id).inc(reservation.credits)
+
+    # updates ------------------------------------------------------------------------
+    async def apply(self, rid: str, tenant_id: str, task: dict[str, Any], adopt: TaskRecord | None = None) -> UpdateResult:
+        """The one way a task changes state; records what it did in the metrics."""
+        now = self.clock()
+        result = await self.store.apply_update(rid, tenant_id, public_task(task), now, refund_failed=self.config.pricing.refund_failed, adopt=adopt)
+        rec = result.record
+        if rec is None:
+            return result
+        if result.adopted:
+            self.metrics.credits_charged.labels(rec.tenant_id).inc(rec.credits)
+            self.metrics.tasks_created.labels(rec.tenant_id, rec.task_type).inc()
+        if result.finished:
+            self.metrics.tasks_finished.labels(rec.tenant_id, rec.status).inc()
+            self.metrics.task_duration.labels(rec.task_type, rec.status).observe(max(0.0, now - rec.created_at))
+        if result.refunded_credits:
+            self.metrics.credits_refunded.labels(rec.tenant_id).inc(result.refunded_credits)
+        if result.event_id:
+            self.webhooks_due.set()
+        return result
+
+    async def callback(self, token: str, payload: Any) -> str:
+        """A callback from the upstream; returns the metric result. Raises GatewayError."""
+        claims = self.signer.read_callback_token(token)
+        if claims is None:
+            self.metrics.callbacks.labels("bad_token").inc()
+            raise GatewayError(401, "invalid_callback_token", "Unknown or forged callback token.", "authentication_error")
+        task = payload.get("task") if isinstance(payload, dict) else None
+        if not isinstance(task, dict) or not isinstance(task.get("id"), str) or not isinstance(task.get("status"), str):
+            self.metrics.callbacks.labels("invalid").inc()
+            raise GatewayError(400, "invalid_callback", "A callback body is {\"task\": {\"id\": ..., \"status\": ...}}.")
+        existing = await self.store.get_by_rid(claims.rid)
+        if existing is not None and existing.task_id and existing.task_id != task["id"]:
+            self.metrics.callbacks.labels("invalid").inc()
+            raise GatewayError(400, "invalid_callback", "The callback's task does not belong to this token.")
+        self._observe_lag(task)
+        adopt = None if existing else self._adoption(claims.tenant_id, claims.rid, task)
+        result = await self.apply(claims.rid, claims.tenant_id, task, adopt=adopt)
+        outcome = "adopted" if result.adopted else "applied" if result.status_changed else "duplicate" if result.applied else "stale"
+        if result.record is None:
+            outcome = "unknown"
+        self.metrics.callbacks.labels(outcome).inc()
+        return outcome
+
+    def _adoption(self, tenant_id: str, rid: str, task: dict[str, Any]) -> TaskRecord:
+        """A task the upstream created but the gateway never recorded (it died in between)."""
+        now = self.clock()
+        options = task.get("options") if isinstance(task.get("options"), dict) else {}
+        gen2 = options.get("gen2Options") if isinstance(options.get("gen2Options"), dict) else {}
+        return TaskRecord(rid=rid, tenant_id=tenant_id, task_id=task["id"], credits=self.config.pricing.price(gen2), created_at=now, updated_at=now, next_poll_at=now)
+
+    def _observe_lag(self, task: dict[str, Any]) -> None:
+        updated = task.get("updatedAt")
+        if isinstance(updated, str):
+            try:
+                lag = self.clock() - datetime.fromisoformat(updated.replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                return
+            self.metrics.callback_lag.observe(max(0.0, lag))
+
+    # polling ------------------------------------------------------------------------
+    def refresh_soon(self, record: TaskRecord) -> None:
+        """A tenant looked at a non-terminal task: poll the upstream in the background if
+        this task is due. One in-flight refresh per task per process; across processes the
+        store's claim lets one poll per interval."""
+        if (
+            record.terminal or not record.task_id or not self.config.upstream.status_path
+            or record.next_poll_at > self.clock() or record.rid in self._refreshing
+        ):
+            return
+        job = asyncio.create_task(self._refresh(record))
+        self._refreshing[record.rid] = job
+        job.add_done_callback(lambda _: self._refreshing.pop(record.rid, None))
+
+    async def _refresh(self, record: TaskRecord) -> None:
+        if await self.store.claim_poll(record.rid, self.clock(), self.config.upstream.poll_interval_seconds):
+            await self.poll(record)
+
+    async def poll(self, record: TaskRecord) -> None:
+        """One upstream status call for a claimed task; failures wait for the next interval."""
+        assert record.task_id is not None
+        try:
+            task = await self.upstream.status(record.task_id, record.key_index, f"poll_{uuid.uuid4().hex[:12]}")
+        except UpstreamFailure as failure:
+            log_fields(logger, logging.INFO, {"event": "poll_failed", "task_id": record.task_id, "code": failure.code})
+            return
+        if task is not None and task.get("id") == record.task_id:
+            await self.apply(record.rid, record.tenant_id, task)
+
+    async def poll_due(self, limit: int = 50) -> int:
+        cfg = self.config.upstream
+        if not cfg.status_path:
+            return 0
+        due = await self.store.claim_due_polls(self.clock(), cfg.poll_interval_seconds, limit, TIMED_OUT_POLL_SECONDS, cfg.task_timeout_seconds + POLL_AFTER_TIMEOUT_SECONDS)
+        await asyncio.gather(*(self.poll(r) for r in due))
+        return len(due)
+
+    async def expire(self) -> int:
+        expired = await self.store.expire_tasks(self.clock(), self.config.upstream.task_timeout_seconds)
+        for rec in expired:
+            log_fields(logger, logging.WARNING, {"event": "task_timed_out", "tenant": rec.tenant_id, "task_id": rec.task_id, "rid": rec.rid})
+        return len(expired)
+
+
+def public_task(task: dict[str, Any]) -> dict[str, Any]:
+    """The upstream's task object as a tenant may see it: without the gateway's callback URL."""
+    if "notify_hook" not in task and "notify_hook" not in (task.get("options") or {}):
+        return task
+    clean = {k: v for k, v in task.items() if k != "notify_hook"}
+    if isinstance(clean.get("options"), dict):
+        clean["options"] = {k: v for k, v in clean["options"].items() if k != "notify_hook"}
+    return clean
+
