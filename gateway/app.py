@@ -15,6 +15,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable
+from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -48,7 +49,12 @@ def open_store(url: str) -> Store:
         return SQLiteStore(url.removeprefix("sqlite:///"))
     from gateway.store.redis import RedisStore
 
-    return RedisStore(url)
+    # `?prefix=...` namespaces the keys, so several gateways (or tests) can share a Redis.
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
+    prefix = query.pop("prefix", ["gw:"])[0]
+    rest = urlunsplit(parts._replace(query=urlencode(query, doseq=True)))
+    return RedisStore(rest, prefix=prefix)
 
 
 @dataclass

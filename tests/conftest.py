@@ -1,0 +1,293 @@
+"""Shared fixtures: real processes on loopback ports.
+
+- `sim`: the bundled upstream simulator, one per session (reset it in tests that change it).
+- `gw`: a gateway (`runway-gateway serve`, SQLite) in front of `sim`, one per session, with
+  a few tenants of different limits; its JSON log lines go to a file tests can read.
+- `GatewayProcess` / `start_gateway`: for tests that need their own config, several
+  workers, Redis, or to kill and restart a gateway.
+
+Redis: `GATEWAY_TEST_REDIS_URL` (CI sets it). When it is set, Redis must answer: the Redis
+tests fail rather than skip. Each test uses a key prefix or database of its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+UPSTREAM_KEY = "sk-sim-upstream-test-7f3a9c"
+REDIS_ENV = "GATEWAY_TEST_REDIS_URL"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def key_hash(key: str) -> str:
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05, message: str = "condition") -> Any:
+    """Poll `predicate` until it returns something truthy; fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+def gen2_body(prompt: str = "The wind blows hair up.", **gen2: Any) -> dict[str, Any]:
+    """A create body in the relay's documented shape."""
+    options = {"mode": "gen2", "interpolate": False, "upscale": False, "watermark": False, "motion_score": 22,
+               "use_motion_score": True, "use_motion_vectors": False, "text_prompt": prompt}
+    options.update(gen2)
+    return {"taskType": "gen2", "internal": False, "options": {"name": "test", "gen2Options": options,
+            "exploreMode": False, "assetGroupName": "Generative Video"}}
+
+
+# --- processes -----------------------------------------------------------------------
+
+
+class Process:
+    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None):
+        self.args, self.log_path = args, log_path
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT, start_new_session=True)
+        log.close()
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            self.proc.wait(timeout=15)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def _wait_http(url: str, proc: Process, timeout: float = 20.0) -> None:
+    def up() -> bool:
+        if proc.proc is not None and proc.proc.poll() is not None:
+            raise AssertionError(f"process exited ({proc.proc.returncode}):\n{proc.log_text()[-3000:]}")
+        try:
+            return httpx.get(url, timeout=1.0).status_code < 500
+        except httpx.HTTPError:
+            return False
+
+    wait_until(up, timeout, 0.1, url)
+
+
+class Simulator(Process):
+    def __init__(self, tmp: Path, seconds_to_finish: float = 1.0):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(
+            [sys.executable, "-m", "gateway", "simulate-upstream", "--port", str(self.port),
+             "--seconds-to-finish", str(seconds_to_finish), "--api-key", UPSTREAM_KEY],
+            tmp / f"sim-{self.port}.log",
+        )
+
+    def start(self) -> None:
+        super().start()
+        _wait_http(self.url + "/_sim/control", self)
+
+    def control(self, **fields: Any) -> None:
+        httpx.post(self.url + "/_sim/control", json=fields, timeout=5).raise_for_status()
+
+    def reset(self) -> None:
+        httpx.post(self.url + "/_sim/reset", timeout=5).raise_for_status()
+
+    def requests(self) -> dict[str, Any]:
+        return httpx.get(self.url + "/_sim/requests", timeout=5).json()
+
+    def tasks(self) -> list[dict[str, Any]]:
+        return httpx.get(self.url + "/_sim/tasks", timeout=5).json()["tasks"]
+
+
+@dataclass
+class TenantSpec:
+    id: str
+    key: str = field(default_factory=lambda: "sk-gw-test-" + secrets.token_urlsafe(24))
+    limits: dict[str, int] = field(default_factory=dict)
+    webhook_secret: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    hook_hosts: tuple[str, ...] = ("127.0.0.1",)
+    enabled: bool = True
+    extra: str = ""  # more TOML under [[tenants]] (e.g. a policy table)
+
+    def headers(self, **extra: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}", **extra}
+
+    def toml(self) -> str:
+        lines = [
+            "[[tenants]]", f'id = "{self.id}"', f'keys = ["{key_hash(self.key)}"]',
+            f'webhook_secret = "{self.webhook_secret}"', f"enabled = {str(self.enabled).lower()}",
+        ]
+        if self.limits:
+            lines.append("[tenants.limits]")
+            lines += [f"{k} = {v}" for k, v in self.limits.items()]
+        lines.append("[tenants.policy]")
+        lines.append("hook_hosts = [" + ", ".join(f'"{h}"' for h in self.hook_hosts) + "]")
+        if self.extra:
+            lines.append(self.extra)
+        return "\n".join(lines) + "\n"
+
+
+class GatewayProcess(Process):
+    """`runway-gateway serve` with a config written from arguments."""
+
+    def __init__(self, tmp: Path, upstream_url: str, tenants: list[TenantSpec], *, store_url: str | None = None,
+                 callbacks: bool = True, workers: int = 1, extra_toml: str = "", upstream_section: str = "",
+                 port: int | None = None, env: dict[str, str] | None = None):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.tenants = {t.id: t for t in tenants}
+        name = f"gw-{self.port}"
+        self.config_path = tmp / f"{name}.toml"
+        store_url = store_url or f"sqlite:///{tmp / (name + '.db')}"
+        public_url = self.url if callbacks else ""
+        self.config_path.write_text(
+            f'[server]\npublic_url = "{public_url}"\nmax_body_bytes = 65536\n\n'
+            f'[upstream]\nbase_url = "{upstream_url}"\napi_keys = ["{UPSTREAM_KEY}"]\ntimeout_seconds = 3\n'
+            f"poll_interval_seconds = 1\n{upstream_section}\n"
+            f'[store]\nurl = "{store_url}"\n\n[webhooks]\ninitial_backoff_seconds = 0.2\nmax_backoff_seconds = 1\n\n'
+            f"{extra_toml}\n" + "\n".join(t.toml() for t in tenants)
+        )
+        super().__init__(
+            [sys.executable, "-m", "gateway", "serve", "--config", str(self.config_path), "--port", str(self.port), "--workers", str(workers)],
+            tmp / f"{name}.log", env,
+        )
+
+    def start(self) -> None:
+        super().start()
+        _wait_http(self.url + "/healthz", self)
+        # --workers N: wait until every worker answers readiness
+        _wait_http(self.url + "/readyz", self)
+
+    def client(self, tenant: str, **kw: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers=self.tenants[tenant].headers(), timeout=kw.pop("timeout", 10), **kw)
+
+    def access_log(self) -> list[dict[str, Any]]:
+        import json
+
+        lines = []
+        for line in self.log_text().splitlines():
+            if line.startswith("{"):
+                try:
+                    lines.append(json.loads(line))
+                except ValueError:
+                    pass
+        return lines
+
+
+# --- fixtures ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def session_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("procs")
+
+
+@pytest.fixture(scope="session")
+def sim(session_tmp: Path) -> Iterator[Simulator]:
+    s = Simulator(session_tmp)
+    s.start()
+    yield s
+    s.stop()
+
+
+DEFAULT_TENANTS = lambda: [  # noqa: E731 - a fresh list per session
+    TenantSpec("team-a"),
+    TenantSpec("team-b"),
+    TenantSpec("team-off", enabled=False),
+    TenantSpec("team-policy", extra='force = { watermark = true }\ndefaults = { motion_score = 7 }'),
+]
+
+
+@pytest.fixture(scope="session")
+def gw(session_tmp: Path, sim: Simulator) -> Iterator[GatewayProcess]:
+    g = GatewayProcess(session_tmp, sim.url, DEFAULT_TENANTS())
+    g.start()
+    yield g
+    g.stop()
+
+
+@pytest.fixture
+def start_gateway(tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
+    """Start gateways with their own config; all stopped at the end of the test."""
+    started: list[GatewayProcess] = []
+
+    def start(upstream_url: str, tenants: list[TenantSpec], **kw: Any) -> GatewayProcess:
+        g = GatewayProcess(tmp_path, upstream_url, tenants, **kw)
+        g.start()
+        started.append(g)
+        return g
+
+    yield start
+    for g in started:
+        g.stop()
+
+
+@pytest.fixture
+def own_sim(tmp_path: Path) -> Iterator[Simulator]:
+    """A simulator of this test's own, free to misbehave."""
+    s = Simulator(tmp_path)
+    s.start()
+    yield s
+    s.stop()
+
+
+def redis_url_or_skip() -> str:
+    """The test Redis: required (fail) when CI sets GATEWAY_TEST_REDIS_URL, else the local
+    default, skipped only when that is unreachable outside CI."""
+    import redis
+
+    url = os.environ.get(REDIS_ENV)
+    try:
+        redis.Redis.from_url(url or "redis://127.0.0.1:6379/0", socket_connect_timeout=1).ping()
+    except redis.exceptions.RedisError as exc:
+        if url:
+            pytest.fail(f"{REDIS_ENV}={url} is set but Redis does not answer: {exc}")
+        pytest.skip("no Redis at 127.0.0.1:6379 and GATEWAY_TEST_REDIS_URL not set")
+    return url or "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture
+def redis_store_url() -> Iterator[str]:
+    """A Redis URL whose keys live under a prefix of this test's own, deleted afterwards."""
+    import redis
+
+    base = redis_url_or_skip()
+    prefix = f"gwtest-{secrets.token_hex(4)}:"
+    yield f"{base}{'&' if '?' in base else '?'}prefix={prefix}"
+    r = redis.Redis.from_url(base)
+    for key in r.scan_iter(match=prefix + "*", count=1000):
+        r.delete(key)
