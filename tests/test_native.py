@@ -1,0 +1,414 @@
+"""The native relay routes through a real gateway and simulator (issue 2)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from conftest import ROOT, UPSTREAM_KEY, GatewayProcess, Simulator, TenantSpec, free_port, gen2_body, wait_until
+
+
+def create(gw: GatewayProcess, tenant: str, body: Any = None, **kw: Any) -> httpx.Response:
+    with gw.client(tenant) as c:
+        return c.post("/runway/tasks", json=gen2_body() if body is None else body, **kw)
+
+
+def sim_create_for(sim: Simulator, task_id: str) -> dict[str, Any]:
+    return next(c for c in sim.requests()["creates"] if c["task_id"] == task_id)
+
+
+def assert_error(resp: httpx.Response, status: int, code: str, param: Any = "__any__") -> dict[str, Any]:
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["code"] == code, err
+    if param != "__any__":
+        assert err["param"] == param, err
+    assert resp.headers["content-type"].startswith("application/json")
+    assert resp.headers.get("x-request-id")
+    return err
+
+
+# --- the rewrite -----------------------------------------------------------------------
+
+
+def test_upstream_receives_relay_body_upstream_key_and_gateway_hook(gw: GatewayProcess, sim: Simulator) -> None:
+    tenant = gw.tenants["team-a"]
+    body = gen2_body("a lighthouse at dusk", seed=1919715046, image_prompt="https://cdn.example.com/a.jpeg", init_image="")
+    body["notify_hook"] = "http://127.0.0.1:9/tenant-hook"
+    resp = create(gw, "team-a", body)
+    assert resp.status_code == 200, resp.text
+    task = resp.json()["task"]
+    assert task["status"] == "PENDING" and task["taskType"] == "gen2"
+
+    sent = sim_create_for(sim, task["id"])
+    assert sent["headers"]["authorization"] == f"Bearer {UPSTREAM_KEY}"
+    assert tenant.key not in str(sent)
+    upstream_body = sent["body"]
+    assert upstream_body["taskType"] == "gen2" and upstream_body["internal"] is False
+    assert upstream_body["notify_hook"].startswith(gw.url + "/hooks/runway/")
+    assert "tenant-hook" not in str(upstream_body)
+    gen2 = upstream_body["options"]["gen2Options"]
+    assert gen2["seed"] == 1919715046 and gen2["text_prompt"] == "a lighthouse at dusk"
+    assert gen2["image_prompt"] == "https://cdn.example.com/a.jpeg"
+    assert "init_image" not in gen2  # an empty URL is dropped, never sent
+    assert upstream_body["options"]["assetGroupName"] == "Generative Video"
+    assert sent["headers"]["x-request-id"] == resp.headers["x-request-id"]
+
+
+def test_missing_seed_and_name_are_filled_and_policy_applies(gw: GatewayProcess, sim: Simulator) -> None:
+    body = {"taskType": "gen2", "options": {"gen2Options": {"text_prompt": "policy check", "watermark": False}}}
+    resp = create(gw, "team-policy", body)
+    assert resp.status_code == 200, resp.text
+    sent = sim_create_for(sim, resp.json()["task"]["id"])["body"]
+    gen2 = sent["options"]["gen2Options"]
+    assert 0 <= gen2["seed"] <= 4294967295
+    assert sent["options"]["name"] == f"Gen-2 {gen2['seed']}"
+    assert gen2["watermark"] is True  # forced over the tenant's false
+    assert gen2["motion_score"] == 7  # default filled
+    assert "notify_hook" in sent
+
+
+def test_task_reaches_succeeded_through_callbacks_and_lists(gw: GatewayProcess) -> None:
+    resp = create(gw, "team-a", gen2_body("callback journey"))
+    task_id = resp.json()["task"]["id"]
+    with gw.client("team-a") as c:
+        done = wait_until(lambda: (t := c.get(f"/runway/tasks/{task_id}").json()["task"])["status"] == "SUCCEEDED" and t, 15)
+        assert done["artifacts"] and done["artifacts"][0]["url"].endswith(".mp4")
+        listed = c.get("/runway/tasks", params={"limit": 100}).json()
+        assert task_id in [t["id"] for t in listed["data"]]
+        assert listed["last_id"] == listed["data"][-1]["id"]
+        only_done = c.get("/runway/tasks", params={"status": "SUCCEEDED", "limit": 100}).json()["data"]
+        assert all(t["status"] == "SUCCEEDED" for t in only_done) and task_id in [t["id"] for t in only_done]
+
+
+def test_list_pagination_newest_first(gw: GatewayProcess) -> None:
+    ids = [create(gw, "team-b", gen2_body(f"page {i}")).json()["task"]["id"] for i in range(3)]
+    with gw.client("team-b") as c:
+        first = c.get("/runway/tasks", params={"limit": 2}).json()
+        assert [t["id"] for t in first["data"]] == ids[::-1][:2] and first["has_more"] is True
+        second = c.get("/runway/tasks", params={"limit": 2, "after": first["last_id"]}).json()
+        assert second["data"][0]["id"] == ids[0]
+        assert_error(c.get("/runway/tasks", params={"limit": 0}), 400, "invalid_value", "limit")
+
+
+def test_another_tenants_task_is_not_found_exactly_like_a_missing_one(gw: GatewayProcess) -> None:
+    task_id = create(gw, "team-a").json()["task"]["id"]
+    with gw.client("team-b") as c:
+        other = c.get(f"/runway/tasks/{task_id}")
+        missing = c.get("/runway/tasks/00000000-0000-0000-0000-000000000000")
+        listed = c.get("/runway/tasks", params={"limit": 100}).json()["data"]
+    assert_error(other, 404, "task_not_found")
+    assert other.json() == missing.json()
+    assert task_id not in [t["id"] for t in listed]
+
+
+# --- authentication --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": "Basic dXNlcjpwYXNz"}, {"Authorization": "Bearer"}, {"Authorization": "Bearer sk-gw-not-a-real-key"}],
+    ids=["no-header", "wrong-scheme", "empty-bearer", "unknown-key"],
+)
+def test_bad_credentials_are_401(gw: GatewayProcess, headers: dict[str, str]) -> None:
+    resp = httpx.post(gw.url + "/runway/tasks", json=gen2_body(), headers=headers)
+    assert_error(resp, 401, "invalid_api_key")
+    assert "x-ratelimit-limit-requests" not in resp.headers
+
+
+def test_disabled_tenant_is_403(gw: GatewayProcess) -> None:
+    with gw.client("team-off") as c:
+        assert_error(c.get("/runway/tasks"), 403, "tenant_disabled")
+
+
+@pytest.fixture(scope="module")
+def rsa_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+@pytest.fixture(scope="module")
+def jwt_gateway(tmp_path_factory: pytest.TempPathFactory, sim: Simulator, rsa_key: rsa.RSAPrivateKey):
+    tmp = tmp_path_factory.mktemp("jwt")
+    pem = rsa_key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    (tmp / "idp.pem").write_bytes(pem)
+    extra = (
+        '[auth.jwt]\nalgorithms = ["RS256"]\npublic_key_file = "idp.pem"\nissuer = "https://idp.test"\n'
+        'audience = "runway-gateway"\ntenant_claim = "tenant"\nleeway_seconds = 0\n'
+    )
+    g = GatewayProcess(tmp, sim.url, [TenantSpec("jwt-team")], extra_toml=extra)
+    g.start()
+    yield g, pem
+    g.stop()
+
+
+def _claims(**over: Any) -> dict[str, Any]:
+    now = int(time.time())
+    return {"iss": "https://idp.test", "aud": "runway-gateway", "tenant": "jwt-team", "exp": now + 300, "iat": now, **over}
+
+
+def test_valid_jwt_authenticates(jwt_gateway, rsa_key) -> None:
+    g, _ = jwt_gateway
+    token = jwt.encode(_claims(), rsa_key, algorithm="RS256")
+    resp = httpx.get(g.url + "/runway/tasks", headers={"Authorization": f"Bearer {token}"})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["data"] == []
+
+
+@pytest.mark.parametrize("case", ["expired", "wrong-aud", "wrong-iss", "alg-none", "hs256-with-public-key", "unknown-tenant", "not-yet-valid", "garbage"])
+def test_bad_jwts_are_401(jwt_gateway, rsa_key, case: str) -> None:
+    g, pem = jwt_gateway
+    now = int(time.time())
+    if case == "expired":
+        token = jwt.encode(_claims(exp=now - 10), rsa_key, algorithm="RS256")
+    elif case == "wrong-aud":
+        token = jwt.encode(_claims(aud="someone-else"), rsa_key, algorithm="RS256")
+    elif case == "wrong-iss":
+        token = jwt.encode(_claims(iss="https://evil.test"), rsa_key, algorithm="RS256")
+    elif case == "alg-none":
+        token = jwt.encode(_claims(), None, algorithm="none")
+    elif case == "hs256-with-public-key":
+        import base64, hashlib, hmac, json  # noqa: E401 - PyJWT refuses to build this token itself
+
+        def b64(raw: bytes) -> str:
+            return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+        signing = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode()) + "." + b64(json.dumps(_claims()).encode())
+        token = signing + "." + b64(hmac.new(pem, signing.encode(), hashlib.sha256).digest())
+    elif case == "unknown-tenant":
+        token = jwt.encode(_claims(tenant="nobody"), rsa_key, algorithm="RS256")
+    elif case == "not-yet-valid":
+        token = jwt.encode(_claims(nbf=now + 600), rsa_key, algorithm="RS256")
+    else:
+        token = "eyJhbGciOiJSUzI1NiJ9.bm90IGpzb24.c2ln"
+    resp = httpx.get(g.url + "/runway/tasks", headers={"Authorization": f"Bearer {token}"})
+    err = assert_error(resp, 401, "invalid_api_key")
+    assert token not in resp.text and token[:20] not in err["message"]
+
+
+# --- bad input -------------------------------------------------------------------------
+
+
+def _bad_bodies() -> list[tuple[str, Any, str, str | None]]:
+    def with_gen2(**gen2: Any) -> dict[str, Any]:
+        body = gen2_body()
+        body["options"]["gen2Options"].update(gen2)
+        return body
+
+    def with_options(**opts: Any) -> dict[str, Any]:
+        body = gen2_body()
+        body["options"].update(opts)
+        return body
+
+    return [
+        ("non-object", [1, 2], "invalid_body", None),
+        ("unknown-task-type", {**gen2_body(), "taskType": "gen3"}, "unsupported_task_type", "taskType"),
+        ("missing-task-type", {"options": gen2_body()["options"]}, "missing_required_parameter", "taskType"),
+        ("missing-options", {"taskType": "gen2"}, "missing_required_parameter", "options"),
+        ("missing-gen2options", {"taskType": "gen2", "options": {"name": "x"}}, "missing_required_parameter", "options.gen2Options"),
+        ("seed-string", with_gen2(seed="42"), "invalid_type", "options.gen2Options.seed"),
+        ("seed-bool", with_gen2(seed=True), "invalid_type", "options.gen2Options.seed"),
+        ("seed-negative", with_gen2(seed=-1), "invalid_value", "options.gen2Options.seed"),
+        ("seed-too-big", with_gen2(seed=4294967296), "invalid_value", "options.gen2Options.seed"),
+        ("upscale-string", with_gen2(upscale="yes"), "invalid_type", "options.gen2Options.upscale"),
+        ("options-not-object", {"taskType": "gen2", "options": "x"}, "invalid_type", "options"),
+        ("http-image", with_gen2(image_prompt="http://cdn.example.com/a.jpg"), "invalid_url", "options.gen2Options.image_prompt"),
+        ("file-image", with_gen2(init_image="file:///etc/passwd"), "invalid_url", "options.gen2Options.init_image"),
+        ("prompt-too-long", with_gen2(text_prompt="x" * 2001), "prompt_too_long", "options.gen2Options.text_prompt"),
+        ("unknown-field", with_gen2(turbo=True), "unknown_parameter", "options.gen2Options.turbo"),
+        ("seconds-12", with_options(seconds=12), "invalid_value", "options.seconds"),
+        ("hook-loopback-not-listed", {**gen2_body(), "notify_hook": "http://[::1]/hook"}, "invalid_notify_hook", "notify_hook"),
+        ("hook-file", {**gen2_body(), "notify_hook": "file:///etc/passwd"}, "invalid_notify_hook", "notify_hook"),
+    ]
+
+
+@pytest.mark.parametrize("name,body,code,param", _bad_bodies(), ids=[b[0] for b in _bad_bodies()])
+def test_bad_bodies_are_400_and_never_reach_upstream(gw: GatewayProcess, sim: Simulator, name: str, body: Any, code: str, param: str | None) -> None:
+    before = sim.requests()["creates_total"]
+    with gw.client("team-b") as c:
+        listed_before = c.get("/runway/tasks", params={"limit": 100}).json()["data"]
+        assert_error(c.post("/runway/tasks", json=body), 400, code, param)
+        listed_after = c.get("/runway/tasks", params={"limit": 100}).json()["data"]
+    assert sim.requests()["creates_total"] == before
+    assert listed_after == listed_before
+
+
+def test_invalid_json_is_400(gw: GatewayProcess, sim: Simulator) -> None:
+    before = sim.requests()["creates_total"]
+    with gw.client("team-b") as c:
+        assert_error(c.post("/runway/tasks", content=b'{"taskType": "gen2",', headers={"content-type": "application/json"}), 400, "invalid_json")
+    assert sim.requests()["creates_total"] == before
+
+
+def test_body_over_limit_is_413(gw: GatewayProcess, sim: Simulator) -> None:
+    before = sim.requests()["creates_total"]
+    big = gen2_body("x" * 70_000)
+    with gw.client("team-b") as c:
+        assert_error(c.post("/runway/tasks", json=big), 413, "request_too_large")
+
+        def chunks():
+            yield b'{"taskType": "gen2", "pad": "'
+            for _ in range(20):
+                yield b"y" * 4096
+            yield b'"}'
+
+        assert_error(c.post("/runway/tasks", content=chunks(), headers={"content-type": "application/json"}), 413, "request_too_large")
+    assert sim.requests()["creates_total"] == before
+
+
+def test_unknown_route_and_method_are_openai_errors(gw: GatewayProcess) -> None:
+    assert_error(httpx.get(gw.url + "/nope"), 404, "not_found")
+    assert_error(httpx.delete(gw.url + "/runway/tasks"), 405, "method_not_allowed")
+
+
+# --- upstream failures -----------------------------------------------------------------
+
+
+@pytest.fixture
+def failing(own_sim: Simulator, start_gateway) -> tuple[GatewayProcess, Simulator]:
+    return start_gateway(own_sim.url, [TenantSpec("t", limits={"tasks_per_day": 100})]), own_sim
+
+
+def test_upstream_500_is_502_without_raw_body(failing) -> None:
+    g, s = failing
+    s.control(create_status=500)
+    err = assert_error(create(g, "t"), 502, "upstream_error")
+    assert "500" in err["message"] and UPSTREAM_KEY not in err["message"]
+
+
+def test_upstream_garbage_is_502_without_html(failing) -> None:
+    g, s = failing
+    s.control(garbage=True)
+    err = assert_error(create(g, "t"), 502, "upstream_error")
+    assert "<html" not in err["message"].lower() and "nginx" not in err["message"]
+
+
+def test_upstream_slow_is_504(failing) -> None:
+    g, s = failing
+    s.control(latency_seconds=5)
+    start = time.monotonic()
+    assert_error(create(g, "t"), 504, "upstream_timeout")
+    assert time.monotonic() - start < 4.5
+
+
+def test_upstream_down_is_503_and_opens_the_circuit(start_gateway, sim: Simulator) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    g = start_gateway(dead, [TenantSpec("t")])
+    for _ in range(5):
+        assert_error(create(g, "t"), 503, "upstream_unavailable")
+    start = time.monotonic()
+    err = assert_error(create(g, "t"), 503, "upstream_unavailable")
+    assert time.monotonic() - start < 0.5 and "not calling" in err["message"]
+    assert httpx.get(g.url + "/readyz").json()["upstream_circuit"] == "open"
+
+
+# --- secrets never leak ----------------------------------------------------------------
+
+
+def test_no_secret_or_prompt_in_logs_or_errors(gw: GatewayProcess, jwt_gateway, rsa_key) -> None:
+    tenant = gw.tenants["team-a"]
+    secret_prompt = "zebra-violet-prompt-8812"
+    bodies = []
+    resp = create(gw, "team-a", gen2_body(secret_prompt))
+    assert resp.status_code == 200
+    bodies.append(create(gw, "team-a", gen2_body(secret_prompt, seed=-5)).text)
+    bodies.append(httpx.post(gw.url + "/runway/tasks", headers={"Authorization": f"Bearer {tenant.key}x"}, json=gen2_body(secret_prompt)).text)
+    g, _ = jwt_gateway
+    token = jwt.encode(_claims(exp=int(time.time()) - 5), rsa_key, algorithm="RS256")
+    bodies.append(httpx.get(g.url + "/runway/tasks", headers={"Authorization": f"Bearer {token}"}).text)
+    time.sleep(0.2)
+    logs = gw.log_text() + g.log_text()
+    assert any('"route":"/runway/tasks"' in line for line in logs.splitlines())
+    for secret in (tenant.key, UPSTREAM_KEY, secret_prompt, token, tenant.webhook_secret):
+        assert secret not in logs
+        for body in bodies:
+            assert secret not in body
+
+
+def test_access_log_lines_are_json_with_request_fields(gw: GatewayProcess) -> None:
+    resp = create(gw, "team-a", headers={"x-request-id": "trace-abc.123"})
+    assert resp.headers["x-request-id"] == "trace-abc.123"
+    evil = create(gw, "team-a", headers={"x-request-id": "bad id\twith spaces"})
+    assert evil.headers["x-request-id"].startswith("req_")
+
+    def line() -> dict[str, Any] | None:
+        return next((l for l in gw.access_log() if l.get("request_id") == "trace-abc.123"), None)
+
+    entry = wait_until(line, 5)
+    assert entry["tenant"] == "team-a" and entry["route"] == "/runway/tasks" and entry["status"] == 200
+    assert entry["method"] == "POST" and entry["task_id"] == resp.json()["task"]["id"]
+    assert entry["duration_ms"] >= entry["upstream_ms"] >= 0 and entry["level"] == "info" and "time" in entry
+
+
+# --- callbacks -------------------------------------------------------------------------
+
+
+def test_forged_and_stale_callbacks_change_nothing(gw: GatewayProcess, sim: Simulator) -> None:
+    task_id = create(gw, "team-a", gen2_body("stale callbacks")).json()["task"]["id"]
+    hook = sim_create_for(sim, task_id)["body"]["notify_hook"]
+    with gw.client("team-a") as c:
+        wait_until(lambda: c.get(f"/runway/tasks/{task_id}").json()["task"]["status"] == "SUCCEEDED", 15)
+        final = c.get(f"/runway/tasks/{task_id}").json()["task"]
+        forged_token = hook.rsplit("/", 1)[1][:-4] + "AAAA"
+        forged = httpx.post(f"{gw.url}/hooks/runway/{forged_token}", json={"task": {**final, "status": "FAILED"}})
+        assert_error(forged, 401, "invalid_callback_token")
+        stale = httpx.post(hook, json={"task": {**final, "status": "RUNNING", "artifacts": []}})
+        assert stale.status_code == 200 and stale.json()["result"] == "stale"
+        again = httpx.post(hook, json={"task": {**final, "status": "FAILED"}})
+        assert again.json()["result"] == "stale"
+        assert c.get(f"/runway/tasks/{task_id}").json()["task"] == final
+
+
+# --- command line ----------------------------------------------------------------------
+
+
+def test_check_config_names_every_bad_key(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        '[server]\nmax_body_bytes = -1\n[upstream]\nbase_url = "ftp://x"\napi_keys = []\n[store]\nurl = "mysql://x"\n'
+        '[[tenants]]\nid = "ok"\nkeys = ["sha256:abc"]\n[[tenants]]\nid = "Bad Id"\n[tenants.limits]\nmax_active_tasks = 0\n'
+        'bogus = 1\n[auth.jwt]\nalgorithms = ["none"]\nsecret = "${NOT_SET_ANYWHERE_XYZ}"\n'
+    )
+    out = subprocess.run([sys.executable, "-m", "gateway", "check-config", str(bad)], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 2
+    problems = out.stderr.strip().splitlines()
+    for expected in (
+        "server.max_body_bytes: must be a positive integer",
+        "upstream.base_url: must be an http(s) URL",
+        "upstream.api_keys: must list at least one upstream API key",
+        "store.url:",
+        "tenants[0].keys:",
+        "tenants[1].id: must match",
+        "tenants[1].limits.max_active_tasks: must be a positive integer",
+        "tenants[1].limits.bogus: unknown key",
+        "auth.jwt.algorithms:",
+        "auth.jwt.secret: environment variable NOT_SET_ANYWHERE_XYZ is not set",
+    ):
+        assert any(p.startswith(expected) for p in problems), (expected, problems)
+
+
+def test_example_config_passes_and_serve_refuses_a_bad_one(tmp_path: Path) -> None:
+    ok = subprocess.run([sys.executable, "-m", "gateway", "check-config", "config/gateway.example.toml"], capture_output=True, text=True, cwd=ROOT)
+    assert ok.returncode == 0, ok.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[upstream]\napi_keys = []\n")
+    served = subprocess.run([sys.executable, "-m", "gateway", "serve", "--config", str(bad), "--port", str(free_port())], capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert served.returncode == 2 and "upstream.api_keys" in served.stderr
+
+
+def test_new_key_prints_a_key_and_its_hash() -> None:
+    out = subprocess.run([sys.executable, "-m", "gateway", "new-key"], capture_output=True, text=True, cwd=ROOT).stdout.split()
+    key, hashed = out
+    import hashlib
+
+    assert key.startswith("sk-gw-") and len(key) >= 6 + 43
+    assert hashed == "sha256:" + hashlib.sha256(key.encode()).hexdigest()
