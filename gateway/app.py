@@ -28,7 +28,7 @@ from gateway.errors import GatewayError, bad_request, error_response
 from gateway.gen2 import Gen2Request
 from gateway.metrics import Metrics
 from gateway.middleware import GatewayMiddleware
-from gateway.routes import hooks, native, openai, ops
+from gateway.routes import admin, hooks, native, openai, ops
 from gateway.ssrf import HookPolicy, check_hook_url
 from gateway.store.base import Store
 from gateway.tasks import TaskService
@@ -166,7 +166,7 @@ def create_app(config: Config, *, metrics: Metrics | None = None, clock: Callabl
             await gw.stop()
 
     app = Starlette(
-        routes=[*native.routes, *openai.routes, *hooks.routes, *ops.routes],
+        routes=[*native.routes, *openai.routes, *hooks.routes, *ops.routes, *admin.routes],
         middleware=[Middleware(GatewayMiddleware, metrics=metrics, max_body_bytes=config.server.max_body_bytes)],
         exception_handlers={GatewayError: _gateway_error, 404: _not_found, 405: _not_found, Exception: _unexpected},
         lifespan=lifespan,

@@ -29,6 +29,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 UPSTREAM_KEY = "sk-sim-upstream-test-7f3a9c"
+ADMIN_KEY = "sk-gw-admin-test-1c9e44"
 REDIS_ENV = "GATEWAY_TEST_REDIS_URL"
 
 
@@ -178,7 +179,7 @@ class GatewayProcess(Process):
             f'[server]\npublic_url = "{public_url}"\nmax_body_bytes = 65536\n\n'
             f'[upstream]\nbase_url = "{upstream_url}"\napi_keys = ["{UPSTREAM_KEY}"]\ntimeout_seconds = 3\n'
             f"poll_interval_seconds = 1\n{upstream_section}\n"
-            f'[store]\nurl = "{store_url}"\n\n[webhooks]\ninitial_backoff_seconds = 0.2\nmax_backoff_seconds = 1\n\n'
+            f'[store]\nurl = "{store_url}"\n\n[admin]\nkeys = ["{key_hash(ADMIN_KEY)}"]\n\n[webhooks]\ninitial_backoff_seconds = 0.2\nmax_backoff_seconds = 1\n\n'
             f"{extra_toml}\n" + "\n".join(t.toml() for t in tenants)
         )
         super().__init__(
@@ -194,6 +195,11 @@ class GatewayProcess(Process):
 
     def client(self, tenant: str, **kw: Any) -> httpx.Client:
         return httpx.Client(base_url=self.url, headers=self.tenants[tenant].headers(), timeout=kw.pop("timeout", 10), **kw)
+
+    def usage(self, tenant: str) -> dict[str, int]:
+        resp = httpx.get(f"{self.url}/admin/tenants/{tenant}/usage", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=5)
+        resp.raise_for_status()
+        return resp.json()["usage"]
 
     def access_log(self) -> list[dict[str, Any]]:
         import json

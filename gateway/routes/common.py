@@ -59,6 +59,16 @@ async def read_json(request: Request) -> Any:
         raise bad_request("invalid_json", "The request body is not valid JSON.") from None
 
 
+async def parsed_or_raw(request: Request) -> Any:
+    """The body for an idempotency fingerprint: parsed JSON, or the raw bytes' hex when it
+    does not parse (so a repeat of the same broken body replays its 400)."""
+    body = await request.body()
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return {"raw": body.hex()}
+
+
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(orjson.dumps(data), status_code=status, headers=headers, media_type="application/json")
 

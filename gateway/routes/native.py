@@ -9,7 +9,7 @@ from starlette.routing import Route
 from gateway.errors import bad_request, not_found
 from gateway.gen2 import validate_native
 from gateway.idempotency import fingerprint, idempotency_key, run_idempotent
-from gateway.routes.common import admit_request, authenticate, gateway, json_response, page_limit, read_json, tenant_request
+from gateway.routes.common import admit_request, authenticate, gateway, json_response, page_limit, parsed_or_raw, read_json, tenant_request
 from gateway.store.base import STATUS_RANK
 
 LISTABLE_STATUSES = {s for s in STATUS_RANK if s not in ("SUBMITTING",)}
@@ -18,10 +18,10 @@ LISTABLE_STATUSES = {s for s in STATUS_RANK if s not in ("SUBMITTING",)}
 async def create_task(request: Request) -> Response:
     gw = gateway(request)
     principal = authenticate(request)
-    body = await read_json(request)
-    req = gw.validate_hook(validate_native(body, principal.tenant.policy), principal.tenant, "notify_hook")
 
     async def create() -> Response:
+        body = await read_json(request)
+        req = gw.validate_hook(validate_native(body, principal.tenant.policy), principal.tenant, "notify_hook")
         created = await gw.tasks.create(principal, req, request.scope["state"])
         return json_response({"task": created.task})
 
@@ -29,8 +29,8 @@ async def create_task(request: Request) -> Response:
     if key is None:
         return await create()
     return await run_idempotent(
-        gw.store, principal.tenant.id, key, fingerprint("/runway/tasks", body), gw.config.upstream.timeout_seconds,
-        lambda: admit_request(request, principal), create, gw.clock,
+        gw.store, principal.tenant.id, key, fingerprint("/runway/tasks", await parsed_or_raw(request)),
+        gw.config.upstream.timeout_seconds, lambda: admit_request(request, principal), create, gw.clock,
     )
 
 

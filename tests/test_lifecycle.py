@@ -1,0 +1,274 @@
+"""Task lifecycle with real processes: callbacks, polling, signed webhooks, crashes,
+idempotency (issue 4)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Iterator
+
+import httpx
+import pytest
+
+from conftest import GatewayProcess, Simulator, TenantSpec, free_port, gen2_body, wait_until
+from gateway.webhooks import verify
+
+
+@dataclass
+class Delivery:
+    headers: dict[str, str]
+    body: bytes
+    answered: int
+
+
+@dataclass
+class Receiver:
+    """A tenant's webhook endpoint: records every delivery; fails while told to."""
+
+    port: int = field(default_factory=free_port)
+    fail_next: int = 0
+    failing: bool = False
+    deliveries: list[Delivery] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hook"
+
+    def ok(self) -> list[Delivery]:
+        with self.lock:
+            return [d for d in self.deliveries if d.answered == 200]
+
+    def statuses(self) -> list[str]:
+        return [json.loads(d.body)["task"]["status"] for d in self.ok()]
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    rec = Receiver()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            body = self.rfile.read(int(self.headers.get("content-length", 0)))
+            with rec.lock:
+                fail = rec.failing or rec.fail_next > 0
+                rec.fail_next = max(0, rec.fail_next - 1)
+                code = 500 if fail else 200
+                rec.deliveries.append(Delivery({k.lower(): v for k, v in self.headers.items()}, body, code))
+            self.send_response(code)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", rec.port), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield rec
+    server.shutdown()
+    server.server_close()
+
+
+def create(g: GatewayProcess, tenant: str, hook: str | None = None, prompt: str = "lifecycle", **kw: Any) -> httpx.Response:
+    body = gen2_body(prompt)
+    if hook:
+        body["notify_hook"] = hook
+    with g.client(tenant) as c:
+        return c.post("/runway/tasks", json=body, **kw)
+
+
+def status_of(g: GatewayProcess, tenant: str, task_id: str) -> str:
+    with g.client(tenant) as c:
+        return c.get(f"/runway/tasks/{task_id}").json()["task"]["status"]
+
+
+# --- webhooks --------------------------------------------------------------------------
+
+
+def test_webhooks_running_then_succeeded_signed(gw: GatewayProcess, receiver: Receiver) -> None:
+    tenant = gw.tenants["team-a"]
+    task_id = create(gw, "team-a", receiver.url).json()["task"]["id"]
+    wait_until(lambda: len(receiver.ok()) >= 2, 15, message="two webhooks")
+    ok = receiver.ok()
+    assert receiver.statuses() == ["RUNNING", "SUCCEEDED"]
+    ids = [d.headers["x-gateway-event-id"] for d in ok]
+    assert len(set(ids)) == 2
+    for d in ok:
+        assert json.loads(d.body)["task"]["id"] == task_id
+        assert verify(tenant.webhook_secret, d.body, d.headers["x-gateway-signature"])
+        assert not verify("another-secret", d.body, d.headers["x-gateway-signature"])
+        assert d.headers["x-gateway-delivery-attempt"] == "1"
+        assert d.headers["content-type"] == "application/json"
+
+
+def test_webhook_retried_until_receiver_recovers(gw: GatewayProcess, receiver: Receiver) -> None:
+    receiver.fail_next = 3
+    create(gw, "team-a", receiver.url)
+    wait_until(lambda: len(receiver.ok()) >= 2, 20, message="deliveries after failures")
+    first = receiver.deliveries[0].headers["x-gateway-event-id"]
+    attempts = [d for d in receiver.deliveries if d.headers["x-gateway-event-id"] == first]
+    assert [d.headers["x-gateway-delivery-attempt"] for d in attempts] == ["1", "2", "3", "4"]
+    assert [d.answered for d in attempts] == [500, 500, 500, 200]
+    assert receiver.statuses() == ["RUNNING", "SUCCEEDED"]  # in order, the second waited for the first
+
+
+def test_webhook_survives_sigkill_between_attempts(tmp_path, sim: Simulator, receiver: Receiver) -> None:
+    g = GatewayProcess(tmp_path, sim.url, [TenantSpec("t")])
+    g.start()
+    try:
+        receiver.failing = True
+        task_id = create(g, "t", receiver.url).json()["task"]["id"]
+        wait_until(lambda: status_of(g, "t", task_id) == "SUCCEEDED", 15)
+        wait_until(lambda: len(receiver.deliveries) >= 2, 10, message="failed attempts")
+        g.kill(signal.SIGKILL)
+        receiver.failing = False
+        g.start()
+        wait_until(lambda: len(receiver.ok()) >= 2, 20, message="delivery after restart")
+        assert receiver.statuses() == ["RUNNING", "SUCCEEDED"]
+        by_event: dict[str, set[str]] = {}
+        for d in receiver.deliveries:
+            by_event.setdefault(d.headers["x-gateway-event-id"], set()).add(json.loads(d.body)["task"]["status"])
+        assert len(by_event) == 2 and all(len(s) == 1 for s in by_event.values())  # duplicates only with the same id
+    finally:
+        g.stop()
+
+
+# --- callbacks: duplicates, reordering, refunds ----------------------------------------
+
+
+def test_duplicate_and_reversed_callbacks_settle_once(own_sim: Simulator, start_gateway, receiver: Receiver) -> None:
+    g = start_gateway(own_sim.url, [TenantSpec("t", limits={"credits_per_day": 1000})])
+    own_sim.control(duplicate_callbacks=True, fail_rate=1.0)
+    failed_id = create(g, "t", receiver.url).json()["task"]["id"]
+    wait_until(lambda: status_of(g, "t", failed_id) == "FAILED", 15)
+    wait_until(lambda: len(receiver.ok()) >= 2, 10)
+    assert g.usage("t")["credits_today"] == 0  # charged 10, refunded once (not twice: never negative)
+    create(g, "t")  # a second task proves the refund was exactly 10, not more
+    assert g.usage("t")["credits_today"] == 10
+    own_sim.control(duplicate_callbacks=False, fail_rate=0.0, reverse_callbacks=True)
+    task_id = create(g, "t").json()["task"]["id"]
+    wait_until(lambda: status_of(g, "t", task_id) == "SUCCEEDED", 15)
+    wait_until(lambda: any(c["task_id"] == task_id and c["status"] == "RUNNING" for c in own_sim.requests()["callbacks"]), 10)
+    assert status_of(g, "t", task_id) == "SUCCEEDED"  # the late RUNNING did not overwrite it
+    assert receiver.statuses().count("FAILED") == 1
+
+
+# --- polling when callbacks are off -----------------------------------------------------
+
+
+def test_polling_reaches_succeeded_with_few_upstream_calls(sim: Simulator, start_gateway) -> None:
+    g = start_gateway(sim.url, [TenantSpec("t")], callbacks=False)
+    task_id = create(g, "t").json()["task"]["id"]
+    assert "notify_hook" not in next(c for c in sim.requests()["creates"] if c["task_id"] == task_id)["body"]
+
+    def poll_many(_: int) -> str:
+        with g.client("t") as c:
+            return c.get(f"/runway/tasks/{task_id}").json()["task"]["status"]
+
+    with ThreadPoolExecutor(10) as pool:
+        list(pool.map(poll_many, range(100)))
+    wait_until(lambda: status_of(g, "t", task_id) == "SUCCEEDED", 15)
+    calls = sim.requests()["status_calls_by_id"].get(task_id, 0)
+    assert 1 <= calls <= 6, calls
+
+
+# --- timeouts --------------------------------------------------------------------------
+
+
+def test_timed_out_task_frees_its_slot_and_still_updates(own_sim: Simulator, start_gateway) -> None:
+    own_sim.control(seconds_to_finish=8)
+    g = start_gateway(own_sim.url, [TenantSpec("t", limits={"max_active_tasks": 1})], upstream_section="task_timeout_seconds = 1")
+    first = create(g, "t").json()["task"]["id"]
+    assert create(g, "t").status_code == 429
+    wait_until(lambda: create(g, "t").status_code == 200, 10, interval=0.5, message="slot freed by timeout")
+    wait_until(lambda: status_of(g, "t", first) == "SUCCEEDED", 15)
+
+
+# --- crash during a burst --------------------------------------------------------------
+
+
+def test_sigkill_during_creates_loses_no_task(tmp_path, own_sim: Simulator) -> None:
+    own_sim.control(seconds_to_finish=3)
+    port = free_port()
+    g = GatewayProcess(tmp_path, own_sim.url, [TenantSpec("t")], port=port)
+    g.start()
+    try:
+        def fire(i: int) -> int:
+            try:
+                with g.client("t", timeout=5) as c:
+                    return c.post("/runway/tasks", json=gen2_body(f"burst {i}")).status_code
+            except httpx.HTTPError:
+                return 0
+
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(fire, i) for i in range(60)]
+            wait_until(lambda: own_sim.requests()["creates_total"] >= 10, 10)
+            g.kill(signal.SIGKILL)
+            [f.result() for f in futures]
+        g.start()
+        created = [t["id"] for t in own_sim.tasks()]
+        assert created
+
+        def all_known() -> bool:
+            with g.client("t") as c:
+                return all(c.get(f"/runway/tasks/{i}").status_code == 200 for i in created)
+
+        wait_until(all_known, 15, interval=0.3, message="every upstream task known to the gateway")
+        wait_until(lambda: all(status_of(g, "t", i) == "SUCCEEDED" for i in created), 15, interval=0.3)
+        with g.client("t") as c:
+            listed = c.get("/runway/tasks", params={"limit": 100}).json()["data"]
+        assert sorted(t["id"] for t in listed) == sorted(created)  # each once
+        usage = g.usage("t")
+        # every known task charged once; reservations never sent stay charged as unknown
+        assert usage["credits_today"] >= 10 * len(created)
+        assert usage["credits_today"] <= 10 * (len(created) + 8)
+    finally:
+        g.stop()
+
+
+# --- idempotency -----------------------------------------------------------------------
+
+
+def test_concurrent_idempotent_creates_make_one_task(own_sim: Simulator, start_gateway) -> None:
+    own_sim.control(latency_seconds=0.3)
+    g = start_gateway(own_sim.url, [TenantSpec("t", limits={"credits_per_day": 1000})])
+    body = gen2_body("idempotent")
+
+    def post(_: int) -> httpx.Response:
+        with g.client("t") as c:
+            return c.post("/runway/tasks", json=body, headers={"Idempotency-Key": "order-42"})
+
+    with ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(post, range(20)))
+    assert {a.status_code for a in answers} == {200}
+    assert len({a.content for a in answers}) == 1
+    assert sum(a.headers.get("idempotent-replayed") == "true" for a in answers) == 19
+    assert own_sim.requests()["creates_total"] == 1
+    assert g.usage("t")["credits_today"] == 10
+    reordered = json.loads(json.dumps(body, sort_keys=True))
+    with g.client("t") as c:
+        again = c.post("/runway/tasks", json=reordered, headers={"Idempotency-Key": "order-42"})
+        assert again.status_code == 200 and again.headers["idempotent-replayed"] == "true"
+        other = c.post("/runway/tasks", json=gen2_body("another body"), headers={"Idempotency-Key": "order-42"})
+        assert other.status_code == 409 and other.json()["error"]["code"] == "idempotency_key_reused"
+        bad = c.post("/runway/tasks", json=body, headers={"Idempotency-Key": "has space"})
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_idempotency_key"
+    assert own_sim.requests()["creates_total"] == 1
+
+
+def test_idempotency_key_freed_after_5xx(own_sim: Simulator, start_gateway) -> None:
+    g = start_gateway(own_sim.url, [TenantSpec("t")])
+    own_sim.control(create_status=500)
+    with g.client("t") as c:
+        assert c.post("/runway/tasks", json=gen2_body(), headers={"Idempotency-Key": "k1"}).status_code == 502
+        own_sim.control(create_status=0)
+        second = c.post("/runway/tasks", json=gen2_body(), headers={"Idempotency-Key": "k1"})
+        assert second.status_code == 200 and "idempotent-replayed" not in second.headers
+        bad = c.post("/runway/tasks", json={"taskType": "gen9"}, headers={"Idempotency-Key": "k2"})
+        replay = c.post("/runway/tasks", json={"taskType": "gen9"}, headers={"Idempotency-Key": "k2"})
+        assert bad.status_code == replay.status_code == 400 and replay.headers["idempotent-replayed"] == "true"
