@@ -167,7 +167,7 @@ def create_app(config: Config, *, metrics: Metrics | None = None, clock: Callabl
 
     app = Starlette(
         routes=[*native.routes, *openai.routes, *hooks.routes, *ops.routes, *admin.routes],
-        middleware=[Middleware(GatewayMiddleware, metrics=metrics, max_body_bytes=config.server.max_body_bytes)],
+        middleware=[Middleware(GatewayMiddleware, metrics=metrics, max_body_bytes=config.server.max_body_bytes, trusted_proxies=config.server.trusted_proxies)],
         exception_handlers={GatewayError: _gateway_error, 404: _not_found, 405: _not_found, Exception: _unexpected},
         lifespan=lifespan,
     )

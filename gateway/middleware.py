@@ -7,6 +7,7 @@ request is a few dict operations. Routes leave what it needs in `scope["state"]`
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import re
 import time
@@ -20,13 +21,16 @@ from gateway.logs import ACCESS_LOGGER, log_fields
 from gateway.metrics import Metrics
 from gateway.quotas import rate_headers
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
 SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 logger = logging.getLogger(ACCESS_LOGGER)
 
 
 class GatewayMiddleware:
-    def __init__(self, app: ASGIApp, metrics: Metrics, max_body_bytes: int):
+    def __init__(self, app: ASGIApp, metrics: Metrics, max_body_bytes: int, trusted_proxies: tuple[Network, ...] = ()):
         self.app = app
+        self.trusted_proxies = trusted_proxies
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
         self.too_large = GatewayError(413, "request_too_large", f"The request body is larger than {max_body_bytes} bytes.")
@@ -84,6 +88,7 @@ class GatewayMiddleware:
         self.metrics.request_duration.labels(template, method).observe(seconds)
         fields: dict[str, Any] = {
             "request_id": request_id,
+            "client": self._client_ip(scope),
             "tenant": tenant or None,
             "method": method,
             "route": template,
@@ -95,6 +100,27 @@ class GatewayMiddleware:
         if "task_id" in state:
             fields["task_id"] = state["task_id"]
         log_fields(logger, logging.INFO, fields)
+
+
+    def _client_ip(self, scope: Scope) -> str | None:
+        """The peer, or, behind a trusted proxy, the nearest X-Forwarded-For hop not trusted."""
+        peer = scope.get("client")
+        ip = peer[0] if peer else None
+        if not ip or not self.trusted_proxies or not self._trusted(ip):
+            return ip
+        for name, value in scope["headers"]:
+            if name == b"x-forwarded-for":
+                for hop in reversed([h.strip() for h in value.decode("latin-1").split(",")]):
+                    if not self._trusted(hop):
+                        return hop
+        return ip
+
+    def _trusted(self, ip: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(addr in net for net in self.trusted_proxies)
 
 
 def _request_id(scope: Scope) -> str:
