@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import json
 import logging
 import time
 from typing import Callable, Mapping
@@ -34,6 +33,7 @@ from typing import Callable, Mapping
 import httpx
 
 from gateway.config import Tenant, WebhookConfig
+from gateway.logs import log_fields
 from gateway.ssrf import HookPolicy, HookRefused, Resolver, resolve_hook
 from gateway.store.base import Store, WebhookEvent
 
@@ -131,7 +131,7 @@ class WebhookDispatcher:
         results = await asyncio.gather(*(one(e) for e in events), return_exceptions=True)
         for event, result in zip(events, results):
             if isinstance(result, Exception):  # the store failed; the lease expires and it is retried
-                log.error(json.dumps({"msg": "webhook_finish_failed", "event_id": event.event_id, "error": type(result).__name__}))
+                log_fields(log, logging.ERROR, {"event": "webhook_finish_failed", "event_id": event.event_id, "error": type(result).__name__})
         return len(events)
 
     async def run_forever(self, stop: asyncio.Event, interval: float = 0.5) -> None:
@@ -168,12 +168,12 @@ class WebhookDispatcher:
             next_at = self._clock() + self._config.backoff(attempt)
             await self._store.finish_webhook(event.event_id, delivered=False, attempts=attempt, next_at=next_at)
             self._report(event.tenant_id, "failed")
-            log.debug(json.dumps({"msg": "webhook_retry", "event_id": event.event_id, "tenant": event.tenant_id, "attempts": attempt, "error": error}))
+            log_fields(log, logging.DEBUG, {"event": "webhook_retry", "event_id": event.event_id, "tenant": event.tenant_id, "attempts": attempt, "error": error})
 
     async def _give_up(self, event: WebhookEvent, attempts: int, error: str) -> None:
         await self._store.finish_webhook(event.event_id, delivered=False, attempts=attempts, next_at=None)
         self._report(event.tenant_id, "gave_up")
-        log.warning(json.dumps({"msg": "webhook_gave_up", "event_id": event.event_id, "tenant": event.tenant_id, "attempts": attempts, "error": error}))
+        log_fields(log, logging.WARNING, {"event": "webhook_gave_up", "event_id": event.event_id, "tenant": event.tenant_id, "attempts": attempts, "error": error})
 
     def _report(self, tenant_id: str, result: str) -> None:
         if self._on_result is not None:

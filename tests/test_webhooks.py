@@ -16,6 +16,7 @@ import pytest
 
 from gateway.config import Policy, Tenant, WebhookConfig
 from gateway.store.base import WebhookEvent
+from gateway.logs import JSONFormatter
 from gateway.webhooks import USER_AGENT, WebhookDispatcher, sign, verify
 
 SECRET = "whsec_test_0123456789"
@@ -199,9 +200,10 @@ async def test_gives_up_after_max_attempts(receiver, caplog) -> None:
     assert outbox.finished[-1]["attempts"] == 3 and not outbox.finished[-1]["delivered"]
     assert results == [("search-team", "failed"), ("search-team", "failed"), ("search-team", "gave_up")]
     [record] = [r for r in caplog.records if r.name == "gateway.webhooks" and r.levelno == logging.WARNING]
-    line = json.loads(record.getMessage())
+    line = json.loads(JSONFormatter().format(record))
+    assert line["event"] == "webhook_gave_up" and line["level"] == "warning"
     assert line["event_id"] == "evt_1" and line["tenant"] == "search-team" and line["attempts"] == 3
-    assert SECRET not in record.getMessage() and "RUNNING" not in record.getMessage()
+    assert SECRET not in json.dumps(line) and "RUNNING" not in json.dumps(line)
 
 
 async def test_no_signature_without_secret_and_concurrent_batch(receiver) -> None:
