@@ -1,0 +1,702 @@
+"""deploy/: the dashboard, the alert rules, Prometheus, compose and Kubernetes files.
+
+Three layers:
+1. Static: every PromQL expression in the Grafana dashboard and the alert rules names only
+   series the gateway exports (contract §7, plus gateway_quota_usage_ratio, gateway_ready
+   and Prometheus's own `up`), with labels those series carry; global store gauges are
+   never summed across replicas; the configs shipped in deploy/ load.
+2. promtool: `check rules`, `check config`, the dashboard's expressions parsed as
+   recording rules, and unit tests of the alert expressions on synthetic series.
+3. Live: a real Prometheus scrapes a running gateway (with the bundled upstream simulator)
+   and the dashboard's main queries return data.
+
+promtool and prometheus come from Debian's `prometheus` package. Locally the tests that
+need them skip when they are missing; with CI set they fail instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import pytest
+
+from gateway.config import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+DASHBOARD = DEPLOY / "grafana" / "dashboards" / "runway-gateway.json"
+ALERTS = DEPLOY / "prometheus" / "alerts.yml"
+PROM_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
+K8S = DEPLOY / "k8s"
+
+# --- what the gateway exports (contract §7 and the two agreed extras) -----------------
+
+COUNTERS = {
+    "gateway_requests_total": {"tenant", "route", "method", "status"},
+    "gateway_upstream_requests_total": {"operation", "status"},
+    "gateway_auth_failures_total": {"reason"},
+    "gateway_quota_rejections_total": {"tenant", "limit"},
+    "gateway_tasks_created_total": {"tenant", "task_type"},
+    "gateway_tasks_finished_total": {"tenant", "status"},
+    "gateway_credits_charged_total": {"tenant"},
+    "gateway_credits_refunded_total": {"tenant"},
+    "gateway_callbacks_received_total": {"result"},
+    "gateway_webhook_deliveries_total": {"tenant", "result"},
+}
+HISTOGRAMS = {
+    "gateway_request_duration_seconds": {"route", "method"},
+    "gateway_upstream_request_duration_seconds": {"operation"},
+    "gateway_task_duration_seconds": {"task_type", "status"},
+    "gateway_callback_lag_seconds": set(),
+}
+GAUGES = {
+    "gateway_tasks_active": {"tenant"},
+    "gateway_webhook_pending": set(),
+    "gateway_build_info": {"version"},
+    # Not in the contract's table; exported for the budget alerts and the readiness alert.
+    "gateway_quota_usage_ratio": {"tenant", "limit"},
+    "gateway_ready": set(),
+}
+TARGET_LABELS = {"job", "instance"}
+
+SERIES: dict[str, set[str]] = {"up": set()}
+SERIES.update(COUNTERS)
+SERIES.update(GAUGES)
+for _name, _labels in HISTOGRAMS.items():
+    SERIES[f"{_name}_bucket"] = _labels | {"le"}
+    SERIES[f"{_name}_sum"] = set(_labels)
+    SERIES[f"{_name}_count"] = set(_labels)
+SERIES = {name: labels | TARGET_LABELS for name, labels in SERIES.items()}
+
+# Global store values: the same on every replica and worker, so max, never sum.
+GLOBAL_GAUGES = ("gateway_tasks_active", "gateway_webhook_pending", "gateway_quota_usage_ratio", "gateway_ready")
+
+# Grafana's variables, replaced before PromQL sees an expression.
+GRAFANA_VARS = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "5m", "$tenant": ".*"}
+
+IN_CI = bool(os.environ.get("CI"))
+
+
+# --- reading the files ----------------------------------------------------------------
+
+
+def dashboard() -> dict[str, Any]:
+    return json.loads(DASHBOARD.read_text(encoding="utf-8"))
+
+
+def dashboard_panels() -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for panel in dashboard()["panels"]:
+        out.append(panel)
+        out.extend(panel.get("panels", []))  # panels of collapsed rows
+    return out
+
+
+def dashboard_exprs() -> list[tuple[str, str]]:
+    """(panel title, expr) for every query target of the dashboard."""
+    return [(p["title"], t["expr"]) for p in dashboard_panels() for t in p.get("targets", []) if t.get("expr")]
+
+
+def panel_exprs(title: str) -> list[str]:
+    matches = [p for p in dashboard_panels() if p.get("title") == title]
+    assert len(matches) == 1, f"dashboard has {len(matches)} panels titled {title!r}"
+    return [t["expr"] for t in matches[0]["targets"]]
+
+
+def grafana_to_promql(expr: str) -> str:
+    for var, value in GRAFANA_VARS.items():
+        expr = expr.replace(var, value)
+    assert "$" not in expr, f"unknown Grafana variable left in {expr!r}"
+    return expr
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip(" "))
+
+
+def yaml_block_values(text: str, key: str) -> list[str]:
+    """The values of every `key:` in a YAML file: block scalars (| and >), quoted or plain.
+
+    The rules file is YAML, and the project has no YAML parser among its dependencies;
+    this reads exactly the forms the deploy files use and fails on anything else, and
+    the count is cross-checked against promtool's.
+    """
+    lines = text.splitlines()
+    values: list[str] = []
+    pattern = re.compile(rf"^(\s*(?:-\s+)?){re.escape(key)}:(?:\s+(.*))?$")
+    i = 0
+    while i < len(lines):
+        m = pattern.match(lines[i])
+        if not m:
+            i += 1
+            continue
+        indent, rest = len(m.group(1)), (m.group(2) or "").strip()  # the key's column
+        i += 1
+        if rest in ("|", "|-", "|+", ">", ">-", ">+"):
+            block: list[str] = []
+            while i < len(lines) and (not lines[i].strip() or _indent(lines[i]) > indent):
+                block.append(lines[i])
+                i += 1
+            body = textwrap.dedent("\n".join(block)).strip("\n")
+            values.append(" ".join(body.split("\n")) if rest.startswith(">") else body + "\n")
+        elif rest.startswith('"'):
+            values.append(json.loads(rest))
+        elif rest.startswith("'"):
+            assert rest.endswith("'"), f"multi-line quoted {key} not supported: {rest!r}"
+            values.append(rest[1:-1].replace("''", "'"))
+        else:
+            assert rest and not rest.startswith(("&", "*", "!", "[", "{")), f"unsupported YAML form for {key}: {rest!r}"
+            values.append(rest.split(" #")[0].strip())
+    return values
+
+
+def alert_rules() -> list[tuple[str, str]]:
+    """(alert name, expr) for every rule of alerts.yml."""
+    text = ALERTS.read_text(encoding="utf-8")
+    names = yaml_block_values(text, "alert")
+    exprs = yaml_block_values(text, "expr")
+    assert "record:" not in text, "alerts.yml holds alerts only; update this test for recording rules"
+    assert len(names) == len(exprs) and names, f"{len(names)} alerts but {len(exprs)} exprs in {ALERTS}"
+    return list(zip(names, exprs))
+
+
+# --- a small PromQL reader ------------------------------------------------------------
+
+STRING_RE = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'')
+IDENT_RE = re.compile(r"(?<![\w:$])[a-zA-Z_:][a-zA-Z0-9_:]*")
+SELECTOR_RE = re.compile(r"(?<![\w:])([a-zA-Z_:][a-zA-Z0-9_:]*)\s*\{([^}]*)\}")
+MATCHER_RE = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"\s*(?:,|$)')
+GROUPING_RE = re.compile(r"\b(by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)")
+
+
+def metric_names(expr: str) -> set[str]:
+    """Identifiers that name the gateway's series (or `up`) in one expression."""
+    bare = STRING_RE.sub('""', expr)
+    bare = re.sub(r"\[[^\]]*\]", "", bare)  # range and subquery durations
+    names = set()
+    for ident in IDENT_RE.findall(bare):
+        if ident.startswith("gateway_") or ident == "up":
+            names.add(ident)
+    return names
+
+
+def selector_labels(expr: str) -> list[tuple[str, str]]:
+    """(metric, label) for each label matcher inside metric{...}."""
+    out = []
+    for metric, body in SELECTOR_RE.findall(expr):
+        consumed = 0
+        for m in MATCHER_RE.finditer(body):
+            assert m.start() == consumed, f"cannot read label matchers {body!r} in {expr!r}"
+            out.append((metric, m.group(1)))
+            consumed = m.end()
+        assert body[consumed:].strip() == "", f"cannot read label matchers {body!r} in {expr!r}"
+    return out
+
+
+def grouping_labels(expr: str) -> set[str]:
+    bare = STRING_RE.sub('""', expr)
+    return {label.strip() for _, group in GROUPING_RE.findall(bare) for label in group.split(",") if label.strip()}
+
+
+def check_expr(where: str, expr: str) -> list[str]:
+    problems = []
+    names = metric_names(expr)
+    unknown = sorted(n for n in names if n not in SERIES)
+    if unknown:
+        problems.append(f"{where}: unknown series {unknown} in {expr!r}")
+    if not names - set(unknown):
+        problems.append(f"{where}: references no series the gateway exports: {expr!r}")
+    for metric, label in selector_labels(expr):
+        if metric in SERIES and label not in SERIES[metric]:
+            problems.append(f"{where}: {metric} has no label {label!r} (has {sorted(SERIES[metric])})")
+    available = set().union(*(SERIES[n] for n in names if n in SERIES)) if names else set()
+    for label in sorted(grouping_labels(expr) - available):
+        problems.append(f"{where}: groups by {label!r}, which none of {sorted(names)} carries")
+    for gauge in GLOBAL_GAUGES:
+        if re.search(rf"\b(?:sum|avg)\s*(?:(?:by|without)\s*\([^)]*\)\s*)?\(\s*{gauge}\b", expr):
+            problems.append(f"{where}: {gauge} is a global store value; take max, not sum/avg: {expr!r}")
+    return problems
+
+
+def test_promql_reader_understands_its_inputs() -> None:
+    expr = 'sum by (tenant) (rate(gateway_requests_total{tenant=~"$tenant", status=~"5.."}[5m])) / on() group_left up{job="x"}'
+    assert metric_names(expr) == {"gateway_requests_total", "up"}
+    assert selector_labels(expr) == [("gateway_requests_total", "tenant"), ("gateway_requests_total", "status"), ("up", "job")]
+    assert grouping_labels(expr) == {"tenant"}
+    assert check_expr("x", "sum(rate(gateway_nope_total[5m]))")
+    assert check_expr("x", "sum(gateway_tasks_active)")
+    assert check_expr("x", 'sum by (route) (rate(gateway_quota_rejections_total{limit="x"}[1m]))')
+    assert check_expr("x", 'rate(gateway_request_duration_seconds_count{tenant="a"}[1m])')
+    assert check_expr("x", "vector(1)")
+    assert not check_expr("x", "max by (tenant) (gateway_tasks_active)")
+    assert yaml_block_values("a:\n  - expr: |\n      up\n      == 0\n    for: 1m\n  - expr: 'x'\n", "expr") == ["up\n== 0\n", "x"]
+
+
+# --- 1. static checks -----------------------------------------------------------------
+
+
+def test_dashboard_queries_name_only_exported_series() -> None:
+    exprs = dashboard_exprs()
+    assert len(exprs) >= 20
+    problems = [p for title, expr in exprs for p in check_expr(f"panel {title!r}", expr)]
+    assert not problems, "\n".join(problems)
+
+
+def test_alert_rules_name_only_exported_series() -> None:
+    rules = alert_rules()
+    problems = [p for name, expr in rules for p in check_expr(f"alert {name}", expr)]
+    assert not problems, "\n".join(problems)
+
+
+def test_dashboard_is_a_provisionable_grafana_dashboard() -> None:
+    d = dashboard()
+    assert d["uid"] == "runway-gateway" and d["title"]
+    assert 36 <= d["schemaVersion"] <= 41
+    variables = {v["name"]: v for v in d["templating"]["list"]}
+    tenant = variables["tenant"]
+    query = tenant["query"] if isinstance(tenant["query"], str) else tenant["query"]["query"]
+    assert query == "label_values(gateway_requests_total, tenant)"
+    assert tenant["includeAll"] and tenant["multi"] and tenant["allValue"] == ".*"
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+
+    panels = dashboard_panels()
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    rows = [p["title"] for p in panels if p["type"] == "row"]
+    assert len(rows) >= 6
+    for p in panels:
+        if p["type"] == "row":
+            continue
+        assert p["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, p["title"]
+        assert p["fieldConfig"]["defaults"].get("unit"), f"panel {p['title']!r} has no unit"
+        assert p.get("description"), f"panel {p['title']!r} has no description"
+        refs = [t["refId"] for t in p["targets"]]
+        assert refs and len(refs) == len(set(refs)), p["title"]
+        for t in p["targets"]:
+            if "histogram_quantile" in t["expr"]:
+                assert re.search(r"histogram_quantile\(0\.\d+, sum by \(le\b", t["expr"]), t["expr"]
+                assert "_bucket" in t["expr"] and "$__rate_interval" in t["expr"], t["expr"]
+
+    every = " ".join(e for _, e in dashboard_exprs())
+    # issue 6: everything the ops team must see is on the dashboard
+    for series in [
+        "gateway_requests_total", "gateway_request_duration_seconds_bucket", "gateway_upstream_requests_total",
+        "gateway_upstream_request_duration_seconds_bucket", "gateway_quota_rejections_total", "gateway_tasks_active",
+        "gateway_tasks_finished_total", "gateway_task_duration_seconds_bucket", "gateway_credits_charged_total",
+        "gateway_credits_refunded_total", "gateway_webhook_pending", "gateway_webhook_deliveries_total",
+        "gateway_callback_lag_seconds_bucket", "gateway_tasks_created_total", "gateway_quota_usage_ratio",
+    ]:
+        assert series in every, f"dashboard shows nothing of {series}"
+    for q in ("0.5", "0.95", "0.99"):
+        assert f"histogram_quantile({q}, sum by (le) (rate(gateway_request_duration_seconds_bucket" in every
+
+
+def test_alert_rules_cover_the_issue_and_are_actionable() -> None:
+    text = ALERTS.read_text(encoding="utf-8")
+    rules = dict(alert_rules())
+    fors = yaml_block_values(text, "for")
+    severities = yaml_block_values(text, "severity")
+    summaries = yaml_block_values(text, "summary")
+    descriptions = yaml_block_values(text, "description")
+    runbooks = yaml_block_values(text, "runbook")
+    n = len(rules)
+    assert len(severities) == len(summaries) == len(descriptions) == len(runbooks) == n
+    assert set(severities) <= {"critical", "warning", "info"} and "critical" in severities
+    assert len(fors) >= n - 1, "every alert but the one-shot event alert waits with for:"
+    exprs = " ".join(rules.values())
+    assert 'gateway_upstream_requests_total{status!~"2.."}' in exprs  # upstream error ratio
+    assert "histogram_quantile(0.95" in exprs and "gateway_request_duration_seconds_bucket" in exprs  # latency
+    assert "deriv(max(gateway_webhook_pending)" in exprs  # backlog growing
+    assert "gateway_quota_usage_ratio" in exprs  # tenant near budget
+    assert "gateway_ready" in exprs and 'up{job="runway-gateway"} == 0' in exprs  # not ready / down
+    docs = (ROOT / "docs" / "operations.md").read_text(encoding="utf-8").lower()
+    for name in rules:
+        assert name.lower() in docs, f"docs/operations.md does not explain {name}"
+    for anchor in runbooks:
+        assert anchor.startswith("docs/operations.md#") and anchor.split("#")[1] in docs
+
+
+def test_shipped_gateway_configs_load(tmp_path: Path) -> None:
+    """deploy/gateway.toml with .env.example, and the k8s ConfigMap with the example Secret."""
+    env = {}
+    for line in (DEPLOY / ".env.example").read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, value = line.split("=", 1)
+            env[key.strip()] = value.strip()
+    cfg = load_config(DEPLOY / "gateway.toml", env)
+    assert cfg.store.url == "redis://redis:6379/0"
+    assert cfg.upstream.base_url == "http://upstream:8090"
+    assert [t.id for t in cfg.tenants] == ["demo"]
+    # the demo key written in .env.example matches its hash
+    demo_key = re.search(r"Demo tenant key:\s+(\S+)", (DEPLOY / ".env.example").read_text()).group(1)
+    assert cfg.tenants[0].keys == ("sha256:" + hashlib.sha256(demo_key.encode()).hexdigest(),)
+
+    configmap = (K8S / "configmap.yaml").read_text(encoding="utf-8")
+    (toml_text,) = yaml_block_values(configmap, "gateway.toml")
+    secret = (K8S / "secret.example.yaml").read_text(encoding="utf-8")
+    env = {}
+    for m in re.finditer(r'^  ([A-Z_]+): "(.*)"$', secret, re.M):
+        env[m.group(1)] = m.group(2)
+    assert {"UPSTREAM_API_KEY", "GATEWAY_STORE_URL", "GATEWAY_SIGNING_SECRET"} <= env.keys()
+    (tmp_path / "gateway.toml").write_text(toml_text, encoding="utf-8")
+    cfg = load_config(tmp_path / "gateway.toml", env)
+    assert cfg.store.url.startswith("redis://")
+
+
+def test_compose_runs_two_replicas_on_redis_with_aof() -> None:
+    text = (DEPLOY / "docker-compose.yml").read_text(encoding="utf-8")
+    services = re.findall(r"^  ([a-z0-9-]+):\s*$", text.split("\nservices:\n", 1)[1].split("\nvolumes:\n", 1)[0], re.M)
+    assert {"gateway-1", "gateway-2", "upstream", "redis", "prometheus", "grafana"} <= set(services)
+    assert '"--appendonly", "yes"' in text
+    assert "simulate-upstream" in text and "./gateway.toml:/etc/runway-gateway/gateway.toml:ro" in text
+    prom = PROM_CONFIG.read_text(encoding="utf-8")
+    assert "job_name: runway-gateway" in prom and '"gateway-1:8080", "gateway-2:8080"' in prom
+    assert "alerts.yml" in prom
+    provisioning = DEPLOY / "grafana" / "provisioning"
+    assert "url: http://prometheus:9090" in (provisioning / "datasources" / "prometheus.yml").read_text()
+    assert "path: /etc/grafana/dashboards" in (provisioning / "dashboards" / "dashboards.yml").read_text()
+    assert "./grafana/dashboards:/etc/grafana/dashboards:ro" in text
+
+
+def test_kubernetes_manifests() -> None:
+    files = sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+    kustomization = (K8S / "kustomization.yaml").read_text(encoding="utf-8")
+    listed = re.findall(r"^  - ([\w.-]+\.yaml)$", kustomization, re.M)
+    assert sorted(listed) == files, "kustomization.yaml must list every manifest"
+    kinds = {re.search(r"^kind: (\w+)$", (K8S / f).read_text(), re.M).group(1) for f in files}
+    assert {"Deployment", "Service", "ConfigMap", "Secret", "HorizontalPodAutoscaler", "PodDisruptionBudget", "ServiceMonitor"} <= kinds
+
+    deployment = (K8S / "deployment.yaml").read_text(encoding="utf-8")
+    for needle in [
+        "path: /readyz", "path: /healthz", "runAsNonRoot: true", "readOnlyRootFilesystem: true",
+        'drop: ["ALL"]', "allowPrivilegeEscalation: false", "mountPath: /tmp", "emptyDir:",
+        "requests:", "limits:", "runAsUser: 10001", "type: RuntimeDefault",
+    ]:
+        assert needle in deployment, f"deployment.yaml lacks {needle!r}"
+
+    kubectl = shutil.which("kubectl")
+    if kubectl:
+        out = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.count("\nkind: ") + out.stdout.startswith("kind: ") >= len(files) - 1
+
+
+# --- 2. promtool ----------------------------------------------------------------------
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name) or (f"/usr/bin/{name}" if Path(f"/usr/bin/{name}").exists() else None)
+    if path:
+        return path
+    if IN_CI:
+        pytest.fail(f"{name} not found; CI must install Debian's prometheus package (apt-get install -y prometheus)")
+    pytest.skip(f"{name} not installed (Debian: apt-get install prometheus)")
+
+
+@pytest.fixture(scope="module")
+def promtool() -> str:
+    return _tool("promtool")
+
+
+def _run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, **kw)
+
+
+def test_promtool_check_rules(promtool: str) -> None:
+    out = _run([promtool, "check", "rules", str(ALERTS)])
+    assert out.returncode == 0, out.stdout + out.stderr
+    found = int(re.search(r"SUCCESS: (\d+) rules found", out.stdout).group(1))
+    assert found == len(alert_rules()), "the YAML reader of this test missed rules"
+
+
+def test_promtool_check_config(promtool: str) -> None:
+    out = _run([promtool, "check", "config", str(PROM_CONFIG)])
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_dashboard_queries_parse(promtool: str, tmp_path: Path) -> None:
+    """Every dashboard query, with Grafana's variables filled in, is valid PromQL."""
+    rules = [{"record": f"dashboard:query_{i}", "expr": grafana_to_promql(expr)} for i, (_, expr) in enumerate(dashboard_exprs())]
+    path = tmp_path / "dashboard-rules.yml"
+    path.write_text(json.dumps({"groups": [{"name": "dashboard", "rules": rules}]}), encoding="utf-8")  # JSON is YAML
+    out = _run([promtool, "check", "rules", str(path)])
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_alert_expressions_on_synthetic_series(promtool: str, tmp_path: Path) -> None:
+    """`promtool test rules`: the alert expressions fire on bad series and stay quiet on good ones."""
+    rules = dict(alert_rules())
+    cases = [
+        # (alert, input series, eval time, expected samples)
+        ("RunwayGatewayReplicaDown",
+         [('up{job="runway-gateway", instance="gw-1:8080"}', "1x10"), ('up{job="runway-gateway", instance="gw-2:8080"}', "1 1 0x8")],
+         "5m", [('up{job="runway-gateway", instance="gw-2:8080"}', 0)]),
+        ("RunwayGatewayDown",
+         [('up{job="runway-gateway", instance="gw-1:8080"}', "0x10"), ('up{job="runway-gateway", instance="gw-2:8080"}', "0x10")],
+         "5m", [("{}", 0)]),
+        ("RunwayGatewayNotReady",
+         [('gateway_ready{job="runway-gateway", instance="gw-1:8080"}', "1x10"), ('gateway_ready{job="runway-gateway", instance="gw-2:8080"}', "0x10")],
+         "5m", [('{job="runway-gateway", instance="gw-2:8080"}', 0)]),
+        ("RunwayUpstreamErrorRatioHigh",  # 30 of 60 calls a minute fail
+         [('gateway_upstream_requests_total{operation="create", status="200", instance="gw-1:8080"}', "0+30x20"),
+          ('gateway_upstream_requests_total{operation="create", status="502", instance="gw-1:8080"}', "0+30x20"),
+          ('gateway_upstream_requests_total{operation="status", status="200", instance="gw-1:8080"}', "0+60x20")],
+         "15m", [('{operation="create"}', 0.5)]),
+        ("RunwayUpstreamErrorRatioHigh",  # one failure in very little traffic pages nobody
+         [('gateway_upstream_requests_total{operation="create", status="200"}', "0+0x20"),
+          ('gateway_upstream_requests_total{operation="create", status="502"}', "0 1x20")],
+         "15m", []),
+        ("RunwayWebhookBacklogGrowing",
+         [('gateway_webhook_pending{instance="gw-1:8080"}', "0+2x60"), ('gateway_webhook_pending{instance="gw-2:8080"}', "0+2x60")],
+         "40m", [("{}", 80)]),
+        ("RunwayWebhookBacklogGrowing",  # large but draining
+         [('gateway_webhook_pending{instance="gw-1:8080"}', "200-2x60")],
+         "40m", []),
+        ("RunwayTenantNearBudget",
+         [('gateway_quota_usage_ratio{tenant="a", limit="credits_per_day", instance="gw-1:8080"}', "0.9x10"),
+          ('gateway_quota_usage_ratio{tenant="a", limit="credits_per_day", instance="gw-2:8080"}', "0.9x10"),
+          ('gateway_quota_usage_ratio{tenant="b", limit="credits_per_day", instance="gw-1:8080"}', "0.5x10"),
+          ('gateway_quota_usage_ratio{tenant="a", limit="max_active_tasks", instance="gw-1:8080"}', "1x10")],
+         "5m", [('{tenant="a", limit="credits_per_day"}', 0.9)]),
+        ("RunwayGatewayTenantErrors",
+         [('gateway_requests_total{tenant="a", route="/runway/tasks", method="POST", status="200"}', "0+60x20"),
+          ('gateway_requests_total{tenant="a", route="/runway/tasks", method="POST", status="503"}', "0+60x20"),
+          ('gateway_requests_total{tenant="b", route="/runway/tasks", method="POST", status="200"}', "0+60x20")],
+         "15m", [('{tenant="a"}', 0.5)]),
+    ]
+    assert {c[0] for c in cases} <= set(rules)
+
+    tests = []
+    for alert, series, at, expected in cases:
+        tests.append({
+            "interval": "1m",
+            "input_series": [{"series": s, "values": v} for s, v in series],
+            "promql_expr_test": [{
+                "expr": rules[alert],
+                "eval_time": at,
+                "exp_samples": [{"labels": labels, "value": value} for labels, value in expected],
+            }],
+        })
+    path = tmp_path / "alerts-test.yml"
+    path.write_text(json.dumps({"rule_files": [str(ALERTS)], "evaluation_interval": "1m", "tests": tests}), encoding="utf-8")
+    out = _run([promtool, "test", "rules", str(path)])
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+# --- 3. live: a real Prometheus scrapes a running gateway ------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, deadline: float) -> None:
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"{url}: process exited with {proc.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"{url} not up in time:\n{log.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.1)
+
+
+class Prom:
+    def __init__(self, base: str):
+        self.base = base
+
+    def query(self, expr: str) -> dict[str, Any]:
+        r = httpx.get(f"{self.base}/api/v1/query", params={"query": expr}, timeout=5)
+        body = r.json()
+        assert r.status_code == 200 and body["status"] == "success", f"{expr!r}: {r.status_code} {body}"
+        return body["data"]
+
+    def vector(self, expr: str) -> list[tuple[dict[str, str], float]]:
+        data = self.query(expr)
+        if data["resultType"] == "scalar":
+            return [({}, float(data["result"][1]))]
+        assert data["resultType"] == "vector", data
+        return [(s["metric"], float(s["value"][1])) for s in data["result"]]
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], log: Path, deadline: float) -> None:
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"port {port}: process exited with {proc.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"nothing listens on {port}:\n{log.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.1)
+
+
+CREATE_BODY = {"taskType": "gen2", "internal": False, "options": {
+    "name": "x", "gen2Options": {"mode": "gen2", "seed": 1, "interpolate": False, "upscale": False,
+                                 "watermark": False, "motion_score": 22, "use_motion_score": True,
+                                 "use_motion_vectors": False, "text_prompt": "a cat"},
+    "exploreMode": False, "assetGroupName": "Generative Video"}}
+
+
+class Live:
+    """A gateway (SQLite store, one tenant) on the simulator, scraped every second."""
+
+    def __init__(self, prom: Prom, base: str, key: str):
+        self.prom = prom
+        self.client = httpx.Client(base_url=base, timeout=10)
+        self.auth = {"Authorization": f"Bearer {key}"}
+
+    def traffic(self) -> None:
+        """A create, a read of it, a list and a refused request."""
+        r = self.client.post("/runway/tasks", json=CREATE_BODY, headers=self.auth)
+        assert r.status_code == 200, r.text
+        task_id = r.json()["task"]["id"]
+        assert self.client.get(f"/runway/tasks/{task_id}", headers=self.auth).status_code == 200
+        assert self.client.get("/runway/tasks", headers=self.auth).status_code == 200
+        assert self.client.get("/runway/tasks").status_code == 401
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    prometheus = _tool("prometheus")
+    tmp = tmp_path_factory.mktemp("live")
+    procs: list[subprocess.Popen[bytes]] = []
+    deadline = time.monotonic() + 20
+    try:
+        sim_port, gw_port, prom_port = _free_port(), _free_port(), _free_port()
+        key = "sk-gw-" + secrets.token_urlsafe(32)
+        (tmp / "gateway.toml").write_text(textwrap.dedent(f"""\
+            [server]
+            public_url = ""
+            [upstream]
+            base_url = "http://127.0.0.1:{sim_port}"
+            api_keys = ["sk-sim-upstream"]
+            poll_interval_seconds = 1
+            [store]
+            url = "sqlite:///{tmp}/gw.db"
+            [[tenants]]
+            id = "team-a"
+            keys = ["sha256:{hashlib.sha256(key.encode()).hexdigest()}"]
+            [tenants.limits]
+            tasks_per_day = 1000
+            credits_per_day = 100000
+            """), encoding="utf-8")
+        env = {k: v for k, v in os.environ.items() if k not in ("PROMETHEUS_MULTIPROC_DIR", "GATEWAY_CONFIG")}
+
+        def start(name: str, cmd: list[str]) -> tuple[subprocess.Popen[bytes], Path]:
+            log = tmp / f"{name}.log"
+            with log.open("wb") as f:
+                proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=tmp, env=env)
+            procs.append(proc)
+            return proc, log
+
+        sim, sim_log = start("upstream", [sys.executable, "-m", "gateway", "simulate-upstream", "--host", "127.0.0.1",
+                                          "--port", str(sim_port), "--seconds-to-finish", "120"])
+        gw, gw_log = start("gateway", [sys.executable, "-m", "gateway", "serve", "--config", str(tmp / "gateway.toml"),
+                                       "--host", "127.0.0.1", "--port", str(gw_port)])
+        (tmp / "prometheus.yml").write_text(json.dumps({  # JSON is YAML
+            "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+            "scrape_configs": [{"job_name": "runway-gateway", "static_configs": [{"targets": [f"127.0.0.1:{gw_port}"]}]}],
+        }), encoding="utf-8")
+        prom, prom_log = start("prometheus", [prometheus, f"--config.file={tmp / 'prometheus.yml'}",
+                                              f"--storage.tsdb.path={tmp / 'tsdb'}",
+                                              f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=warn"])
+        _wait_port(sim_port, sim, sim_log, deadline)
+        _wait_http(f"http://127.0.0.1:{gw_port}/healthz", gw, gw_log, deadline)
+        _wait_http(f"http://127.0.0.1:{prom_port}/-/ready", prom, prom_log, deadline)
+        p = Prom(f"http://127.0.0.1:{prom_port}")
+        # a scrape before the traffic, so that rates have a baseline
+        while not [v for _, v in p.vector('up{job="runway-gateway"}') if v == 1]:
+            if time.monotonic() > deadline:
+                pytest.fail(f"Prometheus never scraped the gateway:\n{prom_log.read_text(errors='replace')[-2000:]}\n"
+                            f"gateway:\n{gw_log.read_text(errors='replace')[-2000:]}")
+            time.sleep(0.2)
+        live = Live(p, f"http://127.0.0.1:{gw_port}", key)
+        try:
+            yield live
+        finally:
+            live.client.close()
+    finally:
+        for proc in reversed(procs):
+            _stop(proc)
+
+
+LIVE_QUERIES = [
+    # (panel title, target index, predicate on the sample values, what it means)
+    ("Requests/s by tenant", 0, lambda v: v > 0, "request rate"),
+    ("Request latency (all routes)", 1, lambda v: math.isfinite(v) and v > 0, "p95 latency"),
+    ("Upstream calls/s by operation and status", 0, lambda v: v > 0, "upstream calls"),
+    ("Upstream latency by operation", 1, lambda v: math.isfinite(v) and v > 0, "upstream p95"),
+    ("Active tasks by tenant", 0, lambda v: v >= 1, "active tasks (simulator takes 120 s)"),
+    ("Credits charged per hour by tenant", 0, lambda v: v > 0, "credits charged"),
+    ("Tasks created per minute", 0, lambda v: v > 0, "tasks created"),
+    ("Budget used by tenant and limit", 0, lambda v: 0 < v <= 1, "quota usage"),
+    ("Quota rejections/s by tenant and limit", 0, lambda v: v == 0, "zero children per tenant and limit"),
+    ("Store ready", 0, lambda v: v == 1, "gateway_ready"),
+    ("Replicas up", 0, lambda v: v == 1, "up"),
+]
+
+
+def test_prometheus_scrapes_gateway_and_dashboard_queries_return_data(live: Live) -> None:
+    deadline = time.monotonic() + 15
+    pending = list(LIVE_QUERIES)
+    last: dict[str, Any] = {}
+    while pending:
+        # keep traffic flowing, so that every rate() has an increase between two scrapes
+        # even for a label child that first appears with the traffic
+        live.traffic()
+        still = []
+        for title, index, ok, meaning in pending:
+            expr = grafana_to_promql(panel_exprs(title)[index])
+            samples = live.prom.vector(expr)
+            last[meaning] = (expr, samples)
+            if not samples or not any(ok(v) for _, v in samples):
+                still.append((title, index, ok, meaning))
+        pending = still
+        if pending and time.monotonic() > deadline:
+            pytest.fail("dashboard queries without the expected data:\n" + "\n".join(
+                f"- {m}: {last[m][0]} -> {last[m][1]}" for _, _, _, m in pending))
+        if pending:
+            time.sleep(0.5)
+
+
+def test_every_dashboard_and_alert_query_evaluates_on_live_data(live: Live) -> None:
+    """Beyond parsing: no query fails at evaluation (e.g. many-to-many matching) on real series."""
+    for _, expr in dashboard_exprs():
+        live.prom.query(grafana_to_promql(expr))
+    for _, expr in alert_rules():
+        live.prom.query(expr)
+    # the dashboard's tenant variable lists the configured tenant
+    r = httpx.get(f"{live.prom.base}/api/v1/label/tenant/values", params={"match[]": "gateway_requests_total"}, timeout=5)
+    assert "team-a" in r.json()["data"]
