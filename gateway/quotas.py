@@ -44,7 +44,7 @@ def rate_headers(info: RateInfo | None) -> dict[str, str]:
 
 
 def quota_error(admission: Admission, limit_value: int | None) -> GatewayError:
+    """The 429 for a refused admission; the middleware adds the x-ratelimit headers."""
     name = admission.limit or "requests_per_minute"
-    headers = rate_headers(admission.rate)
-    headers["retry-after"] = str(max(1, math.ceil(admission.retry_after - 1e-9)))
+    headers = {"retry-after": str(max(1, math.ceil(admission.retry_after - 1e-9)))}
     return GatewayError(429, admission.code, MESSAGES[name].format(limit=limit_value), "rate_limit_error" if admission.code != "insufficient_quota" else "insufficient_quota", None, headers)
