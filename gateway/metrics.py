@@ -30,6 +30,7 @@ CALLBACK_RESULTS = ("applied", "duplicate", "stale", "adopted", "unknown", "bad_
 WEBHOOK_RESULTS = ("delivered", "failed", "gave_up")
 AUTH_REASONS = ("missing", "malformed", "unknown_key", "unknown_tenant", "jwt_expired", "jwt_audience", "jwt_issuer", "jwt_algorithm", "jwt_invalid", "tenant_disabled")
 UPSTREAM_OPERATIONS = ("create", "status", "artifact")
+UPSTREAM_OUTCOMES = ("200", "error", "timeout", "circuit_open")  # plus any HTTP status seen
 BUDGET_LIMITS = ("max_active_tasks", "tasks_per_day", "credits_per_day", "credits_per_month")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -76,6 +77,8 @@ class Metrics:
             self.auth_failures.labels(reason)
         for op in UPSTREAM_OPERATIONS:
             self.upstream_duration.labels(op)
+            for status in UPSTREAM_OUTCOMES:
+                self.upstream_requests.labels(op, status)
         for status in TASK_STATUSES:
             self.task_duration.labels("gen2", status)
 

@@ -1,0 +1,197 @@
+"""Operations: metrics across workers, health and readiness, store outages (issue 6)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Callable, Iterator
+
+import httpx
+import pytest
+
+from conftest import GatewayProcess, Simulator, TenantSpec, free_port, gen2_body, redis_url_or_skip, wait_until
+
+CONTRACT_SERIES = {
+    "gateway_requests_total": {"tenant", "route", "method", "status"},
+    "gateway_request_duration_seconds": {"route", "method"},
+    "gateway_upstream_requests_total": {"operation", "status"},
+    "gateway_upstream_request_duration_seconds": {"operation"},
+    "gateway_auth_failures_total": {"reason"},
+    "gateway_quota_rejections_total": {"tenant", "limit"},
+    "gateway_tasks_created_total": {"tenant", "task_type"},
+    "gateway_tasks_finished_total": {"tenant", "status"},
+    "gateway_tasks_active": {"tenant"},
+    "gateway_credits_charged_total": {"tenant"},
+    "gateway_callbacks_received_total": {"result"},
+    "gateway_webhook_deliveries_total": {"tenant", "result"},
+    "gateway_webhook_pending": set(),
+    "gateway_task_duration_seconds": {"task_type", "status"},
+    "gateway_credits_refunded_total": {"tenant"},
+    "gateway_callback_lag_seconds": set(),
+    "gateway_build_info": {"version"},
+}
+SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$')
+LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def parse(text: str) -> list[tuple[str, dict[str, str], float]]:
+    samples = []
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = SAMPLE.match(line)
+        assert m, line
+        samples.append((m.group(1), dict(LABEL.findall(m.group(2) or "")), float(m.group(3))))
+    return samples
+
+
+def base_name(name: str) -> str:
+    for suffix in ("_bucket", "_sum", "_count"):
+        if name.endswith(suffix) and name[: -len(suffix)] in CONTRACT_SERIES:
+            return name[: -len(suffix)]
+    return name
+
+
+def test_first_scrape_has_every_series_with_zero_children(tmp_path: Path, sim: Simulator) -> None:
+    g = GatewayProcess(tmp_path, sim.url, [TenantSpec("quiet")], workers=2)
+    g.start()
+    try:
+        samples = parse(httpx.get(g.url + "/metrics").text)
+    finally:
+        g.stop()
+    names = {base_name(n) for n, _, _ in samples}
+    assert set(CONTRACT_SERIES) <= names
+    for name, labels, _ in samples:
+        if base_name(name) in CONTRACT_SERIES:
+            assert set(labels) - {"le"} == CONTRACT_SERIES[base_name(name)], (name, labels)
+    limits = {l["limit"] for n, l, _ in samples if n == "gateway_quota_rejections_total" and l["tenant"] == "quiet"}
+    assert limits == {"requests_per_minute", "tasks_per_minute", "max_active_tasks", "tasks_per_day", "credits_per_day", "credits_per_month"}
+    assert ("gateway_tasks_active", {"tenant": "quiet"}, 0.0) in samples
+
+
+def test_counts_across_two_workers_and_no_sensitive_labels(tmp_path: Path, sim: Simulator) -> None:
+    tenant = TenantSpec("multi", limits={"tasks_per_day": 3})
+    g = GatewayProcess(tmp_path, sim.url, [tenant], workers=2)
+    g.start()
+    prompt = "orchid-metrics-prompt-5521"
+    try:
+        task_ids = []
+        for i in range(4):  # fresh connections so both workers serve some
+            with g.client("multi") as c:
+                r = c.post("/runway/tasks", json=gen2_body(prompt))
+                if r.status_code == 200:
+                    task_ids.append(r.json()["task"]["id"])
+        for task_id in task_ids:
+            for _ in range(5):
+                with g.client("multi") as c:
+                    assert c.get(f"/runway/tasks/{task_id}").status_code == 200
+        for _ in range(2):
+            assert httpx.get(g.url + "/runway/tasks", headers={"Authorization": "Bearer nope"}).status_code == 401
+        wait_until(lambda: metric(g, "gateway_tasks_finished_total", tenant="multi", status="SUCCEEDED") == 3, 15)
+        text = httpx.get(g.url + "/metrics").text
+        samples = parse(text)
+    finally:
+        g.stop()
+    assert len(task_ids) == 3
+
+    def value(name: str, **labels: str) -> float:
+        return sum(v for n, l, v in samples if n == name and all(l.get(k) == val for k, val in labels.items()))
+
+    assert value("gateway_requests_total", tenant="multi", route="/runway/tasks", method="POST", status="200") == 3
+    assert value("gateway_requests_total", tenant="multi", route="/runway/tasks", method="POST", status="429") == 1
+    assert value("gateway_requests_total", tenant="multi", route="/runway/tasks/{id}", method="GET", status="200") == 15
+    assert value("gateway_requests_total", tenant="", route="/runway/tasks", method="GET", status="401") == 2
+    assert value("gateway_request_duration_seconds_count", route="/runway/tasks/{id}", method="GET") == 15
+    assert value("gateway_auth_failures_total", reason="unknown_key") == 2
+    assert value("gateway_quota_rejections_total", tenant="multi", limit="tasks_per_day") == 1
+    assert value("gateway_tasks_created_total", tenant="multi", task_type="gen2") == 3
+    assert value("gateway_credits_charged_total", tenant="multi") == 30
+    assert value("gateway_upstream_requests_total", operation="create", status="200") == 3
+    assert value("gateway_callbacks_received_total", result="applied") == 6
+    assert value("gateway_task_duration_seconds_count", task_type="gen2", status="SUCCEEDED") == 3
+    assert value("gateway_tasks_active", tenant="multi") == 0
+    assert value("gateway_build_info") == 1
+    label_values = {v for _, l, _ in samples for v in l.values()}
+    for secret in [*task_ids, tenant.key, prompt]:
+        assert secret not in text
+    assert not any(v.startswith("/runway/tasks/") and v != "/runway/tasks/{id}" for v in label_values)
+
+
+def metric(g: GatewayProcess, name: str, **labels: str) -> float:
+    return sum(v for n, l, v in parse(httpx.get(g.url + "/metrics").text) if n == name and all(l.get(k) == val for k, val in labels.items()))
+
+
+def test_metrics_bearer_token(tmp_path: Path, sim: Simulator) -> None:
+    g = GatewayProcess(tmp_path, sim.url, [TenantSpec("t")], extra_toml='[metrics]\nbearer_token = "scrape-secret-123"\n')
+    g.start()
+    try:
+        assert httpx.get(g.url + "/metrics").status_code == 401
+        assert httpx.get(g.url + "/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        ok = httpx.get(g.url + "/metrics", headers={"Authorization": "Bearer scrape-secret-123"})
+        assert ok.status_code == 200 and "gateway_build_info" in ok.text
+    finally:
+        g.stop()
+
+
+def test_healthz_and_readyz(gw: GatewayProcess) -> None:
+    assert httpx.get(gw.url + "/healthz").json() == {"status": "ok"}
+    ready = httpx.get(gw.url + "/readyz")
+    assert ready.status_code == 200 and ready.json()["store"] == "ok" and ready.json()["upstream_circuit"] == "closed"
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[tuple[int, Callable[[], None], Callable[[], None]]]:
+    redis_url_or_skip()  # this test needs the redis-server binary the CI installs
+    binary = shutil.which("redis-server")
+    assert binary, "redis-server not installed"
+    port = free_port()
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start() -> None:
+        procs.append(subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL))
+        wait_until(lambda: _redis_up(port), 10, message="redis up")
+
+    def stop() -> None:
+        procs[-1].terminate()
+        procs[-1].wait(10)
+
+    start()
+    yield port, start, stop
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+
+
+def _redis_up(port: int) -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis(port=port, socket_connect_timeout=0.5).ping())
+    except redis.exceptions.RedisError:
+        return False
+
+
+def test_readyz_follows_the_redis_store(tmp_path: Path, sim: Simulator, own_redis) -> None:
+    port, start, stop = own_redis
+    g = GatewayProcess(tmp_path, sim.url, [TenantSpec("t")], store_url=f"redis://127.0.0.1:{port}/0")
+    g.start()
+    try:
+        assert httpx.get(g.url + "/readyz").status_code == 200
+        stop()
+        down = httpx.get(g.url + "/readyz", timeout=10)
+        assert down.status_code == 503 and down.json()["store"] == "unreachable"
+        with g.client("t") as c:
+            r = c.get("/runway/tasks")
+            assert r.status_code == 503
+            assert r.json()["error"]["code"] == "store_unavailable"
+            r = c.post("/runway/tasks", json=gen2_body())
+            assert r.status_code == 503 and r.json()["error"]["code"] == "store_unavailable"
+        assert "gateway_ready 0.0" in httpx.get(g.url + "/metrics", timeout=10).text
+        start()
+        wait_until(lambda: httpx.get(g.url + "/readyz").status_code == 200, 15, message="ready again")
+        with g.client("t") as c:
+            assert c.get("/runway/tasks").status_code == 200
+    finally:
+        g.stop()
