@@ -48,7 +48,6 @@ class TaskService:
         self.signer = signer
         self.metrics = metrics
         self.clock = clock
-        self.webhooks_due = asyncio.Event()  # wakes the webhook dispatcher early
         self._refreshing: dict[str, asyncio.Task[None]] = {}
 
     # create -------------------------------------------------------------------------
@@ -113,8 +112,6 @@ class TaskService:
             self.metrics.task_duration.labels(rec.task_type, rec.status).observe(max(0.0, now - rec.created_at))
         if result.refunded_credits:
             self.metrics.credits_refunded.labels(rec.tenant_id).inc(result.refunded_credits)
-        if result.event_id:
-            self.webhooks_due.set()
         return result
 
     async def callback(self, token: str, payload: Any) -> str:
