@@ -1,0 +1,826 @@
+"""One contract for every store: the same tests run against SQLiteStore and RedisStore.
+
+The gateway relies on the store for exactness (quotas hold, each task settles once), so
+these tests pin the semantics of gateway/store/base.py with an explicit clock, check that
+refusals change nothing, and race concurrent callers in one event loop and across two OS
+processes on one file / one Redis.
+
+Redis: GATEWAY_TEST_REDIS_URL (default redis://127.0.0.1:6379/0). When the variable is set
+an unreachable Redis fails the Redis tests; when unset they are skipped. Each test uses its
+own key prefix and deletes only its own keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import orjson
+import pytest
+
+from gateway.config import Limits
+from gateway.store.base import (
+    Admission,
+    Charge,
+    RateInfo,
+    Store,
+    StoredResponse,
+    TaskRecord,
+    Usage,
+    bucket_info,
+    bucket_retry_after,
+    bucket_take,
+    day_key,
+    month_key,
+    seconds_to_next_day,
+    seconds_to_next_month,
+)
+
+T0 = datetime(2026, 1, 15, 12, 0, 0, tzinfo=timezone.utc).timestamp()
+TENANT = "acme"
+OTHER = "globex"
+PRICE = 10
+HOOK = "https://hooks.acme.example/runway"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+TRICKY = 'ünïcødé "quotes" \\ / \n\t 🎬 \u2028 <script>'  # survives JSON in Python and Lua
+
+
+# --- fixtures ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoreSpec:
+    """How to open one store; also handed to child processes for the cross-process race."""
+
+    kind: str  # "sqlite" | "redis"
+    target: str  # SQLite file path or Redis URL
+    prefix: str = ""
+
+    def make(self) -> Store:
+        if self.kind == "sqlite":
+            from gateway.store.sqlite import SQLiteStore
+
+            return SQLiteStore(self.target)
+        from gateway.store.redis import RedisStore
+
+        return RedisStore(self.target, prefix=self.prefix)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The test Redis, checked once: unreachable fails when configured, else skips."""
+    import redis
+
+    configured = os.environ.get("GATEWAY_TEST_REDIS_URL")
+    url = configured or DEFAULT_REDIS_URL
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+        client.ping()
+        client.close()
+    except redis.RedisError as exc:
+        if configured:
+            pytest.fail(f"GATEWAY_TEST_REDIS_URL={url} is set but Redis does not answer: {exc}")
+        pytest.skip(f"no Redis at {url} (set GATEWAY_TEST_REDIS_URL to require it): {exc}")
+    return url
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store_spec(request: pytest.FixtureRequest, tmp_path: Path) -> StoreSpec:
+    if request.param == "sqlite":
+        return StoreSpec("sqlite", str(tmp_path / "gateway.db"))
+    url = request.getfixturevalue("redis_url")
+    return StoreSpec("redis", url, f"gwtest:{uuid.uuid4().hex[:8]}:")
+
+
+@pytest.fixture
+async def store(store_spec: StoreSpec) -> AsyncIterator[Store]:
+    s = store_spec.make()
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
+        if store_spec.kind == "redis":
+            await _delete_prefix(store_spec.target, store_spec.prefix)
+
+
+async def _delete_prefix(url: str, prefix: str) -> None:
+    """Delete this test's keys only (SCAN MATCH prefix*), never the whole database."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(url)
+    try:
+        keys = [k async for k in client.scan_iter(match=f"{prefix}*", count=500)]
+        for i in range(0, len(keys), 500):
+            await client.delete(*keys[i : i + 500])
+    finally:
+        await client.aclose()
+
+
+# --- helpers ----------------------------------------------------------------------------
+
+
+def new_rid() -> str:
+    return f"req_{uuid.uuid4().hex}"
+
+
+def reservation(rid: str | None = None, *, tenant: str = TENANT, now: float = T0, hook: str = "", credits: int = PRICE) -> TaskRecord:
+    return TaskRecord(
+        rid=rid or new_rid(), tenant_id=tenant, hook=hook, credits=credits, created_at=now, updated_at=now, next_poll_at=now + 5, meta={"model": "gen2"}
+    )
+
+
+def task_obj(task_id: str, status: str, updated: str = "2026-01-15T12:00:00Z", **extra: Any) -> dict[str, Any]:
+    return {"id": task_id, "status": status, "updatedAt": updated, **extra}
+
+
+async def admit(
+    store: Store, limits: Limits, *, now: float = T0, tenant: str = TENANT, credits: int = PRICE, hook: str = "", rid: str | None = None
+) -> tuple[Admission, TaskRecord]:
+    rec = reservation(rid, tenant=tenant, now=now, hook=hook, credits=credits)
+    adm = await store.admit_create(tenant, limits, Charge(credits, day_key(now), month_key(now)), rec, now)
+    return adm, rec
+
+
+async def create(
+    store: Store, *, limits: Limits = Limits(), now: float = T0, tenant: str = TENANT, hook: str = "", credits: int = PRICE, rid: str | None = None
+) -> tuple[TaskRecord, str]:
+    """Admit and record the upstream's PENDING answer, as POST /runway/tasks does."""
+    adm, rec = await admit(store, limits, now=now, tenant=tenant, credits=credits, hook=hook, rid=rid)
+    assert adm.ok, adm
+    task_id = f"task-{uuid.uuid4().hex[:12]}"
+    res = await store.apply_update(rec.rid, tenant, task_obj(task_id, "PENDING"), now, refund_failed=True)
+    assert res.applied and res.record is not None and res.record.task_id == task_id
+    assert res.event_id is None  # SUBMITTING -> PENDING is the create's own answer, no webhook
+    return res.record, task_id
+
+
+async def nonzero_active(store: Store) -> dict[str, int]:
+    return {k: v for k, v in (await store.active_by_tenant()).items() if v}
+
+
+# --- token buckets ----------------------------------------------------------------------
+
+
+async def test_request_bucket_is_exact_with_an_explicit_clock(store: Store) -> None:
+    limits = Limits(requests_per_minute=6)
+    for i in range(6):
+        adm = await store.take_request(TENANT, limits, T0)
+        assert adm.ok and adm.limit is None and adm.retry_after == 0
+        assert adm.rate == RateInfo(6, 5 - i, (6 - (5 - i)) * 10.0)
+    refused = await store.take_request(TENANT, limits, T0)
+    assert not refused.ok and refused.limit == "requests_per_minute" and refused.code == "rate_limit_exceeded"
+    assert refused.retry_after == 10.0
+    assert refused.rate == RateInfo(6, 0, 60.0)
+    # Half a token after 5 s: still refused, and the refusal did not spend the half.
+    half = await store.take_request(TENANT, limits, T0 + 5)
+    assert not half.ok and half.retry_after == bucket_retry_after(0.5, 6) == 5.0
+    assert half.rate == bucket_info(0.5, 6)
+    # One token every 60/N = 10 s.
+    one = await store.take_request(TENANT, limits, T0 + 10)
+    assert one.ok and one.rate == RateInfo(6, 0, 60.0)
+    assert not (await store.take_request(TENANT, limits, T0 + 10)).ok
+    # Full again after a minute; never above capacity.
+    full = await store.take_request(TENANT, limits, T0 + 1000)
+    assert full.ok and full.rate == RateInfo(6, 5, 10.0)
+
+
+async def test_request_bucket_matches_the_reference_model_to_the_bit(store: Store) -> None:
+    """Irregular times and a capacity that does not divide 60: every level the store keeps
+    must be the double `bucket_take` computes, or headers and retry-after drift."""
+    cap, tokens, ts = 7, None, 0.0
+    limits = Limits(requests_per_minute=cap)
+    for k in range(60):
+        now = T0 + k * 0.37 + (k % 3) * 0.011
+        level, ok = bucket_take(tokens, ts, cap, now)
+        adm = await store.take_request(TENANT, limits, now)
+        assert adm.ok == ok and adm.rate == bucket_info(level, cap), k
+        assert adm.retry_after == (0.0 if ok else bucket_retry_after(level, cap)), k
+        if ok:
+            tokens, ts = level, now
+    # The same model through admit_create's tasks_per_minute bucket.
+    tokens, ts = None, 0.0
+    for k in range(60):
+        now = T0 + k * 0.37 + (k % 3) * 0.011
+        level, ok = bucket_take(tokens, ts, cap, now)
+        adm, _ = await admit(store, Limits(tasks_per_minute=cap), tenant=OTHER, now=now)
+        assert adm.ok == ok and adm.rate == bucket_info(level, cap), k
+        assert adm.retry_after == (0.0 if ok else bucket_retry_after(level, cap)), k
+        if ok:
+            tokens, ts = level, now
+
+
+async def test_unlimited_request_needs_no_bucket(store: Store) -> None:
+    adm = await store.take_request(TENANT, Limits(), T0)
+    assert adm.ok and adm.rate is None
+
+
+async def test_create_draws_both_buckets_and_reports_the_tightest(store: Store) -> None:
+    limits = Limits(requests_per_minute=10, tasks_per_minute=3)
+    for i in range(3):
+        adm, _ = await admit(store, limits)
+        assert adm.ok and adm.rate == RateInfo(3, 2 - i, (3 - (2 - i)) * 20.0)
+    refused, rec = await admit(store, limits)
+    assert not refused.ok and refused.limit == "tasks_per_minute" and refused.code == "rate_limit_exceeded"
+    assert refused.retry_after == 20.0 and refused.rate == RateInfo(3, 0, 60.0)
+    assert await store.get_by_rid(rec.rid) is None
+    # The refused create took no request token: 10 - 3 taken, one more now.
+    assert (await store.take_request(TENANT, limits, T0)).rate == RateInfo(10, 6, 24.0)
+    # Refused on requests_per_minute: that bucket is the one reported.
+    tight = Limits(requests_per_minute=1, tasks_per_minute=5)
+    assert (await admit(store, tight, tenant=OTHER))[0].ok
+    refused, _ = await admit(store, tight, tenant=OTHER)
+    assert refused.limit == "requests_per_minute" and refused.retry_after == 60.0 and refused.rate == RateInfo(1, 0, 60.0)
+
+
+# --- all-or-nothing admission -----------------------------------------------------------
+
+GENEROUS = dict(requests_per_minute=100, tasks_per_minute=50, max_active_tasks=40, tasks_per_day=30, credits_per_day=1000, credits_per_month=2000)
+TIGHT = dict(requests_per_minute=3, tasks_per_minute=3, max_active_tasks=3, tasks_per_day=3, credits_per_day=35, credits_per_month=35)
+
+
+async def _history(store: Store, tenant: str, limits: Limits, n: int) -> None:
+    for _ in range(n):
+        adm, _ = await admit(store, limits, tenant=tenant)
+        assert adm.ok, adm
+
+
+async def _probe(store: Store, tenant: str, limits: Limits, relaxed: Limits) -> tuple[Any, ...]:
+    """Everything a refusal could have disturbed, observed through the interface."""
+    before = await store.usage(tenant, T0 + 30)
+    req = await store.take_request(tenant, limits, T0 + 30)
+    adm, _ = await admit(store, relaxed, tenant=tenant, now=T0 + 30)
+    return before, req, adm, await store.usage(tenant, T0 + 30)
+
+
+@pytest.mark.parametrize("limit", list(TIGHT))
+async def test_a_refused_create_changes_no_counter(store: Store, limit: str) -> None:
+    limits = Limits(**{**GENEROUS, limit: TIGHT[limit]})
+    relaxed = Limits(**{**GENEROUS, limit: None})
+    # Tenant "a" is refused once; twin "b" has the same history without the refusal.
+    for tenant in ("a", "b"):
+        await _history(store, tenant, limits, 3)
+    usage_before = await store.usage("a", T0)
+    refused, rec = await admit(store, limits, tenant="a")
+    assert not refused.ok and refused.limit == limit, refused
+    assert await store.usage("a", T0) == usage_before
+    assert await store.get_by_rid(rec.rid) is None
+    assert await _probe(store, "a", limits, relaxed) == await _probe(store, "b", limits, relaxed)
+
+
+async def test_refusal_codes_and_retry_after(store: Store) -> None:
+    await _history(store, TENANT, Limits(), 1)
+    cases = {
+        "max_active_tasks": ("concurrency_limit_exceeded", 1.0),
+        "tasks_per_day": ("insufficient_quota", seconds_to_next_day(T0)),
+        "credits_per_day": ("insufficient_quota", seconds_to_next_day(T0)),
+        "credits_per_month": ("insufficient_quota", seconds_to_next_month(T0)),
+    }
+    for limit, (code, retry) in cases.items():
+        value = 1 if limit in ("max_active_tasks", "tasks_per_day") else 15
+        adm, _ = await admit(store, Limits(**{limit: value}))
+        assert (adm.ok, adm.limit, adm.code, adm.retry_after) == (False, limit, code, retry)
+
+
+# --- active tasks -----------------------------------------------------------------------
+
+
+async def test_a_terminal_update_frees_the_active_slot(store: Store) -> None:
+    limits = Limits(max_active_tasks=2)
+    first, task_id = await create(store, limits=limits)
+    await create(store, limits=limits)
+    refused, _ = await admit(store, limits)
+    assert refused.limit == "max_active_tasks"
+    assert await nonzero_active(store) == {TENANT: 2}
+    res = await store.apply_update(first.rid, TENANT, task_obj(task_id, "SUCCEEDED"), T0 + 1, refund_failed=True)
+    assert res.finished and res.record is not None and not res.record.active and res.record.settled
+    assert (await store.usage(TENANT, T0 + 1)).active == 1
+    assert (await admit(store, limits, now=T0 + 1))[0].ok
+
+
+async def test_expired_tasks_free_their_slot_and_keep_the_charge(store: Store) -> None:
+    limits = Limits(max_active_tasks=2)
+    old, _ = await create(store, limits=limits)
+    submitting = (await admit(store, limits))[1]
+    assert not (await admit(store, limits, now=T0 + 10))[0].ok
+    assert await store.expire_tasks(T0 + 3599, 3600) == []
+    expired = await store.expire_tasks(T0 + 3600, 3600)  # created at or before now - timeout
+    assert sorted(r.rid for r in expired) == sorted([old.rid, submitting.rid])
+    assert all(r.timed_out and not r.active and not r.settled for r in expired)
+    assert await store.expire_tasks(T0 + 3600, 3600) == []
+    usage = await store.usage(TENANT, T0 + 3600)
+    assert usage == Usage(active=0, tasks_today=2, credits_today=2 * PRICE, credits_this_month=2 * PRICE)
+    assert await nonzero_active(store) == {}
+    assert (await admit(store, limits, now=T0 + 3600))[0].ok
+    # A later terminal update still applies, does not free the slot twice, and refunds.
+    res = await store.apply_update(old.rid, TENANT, task_obj(old.task_id or "", "FAILED"), T0 + 3700, refund_failed=True)
+    assert res.applied and res.finished and res.refunded_credits == PRICE
+    assert (await store.usage(TENANT, T0 + 3700)).active == 1
+
+
+# --- periods ----------------------------------------------------------------------------
+
+
+async def test_day_and_month_budgets_roll_over_at_utc_midnight(store: Store) -> None:
+    eve = datetime(2026, 1, 31, 23, 59, 59, tzinfo=timezone.utc).timestamp()
+    limits = Limits(tasks_per_day=1, credits_per_day=PRICE, credits_per_month=PRICE)
+    adm, late = await admit(store, limits, now=eve)
+    assert adm.ok and late.charge_day == "2026-01-31" and late.charge_month == "2026-01"
+    refused, _ = await admit(store, limits, now=eve)
+    assert refused.limit == "tasks_per_day" and refused.retry_after == 1.0
+    refused, _ = await admit(store, Limits(credits_per_month=PRICE), now=eve)
+    assert refused.limit == "credits_per_month" and refused.retry_after == 1.0
+    after = eve + 2
+    assert await store.usage(TENANT, after) == Usage(active=1)
+    adm, fresh = await admit(store, limits, now=after)
+    assert adm.ok and fresh.charge_day == "2026-02-01" and fresh.charge_month == "2026-02"
+    assert await store.usage(TENANT, after) == Usage(active=2, tasks_today=1, credits_today=PRICE, credits_this_month=PRICE)
+    # Settling yesterday's reservation gives back its slot, not today's budget.
+    assert await store.settle_not_created(late.rid, after)
+    assert await store.usage(TENANT, after) == Usage(active=1, tasks_today=1, credits_today=PRICE, credits_this_month=PRICE)
+
+
+# --- settlement ---------------------------------------------------------------------------
+
+
+async def test_settle_not_created_refunds_in_full_exactly_once(store: Store) -> None:
+    limits = Limits(max_active_tasks=1, tasks_per_day=1, credits_per_day=PRICE, credits_per_month=PRICE)
+    adm, rec = await admit(store, limits)
+    assert adm.ok
+    assert await store.usage(TENANT, T0) == Usage(1, 1, PRICE, PRICE)
+    assert await store.settle_not_created(rec.rid, T0 + 1)
+    assert await store.usage(TENANT, T0 + 1) == Usage()
+    assert await store.get_by_rid(rec.rid) is None
+    assert not await store.settle_not_created(rec.rid, T0 + 1)
+    assert await store.usage(TENANT, T0 + 1) == Usage()
+    assert (await admit(store, limits, now=T0 + 1))[0].ok
+
+
+async def test_mark_unknown_keeps_the_charge_until_settled(store: Store) -> None:
+    adm, rec = await admit(store, Limits())
+    await store.mark_unknown(rec.rid, T0 + 30)
+    got = await store.get_by_rid(rec.rid)
+    assert got is not None and got.status == "UNKNOWN" and got.active and not got.settled
+    assert await store.usage(TENANT, T0 + 30) == Usage(1, 1, PRICE, PRICE)
+    # Concurrent settlements of one reservation: one wins.
+    results = await asyncio.gather(*(store.settle_not_created(rec.rid, T0 + 31) for _ in range(10)))
+    assert sum(results) == 1
+    assert await store.usage(TENANT, T0 + 31) == Usage()
+
+
+async def test_only_unanswered_reservations_settle_as_not_created(store: Store) -> None:
+    rec, _ = await create(store)
+    await store.mark_unknown(rec.rid, T0 + 1)  # no effect after PENDING
+    assert (await store.get_by_rid(rec.rid)).status == "PENDING"  # type: ignore[union-attr]
+    assert not await store.settle_not_created(rec.rid, T0 + 1)
+    assert await store.usage(TENANT, T0 + 1) == Usage(1, 1, PRICE, PRICE)
+    assert not await store.settle_not_created("req_unknown", T0)
+
+
+# --- the task compare-and-set ---------------------------------------------------------------
+
+
+async def test_stale_out_of_order_and_duplicate_updates_are_no_ops(store: Store) -> None:
+    rec, tid = await create(store, hook=HOOK)
+    running = task_obj(tid, "RUNNING", "2026-01-15T12:00:10Z", progress=0.2)
+    res = await store.apply_update(rec.rid, TENANT, running, T0 + 10, refund_failed=True)
+    assert (res.applied, res.status_changed, res.previous_status, res.finished) == (True, True, "PENDING", False)
+    assert res.event_id is not None and res.record is not None and res.record.task == running
+    # An earlier state after a later one: no-op.
+    res = await store.apply_update(rec.rid, TENANT, task_obj(tid, "PENDING", "2026-01-15T12:00:05Z"), T0 + 11, refund_failed=True)
+    assert not res.applied and res.event_id is None and res.record is not None and res.record.status == "RUNNING"
+    # Progress within a status: replaced, no event.
+    progress = task_obj(tid, "RUNNING", "2026-01-15T12:00:20Z", progress=0.6)
+    res = await store.apply_update(rec.rid, TENANT, progress, T0 + 20, refund_failed=True)
+    assert res.applied and not res.status_changed and res.event_id is None and res.record.task == progress  # type: ignore[union-attr]
+    # Older progress arriving late: no-op.
+    res = await store.apply_update(rec.rid, TENANT, running, T0 + 21, refund_failed=True)
+    assert not res.applied and res.record.task == progress  # type: ignore[union-attr]
+    # No status at all: no-op.
+    assert not (await store.apply_update(rec.rid, TENANT, {"id": tid}, T0 + 22, refund_failed=True)).applied
+    done = task_obj(tid, "SUCCEEDED", "2026-01-15T12:01:00Z", output=["https://cdn.example/v.mp4"])
+    res = await store.apply_update(rec.rid, TENANT, done, T0 + 60, refund_failed=True)
+    assert res.applied and res.finished and res.status_changed and res.refunded_credits == 0 and res.event_id
+    # Terminal is never overwritten: not by an earlier state, another terminal, or itself.
+    for late in (running, task_obj(tid, "FAILED", "2026-01-15T12:02:00Z"), done):
+        res = await store.apply_update(rec.rid, TENANT, late, T0 + 70, refund_failed=True)
+        assert (res.applied, res.finished, res.refunded_credits, res.event_id) == (False, False, 0, None)
+        assert res.previous_status == "SUCCEEDED" and res.record.task == done  # type: ignore[union-attr]
+    assert await store.webhook_pending() == 2
+    assert (await store.get_by_rid(rec.rid)).task == done  # type: ignore[union-attr]
+
+
+async def test_unknown_rid_without_adoption_is_ignored(store: Store) -> None:
+    res = await store.apply_update("req_nope", TENANT, task_obj("t-x", "RUNNING"), T0, refund_failed=True)
+    assert res.record is None and not res.applied and not res.adopted
+    assert await store.get_by_task_id(TENANT, "t-x") is None
+
+
+async def test_concurrent_failed_updates_refund_and_notify_exactly_once(store: Store) -> None:
+    rec, tid = await create(store, hook=HOOK)
+    failed = task_obj(tid, "FAILED", "2026-01-15T12:05:00Z", failure="boom")
+    results = await asyncio.gather(
+        *(store.apply_update(rec.rid, TENANT, failed, T0 + 300, refund_failed=True) for _ in range(20))
+    )
+    assert sum(r.refunded_credits for r in results) == PRICE
+    assert sum(r.finished for r in results) == 1 and sum(r.applied for r in results) == 1
+    assert len([r.event_id for r in results if r.event_id]) == 1
+    assert await store.webhook_pending() == 1
+    assert await store.usage(TENANT, T0 + 300) == Usage(active=0, tasks_today=1, credits_today=0, credits_this_month=0)
+    # Applied twice more, later: still refunded once.
+    again = await store.apply_update(rec.rid, TENANT, failed, T0 + 301, refund_failed=True)
+    assert again.refunded_credits == 0 and await store.usage(TENANT, T0 + 301) == Usage(0, 1, 0, 0)
+
+
+@pytest.mark.parametrize("status,refund,expected", [("FAILED", False, 0), ("CANCELLED", True, PRICE), ("SUCCEEDED", True, 0)])
+async def test_refund_depends_on_status_and_setting(store: Store, status: str, refund: bool, expected: int) -> None:
+    rec, tid = await create(store)
+    res = await store.apply_update(rec.rid, TENANT, task_obj(tid, status), T0 + 5, refund_failed=refund)
+    assert res.finished and res.refunded_credits == expected
+    assert (await store.usage(TENANT, T0 + 5)).credits_today == PRICE - expected
+
+
+async def test_adoption_of_an_unknown_rid_charges_once(store: Store) -> None:
+    rid = new_rid()
+    adopt = TaskRecord(rid=rid, tenant_id=TENANT, credits=PRICE, hook=HOOK, created_at=T0, updated_at=T0, next_poll_at=T0 + 5)
+    running = task_obj("t-adopted", "RUNNING")
+    results = await asyncio.gather(
+        *(store.apply_update(rid, TENANT, running, T0, refund_failed=True, adopt=adopt) for _ in range(5))
+    )
+    assert sum(r.adopted for r in results) == 1 and sum(r.status_changed for r in results) == 1
+    assert await store.usage(TENANT, T0) == Usage(1, 1, PRICE, PRICE)
+    got = await store.get_by_task_id(TENANT, "t-adopted")
+    assert got is not None and got.rid == rid and got.status == "RUNNING" and got.active
+    assert len([r for r in results if r.event_id]) == 1  # SUBMITTING -> RUNNING is news for the tenant
+    done = await store.apply_update(rid, TENANT, task_obj("t-adopted", "SUCCEEDED"), T0 + 9, refund_failed=True, adopt=adopt)
+    assert done.finished and not done.adopted
+    assert await store.usage(TENANT, T0 + 9) == Usage(0, 1, PRICE, PRICE)
+
+
+async def test_adoption_with_a_terminal_update(store: Store) -> None:
+    rid = new_rid()
+    adopt = TaskRecord(rid=rid, tenant_id=TENANT, credits=PRICE, created_at=T0, updated_at=T0)
+    res = await store.apply_update(rid, TENANT, task_obj("t-late", "FAILED"), T0, refund_failed=True, adopt=adopt)
+    assert res.adopted and res.finished and res.refunded_credits == PRICE
+    assert await store.usage(TENANT, T0) == Usage(0, 1, 0, 0)
+    assert await nonzero_active(store) == {}
+
+
+# --- webhook outbox -----------------------------------------------------------------------
+
+
+async def test_webhook_events_of_one_task_go_in_order_under_a_lease(store: Store) -> None:
+    rec, tid = await create(store, hook=HOOK)
+    running = task_obj(tid, "RUNNING", "2026-01-15T12:00:10Z")
+    done = task_obj(tid, "SUCCEEDED", "2026-01-15T12:00:20Z")
+    e1 = (await store.apply_update(rec.rid, TENANT, running, T0 + 10, refund_failed=True)).event_id
+    e2 = (await store.apply_update(rec.rid, TENANT, done, T0 + 20, refund_failed=True)).event_id
+    assert e1 and e2 and e1 != e2 and await store.webhook_pending() == 2
+    now = T0 + 30
+    claimed = await store.claim_webhooks(now, 10, lease=20)
+    assert [e.event_id for e in claimed] == [e1]  # the 2nd waits for the 1st
+    ev = claimed[0]
+    assert (ev.rid, ev.tenant_id, ev.url, ev.attempts) == (rec.rid, TENANT, HOOK, 0)
+    assert orjson.loads(ev.body) == {"task": running} and ev.body == orjson.dumps({"task": running})
+    assert await store.claim_webhooks(now + 19, 10, lease=20) == []  # leased
+    again = await store.claim_webhooks(now + 20, 10, lease=20)  # lease over: re-claimed
+    assert [e.event_id for e in again] == [e1]
+    await store.finish_webhook(e1, delivered=False, attempts=1, next_at=now + 100)
+    assert await store.claim_webhooks(now + 99, 10, lease=20) == []  # backoff, and e2 still waits
+    retried = await store.claim_webhooks(now + 100, 10, lease=20)
+    assert [(e.event_id, e.attempts) for e in retried] == [(e1, 1)]
+    await store.finish_webhook(e1, delivered=True, attempts=2, next_at=None)
+    assert await store.webhook_pending() == 1
+    second = await store.claim_webhooks(now + 100, 10, lease=20)
+    assert [e.event_id for e in second] == [e2] and second[0].seq > ev.seq
+    assert orjson.loads(second[0].body) == {"task": done}
+    await store.finish_webhook(e2, delivered=False, attempts=20, next_at=None)  # gave up: dead
+    assert await store.webhook_pending() == 0
+    assert await store.claim_webhooks(now + 10_000, 10, lease=20) == []
+
+
+async def test_webhooks_of_different_tasks_do_not_wait_for_each_other(store: Store) -> None:
+    a, tid_a = await create(store, hook=HOOK)
+    b, tid_b = await create(store, hook=HOOK)
+    plain, tid_c = await create(store)  # no hook: no events
+    for rec, tid in ((a, tid_a), (b, tid_b), (plain, tid_c)):
+        await store.apply_update(rec.rid, TENANT, task_obj(tid, "RUNNING"), T0 + 1, refund_failed=True)
+        await store.apply_update(rec.rid, TENANT, task_obj(tid, "SUCCEEDED"), T0 + 2, refund_failed=True)
+    assert await store.webhook_pending() == 4
+    first = await store.claim_webhooks(T0 + 3, 1, lease=20)
+    assert len(first) == 1  # limit
+    rest = await store.claim_webhooks(T0 + 3, 10, lease=20)
+    assert {e.rid for e in first + rest} == {a.rid, b.rid} and len(rest) == 1
+    # Concurrent claimers never share an event.
+    for e in first + rest:
+        await store.finish_webhook(e.event_id, delivered=True, attempts=1, next_at=None)
+    batches = await asyncio.gather(*(store.claim_webhooks(T0 + 4, 10, lease=20) for _ in range(10)))
+    ids = [e.event_id for batch in batches for e in batch]
+    assert len(ids) == len(set(ids)) == 2
+    assert await store.webhook_pending() == 2
+
+
+# --- idempotency --------------------------------------------------------------------------
+
+
+async def test_idempotency_states(store: Store) -> None:
+    key, fp = "create-1", "fp-a"
+    assert (await store.idem_begin(TENANT, key, fp, T0, lease=30)).state == "new"
+    assert (await store.idem_begin(TENANT, key, fp, T0 + 1, lease=30)).state == "pending"
+    assert (await store.idem_begin(TENANT, key, "fp-b", T0 + 1, lease=30)).state == "conflict"
+    assert (await store.idem_begin(OTHER, key, "fp-b", T0 + 1, lease=30)).state == "new"  # per tenant
+    response = StoredResponse(200, {"content-type": "application/json", "x-request-id": "r1"}, b'{"task":{"id":"t1"}}')
+    await store.idem_finish(TENANT, key, response, T0 + 2, ttl=86400)
+    replay = await store.idem_begin(TENANT, key, fp, T0 + 3, lease=30)
+    assert replay.state == "replay" and replay.response == response
+    assert (await store.idem_begin(TENANT, key, "fp-b", T0 + 3, lease=30)).state == "conflict"
+    # Kept for the ttl by the caller's clock, then free.
+    assert (await store.idem_begin(TENANT, key, fp, T0 + 2 + 86399, lease=30)).state == "replay"
+    assert (await store.idem_begin(TENANT, key, "fp-b", T0 + 2 + 86400, lease=30)).state == "new"
+
+
+async def test_idempotency_key_freed_by_none_or_an_expired_lease(store: Store) -> None:
+    assert (await store.idem_begin(TENANT, "k", "fp", T0, lease=30)).state == "new"
+    await store.idem_finish(TENANT, "k", None, T0 + 1, ttl=86400)  # 429/5xx
+    assert (await store.idem_begin(TENANT, "k", "fp-2", T0 + 1, lease=30)).state == "new"
+    # A holder that never finishes loses the key when its lease ends.
+    assert (await store.idem_begin(TENANT, "k", "fp-3", T0 + 30, lease=30)).state == "conflict"
+    assert (await store.idem_begin(TENANT, "k", "fp-3", T0 + 31, lease=30)).state == "new"
+    # Only one of many simultaneous first requests owns the key.
+    states = await asyncio.gather(*(store.idem_begin(TENANT, "race", "fp", T0, lease=30) for _ in range(20)))
+    assert sorted(s.state for s in states) == ["new"] + ["pending"] * 19
+
+
+# --- polling ------------------------------------------------------------------------------
+
+
+async def test_claim_poll_has_one_winner_per_interval(store: Store) -> None:
+    rec, tid = await create(store)  # next_poll_at = T0 + 5
+    assert not await store.claim_poll(rec.rid, T0 + 4, 5)
+    wins = await asyncio.gather(*(store.claim_poll(rec.rid, T0 + 5, 5) for _ in range(20)))
+    assert sum(wins) == 1
+    assert not await store.claim_poll(rec.rid, T0 + 9.9, 5)
+    assert await store.claim_poll(rec.rid, T0 + 10, 5)
+    await store.apply_update(rec.rid, TENANT, task_obj(tid, "SUCCEEDED"), T0 + 11, refund_failed=True)
+    assert not await store.claim_poll(rec.rid, T0 + 100, 5)  # nothing left to poll
+    assert not await store.claim_poll("req_missing", T0, 5)
+
+
+async def test_claim_due_polls(store: Store) -> None:
+    due1, _ = await create(store, now=T0)  # next_poll_at T0 + 5
+    due2, _ = await create(store, now=T0 + 1)  # T0 + 6
+    later, _ = await create(store, now=T0 + 100)  # T0 + 105
+    await admit(store, Limits(), now=T0)  # no upstream id: never polled
+    done, done_tid = await create(store, now=T0)
+    await store.apply_update(done.rid, TENANT, task_obj(done_tid, "SUCCEEDED"), T0 + 1, refund_failed=True)
+    first = await store.claim_due_polls(T0 + 10, 5, 1, 3600, 86400)
+    assert [r.rid for r in first] == [due1.rid] and first[0].next_poll_at == T0 + 15  # earliest due first
+    rest = await store.claim_due_polls(T0 + 10, 5, 10, 3600, 86400)
+    assert [r.rid for r in rest] == [due2.rid]
+    assert await store.claim_due_polls(T0 + 10, 5, 10, 3600, 86400) == []
+    assert (await store.get_by_rid(due2.rid)).next_poll_at == T0 + 15  # type: ignore[union-attr]
+    # Timed-out tasks: hourly, and not after give_up_after from creation.
+    await store.expire_tasks(T0 + 3601, 3600)  # due1, due2 (and the SUBMITTING one) time out
+    claimed = {r.rid: r for r in await store.claim_due_polls(T0 + 3601, 5, 10, 3600, 86400)}
+    assert set(claimed) == {due1.rid, due2.rid, later.rid}
+    assert claimed[due1.rid].timed_out and claimed[due1.rid].next_poll_at == T0 + 3601 + 3600
+    assert claimed[due2.rid].timed_out and claimed[due2.rid].next_poll_at == T0 + 3601 + 3600
+    assert not claimed[later.rid].timed_out and claimed[later.rid].next_poll_at == T0 + 3601 + 5
+    assert {r.rid for r in await store.claim_due_polls(T0 + 3700, 5, 10, 3600, 86400)} == {later.rid}
+    assert await store.claim_due_polls(T0 + 86400 + 200, 5, 10, 3600, 86400) == []
+
+
+async def test_concurrent_due_poll_claims_never_share_a_task(store: Store) -> None:
+    rids = {(await create(store, now=T0 + i))[0].rid for i in range(12)}
+    batches = await asyncio.gather(*(store.claim_due_polls(T0 + 60, 5, 3, 3600, 86400) for _ in range(8)))
+    claimed = [r.rid for batch in batches for r in batch]
+    assert len(claimed) == len(set(claimed)) == 12 and set(claimed) == rids
+
+
+# --- reads --------------------------------------------------------------------------------
+
+
+async def test_list_tasks_order_pagination_filter_and_hidden(store: Store) -> None:
+    made: list[tuple[TaskRecord, str]] = []
+    for i in range(5):
+        made.append(await create(store, now=T0 + i))
+    # Two tasks created in the same instant: ordered by rid.
+    made.append(await create(store, now=T0 + 10, rid="req_tie_a"))
+    made.append(await create(store, now=T0 + 10, rid="req_tie_b"))
+    await admit(store, Limits(), now=T0 + 20)  # no upstream id yet: not listed
+    await create(store, now=T0 + 3, tenant=OTHER)
+    hidden_rec, hidden_tid = made[2]
+    assert await store.hide_task(TENANT, hidden_tid)
+    await store.apply_update(made[1][0].rid, TENANT, task_obj(made[1][1], "RUNNING"), T0 + 30, refund_failed=True)
+    visible = [tid for rec, tid in made if tid != hidden_tid]
+    newest_first = [visible[5], visible[4], *reversed(visible[:4])]
+
+    page, more = await store.list_tasks(TENANT, limit=2)
+    assert [r.task_id for r in page] == newest_first[:2] and more
+    page2, more2 = await store.list_tasks(TENANT, limit=2, after=page[-1].task_id)
+    assert [r.task_id for r in page2] == newest_first[2:4] and more2
+    page3, more3 = await store.list_tasks(TENANT, limit=2, after=page2[-1].task_id)
+    assert [r.task_id for r in page3] == newest_first[4:] and not more3
+    everything, more = await store.list_tasks(TENANT, limit=100)
+    assert [r.task_id for r in everything] == newest_first and not more
+    asc, _ = await store.list_tasks(TENANT, limit=100, order="asc")
+    assert [r.task_id for r in asc] == list(reversed(newest_first))
+    asc2, _ = await store.list_tasks(TENANT, limit=2, order="asc", after=asc[1].task_id)
+    assert [r.task_id for r in asc2] == [r.task_id for r in asc[2:4]]
+    running, more = await store.list_tasks(TENANT, limit=10, status="RUNNING")
+    assert [r.task_id for r in running] == [made[1][1]] and not more
+    # A hidden task still works as a cursor; an unknown or foreign one yields nothing.
+    after_hidden, _ = await store.list_tasks(TENANT, limit=10, after=hidden_tid)
+    assert [r.task_id for r in after_hidden] == [made[1][1], made[0][1]]
+    assert await store.list_tasks(TENANT, limit=10, after="task-nope") == ([], False)
+    other_tid = (await store.list_tasks(OTHER, limit=10))[0][0].task_id
+    assert await store.list_tasks(TENANT, limit=10, after=other_tid) == ([], False)
+
+
+async def test_get_by_task_id_is_per_tenant_and_hides_deleted(store: Store) -> None:
+    rec, tid = await create(store)
+    got = await store.get_by_task_id(TENANT, tid)
+    assert got is not None and got.rid == rec.rid and got.tenant_id == TENANT
+    assert await store.get_by_task_id(OTHER, tid) is None
+    assert not await store.hide_task(OTHER, tid)
+    assert await store.hide_task(TENANT, tid)
+    assert not await store.hide_task(TENANT, tid)
+    assert await store.get_by_task_id(TENANT, tid) is None
+    byrid = await store.get_by_rid(rec.rid)
+    assert byrid is not None and byrid.deleted
+
+
+async def test_record_round_trip_and_meta_merge(store: Store) -> None:
+    rec = TaskRecord(
+        rid=new_rid(), tenant_id=TENANT, key_index=2, hook=HOOK, task_type="gen2", credits=15,
+        created_at=T0 + 0.123456789, updated_at=T0 + 0.5, next_poll_at=T0 + 5.25,
+        meta={"size": "1280x768", "nested": {"a": [1, 2.5, None, "x"]}, "big": 2**53 + 1, "prompt": TRICKY},
+    )  # fmt: skip
+    adm = await store.admit_create(TENANT, Limits(), Charge(15, day_key(T0), month_key(T0)), rec, T0)
+    assert adm.ok
+    got = await store.get_by_rid(rec.rid)
+    assert got == rec  # every field survives, floats exactly
+    await store.set_meta(rec.rid, {"size": "768x1280", "prompt_chars": 42})
+    got = await store.get_by_rid(rec.rid)
+    assert got is not None and got.meta == {**rec.meta, "size": "768x1280", "prompt_chars": 42}
+    await store.set_meta("req_missing", {"x": 1})
+    assert await store.get_by_rid("req_missing") is None
+    task = task_obj("t-tricky", "PENDING", promptText=TRICKY, ratio=0.1 + 0.2, seed=4294967295)
+    res = await store.apply_update(rec.rid, TENANT, task, T0 + 1, refund_failed=True)
+    assert res.record is not None and res.record.task == task
+    assert (await store.get_by_task_id(TENANT, "t-tricky")).task == task  # type: ignore[union-attr]
+
+
+async def test_secret_first_writer_wins(store: Store) -> None:
+    results = await asyncio.gather(*(store.secret("hook-signing", f"candidate-{i}") for i in range(10)))
+    assert len(set(results)) == 1 and results[0].startswith("candidate-")
+    assert await store.secret("hook-signing", "late") == results[0]
+    assert await store.secret("other", "mine") == "mine"
+
+
+async def test_gauges_active_by_tenant_and_webhook_pending(store: Store) -> None:
+    assert await nonzero_active(store) == {} and await store.webhook_pending() == 0
+    a, tid = await create(store, hook=HOOK)
+    await create(store)
+    await create(store, tenant=OTHER)
+    assert await nonzero_active(store) == {TENANT: 2, OTHER: 1}
+    await store.apply_update(a.rid, TENANT, task_obj(tid, "CANCELLED"), T0 + 1, refund_failed=True)
+    assert await nonzero_active(store) == {TENANT: 1, OTHER: 1}
+    assert await store.webhook_pending() == 1
+    await store.ping()
+
+
+# --- races --------------------------------------------------------------------------------
+
+RACE_LIMITS = {
+    "max_active_tasks": Limits(max_active_tasks=7),
+    "tasks_per_day": Limits(tasks_per_day=7),
+    "credits_per_day": Limits(credits_per_day=70),
+}
+
+
+@pytest.mark.parametrize("limit", list(RACE_LIMITS))
+async def test_concurrent_creates_admit_exactly_the_limit(store: Store, limit: str) -> None:
+    limits = RACE_LIMITS[limit]
+    results = await asyncio.gather(*(admit(store, limits) for _ in range(50)))
+    admitted = [adm for adm, _ in results if adm.ok]
+    assert len(admitted) == 7
+    assert {adm.limit for adm, _ in results if not adm.ok} == {limit}
+    assert await store.usage(TENANT, T0) == Usage(7, 7, 70, 70)
+
+
+async def _race_child(spec: dict[str, str], limits: dict[str, int], n: int, start_at: float) -> int:
+    """One process's half of the cross-process race: n creates at once, from start_at."""
+    store = StoreSpec(**spec).make()
+    await store.open()
+    try:
+        await asyncio.sleep(max(0.0, start_at - time.time() - 0.05))
+        while time.time() < start_at:  # spin the last moment: both processes fire together
+            pass
+        results = await asyncio.gather(*(_jittered_admit(store, Limits(**limits), i) for i in range(n)))
+        return sum(results)
+    finally:
+        await store.close()
+
+
+async def _jittered_admit(store: Store, limits: Limits, i: int) -> bool:
+    """Spread a process's creates over ~20 ms so the two processes interleave (a SQLite
+    writer would otherwise finish its whole burst while the other waits on the lock)."""
+    await asyncio.sleep((i % 10) * 0.002)
+    return (await admit(store, limits))[0].ok
+
+
+def race_child_main(argv: list[str]) -> None:
+    spec, limits, n, start_at = json.loads(argv[0])
+    print(json.dumps(asyncio.run(_race_child(spec, limits, n, start_at))))
+
+
+CHILD_CODE = "import sys; sys.path.insert(0, sys.argv[1]); import test_store_contract as t; t.race_child_main(sys.argv[2:])"
+
+
+@pytest.mark.parametrize("limit", list(RACE_LIMITS))
+async def test_creates_from_two_processes_admit_exactly_the_limit(store: Store, store_spec: StoreSpec, limit: str) -> None:
+    limits = RACE_LIMITS[limit]
+    payload = json.dumps(
+        [
+            {"kind": store_spec.kind, "target": store_spec.target, "prefix": store_spec.prefix},
+            {k: v for k, v in vars(limits).items() if v is not None},
+            25,
+            time.time() + 2.0,  # both children open their store first, then fire together
+        ]
+    )
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable, "-c", CHILD_CODE, str(Path(__file__).parent), payload,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        for _ in range(2)
+    ]
+    outputs = await asyncio.wait_for(asyncio.gather(*(p.communicate() for p in procs)), timeout=120)
+    for proc, (out, err) in zip(procs, outputs):
+        assert proc.returncode == 0, err.decode()
+    counts = [int(out) for out, _ in outputs]
+    assert sum(counts) == 7, counts
+    assert await store.usage(TENANT, T0) == Usage(7, 7, 70, 70)
+
+
+# --- Redis only ---------------------------------------------------------------------------
+
+
+async def test_redis_store_fails_fast_when_redis_is_down() -> None:
+    from gateway.store.redis import RedisStore
+
+    dead = RedisStore("redis://127.0.0.1:1/0", prefix="gwtest:dead:")
+    started = time.monotonic()
+    with pytest.raises(Exception):
+        await dead.ping()
+    assert time.monotonic() - started < 3.0
+    await dead.close()
+
+
+async def test_redis_store_expires_finished_tasks_and_prunes_listings(redis_url: str) -> None:
+    from gateway.store.redis import RedisStore
+
+    prefix = f"gwtest:{uuid.uuid4().hex[:8]}:"
+    store = RedisStore(redis_url, prefix=prefix, terminal_ttl=0.2)
+    await store.open()
+    try:
+        rec, tid = await create(store)
+        live, live_tid = await create(store, now=T0 + 1)
+        await store.apply_update(rec.rid, TENANT, task_obj(tid, "SUCCEEDED"), T0 + 2, refund_failed=True)
+        assert len((await store.list_tasks(TENANT, limit=10))[0]) == 2
+        await asyncio.sleep(0.4)  # Redis TTLs run on Redis's clock, not the caller's
+        assert await store.get_by_rid(rec.rid) is None and await store.get_by_task_id(TENANT, tid) is None
+        assert [r.task_id for r in (await store.list_tasks(TENANT, limit=10))[0]] == [live_tid]
+        assert (await store.get_by_rid(live.rid)) is not None
+    finally:
+        await store.close()
+        await _delete_prefix(redis_url, prefix)
+
+
+async def test_redis_store_takes_its_prefix_from_the_url(redis_url: str) -> None:
+    from gateway.store.redis import RedisStore
+
+    prefix = f"gwtest:{uuid.uuid4().hex[:8]}:"
+    sep = "&" if "?" in redis_url else "?"
+    store = RedisStore(f"{redis_url}{sep}prefix={prefix}")
+    await store.open()
+    try:
+        assert store.prefix == prefix
+        assert await store.secret("s", "v") == "v"
+        import redis.asyncio as aioredis
+
+        raw = aioredis.Redis.from_url(redis_url)
+        assert await raw.get(f"{prefix}secret:s") == b"v"
+        await raw.aclose()
+    finally:
+        await store.close()
+        await _delete_prefix(redis_url, prefix)
