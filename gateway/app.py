@@ -15,7 +15,6 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable
-from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -49,12 +48,7 @@ def open_store(url: str) -> Store:
         return SQLiteStore(url.removeprefix("sqlite:///"))
     from gateway.store.redis import RedisStore
 
-    # `?prefix=...` namespaces the keys, so several gateways (or tests) can share a Redis.
-    parts = urlsplit(url)
-    query = parse_qs(parts.query)
-    prefix = query.pop("prefix", ["gw:"])[0]
-    rest = urlunsplit(parts._replace(query=urlencode(query, doseq=True)))
-    return RedisStore(rest, prefix=prefix)
+    return RedisStore(url)  # `?prefix=...` in the URL namespaces the keys
 
 
 @dataclass

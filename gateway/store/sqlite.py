@@ -181,7 +181,7 @@ class SQLiteStore(Store):
             if not ok:
                 return Admission(False, "requests_per_minute", bucket_retry_after(level, cap), bucket_info(level, cap))
             self.db.execute(
-                "UPDATE quota SET rpm_tokens = ?, rpm_ts = ? WHERE tenant = ?", (level, now, tenant_id)
+                "UPDATE quota SET rpm_tokens = ?, rpm_ts = ? WHERE tenant = ?", (level, max(q.rpm_ts, now), tenant_id)
             )
         return Admission(True, rate=bucket_info(level, cap))
 
@@ -228,6 +228,8 @@ class SQLiteStore(Store):
         with _transaction(self.db):
             rec = self._get(rid)
             adopted = False
+            if rec is not None and rec.tenant_id != tenant_id:
+                return UpdateResult(None)  # a token of one tenant never touches another's task
             if rec is None:
                 if adopt is None:
                     return UpdateResult(None)
@@ -409,9 +411,10 @@ class SQLiteStore(Store):
             row["day"], row["day_tasks"], row["day_credits"], row["month"], row["month_credits"],
         )
         today, this_month = day_key(now), month_key(now)
-        if q.day != today:
+        # Periods only move forward: a replica whose clock lags must not wipe today's counts.
+        if q.day < today:
             q.day, q.day_tasks, q.day_credits = today, 0, 0
-        if q.month != this_month:
+        if q.month < this_month:
             q.month, q.month_credits = this_month, 0
         return q
 
@@ -488,9 +491,9 @@ def _check_create(q: _Quota, limits: Limits, credits: int, now: float) -> tuple[
         if not ok:
             refusal = refusal or Admission(False, name, bucket_retry_after(level, cap))
         elif name == "requests_per_minute":
-            q.rpm_tokens, q.rpm_ts = level, now
+            q.rpm_tokens, q.rpm_ts = level, max(ts, now)
         else:
-            q.tpm_tokens, q.tpm_ts = level, now
+            q.tpm_tokens, q.tpm_ts = level, max(ts, now)
     if refusal is None:
         refusal = _check_budgets(q, limits, credits, now)
     # A refused create takes no token: report the buckets as they were.
