@@ -33,6 +33,7 @@ from gateway.store.base import Store
 from gateway.tasks import TaskService
 from gateway.tokens import TokenSigner
 from gateway.upstream import Upstream
+from gateway.uploads import Uploads
 from gateway.webhooks import WebhookDispatcher
 
 logger = logging.getLogger("gateway")
@@ -63,6 +64,7 @@ class Gateway:
     clock: Callable[[], float] = time.time
     signer: TokenSigner = field(init=False)
     tasks: TaskService = field(init=False)
+    uploads: Uploads = field(init=False)
     hook_policies: dict[str, HookPolicy] = field(init=False)
     tenant_limits: dict[str, dict[str, int | None]] = field(init=False)
 
@@ -76,6 +78,7 @@ class Gateway:
         self.signer = TokenSigner(secret)
         await self.upstream.start()
         self.tasks = TaskService(self.config, self.store, self.upstream, self.signer, self.metrics, self.clock)
+        self.uploads = Uploads(self.store, self.config.server.upload_ttl_seconds, self.clock)
 
     async def stop(self) -> None:
         await self.upstream.close()

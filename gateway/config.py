@@ -51,7 +51,6 @@ class ServerConfig:
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     signing_secret: str = ""
     log_level: str = "info"
-    upload_dir: str = ""  # kept uploads (POST /v1/videos); "" = "uploads" beside the SQLite file, else data/uploads
     upload_ttl_seconds: float = 3600.0  # how long an upload's signed /assets URL works
 
 
@@ -242,7 +241,7 @@ class _Validator:
         for k in data:
             if k not in known:
                 self.fail(k, "unknown key")
-        server = self.server(self.table(data, "server", "", {"public_url", "max_body_bytes", "trusted_proxies", "signing_secret", "log_level", "upload_dir", "upload_ttl_seconds"}))
+        server = self.server(self.table(data, "server", "", {"public_url", "max_body_bytes", "trusted_proxies", "signing_secret", "log_level", "upload_ttl_seconds"}))
         upstream = self.upstream(self.table(data, "upstream", "", {"base_url", "api_keys", "timeout_seconds", "status_path", "poll_interval_seconds", "task_timeout_seconds"}))
         store_t = self.table(data, "store", "", {"url"})
         store = StoreConfig(url=self.get(store_t, "url", "store", StoreConfig.url, _store_url))
@@ -270,7 +269,6 @@ class _Validator:
             trusted_proxies=tuple(proxies),
             signing_secret=self.get(t, "signing_secret", "server", "", _secret_or_empty),
             log_level=self.get(t, "log_level", "server", "info", _one_of({"debug", "info", "warning", "error"})),
-            upload_dir=self.get(t, "upload_dir", "server", "", _string),
             upload_ttl_seconds=float(self.get(t, "upload_ttl_seconds", "server", 3600.0, _positive_number)),
         )
 

@@ -1,38 +1,34 @@
 """Images uploaded with `POST /v1/videos`: checked, kept, and served back by a signed URL.
 
 The relay takes an image only as an https URL that it fetches itself. So the gateway keeps
-an uploaded file (one file under `[server] upload_dir`) and gives the upstream
-`{public_url}/assets/{token}`, where `token` is a signed, expiring token naming the file
-(`TokenSigner.asset_token`, valid `upload_ttl_seconds`). Files are swept a while after
-their last link expired. All workers of one host share the directory; replicas on several
-hosts need it on a shared volume (docs/openai.md).
+an uploaded file in its store (SQLite or Redis, so any replica can serve it) and gives the
+upstream `{public_url}/assets/{token}`, where `token` is a signed, expiring token naming
+the file (`TokenSigner.asset_token`, valid `upload_ttl_seconds`). The store forgets the
+bytes a little after the link expired.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import hashlib
 import math
-import os
 import re
 import secrets
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 from gateway.config import Config
 from gateway.errors import GatewayError, bad_request
+from gateway.store.base import Store
 from gateway.tokens import TokenSigner
 
 ALLOWED_TYPES = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp"}
 TYPE_BY_EXT = {ext: ctype for ctype, ext in ALLOWED_TYPES.items()}
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024  # and never more than the body limit, max_body_bytes
 ASSET_ID_RE = re.compile(r"^[0-9a-f]{32}\.(jpg|png|webp)$")
-SWEEP_EVERY_SECONDS = 60.0
-SWEEP_GRACE_SECONDS = 300.0  # a file outlives its last link by this much
+KEEP_GRACE_SECONDS = 300.0  # bytes outlive their link by this much
 PARAM = "input_reference"
 _DATA_URL_RE = re.compile(r"^data:([a-z0-9.+/-]+)?(;[^,]*)?,", re.IGNORECASE)
 
@@ -111,17 +107,15 @@ def require_upload_url(config: Config) -> str:
 
 
 class Uploads:
-    """Kept uploads under one directory; file name = asset id (random hex + extension)."""
+    """Kept uploads, in the store (so every replica can serve the upstream's fetch).
 
-    def __init__(self, directory: Path, ttl_seconds: float, clock: Callable[[], float] = time.time):
-        self.directory = directory
+    A file is kept a grace period beyond its link's expiry: the token decides when a link
+    stops working, the store's expiry only when the bytes are forgotten."""
+
+    def __init__(self, store: Store, ttl_seconds: float, clock: Callable[[], float] = time.time):
+        self.store = store
         self.ttl_seconds = ttl_seconds
         self.clock = clock
-        self._next_sweep = 0.0
-
-    @classmethod
-    def from_config(cls, config: Config, clock: Callable[[], float] = time.time) -> "Uploads":
-        return cls(upload_dir(config), config.server.upload_ttl_seconds, clock)
 
     def new_asset_id(self, content_type: str) -> str:
         return f"{secrets.token_hex(16)}.{ALLOWED_TYPES[content_type]}"
@@ -130,54 +124,15 @@ class Uploads:
         expires_at = math.ceil(self.clock() + self.ttl_seconds)
         return f"{base_url}/assets/{signer.asset_token(asset_id, expires_at)}"
 
-    async def save(self, asset_id: str, data: bytes) -> None:
-        await asyncio.to_thread(self._write, asset_id, data)
+    async def save(self, asset_id: str, image: Image) -> None:
         now = self.clock()
-        if now >= self._next_sweep:
-            self._next_sweep = now + SWEEP_EVERY_SECONDS
-            await asyncio.to_thread(self.sweep, now)
+        await self.store.put_asset(asset_id, image.content_type, image.data, now + self.ttl_seconds + KEEP_GRACE_SECONDS, now)
 
-    def _write(self, asset_id: str, data: bytes) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        tmp = self.directory / f".{asset_id}.tmp"
-        tmp.write_bytes(data)
-        os.replace(tmp, self.directory / asset_id)
-
-    def find(self, asset_id: str) -> tuple[Path, str] | None:
-        """The kept file and its content type; None for an unknown or malformed id."""
+    async def find(self, asset_id: str) -> tuple[str, bytes] | None:
+        """(content type, bytes) of a kept upload; None for an unknown or malformed id."""
         if not ASSET_ID_RE.match(asset_id):
             return None
-        path = self.directory / asset_id
-        if not path.is_file():
-            return None
-        return path, TYPE_BY_EXT[asset_id.rsplit(".", 1)[1]]
-
-    def sweep(self, now: float) -> int:
-        """Delete files whose every link has expired (and stray temporaries)."""
-        cutoff = now - self.ttl_seconds - SWEEP_GRACE_SECONDS
-        removed = 0
-        try:
-            entries = list(os.scandir(self.directory))
-        except FileNotFoundError:
-            return 0
-        for entry in entries:
-            try:
-                if entry.is_file() and entry.stat().st_mtime < cutoff:
-                    os.unlink(entry.path)
-                    removed += 1
-            except OSError:
-                continue
-        return removed
-
-
-def upload_dir(config: Config) -> Path:
-    """`[server] upload_dir`; else `uploads` beside the SQLite file; else data/uploads."""
-    if config.server.upload_dir:
-        return Path(config.server.upload_dir)
-    url = config.store.url
-    if url.startswith("sqlite:///"):
-        return Path(url.removeprefix("sqlite:///")).parent / "uploads"
-    return Path("data/uploads")
+        return await self.store.get_asset(asset_id, self.clock())
 
 
 def asset_not_found() -> GatewayError:

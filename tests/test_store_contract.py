@@ -824,3 +824,12 @@ async def test_redis_store_takes_its_prefix_from_the_url(redis_url: str) -> None
     finally:
         await store.close()
         await _delete_prefix(redis_url, prefix)
+
+
+async def test_assets_are_kept_until_they_expire(store: Store) -> None:
+    data = bytes(range(256)) * 40  # binary, with NULs
+    await store.put_asset("a" * 32 + ".png", "image/png", data, expires_at=T0 + 10, now=T0)
+    assert await store.get_asset("a" * 32 + ".png", T0 + 5) == ("image/png", data)
+    assert await store.get_asset("b" * 32 + ".png", T0 + 5) is None
+    if type(store).__name__ == "SQLiteStore":  # Redis expires by its own clock; SQLite by the caller's
+        assert await store.get_asset("a" * 32 + ".png", T0 + 11) is None

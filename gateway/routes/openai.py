@@ -14,7 +14,7 @@ import aiohttp
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import FileResponse, Response, StreamingResponse
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
@@ -25,7 +25,7 @@ from gateway.routes.common import admit_request, authenticate, gateway, json_res
 from gateway.store.base import TaskRecord
 from gateway.tasks import Created
 from gateway.upstream import UpstreamFailure
-from gateway.uploads import MAX_UPLOAD_BYTES, Image, Uploads, asset_not_found, check_image, decode_data_url, is_data_url, require_upload_url
+from gateway.uploads import MAX_UPLOAD_BYTES, Image, asset_not_found, check_image, decode_data_url, is_data_url, require_upload_url
 
 MAX_FORM_FIELDS = 64
 POLL_AFTER_MS_WITH_CALLBACKS = 1000
@@ -67,7 +67,7 @@ async def create_video(request: Request) -> Response:
     uploads, asset_id, signed_url = None, "", None
     if image is not None:
         base_url = require_upload_url(gw.config)
-        uploads = _uploads(request)
+        uploads = gw.uploads
         asset_id = uploads.new_asset_id(image.content_type)
         signed_url = uploads.url(base_url, gw.signer, asset_id)
     req, meta = videos.to_gen2(params, principal.tenant.policy, image_url=signed_url)
@@ -75,7 +75,7 @@ async def create_video(request: Request) -> Response:
     async def create() -> Response:
         # the upload is kept only for a valid, non-replayed create
         if uploads is not None and image is not None:
-            await uploads.save(asset_id, image.data)
+            await uploads.save(asset_id, image)
         created = await gw.tasks.create(principal, req, request.scope["state"], meta)
         return json_response(videos.video_object(_created_record(created)))
 
@@ -201,11 +201,11 @@ async def get_asset(request: Request) -> Response:
     """An uploaded image, for the upstream: no tenant key, the signed token is the credential."""
     gw = gateway(request)
     asset_id = gw.signer.read_asset_token(request.path_params["token"])
-    found = _uploads(request).find(asset_id) if asset_id else None
+    found = await gw.uploads.find(asset_id) if asset_id else None
     if found is None:
         raise asset_not_found()
-    path, content_type = found
-    return FileResponse(path, media_type=content_type, headers=ASSET_HEADERS)
+    content_type, data = found
+    return Response(data, media_type=content_type, headers=ASSET_HEADERS)
 
 
 # --- helpers -------------------------------------------------------------------------
@@ -282,16 +282,6 @@ async def _own_record(request: Request) -> TaskRecord:
         raise not_found("No video with that id.")
     request.scope["state"]["task_id"] = record.task_id
     return record
-
-
-def _uploads(request: Request) -> Uploads:
-    """One `Uploads` per app, made on first use from the gateway's config."""
-    state = request.app.state
-    uploads = getattr(state, "uploads", None)
-    if uploads is None:
-        gw = gateway(request)
-        uploads = state.uploads = Uploads.from_config(gw.config, gw.clock)
-    return uploads
 
 
 def _poll_after_ms(config: Any) -> int:

@@ -296,6 +296,15 @@ class Store(abc.ABC):
         """delivered: done. Otherwise record `attempts`; retry at `next_at`, or give up
         (dead, no longer pending) when next_at is None."""
 
+    # uploaded assets ----------------------------------------------------------------
+    @abc.abstractmethod
+    async def put_asset(self, asset_id: str, content_type: str, data: bytes, expires_at: float, now: float) -> None:
+        """Keep an uploaded file until `expires_at`, readable by every replica."""
+
+    @abc.abstractmethod
+    async def get_asset(self, asset_id: str, now: float) -> tuple[str, bytes] | None:
+        """(content type, bytes) of a kept file; None when unknown or expired."""
+
     # idempotency --------------------------------------------------------------------
     @abc.abstractmethod
     async def idem_begin(self, tenant_id: str, key: str, fingerprint: str, now: float, lease: float) -> IdempotencyResult:

@@ -821,6 +821,18 @@ class RedisStore(Store):
     async def ping(self) -> None:
         await self._r.ping()
 
+    async def put_asset(self, asset_id: str, content_type: str, data: bytes, expires_at: float, now: float) -> None:
+        """One key per upload, expiring by itself: content type, a NUL, then the bytes."""
+        ttl_ms = max(1, int((expires_at - now) * 1000))
+        await self._r.set(self._k("asset", asset_id), content_type.encode() + b"\0" + data, px=ttl_ms)
+
+    async def get_asset(self, asset_id: str, now: float) -> tuple[str, bytes] | None:
+        value = await self._r.get(self._k("asset", asset_id))
+        if value is None:
+            return None
+        content_type, _, data = bytes(value).partition(b"\0")
+        return content_type.decode(), data
+
     async def secret(self, name: str, candidate: str) -> str:
         return _s(await self._secret(keys=[self._k("secret", name)], args=[candidate]))
 

@@ -104,6 +104,12 @@ CREATE TABLE IF NOT EXISTS idempotency (
     PRIMARY KEY (tenant, key)
 );
 CREATE TABLE IF NOT EXISTS secrets (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS assets (
+    asset_id TEXT PRIMARY KEY,
+    content_type TEXT NOT NULL,
+    data BLOB NOT NULL,
+    expires_at REAL NOT NULL
+);
 """
 
 TERMINAL_SQL = "('SUCCEEDED', 'FAILED', 'CANCELLED')"
@@ -155,6 +161,7 @@ class SQLiteStore(Store):
     async def maintain(self, now: float) -> None:
         with _transaction(self.db):
             self.db.execute("DELETE FROM idempotency WHERE expires_at <= ?", (now,))
+            self.db.execute("DELETE FROM assets WHERE expires_at <= ?", (now,))
             self.db.execute("DELETE FROM webhooks WHERE state = 'dead' AND next_at <= ?", (now - DEAD_EVENT_RETENTION,))
         await asyncio.to_thread(_checkpoint, self.path)
 
@@ -369,6 +376,20 @@ class SQLiteStore(Store):
                 self.db.execute("UPDATE webhooks SET state = 'dead', attempts = ? WHERE event_id = ?", (attempts, event_id))
             else:
                 self.db.execute("UPDATE webhooks SET attempts = ?, next_at = ? WHERE event_id = ?", (attempts, next_at, event_id))
+
+    # uploaded assets ----------------------------------------------------------------
+    async def put_asset(self, asset_id: str, content_type: str, data: bytes, expires_at: float, now: float) -> None:
+        with _transaction(self.db):
+            self.db.execute(
+                "INSERT OR REPLACE INTO assets (asset_id, content_type, data, expires_at) VALUES (?, ?, ?, ?)",
+                (asset_id, content_type, data, expires_at),
+            )
+
+    async def get_asset(self, asset_id: str, now: float) -> tuple[str, bytes] | None:
+        row = self.db.execute(
+            "SELECT content_type, data FROM assets WHERE asset_id = ? AND expires_at > ?", (asset_id, now)
+        ).fetchone()
+        return (row["content_type"], bytes(row["data"])) if row else None
 
     # idempotency --------------------------------------------------------------------
     async def idem_begin(self, tenant_id: str, key: str, fingerprint: str, now: float, lease: float) -> IdempotencyResult:
