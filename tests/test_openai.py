@@ -382,3 +382,15 @@ def test_big_artifact_streams_with_bounded_memory(own_sim: Simulator, start_gate
         assert growth_mib < 40, f"gateway RSS grew {growth_mib:.1f} MiB while streaming {size >> 20} MiB"
     finally:
         own_sim.reset()
+
+
+def test_a_kept_400_replays_for_the_same_idempotency_key(gw: GatewayProcess, sim: Simulator) -> None:
+    before = sim.requests()["creates_total"]
+    key = {"Idempotency-Key": "bad-video-" + secrets.token_hex(6)}
+    with gw.client("team-a") as c:
+        first = c.post("/v1/videos", json={"prompt": "x", "seconds": "12"}, headers=key)
+        again = c.post("/v1/videos", json={"seconds": "12", "prompt": "x"}, headers=key)
+    assert first.status_code == again.status_code == 400
+    assert first.json() == again.json() and first.json()["error"]["param"] == "seconds"
+    assert again.headers["idempotent-replayed"] == "true" and "idempotent-replayed" not in first.headers
+    assert sim.requests()["creates_total"] == before

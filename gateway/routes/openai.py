@@ -58,24 +58,21 @@ async def create_video(request: Request) -> Response:
     principal = authenticate(request)
     max_upload = min(gw.config.server.max_body_bytes, MAX_UPLOAD_BYTES)
     raw, image = await _read_create_body(request, max_upload)
-    params = videos.check_create_params(raw)
-    image_url = params.get("image_url")
-    if image is not None and image_url is not None:
-        raise bad_request("invalid_value", "Give `input_reference` as an uploaded file or as `image_url`, not both.", "input_reference")
-    if image is None and image_url is not None and is_data_url(image_url):
-        image = decode_data_url(image_url, max_upload)
-    uploads, asset_id, signed_url = None, "", None
-    if image is not None:
-        base_url = require_upload_url(gw.config)
-        uploads = gw.uploads
-        asset_id = uploads.new_asset_id(image.content_type)
-        signed_url = uploads.url(base_url, gw.signer, asset_id)
-    req, meta = videos.to_gen2(params, principal.tenant.policy, image_url=signed_url)
 
     async def create() -> Response:
-        # the upload is kept only for a valid, non-replayed create
-        if uploads is not None and image is not None:
-            await uploads.save(asset_id, image)
+        """Validate, keep an upload, create: inside the idempotent run, so a kept 400 replays."""
+        params = videos.check_create_params(raw)
+        upload = image
+        image_url = params.get("image_url")
+        if upload is None and image_url is not None and is_data_url(image_url):
+            upload = decode_data_url(image_url, max_upload)
+        asset_id, signed_url = "", None
+        if upload is not None:
+            asset_id = gw.uploads.new_asset_id(upload.content_type)
+            signed_url = gw.uploads.url(require_upload_url(gw.config), gw.signer, asset_id)
+        req, meta = videos.to_gen2(params, principal.tenant.policy, image_url=signed_url)
+        if upload is not None:
+            await gw.uploads.save(asset_id, upload)
         created = await gw.tasks.create(principal, req, request.scope["state"], meta)
         return json_response(videos.video_object(_created_record(created)))
 
@@ -83,7 +80,7 @@ async def create_video(request: Request) -> Response:
     if key is None:
         return await create()
     return await run_idempotent(
-        gw.store, principal.tenant.id, key, fingerprint("/v1/videos", _fingerprint_params(params, image)), gw.config.upstream.timeout_seconds,
+        gw.store, principal.tenant.id, key, fingerprint("/v1/videos", _fingerprint(raw, image)), gw.config.upstream.timeout_seconds,
         lambda: admit_request(request, principal), create, gw.clock,
     )
 
@@ -255,14 +252,12 @@ def _put_form_field(raw: dict[str, Any], name: str, value: str) -> None:
     nested[key] = value
 
 
-def _fingerprint_params(params: dict[str, Any], image: Image | None) -> dict[str, Any]:
-    """What makes two creates the same request: the parsed fields, and an upload's hash."""
-    fp = {k: v for k, v in params.items() if k != "image_url"}
-    if image is not None:
-        fp["input_reference"] = {"sha256": image.sha256, "content_type": image.content_type}
-    elif "image_url" in params:
-        fp["input_reference"] = {"image_url": params["image_url"]}
-    return fp
+def _fingerprint(raw: Any, image: Image | None) -> Any:
+    """What makes two creates the same request: the parsed fields, and an upload's hash
+    (a retried multipart upload has a fresh boundary, so never the raw bytes)."""
+    if image is None:
+        return raw
+    return {"fields": raw, "input_reference": {"sha256": image.sha256, "content_type": image.content_type}}
 
 
 def _created_record(created: Created) -> TaskRecord:
