@@ -73,11 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _check(path: str) -> int:
-    try:
-        load_config(path)
-    except ConfigError as err:
-        for problem in err.problems:
-            print(problem, file=sys.stderr)
+    if _config_problems(path):
         return 2
     print(f"{path}: ok")
     return 0
@@ -87,7 +83,7 @@ def _serve(config_path: str | None, host: str, port: int, workers: int) -> int:
     if not config_path:
         print("serve: give --config PATH or set GATEWAY_CONFIG", file=sys.stderr)
         return 2
-    if _check_quiet(config_path):
+    if _config_problems(config_path):
         return 2
     config_path = str(Path(config_path).resolve())
     os.environ["GATEWAY_CONFIG"] = config_path
@@ -106,7 +102,8 @@ def _serve(config_path: str | None, host: str, port: int, workers: int) -> int:
     return 0
 
 
-def _check_quiet(path: str) -> bool:
+def _config_problems(path: str) -> bool:
+    """Print every problem of a config file, one per line on stderr; True if there were any."""
     try:
         load_config(path)
     except ConfigError as err:
