@@ -272,3 +272,16 @@ def test_idempotency_key_freed_after_5xx(own_sim: Simulator, start_gateway) -> N
         bad = c.post("/runway/tasks", json={"taskType": "gen9"}, headers={"Idempotency-Key": "k2"})
         replay = c.post("/runway/tasks", json={"taskType": "gen9"}, headers={"Idempotency-Key": "k2"})
         assert bad.status_code == replay.status_code == 400 and replay.headers["idempotent-replayed"] == "true"
+
+
+@pytest.mark.parametrize("status_status", [404, 429, 503])
+def test_failing_status_polls_lose_no_task(own_sim: Simulator, start_gateway, status_status: int) -> None:
+    g = start_gateway(own_sim.url, [TenantSpec("t", limits={"max_active_tasks": 5})], callbacks=False)
+    task_id = create(g, "t").json()["task"]["id"]
+    own_sim.control(status_status=status_status)
+    wait_until(lambda: own_sim.requests()["status_calls_by_id"].get(task_id, 0) >= 2, 10, message="failed polls")
+    assert status_of(g, "t", task_id) == "PENDING"  # unchanged, still known, still active
+    assert g.usage("t")["active"] == 1
+    own_sim.control(status_status=0)
+    wait_until(lambda: status_of(g, "t", task_id) == "SUCCEEDED", 15)
+    assert g.usage("t")["active"] == 0
