@@ -182,6 +182,7 @@ def test_readyz_follows_the_redis_store(tmp_path: Path, sim: Simulator, own_redi
         stop()
         down = httpx.get(g.url + "/readyz", timeout=10)
         assert down.status_code == 503 and down.json()["store"] == "unreachable"
+        assert down.json()["error"]["code"] == "store_unavailable"
         with g.client("t") as c:
             r = c.get("/runway/tasks")
             assert r.status_code == 503

@@ -26,7 +26,9 @@ async def readyz(request: Request) -> Response:
     try:
         await asyncio.wait_for(gw.store.ping(), READY_TIMEOUT)
     except Exception:
-        return json_response({"status": "unavailable", "store": "unreachable", "upstream_circuit": circuit}, status=503)
+        # OpenAI-shaped like every error, plus the probe's own fields
+        error = {"message": "The store does not answer.", "type": "api_error", "param": None, "code": "store_unavailable"}
+        return json_response({"error": error, "status": "unavailable", "store": "unreachable", "upstream_circuit": circuit}, status=503)
     return json_response({"status": "ok", "store": "ok", "upstream_circuit": circuit})
 
 
