@@ -88,7 +88,8 @@ def _serve(config_path: str | None, host: str, port: int, workers: int) -> int:
     config_path = str(Path(config_path).resolve())
     os.environ["GATEWAY_CONFIG"] = config_path
     # A fresh multiprocess directory per start: stale files would resurrect old counts.
-    metrics_dir = tempfile.mkdtemp(prefix="runway-gateway-metrics-")
+    _remove_dead_metrics_dirs()
+    metrics_dir = tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     import uvicorn
 
@@ -100,6 +101,28 @@ def _serve(config_path: str | None, host: str, port: int, workers: int) -> int:
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
+
+
+METRICS_DIR_PREFIX = "runway-gateway-metrics-"
+
+
+def _remove_dead_metrics_dirs() -> None:
+    """uvicorn ends a signalled process by re-raising the signal, so `serve` cannot always
+    clean up after itself: remove the directories of starts whose process is gone."""
+    for entry in Path(tempfile.gettempdir()).glob(METRICS_DIR_PREFIX + "*"):
+        pid = entry.name.removeprefix(METRICS_DIR_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _config_problems(path: str) -> bool:
