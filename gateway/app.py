@@ -39,7 +39,7 @@ from gateway.webhooks import WebhookDispatcher
 logger = logging.getLogger("gateway")
 POLL_EVERY = 1.0
 EXPIRE_EVERY = 5.0
-MAINTAIN_EVERY = 30.0
+MAINTAIN_EVERY = 5.0  # keeps the SQLite WAL short (docs/benchmarks.md, Soak)
 
 
 def open_store(url: str) -> Store:

@@ -613,7 +613,11 @@ def _checkpoint(path: str) -> None:
         return
     db = sqlite3.connect(path, timeout=10.0)
     try:
+        # PASSIVE copies what it can without waiting; under steady writes it never reaches
+        # the last frame, so the WAL (and its mmapped index, counted in RSS) would grow
+        # forever. TRUNCATE then resets it; the copy already done keeps its pause short.
         db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     finally:
         db.close()
 
