@@ -1,0 +1,711 @@
+"""One command for the gateway's benchmarks (issue 7, docs/benchmarks.md).
+
+    python -m bench  |  python bench/run.py [--duration S] [--connections C] [--quick]
+                                            [--only upstream,floors,sqlite,redis] [--profile]
+    python bench/run.py --soak 300 [--store sqlite|redis] [--soak-callbacks]
+
+Starts the upstream simulator in a fast mode (tasks take a day to finish, so no lifecycle
+step and no callback happens during a run), then, one at a time, each target:
+
+  upstream alone     wrk straight at the simulator's POST /runway/tasks
+  floors             bench/floor_aiohttp.py, bench/floor_httpx.py (httpx's own transport and
+                     the httpx-aiohttp transport): Starlette proxies with no checks at all
+  gateway, SQLite    `runway-gateway serve`, 1 worker: creates through the full pipeline
+                     (auth, admission on every limit, rewrite, callback token, upstream call,
+                     record, metrics, access log) and status polls of one existing task
+  gateway, Redis     the same on redis://127.0.0.1:6379/14 (that db is flushed, no other)
+  1 connection       the upstream alone and both gateways, for the latency they add
+
+and prints a markdown table and the issue's ratios. Per target: req/s; p50 and p99 as the
+load generator reports them (wrk 4 adds its coordinated-omission correction to the
+percentiles, so its p99 counts stalls as an open-loop client would feel them); CPU per
+request of the server, of the simulator behind it and of the load generator (utime + stime
+from /proc/<pid>/stat, and getrusage for the generator); how busy the machine was, and the
+cores used by anything else meanwhile ("other load": other jobs on a shared machine make
+a run noisy; rerun when it is not ~0). Load comes from wrk when it is on PATH
+(bench/wrk_*.lua), else from bench/loadgen.py (slower; see its docstring). Each server
+runs with this interpreter and environment, so `PYTHONPATH=<dir with httptools, uvloop>`
+benchmarks uvicorn's faster HTTP stack; the header says which one ran.
+
+The soak (`--soak SECONDS`) drives a gateway with a mixed load (1 create in 4, the rest
+polls) and samples its RSS (/proc/<pid>/status) after a warm-up. The simulator drops its
+callbacks unless `--soak-callbacks`: its callback client (httpx) costs it a few ms of CPU
+per callback, which would make the simulator, not the gateway, the bottleneck.
+
+The gateway's tenant has every limit set, generously: admission does all its work and never
+refuses. Callbacks are on (`public_url` set, as in production: each create signs a callback
+token); the background poller never calls the upstream during a run (poll interval 1 h).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import http.client
+import importlib.util
+import json
+import os
+import platform
+import resource
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+RESULTS = BENCH / "results"
+PY = sys.executable
+UPSTREAM_KEY = "sk-sim-bench-upstream"
+DEFAULT_REDIS = "redis://127.0.0.1:6379/14"
+CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+FAST_SECONDS_TO_FINISH = 86400  # no lifecycle step, no callback during a run
+SOAK_SECONDS_TO_FINISH = 2  # soak: tasks finish in the simulator (callbacks only with --soak-callbacks)
+BODY = (
+    '{"taskType":"gen2","internal":false,"options":{"name":"bench","gen2Options":{"mode":"gen2","seed":1,'
+    '"interpolate":false,"upscale":false,"watermark":false,"motion_score":22,"use_motion_score":true,'
+    '"use_motion_vectors":false,"text_prompt":"The wind blows hair up."},"exploreMode":false,'
+    '"assetGroupName":"Generative Video"}}'
+)
+GROUPS = ("upstream", "floors", "sqlite", "redis")
+
+
+# --- processes and /proc ----------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stat(pid: int) -> tuple[int, int] | None:
+    """(ppid, utime + stime in ticks) of one process, None when it is gone."""
+    try:
+        data = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    rest = data[data.rfind(")") + 2 :].split()
+    return int(rest[1]), int(rest[11]) + int(rest[12])
+
+
+def tree(pid: int) -> list[int]:
+    """`pid` and all its descendants (uvicorn --workers N forks them)."""
+    children: dict[int, list[int]] = defaultdict(list)
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            st = _stat(int(entry))
+            if st is not None:
+                children[st[0]].append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    return sum((_stat(p) or (0, 0))[1] for p in tree(pid)) / CLK_TCK
+
+
+def rss_kb(pid: int) -> int:
+    total = 0
+    for p in tree(pid):
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+class Server:
+    """A server under test: its own process group, output to a log file."""
+
+    def __init__(self, name: str, args: list[str], workdir: Path, port: int, ready_path: str, env: dict[str, str] | None = None):
+        self.name, self.args, self.port, self.ready_path = name, args, port, ready_path
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = workdir / f"{name}.log"
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self, timeout: float = 30.0) -> "Server":
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                status, _ = http_request(self.url + self.ready_path, timeout=1.0)
+                if status < 500:
+                    return self
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{self.name} did not answer {self.ready_path} within {timeout:g} s:\n{self.log_tail()}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=5)
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
+
+
+def http_request(url: str, method: str = "GET", body: bytes | None = None, headers: dict[str, str] | None = None, timeout: float = 10.0) -> tuple[int, bytes]:
+    host, _, rest = url.removeprefix("http://").partition("/")
+    hostname, _, port = host.partition(":")
+    conn = http.client.HTTPConnection(hostname, int(port or 80), timeout=timeout)
+    try:
+        conn.request(method, "/" + rest, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+# --- load -----------------------------------------------------------------------------
+
+
+@dataclass
+class Load:
+    connections: int
+    duration: int
+    threads: int
+    generator: str  # "wrk" | "python"
+
+
+def start_load(load: Load, url: str, mode: str, key: str, duration: int, connections: int, task_id: str = "") -> subprocess.Popen[str]:
+    env = {**os.environ, "BENCH_KEY": key, "BENCH_BODY": BODY, "BENCH_TASK_ID": task_id}
+    if load.generator == "wrk":
+        script = {"post": "wrk_post.lua", "get": "wrk_get.lua", "mixed": "wrk_mixed.lua"}[mode]
+        args = ["wrk", f"-t{min(load.threads, connections)}", f"-c{connections}", f"-d{duration}s", "--timeout", "10s", "-s", str(BENCH / script), url]
+    else:
+        args = [PY, "-m", "bench.loadgen", "--url", url, "--mode", mode, "--key", key, "--connections", str(connections), "--duration", str(duration)]
+        if task_id:
+            args += ["--task-id", task_id]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+
+
+def finish_load(proc: subprocess.Popen[str]) -> dict[str, Any]:
+    out, _ = proc.communicate(timeout=600)
+    for line in out.splitlines():
+        if line.startswith("BENCH_JSON "):
+            return json.loads(line.removeprefix("BENCH_JSON "))
+    raise RuntimeError(f"load generator printed no result (exit {proc.returncode}):\n{out[-2000:]}")
+
+
+@dataclass
+class Row:
+    target: str
+    connections: int
+    rps: float | None = None
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    cpu_us: float | None = None  # server CPU per request
+    upstream_cpu_us: float | None = None  # the simulator's CPU per request (targets that call it)
+    loadgen_cpu_us: float | None = None  # the load generator's CPU per request
+    busy: float | None = None  # share of the machine's CPU time in use during the run (0..1)
+    others: float | None = None  # cores used by everything else on the machine (noise)
+    requests: int = 0
+    errors: int = 0
+    note: str = ""
+
+
+def machine_ticks() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs since boot, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields[:8]) - idle, sum(fields[:8])
+
+
+def measure(load: Load, name: str, server_pid: int, url: str, mode: str, key: str, *, connections: int | None = None, warmup: int = 0,
+            task_id: str = "", upstream_pid: int | None = None) -> Row:
+    conns = connections or load.connections
+    if warmup:
+        finish_load(start_load(load, url, mode, key, warmup, conns, task_id))
+    cpu0 = cpu_seconds(server_pid)
+    up0 = cpu_seconds(upstream_pid) if upstream_pid else 0.0
+    gen0 = _children_cpu()
+    busy0, total0 = machine_ticks()
+    wall0 = time.monotonic()
+    result = finish_load(start_load(load, url, mode, key, load.duration, conns, task_id))
+    wall = time.monotonic() - wall0
+    busy1, total1 = machine_ticks()
+    gen = _children_cpu() - gen0  # the load generator is the only child reaped meanwhile
+    cpu = cpu_seconds(server_pid) - cpu0
+    up = cpu_seconds(upstream_pid) - up0 if upstream_pid else 0.0
+    n = result["requests"]
+    errors = sum(v for k, v in result.items() if k.startswith("errors_"))
+    per = (lambda seconds: seconds / n * 1e6) if n else (lambda seconds: None)
+    row = Row(
+        name, conns, rps=n / (result["duration_us"] / 1e6) if n else 0.0, p50_ms=result["p50_us"] / 1000, p99_ms=result["p99_us"] / 1000,
+        cpu_us=per(cpu), upstream_cpu_us=per(up) if upstream_pid else None, loadgen_cpu_us=per(gen),
+        busy=(busy1 - busy0) / (total1 - total0) if total1 > total0 else None,
+        others=max(0.0, ((busy1 - busy0) / CLK_TCK - cpu - up - gen) / wall), requests=n, errors=errors,
+    )
+    print(f"  {name:<46} c={conns:<3} {row.rps:8.0f} req/s  p50 {row.p50_ms:6.2f} ms  p99 {row.p99_ms:7.2f} ms  "
+          f"cpu {row.cpu_us or 0:5.0f} us/req  upstream {row.upstream_cpu_us or 0:4.0f}  loadgen {row.loadgen_cpu_us or 0:4.0f}  "
+          f"machine {row.busy or 0:4.0%}  others {row.others:.2f} cores  errors {errors}", file=sys.stderr, flush=True)
+    return row
+
+
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+# --- targets --------------------------------------------------------------------------
+
+
+def key_hash(key: str) -> str:
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+GATEWAY_CONFIG = """\
+# Written by bench/run.py: every limit on and generous (admission works, never refuses).
+[server]
+public_url = "{public_url}"
+max_body_bytes = 65536
+log_level = "info"
+
+[upstream]
+base_url = "{upstream}"
+api_keys = ["{upstream_key}"]
+timeout_seconds = 30
+poll_interval_seconds = 3600
+task_timeout_seconds = 86400
+
+[store]
+url = "{store}"
+
+[[tenants]]
+id = "bench"
+keys = ["{key_hash}"]
+webhook_secret = "{hook_secret}"
+[tenants.limits]
+requests_per_minute = 1000000000
+tasks_per_minute = 1000000000
+max_active_tasks = 1000000000
+tasks_per_day = 1000000000
+credits_per_day = 1000000000
+credits_per_month = 1000000000
+[tenants.policy]
+hook_hosts = ["127.0.0.1"]
+defaults = {{ watermark = false }}
+{idle_tenants}"""
+
+
+def gateway_server(name: str, workdir: Path, upstream: str, store: str, key: str, callbacks: bool = True) -> Server:
+    port = free_port()
+    idle = "".join(
+        f'\n[[tenants]]\nid = "idle-{i}"\nkeys = ["{key_hash(secrets.token_hex(16))}"]\nwebhook_secret = "{secrets.token_hex(16)}"\n'
+        for i in range(3)
+    )
+    config = workdir / f"{name}.toml"
+    config.write_text(GATEWAY_CONFIG.format(
+        public_url=f"http://127.0.0.1:{port}" if callbacks else "", upstream=upstream, upstream_key=UPSTREAM_KEY, store=store,
+        key_hash=key_hash(key), hook_secret=secrets.token_urlsafe(24), idle_tenants=idle,
+    ))
+    return Server(name, [PY, "-m", "gateway", "serve", "--config", str(config), "--port", str(port)], workdir, port, "/readyz")
+
+
+def simulator(workdir: Path, seconds_to_finish: float) -> Server:
+    port = free_port()
+    return Server("simulator", [PY, "-m", "gateway", "simulate-upstream", "--port", str(port), "--seconds-to-finish",
+                                str(seconds_to_finish), "--api-key", UPSTREAM_KEY], workdir, port, "/_sim/control")
+
+
+def reset_simulator(sim: Server) -> None:
+    """Forget earlier targets' tasks, so each target meets the same upstream."""
+    http_request(sim.url + "/_sim/reset", "POST", timeout=60)
+
+
+def create_one(gw_url: str, key: str) -> str:
+    status, body = http_request(gw_url + "/runway/tasks", "POST", BODY.encode(), {"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    if status != 200:
+        raise RuntimeError(f"the gateway refused a create ({status}): {body[:300]!r}")
+    return json.loads(body)["task"]["id"]
+
+
+def redis_ready(url: str) -> str | None:
+    """None when Redis answers (and its db is flushed), else why not."""
+    try:
+        import redis
+    except ImportError:
+        return "redis-py not installed"
+    try:
+        r = redis.Redis.from_url(url, socket_connect_timeout=1)
+        r.ping()
+        r.flushdb()
+    except Exception as exc:  # any failure just marks the Redis rows pending
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def run_gateway(load: Load, rows: list[Row], lat_rows: list[Row], label: str, workdir: Path, sim: Server, store: str, warmup: int, profile: bool) -> None:
+    key = "sk-gw-bench-" + secrets.token_urlsafe(24)
+    gw = gateway_server(f"gateway-{label.lower()}", workdir, sim.url, store, key)
+    names = (f"gateway {label}: create", f"gateway {label}: poll", f"gateway {label}: create, 1 conn")
+    try:
+        gw.start()
+        task_id = create_one(gw.url, key)
+    except (RuntimeError, OSError, KeyError, ValueError) as exc:
+        print(f"  gateway {label} not measured: {exc}", file=sys.stderr)
+        note = "pending: " + str(exc).splitlines()[0][:120]
+        rows += [Row(names[0], load.connections, note=note), Row(names[1], load.connections, note=note)]
+        lat_rows.append(Row(names[2], 1, note=note))
+        gw.stop()
+        return
+    try:
+        reset_simulator(sim)
+        spy = _start_profile(gw, load, workdir, label) if profile else None
+        rows.append(measure(load, names[0], gw.pid, gw.url + "/runway/tasks", "post", key, warmup=warmup, upstream_pid=sim.pid))
+        if spy is not None:
+            _finish_profile(spy, workdir, label)
+        rows.append(measure(load, names[1], gw.pid, f"{gw.url}/runway/tasks/{task_id}", "get", key, warmup=warmup, upstream_pid=sim.pid))
+        reset_simulator(sim)
+        lat_rows.append(measure(load, names[2], gw.pid, gw.url + "/runway/tasks", "post", key, connections=1, warmup=warmup, upstream_pid=sim.pid))
+        errors = [line for line in gw.log_tail(20000).splitlines() if '"level":"error"' in line]
+        if errors:
+            print(f"  gateway {label} logged errors, e.g. {errors[-1][:300]}", file=sys.stderr)
+    finally:
+        gw.stop()
+
+
+def _start_profile(gw: Server, load: Load, workdir: Path, label: str) -> subprocess.Popen[bytes] | None:
+    spy = shutil.which("py-spy") or str(Path(PY).parent / "py-spy")
+    if not Path(spy).exists():
+        print("  --profile: py-spy not found (pip install py-spy)", file=sys.stderr)
+        return None
+    out = workdir / f"profile-{label.lower()}.txt"
+    return subprocess.Popen([spy, "record", "--pid", str(gw.pid), "--duration", str(load.duration + 1), "--rate", "200",
+                             "--format", "raw", "--nonblocking", "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _finish_profile(spy: subprocess.Popen[bytes], workdir: Path, label: str) -> None:
+    spy.wait(timeout=120)
+    src = workdir / f"profile-{label.lower()}.txt"
+    if not src.exists():
+        print("  --profile: py-spy wrote nothing (ptrace not permitted?)", file=sys.stderr)
+        return
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    dest = RESULTS / src.name
+    shutil.copy(src, dest)
+    print(f"  profile (collapsed stacks) in {dest}; summary: python -m bench.profile_summary {dest}", file=sys.stderr)
+
+
+# --- the table ------------------------------------------------------------------------
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "pending" if v is None else format(v, spec)
+
+
+def _find(rows: list[Row], name: str) -> Row | None:
+    return next((r for r in rows if r.target == name and r.rps), None)
+
+
+def ratios(rows: list[Row]) -> list[tuple[str, str, str, str]]:
+    """(what, measured, goal, met) for the issue's targets."""
+    out: list[tuple[str, str, str, str]] = []
+
+    def ratio(what: str, num: str, den: str, goal: float) -> None:
+        a, b = _find(rows, num), _find(rows, den)
+        if a is None or b is None or not b.rps:
+            out.append((what, "pending", f">= {goal:g}x", "pending"))
+            return
+        r = (a.rps or 0) / b.rps
+        out.append((what, f"{r:.2f}x ({a.rps:,.0f} / {b.rps:,.0f})", f">= {goal:g}x", "yes" if r >= goal else "**no**"))
+
+    def added(what: str, gw: str) -> None:
+        a, b = _find(rows, gw), _find(rows, "upstream alone, 1 conn")
+        if a is None or b is None:
+            out.append((what, "pending", "< 1 ms", "pending"))
+            return
+        d = (a.p50_ms or 0) - (b.p50_ms or 0)
+        out.append((what, f"{d:.2f} ms ({a.p50_ms:.2f} - {b.p50_ms:.2f})", "< 1 ms", "yes" if d < 1.0 else "**no**"))
+
+    ratio("SQLite creates / aiohttp floor", "gateway SQLite: create", "floor: Starlette + aiohttp", 0.5)
+    ratio("SQLite polls / upstream alone", "gateway SQLite: poll", "upstream alone", 0.4)
+    added("SQLite p50 added at 1 connection", "gateway SQLite: create, 1 conn")
+    ratio("Redis creates / SQLite creates", "gateway Redis: create", "gateway SQLite: create", 0.8)
+    ratio("Redis polls / SQLite polls", "gateway Redis: poll", "gateway SQLite: poll", 0.8)
+    added("Redis p50 added at 1 connection", "gateway Redis: create, 1 conn")
+    return out
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        kb = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = f", {kb / 1024 / 1024:.0f} GiB RAM"
+    except (OSError, ValueError, IndexError):
+        pass
+    return f"{os.cpu_count()} cores ({cpu}){mem}, Linux {platform.release()}, Python {platform.python_version()}"
+
+
+def stack() -> str:
+    http_impl = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    import uvicorn
+
+    return f"uvicorn {uvicorn.__version__} ({http_impl}, {loop} loop), 1 worker each"
+
+
+def generator_text(load: Load) -> str:
+    if load.generator == "wrk":
+        version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split("[")[0].strip() or "wrk"
+        return f"{version}, {load.threads} thread{'s' if load.threads > 1 else ''}, {load.duration} s per target"
+    return f"bench/loadgen.py (fallback: wrk not found), {load.duration} s per target"
+
+
+def render(rows: list[Row], lat_rows: list[Row], load: Load, command: str, started: dt.datetime, warmup: int) -> str:
+    lines = [
+        f"Command: `{command}`  ",
+        f"Date: {started.strftime('%Y-%m-%d %H:%M UTC')}  ",
+        f"Machine: {machine()}  ",
+        f"Servers: {stack()}; simulator tasks finish after {FAST_SECONDS_TO_FINISH} s (no callbacks during a run)  ",
+        f"Load: {generator_text(load)} (+{warmup} s warm-up), {load.connections} connections unless the row says 1",
+        "",
+        "| target | conns | req/s | p50 ms | p99 ms | server CPU µs/req | upstream CPU µs/req | load gen CPU µs/req | machine busy | other load (cores) | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows + lat_rows:
+        if r.note:
+            lines.append(f"| {r.target} | {r.connections} | {r.note} | | | | | | | | |")
+            continue
+        upstream_cpu = "—" if r.upstream_cpu_us is None else f"{r.upstream_cpu_us:,.0f}"
+        lines.append(f"| {r.target} | {r.connections} | {_fmt(r.rps, ',.0f')} | {_fmt(r.p50_ms, '.2f')} | {_fmt(r.p99_ms, '.2f')} | "
+                     f"{_fmt(r.cpu_us, ',.0f')} | {upstream_cpu} | {_fmt(r.loadgen_cpu_us, ',.0f')} | {_fmt(r.busy, '.0%')} | "
+                     f"{_fmt(r.others, '.2f')} | {r.errors} |")
+    lines += ["", "| goal | measured | target | met |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in ratios(rows + lat_rows)]
+    return "\n".join(lines) + "\n"
+
+
+# --- the runs -------------------------------------------------------------------------
+
+
+def bench(args: argparse.Namespace, load: Load, command: str) -> int:
+    started = dt.datetime.now(dt.timezone.utc)
+    groups = set(args.only.split(",")) if args.only else set(GROUPS)
+    unknown = groups - set(GROUPS)
+    if unknown:
+        print(f"--only: unknown group(s) {', '.join(sorted(unknown))}; choose from {', '.join(GROUPS)}", file=sys.stderr)
+        return 2
+    warmup = 0 if args.quick else args.warmup
+    workdir = Path(tempfile.mkdtemp(prefix="runway-bench-"))
+    rows: list[Row] = []
+    lat_rows: list[Row] = []
+    sim = simulator(workdir, FAST_SECONDS_TO_FINISH)
+    servers: list[Server] = [sim]
+    ok = False
+    try:
+        sim.start()
+        if "upstream" in groups:
+            rows.append(measure(load, "upstream alone", sim.pid, sim.url + "/runway/tasks", "post", UPSTREAM_KEY, warmup=warmup))
+            reset_simulator(sim)
+            lat_rows.append(measure(load, "upstream alone, 1 conn", sim.pid, sim.url + "/runway/tasks", "post", UPSTREAM_KEY, connections=1, warmup=warmup))
+        if "floors" in groups:
+            floors = [("floor: Starlette + aiohttp", "floor_aiohttp.py", []), ("floor: Starlette + httpx", "floor_httpx.py", [])]
+            if importlib.util.find_spec("httpx_aiohttp"):
+                floors.append(("floor: Starlette + httpx-aiohttp transport", "floor_httpx.py", ["--transport", "aiohttp"]))
+            for name, script, extra in floors:
+                reset_simulator(sim)
+                port = free_port()
+                floor = Server(script.removesuffix(".py") + "".join(extra[1:]), [PY, str(BENCH / script), "--port", str(port), "--upstream", sim.url,
+                               "--api-key", UPSTREAM_KEY, *extra], workdir, port, "/healthz")
+                servers.append(floor)
+                floor.start()
+                try:
+                    rows.append(measure(load, name, floor.pid, floor.url + "/runway/tasks", "post", UPSTREAM_KEY, warmup=warmup, upstream_pid=sim.pid))
+                finally:
+                    floor.stop()
+        if "sqlite" in groups:
+            run_gateway(load, rows, lat_rows, "SQLite", workdir, sim, f"sqlite:///{workdir / 'gateway.db'}", warmup, args.profile)
+        if "redis" in groups:
+            problem = redis_ready(args.redis_url)
+            if problem:
+                note = f"pending: Redis at {args.redis_url} not usable ({problem[:80]})"
+                print(f"  {note}", file=sys.stderr)
+                rows += [Row("gateway Redis: create", load.connections, note=note), Row("gateway Redis: poll", load.connections, note=note)]
+                lat_rows.append(Row("gateway Redis: create, 1 conn", 1, note=note))
+            else:
+                try:
+                    run_gateway(load, rows, lat_rows, "Redis", workdir, sim, args.redis_url, warmup, args.profile)
+                finally:
+                    redis_ready(args.redis_url)  # flush our db again
+        ok = True
+    finally:
+        for s in servers:
+            s.stop()
+        if ok and not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            print(f"logs and configs kept in {workdir}", file=sys.stderr)
+    table = render(rows, lat_rows, load, command, started, warmup)
+    print(table, flush=True)
+    if not args.no_save:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "latest.md").write_text(table)
+        (RESULTS / "latest.json").write_text(json.dumps({"date": started.isoformat(), "command": command, "machine": machine(),
+                                                          "rows": [asdict(r) for r in rows + lat_rows]}, indent=2))
+    return 0
+
+
+def soak(args: argparse.Namespace, load: Load, command: str) -> int:
+    """Mixed load (1 create in 4, the rest polls; callbacks settle tasks as they go) for
+    `--soak` seconds, sampling the gateway's RSS; reports start (after a warm-up), end, peak."""
+    started = dt.datetime.now(dt.timezone.utc)
+    workdir = Path(tempfile.mkdtemp(prefix="runway-soak-"))
+    sim = simulator(workdir, SOAK_SECONDS_TO_FINISH)
+    key = "sk-gw-bench-" + secrets.token_urlsafe(24)
+    if args.store == "redis":
+        problem = redis_ready(args.redis_url)
+        if problem:
+            print(f"Redis at {args.redis_url} not usable: {problem}", file=sys.stderr)
+            return 2
+        store = args.redis_url
+    else:
+        store = f"sqlite:///{workdir / 'gateway.db'}"
+    gw = gateway_server("gateway-soak", workdir, sim.url, store, key)
+    ok = False
+    try:
+        sim.start()
+        if not args.soak_callbacks:
+            http_request(sim.url + "/_sim/control", "POST", b'{"drop_callbacks": true}', {"Content-Type": "application/json"})
+        gw.start()
+        task_id = create_one(gw.url, key)
+        warm = 0 if args.quick else args.soak_warmup
+        if warm:
+            finish_load(start_load(load, gw.url, "mixed", key, warm, load.connections, task_id))
+        samples: list[tuple[float, int]] = []
+        cpu0, t0 = cpu_seconds(gw.pid), time.monotonic()
+        proc = start_load(load, gw.url, "mixed", key, args.soak, load.connections, task_id)
+        while proc.poll() is None:
+            samples.append((time.monotonic() - t0, rss_kb(gw.pid)))
+            time.sleep(min(5.0, max(0.5, args.soak / 60)))
+        result = finish_load(proc)
+        samples.append((time.monotonic() - t0, rss_kb(gw.pid)))
+        cpu = cpu_seconds(gw.pid) - cpu0
+        ok = True
+    finally:
+        gw.stop()
+        sim.stop()
+        if args.store == "redis":
+            redis_ready(args.redis_url)
+        if ok and not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            print(f"logs and configs kept in {workdir}", file=sys.stderr)
+    n = result["requests"]
+    start_rss, end_rss, peak = samples[0][1], samples[-1][1], max(s[1] for s in samples)
+    growth = (end_rss - start_rss) / start_rss * 100 if start_rss else 0.0
+    errors = sum(v for k, v in result.items() if k.startswith("errors_"))
+    if errors:
+        print("soak errors: " + ", ".join(f"{k[7:]} {v}" for k, v in result.items() if k.startswith("errors_") and v), file=sys.stderr)
+    curve = ", ".join(f"{t:.0f}s {kb / 1024:.1f}" for t, kb in samples[:: max(1, len(samples) // 12)])
+    table = "\n".join([
+        f"Command: `{command}`  ",
+        f"Date: {started.strftime('%Y-%m-%d %H:%M UTC')}  ",
+        f"Machine: {machine()}  ",
+        f"Servers: {stack()}; store {args.store}; simulator tasks finish after {SOAK_SECONDS_TO_FINISH} s, "
+        f"{'callbacks on (tasks settle)' if args.soak_callbacks else 'callbacks dropped by the simulator'}  ",
+        f"Load: {generator_text(load).rsplit(',', 1)[0]}, mixed (1 create : 3 polls), {load.connections} connections, "
+        f"{args.soak} s after a {0 if args.quick else args.soak_warmup} s warm-up",
+        "",
+        "| soak | req/s | p50 ms | p99 ms | server CPU µs/req | errors | RSS start MiB | RSS end MiB | RSS peak MiB | growth | met (≤ 10 %) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        f"| gateway {args.store}, mixed | {n / (result['duration_us'] / 1e6):,.0f} | {result['p50_us'] / 1000:.2f} | "
+        f"{result['p99_us'] / 1000:.2f} | {cpu / n * 1e6 if n else 0:,.0f} | {errors} | {start_rss / 1024:.1f} | {end_rss / 1024:.1f} | "
+        f"{peak / 1024:.1f} | {growth:+.1f} % | {'yes' if abs(growth) <= 10 else '**no**'} |",
+        "",
+        f"RSS over time (MiB): {curve}",
+    ]) + "\n"
+    print(table, flush=True)
+    if not args.no_save:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "soak.md").write_text(table)
+    return 0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description="Benchmark the gateway beside its floors; prints a markdown table.")
+    p.add_argument("--duration", type=int, default=10, help="seconds of measured load per target (default 10)")
+    p.add_argument("--connections", type=int, default=32, help="concurrent connections (default 32)")
+    p.add_argument("--warmup", type=int, default=2, help="seconds of unmeasured load before each target (default 2)")
+    p.add_argument("--quick", action="store_true", help="a smoke run: 1 s per target, no warm-up")
+    p.add_argument("--only", default="", help=f"comma-separated subset of {','.join(GROUPS)}")
+    p.add_argument("--threads", type=int, default=1, help="wrk threads (default 1: leave the cores to the servers)")
+    p.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto", help="auto: wrk when on PATH, else bench/loadgen.py")
+    p.add_argument("--redis-url", default=DEFAULT_REDIS, help=f"Redis for the Redis rows; its db is FLUSHED (default {DEFAULT_REDIS})")
+    p.add_argument("--profile", action="store_true", help="py-spy the gateway during its create runs (collapsed stacks in bench/results/)")
+    p.add_argument("--soak", type=int, default=0, metavar="SECONDS", help="instead of the table: RSS over a mixed soak of SECONDS")
+    p.add_argument("--soak-warmup", type=int, default=15, help="seconds of mixed load before the soak's first RSS sample (default 15)")
+    p.add_argument("--store", choices=("sqlite", "redis"), default="sqlite", help="the soak's store")
+    p.add_argument("--soak-callbacks", action="store_true",
+                   help="let the simulator post its callbacks, so tasks settle during the soak (the simulator's httpx "
+                        "callback client then limits the rate: ~100-200 creates/s on 2 cores)")
+    p.add_argument("--keep", action="store_true", help="keep the work directory (configs, server logs)")
+    p.add_argument("--no-save", action="store_true", help="do not write bench/results/")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not Path("/proc/self/stat").exists():
+        print("bench: needs Linux /proc (server CPU time and RSS are read from it)", file=sys.stderr)
+        return 2
+    generator = args.loadgen
+    if generator == "auto":
+        generator = "wrk" if shutil.which("wrk") else "python"
+    elif generator == "wrk" and not shutil.which("wrk"):
+        print("bench: --loadgen wrk but wrk is not on PATH (apt-get install wrk)", file=sys.stderr)
+        return 2
+    if generator == "python":
+        print("bench: wrk not found; using bench/loadgen.py (slower: compare only with its own tables)", file=sys.stderr)
+    load = Load(args.connections, 1 if args.quick else args.duration, args.threads, generator)
+    command = "python bench/run.py" + ("" if argv is None and len(sys.argv) <= 1 else " " + " ".join(argv if argv is not None else sys.argv[1:]))
+    if args.soak:
+        return soak(args, load, command)
+    return bench(args, load, command)
+
+
+if __name__ == "__main__":
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    raise SystemExit(main())
