@@ -36,6 +36,9 @@ class JSONFormatter(logging.Formatter):
 def setup_logging(level: str) -> None:
     """JSON on stdout for the gateway's loggers and uvicorn's error log; uvicorn's own
     access log is off (the gateway writes its own line per request)."""
+    # No line needs the caller's file, thread or process: LogRecord skips those lookups.
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(JSONFormatter())
     root = logging.getLogger()

@@ -12,7 +12,7 @@ from the store at scrape time, so every replica and worker reports the same valu
 from __future__ import annotations
 
 import os
-from typing import Iterable
+from typing import Any, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -58,7 +58,18 @@ class Metrics:
         self.build_info = Gauge("gateway_build_info", "Build information.", ["version"], multiprocess_mode="max", registry=r)
         self.build_info.labels(__version__).set(1)
         self._tenant_ids = tuple(tenant_ids)
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._zero_children()
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, memoised for the request path: labels() takes a lock and
+        rebuilds the label tuple on every call; the values here are bounded (configured
+        tenants, route templates, status codes, fixed names)."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def _zero_children(self) -> None:
         for tenant in self._tenant_ids:

@@ -192,8 +192,8 @@ class Upstream:
         self._count(operation, start, status)
 
     def _count(self, operation: str, start: float, status: str) -> None:
-        self.metrics.upstream_requests.labels(operation, status).inc()
-        self.metrics.upstream_duration.labels(operation).observe(time.perf_counter() - start)
+        self.metrics.child(self.metrics.upstream_requests, operation, status).inc()
+        self.metrics.child(self.metrics.upstream_duration, operation).observe(time.perf_counter() - start)
 
 
 def _circuit_open() -> UpstreamFailure:

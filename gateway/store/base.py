@@ -10,6 +10,7 @@ Times are UNIX seconds (float) passed in by the caller, so tests can move the cl
 from __future__ import annotations
 
 import abc
+import functools
 import math
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -37,11 +38,17 @@ def status_rank(status: str) -> int:
 
 
 def day_key(now: float) -> str:
-    return datetime.fromtimestamp(now, timezone.utc).strftime("%Y-%m-%d")
+    return _day_key(int(now // 86400))
 
 
 def month_key(now: float) -> str:
-    return datetime.fromtimestamp(now, timezone.utc).strftime("%Y-%m")
+    return _day_key(int(now // 86400))[:7]
+
+
+@functools.lru_cache(maxsize=8)
+def _day_key(day: int) -> str:
+    """`YYYY-MM-DD` of a UTC day number: strftime once a day, not on every admission."""
+    return datetime.fromtimestamp(day * 86400, timezone.utc).strftime("%Y-%m-%d")
 
 
 def seconds_to_next_day(now: float) -> float:
