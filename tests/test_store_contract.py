@@ -658,6 +658,31 @@ async def test_get_by_task_id_is_per_tenant_and_hides_deleted(store: Store) -> N
     assert byrid is not None and byrid.deleted
 
 
+async def test_read_task_is_a_request_token_then_the_tenants_task(store: Store) -> None:
+    """A poll in one operation: the same bucket as take_request, the same visibility as
+    get_by_task_id, and a refusal reads nothing and takes nothing."""
+    rec, tid = await create(store)
+    limits = Limits(requests_per_minute=3)
+    adm, got = await store.read_task(TENANT, limits, tid, T0)
+    assert adm.ok and adm.rate == RateInfo(3, 2, 20.0)
+    assert got is not None and got.rid == rec.rid and got.task_id == tid and got.status == "PENDING"
+    assert got == await store.get_by_task_id(TENANT, tid)
+    adm, got = await store.read_task(TENANT, limits, "task-nope", T0)  # unknown: a token all the same
+    assert adm.ok and adm.rate == RateInfo(3, 1, 40.0) and got is None
+    adm, got = await store.read_task(OTHER, limits, tid, T0)  # another tenant's bucket, not its task
+    assert adm.ok and adm.rate == RateInfo(3, 2, 20.0) and got is None
+    assert (await store.take_request(TENANT, limits, T0)).rate == RateInfo(3, 0, 60.0)
+    refused, got = await store.read_task(TENANT, limits, tid, T0 + 5)
+    assert not refused.ok and refused.limit == "requests_per_minute" and got is None
+    assert refused.retry_after == bucket_retry_after(0.25, 3) == 15.0 and refused.rate == bucket_info(0.25, 3)
+    adm, got = await store.read_task(TENANT, limits, tid, T0 + 20)  # the refusal spent nothing
+    assert adm.ok and adm.rate == bucket_info(0.0, 3) and got is not None
+    unlimited, got = await store.read_task(TENANT, Limits(), tid, T0 + 20)
+    assert unlimited.ok and unlimited.rate is None and got is not None and got.rid == rec.rid
+    assert await store.hide_task(TENANT, tid)
+    assert (await store.read_task(TENANT, Limits(), tid, T0 + 20))[1] is None
+
+
 async def test_record_round_trip_and_meta_merge(store: Store) -> None:
     rec = TaskRecord(
         rid=new_rid(), tenant_id=TENANT, key_index=2, hook=HOOK, task_type="gen2", credits=15,

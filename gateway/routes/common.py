@@ -11,6 +11,7 @@ from starlette.responses import Response
 from gateway.auth import AuthFailure, Principal
 from gateway.errors import GatewayError, bad_request
 from gateway.quotas import quota_error
+from gateway.store.base import Admission, TaskRecord
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -38,10 +39,15 @@ async def admit_request(request: Request, principal: Principal) -> None:
     """One token of requests_per_minute; a 429 changes nothing."""
     gw = gateway(request)
     tenant = principal.tenant
-    admission = await gw.store.take_request(tenant.id, tenant.limits, gw.clock())
+    _admitted(request, principal, await gw.store.take_request(tenant.id, tenant.limits, gw.clock()))
+
+
+def _admitted(request: Request, principal: Principal, admission: Admission) -> None:
+    """Record the rate headers' source; raise the 429 of a refusal."""
     request.scope["state"]["rate"] = admission.rate
     if not admission.ok:
-        gw.metrics.quota_rejections.labels(tenant.id, admission.limit).inc()
+        tenant = principal.tenant
+        gateway(request).metrics.quota_rejections.labels(tenant.id, admission.limit).inc()
         raise quota_error(admission, tenant.limits.requests_per_minute)
 
 
@@ -49,6 +55,19 @@ async def tenant_request(request: Request) -> Principal:
     principal = authenticate(request)
     await admit_request(request, principal)
     return principal
+
+
+async def own_task(request: Request, task_id: str) -> TaskRecord | None:
+    """A status read: authenticate, take a requests_per_minute token and read the tenant's
+    task, the last two in one store operation (a poll is the most frequent request)."""
+    gw = gateway(request)
+    principal = authenticate(request)
+    tenant = principal.tenant
+    admission, record = await gw.store.read_task(tenant.id, tenant.limits, task_id, gw.clock())
+    _admitted(request, principal, admission)
+    if record is not None:
+        request.scope["state"]["task_id"] = record.task_id
+    return record
 
 
 async def read_json(request: Request) -> Any:

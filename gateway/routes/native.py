@@ -9,7 +9,7 @@ from starlette.routing import Route
 from gateway.errors import bad_request, not_found
 from gateway.gen2 import validate_native
 from gateway.idempotency import fingerprint, idempotency_key, run_idempotent
-from gateway.routes.common import admit_request, authenticate, gateway, json_response, page_limit, parsed_or_raw, read_json, tenant_request
+from gateway.routes.common import admit_request, authenticate, gateway, json_response, own_task, page_limit, parsed_or_raw, read_json, tenant_request
 from gateway.store.base import STATUS_RANK
 
 LISTABLE_STATUSES = {s for s in STATUS_RANK if s not in ("SUBMITTING",)}
@@ -35,13 +35,10 @@ async def create_task(request: Request) -> Response:
 
 
 async def get_task(request: Request) -> Response:
-    gw = gateway(request)
-    principal = await tenant_request(request)
-    record = await gw.store.get_by_task_id(principal.tenant.id, request.path_params["id"])
+    record = await own_task(request, request.path_params["id"])
     if record is None:
         raise not_found()
-    request.scope["state"]["task_id"] = record.task_id
-    gw.tasks.refresh_soon(record)
+    gateway(request).tasks.refresh_soon(record)
     return json_response({"task": record.task})
 
 

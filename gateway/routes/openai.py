@@ -21,7 +21,7 @@ from starlette.types import Receive, Scope, Send
 from gateway import videos
 from gateway.errors import GatewayError, bad_request, not_found
 from gateway.idempotency import fingerprint, idempotency_key, run_idempotent
-from gateway.routes.common import admit_request, authenticate, gateway, json_response, page_limit, read_json, tenant_request
+from gateway.routes.common import admit_request, authenticate, gateway, json_response, own_task, page_limit, read_json, tenant_request
 from gateway.store.base import TaskRecord
 from gateway.tasks import Created
 from gateway.upstream import UpstreamFailure
@@ -122,7 +122,6 @@ async def delete_video(request: Request) -> Response:
 
 
 async def video_content(request: Request) -> Response:
-    gw = gateway(request)
     variant = request.query_params.get("variant") or "video"
     if variant not in videos.VARIANTS:
         raise bad_request("invalid_value", f"`variant` must be one of {', '.join(videos.VARIANTS)}.", "variant")
@@ -270,12 +269,9 @@ def _created_record(created: Created) -> TaskRecord:
 
 
 async def _own_record(request: Request) -> TaskRecord:
-    gw = gateway(request)
-    principal = await tenant_request(request)
-    record = await gw.store.get_by_task_id(principal.tenant.id, request.path_params["id"])
+    record = await own_task(request, request.path_params["id"])
     if record is None:
         raise not_found("No video with that id.")
-    request.scope["state"]["task_id"] = record.task_id
     return record
 
 

@@ -249,6 +249,15 @@ class Store(abc.ABC):
     async def get_by_task_id(self, tenant_id: str, task_id: str) -> TaskRecord | None:
         """The tenant's task by upstream id; None for another tenant's or hidden task."""
 
+    async def read_task(self, tenant_id: str, limits: Limits, task_id: str, now: float) -> tuple[Admission, TaskRecord | None]:
+        """A status poll: one requests_per_minute token, then the tenant's task (None when
+        refused or not found). One operation, so a store that pays per round trip (Redis)
+        can do both in one; the default is the two calls."""
+        admission = await self.take_request(tenant_id, limits, now)
+        if not admission.ok:
+            return admission, None
+        return admission, await self.get_by_task_id(tenant_id, task_id)
+
     @abc.abstractmethod
     async def get_by_rid(self, rid: str) -> TaskRecord | None: ...
 

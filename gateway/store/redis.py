@@ -263,6 +263,29 @@ redis.call('HSET', q, 'rpm_t', string.format('%.17g', level), 'rpm_ts', string.f
 return {1, string.format('%.17g', level)}
 """
 
+# ARGV: P, now, capacity (0 = unlimited), tenant, task_id -> {ok, level, record JSON or ''}
+# A status poll: LUA_TAKE_REQUEST, then LUA_GET_BY_TASK_ID when admitted (Store.read_task).
+LUA_READ_TASK = LUA_LIB + r"""
+local q = KEYS[1]
+local now, cap = tonumber(ARGV[2]), tonumber(ARGV[3])
+local level = 0
+if cap > 0 then
+  local v = redis.call('HMGET', q, 'rpm_t', 'rpm_ts')
+  local ts = now
+  level = cap
+  if v[1] then
+    ts = tonumber(v[2])
+    level = math.min(cap, tonumber(v[1]) + math.max(0, now - ts) * cap / 60.0)
+  end
+  if level < 1.0 then return {0, fmt(level), ''} end
+  level = level - 1.0
+  redis.call('HSET', q, 'rpm_t', fmt(level), 'rpm_ts', fmt(math.max(ts, now)))
+end
+local rid = redis.call('GET', P .. 'tid:' .. ARGV[5])
+if not rid then return {1, fmt(level), ''} end
+return {1, fmt(level), record_json(rid)}
+"""
+
 # ARGV: P, rid, today, this month -> 1 when the reservation was settled and removed
 LUA_SETTLE_NOT_CREATED = LUA_LIB + r"""
 local rid = ARGV[2]
@@ -784,6 +807,7 @@ class RedisStore(Store):
         self._mark_unknown = reg(LUA_MARK_UNKNOWN)
         self._apply = reg(LUA_APPLY_UPDATE)
         self._get_tid = reg(LUA_GET_BY_TASK_ID)
+        self._read_task = reg(LUA_READ_TASK)
         self._list = reg(LUA_LIST)
         self._hide = reg(LUA_HIDE)
         self._set_meta = reg(LUA_SET_META)
@@ -923,6 +947,23 @@ class RedisStore(Store):
         if rec is None or rec.tenant_id != tenant_id or rec.deleted:
             return None
         return rec
+
+    async def read_task(self, tenant_id: str, limits: Limits, task_id: str, now: float) -> tuple[Admission, TaskRecord | None]:
+        cap = limits.requests_per_minute
+        args = [self.prefix, _num(now), str(cap or 0), tenant_id, task_id]
+        ok, level_s, blob = await self._read_task(keys=[self._k("q", tenant_id)], args=args)
+        if cap is None:
+            admission = Admission(ok=True)
+        else:
+            level = float(level_s)
+            info = bucket_info(level, cap)
+            if not ok:
+                return Admission(False, "requests_per_minute", bucket_retry_after(level, cap), info), None
+            admission = Admission(ok=True, rate=info)
+        rec = _record(blob)
+        if rec is None or rec.tenant_id != tenant_id or rec.deleted:
+            return admission, None
+        return admission, rec
 
     async def get_by_rid(self, rid: str) -> TaskRecord | None:
         h = await self._r.hgetall(self._k("t", rid))
