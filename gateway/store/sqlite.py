@@ -1,7 +1,9 @@
 """The embedded store: one SQLite file in WAL mode, shared by every worker process.
 
-Each operation is one short `BEGIN IMMEDIATE` transaction run directly on the event loop:
-a thread hop (aiosqlite) costs ~10x the query itself (docs/benchmarks.md). `BEGIN
+Operations run directly on the event loop: a thread hop (aiosqlite) costs ~10x the query
+itself (docs/benchmarks.md). Writes use group commit: the operations of one event-loop turn
+share one `BEGIN IMMEDIATE` transaction, each inside a SAVEPOINT of its own, and each caller
+resumes only after the shared COMMIT, so an answer never gets ahead of its data. `BEGIN
 IMMEDIATE` takes the write lock before reading, so check-then-increment cannot race, in this
 process or another. Automatic WAL checkpoints are off on the request path (their fsync
 stalls the loop); `maintain()` checkpoints from a thread instead.
@@ -137,6 +139,7 @@ class SQLiteStore(Store):
     def __init__(self, path: str):
         self.path = path
         self._db: sqlite3.Connection | None = None
+        self._write: _GroupCommit | None = None
 
     # lifecycle ----------------------------------------------------------------------
     async def open(self) -> None:
@@ -150,17 +153,21 @@ class SQLiteStore(Store):
         db.execute("PRAGMA busy_timeout=10000")
         db.executescript(SCHEMA)
         self._db = db
+        self._write = _GroupCommit(db)
 
     async def close(self) -> None:
         if self._db is not None:
+            if self._write is not None:
+                self._write.flush()
             self._db.close()
             self._db = None
+            self._write = None
 
     async def ping(self) -> None:
         self.db.execute("SELECT 1").fetchone()
 
     async def maintain(self, now: float) -> None:
-        with _transaction(self.db):
+        async with self._tx:
             self.db.execute("DELETE FROM idempotency WHERE expires_at <= ?", (now,))
             self.db.execute("DELETE FROM assets WHERE expires_at <= ?", (now,))
             self.db.execute("DELETE FROM webhooks WHERE state = 'dead' AND next_at <= ?", (now - DEAD_EVENT_RETENTION,))
@@ -172,8 +179,15 @@ class SQLiteStore(Store):
             raise RuntimeError("store is not open")
         return self._db
 
+    @property
+    def _tx(self) -> "_GroupCommit":
+        """`async with self._tx:` around one operation's writes (no await inside)."""
+        if self._write is None:
+            raise RuntimeError("store is not open")
+        return self._write
+
     async def secret(self, name: str, candidate: str) -> str:
-        with _transaction(self.db):
+        async with self._tx:
             self.db.execute("INSERT OR IGNORE INTO secrets (name, value) VALUES (?, ?)", (name, candidate))
             row = self.db.execute("SELECT value FROM secrets WHERE name = ?", (name,)).fetchone()
         return str(row["value"])
@@ -183,7 +197,7 @@ class SQLiteStore(Store):
         cap = limits.requests_per_minute
         if cap is None:
             return Admission(ok=True)
-        with _transaction(self.db):
+        async with self._tx:
             q = self._quota(tenant_id, now)
             level, ok = bucket_take(q.rpm_tokens, q.rpm_ts, cap, now)
             if not ok:
@@ -194,7 +208,7 @@ class SQLiteStore(Store):
         return Admission(True, rate=bucket_info(level, cap))
 
     async def admit_create(self, tenant_id: str, limits: Limits, charge: Charge, reservation: TaskRecord, now: float) -> Admission:
-        with _transaction(self.db):
+        async with self._tx:
             q = self._quota(tenant_id, now)
             refusal, rate = _check_create(q, limits, charge.credits, now)
             if refusal is not None:
@@ -210,7 +224,7 @@ class SQLiteStore(Store):
         return Admission(True, rate=rate)
 
     async def settle_not_created(self, rid: str, now: float) -> bool:
-        with _transaction(self.db):
+        async with self._tx:
             rec = self._get(rid)
             if rec is None or rec.status not in (SUBMITTING, UNKNOWN) or rec.settled:
                 return False
@@ -225,7 +239,7 @@ class SQLiteStore(Store):
         return True
 
     async def mark_unknown(self, rid: str, now: float) -> None:
-        with _transaction(self.db):
+        async with self._tx:
             self.db.execute(
                 "UPDATE tasks SET status = ?, updated_at = ? WHERE rid = ? AND status = ?", (UNKNOWN, now, rid, SUBMITTING)
             )
@@ -233,7 +247,7 @@ class SQLiteStore(Store):
     async def apply_update(
         self, rid: str, tenant_id: str, task: dict[str, Any], now: float, *, refund_failed: bool, adopt: TaskRecord | None = None
     ) -> UpdateResult:
-        with _transaction(self.db):
+        async with self._tx:
             rec = self._get(rid)
             adopted = False
             if rec is not None and rec.tenant_id != tenant_id:
@@ -294,21 +308,21 @@ class SQLiteStore(Store):
         return [_record(r) for r in rows[:limit]], len(rows) > limit
 
     async def hide_task(self, tenant_id: str, task_id: str) -> bool:
-        with _transaction(self.db):
+        async with self._tx:
             cur = self.db.execute(
                 "UPDATE tasks SET deleted = 1 WHERE task_id = ? AND tenant = ? AND deleted = 0", (task_id, tenant_id)
             )
         return cur.rowcount == 1
 
     async def set_meta(self, rid: str, meta: dict[str, Any]) -> None:
-        with _transaction(self.db):
+        async with self._tx:
             row = self.db.execute("SELECT meta FROM tasks WHERE rid = ?", (rid,)).fetchone()
             if row is not None:
                 merged = orjson.loads(row["meta"]) | meta
                 self.db.execute("UPDATE tasks SET meta = ? WHERE rid = ?", (orjson.dumps(merged).decode(), rid))
 
     async def usage(self, tenant_id: str, now: float) -> Usage:
-        with _transaction(self.db):
+        async with self._tx:
             q = self._quota(tenant_id, now)
         return Usage(q.active, q.day_tasks, q.day_credits, q.month_credits)
 
@@ -320,7 +334,7 @@ class SQLiteStore(Store):
 
     # polling and timeouts -----------------------------------------------------------
     async def claim_poll(self, rid: str, now: float, interval: float) -> bool:
-        with _transaction(self.db):
+        async with self._tx:
             cur = self.db.execute(
                 f"UPDATE tasks SET next_poll_at = ? WHERE rid = ? AND next_poll_at <= ? AND status NOT IN {TERMINAL_SQL}",
                 (now + interval, rid, now),
@@ -328,7 +342,7 @@ class SQLiteStore(Store):
         return cur.rowcount == 1
 
     async def claim_due_polls(self, now: float, interval: float, limit: int, timed_out_interval: float, give_up_after: float) -> list[TaskRecord]:
-        with _transaction(self.db):
+        async with self._tx:
             rows = self.db.execute(
                 f"SELECT * FROM tasks WHERE status NOT IN {TERMINAL_SQL} AND task_id IS NOT NULL"
                 " AND next_poll_at <= ? AND created_at > ? ORDER BY next_poll_at LIMIT ?",
@@ -341,7 +355,7 @@ class SQLiteStore(Store):
         return records
 
     async def expire_tasks(self, now: float, timeout: float) -> list[TaskRecord]:
-        with _transaction(self.db):
+        async with self._tx:
             rows = self.db.execute(
                 f"SELECT * FROM tasks WHERE active = 1 AND status NOT IN {TERMINAL_SQL} AND created_at <= ?",
                 (now - timeout,),
@@ -355,7 +369,7 @@ class SQLiteStore(Store):
 
     # webhook outbox -----------------------------------------------------------------
     async def claim_webhooks(self, now: float, limit: int, lease: float) -> list[WebhookEvent]:
-        with _transaction(self.db):
+        async with self._tx:
             rows = self.db.execute(
                 "SELECT * FROM webhooks w WHERE state = 'pending' AND next_at <= ?"
                 " AND seq = (SELECT MIN(seq) FROM webhooks v WHERE v.rid = w.rid AND v.state = 'pending')"
@@ -370,7 +384,7 @@ class SQLiteStore(Store):
         ]
 
     async def finish_webhook(self, event_id: str, *, delivered: bool, attempts: int, next_at: float | None) -> None:
-        with _transaction(self.db):
+        async with self._tx:
             if delivered:
                 self.db.execute("DELETE FROM webhooks WHERE event_id = ?", (event_id,))
             elif next_at is None:
@@ -380,7 +394,7 @@ class SQLiteStore(Store):
 
     # uploaded assets ----------------------------------------------------------------
     async def put_asset(self, asset_id: str, content_type: str, data: bytes, expires_at: float, now: float) -> None:
-        with _transaction(self.db):
+        async with self._tx:
             self.db.execute(
                 "INSERT OR REPLACE INTO assets (asset_id, content_type, data, expires_at) VALUES (?, ?, ?, ?)",
                 (asset_id, content_type, data, expires_at),
@@ -394,7 +408,7 @@ class SQLiteStore(Store):
 
     # idempotency --------------------------------------------------------------------
     async def idem_begin(self, tenant_id: str, key: str, fingerprint: str, now: float, lease: float) -> IdempotencyResult:
-        with _transaction(self.db):
+        async with self._tx:
             row = self.db.execute("SELECT * FROM idempotency WHERE tenant = ? AND key = ?", (tenant_id, key)).fetchone()
             if row is not None and row["expires_at"] <= now:
                 self.db.execute("DELETE FROM idempotency WHERE tenant = ? AND key = ?", (tenant_id, key))
@@ -412,7 +426,7 @@ class SQLiteStore(Store):
         return IdempotencyResult("replay", StoredResponse(row["status"], orjson.loads(row["headers"]), bytes(row["body"])))
 
     async def idem_finish(self, tenant_id: str, key: str, response: StoredResponse | None, now: float, ttl: float) -> None:
-        with _transaction(self.db):
+        async with self._tx:
             if response is None:
                 self.db.execute("DELETE FROM idempotency WHERE tenant = ? AND key = ? AND state = 'pending'", (tenant_id, key))
             else:
@@ -594,19 +608,57 @@ def _record(row: sqlite3.Row) -> TaskRecord:
     )
 
 
-class _transaction:
-    """`BEGIN IMMEDIATE` ... `COMMIT`; `ROLLBACK` when the block raises. A refusal returns
-    early before writing anything, so its commit changes nothing."""
+class _GroupCommit:
+    """One transaction for all operations of an event-loop turn (group commit).
+
+    A COMMIT is most of a small write's cost (its WAL frames and locks, docs/benchmarks.md),
+    so operations that arrive together share one. The first operation of a turn opens
+    `BEGIN IMMEDIATE` and schedules `flush` for the next turn; each operation runs its
+    statements synchronously inside `SAVEPOINT op` (an exception rolls back that operation
+    only), then waits for the COMMIT. A failed COMMIT fails every operation of the group:
+    none of them has happened. Operations of one process cannot interleave (no await inside
+    the block), and other processes wait on the write lock as before.
+    """
 
     def __init__(self, db: sqlite3.Connection):
         self.db = db
+        self._waiters: list[asyncio.Future[None]] | None = None  # None: no open transaction
 
-    def __enter__(self) -> sqlite3.Connection:
-        self.db.execute("BEGIN IMMEDIATE")
-        return self.db
+    async def __aenter__(self) -> None:
+        if self._waiters is None:
+            self.db.execute("BEGIN IMMEDIATE")
+            self._waiters = []
+            asyncio.get_running_loop().call_soon(self.flush)
+        self.db.execute("SAVEPOINT op")
 
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is not None:
+            self.db.execute("ROLLBACK TO op")
+            self.db.execute("RELEASE op")
+            return
+        self.db.execute("RELEASE op")
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        assert self._waiters is not None
+        self._waiters.append(done)
+        await done
+
+    def flush(self) -> None:
+        """COMMIT the open group and wake its operations (a no-op when none is open)."""
+        waiters, self._waiters = self._waiters, None
+        if waiters is None:
+            return
+        try:
+            self.db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            for w in waiters:
+                if not w.done():
+                    w.set_exception(exc)
+            return
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
 
 
 def _checkpoint(path: str) -> None:

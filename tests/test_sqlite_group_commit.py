@@ -1,0 +1,108 @@
+"""SQLite group commit: the writes of one event-loop turn share one transaction.
+
+What must hold: many operations of a turn cost one COMMIT; an operation that fails rolls
+back its own writes only; and no caller resumes before its writes are committed (a second
+connection, as another worker would be, sees them at once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import uuid
+from pathlib import Path
+from typing import AsyncIterator
+
+import pytest
+
+from gateway.config import Limits
+from gateway.store.base import Charge, TaskRecord, Usage, day_key, month_key
+from gateway.store.sqlite import SQLiteStore
+
+T0 = 1_768_478_400.0  # 2026-01-15 12:00 UTC
+TENANT = "acme"
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
+    s = SQLiteStore(str(tmp_path / "gateway.db"))
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+def statements(store: SQLiteStore) -> list[str]:
+    """Every statement the store's connection runs from now on (SQLite's own trace hook)."""
+    seen: list[str] = []
+    store.db.set_trace_callback(seen.append)
+    return seen
+
+
+def reservation(rid: str | None = None) -> TaskRecord:
+    return TaskRecord(rid=rid or f"req_{uuid.uuid4().hex}", tenant_id=TENANT, credits=5, created_at=T0, updated_at=T0)
+
+
+async def admit(store: SQLiteStore, rec: TaskRecord, limits: Limits = Limits()) -> bool:
+    adm = await store.admit_create(TENANT, limits, Charge(5, day_key(T0), month_key(T0)), rec, T0)
+    return adm.ok
+
+
+async def test_operations_of_one_turn_share_one_commit(store: SQLiteStore) -> None:
+    await store.take_request(TENANT, Limits(requests_per_minute=100), T0)  # the quota row exists
+    seen = statements(store)
+    results = await asyncio.gather(*(store.take_request(TENANT, Limits(requests_per_minute=100), T0) for _ in range(20)))
+    assert [r.rate.remaining for r in results if r.rate] == list(range(98, 78, -1))
+    assert seen.count("BEGIN IMMEDIATE") == 1 and seen.count("COMMIT") == 1
+    assert seen.count("SAVEPOINT op") == 20 and seen.count("RELEASE op") == 20
+    # Operations one after the other (each awaited) are one transaction each.
+    seen.clear()
+    for _ in range(3):
+        await store.take_request(TENANT, Limits(requests_per_minute=100), T0)
+    assert seen.count("COMMIT") == 3
+
+
+async def test_a_failing_operation_rolls_back_only_its_own_writes(store: SQLiteStore) -> None:
+    """A duplicate rid fails at its INSERT, after its quota update: that update must go,
+    while the other creates of the same transaction stay."""
+    dup = f"req_{uuid.uuid4().hex}"
+    limits = Limits(tasks_per_day=10, credits_per_day=100)
+    outcomes = await asyncio.gather(
+        admit(store, reservation(dup), limits), admit(store, reservation(dup), limits), admit(store, reservation(), limits),
+        return_exceptions=True,
+    )
+    assert outcomes[0] is True and outcomes[2] is True
+    assert isinstance(outcomes[1], sqlite3.IntegrityError)
+    assert await store.usage(TENANT, T0) == Usage(active=2, tasks_today=2, credits_today=10, credits_this_month=10)
+    assert store.db.execute("SELECT COUNT(*) FROM tasks").fetchone()[0] == 2
+    assert not store.db.in_transaction
+
+
+async def test_no_caller_resumes_before_its_writes_are_committed(store: SQLiteStore) -> None:
+    other = sqlite3.connect(store.path)  # another worker's view: committed data only
+    try:
+        async def create_and_look() -> int:
+            rec = reservation()
+            assert await admit(store, rec)
+            return other.execute("SELECT COUNT(*) FROM tasks WHERE rid = ?", (rec.rid,)).fetchone()[0]
+
+        assert await asyncio.gather(*(create_and_look() for _ in range(10))) == [1] * 10
+        assert other.execute("SELECT active, day_tasks FROM quota WHERE tenant = ?", (TENANT,)).fetchone() == (10, 10)
+    finally:
+        other.close()
+
+
+async def test_close_commits_an_open_group(store: SQLiteStore) -> None:
+    rec = reservation()
+    pending = asyncio.ensure_future(admit(store, rec))
+    await asyncio.sleep(0)  # the operation has run its statements; the COMMIT is still due
+    assert store.db.in_transaction
+    await store.close()
+    assert await pending is True
+    check = sqlite3.connect(store.path)
+    try:
+        assert check.execute("SELECT COUNT(*) FROM tasks WHERE rid = ?", (rec.rid,)).fetchone()[0] == 1
+    finally:
+        check.close()
+    await store.open()  # for the fixture's close
