@@ -106,3 +106,41 @@ async def test_close_commits_an_open_group(store: SQLiteStore) -> None:
     finally:
         check.close()
     await store.open()  # for the fixture's close
+
+
+async def test_waiting_for_another_process_lock_does_not_stop_the_loop(store: SQLiteStore) -> None:
+    """Another worker holds the write lock: this worker's write waits on the event loop, so
+    its reads go on meanwhile, and the write happens once the lock is free."""
+    rec = reservation()
+    assert await admit(store, rec)
+    other = sqlite3.connect(store.path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        write = asyncio.ensure_future(store.take_request(TENANT, Limits(requests_per_minute=10), T0))
+        reads = 0
+        for _ in range(20):  # ~20 loop turns with a timer each: the loop is not blocked
+            got = await store.get_by_rid(rec.rid)
+            assert got is not None and got.rid == rec.rid
+            reads += 1
+            await asyncio.sleep(0.005)
+        assert reads == 20 and not write.done()
+        other.execute("COMMIT")
+        admission = await asyncio.wait_for(write, 5)
+        assert admission.ok and admission.rate is not None and admission.rate.remaining == 9
+    finally:
+        other.close()
+
+
+async def test_a_lock_held_too_long_fails_the_operation_and_changes_nothing(store: SQLiteStore) -> None:
+    assert store._write is not None
+    store._write.lock_timeout = 0.2
+    other = sqlite3.connect(store.path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            await admit(store, reservation())
+        other.execute("COMMIT")
+    finally:
+        other.close()
+    assert await store.usage(TENANT, T0) == Usage(active=0, tasks_today=0, credits_today=0, credits_this_month=0)
+    assert await admit(store, reservation())  # the store works on once the lock is free

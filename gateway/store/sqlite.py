@@ -117,6 +117,8 @@ CREATE TABLE IF NOT EXISTS assets (
 
 TERMINAL_SQL = "('SUCCEEDED', 'FAILED', 'CANCELLED')"
 DEAD_EVENT_RETENTION = 7 * 86400
+LOCK_TIMEOUT = 10.0  # seconds an operation waits for another process's write lock
+BUSY_TIMEOUT_MS = 10000  # SQLite's own wait, for the rare lock a read meets (WAL recovery)
 
 
 @dataclass
@@ -150,7 +152,7 @@ class SQLiteStore(Store):
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute("PRAGMA wal_autocheckpoint=0")
-        db.execute("PRAGMA busy_timeout=10000")
+        db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         db.executescript(SCHEMA)
         self._db = db
         self._write = _GroupCommit(db)
@@ -620,16 +622,32 @@ class _GroupCommit:
     the block), and other processes wait on the write lock as before.
     """
 
-    def __init__(self, db: sqlite3.Connection):
+    def __init__(self, db: sqlite3.Connection, lock_timeout: float = LOCK_TIMEOUT):
         self.db = db
+        self.lock_timeout = lock_timeout
         self._waiters: list[asyncio.Future[None]] | None = None  # None: no open transaction
 
     async def __aenter__(self) -> None:
         if self._waiters is None:
-            self.db.execute("BEGIN IMMEDIATE")
-            self._waiters = []
-            asyncio.get_running_loop().call_soon(self.flush)
+            await self._begin()
         self.db.execute("SAVEPOINT op")
+
+    async def _begin(self) -> None:
+        """Open the group's transaction. While another process holds the write lock, wait
+        on the event loop, not in SQLite's busy handler: that one sleeps inside the call and
+        would stop every request of this worker for as long as the other one writes."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.lock_timeout
+        delay = 0.0005
+        while self._waiters is None:  # after a wait, another operation may have opened one
+            if _try_begin(self.db):
+                self._waiters = []
+                loop.call_soon(self.flush)
+                return
+            if loop.time() >= deadline:
+                raise sqlite3.OperationalError("database is locked")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.01)
 
     async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is not None:
@@ -659,6 +677,20 @@ class _GroupCommit:
         for w in waiters:
             if not w.done():
                 w.set_result(None)
+
+
+def _try_begin(db: sqlite3.Connection) -> bool:
+    """`BEGIN IMMEDIATE` without waiting: False when another connection holds the lock."""
+    db.execute("PRAGMA busy_timeout=0")
+    try:
+        db.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as exc:
+        if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY:
+            raise
+        return False
+    finally:
+        db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    return True
 
 
 def _checkpoint(path: str) -> None:
