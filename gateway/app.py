@@ -141,9 +141,9 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 def _is_store_failure(exc: Exception) -> bool:
     import sqlite3
 
-    import redis.exceptions
+    from gateway.store.redis_client import RedisConnectionError
 
-    return isinstance(exc, (sqlite3.OperationalError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError))
+    return isinstance(exc, (sqlite3.OperationalError, RedisConnectionError))
 
 
 def create_app(config: Config, *, metrics: Metrics | None = None, clock: Callable[[], float] = time.time, background: bool = True) -> Starlette:

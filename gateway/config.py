@@ -520,9 +520,16 @@ def _store_url(v: Any) -> str | None:
         return "must be a string"
     if v.startswith("sqlite:///") and len(v) > len("sqlite:///"):
         return None
-    if v.startswith(("redis://", "rediss://", "unix://")):
+    if v.startswith(("redis://", "rediss://")):
+        from gateway.store.redis import split_prefix
+        from gateway.store.redis_client import parse_url
+
+        try:
+            parse_url(split_prefix(v)[0])
+        except ValueError as exc:
+            return str(exc)
         return None
-    return "must be sqlite:///PATH or redis://HOST:PORT/DB"
+    return "must be sqlite:///PATH or redis[s]://[[USER]:PASSWORD@]HOST[:PORT][/DB][?prefix=P]"
 
 
 def _hook_host(v: Any) -> str | None:

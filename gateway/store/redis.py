@@ -2,9 +2,10 @@
 
 Why Lua: Redis runs a script atomically, so every read-then-write (admission, the task
 state compare-and-set, claims, settlement) is one indivisible step however many workers and
-replicas race, with no WATCH loops. Why one script per operation: redis-py costs
-~125-190 us of client CPU per command (docs: measurements), so each operation is one round
-trip that also returns everything the caller needs (rate-limit header info, the record).
+replicas race, with no WATCH loops. Why one script per operation: each command costs client
+CPU (~125-190 us with redis-py, docs: measurements; less with store/redis_client.py, still
+the largest part of a Redis-backed request), so each operation is one round trip that also
+returns everything the caller needs (rate-limit header info, the record).
 
 Time is always the caller's `now` (never Redis TIME), so tests can move the clock. Numbers
 travel as strings (`repr` for floats, parsed with `tonumber`) and floats are stored with
@@ -43,18 +44,16 @@ primary with replicas/Sentinel), not Redis Cluster.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import uuid
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import orjson
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.commands.core import AsyncScript
-from redis.backoff import NoBackoff
 
 from gateway.config import Limits
+from gateway.store.redis_client import RedisClient
 from gateway.store.base import (
     ALL_LIMITS,
     SUBMITTING,
@@ -139,7 +138,7 @@ end
 
 local function tkey(rid) return P .. 't:' .. rid end
 
--- A record as one JSON array of its hash's field/value strings: redis-py parses each
+-- A record as one JSON array of its hash's field/value strings: the client parses each
 -- reply element in Python, so one bulk string costs far less client CPU than ~44.
 local function record_json(rid)
   local h = redis.call('HGETALL', tkey(rid))
@@ -164,7 +163,7 @@ local function index_record(rid)
 end
 
 -- HSET a record given as one JSON array of field/value strings (one argument instead of
--- ~44: redis-py packs every argument in Python).
+-- ~44: the client packs every argument in Python).
 local function write_record(rid, blob)
   redis.call('HSET', tkey(rid), unpack(cjson.decode(blob)))
 end
@@ -755,7 +754,7 @@ def _retry_after(limit: str, buckets: dict[str, tuple[float, int | None]], now: 
 
 def split_prefix(url: str) -> tuple[str, str | None]:
     """Take a `prefix=` query parameter out of a store URL (`redis://h:6379/0?prefix=gw:`),
-    so `[store] url` alone can namespace a deployment; redis-py would reject it."""
+    so `[store] url` alone can namespace a deployment."""
     parts = urlsplit(url)
     query = parse_qsl(parts.query, keep_blank_values=True)
     prefixes = [v for k, v in query if k == "prefix"]
@@ -791,16 +790,8 @@ class RedisStore(Store):
         self.prefix = url_prefix if url_prefix is not None else prefix
         self.terminal_ttl = terminal_ttl
         self.dead_ttl = dead_ttl
-        self._r = aioredis.Redis.from_url(
-            url,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=connect_timeout,
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=30,
-            decode_responses=False,
-        )
-        reg = self._register
-        self._scripts: list[AsyncScript] = []
+        self._r = RedisClient(url, socket_timeout=socket_timeout, connect_timeout=connect_timeout)
+        reg = self._r.register_script
         self._admit = reg(LUA_ADMIT)
         self._take_request = reg(LUA_TAKE_REQUEST)
         self._settle = reg(LUA_SETTLE_NOT_CREATED)
@@ -820,11 +811,6 @@ class RedisStore(Store):
         self._idem_finish = reg(LUA_IDEM_FINISH)
         self._secret = reg(LUA_SECRET)
 
-    def _register(self, source: str) -> AsyncScript:
-        script = self._r.register_script(source)
-        self._scripts.append(script)
-        return script
-
     # keys ------------------------------------------------------------------------------
     def _k(self, *parts: str) -> str:
         return self.prefix + ":".join(parts)
@@ -836,8 +822,7 @@ class RedisStore(Store):
     async def open(self) -> None:
         """Load every script once, so the first requests do not pay for it."""
         await self.ping()
-        for script in self._scripts:
-            script.sha = await self._r.script_load(script.script)
+        await self._r.load_scripts()
 
     async def close(self) -> None:
         await self._r.aclose()
@@ -848,10 +833,10 @@ class RedisStore(Store):
     async def put_asset(self, asset_id: str, content_type: str, data: bytes, expires_at: float, now: float) -> None:
         """One key per upload, expiring by itself: content type, a NUL, then the bytes."""
         ttl_ms = max(1, int((expires_at - now) * 1000))
-        await self._r.set(self._k("asset", asset_id), content_type.encode() + b"\0" + data, px=ttl_ms)
+        await self._r.execute("SET", self._k("asset", asset_id), content_type.encode() + b"\0" + data, "PX", ttl_ms)
 
     async def get_asset(self, asset_id: str, now: float) -> tuple[str, bytes] | None:
-        value = await self._r.get(self._k("asset", asset_id))
+        value = await self._r.execute("GET", self._k("asset", asset_id))
         if value is None:
             return None
         content_type, _, data = bytes(value).partition(b"\0")
@@ -966,8 +951,8 @@ class RedisStore(Store):
         return admission, rec
 
     async def get_by_rid(self, rid: str) -> TaskRecord | None:
-        h = await self._r.hgetall(self._k("t", rid))
-        return _record_from_map({_s(k): _s(v) for k, v in h.items()})
+        flat = await self._r.execute("HGETALL", self._k("t", rid))
+        return _record_from_map({_s(k): _s(v) for k, v in _pairs(flat).items()})
 
     async def list_tasks(
         self, tenant_id: str, *, limit: int, after: str | None = None, status: str | None = None, order: str = "desc"
@@ -986,10 +971,10 @@ class RedisStore(Store):
             await self._set_meta(keys=[self._k("t", rid)], args=[self.prefix, *_meta_fields(meta)])
 
     async def usage(self, tenant_id: str, now: float) -> Usage:
-        async with self._r.pipeline(transaction=False) as pipe:
-            pipe.hmget(self._k("q", tenant_id), "day", "day_tasks", "day_credits", "month", "month_credits")
-            pipe.hget(self._k("act"), tenant_id)
-            (day, tasks, credits, month, mcredits), active = await pipe.execute()
+        (day, tasks, credits, month, mcredits), active = await asyncio.gather(  # one write: auto-pipelined
+            self._r.execute("HMGET", self._k("q", tenant_id), "day", "day_tasks", "day_credits", "month", "month_credits"),
+            self._r.execute("HGET", self._k("act"), tenant_id),
+        )
         today = _s(day) == day_key(now)
         this_month = _s(month) == month_key(now)
         return Usage(
@@ -1000,11 +985,11 @@ class RedisStore(Store):
         )
 
     async def active_by_tenant(self) -> dict[str, int]:
-        h = await self._r.hgetall(self._k("act"))
-        return {_s(k): int(v) for k, v in h.items() if int(v) > 0}
+        h = _pairs(await self._r.execute("HGETALL", self._k("act")))
+        return {k: int(v) for k, v in h.items() if int(v) > 0}
 
     async def webhook_pending(self) -> int:
-        return max(0, int(await self._r.get(self._k("whn")) or 0))
+        return max(0, int(await self._r.execute("GET", self._k("whn")) or 0))
 
     # polling and timeouts --------------------------------------------------------------
     async def claim_poll(self, rid: str, now: float, interval: float) -> bool:

@@ -1,0 +1,69 @@
+"""Client CPU per Redis command: redis-py's asyncio client vs gateway/store/redis_client.py.
+
+    python bench/redis_clients.py [--url redis://127.0.0.1:6379/14] [--callers 16] [--calls 3000]
+
+Each client runs the same trivial script by EVALSHA from C concurrent callers on uvloop (as
+the gateway serves); the table gives this process's CPU time (utime + stime) per command and
+commands per second. Redis's own CPU is not counted. Only reads: nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import resource
+import time
+from typing import Any, Awaitable, Callable
+
+import uvloop
+
+SCRIPT = "return ARGV[1]"
+
+
+def cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+async def run(call: Callable[[int], Awaitable[Any]], callers: int, calls: int) -> tuple[float, float]:
+    async def caller(c: int) -> None:
+        for i in range(calls):
+            await call(i)
+
+    await asyncio.gather(*(caller(c) for c in range(2)))  # warm: connections, scripts
+    c0, t0 = cpu(), time.perf_counter()
+    await asyncio.gather(*(caller(c) for c in range(callers)))
+    n = callers * calls
+    return (cpu() - c0) / n * 1e6, n / (time.perf_counter() - t0)
+
+
+async def main(url: str, callers: int, calls: int) -> None:
+    import redis.asyncio as aioredis
+
+    from gateway.store.redis_client import RedisClient
+
+    rows: list[tuple[str, float, float]] = []
+    for round_ in range(2):  # alternate, twice: the machine is shared
+        py = aioredis.Redis.from_url(url)
+        script = py.register_script(SCRIPT)
+        rows.append(("redis-py asyncio", *await run(lambda i: script(args=[i]), callers, calls)))
+        await py.aclose()
+        lean = RedisClient(url)
+        lscript = lean.register_script(SCRIPT)
+        await lean.load_scripts()
+        rows.append(("gateway RedisClient", *await run(lambda i: lscript(args=[i]), callers, calls)))
+        await lean.aclose()
+    print(f"{callers} concurrent callers x {calls} EVALSHA each, uvloop\n")
+    print("| client | client CPU µs/command | commands/s |")
+    print("|---|---:|---:|")
+    for name, us, rate in rows:
+        print(f"| {name} | {us:,.1f} | {rate:,.0f} |")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--url", default="redis://127.0.0.1:6379/14")
+    p.add_argument("--callers", type=int, default=16)
+    p.add_argument("--calls", type=int, default=3000)
+    a = p.parse_args()
+    uvloop.run(main(a.url, a.callers, a.calls))

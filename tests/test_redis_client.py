@@ -1,0 +1,179 @@
+"""gateway/store/redis_client.py against a real Redis: replies in order whatever the mix,
+one write per loop turn, EVALSHA with its NOSCRIPT fallback, and failures that fail the
+waiting commands (never retry them) and leave the client able to reconnect.
+
+Keys live under a prefix of this module's own and are deleted at the end (never FLUSHDB).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+import pytest
+
+from gateway.store.redis_client import Address, RedisClient, RedisConnectionError, RedisError, pack, parse_url
+from conftest import redis_url_or_skip
+
+
+@pytest.fixture
+def base_url() -> str:
+    return redis_url_or_skip()
+
+
+@pytest.fixture
+async def client(base_url: str) -> AsyncIterator[RedisClient]:
+    c = RedisClient(base_url, socket_timeout=2.0)
+    yield c
+    await c.aclose()
+
+
+@pytest.fixture
+async def prefix(base_url: str) -> AsyncIterator[str]:
+    p = f"rctest:{uuid.uuid4().hex[:8]}:"
+    yield p
+    cleaner = RedisClient(base_url)
+    keys = await cleaner.execute("KEYS", p + "*")
+    if keys:
+        await cleaner.execute("DEL", *keys)
+    await cleaner.aclose()
+
+
+def test_urls_and_encoding() -> None:
+    assert parse_url("redis://127.0.0.1:6380/3") == Address("127.0.0.1", 6380, 3)
+    assert parse_url("redis://:p%40ss@redis.example") == Address("redis.example", 6379, 0, None, "p@ss")
+    assert parse_url("rediss://app:secret@h:1/2") == Address("h", 1, 2, "app", "secret", tls=True)
+    for bad in ("http://h/0", "redis://h/zero", "redis://h:port/0"):
+        with pytest.raises(ValueError):
+            parse_url(bad)
+    assert pack(("SET", b"k\r\n", 7, 0.1)) == b"*4\r\n$3\r\nSET\r\n$3\r\nk\r\n\r\n$1\r\n7\r\n$3\r\n0.1\r\n"
+    with pytest.raises(TypeError):
+        pack(("SET", None))  # type: ignore[arg-type]
+
+
+async def test_values_round_trip_byte_for_byte(client: RedisClient, prefix: str) -> None:
+    blob = bytes(range(256)) * 20_000 + b"\r\n\0end"  # ~5 MB with CR LF and NUL inside
+    assert await client.execute("SET", prefix + "blob", blob) == b"OK"
+    assert await client.execute("GET", prefix + "blob") == blob
+    assert await client.execute("GET", prefix + "missing") is None
+    assert await client.execute("HSET", prefix + "h", "a", "ü", "b", 2) == 2
+    assert await client.execute("HGETALL", prefix + "h") == [b"a", "ü".encode(), b"b", b"2"]
+    assert await client.execute("EVAL", "return {1, 'x', {2, false}}", 0) == [1, b"x", [2, None]]
+    await client.ping()
+
+
+async def test_an_error_reply_fails_its_command_only(client: RedisClient, prefix: str) -> None:
+    await client.execute("SET", prefix + "s", "text")
+    results = await asyncio.gather(
+        client.execute("SET", prefix + "n", 41),
+        client.execute("INCR", prefix + "s"),
+        client.execute("INCR", prefix + "n"),
+        return_exceptions=True,
+    )
+    assert results[0] == b"OK" and results[2] == 42
+    assert isinstance(results[1], RedisError) and "not an integer" in str(results[1])
+
+
+async def test_commands_of_one_turn_go_in_one_write_and_replies_keep_their_order(client: RedisClient, prefix: str) -> None:
+    await client.ping()  # connected
+    writes = client.writes
+    key = prefix + "counter"
+    replies = await asyncio.gather(*(client.execute("INCR", key) for _ in range(500)))
+    assert replies == list(range(1, 501))  # gather keeps call order: each caller got its own reply
+    assert client.writes - writes == 1
+    assert await client.execute("GET", key) == b"500"
+
+
+async def test_scripts_run_by_sha_and_survive_a_script_flush(client: RedisClient, prefix: str) -> None:
+    script = client.register_script("return redis.call('INCR', KEYS[1])")
+    await client.load_scripts()
+    key = prefix + "runs"
+    assert await script(keys=[key]) == 1
+    assert await client.execute("SCRIPT", "FLUSH") == b"OK"  # as after a Redis restart
+    assert await script(keys=[key]) == 2  # NOSCRIPT: did not run; EVAL ran it once
+    assert await script(keys=[key]) == 3
+    broken = client.register_script("return redis.call('NOSUCHCOMMAND')")
+    with pytest.raises(RedisError):
+        await broken()
+
+
+async def test_a_late_reply_fails_the_waiting_commands_and_the_next_one_reconnects(base_url: str, prefix: str) -> None:
+    client = RedisClient(base_url, socket_timeout=0.3)
+    try:
+        await client.ping()
+        started = time.monotonic()
+        blocked = asyncio.gather(client.execute("BLPOP", prefix + "never", 5), client.execute("PING"), return_exceptions=True)
+        first, second = await blocked
+        assert isinstance(first, RedisConnectionError) and isinstance(second, RedisConnectionError)
+        assert "0.3" in str(first) and time.monotonic() - started < 2.0
+        assert await client.execute("SET", prefix + "after", "ok") == b"OK"  # a new connection
+    finally:
+        await client.aclose()
+
+
+async def test_a_connection_killed_by_the_server_fails_then_reconnects(client: RedisClient, base_url: str, prefix: str) -> None:
+    my_id = await client.execute("CLIENT", "ID")
+    waiting = asyncio.ensure_future(client.execute("BLPOP", prefix + "never", 5))
+    await asyncio.sleep(0.05)
+    admin = RedisClient(base_url)
+    try:
+        assert await admin.execute("CLIENT", "KILL", "ID", my_id) == 1
+    finally:
+        await admin.aclose()
+    with pytest.raises(RedisConnectionError):
+        await asyncio.wait_for(waiting, 2)
+    assert await client.execute("CLIENT", "ID") != my_id
+
+
+async def test_a_cancelled_caller_does_not_shift_the_replies(client: RedisClient, prefix: str) -> None:
+    await client.execute("SET", prefix + "k", "v")
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(client.execute("BLPOP", prefix + "never", 0.2), 0.05)
+    # The BLPOP's nil reply arrives later and is dropped; these get their own replies.
+    assert await asyncio.gather(client.execute("GET", prefix + "k"), client.execute("ECHO", "x")) == [b"v", b"x"]
+    await asyncio.sleep(0.3)
+    assert await client.execute("GET", prefix + "k") == b"v"
+
+
+def test_on_uvloop_as_the_server_runs_it(base_url: str) -> None:
+    """uvicorn[standard] serves on uvloop, whose transports and timers are its own."""
+    import uvloop
+
+    async def main() -> tuple[list[Any], int]:
+        c = RedisClient(base_url, socket_timeout=0.3)
+        try:
+            await c.ping()
+            writes = c.writes
+            replies = await asyncio.gather(*(c.execute("ECHO", str(i)) for i in range(100)))
+            writes = c.writes - writes
+            with pytest.raises(RedisConnectionError):
+                await c.execute("BLPOP", f"rctest:{uuid.uuid4().hex}", 2)
+            return replies + [await c.execute("ECHO", "again")], writes
+        finally:
+            await c.aclose()
+
+    replies, writes = uvloop.run(main())
+    assert replies == [str(i).encode() for i in range(100)] + [b"again"] and writes == 1
+
+
+async def test_nothing_listening_fails_fast() -> None:
+    client = RedisClient("redis://127.0.0.1:1/0", connect_timeout=1.0)
+    started = time.monotonic()
+    with pytest.raises(RedisConnectionError, match="cannot connect"):
+        await client.execute("PING")
+    assert time.monotonic() - started < 1.5
+
+
+async def test_the_url_selects_the_database(base_url: str, prefix: str) -> None:
+    host = base_url.split("://", 1)[1].split("/", 1)[0]
+    on15, on0 = RedisClient(f"redis://{host}/15"), RedisClient(f"redis://{host}/0")
+    try:
+        await on15.execute("SET", prefix + "db", "15")
+        assert await on15.execute("GET", prefix + "db") == b"15"
+        assert await on0.execute("GET", prefix + "db") is None
+    finally:
+        await on15.execute("DEL", prefix + "db")
+        await on15.aclose()
+        await on0.aclose()
