@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 import pytest
 
+from gateway.config import ConfigError, load_config
 from gateway.store.redis_client import Address, RedisClient, RedisConnectionError, RedisError, pack, parse_url
 from conftest import redis_url_or_skip
 
@@ -51,6 +53,27 @@ def test_urls_and_encoding() -> None:
     assert pack(("SET", b"k\r\n", 7, 0.1)) == b"*4\r\n$3\r\nSET\r\n$3\r\nk\r\n\r\n$1\r\n7\r\n$3\r\n0.1\r\n"
     with pytest.raises(TypeError):
         pack(("SET", None))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("redis://h:6379/zero", "store.url: the Redis database must be a number"),
+        ("redis://h:port/0", "store.url: the Redis port must be a number"),
+        ("unix:///run/redis.sock", "store.url: must be sqlite:///PATH or redis[s]://"),
+    ],
+)
+def test_check_config_reports_a_redis_url_the_client_cannot_use(tmp_path: Path, url: str, problem: str) -> None:
+    cfg = tmp_path / "gateway.toml"
+    cfg.write_text(
+        f'[upstream]\nbase_url = "http://127.0.0.1:9"\napi_keys = ["k"]\n[store]\nurl = "{url}"\n'
+        f'[[tenants]]\nid = "t"\nkeys = ["sha256:{"0" * 64}"]\n'
+    )
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg)
+    assert any(p.startswith(problem) for p in err.value.problems), err.value.problems
+    cfg.write_text(cfg.read_text().replace(url, "rediss://user:pw@h:6380/2?prefix=gw:"))
+    assert load_config(cfg).store.url == "rediss://user:pw@h:6380/2?prefix=gw:"
 
 
 async def test_values_round_trip_byte_for_byte(client: RedisClient, prefix: str) -> None:
