@@ -52,6 +52,7 @@ import secrets
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -431,33 +432,59 @@ def _find(rows: list[Row], name: str) -> Row | None:
     return next((r for r in rows if r.target == name and r.rps), None)
 
 
+GOALS = (  # (what, kind, numerator row, denominator row or None, target)
+    ("SQLite creates / aiohttp floor", "ratio", "gateway SQLite: create", "floor: Starlette + aiohttp", 0.5),
+    ("SQLite polls / upstream alone", "ratio", "gateway SQLite: poll", "upstream alone", 0.4),
+    ("SQLite p50 added at 1 connection", "added", "gateway SQLite: create, 1 conn", "upstream alone, 1 conn", 1.0),
+    ("Redis creates / SQLite creates", "ratio", "gateway Redis: create", "gateway SQLite: create", 0.8),
+    ("Redis polls / SQLite polls", "ratio", "gateway Redis: poll", "gateway SQLite: poll", 0.8),
+    ("Redis p50 added at 1 connection", "added", "gateway Redis: create, 1 conn", "upstream alone, 1 conn", 1.0),
+)
+
+
+def goal_value(rows: list[Row], kind: str, num: str, den: str) -> tuple[float, str] | None:
+    """A goal's value in one round, with how it was computed; None when a row is missing."""
+    a, b = _find(rows, num), _find(rows, den)
+    if a is None or b is None or not b.rps:
+        return None
+    if kind == "ratio":
+        return (a.rps or 0) / b.rps, f"{(a.rps or 0) / b.rps:.2f}x ({a.rps:,.0f} / {b.rps:,.0f})"
+    d = (a.p50_ms or 0) - (b.p50_ms or 0)
+    return d, f"{d:.2f} ms ({a.p50_ms:.2f} - {b.p50_ms:.2f})"
+
+
+def _target(kind: str, goal: float) -> str:
+    return f">= {goal:g}x" if kind == "ratio" else f"< {goal:g} ms"
+
+
+def _met(kind: str, value: float, goal: float) -> str:
+    return "yes" if (value >= goal if kind == "ratio" else value < goal) else "**no**"
+
+
 def ratios(rows: list[Row]) -> list[tuple[str, str, str, str]]:
-    """(what, measured, goal, met) for the issue's targets."""
-    out: list[tuple[str, str, str, str]] = []
-
-    def ratio(what: str, num: str, den: str, goal: float) -> None:
-        a, b = _find(rows, num), _find(rows, den)
-        if a is None or b is None or not b.rps:
-            out.append((what, "pending", f">= {goal:g}x", "pending"))
-            return
-        r = (a.rps or 0) / b.rps
-        out.append((what, f"{r:.2f}x ({a.rps:,.0f} / {b.rps:,.0f})", f">= {goal:g}x", "yes" if r >= goal else "**no**"))
-
-    def added(what: str, gw: str) -> None:
-        a, b = _find(rows, gw), _find(rows, "upstream alone, 1 conn")
-        if a is None or b is None:
-            out.append((what, "pending", "< 1 ms", "pending"))
-            return
-        d = (a.p50_ms or 0) - (b.p50_ms or 0)
-        out.append((what, f"{d:.2f} ms ({a.p50_ms:.2f} - {b.p50_ms:.2f})", "< 1 ms", "yes" if d < 1.0 else "**no**"))
-
-    ratio("SQLite creates / aiohttp floor", "gateway SQLite: create", "floor: Starlette + aiohttp", 0.5)
-    ratio("SQLite polls / upstream alone", "gateway SQLite: poll", "upstream alone", 0.4)
-    added("SQLite p50 added at 1 connection", "gateway SQLite: create, 1 conn")
-    ratio("Redis creates / SQLite creates", "gateway Redis: create", "gateway SQLite: create", 0.8)
-    ratio("Redis polls / SQLite polls", "gateway Redis: poll", "gateway SQLite: poll", 0.8)
-    added("Redis p50 added at 1 connection", "gateway Redis: create, 1 conn")
+    """(what, measured, goal, met) for the issue's targets, from one round."""
+    out = []
+    for what, kind, num, den, goal in GOALS:
+        v = goal_value(rows, kind, num, den)
+        out.append((what, v[1], _target(kind, goal), _met(kind, v[0], goal)) if v else (what, "pending", _target(kind, goal), "pending"))
     return out
+
+
+def rounds_table(rounds: list[list[Row]]) -> list[str]:
+    """The goals over several rounds: each round's value and the median, which decides."""
+    n = len(rounds)
+    lines = ["| goal | " + " | ".join(f"round {i + 1}" for i in range(n)) + " | median | target | met (median) |",
+             "|---|" + "---:|" * (n + 1) + "---|---|"]
+    for what, kind, num, den, goal in GOALS:
+        values = [goal_value(rows, kind, num, den) for rows in rounds]
+        if any(v is None for v in values):
+            lines.append(f"| {what} | " + " | ".join("pending" for _ in values) + f" | pending | {_target(kind, goal)} | pending |")
+            continue
+        nums = [v[0] for v in values if v]
+        med = statistics.median(nums)
+        unit = "x" if kind == "ratio" else " ms"
+        lines.append(f"| {what} | " + " | ".join(f"{x:.2f}{unit}" for x in nums) + f" | {med:.2f}{unit} | {_target(kind, goal)} | {_met(kind, med, goal)} |")
+    return lines
 
 
 def machine() -> str:
@@ -517,6 +544,18 @@ def render(rows: list[Row], lat_rows: list[Row], load: Load, command: str, start
     return "\n".join(lines) + "\n"
 
 
+def render_rounds(results: list[tuple[list[Row], list[Row]]], load: Load, command: str, started: dt.datetime, warmup: int) -> str:
+    """Each round's table, then the goals over the rounds (median decides)."""
+    parts = []
+    for i, (rows, lat_rows) in enumerate(results):
+        table = render(rows, lat_rows, load, command, started, warmup)
+        if i:
+            table = table.split("\n\n", 1)[1]  # the header once
+        parts.append(f"Round {i + 1}:\n\n" + table if i else table.replace("\n\n| target", "\n\nRound 1:\n\n| target", 1))
+    summary = [f"Goals over {len(results)} rounds (each ratio taken within its round):", "", *rounds_table([r + l for r, l in results])]
+    return "\n".join(parts) + "\n" + "\n".join(summary) + "\n"
+
+
 # --- the runs -------------------------------------------------------------------------
 
 
@@ -529,46 +568,19 @@ def bench(args: argparse.Namespace, load: Load, command: str) -> int:
         return 2
     warmup = 0 if args.quick else args.warmup
     workdir = Path(tempfile.mkdtemp(prefix="runway-bench-"))
-    rows: list[Row] = []
-    lat_rows: list[Row] = []
+    results: list[tuple[list[Row], list[Row]]] = []  # (rows, 1-connection rows) per round
     sim = simulator(workdir, FAST_SECONDS_TO_FINISH)
     servers: list[Server] = [sim]
     ok = False
     try:
         sim.start()
-        if "upstream" in groups:
-            rows.append(measure(load, "upstream alone", sim.pid, sim.url + "/runway/tasks", "post", UPSTREAM_KEY, warmup=warmup))
-            reset_simulator(sim)
-            lat_rows.append(measure(load, "upstream alone, 1 conn", sim.pid, sim.url + "/runway/tasks", "post", UPSTREAM_KEY, connections=1, warmup=warmup))
-        if "floors" in groups:
-            floors = [("floor: Starlette + aiohttp", "floor_aiohttp.py", []), ("floor: Starlette + httpx", "floor_httpx.py", [])]
-            if importlib.util.find_spec("httpx_aiohttp"):
-                floors.append(("floor: Starlette + httpx-aiohttp transport", "floor_httpx.py", ["--transport", "aiohttp"]))
-            for name, script, extra in floors:
-                reset_simulator(sim)
-                port = free_port()
-                floor = Server(script.removesuffix(".py") + "".join(extra[1:]), [PY, str(BENCH / script), "--port", str(port), "--upstream", sim.url,
-                               "--api-key", UPSTREAM_KEY, *extra], workdir, port, "/healthz")
-                servers.append(floor)
-                floor.start()
-                try:
-                    rows.append(measure(load, name, floor.pid, floor.url + "/runway/tasks", "post", UPSTREAM_KEY, warmup=warmup, upstream_pid=sim.pid))
-                finally:
-                    floor.stop()
-        if "sqlite" in groups:
-            run_gateway(load, rows, lat_rows, "SQLite", workdir, sim, f"sqlite:///{workdir / 'gateway.db'}", warmup, args.profile)
-        if "redis" in groups:
-            problem = redis_ready(args.redis_url)
-            if problem:
-                note = f"pending: Redis at {args.redis_url} not usable ({problem[:80]})"
-                print(f"  {note}", file=sys.stderr)
-                rows += [Row("gateway Redis: create", load.connections, note=note), Row("gateway Redis: poll", load.connections, note=note)]
-                lat_rows.append(Row("gateway Redis: create, 1 conn", 1, note=note))
-            else:
-                try:
-                    run_gateway(load, rows, lat_rows, "Redis", workdir, sim, args.redis_url, warmup, args.profile)
-                finally:
-                    redis_ready(args.redis_url)  # flush our db again
+        for round_ in range(args.rounds):
+            if args.rounds > 1:
+                print(f"round {round_ + 1} of {args.rounds}", file=sys.stderr)
+            rows: list[Row] = []
+            lat_rows: list[Row] = []
+            results.append((rows, lat_rows))
+            bench_round(args, load, groups, workdir, sim, servers, rows, lat_rows, warmup)
         ok = True
     finally:
         for s in servers:
@@ -577,14 +589,55 @@ def bench(args: argparse.Namespace, load: Load, command: str) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
         else:
             print(f"logs and configs kept in {workdir}", file=sys.stderr)
-    table = render(rows, lat_rows, load, command, started, warmup)
+    if len(results) == 1:
+        table = render(*results[0], load, command, started, warmup)
+    else:
+        table = render_rounds(results, load, command, started, warmup)
     print(table, flush=True)
     if not args.no_save:
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / "latest.md").write_text(table)
         (RESULTS / "latest.json").write_text(json.dumps({"date": started.isoformat(), "command": command, "machine": machine(),
-                                                          "rows": [asdict(r) for r in rows + lat_rows]}, indent=2))
+                                                          "rounds": [[asdict(r) for r in rows + lat] for rows, lat in results]}, indent=2))
     return 0
+
+
+def bench_round(args: argparse.Namespace, load: Load, groups: set[str], workdir: Path, sim: Server, servers: list[Server],
+                rows: list[Row], lat_rows: list[Row], warmup: int) -> None:
+    """One round: every selected target once, in the order of the table."""
+    if "upstream" in groups:
+        rows.append(measure(load, "upstream alone", sim.pid, sim.url + "/runway/tasks", "post", UPSTREAM_KEY, warmup=warmup))
+        reset_simulator(sim)
+        lat_rows.append(measure(load, "upstream alone, 1 conn", sim.pid, sim.url + "/runway/tasks", "post", UPSTREAM_KEY, connections=1, warmup=warmup))
+    if "floors" in groups:
+        floors = [("floor: Starlette + aiohttp", "floor_aiohttp.py", []), ("floor: Starlette + httpx", "floor_httpx.py", [])]
+        if importlib.util.find_spec("httpx_aiohttp"):
+            floors.append(("floor: Starlette + httpx-aiohttp transport", "floor_httpx.py", ["--transport", "aiohttp"]))
+        for name, script, extra in floors:
+            reset_simulator(sim)
+            port = free_port()
+            floor = Server(script.removesuffix(".py") + "".join(extra[1:]), [PY, str(BENCH / script), "--port", str(port), "--upstream", sim.url,
+                           "--api-key", UPSTREAM_KEY, *extra], workdir, port, "/healthz")
+            servers.append(floor)
+            floor.start()
+            try:
+                rows.append(measure(load, name, floor.pid, floor.url + "/runway/tasks", "post", UPSTREAM_KEY, warmup=warmup, upstream_pid=sim.pid))
+            finally:
+                floor.stop()
+    if "sqlite" in groups:
+        run_gateway(load, rows, lat_rows, "SQLite", workdir, sim, f"sqlite:///{workdir / 'gateway.db'}", warmup, args.profile)
+    if "redis" in groups:
+        problem = redis_ready(args.redis_url)
+        if problem:
+            note = f"pending: Redis at {args.redis_url} not usable ({problem[:80]})"
+            print(f"  {note}", file=sys.stderr)
+            rows += [Row("gateway Redis: create", load.connections, note=note), Row("gateway Redis: poll", load.connections, note=note)]
+            lat_rows.append(Row("gateway Redis: create, 1 conn", 1, note=note))
+        else:
+            try:
+                run_gateway(load, rows, lat_rows, "Redis", workdir, sim, args.redis_url, warmup, args.profile)
+            finally:
+                redis_ready(args.redis_url)  # flush our db again
 
 
 def soak(args: argparse.Namespace, load: Load, command: str) -> int:
@@ -669,6 +722,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--connections", type=int, default=32, help="concurrent connections (default 32)")
     p.add_argument("--warmup", type=int, default=2, help="seconds of unmeasured load before each target (default 2)")
     p.add_argument("--quick", action="store_true", help="a smoke run: 1 s per target, no warm-up")
+    p.add_argument("--rounds", type=int, default=1, help="repeat the whole table N times; the goals use the median of the rounds")
     p.add_argument("--only", default="", help=f"comma-separated subset of {','.join(GROUPS)}")
     p.add_argument("--threads", type=int, default=1, help="wrk threads (default 1: leave the cores to the servers)")
     p.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto", help="auto: wrk when on PATH, else bench/loadgen.py")
