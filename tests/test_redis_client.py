@@ -200,3 +200,42 @@ async def test_the_url_selects_the_database(base_url: str, prefix: str) -> None:
         await on15.execute("DEL", prefix + "db")
         await on15.aclose()
         await on0.aclose()
+
+
+async def test_callers_waiting_for_a_connection_share_its_failure() -> None:
+    """A server that accepts but never answers (a hung Redis): SELECT times out once for all
+    the waiting callers, not once per caller, and the half-open socket is closed."""
+    closed = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # until the client closes
+        closed.set()
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = RedisClient(f"redis://127.0.0.1:{port}/1", socket_timeout=0.3)
+    try:
+        started = time.monotonic()
+        results = await asyncio.gather(*(client.execute("PING") for _ in range(5)), return_exceptions=True)
+        assert all(isinstance(r, RedisConnectionError) for r in results), results
+        assert time.monotonic() - started < 0.6
+        await asyncio.wait_for(closed.wait(), 1)
+        # A caller cancelled during the setup does not leave the socket open either.
+        closed.clear()
+        waiting = asyncio.ensure_future(client.execute("PING"))
+        await asyncio.sleep(0.05)
+        waiting.cancel()
+        await asyncio.wait_for(closed.wait(), 1)
+        # aclose() during the setup: the waiting caller fails as closed, the socket is closed.
+        closed.clear()
+        waiting = asyncio.ensure_future(client.execute("PING"))
+        await asyncio.sleep(0.05)
+        await client.aclose()
+        with pytest.raises(RedisConnectionError, match="closed"):
+            await waiting
+        await asyncio.wait_for(closed.wait(), 1)
+    finally:
+        await client.aclose()
+        server.close()
+        await server.wait_closed()

@@ -200,7 +200,7 @@ class RedisClient:
         self.connect_timeout = connect_timeout
         self.scripts: list[Script] = []
         self._conn: _Connection | None = None
-        self._connecting: asyncio.Lock | None = None
+        self._connecting: asyncio.Future[_Connection] | None = None
 
     async def execute(self, *args: Arg) -> Any:
         """Send one command (in the next write of this loop turn) and return its reply:
@@ -231,20 +231,32 @@ class RedisClient:
 
     async def aclose(self) -> None:
         """Close the connection; commands still waiting fail. A later command reconnects."""
+        if self._connecting is not None:
+            self._connecting.cancel()  # _open closes what it had opened
         if self._conn is not None:
             self._conn.kill(RedisConnectionError("the client was closed"))
             self._conn = None
 
     async def _connect(self) -> _Connection:
+        """Concurrent callers share one attempt and its outcome: while Redis is down, N callers
+        fail after one timeout, not one after another. A cancelled caller leaves it running."""
         if self._connecting is None:
-            self._connecting = asyncio.Lock()
-        async with self._connecting:  # concurrent first callers share one connection
-            if self._conn is not None and self._conn.error is None:
-                return self._conn
-            self._conn = None
-            conn = await self._open()
-            self._conn = conn
-            return conn
+            self._connecting = asyncio.ensure_future(self._open())
+            self._connecting.add_done_callback(self._connected)
+        attempt = self._connecting
+        try:
+            return await asyncio.shield(attempt)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if attempt.cancelled() and not (task and task.cancelling()):  # aclose(), not our caller
+                raise RedisConnectionError("the client was closed") from None
+            raise
+
+    def _connected(self, attempt: asyncio.Future[_Connection]) -> None:
+        if self._connecting is attempt:
+            self._connecting = None
+        if not attempt.cancelled() and attempt.exception() is None:
+            self._conn = attempt.result()
 
     async def _open(self) -> _Connection:
         a = self.address
@@ -267,4 +279,7 @@ class RedisClient:
         except RedisError as exc:
             conn.kill(RedisConnectionError(f"Redis refused the connection setup: {exc}"))
             raise conn.error from None  # type: ignore[misc]
+        except BaseException:  # a timeout, or cancelled by aclose(): do not leak the socket
+            conn.kill(RedisConnectionError("the connection setup did not finish"))
+            raise
         return conn
