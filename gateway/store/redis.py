@@ -138,6 +138,19 @@ end
 
 local function tkey(rid) return P .. 't:' .. rid end
 
+-- A token bucket's level at `now` (full when new) and its stored time, computed exactly as
+-- bucket_take does in Python; bucket_store keeps what is left after a take.
+local function bucket_level(q, name, cap, now)
+  local v = redis.call('HMGET', q, name .. '_t', name .. '_ts')
+  if not v[1] then return cap, now end
+  local ts = tonumber(v[2])
+  return math.min(cap, tonumber(v[1]) + math.max(0, now - ts) * cap / 60.0), ts
+end
+
+local function bucket_store(q, name, level, ts, now)
+  redis.call('HSET', q, name .. '_t', fmt(level), name .. '_ts', fmt(math.max(ts, now)))
+end
+
 -- A record as one JSON array of its hash's field/value strings: the client parses each
 -- reply element in Python, so one bulk string costs far less client CPU than ~44.
 local function record_json(rid)
@@ -201,17 +214,12 @@ local tasks_day, credits_day, credits_month = tonumber(ARGV[7]), tonumber(ARGV[8
 local credits, day, month, rid = tonumber(ARGV[10]), ARGV[11], ARGV[12], ARGV[13]
 local names = {'rpm', 'tpm'}
 
-local levels = {-1, -1}
+local levels, stamps = {-1, -1}, {now, now}
 local failed = 0
 for i = 1, 2 do
   if caps[i] > 0 then
-    local v = redis.call('HMGET', q, names[i] .. '_t', names[i] .. '_ts')
-    local level = caps[i]
-    if v[1] then
-      level = math.min(caps[i], tonumber(v[1]) + math.max(0, now - tonumber(v[2])) * caps[i] / 60.0)
-    end
-    levels[i] = level
-    if failed == 0 and level < 1.0 then failed = i end
+    levels[i], stamps[i] = bucket_level(q, names[i], caps[i], now)
+    if failed == 0 and levels[i] < 1.0 then failed = i end
   end
 end
 
@@ -236,8 +244,7 @@ end
 for i = 1, 2 do
   if caps[i] > 0 then
     levels[i] = levels[i] - 1.0
-    local ts = tonumber(redis.call('HGET', q, names[i] .. '_ts') or ARGV[3])
-    redis.call('HSET', q, names[i] .. '_t', fmt(levels[i]), names[i] .. '_ts', fmt(math.max(ts, now)))
+    bucket_store(q, names[i], levels[i], stamps[i], now)
   end
 end
 charge(q, day, month, 1, credits)
@@ -247,40 +254,29 @@ return {1, 0, fmt(levels[1]), fmt(levels[2])}
 """
 
 # ARGV: P, now, capacity -> {ok, level}
-LUA_TAKE_REQUEST = r"""
+LUA_TAKE_REQUEST = LUA_LIB + r"""
 local q = KEYS[1]
 local now, cap = tonumber(ARGV[2]), tonumber(ARGV[3])
-local v = redis.call('HMGET', q, 'rpm_t', 'rpm_ts')
-local level, ts = cap, now
-if v[1] then
-  ts = tonumber(v[2])
-  level = math.min(cap, tonumber(v[1]) + math.max(0, now - ts) * cap / 60.0)
-end
-if level < 1.0 then return {0, string.format('%.17g', level)} end
-level = level - 1.0
-redis.call('HSET', q, 'rpm_t', string.format('%.17g', level), 'rpm_ts', string.format('%.17g', math.max(ts, now)))
-return {1, string.format('%.17g', level)}
+local level, ts = bucket_level(q, 'rpm', cap, now)
+if level < 1.0 then return {0, fmt(level)} end
+bucket_store(q, 'rpm', level - 1.0, ts, now)
+return {1, fmt(level - 1.0)}
 """
 
-# ARGV: P, now, capacity (0 = unlimited), tenant, task_id -> {ok, level, record JSON or ''}
+# ARGV: P, now, capacity (0 = unlimited), task_id -> {ok, level, record JSON or ''}
 # A status poll: LUA_TAKE_REQUEST, then LUA_GET_BY_TASK_ID when admitted (Store.read_task).
 LUA_READ_TASK = LUA_LIB + r"""
 local q = KEYS[1]
 local now, cap = tonumber(ARGV[2]), tonumber(ARGV[3])
 local level = 0
 if cap > 0 then
-  local v = redis.call('HMGET', q, 'rpm_t', 'rpm_ts')
-  local ts = now
-  level = cap
-  if v[1] then
-    ts = tonumber(v[2])
-    level = math.min(cap, tonumber(v[1]) + math.max(0, now - ts) * cap / 60.0)
-  end
+  local ts
+  level, ts = bucket_level(q, 'rpm', cap, now)
   if level < 1.0 then return {0, fmt(level), ''} end
   level = level - 1.0
-  redis.call('HSET', q, 'rpm_t', fmt(level), 'rpm_ts', fmt(math.max(ts, now)))
+  bucket_store(q, 'rpm', level, ts, now)
 end
-local rid = redis.call('GET', P .. 'tid:' .. ARGV[5])
+local rid = redis.call('GET', P .. 'tid:' .. ARGV[4])
 if not rid then return {1, fmt(level), ''} end
 return {1, fmt(level), record_json(rid)}
 """
@@ -935,7 +931,7 @@ class RedisStore(Store):
 
     async def read_task(self, tenant_id: str, limits: Limits, task_id: str, now: float) -> tuple[Admission, TaskRecord | None]:
         cap = limits.requests_per_minute
-        args = [self.prefix, _num(now), str(cap or 0), tenant_id, task_id]
+        args = [self.prefix, _num(now), str(cap or 0), task_id]
         ok, level_s, blob = await self._read_task(keys=[self._k("q", tenant_id)], args=args)
         if cap is None:
             admission = Admission(ok=True)
