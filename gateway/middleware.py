@@ -10,8 +10,8 @@ from __future__ import annotations
 import ipaddress
 import logging
 import re
+import secrets
 import time
-import uuid
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -130,7 +130,7 @@ def _request_id(scope: Scope) -> str:
             if SAFE_REQUEST_ID.match(candidate):
                 return candidate
             break
-    return f"req_{uuid.uuid4().hex}"
+    return f"req_{secrets.token_hex(16)}"
 
 
 def _declared_length(scope: Scope) -> int:
