@@ -7,6 +7,11 @@ resumes only after the shared COMMIT, so an answer never gets ahead of its data.
 IMMEDIATE` takes the write lock before reading, so check-then-increment cannot race, in this
 process or another. Automatic WAL checkpoints are off on the request path (their fsync
 stalls the loop); `maintain()` checkpoints from a thread instead.
+
+Two connections: the writer runs every statement inside a group's transaction, so the only
+lock it can meet is at `BEGIN`, which waits on the event loop (busy timeout 0); the reader
+answers reads outside a transaction (they see committed data only) and keeps SQLite's busy
+timeout for the one lock a WAL read can meet, another process recovering the WAL.
 """
 
 from __future__ import annotations
@@ -118,7 +123,8 @@ CREATE TABLE IF NOT EXISTS assets (
 TERMINAL_SQL = "('SUCCEEDED', 'FAILED', 'CANCELLED')"
 DEAD_EVENT_RETENTION = 7 * 86400
 LOCK_TIMEOUT = 10.0  # seconds an operation waits for another process's write lock
-BUSY_TIMEOUT_MS = 10000  # SQLite's own wait, for the rare lock a read meets (WAL recovery)
+BUSY_TIMEOUT_MS = 10000  # the reader's wait, for the rare lock a read meets (WAL recovery)
+MAX_GROUP_TURNS = 3  # loop turns a growing write group may stay open (docs/benchmarks.md)
 
 
 @dataclass
@@ -140,33 +146,33 @@ class _Quota:
 class SQLiteStore(Store):
     def __init__(self, path: str):
         self.path = path
-        self._db: sqlite3.Connection | None = None
+        self._db: sqlite3.Connection | None = None  # the writer
+        self._reader: sqlite3.Connection | None = None
         self._write: _GroupCommit | None = None
 
     # lifecycle ----------------------------------------------------------------------
     async def open(self) -> None:
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10.0)
-        db.row_factory = sqlite3.Row
+        db = _connect(self.path)
         db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.execute("PRAGMA wal_autocheckpoint=0")
-        db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-        db.executescript(SCHEMA)
+        db.executescript(SCHEMA)  # with the busy timeout: workers starting together queue here
+        db.execute("PRAGMA busy_timeout=0")
         self._db = db
+        self._reader = db if self.path == ":memory:" else _connect(self.path)
         self._write = _GroupCommit(db)
 
     async def close(self) -> None:
         if self._db is not None:
             if self._write is not None:
                 self._write.flush()
+            if self._reader is not None and self._reader is not self._db:
+                self._reader.close()
             self._db.close()
-            self._db = None
-            self._write = None
+            self._db = self._reader = self._write = None
 
     async def ping(self) -> None:
-        self.db.execute("SELECT 1").fetchone()
+        self.reader.execute("SELECT 1").fetchone()
 
     async def maintain(self, now: float) -> None:
         async with self._tx:
@@ -177,9 +183,17 @@ class SQLiteStore(Store):
 
     @property
     def db(self) -> sqlite3.Connection:
+        """The writer: only inside `async with self._tx:`."""
         if self._db is None:
             raise RuntimeError("store is not open")
         return self._db
+
+    @property
+    def reader(self) -> sqlite3.Connection:
+        """For reads outside a write operation."""
+        if self._reader is None:
+            raise RuntimeError("store is not open")
+        return self._reader
 
     @property
     def _tx(self) -> "_GroupCommit":
@@ -277,13 +291,13 @@ class SQLiteStore(Store):
 
     # reads --------------------------------------------------------------------------
     async def get_by_task_id(self, tenant_id: str, task_id: str) -> TaskRecord | None:
-        row = self.db.execute(
+        row = self.reader.execute(
             "SELECT * FROM tasks WHERE task_id = ? AND tenant = ? AND deleted = 0", (task_id, tenant_id)
         ).fetchone()
         return _record(row) if row else None
 
     async def get_by_rid(self, rid: str) -> TaskRecord | None:
-        return self._get(rid)
+        return self._get(rid, self.reader)
 
     async def list_tasks(
         self, tenant_id: str, *, limit: int, after: str | None = None, status: str | None = None, order: str = "desc"
@@ -295,7 +309,7 @@ class SQLiteStore(Store):
             sql.append("AND status = ?")
             args.append(status)
         if after:
-            cursor = self.db.execute(
+            cursor = self.reader.execute(
                 "SELECT created_at, rid FROM tasks WHERE task_id = ? AND tenant = ?", (after, tenant_id)
             ).fetchone()
             if cursor is None:
@@ -306,7 +320,7 @@ class SQLiteStore(Store):
         direction = "DESC" if desc else "ASC"
         sql.append(f"ORDER BY created_at {direction}, rid {direction} LIMIT ?")
         args.append(limit + 1)
-        rows = self.db.execute(" ".join(sql), args).fetchall()
+        rows = self.reader.execute(" ".join(sql), args).fetchall()
         return [_record(r) for r in rows[:limit]], len(rows) > limit
 
     async def hide_task(self, tenant_id: str, task_id: str) -> bool:
@@ -329,10 +343,10 @@ class SQLiteStore(Store):
         return Usage(q.active, q.day_tasks, q.day_credits, q.month_credits)
 
     async def active_by_tenant(self) -> dict[str, int]:
-        return {r["tenant"]: r["active"] for r in self.db.execute("SELECT tenant, active FROM quota")}
+        return {r["tenant"]: r["active"] for r in self.reader.execute("SELECT tenant, active FROM quota")}
 
     async def webhook_pending(self) -> int:
-        return int(self.db.execute("SELECT COUNT(*) FROM webhooks WHERE state = 'pending'").fetchone()[0])
+        return int(self.reader.execute("SELECT COUNT(*) FROM webhooks WHERE state = 'pending'").fetchone()[0])
 
     # polling and timeouts -----------------------------------------------------------
     async def claim_poll(self, rid: str, now: float, interval: float) -> bool:
@@ -403,7 +417,7 @@ class SQLiteStore(Store):
             )
 
     async def get_asset(self, asset_id: str, now: float) -> tuple[str, bytes] | None:
-        row = self.db.execute(
+        row = self.reader.execute(
             "SELECT content_type, data FROM assets WHERE asset_id = ? AND expires_at > ?", (asset_id, now)
         ).fetchone()
         return (row["content_type"], bytes(row["data"])) if row else None
@@ -463,8 +477,8 @@ class SQLiteStore(Store):
             (q.rpm_tokens, q.rpm_ts, q.tpm_tokens, q.tpm_ts, q.active, q.day, q.day_tasks, q.day_credits, q.month, q.month_credits, tenant_id),
         )
 
-    def _get(self, rid: str) -> TaskRecord | None:
-        row = self.db.execute("SELECT * FROM tasks WHERE rid = ?", (rid,)).fetchone()
+    def _get(self, rid: str, db: sqlite3.Connection | None = None) -> TaskRecord | None:
+        row = (db or self.db).execute("SELECT * FROM tasks WHERE rid = ?", (rid,)).fetchone()
         return _record(row) if row else None
 
     def _insert_task(self, r: TaskRecord) -> None:
@@ -615,17 +629,22 @@ class _GroupCommit:
 
     A COMMIT is most of a small write's cost (its WAL frames and locks, docs/benchmarks.md),
     so operations that arrive together share one. The first operation of a turn opens
-    `BEGIN IMMEDIATE` and schedules `flush` for the next turn; each operation runs its
+    `BEGIN IMMEDIATE` and schedules `_turn_ended` for the next turn; each operation runs its
     statements synchronously inside `SAVEPOINT op` (an exception rolls back that operation
-    only), then waits for the COMMIT. A failed COMMIT fails every operation of the group:
-    none of them has happened. Operations of one process cannot interleave (no await inside
-    the block), and other processes wait on the write lock as before.
+    only), then waits for the COMMIT. While a group of two or more is still growing (load
+    is high), it stays open for up to `MAX_GROUP_TURNS` turns: bigger groups write each hot
+    page (the quota row, the tables' last pages) once for more operations. A lone operation
+    commits at the next turn, so an idle gateway adds no wait. A failed COMMIT fails every
+    operation of the group: none of them has happened. Operations of one process cannot
+    interleave (no await inside the block), and other processes wait on the write lock.
     """
 
     def __init__(self, db: sqlite3.Connection, lock_timeout: float = LOCK_TIMEOUT):
         self.db = db
         self.lock_timeout = lock_timeout
         self._waiters: list[asyncio.Future[None]] | None = None  # None: no open transaction
+        self._seen = 0  # group size at the last end of turn
+        self._turns = 0  # turns the group has been kept open for
 
     async def __aenter__(self) -> None:
         if self._waiters is None:
@@ -641,8 +660,8 @@ class _GroupCommit:
         delay = 0.0005
         while self._waiters is None:  # after a wait, another operation may have opened one
             if _try_begin(self.db):
-                self._waiters = []
-                loop.call_soon(self.flush)
+                self._waiters, self._seen, self._turns = [], 0, 0
+                loop.call_soon(self._turn_ended)
                 return
             if loop.time() >= deadline:
                 raise sqlite3.OperationalError("database is locked")
@@ -659,6 +678,15 @@ class _GroupCommit:
         assert self._waiters is not None
         self._waiters.append(done)
         await done
+
+    def _turn_ended(self) -> None:
+        """Keep a growing group open one more turn, else COMMIT it."""
+        waiters = self._waiters
+        if waiters is not None and len(waiters) > max(self._seen, 1) and self._turns < MAX_GROUP_TURNS:
+            self._seen, self._turns = len(waiters), self._turns + 1
+            asyncio.get_running_loop().call_soon(self._turn_ended)
+            return
+        self.flush()
 
     def flush(self) -> None:
         """COMMIT the open group and wake its operations (a no-op when none is open)."""
@@ -679,17 +707,23 @@ class _GroupCommit:
                 w.set_result(None)
 
 
+def _connect(path: str) -> sqlite3.Connection:
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000)
+    db.row_factory = sqlite3.Row
+    db.execute("PRAGMA synchronous=NORMAL")
+    db.execute("PRAGMA wal_autocheckpoint=0")
+    return db
+
+
 def _try_begin(db: sqlite3.Connection) -> bool:
-    """`BEGIN IMMEDIATE` without waiting: False when another connection holds the lock."""
-    db.execute("PRAGMA busy_timeout=0")
+    """`BEGIN IMMEDIATE` without waiting (the writer's busy timeout is 0): False when
+    another connection holds the write lock."""
     try:
         db.execute("BEGIN IMMEDIATE")
     except sqlite3.OperationalError as exc:
-        if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY:
+        if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:  # SQLITE_BUSY_RECOVERY too
             raise
         return False
-    finally:
-        db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     return True
 
 
