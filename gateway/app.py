@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable
@@ -25,6 +26,7 @@ from gateway.auth import Authenticator
 from gateway.config import Config, Tenant
 from gateway.errors import GatewayError, bad_request, error_response
 from gateway.gen2 import Gen2Request
+from gateway.logs import AccessLog
 from gateway.metrics import Metrics
 from gateway.middleware import GatewayMiddleware
 from gateway.routes import admin, hooks, native, openai, ops
@@ -148,6 +150,7 @@ def _is_store_failure(exc: Exception) -> bool:
 
 def create_app(config: Config, *, metrics: Metrics | None = None, clock: Callable[[], float] = time.time, background: bool = True) -> Starlette:
     metrics = metrics or Metrics([t.id for t in config.tenants])
+    access_log = AccessLog(sys.stdout)
     gw = Gateway(config, open_store(config.store.url), metrics, Authenticator(config), Upstream(config.upstream, metrics), clock)
 
     @contextlib.asynccontextmanager
@@ -161,10 +164,11 @@ def create_app(config: Config, *, metrics: Metrics | None = None, clock: Callabl
             stop.set()
             await asyncio.gather(*jobs, return_exceptions=True)
             await gw.stop()
+            access_log.flush()
 
     app = Starlette(
         routes=[*native.routes, *openai.routes, *hooks.routes, *ops.routes, *admin.routes],
-        middleware=[Middleware(GatewayMiddleware, metrics=metrics, max_body_bytes=config.server.max_body_bytes, trusted_proxies=config.server.trusted_proxies)],
+        middleware=[Middleware(GatewayMiddleware, metrics=metrics, access_log=access_log, max_body_bytes=config.server.max_body_bytes, trusted_proxies=config.server.trusted_proxies)],
         exception_handlers={GatewayError: _gateway_error, 404: _not_found, 405: _not_found, Exception: _unexpected},
         lifespan=lifespan,
     )

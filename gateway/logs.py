@@ -6,14 +6,16 @@ prompt or a webhook secret.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 import time
-from typing import Any
+from typing import Any, TextIO
 
 import orjson
 
 ACCESS_LOGGER = "gateway.access"
+PIPE_BUF = 4096  # a write up to this size reaches a pipe whole (POSIX)
 
 
 class JSONFormatter(logging.Formatter):
@@ -53,3 +55,49 @@ def setup_logging(level: str) -> None:
 def log_fields(logger: logging.Logger, level: int, fields: dict[str, Any]) -> None:
     if logger.isEnabledFor(level):
         logger.log(level, "", extra={"fields": fields})
+
+
+class AccessLog:
+    """The one line per request, in the same JSON shape as `JSONFormatter`'s, without the
+    logging module's per-record work: a LogRecord, the handler's lock and one write per
+    line cost ~27 us of a ~360 us create (docs/benchmarks.md). The lines of one event-loop
+    turn go out together at its end, in writes of at most PIPE_BUF bytes cut at line ends,
+    so lines of workers sharing a pipe never interleave. Obeys the `gateway.access`
+    logger's level like any other line."""
+
+    def __init__(self, stream: TextIO):
+        self._stream = stream
+        self._logger = logging.getLogger(ACCESS_LOGGER)
+        self._lines: list[bytes] = []
+        self._second = -1
+        self._stamp = ""  # "YYYY-MM-DDTHH:MM:SS" of `_second`
+
+    def write(self, fields: dict[str, Any]) -> None:
+        if not self._logger.isEnabledFor(logging.INFO):
+            return
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        head = {"time": f"{self._stamp}.{int((now - second) * 1000):03d}Z", "level": "info", "logger": ACCESS_LOGGER}
+        self._lines.append(orjson.dumps(head | fields, option=orjson.OPT_APPEND_NEWLINE))
+        if len(self._lines) == 1:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:  # no event loop: nothing will flush later
+                self.flush()
+
+    def flush(self) -> None:
+        lines, self._lines = self._lines, []
+        chunk = b""
+        for line in lines:
+            if chunk and len(chunk) + len(line) > PIPE_BUF:
+                self._emit(chunk)
+                chunk = b""
+            chunk += line
+        if chunk:
+            self._emit(chunk)
+
+    def _emit(self, chunk: bytes) -> None:
+        self._stream.write(chunk.decode())
+        self._stream.flush()

@@ -8,7 +8,6 @@ request is a few dict operations. Routes leave what it needs in `scope["state"]`
 from __future__ import annotations
 
 import ipaddress
-import logging
 import re
 import secrets
 import time
@@ -17,21 +16,21 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.errors import GatewayError, error_response
-from gateway.logs import ACCESS_LOGGER, log_fields
+from gateway.logs import AccessLog
 from gateway.metrics import Metrics
 from gateway.quotas import rate_headers
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-logger = logging.getLogger(ACCESS_LOGGER)
 
 
 class GatewayMiddleware:
-    def __init__(self, app: ASGIApp, metrics: Metrics, max_body_bytes: int, trusted_proxies: tuple[Network, ...] = ()):
+    def __init__(self, app: ASGIApp, metrics: Metrics, access_log: AccessLog, max_body_bytes: int, trusted_proxies: tuple[Network, ...] = ()):
         self.app = app
         self.trusted_proxies = trusted_proxies
         self.metrics = metrics
+        self.access_log = access_log
         self.max_body_bytes = max_body_bytes
         self.too_large = GatewayError(413, "request_too_large", f"The request body is larger than {max_body_bytes} bytes.")
 
@@ -99,7 +98,7 @@ class GatewayMiddleware:
             fields["upstream_ms"] = round(state["upstream_ms"], 2)
         if "task_id" in state:
             fields["task_id"] = state["task_id"]
-        log_fields(logger, logging.INFO, fields)
+        self.access_log.write(fields)
 
 
     def _client_ip(self, scope: Scope) -> str | None:
