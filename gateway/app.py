@@ -27,7 +27,7 @@ from gateway.config import Config, Tenant
 from gateway.errors import GatewayError, bad_request, error_response
 from gateway.gen2 import Gen2Request
 from gateway.logs import AccessLog
-from gateway.metrics import Metrics
+from gateway.metrics import FLUSH_SECONDS, Metrics
 from gateway.middleware import GatewayMiddleware
 from gateway.routes import admin, hooks, native, openai, ops
 from gateway.ssrf import HookPolicy, check_hook_url
@@ -104,7 +104,11 @@ class Gateway:
             _every(POLL_EVERY, self.tasks.poll_due),
             _every(EXPIRE_EVERY, self.tasks.expire),
             _every(MAINTAIN_EVERY, lambda: self.store.maintain(self.clock())),
+            _every(FLUSH_SECONDS, self._flush_metrics),
         ]
+
+    async def _flush_metrics(self) -> None:
+        self.metrics.flush()
 
 
 def _every(seconds: float, job: Callable[[], Awaitable[object]]) -> Callable[[asyncio.Event], Awaitable[None]]:
@@ -164,6 +168,7 @@ def create_app(config: Config, *, metrics: Metrics | None = None, clock: Callabl
             stop.set()
             await asyncio.gather(*jobs, return_exceptions=True)
             await gw.stop()
+            metrics.flush()
             access_log.flush()
 
     app = Starlette(

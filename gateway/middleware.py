@@ -83,8 +83,8 @@ class GatewayMiddleware:
         template = getattr(route, "path", None) or "unmatched"
         method = scope["method"]
         tenant = state.get("tenant", "")
-        self.metrics.child(self.metrics.requests, tenant, template, method, str(status)).inc()
-        self.metrics.child(self.metrics.request_duration, template, method).observe(seconds)
+        self.metrics.count(self.metrics.requests, (tenant, template, method, str(status)))
+        self.metrics.observe(self.metrics.request_duration, (template, method), seconds)
         fields: dict[str, Any] = {
             "request_id": request_id,
             "client": self._client_ip(scope),

@@ -70,7 +70,7 @@ class TaskService:
         if not admission.ok:
             self.metrics.quota_rejections.labels(tenant.id, admission.limit).inc()
             raise quota_error(admission, getattr(tenant.limits, admission.limit or "", None))
-        self.metrics.child(self.metrics.credits_charged, tenant.id).inc(credits)
+        self.metrics.count(self.metrics.credits_charged, (tenant.id,), credits)
         body = dict(req.body)
         if self.config.server.public_url:
             body["notify_hook"] = f"{self.config.server.public_url}/hooks/runway/{self.signer.callback_token(tenant.id, rid)}"
@@ -84,7 +84,7 @@ class TaskService:
         upstream_ms = request_state["upstream_ms"] = (time.perf_counter() - start) * 1000
         request_state["task_id"] = task["id"]
         result = await self.apply(rid, tenant.id, task)
-        self.metrics.child(self.metrics.tasks_created, tenant.id, "gen2").inc()
+        self.metrics.count(self.metrics.tasks_created, (tenant.id, "gen2"))
         record = result.record or reservation
         return Created(record, public_task(task), admission.rate, upstream_ms)
 

@@ -192,8 +192,8 @@ class Upstream:
         self._count(operation, start, status)
 
     def _count(self, operation: str, start: float, status: str) -> None:
-        self.metrics.child(self.metrics.upstream_requests, operation, status).inc()
-        self.metrics.child(self.metrics.upstream_duration, operation).observe(time.perf_counter() - start)
+        self.metrics.count(self.metrics.upstream_requests, (operation, status))
+        self.metrics.observe(self.metrics.upstream_duration, (operation,), time.perf_counter() - start)
 
 
 def _circuit_open() -> UpstreamFailure:

@@ -90,6 +90,9 @@ def test_counts_across_two_workers_and_no_sensitive_labels(tmp_path: Path, sim: 
         for _ in range(2):
             assert httpx.get(g.url + "/runway/tasks", headers={"Authorization": "Bearer nope"}).status_code == 401
         wait_until(lambda: metric(g, "gateway_tasks_finished_total", tenant="multi", status="SUCCEEDED") == 3, 15)
+        # Request counts are buffered per worker and flushed every second (metrics.FLUSH_SECONDS).
+        counted = {("/runway/tasks", "POST", "200"): 3, ("/runway/tasks", "POST", "429"): 1, ("/runway/tasks/{id}", "GET", "200"): 15, ("/runway/tasks", "GET", "401"): 2}
+        wait_until(lambda: all(metric(g, "gateway_requests_total", route=r, method=m, status=st) == n for (r, m, st), n in counted.items()), 5)
         text = httpx.get(g.url + "/metrics").text
         samples = parse(text)
     finally:
