@@ -91,6 +91,7 @@ local function fmt(x) return string.format('%.17g', x) end
 -- Byte-wise a < b, as SQLite and Python compare: Lua's `<` on strings uses strcoll, and
 -- Redis takes LC_COLLATE from its environment.
 local function lt(a, b)
+  if a == b then return false end  -- the usual case (today's day key): no byte loop
   local n = math.min(#a, #b)
   for i = 1, n do
     local x, y = string.byte(a, i), string.byte(b, i)
