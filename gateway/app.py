@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import sqlite3
 import sys
 import time
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from gateway.middleware import GatewayMiddleware
 from gateway.routes import admin, hooks, native, openai, ops
 from gateway.ssrf import HookPolicy, check_hook_url
 from gateway.store.base import Store
+from gateway.store.redis_client import RedisConnectionError
 from gateway.tasks import TaskService
 from gateway.tokens import TokenSigner
 from gateway.upstream import Upstream
@@ -136,20 +138,18 @@ async def _not_found(request: Request, exc: Exception) -> Response:
     return error_response(GatewayError(status, "not_found", "No such route.", "invalid_request_error"))
 
 
+async def _store_unavailable(request: Request, exc: Exception) -> Response:
+    """Registered for the store's connection errors themselves, so Starlette's
+    ExceptionMiddleware answers them: the access log and metrics say 503, and the client's
+    keep-alive connection stays open (ServerErrorMiddleware, which answers `Exception`,
+    re-raises and uvicorn then closes the connection under the client's next request)."""
+    logger.error("store unavailable: %s", type(exc).__name__)
+    return error_response(GatewayError(503, "store_unavailable", "The gateway's store is not answering; retry shortly.", headers={"retry-after": "1"}))
+
+
 async def _unexpected(request: Request, exc: Exception) -> Response:
-    if _is_store_failure(exc):
-        logger.error("store unavailable: %s", type(exc).__name__)
-        return error_response(GatewayError(503, "store_unavailable", "The gateway's store is not answering; retry shortly.", headers={"retry-after": "1"}))
     logger.exception("unhandled error", exc_info=exc)
     return error_response(GatewayError(500, "internal_error", "The gateway failed to handle this request."))
-
-
-def _is_store_failure(exc: Exception) -> bool:
-    import sqlite3
-
-    from gateway.store.redis_client import RedisConnectionError
-
-    return isinstance(exc, (sqlite3.OperationalError, RedisConnectionError))
 
 
 def create_app(config: Config, *, metrics: Metrics | None = None, clock: Callable[[], float] = time.time, background: bool = True) -> Starlette:
@@ -174,7 +174,10 @@ def create_app(config: Config, *, metrics: Metrics | None = None, clock: Callabl
     app = Starlette(
         routes=[*native.routes, *openai.routes, *hooks.routes, *ops.routes, *admin.routes],
         middleware=[Middleware(GatewayMiddleware, metrics=metrics, access_log=access_log, max_body_bytes=config.server.max_body_bytes, trusted_proxies=config.server.trusted_proxies)],
-        exception_handlers={GatewayError: _gateway_error, 404: _not_found, 405: _not_found, Exception: _unexpected},
+        exception_handlers={
+            GatewayError: _gateway_error, 404: _not_found, 405: _not_found,
+            sqlite3.OperationalError: _store_unavailable, RedisConnectionError: _store_unavailable, Exception: _unexpected,
+        },
         lifespan=lifespan,
     )
     app.state.gateway = gw

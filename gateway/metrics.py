@@ -85,7 +85,11 @@ class Metrics:
     def count(self, counter: Counter, labels: tuple[str, ...], amount: float = 1.0) -> None:
         """`counter.labels(*labels).inc(amount)` at the next `flush`."""
         key = (counter, labels)
-        self._counts[key] = self._counts.get(key, 0.0) + amount
+        pending = self._counts.get(key)
+        if pending is None:
+            self.child(counter, *labels)  # the series exists from its first update on, in every worker's view
+            pending = 0.0
+        self._counts[key] = pending + amount
 
     def observe(self, histogram: Histogram, labels: tuple[str, ...], value: float) -> None:
         """`histogram.labels(*labels).observe(value)` at the next `flush` (request_duration
@@ -94,6 +98,7 @@ class Metrics:
         bounds = self._bounds[histogram]
         slots = self._observed.get(key)
         if slots is None:
+            self.child(histogram, *labels)
             slots = self._observed[key] = [0.0] * (len(bounds) + 1)
         slots[0] += value
         slots[1 + bisect_left(bounds, value)] += 1  # the first bucket with value <= bound

@@ -50,6 +50,16 @@ class _Store:
         return Usage(0, 0, 0, 0)
 
 
+def test_a_series_exists_from_its_first_update() -> None:
+    """Another worker may scrape before this one flushes: the series must be there (at 0)."""
+    m = Metrics(["acme"], registry=CollectorRegistry())
+    m.count(m.requests, ("acme", "/runway/tasks", "POST", "200"))
+    m.observe(m.request_duration, ("/runway/tasks", "POST"), 0.01)
+    text = "\n".join(exposition(m))
+    assert 'gateway_requests_total{method="POST",route="/runway/tasks",status="200",tenant="acme"} 0.0' in text
+    assert 'gateway_request_duration_seconds_count{method="POST",route="/runway/tasks"} 0.0' in text
+
+
 def test_a_scrape_includes_what_is_still_buffered() -> None:
     m = Metrics(["acme"], registry=CollectorRegistry())
     m.count(m.tasks_created, ("acme", "gen2"), 3)

@@ -190,8 +190,10 @@ def test_readyz_follows_the_redis_store(tmp_path: Path, sim: Simulator, own_redi
             r = c.get("/runway/tasks")
             assert r.status_code == 503
             assert r.json()["error"]["code"] == "store_unavailable"
-            r = c.post("/runway/tasks", json=gen2_body())
+            r = c.post("/runway/tasks", json=gen2_body())  # same keep-alive connection
             assert r.status_code == 503 and r.json()["error"]["code"] == "store_unavailable"
+        # Answered as a 503 (not an unhandled error that closes the connection), and logged so.
+        wait_until(lambda: [e["status"] for e in g.access_log() if e.get("route") == "/runway/tasks"] == [503, 503], 5)
         assert "gateway_ready 0.0" in httpx.get(g.url + "/metrics", timeout=10).text
         start()
         wait_until(lambda: httpx.get(g.url + "/readyz").status_code == 200, 15, message="ready again")
