@@ -7,6 +7,7 @@ prompt or a webhook secret.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import sys
 import time
@@ -18,10 +19,21 @@ ACCESS_LOGGER = "gateway.access"
 PIPE_BUF = 4096  # a write up to this size reaches a pipe whole (POSIX)
 
 
+def utc_stamp(t: float) -> str:
+    """`YYYY-MM-DDTHH:MM:SS.mmmZ`, the `time` of every log line; strftime once a second."""
+    second = int(t)
+    return f"{_second_stamp(second)}.{int((t - second) * 1000):03d}Z"
+
+
+@functools.lru_cache(maxsize=4)
+def _second_stamp(second: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+
+
 class JSONFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "time": utc_stamp(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
         }
@@ -69,17 +81,11 @@ class AccessLog:
         self._stream = stream
         self._logger = logging.getLogger(ACCESS_LOGGER)
         self._lines: list[bytes] = []
-        self._second = -1
-        self._stamp = ""  # "YYYY-MM-DDTHH:MM:SS" of `_second`
 
     def write(self, fields: dict[str, Any]) -> None:
         if not self._logger.isEnabledFor(logging.INFO):
             return
-        now = time.time()
-        second = int(now)
-        if second != self._second:
-            self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        head = {"time": f"{self._stamp}.{int((now - second) * 1000):03d}Z", "level": "info", "logger": ACCESS_LOGGER}
+        head = {"time": utc_stamp(time.time()), "level": "info", "logger": ACCESS_LOGGER}
         self._lines.append(orjson.dumps(head | fields, option=orjson.OPT_APPEND_NEWLINE))
         if len(self._lines) == 1:
             try:

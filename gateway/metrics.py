@@ -16,7 +16,6 @@ prometheus_client takes a lock and, across workers, writes an mmapped file (docs
 
 from __future__ import annotations
 
-import math
 import os
 from bisect import bisect_left
 from typing import Any, Iterable
@@ -69,7 +68,6 @@ class Metrics:
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._counts: dict[tuple[Counter, tuple[str, ...]], float] = {}
         self._observed: dict[tuple[Histogram, tuple[str, ...]], list[float]] = {}  # [sum, count per bucket...]
-        self._bounds = {h: (*buckets, math.inf) for h, buckets in ((self.request_duration, REQUEST_BUCKETS), (self.upstream_duration, UPSTREAM_BUCKETS))}
         self._zero_children()
 
     def child(self, metric: Any, *labels: str) -> Any:
@@ -92,10 +90,9 @@ class Metrics:
         self._counts[key] = pending + amount
 
     def observe(self, histogram: Histogram, labels: tuple[str, ...], value: float) -> None:
-        """`histogram.labels(*labels).observe(value)` at the next `flush` (request_duration
-        and upstream_duration only: they are the ones with known buckets here)."""
+        """`histogram.labels(*labels).observe(value)` at the next `flush`."""
         key = (histogram, labels)
-        bounds = self._bounds[histogram]
+        bounds = histogram._upper_bounds  # its buckets, +Inf last, as observe() reads them
         slots = self._observed.get(key)
         if slots is None:
             self.child(histogram, *labels)
