@@ -235,11 +235,12 @@ def _bad_bodies() -> list[tuple[str, Any, str, str | None]]:
 def test_bad_bodies_are_400_and_never_reach_upstream(gw: GatewayProcess, sim: Simulator, name: str, body: Any, code: str, param: str | None) -> None:
     before = sim.requests()["creates_total"]
     with gw.client("team-b") as c:
-        listed_before = c.get("/runway/tasks", params={"limit": 100}).json()["data"]
+        ids_before = [t["id"] for t in c.get("/runway/tasks", params={"limit": 100}).json()["data"]]
         assert_error(c.post("/runway/tasks", json=body), 400, code, param)
-        listed_after = c.get("/runway/tasks", params={"limit": 100}).json()["data"]
+        ids_after = [t["id"] for t in c.get("/runway/tasks", params={"limit": 100}).json()["data"]]
     assert sim.requests()["creates_total"] == before
-    assert listed_after == listed_before
+    # Ids only: tasks of earlier tests may still be moving through their lifecycle.
+    assert ids_after == ids_before
 
 
 def test_invalid_json_is_400(gw: GatewayProcess, sim: Simulator) -> None:
