@@ -36,6 +36,8 @@ import pytest
 
 from gateway.config import load_config
 
+from conftest import wait_until
+
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "runway-gateway.json"
@@ -699,10 +701,8 @@ def test_every_dashboard_and_alert_query_evaluates_on_live_data(live: Live) -> N
         r = httpx.get(f"{live.prom.base}/api/v1/label/tenant/values", params={"match[]": "gateway_requests_total"}, timeout=5)
         return r.json()["data"]
 
-    deadline = time.monotonic() + 45
-    while "team-a" not in tenants():  # the dashboard's tenant variable lists the configured tenant
-        assert time.monotonic() < deadline, "Prometheus never saw gateway_requests_total{tenant=\"team-a\"}"
-        time.sleep(0.5)
+    # the dashboard's tenant variable lists the configured tenant
+    wait_until(lambda: "team-a" in tenants(), 45, 0.5, "gateway_requests_total{tenant=team-a} in Prometheus")
     for _, expr in dashboard_exprs():
         live.prom.query(grafana_to_promql(expr))
     for _, expr in alert_rules():
