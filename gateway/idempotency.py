@@ -1,8 +1,15 @@
-"""Idempotent creates (contract §6): one task and one charge per tenant and key.
+"""Idempotent creates: one task and one charge per tenant and key.
 
 The first response is kept for 24 h when it is a 2xx or a 4xx other than 429; after a 429
-or 5xx the key is free again. Bodies are compared after parsing (a retried multipart
-request has a fresh boundary), so the caller hands in a fingerprint, not raw bytes.
+or a 5xx that certainly created nothing upstream the key is free again. Bodies are
+compared after parsing (a retried multipart request has a fresh boundary), so the caller
+hands in a fingerprint, not raw bytes.
+
+A create sent upstream without a usable answer (`OutcomeUnknown`: timeout, reset,
+garbage) may have made a task, so its key stays bound to that attempt's reservation for
+24 h instead: a repeat gets 409 `idempotency_outcome_unknown` until a callback or poll
+identifies the task, then the task itself, rendered from its current record by the route
+(`render_task`), so it is never created or charged twice.
 """
 
 from __future__ import annotations
@@ -17,9 +24,11 @@ import orjson
 from starlette.responses import Response
 
 from gateway.errors import GatewayError, error_response
-from gateway.store.base import Store, StoredResponse
+from gateway.store.base import Store, StoredResponse, TaskRecord
+from gateway.tasks import OutcomeUnknown
 
 KEEP_SECONDS = 24 * 3600
+UNKNOWN_RETRY_AFTER_SECONDS = 5  # callbacks come when the upstream's task changes state
 KEY_RE = re.compile(r"^[\x21-\x7e]{1,255}$")
 KEPT_HEADERS = ("content-type",)
 
@@ -46,10 +55,12 @@ async def run_idempotent(
     wait_seconds: float,
     on_replay: Callable[[], Awaitable[None]],
     handler: Callable[[], Awaitable[Response]],
+    render_task: Callable[[TaskRecord], Response],
     clock: Callable[[], float] = time.time,
 ) -> Response:
     """Run `handler` once per (tenant, key); replay or refuse repeats. `on_replay` charges
-    the replay as a request (requests_per_minute) and may raise its 429."""
+    the replay as a request (requests_per_minute) and may raise its 429. `render_task` is
+    the route's 200 answer for a task, for a key bound to an unknown outcome."""
     deadline = clock() + wait_seconds
     delay = 0.02
     while True:
@@ -62,12 +73,18 @@ async def run_idempotent(
             await on_replay()
             kept = begun.response
             return Response(kept.body, status_code=kept.status, headers={**kept.headers, "idempotent-replayed": "true"})
+        if begun.state == "unknown" and begun.rid:
+            await on_replay()
+            return await _replay_unknown(store, begun.rid, render_task)
         if clock() >= deadline:
             raise GatewayError(409, "idempotency_key_in_use", "A request with this Idempotency-Key is still in progress.", param="Idempotency-Key")
         await asyncio.sleep(delay)
         delay = min(delay * 2, 0.25)
     try:
         response = await handler()
+    except OutcomeUnknown as err:
+        await store.idem_bind(tenant_id, key, err.rid, clock(), KEEP_SECONDS)
+        return error_response(err)
     except GatewayError as err:
         response = error_response(err)
     except BaseException:
@@ -77,4 +94,20 @@ async def run_idempotent(
     keep = 200 <= status < 300 or (400 <= status < 500 and status != 429)
     kept = StoredResponse(status, {h: response.headers[h] for h in KEPT_HEADERS if h in response.headers}, bytes(response.body)) if keep else None
     await store.idem_finish(tenant_id, key, kept, clock(), KEEP_SECONDS)
+    return response
+
+
+async def _replay_unknown(store: Store, rid: str, render_task: Callable[[TaskRecord], Response]) -> Response:
+    """The task of a key bound to an unknown outcome, as it stands now; 409 while no
+    callback or poll has identified it."""
+    record = await store.get_by_rid(rid)
+    if record is None or not record.task_id:
+        raise GatewayError(
+            409, "idempotency_outcome_unknown",
+            "The upstream did not answer the first request with this Idempotency-Key, so it is not known yet whether it "
+            "created the task. Retry later: the task is returned once the upstream reports it, and never created twice.",
+            param="Idempotency-Key", headers={"retry-after": str(UNKNOWN_RETRY_AFTER_SECONDS)},
+        )
+    response = render_task(record)
+    response.headers["idempotent-replayed"] = "true"
     return response

@@ -23,13 +23,24 @@ from gateway.gen2 import Gen2Request
 from gateway.logs import log_fields
 from gateway.metrics import Metrics
 from gateway.quotas import quota_error
-from gateway.store.base import Charge, RateInfo, Store, TaskRecord, UpdateResult, day_key, month_key
+from gateway.store.base import UNKNOWN, Charge, RateInfo, Store, TaskRecord, UpdateResult, day_key, month_key
 from gateway.tokens import TokenSigner
 from gateway.upstream import Outcome, Upstream, UpstreamFailure
 
 logger = logging.getLogger("gateway.tasks")
 TIMED_OUT_POLL_SECONDS = 3600.0
 POLL_AFTER_TIMEOUT_SECONDS = 86400.0
+
+
+class OutcomeUnknown(UpstreamFailure):
+    """A create that reached the upstream without a usable answer (timeout, reset, garbage):
+    the task may exist, under the reservation `rid`. Answered like the failure it wraps; an
+    idempotent create binds its key to `rid`, so a retry can never buy a second task."""
+
+    def __init__(self, failure: UpstreamFailure, rid: str):
+        super().__init__(failure.status, failure.code, failure.message, failure.outcome, failure.upstream_status)
+        self.headers = dict(failure.headers)
+        self.rid = rid
 
 
 @dataclass
@@ -80,6 +91,8 @@ class TaskService:
         except UpstreamFailure as failure:
             request_state["upstream_ms"] = (time.perf_counter() - start) * 1000
             await self._settle_failed_create(reservation, failure)
+            if failure.outcome is Outcome.UNKNOWN:
+                raise OutcomeUnknown(failure, rid) from failure
             raise
         upstream_ms = request_state["upstream_ms"] = (time.perf_counter() - start) * 1000
         request_state["task_id"] = task["id"]
@@ -191,9 +204,16 @@ class TaskService:
         return len(due)
 
     async def expire(self) -> int:
-        expired = await self.store.expire_tasks(self.clock(), self.config.upstream.task_timeout_seconds)
+        """Free the slots of tasks past task_timeout_seconds and of creates whose outcome
+        stayed unknown past unknown_outcome_timeout_seconds; their charges stand."""
+        cfg = self.config.upstream
+        expired = await self.store.expire_tasks(self.clock(), cfg.task_timeout_seconds, cfg.unknown_outcome_timeout_seconds)
         for rec in expired:
-            log_fields(logger, logging.WARNING, {"event": "task_timed_out", "tenant": rec.tenant_id, "task_id": rec.task_id, "rid": rec.rid})
+            if rec.status == UNKNOWN:
+                fields = {"event": "create_outcome_unknown_expired", "tenant": rec.tenant_id, "rid": rec.rid, "credits": rec.credits}
+            else:
+                fields = {"event": "task_timed_out", "tenant": rec.tenant_id, "task_id": rec.task_id, "rid": rec.rid}
+            log_fields(logger, logging.WARNING, fields)
         return len(expired)
 
 

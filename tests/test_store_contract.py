@@ -311,11 +311,11 @@ async def test_expired_tasks_free_their_slot_and_keep_the_charge(store: Store) -
     old, _ = await create(store, limits=limits)
     submitting = (await admit(store, limits))[1]
     assert not (await admit(store, limits, now=T0 + 10))[0].ok
-    assert await store.expire_tasks(T0 + 3599, 3600) == []
-    expired = await store.expire_tasks(T0 + 3600, 3600)  # created at or before now - timeout
+    assert await store.expire_tasks(T0 + 3599, 3600, 3600) == []
+    expired = await store.expire_tasks(T0 + 3600, 3600, 3600)  # created at or before now - timeout
     assert sorted(r.rid for r in expired) == sorted([old.rid, submitting.rid])
     assert all(r.timed_out and not r.active and not r.settled for r in expired)
-    assert await store.expire_tasks(T0 + 3600, 3600) == []
+    assert await store.expire_tasks(T0 + 3600, 3600, 3600) == []
     usage = await store.usage(TENANT, T0 + 3600)
     assert usage == Usage(active=0, tasks_today=2, credits_today=2 * PRICE, credits_this_month=2 * PRICE)
     assert await nonzero_active(store) == {}
@@ -324,6 +324,40 @@ async def test_expired_tasks_free_their_slot_and_keep_the_charge(store: Store) -
     res = await store.apply_update(old.rid, TENANT, task_obj(old.task_id or "", "FAILED"), T0 + 3700, refund_failed=True)
     assert res.applied and res.finished and res.refunded_credits == PRICE
     assert (await store.usage(TENANT, T0 + 3700)).active == 1
+
+
+async def test_unknown_outcomes_free_their_slot_after_the_unknown_timeout(store: Store) -> None:
+    limits = Limits(max_active_tasks=3)
+    unknown = (await admit(store, limits))[1]
+    await store.mark_unknown(unknown.rid, T0 + 30)
+    submitting = (await admit(store, limits))[1]  # still waiting for the upstream: not touched
+    known, _ = await create(store, limits=limits)
+    assert not (await admit(store, limits, now=T0 + 40))[0].ok
+    assert await store.expire_tasks(T0 + 299, 3600, 300) == []
+    expired = await store.expire_tasks(T0 + 300, 3600, 300)
+    assert [(r.rid, r.status, r.timed_out, r.active, r.settled) for r in expired] == [(unknown.rid, "UNKNOWN", True, False, False)]
+    assert await store.expire_tasks(T0 + 400, 3600, 300) == []
+    usage = await store.usage(TENANT, T0 + 400)  # slot freed, charge kept
+    assert usage == Usage(active=2, tasks_today=3, credits_today=3 * PRICE, credits_this_month=3 * PRICE)
+    assert (await admit(store, limits, now=T0 + 400))[0].ok
+    # A callback that identifies it later still applies, without freeing the slot twice, and FAILED refunds.
+    late = "task-late-" + uuid.uuid4().hex[:6]
+    res = await store.apply_update(unknown.rid, TENANT, task_obj(late, "RUNNING"), T0 + 500, refund_failed=True)
+    assert res.applied and res.record is not None and res.record.task_id == late and not res.record.active
+    assert (await store.get_by_task_id(TENANT, late)) is not None
+    res = await store.apply_update(unknown.rid, TENANT, task_obj(late, "FAILED"), T0 + 501, refund_failed=True)
+    assert res.finished and res.refunded_credits == PRICE
+    assert (await store.usage(TENANT, T0 + 501)).active == 3
+    # The other two time out with task_timeout only; an identified unknown is not an unknown any more.
+    assert {r.rid for r in await store.expire_tasks(T0 + 3600, 3600, 300)} == {submitting.rid, known.rid}
+
+
+async def test_an_unknown_outcome_identified_in_time_is_not_expired_as_unknown(store: Store) -> None:
+    rec = (await admit(store, Limits()))[1]
+    await store.mark_unknown(rec.rid, T0 + 30)
+    await store.apply_update(rec.rid, TENANT, task_obj("task-found", "PENDING"), T0 + 60, refund_failed=True)
+    assert await store.expire_tasks(T0 + 1000, 3600, 300) == []
+    assert (await store.usage(TENANT, T0 + 1000)).active == 1
 
 
 # --- periods ----------------------------------------------------------------------------
@@ -547,6 +581,22 @@ async def test_idempotency_states(store: Store) -> None:
     assert (await store.idem_begin(TENANT, key, "fp-b", T0 + 2 + 86400, lease=30)).state == "new"
 
 
+async def test_idempotency_key_bound_to_an_unknown_outcome(store: Store) -> None:
+    assert (await store.idem_begin(TENANT, "k", "fp", T0, lease=30)).state == "new"
+    await store.idem_bind(TENANT, "k", "gwr_1", T0 + 3, ttl=86400)
+    bound = await store.idem_begin(TENANT, "k", "fp", T0 + 4, lease=30)
+    assert (bound.state, bound.rid, bound.response) == ("unknown", "gwr_1", None)
+    assert (await store.idem_begin(TENANT, "k", "fp-b", T0 + 4, lease=30)).state == "conflict"
+    # Neither a late finish nor a second bind of the key moves it; only its 24 h end it.
+    await store.idem_finish(TENANT, "k", None, T0 + 5, ttl=86400)
+    await store.idem_bind(TENANT, "k", "gwr_2", T0 + 5, ttl=86400)
+    assert (await store.idem_begin(TENANT, "k", "fp", T0 + 3 + 86399, lease=30)).rid == "gwr_1"
+    assert (await store.idem_begin(TENANT, "k", "fp", T0 + 3 + 86400, lease=30)).state == "new"
+    # Only a key still pending binds (not a free one).
+    await store.idem_bind(TENANT, "free", "gwr_3", T0, ttl=86400)
+    assert (await store.idem_begin(TENANT, "free", "fp", T0, lease=30)).state == "new"
+
+
 async def test_idempotency_key_freed_by_none_or_an_expired_lease(store: Store) -> None:
     assert (await store.idem_begin(TENANT, "k", "fp", T0, lease=30)).state == "new"
     await store.idem_finish(TENANT, "k", None, T0 + 1, ttl=86400)  # 429/5xx
@@ -588,7 +638,7 @@ async def test_claim_due_polls(store: Store) -> None:
     assert await store.claim_due_polls(T0 + 10, 5, 10, 3600, 86400) == []
     assert (await store.get_by_rid(due2.rid)).next_poll_at == T0 + 15  # type: ignore[union-attr]
     # Timed-out tasks: hourly, and not after give_up_after from creation.
-    await store.expire_tasks(T0 + 3601, 3600)  # due1, due2 (and the SUBMITTING one) time out
+    await store.expire_tasks(T0 + 3601, 3600, 3600)  # due1, due2 (and the SUBMITTING one) time out
     claimed = {r.rid: r for r in await store.claim_due_polls(T0 + 3601, 5, 10, 3600, 86400)}
     assert set(claimed) == {due1.rid, due2.rid, later.rid}
     assert claimed[due1.rid].timed_out and claimed[due1.rid].next_poll_at == T0 + 3601 + 3600

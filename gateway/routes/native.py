@@ -10,7 +10,7 @@ from gateway.errors import bad_request, not_found
 from gateway.gen2 import validate_native
 from gateway.idempotency import fingerprint, idempotency_key, run_idempotent
 from gateway.routes.common import admit_request, authenticate, gateway, json_response, own_task, page_limit, parsed_or_raw, read_json, tenant_request
-from gateway.store.base import STATUS_RANK
+from gateway.store.base import STATUS_RANK, TaskRecord
 
 LISTABLE_STATUSES = {s for s in STATUS_RANK if s not in ("SUBMITTING",)}
 
@@ -30,7 +30,7 @@ async def create_task(request: Request) -> Response:
         return await create()
     return await run_idempotent(
         gw.store, principal.tenant.id, key, fingerprint("/runway/tasks", await parsed_or_raw(request)),
-        gw.config.upstream.timeout_seconds, lambda: admit_request(request, principal), create, gw.clock,
+        gw.config.upstream.timeout_seconds, lambda: admit_request(request, principal), create, task_response, gw.clock,
     )
 
 
@@ -39,6 +39,11 @@ async def get_task(request: Request) -> Response:
     if record is None:
         raise not_found()
     gateway(request).tasks.refresh_soon(record)
+    return task_response(record)
+
+
+def task_response(record: TaskRecord) -> Response:
+    """A task as the relay shows it: `{"task": {...}}`."""
     return json_response({"task": record.task})
 
 

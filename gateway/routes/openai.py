@@ -81,7 +81,7 @@ async def create_video(request: Request) -> Response:
         return await create()
     return await run_idempotent(
         gw.store, principal.tenant.id, key, fingerprint("/v1/videos", _fingerprint(raw, image)), gw.config.upstream.timeout_seconds,
-        lambda: admit_request(request, principal), create, gw.clock,
+        lambda: admit_request(request, principal), create, lambda record: json_response(videos.video_object(record)), gw.clock,
     )
 
 

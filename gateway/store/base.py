@@ -21,8 +21,9 @@ from gateway.config import Limits
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
 REFUNDABLE = frozenset({"FAILED", "CANCELLED"})
 # Internal states before the upstream answered. SUBMITTING: admitted and charged, upstream
-# not answered yet. UNKNOWN: the upstream call timed out after sending; the charge stands
-# until a callback or poll tells what happened.
+# not answered yet. UNKNOWN: the upstream call failed after sending (timeout, reset,
+# garbage); the charge stands, and a callback may still identify the task. An UNKNOWN
+# reservation frees its slot after `unknown_outcome_timeout_seconds` (expire_tasks).
 SUBMITTING = "SUBMITTING"
 UNKNOWN = "UNKNOWN"
 STATUS_RANK = {SUBMITTING: 0, UNKNOWN: 0, "PENDING": 1, "THROTTLED": 2, "RUNNING": 3, "SUCCEEDED": 4, "FAILED": 4, "CANCELLED": 4}
@@ -149,8 +150,9 @@ class StoredResponse:
 
 @dataclass
 class IdempotencyResult:
-    state: str  # "new" (caller owns the key now) | "replay" | "conflict" | "pending"
-    response: StoredResponse | None = None
+    state: str  # "new" (caller owns the key now) | "replay" | "conflict" | "pending" | "unknown"
+    response: StoredResponse | None = None  # replay: the kept response
+    rid: str | None = None  # unknown: the reservation whose upstream outcome is not known
 
 
 @dataclass
@@ -297,9 +299,11 @@ class Store(abc.ABC):
         `give_up_after` seconds after creation."""
 
     @abc.abstractmethod
-    async def expire_tasks(self, now: float, timeout: float) -> list[TaskRecord]:
-        """Active, non-terminal tasks created before now - timeout: free their slot, mark
-        them timed_out (the charge stands). Returns the ones it changed."""
+    async def expire_tasks(self, now: float, timeout: float, unknown_timeout: float) -> list[TaskRecord]:
+        """Active, non-terminal tasks created at or before now - timeout, and active UNKNOWN
+        reservations (never identified by the upstream) created at or before now -
+        unknown_timeout: free their slot, mark them timed_out (the charge stands). Returns
+        the ones it changed."""
 
     # webhook outbox -----------------------------------------------------------------
     @abc.abstractmethod
@@ -330,3 +334,9 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def idem_finish(self, tenant_id: str, key: str, response: StoredResponse | None, now: float, ttl: float) -> None:
         """Keep `response` for `ttl` seconds, or free the key when None (429/5xx)."""
+
+    @abc.abstractmethod
+    async def idem_bind(self, tenant_id: str, key: str, rid: str, now: float, ttl: float) -> None:
+        """The attempt holding the key (still pending) was sent upstream without a usable
+        answer: bind the key to its reservation `rid` for `ttl` seconds, so that repeats
+        (state "unknown") never create a second task."""

@@ -22,11 +22,13 @@ Key layout (every key starts with `prefix`, "gw:" by default):
     {p}tt:{tenant}     zset   created_at -> rid: the tenant's visible tasks with a task id
     {p}polls           zset   next_poll_at -> rid: non-terminal tasks with a task id
     {p}actz            zset   created_at -> rid: active tasks, for expire_tasks
+    {p}unkz            zset   created_at -> rid: UNKNOWN reservations, for expire_tasks
     {p}wh:{event_id}   hash   one webhook event (state pending|dead)
     {p}whq:{rid}       list   a task's pending event ids in seq order (head = next)
     {p}whdue           zset   next_at (or lease end) -> event id, heads of whq lists only
     {p}whn             string number of pending events (webhook_pending)
-    {p}idem:{tenant}:{sha256(key)}  hash  state, fp, exp, status, headers, body
+    {p}idem:{tenant}:{sha256(key)}  hash  state (pending|done|unknown), fp, exp,
+                              status, headers, body (done), rid (unknown)
     {p}secret:{name}   string shared secrets (first writer wins)
 
 Retention: a task's hash and its `tid` key get a Redis TTL (`terminal_ttl`, 30 days by
@@ -301,14 +303,17 @@ if tid and tid ~= '' then
 end
 redis.call('ZREM', P .. 'polls', rid)
 redis.call('ZREM', P .. 'actz', rid)
+redis.call('ZREM', P .. 'unkz', rid)
 redis.call('DEL', k)
 return 1
 """
 
-# ARGV: P, now
+# ARGV: P, now, rid
 LUA_MARK_UNKNOWN = r"""
-if redis.call('HGET', KEYS[1], 'status') == 'SUBMITTING' then
+local r = redis.call('HMGET', KEYS[1], 'status', 'created_at', 'active')
+if r[1] == 'SUBMITTING' then
   redis.call('HSET', KEYS[1], 'status', 'UNKNOWN', 'updated_at', ARGV[2])
+  if r[3] == '1' then redis.call('ZADD', ARGV[1] .. 'unkz', r[2], ARGV[3]) end
   return 1
 end
 return 0
@@ -348,6 +353,7 @@ if stale then
 end
 
 local changed = status ~= cur
+if cur == 'UNKNOWN' then redis.call('ZREM', P .. 'unkz', rid) end
 redis.call('HSET', k, 'task', task_json, 'status', status, 'rank', ARGV[6], 'updated_at', now, 'upd', upd)
 
 local tid = r[10]
@@ -511,21 +517,26 @@ end
 return out
 """
 
-# ARGV: P, now, cutoff (now - timeout; created at or before it expires), ttl -> {record...}
+# ARGV: P, now, cutoff (now - timeout; created at or before it expires), ttl,
+#       unknown cutoff (now - unknown_timeout, for UNKNOWN reservations) -> {record...}
 # A timed-out task's hash gets the retention TTL too: one the upstream never answers for
 # would otherwise stay forever (a later update renews the TTL).
 LUA_EXPIRE = LUA_LIB + r"""
-local z = P .. 'actz'
 local out = {}
-local rids = redis.call('ZRANGEBYSCORE', z, '-inf', ARGV[3])
-for _, rid in ipairs(rids) do
-  redis.call('ZREM', z, rid)
+local function expire(rid, only_status)
   local r = redis.call('HMGET', tkey(rid), 'active', 'status', 'tenant_id')
-  if r[1] == '1' and not TERMINAL[r[2]] then
-    redis.call('HSET', tkey(rid), 'active', '0', 'timed_out', '1', 'updated_at', ARGV[2])
-    decr_floor(P .. 'act', r[3], 1)
-    retain(rid, ARGV[4])
-    out[#out + 1] = record_json(rid)
+  if r[1] ~= '1' or TERMINAL[r[2]] or (only_status and r[2] ~= only_status) then return end
+  redis.call('HSET', tkey(rid), 'active', '0', 'timed_out', '1', 'updated_at', ARGV[2])
+  decr_floor(P .. 'act', r[3], 1)
+  redis.call('ZREM', P .. 'actz', rid)
+  redis.call('ZREM', P .. 'unkz', rid)
+  retain(rid, ARGV[4])
+  out[#out + 1] = record_json(rid)
+end
+for _, z in ipairs({{P .. 'actz', ARGV[3], nil}, {P .. 'unkz', ARGV[5], 'UNKNOWN'}}) do
+  for _, rid in ipairs(redis.call('ZRANGEBYSCORE', z[1], '-inf', z[2])) do
+    redis.call('ZREM', z[1], rid)  -- entries of finished or settled tasks are stale: pruned here
+    expire(rid, z[3])
   end
 end
 return out
@@ -576,14 +587,15 @@ promote_head(rid)
 return 1
 """
 
-# ARGV: P, fingerprint, now, lease -> {state, status, headers, body}
+# ARGV: P, fingerprint, now, lease -> {state, status, headers, body} | {'unknown', rid}
 LUA_IDEM_BEGIN = r"""
 local k = KEYS[1]
 local now = tonumber(ARGV[3])
-local h = redis.call('HMGET', k, 'state', 'fp', 'exp', 'status', 'headers', 'body')
+local h = redis.call('HMGET', k, 'state', 'fp', 'exp', 'status', 'headers', 'body', 'rid')
 if h[1] and tonumber(h[3]) > now then
   if h[2] ~= ARGV[2] then return {'conflict'} end
   if h[1] == 'pending' then return {'pending'} end
+  if h[1] == 'unknown' then return {'unknown', h[7]} end
   return {'replay', h[4], h[5], h[6]}
 end
 redis.call('DEL', k)
@@ -604,6 +616,16 @@ if redis.call('EXISTS', k) == 0 then return 0 end
 local ttl = tonumber(ARGV[3])
 redis.call('HSET', k, 'state', 'done', 'exp', string.format('%.17g', tonumber(ARGV[2]) + ttl),
   'status', ARGV[4], 'headers', ARGV[5], 'body', ARGV[6])
+redis.call('PEXPIRE', k, math.max(1, math.ceil(ttl * 1000)))
+return 1
+"""
+
+# ARGV: P, now, ttl, rid   (only a key still pending: its holder's attempt)
+LUA_IDEM_BIND = r"""
+local k = KEYS[1]
+if redis.call('HGET', k, 'state') ~= 'pending' then return 0 end
+local ttl = tonumber(ARGV[3])
+redis.call('HSET', k, 'state', 'unknown', 'rid', ARGV[4], 'exp', string.format('%.17g', tonumber(ARGV[2]) + ttl))
 redis.call('PEXPIRE', k, math.max(1, math.ceil(ttl * 1000)))
 return 1
 """
@@ -806,6 +828,7 @@ class RedisStore(Store):
         self._finish_wh = reg(LUA_FINISH_WEBHOOK)
         self._idem_begin = reg(LUA_IDEM_BEGIN)
         self._idem_finish = reg(LUA_IDEM_FINISH)
+        self._idem_bind = reg(LUA_IDEM_BIND)
         self._secret = reg(LUA_SECRET)
 
     # keys ------------------------------------------------------------------------------
@@ -881,7 +904,7 @@ class RedisStore(Store):
         return bool(await self._settle(keys=[self._k("t", rid)], args=args))
 
     async def mark_unknown(self, rid: str, now: float) -> None:
-        await self._mark_unknown(keys=[self._k("t", rid)], args=[self.prefix, _num(now)])
+        await self._mark_unknown(keys=[self._k("t", rid)], args=[self.prefix, _num(now), rid])
 
     async def apply_update(
         self, rid: str, tenant_id: str, task: dict[str, Any], now: float, *, refund_failed: bool, adopt: TaskRecord | None = None
@@ -999,8 +1022,8 @@ class RedisStore(Store):
         args = [self.prefix, _num(now), _num(interval), str(limit), _num(timed_out_interval), _num(now - give_up_after)]
         return _records(await self._claim_due(keys=[self._k("polls")], args=args))
 
-    async def expire_tasks(self, now: float, timeout: float) -> list[TaskRecord]:
-        args = [self.prefix, _num(now), _num(now - timeout), _num(self.terminal_ttl)]
+    async def expire_tasks(self, now: float, timeout: float, unknown_timeout: float) -> list[TaskRecord]:
+        args = [self.prefix, _num(now), _num(now - timeout), _num(self.terminal_ttl), _num(now - unknown_timeout)]
         return _records(await self._expire(keys=[self._k("actz")], args=args))
 
     # webhook outbox --------------------------------------------------------------------
@@ -1019,6 +1042,8 @@ class RedisStore(Store):
     async def idem_begin(self, tenant_id: str, key: str, fingerprint: str, now: float, lease: float) -> IdempotencyResult:
         reply = await self._idem_begin(keys=[self._idem_key(tenant_id, key)], args=[self.prefix, fingerprint, _num(now), _num(lease)])
         state = _s(reply[0])
+        if state == "unknown":
+            return IdempotencyResult(state=state, rid=_s(reply[1]))
         if state != "replay":
             return IdempotencyResult(state=state)
         status, headers, body = reply[1:]
@@ -1030,3 +1055,6 @@ class RedisStore(Store):
         else:
             args = [self.prefix, _num(now), _num(ttl), str(response.status), orjson.dumps(response.headers), response.body]
         await self._idem_finish(keys=[self._idem_key(tenant_id, key)], args=args)
+
+    async def idem_bind(self, tenant_id: str, key: str, rid: str, now: float, ttl: float) -> None:
+        await self._idem_bind(keys=[self._idem_key(tenant_id, key)], args=[self.prefix, _num(now), _num(ttl), rid])

@@ -85,6 +85,7 @@ CREATE INDEX IF NOT EXISTS tasks_by_tenant ON tasks (tenant, created_at);
 CREATE INDEX IF NOT EXISTS tasks_to_poll ON tasks (next_poll_at)
     WHERE status NOT IN ('SUCCEEDED', 'FAILED', 'CANCELLED') AND task_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS tasks_active ON tasks (created_at) WHERE active = 1;
+CREATE INDEX IF NOT EXISTS tasks_unknown ON tasks (created_at) WHERE active = 1 AND status = 'UNKNOWN';
 CREATE TABLE IF NOT EXISTS webhooks (
     event_id TEXT PRIMARY KEY,
     rid TEXT NOT NULL,
@@ -108,6 +109,7 @@ CREATE TABLE IF NOT EXISTS idempotency (
     headers TEXT NOT NULL DEFAULT '{}',
     body BLOB NOT NULL DEFAULT x'',
     expires_at REAL NOT NULL,
+    rid TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (tenant, key)
 );
 CREATE INDEX IF NOT EXISTS idempotency_expiry ON idempotency (expires_at);
@@ -157,6 +159,7 @@ class SQLiteStore(Store):
         db = _connect(self.path)
         db.execute("PRAGMA journal_mode=WAL")
         db.executescript(SCHEMA)  # with the busy timeout: workers starting together queue here
+        _migrate(db)
         db.execute("PRAGMA busy_timeout=0")
         self._db = db
         self._reader = db if self.path == ":memory:" else _connect(self.path)
@@ -370,11 +373,12 @@ class SQLiteStore(Store):
                 self.db.execute("UPDATE tasks SET next_poll_at = ? WHERE rid = ?", (rec.next_poll_at, rec.rid))
         return records
 
-    async def expire_tasks(self, now: float, timeout: float) -> list[TaskRecord]:
+    async def expire_tasks(self, now: float, timeout: float, unknown_timeout: float) -> list[TaskRecord]:
         async with self._tx:
             rows = self.db.execute(
-                f"SELECT * FROM tasks WHERE active = 1 AND status NOT IN {TERMINAL_SQL} AND created_at <= ?",
-                (now - timeout,),
+                f"SELECT * FROM tasks WHERE active = 1 AND status NOT IN {TERMINAL_SQL} AND created_at <= ?"
+                " UNION SELECT * FROM tasks WHERE active = 1 AND status = 'UNKNOWN' AND created_at <= ?",
+                (now - timeout, now - unknown_timeout),
             ).fetchall()
             records = [_record(r) for r in rows]
             for rec in records:
@@ -439,6 +443,8 @@ class SQLiteStore(Store):
             return IdempotencyResult("conflict")
         if row["state"] == "pending":
             return IdempotencyResult("pending")
+        if row["state"] == "unknown":
+            return IdempotencyResult("unknown", rid=row["rid"])
         return IdempotencyResult("replay", StoredResponse(row["status"], orjson.loads(row["headers"]), bytes(row["body"])))
 
     async def idem_finish(self, tenant_id: str, key: str, response: StoredResponse | None, now: float, ttl: float) -> None:
@@ -451,6 +457,13 @@ class SQLiteStore(Store):
                     " WHERE tenant = ? AND key = ?",
                     (response.status, orjson.dumps(response.headers).decode(), response.body, now + ttl, tenant_id, key),
                 )
+
+    async def idem_bind(self, tenant_id: str, key: str, rid: str, now: float, ttl: float) -> None:
+        async with self._tx:
+            self.db.execute(
+                "UPDATE idempotency SET state = 'unknown', rid = ?, expires_at = ? WHERE tenant = ? AND key = ? AND state = 'pending'",
+                (rid, now + ttl, tenant_id, key),
+            )
 
     # internals (each runs inside the caller's transaction) --------------------------
     def _quota(self, tenant_id: str, now: float) -> _Quota:
@@ -705,6 +718,18 @@ class _GroupCommit:
         for w in waiters:
             if not w.done():
                 w.set_result(None)
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Columns added after a table's first release (CREATE TABLE IF NOT EXISTS keeps an old
+    table as it was). Workers starting together may race: the loser's duplicate is fine."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(idempotency)")}
+    if "rid" not in columns:
+        try:
+            db.execute("ALTER TABLE idempotency ADD COLUMN rid TEXT NOT NULL DEFAULT ''")
+        except sqlite3.OperationalError as exc:
+            if "duplicate column" not in str(exc):
+                raise
 
 
 def _connect(path: str) -> sqlite3.Connection:

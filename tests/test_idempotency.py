@@ -1,0 +1,150 @@
+"""A create whose upstream outcome is unknown (issue 12, items 1 and 5), through real servers.
+
+The simulator holds a create's answer past the gateway's 3 s timeout (`hang_after_create`:
+the task exists upstream, the gateway answers 504) or answers it with garbage. A retry
+with the same Idempotency-Key must never create a second task: it gets 409
+`idempotency_outcome_unknown` until a callback identifies the task, then the task itself.
+An unknown outcome never identified frees its active slot after
+`unknown_outcome_timeout_seconds`, its charge kept.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import httpx
+import openai
+import pytest
+
+from conftest import ROOT, UPSTREAM_KEY, GatewayProcess, Simulator, TenantSpec, gen2_body, wait_until
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the SDK marks client.videos deprecated
+
+
+def hold_the_answer(sim: Simulator) -> None:
+    """The next create makes its task but never answers in time; its callbacks are held
+    back (dropped) until the test lets them through. It finishes 8 s after creation: the
+    test has ~5 s after the 504 to check the 409s before the last callback goes out."""
+    sim.control(hang_after_create=True, drop_callbacks=True, seconds_to_finish=8)
+
+
+def only_sim_task(sim: Simulator) -> str:
+    tasks = sim.tasks()
+    assert len(tasks) == 1, tasks
+    return tasks[0]["id"]
+
+
+def first_answer_or_none(call: Callable[[], Any]) -> Any:
+    """The SDK call's answer, or None while it raises 409 (outcome still unknown)."""
+    try:
+        return call()
+    except openai.ConflictError:
+        return None
+
+
+def test_native_retry_after_a_timeout_waits_for_the_task_instead_of_buying_another(own_sim: Simulator, start_gateway) -> None:
+    g: GatewayProcess = start_gateway(own_sim.url, [TenantSpec("t")])
+    hold_the_answer(own_sim)
+    body, key = gen2_body("Once, even after a timeout."), {"Idempotency-Key": "order-unknown-1"}
+    with g.client("t") as c:
+        first = c.post("/runway/tasks", json=body, headers=key)
+        assert first.status_code == 504 and first.json()["error"]["code"] == "upstream_timeout"
+        charged = g.usage("t")
+        assert (charged["tasks_today"], charged["active"]) == (1, 1)
+
+        again = c.post("/runway/tasks", json=body, headers=key)
+        assert again.status_code == 409, again.text
+        assert again.json()["error"] == {
+            "message": again.json()["error"]["message"], "type": "invalid_request_error",
+            "param": "Idempotency-Key", "code": "idempotency_outcome_unknown",
+        }
+        assert int(again.headers["retry-after"]) >= 1
+        assert own_sim.requests()["creates_total"] == 1
+        other = c.post("/runway/tasks", json=gen2_body("another body"), headers=key)
+        assert other.status_code == 409 and other.json()["error"]["code"] == "idempotency_key_reused"
+
+        own_sim.control(drop_callbacks=False)  # the task's next callback identifies it
+        task_id = only_sim_task(own_sim)
+        replay: httpx.Response = wait_until(
+            lambda: (r := c.post("/runway/tasks", json=body, headers=key)).status_code != 409 and r, 20, 0.2, "the replay"
+        )
+    assert replay.status_code == 200, replay.text
+    assert replay.headers["idempotent-replayed"] == "true"
+    assert replay.json()["task"]["id"] == task_id and "notify_hook" not in replay.json()["task"]
+    assert own_sim.requests()["creates_total"] == 1
+    usage = g.usage("t")
+    assert (usage["tasks_today"], usage["credits_today"]) == (1, charged["credits_today"])
+
+
+def test_sdk_retry_after_a_timeout_gets_409_then_the_video(own_sim: Simulator, start_gateway) -> None:
+    g: GatewayProcess = start_gateway(own_sim.url, [TenantSpec("t")])
+    hold_the_answer(own_sim)
+    client = openai.OpenAI(base_url=g.url + "/v1", api_key=g.tenants["t"].key, max_retries=0, timeout=20)
+    key = {"Idempotency-Key": "video-unknown-1"}
+
+    def create() -> Any:
+        return client.videos.with_raw_response.create(prompt="A lighthouse, bought once", extra_headers=key)
+
+    with pytest.raises(openai.InternalServerError) as first:
+        create()
+    assert first.value.status_code == 504 and first.value.code == "upstream_timeout"
+    charged = g.usage("t")
+    with pytest.raises(openai.ConflictError) as again:
+        create()
+    assert again.value.code == "idempotency_outcome_unknown" and again.value.param == "Idempotency-Key"
+    assert int(again.value.response.headers["retry-after"]) >= 1
+    assert own_sim.requests()["creates_total"] == 1
+
+    own_sim.control(drop_callbacks=False)
+    task_id = only_sim_task(own_sim)
+    raw = wait_until(lambda: first_answer_or_none(create), 20, 0.2, "the replayed video")
+    video = raw.parse()
+    assert raw.headers["idempotent-replayed"] == "true"
+    assert video.id == task_id and video.object == "video" and video.prompt == "A lighthouse, bought once"
+    assert client.videos.retrieve(task_id).id == task_id
+    assert own_sim.requests()["creates_total"] == 1
+    usage = g.usage("t")
+    assert (usage["tasks_today"], usage["credits_today"]) == (1, charged["credits_today"])
+
+
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+def test_an_unknown_outcome_frees_its_slot_after_unknown_outcome_timeout_seconds(
+    own_sim: Simulator, start_gateway, store: str, request: pytest.FixtureRequest
+) -> None:
+    store_url = request.getfixturevalue("redis_store_url") if store == "redis" else None
+    tenant = TenantSpec("t", limits={"max_active_tasks": 1})
+    g: GatewayProcess = start_gateway(own_sim.url, [tenant], store_url=store_url, upstream_section="unknown_outcome_timeout_seconds = 2")
+    own_sim.control(garbage=True, drop_callbacks=True)  # 200 text/html: sent, no task to identify
+    with g.client("t") as c:
+        first = c.post("/runway/tasks", json=gen2_body())
+        assert first.status_code == 502 and first.json()["error"]["code"] == "upstream_error"
+        charged = g.usage("t")
+        assert (charged["active"], charged["tasks_today"]) == (1, 1)
+        refused = c.post("/runway/tasks", json=gen2_body())
+        assert refused.status_code == 429 and refused.json()["error"]["code"] == "concurrency_limit_exceeded"
+
+        own_sim.control(garbage=False)
+        admitted: httpx.Response = wait_until(
+            lambda: (r := c.post("/runway/tasks", json=gen2_body())).status_code != 429 and r, 20, 0.2, "the slot freed"
+        )
+    assert admitted.status_code == 200, admitted.text
+    usage = g.usage("t")  # the unknown create's charge stands
+    assert (usage["tasks_today"], usage["credits_today"]) == (2, 2 * charged["credits_today"])
+    logs = g.access_log()
+    [unknown] = [line for line in logs if line.get("event") == "create_outcome_unknown"]
+    [expired] = [line for line in logs if line.get("event") == "create_outcome_unknown_expired"]
+    assert expired["level"] == "warning" and expired["tenant"] == "t" and expired["rid"] == unknown["rid"]
+    text = g.log_text()
+    assert UPSTREAM_KEY not in text and tenant.key not in text
+
+
+@pytest.mark.parametrize("value", ["0", "-1", '"300"'])
+def test_check_config_refuses_an_unknown_outcome_timeout_that_is_not_positive(tmp_path: Path, value: str) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(f'[upstream]\nbase_url = "https://relay.example"\napi_keys = ["k"]\nunknown_outcome_timeout_seconds = {value}\n')
+    out = subprocess.run([sys.executable, "-m", "gateway", "check-config", str(bad)], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 2
+    assert "upstream.unknown_outcome_timeout_seconds: must be a positive number" in out.stderr
