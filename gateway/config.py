@@ -267,7 +267,8 @@ class _Validator:
                 return self.environ[name]
             if default is not None:
                 return default
-            self.fail(path, f"environment variable {name} is not set and has no default")
+            # each missing variable has its line, even beside another in the same string
+            self.problems.append(f"{path}: environment variable {name} is not set and has no default")
             self.unset_paths.append(path)
             return ""
 

@@ -82,9 +82,12 @@ def test_each_unset_variable_is_one_line(tmp_path: Path) -> None:
         "tenants[0].keys[0]: environment variable DEMO_TENANT_KEY_HASH is not set and has no default",
         "tenants[0].webhook_secret: environment variable DEMO_WEBHOOK_SECRET is not set and has no default",
     ]
-    jwt = '[auth.jwt]\nalgorithms = ["HS256"]\nsecret = "${JWT_SECRET_NOT_SET_X}"\n'
+    jwt = '[auth.jwt]\nalgorithms = ["HS256"]\nsecret = "${JWT_SECRET_NOT_SET_X}${JWT_PEPPER_NOT_SET_X}"\n'
     out = check_config(write(tmp_path, MINIMAL + jwt), env=env)
-    assert lines(out.stderr) == ["auth.jwt.secret: environment variable JWT_SECRET_NOT_SET_X is not set and has no default"]
+    assert lines(out.stderr) == [
+        "auth.jwt.secret: environment variable JWT_SECRET_NOT_SET_X is not set and has no default",
+        "auth.jwt.secret: environment variable JWT_PEPPER_NOT_SET_X is not set and has no default",
+    ]
 
 
 def test_env_file_is_the_only_source_of_variables(tmp_path: Path) -> None:
