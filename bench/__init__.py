@@ -1,1 +1,1 @@
-"""Benchmarks for runway-gateway: `python -m bench` or `python bench/run.py` (docs/benchmarks.md)."""
+"""Benchmarks for runway-gateway: `.venv/bin/python -m bench` or `.venv/bin/python bench/run.py` (docs/benchmarks.md)."""

@@ -2,7 +2,7 @@
 
 What a gateway on this stack cannot beat: the same server (uvicorn, same settings as
 `runway-gateway serve`), one pooled client, the body passed through untouched, the
-upstream key swapped in. `python bench/floor_aiohttp.py --port P --upstream URL --api-key K`
+upstream key swapped in. `.venv/bin/python bench/floor_aiohttp.py --port P --upstream URL --api-key K`
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 `--transport default` is httpx's own (httpcore) pool; `--transport aiohttp` is the
 httpx-aiohttp transport (the httpx API over an aiohttp session), the other candidate for
 the gateway's upstream client. Same server settings as `runway-gateway serve`.
-`python bench/floor_httpx.py --port P --upstream URL --api-key K [--transport aiohttp]`
+`.venv/bin/python bench/floor_httpx.py --port P --upstream URL --api-key K [--transport aiohttp]`
 """
 
 from __future__ import annotations

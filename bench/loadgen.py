@@ -10,7 +10,7 @@ small machine it understates the fastest targets (the upstream alone most): comp
 tables with each other, not with wrk's. Prints the same `BENCH_JSON {...}` line as the wrk
 scripts (bench/wrk_*.lua):
 
-    python -m bench.loadgen --url http://127.0.0.1:8080/runway/tasks --mode post --key K \
+    .venv/bin/python -m bench.loadgen --url http://127.0.0.1:8080/runway/tasks --mode post --key K \
         [--connections 32] [--duration 10] [--task-id ID] [--create-every 4]
 """
 

@@ -1,6 +1,6 @@
 """Summarise a py-spy profile in collapsed-stack form (`py-spy record --format raw`).
 
-    python -m bench.profile_summary bench/results/profile-sqlite.txt [--top 20]
+    .venv/bin/python -m bench.profile_summary bench/results/profile-sqlite.txt [--top 20]
 
 Prints where the on-CPU samples went: by area (the leaf frame's library), the top functions
 by self time, and the gateway's own functions by inclusive time (a function counted once

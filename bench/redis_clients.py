@@ -1,6 +1,6 @@
 """Client CPU per Redis command: redis-py's asyncio client vs gateway/store/redis_client.py.
 
-    python bench/redis_clients.py [--url redis://127.0.0.1:6379/14] [--callers 16] [--calls 3000]
+    .venv/bin/python bench/redis_clients.py [--url redis://127.0.0.1:6379/14] [--callers 16] [--calls 3000]
 
 Each client runs the same trivial script by EVALSHA from C concurrent callers on uvloop (as
 the gateway serves); the table gives this process's CPU time (utime + stime) per command and

@@ -1,8 +1,8 @@
 """One command for the gateway's benchmarks (issue 7, docs/benchmarks.md).
 
-    python -m bench  |  python bench/run.py [--duration S] [--connections C] [--quick]
+    .venv/bin/python -m bench  |  .venv/bin/python bench/run.py [--duration S] [--connections C] [--quick]
                                             [--only upstream,floors,sqlite,redis] [--profile]
-    python bench/run.py --soak 300 [--store sqlite|redis] [--soak-callbacks]
+    .venv/bin/python bench/run.py --soak 300 [--store sqlite|redis] [--soak-callbacks]
 
 Starts the upstream simulator in a fast mode (tasks take a day to finish, so no lifecycle
 step and no callback happens during a run), then, one at a time, each target:
@@ -418,7 +418,7 @@ def _finish_profile(spy: subprocess.Popen[bytes], workdir: Path, label: str) -> 
     RESULTS.mkdir(parents=True, exist_ok=True)
     dest = RESULTS / src.name
     shutil.copy(src, dest)
-    print(f"  profile (collapsed stacks) in {dest}; summary: python -m bench.profile_summary {dest}", file=sys.stderr)
+    print(f"  profile (collapsed stacks) in {dest}; summary: .venv/bin/python -m bench.profile_summary {dest}", file=sys.stderr)
 
 
 # --- the table ------------------------------------------------------------------------
@@ -717,7 +717,7 @@ def soak(args: argparse.Namespace, load: Load, command: str) -> int:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench", description="Benchmark the gateway beside its floors; prints a markdown table.")
+    p = argparse.ArgumentParser(prog=".venv/bin/python -m bench", description="Benchmark the gateway beside its floors; prints a markdown table.")
     p.add_argument("--duration", type=int, default=10, help="seconds of measured load per target (default 10)")
     p.add_argument("--connections", type=int, default=32, help="concurrent connections (default 32)")
     p.add_argument("--warmup", type=int, default=2, help="seconds of unmeasured load before each target (default 2)")
@@ -753,7 +753,7 @@ def main(argv: list[str] | None = None) -> int:
     if generator == "python":
         print("bench: wrk not found; using bench/loadgen.py (slower: compare only with its own tables)", file=sys.stderr)
     load = Load(args.connections, 1 if args.quick else args.duration, args.threads, generator)
-    command = "python bench/run.py" + ("" if argv is None and len(sys.argv) <= 1 else " " + " ".join(argv if argv is not None else sys.argv[1:]))
+    command = ".venv/bin/python bench/run.py" + ("" if argv is None and len(sys.argv) <= 1 else " " + " ".join(argv if argv is not None else sys.argv[1:]))
     if args.soak:
         return soak(args, load, command)
     return bench(args, load, command)

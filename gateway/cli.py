@@ -8,16 +8,20 @@ PROMETHEUS_MULTIPROC_DIR before prometheus_client is first imported.
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from gateway.config import ConfigError, load_config
+from gateway.config import Config, ConfigError, config_warnings, load_config, read_env_file
 
 BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
@@ -39,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
 
     check = sub.add_parser("check-config", help="validate a config file")
     check.add_argument("path")
+    check.add_argument(
+        "--env-file", metavar="PATH",
+        help="take ${NAME} values from this KEY=VALUE file (e.g. deploy/.env) instead of the environment",
+    )
 
     key = sub.add_parser("new-key", help="print a fresh API key and its config form")
     key.add_argument("--prefix", default="sk-gw-")
@@ -50,16 +58,17 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--fail-rate", type=float, default=0.0)
     sim.add_argument("--api-key", action="append", default=None, help="accepted relay key (repeatable)")
 
-    demo = sub.add_parser("demo", help="the simulator and a gateway on SQLite, with a fresh demo key")
-    demo.add_argument("--port", type=int, default=8080)
-    demo.add_argument("--upstream-port", type=int, default=8090)
-    demo.add_argument("--data", default="data/demo")
+    demo = sub.add_parser("demo", help="the simulator and a gateway on SQLite, with a demo key kept under --data")
+    demo.add_argument("--port", type=int, default=8080, help="the gateway's port")
+    demo.add_argument("--upstream-port", type=int, default=8090, help="the simulator's port")
+    demo.add_argument("--data", default="data/demo", help="the demo's config, key and database")
+    demo.add_argument("--new-key", action="store_true", help="replace the kept demo key (the old one stops working)")
 
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args.config, args.host, args.port, args.workers)
     if args.command == "check-config":
-        return _check(args.path)
+        return _check(args.path, args.env_file)
     if args.command == "new-key":
         k = new_key(args.prefix)
         from gateway.auth import key_hash
@@ -69,13 +78,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "simulate-upstream":
         return _simulate(args)
-    return _demo(args.port, args.upstream_port, Path(args.data))
+    return _demo(args.port, args.upstream_port, Path(args.data), args.new_key)
 
 
-def _check(path: str) -> int:
-    if _config_problems(path):
+def _check(path: str, env_file: str | None) -> int:
+    """Exit 2 with one line per problem; warnings alone still exit 0."""
+    try:
+        environ = read_env_file(env_file) if env_file else None
+    except ConfigError as err:
+        _print_lines(err.problems)
         return 2
-    print(f"{path}: ok")
+    config = _load_or_report(path, environ)
+    if config is None:
+        return 2
+    warnings = config_warnings(config)
+    _print_lines([f"warning: {w}" for w in warnings])
+    print(f"{path}: ok" + (f" ({len(warnings)} warning{'s' if len(warnings) > 1 else ''})" if warnings else ""))
     return 0
 
 
@@ -83,7 +101,7 @@ def _serve(config_path: str | None, host: str, port: int, workers: int) -> int:
     if not config_path:
         print("serve: give --config PATH or set GATEWAY_CONFIG", file=sys.stderr)
         return 2
-    if _config_problems(config_path):
+    if _load_or_report(config_path) is None:
         return 2
     config_path = str(Path(config_path).resolve())
     os.environ["GATEWAY_CONFIG"] = config_path
@@ -125,15 +143,18 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _config_problems(path: str) -> bool:
-    """Print every problem of a config file, one per line on stderr; True if there were any."""
+def _load_or_report(path: str, environ: dict[str, str] | None = None) -> Config | None:
+    """The config, or None after printing every problem, one per line on stderr."""
     try:
-        load_config(path)
+        return load_config(path, environ)
     except ConfigError as err:
-        for problem in err.problems:
-            print(problem, file=sys.stderr)
-        return True
-    return False
+        _print_lines(err.problems)
+        return None
+
+
+def _print_lines(lines: list[str]) -> None:
+    for line in lines:
+        print(line, file=sys.stderr)
 
 
 def app_from_env():  # type: ignore[no-untyped-def]
@@ -143,6 +164,8 @@ def app_from_env():  # type: ignore[no-untyped-def]
 
     config = load_config(os.environ["GATEWAY_CONFIG"])
     setup_logging(os.environ.get("GATEWAY_LOG_LEVEL", config.server.log_level))
+    for warning in config_warnings(config):
+        logging.getLogger("gateway.config").warning(warning)
     return create_app(config)
 
 
@@ -183,25 +206,97 @@ hook_hosts = ["127.0.0.1", "localhost"]
 """
 
 
-def _demo(port: int, upstream_port: int, data: Path) -> int:
+@dataclass(frozen=True)
+class DemoSecrets:
+    """What the demo keeps under its data directory so a restart prints the same key."""
+
+    key: str
+    webhook_secret: str
+
+
+DEMO_SECRETS_FILE = "demo-secrets.json"
+
+
+def _demo_secrets(data: Path, new_demo_key: bool) -> DemoSecrets:
+    """The kept key and webhook secret, made on the first start; `new_demo_key` replaces
+    the key (the config then lists only the new one's hash, so the old one gets 401)."""
+    path = data / DEMO_SECRETS_FILE
+    kept: dict[str, str] = {}
+    if path.is_file():
+        try:
+            kept = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            pass
+    if not isinstance(kept, dict):
+        kept = {}
+    current = DemoSecrets(
+        key=new_key() if new_demo_key or not kept.get("key") else kept["key"],
+        webhook_secret=kept.get("webhook_secret") or secrets.token_urlsafe(32),
+    )
+    if kept != asdict(current):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(asdict(current), f)
+    return current
+
+
+def _busy_ports(ports: dict[str, tuple[int, str]]) -> list[str]:
+    """One sentence per port of `ports` ({option: (port, what listens)}) that cannot be
+    listened on: checked before the demo prints a key it could not serve."""
+    busy: list[str] = []
+    for option, (port, what) in ports.items():
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            try:
+                s.bind(("127.0.0.1", port))
+                s.listen()
+            except OSError as exc:
+                busy.append(f"demo: port {port} for the {what} is busy ({exc.strerror}): stop what uses it or choose another with {option} PORT")
+    return busy
+
+
+def _wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float = 20.0) -> bool:
+    """True once something accepts on `port`; False if `process` exits first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while process.poll() is None and time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+def _demo(port: int, upstream_port: int, data: Path, new_demo_key: bool) -> int:
     from gateway.auth import key_hash
 
+    if port == upstream_port:
+        print(f"demo: --port and --upstream-port are both {port}; give them different ports", file=sys.stderr)
+        return 1
+    busy = _busy_ports({"--port": (port, "gateway"), "--upstream-port": (upstream_port, "simulator")})
+    if busy:
+        _print_lines(busy)
+        return 1
     data.mkdir(parents=True, exist_ok=True)
-    key = new_key()
+    kept = _demo_secrets(data, new_demo_key)
     config_path = data / "gateway.toml"
     config_path.write_text(
-        DEMO_CONFIG.format(port=port, upstream_port=upstream_port, db=(data / "gateway.db").resolve(), key_hash=key_hash(key), hook_secret=secrets.token_urlsafe(32))
+        DEMO_CONFIG.format(port=port, upstream_port=upstream_port, db=(data / "gateway.db").resolve(), key_hash=key_hash(kept.key), hook_secret=kept.webhook_secret)
     )
     simulator = subprocess.Popen([sys.executable, "-m", "gateway", "simulate-upstream", "--port", str(upstream_port), "--seconds-to-finish", "8"])
-    time.sleep(0.5)
-    print(
-        f"\nrunway-gateway demo\n  gateway:  http://127.0.0.1:{port}\n  upstream: http://127.0.0.1:{upstream_port} (simulator)\n"
-        f"  config:   {config_path}\n  demo key: {key}\n\n"
-        f"  curl -s http://127.0.0.1:{port}/runway/tasks -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\\n"
-        "    -d '{\"taskType\":\"gen2\",\"options\":{\"gen2Options\":{\"text_prompt\":\"The wind blows hair up.\"}}}'\n",
-        flush=True,
-    )
     try:
+        if not _wait_for_port(upstream_port, simulator):
+            print(f"demo: the simulator did not start on port {upstream_port}", file=sys.stderr)
+            return 1
+        print(
+            f"\nrunway-gateway demo\n  gateway:  http://127.0.0.1:{port}\n  upstream: http://127.0.0.1:{upstream_port} (simulator)\n"
+            f"  config:   {config_path}\n  demo key: {kept.key}\n"
+            f"            (kept in {data / DEMO_SECRETS_FILE}; `runway-gateway demo --new-key` replaces it)\n\n"
+            f"  export KEY={kept.key}\n"
+            f"  curl -s http://127.0.0.1:{port}/runway/tasks -H \"Authorization: Bearer $KEY\" -H 'Content-Type: application/json' \\\n"
+            "    -d '{\"taskType\":\"gen2\",\"options\":{\"gen2Options\":{\"text_prompt\":\"The wind blows hair up.\"}}}'\n",
+            flush=True,
+        )
         return _serve(str(config_path), "127.0.0.1", port, 1)
     finally:
         simulator.terminate()

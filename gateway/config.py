@@ -19,7 +19,9 @@ from urllib.parse import urlsplit
 
 TENANT_ID_RE = re.compile(r"^[a-z0-9-]{1,64}$")
 KEY_HASH_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+ENV_LINE_RE = re.compile(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=(.*)$")
 ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
+MIN_HS_SECRET_BYTES = 32
 JWT_ALGORITHMS = {"HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512", "EdDSA"}
 GEN2_OPTION_TYPES: dict[str, type | tuple[type, ...]] = {
     "mode": str,
@@ -56,7 +58,7 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class UpstreamConfig:
-    base_url: str = "http://127.0.0.1:8090"
+    base_url: str = ""  # required in the file: no default would be safe to send the relay key to
     api_keys: tuple[str, ...] = ()
     timeout_seconds: float = 30.0
     status_path: str = "/runway/tasks/{id}"
@@ -182,14 +184,71 @@ def parse_config(raw: dict[str, Any], environ: dict[str, str], base_dir: Path = 
     return cfg
 
 
+def config_warnings(config: Config) -> list[str]:
+    """Settings that load but are surely not meant: check-config prints them, serve logs them.
+
+    A day or month credit budget below the price of a tenant's cheapest task (its policy's
+    `force` included) refuses every create with 429 insufficient_quota."""
+    warnings: list[str] = []
+    for i, tenant in enumerate(config.tenants):
+        cheapest = config.pricing.price(tenant.policy.force)
+        for name in ("credits_per_day", "credits_per_month"):
+            budget = getattr(tenant.limits, name)
+            if budget is not None and budget < cheapest:
+                warnings.append(
+                    f"tenants[{i}].limits.{name}: {budget} is below the price of one task ({cheapest} credits): "
+                    "every create of this tenant will be refused with 429 insufficient_quota"
+                )
+    return warnings
+
+
+def read_env_file(path: str | os.PathLike[str]) -> dict[str, str]:
+    """`KEY=VALUE` lines as docker compose's env files have them: blank lines and `#`
+    comments skipped, an optional `export `, the value in optional quotes (unquoted, ` #`
+    starts a comment). Raise ConfigError naming every line that is none of these."""
+    p = Path(path)
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise ConfigError([f"{p}: file not found"]) from None
+    env: dict[str, str] = {}
+    problems: list[str] = []
+    for number, line in enumerate(lines, 1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        m = ENV_LINE_RE.match(stripped)
+        if not m:
+            problems.append(f"{p}:{number}: not a KEY=VALUE line")
+            continue
+        env[m.group(1)] = _env_value(m.group(2))
+    if problems:
+        raise ConfigError(problems)
+    return env
+
+
+def _env_value(raw: str) -> str:
+    value = raw.strip()
+    if value[:1] in ("'", '"'):
+        end = value.find(value[0], 1)
+        if end > 0:
+            return value[1:end]
+    return re.sub(r"\s+#.*$", "", value)
+
+
 class _Validator:
     """Walks the parsed TOML, collecting problems instead of stopping at the first."""
 
     def __init__(self, environ: dict[str, str]):
         self.environ = environ
         self.problems: list[str] = []
+        self.unset_paths: list[str] = []  # values whose ${NAME} had no value
 
     def fail(self, path: str, message: str) -> None:
+        """Record a problem, unless it only repeats an unset variable's: a value left empty
+        by a missing ${NAME} (or the list or table holding it) is reported once, by name."""
+        if any(_is_within(unset, path) for unset in self.unset_paths):
+            return
         self.problems.append(f"{path}: {message}")
 
     # ${VAR} substitution ------------------------------------------------------------
@@ -209,7 +268,9 @@ class _Validator:
                 return self.environ[name]
             if default is not None:
                 return default
-            self.fail(path, f"environment variable {name} is not set and has no default")
+            # each missing variable has its line, even beside another in the same string
+            self.problems.append(f"{path}: environment variable {name} is not set and has no default")
+            self.unset_paths.append(path)
             return ""
 
         return ENV_RE.sub(repl, s)
@@ -278,8 +339,10 @@ class _Validator:
         if not keys:
             self.fail("upstream.api_keys", "must list at least one upstream API key")
         status_path = self.get(t, "status_path", "upstream", UpstreamConfig.status_path, _status_path)
+        if "base_url" not in t:
+            self.fail("upstream.base_url", "required: the relay's URL (no default: the relay keys are sent there)")
         return UpstreamConfig(
-            base_url=self.get(t, "base_url", "upstream", UpstreamConfig.base_url, _http_url).rstrip("/"),
+            base_url=self.get(t, "base_url", "upstream", "", _http_url).rstrip("/"),
             api_keys=tuple(keys),
             timeout_seconds=float(self.get(t, "timeout_seconds", "upstream", 30.0, _positive_number)),
             status_path=status_path,
@@ -312,9 +375,11 @@ class _Validator:
         if len(sources) != 1:
             self.fail(path, "set exactly one of public_key_file, jwks_url or secret")
         secret = self.get(t, "secret", path, "", _string)
+        if secret and len(secret.encode("utf-8")) < MIN_HS_SECRET_BYTES:
+            self.fail(f"{path}.secret", f"must be at least {MIN_HS_SECRET_BYTES} bytes: a shorter HS256/HS384/HS512 secret can be guessed offline from one token")
         if secret and any(not a.startswith("HS") for a in algs):
             self.fail(f"{path}.algorithms", "a shared secret works only with HS256/HS384/HS512")
-        if not secret and any(a.startswith("HS") for a in algs):
+        if "secret" not in t and any(a.startswith("HS") for a in algs):
             self.fail(f"{path}.algorithms", "HS* algorithms need `secret`; with a public key or JWKS they would accept forged tokens")
         key_file = self.get(t, "public_key_file", path, "", _string)
         if key_file:
@@ -410,6 +475,11 @@ class _Validator:
 
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
+
+
+def _is_within(path: str, container: str) -> bool:
+    """True if `path` is `container` itself or a key or item inside it."""
+    return path == container or path.startswith((container + ".", container + "["))
 
 
 def _is_type(value: Any, expected: type | tuple[type, ...]) -> bool:

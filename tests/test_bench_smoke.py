@@ -60,7 +60,7 @@ def test_bench_prints_its_table() -> None:
         assert m is not None, rows[name]
         assert int(m["rps"].replace(",", "")) > 0, rows[name]  # it ran; how fast is not asserted
         assert rows[name].rstrip(" |").endswith("| 0"), f"errors during {name}: {rows[name]}"
-    assert "Command: `python bench/run.py --quick --no-save`" in proc.stdout
+    assert "Command: `.venv/bin/python bench/run.py --quick --no-save`" in proc.stdout
     assert "Machine: " in proc.stdout
 
 

@@ -1,0 +1,154 @@
+"""`runway-gateway demo` as a newcomer meets it: the README's walk-through run against it
+command by command, the demo key kept across starts, and busy ports named before any key
+is printed."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import pytest
+
+from conftest import ROOT, Process, _wait_http, free_port, wait_until
+
+KEY_LINE = re.compile(r"export KEY=(sk-gw-\S+)")
+ID_PLACEHOLDER = "19da9384-..."
+
+
+class Demo(Process):
+    """`runway-gateway demo` on free ports with a data directory of the test's own."""
+
+    def __init__(self, tmp: Path, data: Path, *extra: str):
+        self.port, self.upstream_port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__(
+            [sys.executable, "-m", "gateway", "demo", "--port", str(self.port), "--upstream-port", str(self.upstream_port),
+             "--data", str(data), *extra],
+            tmp / f"demo-{self.port}.log",
+        )
+        self.key = ""
+
+    def start(self) -> None:
+        super().start()
+        _wait_http(self.url + "/readyz", self)
+        self.key = wait_until(lambda: (m := KEY_LINE.search(self.log_text())) and m.group(1), message="the demo key")
+
+    def status_with(self, key: str) -> int:
+        return httpx.get(self.url + "/runway/tasks", headers={"Authorization": f"Bearer {key}"}, timeout=10).status_code
+
+
+@pytest.fixture
+def demos(tmp_path: Path) -> Iterator[list[Demo]]:
+    """Demos this test started; all stopped at the end."""
+    started: list[Demo] = []
+    yield started
+    for d in started:
+        d.stop()
+
+
+def start_demo(demos: list[Demo], tmp: Path, data: Path, *extra: str) -> Demo:
+    demo = Demo(tmp, data, *extra)
+    demos.append(demo)
+    demo.start()
+    return demo
+
+
+# --- the README's walk-through -------------------------------------------------------
+
+
+def walk_through_commands(readme: str) -> list[str]:
+    """The shell commands of README.md's walk-through section, as a reader types them:
+    its ```sh blocks, continuation lines joined, comments dropped."""
+    section = readme.split("## Walk-through", 1)[1].split("\n## ", 1)[0]
+    commands: list[str] = []
+    for block in re.findall(r"```sh\n(.*?)```", section, re.S):
+        joined = re.sub(r"\\\n\s*", " ", block)
+        commands += [line.strip() for line in joined.splitlines() if line.strip() and not line.strip().startswith("#")]
+    return commands
+
+
+def run_sh(command: str, key: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", "-c", command], capture_output=True, text=True, cwd=cwd, timeout=60, env={"PATH": "/usr/bin:/bin", "KEY": key})
+
+
+def json_answer(proc: subprocess.CompletedProcess[str], command: str) -> dict[str, Any]:
+    assert proc.returncode == 0, (command, proc.returncode, proc.stderr)
+    try:
+        answer = json.loads(proc.stdout)
+    except ValueError:
+        raise AssertionError(f"{command}\n did not answer JSON: {proc.stdout[:500]!r}") from None
+    assert list(answer) != ["error"], (command, answer)  # an OpenAI-shaped error answer
+    return answer
+
+
+def test_every_command_of_the_readme_walk_through_works_against_the_demo(tmp_path: Path, demos: list[Demo]) -> None:
+    demo = start_demo(demos, tmp_path, tmp_path / "data")
+    commands = walk_through_commands((ROOT / "README.md").read_text(encoding="utf-8"))
+    assert len(commands) >= 5 and "/runway/tasks" in commands[0], commands
+    task_id = ""
+    polled = False
+    for command in commands:
+        typed = command.replace("localhost:8080", f"localhost:{demo.port}").replace("localhost:8090", f"localhost:{demo.upstream_port}")
+        if ID_PLACEHOLDER in typed:
+            assert task_id, f"{command}\n needs a task id before any create answered one"
+            typed = typed.replace(ID_PLACEHOLDER, task_id)
+        if output := re.search(r"-o (\S+)", typed):
+            proc = run_sh(typed, demo.key, tmp_path)
+            assert proc.returncode == 0, (command, proc.stderr)
+            body = (tmp_path / output.group(1)).read_bytes()
+            assert body[4:8] == b"ftyp", (command, body[:200])  # the demo's sample MP4, streamed through
+        elif not task_id:
+            task_id = json_answer(run_sh(typed, demo.key, tmp_path), command)["task"]["id"]
+        elif not polled and re.search(rf"/runway/tasks/{task_id}\s", typed):
+            # the reader repeats the poll until the task is done, as the README says
+            wait_until(lambda: json_answer(run_sh(typed, demo.key, tmp_path), command)["task"]["status"] == "SUCCEEDED", 30, 0.5, "SUCCEEDED")
+            polled = True
+        else:
+            answer = json_answer(run_sh(typed, demo.key, tmp_path), command)
+            assert task_id in json.dumps(answer), (command, answer)
+            assert answer.get("status", "completed") == "completed", (command, answer)  # a Video object
+    assert polled, "the walk-through never polled its task"
+
+
+# --- the demo's key and ports ----------------------------------------------------------
+
+
+def test_the_demo_prints_the_same_key_on_every_start_and_new_key_replaces_it(tmp_path: Path, demos: list[Demo]) -> None:
+    data = tmp_path / "data"
+    first = start_demo(demos, tmp_path, data)
+    assert first.status_with(first.key) == 200
+    first.stop()
+
+    again = start_demo(demos, tmp_path, data)
+    assert again.key == first.key
+    assert again.status_with(first.key) == 200
+    again.stop()
+
+    renewed = start_demo(demos, tmp_path, data, "--new-key")
+    assert renewed.key != first.key
+    assert renewed.status_with(renewed.key) == 200
+    assert renewed.status_with(first.key) == 401
+
+
+@pytest.mark.parametrize("busy_option", ["--port", "--upstream-port"])
+def test_a_busy_port_is_named_before_any_key_is_printed(tmp_path: Path, busy_option: str) -> None:
+    ports = {"--port": free_port(), "--upstream-port": free_port()}
+    data = tmp_path / "data"
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", ports[busy_option]))
+        holder.listen()
+        proc = subprocess.run(
+            [sys.executable, "-m", "gateway", "demo", "--data", str(data), *(str(x) for kv in ports.items() for x in kv)],
+            capture_output=True, text=True, cwd=ROOT, timeout=60,
+        )
+    assert proc.returncode != 0
+    said = proc.stdout + proc.stderr
+    assert f"port {ports[busy_option]} for the" in proc.stderr and busy_option in proc.stderr, said
+    assert "sk-gw-" not in said and "curl" not in said, said
+    assert not (data / "demo-secrets.json").exists()
