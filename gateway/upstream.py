@@ -153,14 +153,11 @@ class Upstream:
                 break
             url = urljoin(url, location)  # relative to the URL as named, not the checked address
             target = await self._artifact_target(url, request_id, start)
-        self._count("artifact", start, "refused")
-        log_fields(log, logging.WARNING, {"event": "artifact_refused", "request_id": request_id, "reason": f"more than {MAX_ARTIFACT_REDIRECTS} redirects"})
-        raise _artifact_refused()
+        raise self._artifact_refused(f"more than {MAX_ARTIFACT_REDIRECTS} redirects", request_id, start)
 
     async def _artifact_target(self, url: str, request_id: str, start: float) -> ResolvedHook:
-        """Resolve and check one artifact URL. A URL the rules refuse is logged (the reason,
-        never the URL: it may carry a signature) and answered with a message that names no
-        host or address."""
+        """Resolve and check one artifact URL. A refusal logs the reason, never the URL (it
+        may carry a signature); a name that does not resolve is "unavailable", not refused."""
         try:
             async with asyncio.timeout(ARTIFACT_CONNECT_SECONDS):
                 return await resolve_hook(url, self.artifact_policy, self._resolver)
@@ -168,9 +165,17 @@ class Upstream:
             self._count("artifact", start, "error")
             raise UpstreamFailure(503, "upstream_unavailable", "Could not fetch the video from the upstream.", Outcome.NOT_SENT) from exc
         except HookRefused as refused:
-            self._count("artifact", start, "refused")
-            log_fields(log, logging.WARNING, {"event": "artifact_refused", "request_id": request_id, "reason": refused.reason})
-            raise _artifact_refused() from None
+            raise self._artifact_refused(refused.reason, request_id, start) from None
+
+    def _artifact_refused(self, reason: str, request_id: str, start: float) -> UpstreamFailure:
+        """Counted, logged for the operator with the reason; the tenant's message names no
+        host or address (the answer reaches the tenant, the log does not)."""
+        self._count("artifact", start, "refused")
+        log_fields(log, logging.WARNING, {"event": "artifact_refused", "request_id": request_id, "reason": reason})
+        return UpstreamFailure(
+            502, "upstream_error", "The upstream gave a video URL the gateway may not fetch (refused by its artifact URL rules); the gateway's log says why.",
+            Outcome.REJECTED,
+        )
 
     async def _get_artifact(self, target: ResolvedHook, request_id: str, start: float) -> aiohttp.ClientResponse:
         """One GET to the checked address. The pool keys connections by address and SNI name,
@@ -249,13 +254,6 @@ class Upstream:
     def _count(self, operation: str, start: float, status: str) -> None:
         self.metrics.count(self.metrics.upstream_requests, (operation, status))
         self.metrics.observe(self.metrics.upstream_duration, (operation,), time.perf_counter() - start)
-
-
-def _artifact_refused() -> UpstreamFailure:
-    return UpstreamFailure(
-        502, "upstream_error", "The upstream gave a video URL the gateway may not fetch (refused by its artifact URL rules); the gateway's log says why.",
-        Outcome.REJECTED,
-    )
 
 
 def _circuit_open() -> UpstreamFailure:

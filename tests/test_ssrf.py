@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import ssl
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Iterator
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import httpx
 import openai
@@ -20,6 +22,7 @@ from gateway.config import UpstreamConfig
 from gateway.metrics import Metrics
 from gateway.ssrf import HookPolicy, HookRefused, check_hook_url, classify, normalise_host, resolve_hook, system_resolver
 from gateway.upstream import Upstream, UpstreamFailure
+from test_webhooks import self_signed
 
 OPEN = HookPolicy.from_hosts([])
 
@@ -233,7 +236,7 @@ class Recorder:
 
 
 @contextlib.contextmanager
-def recorder(host: str) -> Iterator[Recorder]:
+def recorder(host: str, tls: ssl.SSLContext | None = None) -> Iterator[Recorder]:
     rec = Recorder(host)
 
     class Handler(BaseHTTPRequestHandler):
@@ -250,6 +253,8 @@ def recorder(host: str) -> Iterator[Recorder]:
             pass
 
     server = ThreadingHTTPServer((host, 0), Handler)
+    if tls is not None:  # a failed handshake ends in accept(), before any request is seen
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
     rec.port = server.server_address[1]
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
@@ -389,3 +394,33 @@ async def test_artifact_connects_to_checked_address_with_the_name_as_host(cdn: R
     finally:
         await exact.close()
         await wildcard.close()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_https_artifact_is_verified_against_its_host_name(tmp_path: Path, slow_sim: Simulator, start_gateway: Callable[..., GatewayProcess]) -> None:
+    """Connected to the checked address (127.0.0.1), TLS still sends and verifies the URL's
+    name: a certificate for `localhost` passes, one for another name fails before any
+    request. The gateway trusts the test's self-signed certificates through SSL_CERT_FILE."""
+    contexts, certs = [], []
+    for name in ("localhost", "other.test"):
+        (tmp_path / name).mkdir()
+        cert, key = self_signed(tmp_path / name, name)
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(cert, key)
+        contexts.append(ctx)
+        certs.append(cert.read_bytes())
+    bundle = tmp_path / "ca.pem"
+    bundle.write_bytes(b"".join(certs))  # both trusted: only the name can fail
+    g = start_gateway(slow_sim.url, [TenantSpec("ssrf")], artifact_hosts=("localhost",), env={"SSL_CERT_FILE": str(bundle)})
+    with recorder("127.0.0.1", contexts[0]) as good, recorder("127.0.0.1", contexts[1]) as bad:
+        good.routes["/video.mp4"] = (200, {"content-type": "video/mp4"}, VIDEO_BYTES)
+        video_id = video_with_artifact(g, slow_sim, f"https://localhost:{good.port}/video.mp4")
+        assert sdk(g).videos.download_content(video_id).read() == VIDEO_BYTES
+        assert good.seen == [("/video.mp4", f"localhost:{good.port}")]
+        video_id = video_with_artifact(g, slow_sim, f"https://localhost:{bad.port}/video.mp4")
+        with pytest.raises(openai.InternalServerError) as info:
+            sdk(g).videos.download_content(video_id)
+        assert info.value.status_code == 503 and bad.seen == []
+        # the same server by its address: not the allowed name, refused before connecting
+        assert_refused(g, video_with_artifact(g, slow_sim, f"https://127.0.0.1:{good.port}/video.mp4"))
+        assert len(good.seen) == 1
