@@ -301,6 +301,7 @@ api_keys = ["{upstream_key}"]
 timeout_seconds = 30
 poll_interval_seconds = 3600
 task_timeout_seconds = 86400
+artifact_hosts = ["127.0.0.1"]
 
 [store]
 url = "{store}"

@@ -79,7 +79,7 @@ class Gateway:
     async def start(self) -> None:
         await self.store.open()
         secret = self.config.server.signing_secret or await self.store.secret("signing", secrets.token_urlsafe(48))
-        self.signer = TokenSigner(secret)
+        self.signer = TokenSigner(secret, self.clock)
         await self.upstream.start()
         self.tasks = TaskService(self.config, self.store, self.upstream, self.signer, self.metrics, self.clock)
         self.uploads = Uploads(self.store, self.config.server.upload_ttl_seconds, self.clock)

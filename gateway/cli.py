@@ -188,6 +188,9 @@ public_url = "http://127.0.0.1:{port}"
 base_url = "http://127.0.0.1:{upstream_port}"
 api_keys = ["sk-sim-upstream"]
 poll_interval_seconds = 2
+# The simulator serves its videos from 127.0.0.1 too: a loopback address the gateway
+# fetches only when named here.
+artifact_hosts = ["127.0.0.1"]
 
 [store]
 url = "sqlite:///{db}"

@@ -65,6 +65,9 @@ class UpstreamConfig:
     poll_interval_seconds: float = 5.0
     task_timeout_seconds: float = 3600.0
     unknown_outcome_timeout_seconds: float = 300.0  # an unidentified create (timeout, reset, garbage) frees its slot
+    # Where artifact URLs may point beyond public addresses (the SSRF rules; entries as in
+    # hook_hosts). Empty: public addresses only. Set: only matching hosts.
+    artifact_hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -304,7 +307,7 @@ class _Validator:
             if k not in known:
                 self.fail(k, "unknown key")
         server = self.server(self.table(data, "server", "", {"public_url", "max_body_bytes", "trusted_proxies", "signing_secret", "log_level", "upload_ttl_seconds"}))
-        upstream = self.upstream(self.table(data, "upstream", "", {"base_url", "api_keys", "timeout_seconds", "status_path", "poll_interval_seconds", "task_timeout_seconds", "unknown_outcome_timeout_seconds"}))
+        upstream = self.upstream(self.table(data, "upstream", "", {"base_url", "api_keys", "timeout_seconds", "status_path", "poll_interval_seconds", "task_timeout_seconds", "unknown_outcome_timeout_seconds", "artifact_hosts"}))
         store_t = self.table(data, "store", "", {"url"})
         store = StoreConfig(url=self.get(store_t, "url", "store", StoreConfig.url, _store_url))
         pricing = self.pricing(self.table(data, "pricing", "", {"gen2", "upscale", "interpolate", "refund_failed"}))
@@ -349,6 +352,7 @@ class _Validator:
             poll_interval_seconds=float(self.get(t, "poll_interval_seconds", "upstream", 5.0, _positive_number)),
             task_timeout_seconds=float(self.get(t, "task_timeout_seconds", "upstream", 3600.0, _positive_number)),
             unknown_outcome_timeout_seconds=float(self.get(t, "unknown_outcome_timeout_seconds", "upstream", 300.0, _positive_number)),
+            artifact_hosts=tuple(h.lower() for h in self.get(t, "artifact_hosts", "upstream", [], _list_of(_hook_host))),
         )
 
     def pricing(self, t: dict[str, Any]) -> PricingConfig:

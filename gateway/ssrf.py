@@ -1,11 +1,14 @@
-"""Where a tenant's `notify_hook` may point (contract §5): the SSRF rules for webhooks.
+"""Where the gateway may connect to a URL someone else chose: the SSRF rules.
 
-The gateway POSTs to URLs its tenants choose, from inside the operator's network, so a hook
-must not reach the gateway's own loopback services, the cloud metadata endpoint or the
-internal network. The rules run on submit (`check_hook_url`: no DNS, cheap, a 400 at once)
-and again on every delivery (`resolve_hook`) for every address the name resolves to; the
-delivery then connects to the checked address, so DNS rebinding between check and connect
-cannot sneak through.
+The gateway POSTs to URLs its tenants choose (`notify_hook`) and streams URLs the upstream
+chooses (a task's `artifacts`, for `GET /v1/videos/{id}/content`), from inside the
+operator's network, so neither may reach the gateway's own loopback services, the cloud
+metadata endpoint or the internal network. The rules run on submit (`check_hook_url`: no
+DNS, cheap, a 400 at once) and again before every connection (`resolve_hook`) for every
+address the name resolves to; the caller then connects to the checked address, so DNS
+rebinding between check and connect cannot sneak through. The allow-list is a tenant's
+`hook_hosts` for hooks and `[upstream] artifact_hosts` for artifacts (`HookPolicy.setting`
+names which, in messages); its entries work the same in both.
 
 | rule           | a hook is allowed when                                                      |
 |----------------|-----------------------------------------------------------------------------|
@@ -69,6 +72,11 @@ class HookRefused(Exception):
     def __init__(self, reason: str):
         self.reason = reason
         super().__init__(reason)
+
+
+class ResolveFailed(HookRefused):
+    """The host did not resolve: nothing is known to be wrong with the URL, the name service
+    (or the name) is, so a caller may answer "unavailable" rather than "not allowed"."""
 
 
 class Match(enum.IntEnum):
@@ -140,16 +148,17 @@ def classify(ip: IPAddress) -> AddressClass:
 
 @dataclass(frozen=True)
 class HookPolicy:
-    """A tenant's `hook_hosts`, pre-sorted into sets so a check is a few lookups.
-    Build once per tenant: `HookPolicy.from_hosts(tenant.policy.hook_hosts)`."""
+    """An allow-list (a tenant's `hook_hosts`, or `artifact_hosts`), pre-sorted into sets so
+    a check is a few lookups. Build once: `HookPolicy.from_hosts(tenant.policy.hook_hosts)`."""
 
     names: frozenset[str] = frozenset()
     suffixes: tuple[str, ...] = ()  # ".svc.internal" for "*.svc.internal"
     addresses: frozenset[IPAddress] = frozenset()
     networks: tuple[IPNetwork, ...] = ()
+    setting: str = "hook_hosts"  # the config key the entries came from, for messages
 
     @classmethod
-    def from_hosts(cls, entries: Iterable[str]) -> HookPolicy:
+    def from_hosts(cls, entries: Iterable[str], setting: str = "hook_hosts") -> HookPolicy:
         names, suffixes, addresses, networks = set(), [], set(), []
         for entry in entries:
             entry = entry.strip().lower()
@@ -163,7 +172,7 @@ class HookPolicy:
                     names.add(host)
                 else:
                     addresses.update({ip, embedded_v4(ip)})
-        return cls(frozenset(names), tuple(suffixes), frozenset(addresses), tuple(networks))
+        return cls(frozenset(names), tuple(suffixes), frozenset(addresses), tuple(networks), setting)
 
     @property
     def restricted(self) -> bool:
@@ -192,9 +201,9 @@ def address_problem(ip: IPAddress, match: Match, policy: HookPolicy) -> str | No
     if policy.lists_address(ip):
         match = Match.EXACT
     if cls is AddressClass.PRIVATE and match < Match.WILDCARD:
-        return f"{shown} is a private address and the host is not in hook_hosts"
+        return f"{shown} is a private address and the host is not in {policy.setting}"
     if cls is AddressClass.SPECIAL and match < Match.EXACT:
-        return f"{shown} is a loopback, link-local or reserved address; only an exact hook_hosts entry allows it"
+        return f"{shown} is a loopback, link-local or reserved address; only an exact {policy.setting} entry allows it"
     return None
 
 
@@ -237,11 +246,11 @@ def inspect_hook_url(url: str, policy: HookPolicy) -> HookTarget | str:
         return str(e)
     match = policy.match_host(host, ip)
     if policy.restricted and match is Match.NONE:
-        return f"host {host} is not within the tenant's hook_hosts"
+        return f"host {host} is not within {policy.setting}"
     if ip is not None:
         problem = address_problem(ip, match, policy)
     elif host == "localhost" or host.endswith(".localhost"):
-        problem = None if match is Match.EXACT else "localhost is loopback; only an exact hook_hosts entry allows it"
+        problem = None if match is Match.EXACT else f"localhost is loopback; only an exact {policy.setting} entry allows it"
     else:
         problem = None
     if problem:
@@ -303,9 +312,9 @@ async def resolve_hook(url: str, policy: HookPolicy, resolver: Resolver | None =
             raw = await (resolver or system_resolver)(t.host, t.port)
             addresses = list(dict.fromkeys(ipaddress.ip_address(a.split("%", 1)[0]) for a in raw))
         except (OSError, UnicodeError, ValueError) as e:
-            raise HookRefused(f"cannot resolve {t.host}: {e.__class__.__name__}") from None
+            raise ResolveFailed(f"cannot resolve {t.host}: {e.__class__.__name__}") from None
         if not addresses:
-            raise HookRefused(f"{t.host} resolves to no address")
+            raise ResolveFailed(f"{t.host} resolves to no address")
         for ip in addresses:
             problem = address_problem(ip, t.match, policy)
             if problem:

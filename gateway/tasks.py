@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 import time
 from dataclasses import dataclass
@@ -84,7 +85,8 @@ class TaskService:
         self.metrics.count(self.metrics.credits_charged, (tenant.id,), credits)
         body = dict(req.body)
         if self.config.server.public_url:
-            body["notify_hook"] = f"{self.config.server.public_url}/hooks/runway/{self.signer.callback_token(tenant.id, rid)}"
+            token = self.signer.callback_token(tenant.id, rid, callback_expiry(now, self.config.upstream.task_timeout_seconds))
+            body["notify_hook"] = f"{self.config.server.public_url}/hooks/runway/{token}"
         start = time.perf_counter()
         try:
             task = await self.upstream.create(body, reservation.key_index, request_id)
@@ -215,6 +217,12 @@ class TaskService:
                 fields = {"event": "task_timed_out", "tenant": rec.tenant_id, "task_id": rec.task_id, "rid": rec.rid}
             log_fields(logger, logging.WARNING, fields)
         return len(expired)
+
+
+def callback_expiry(created_at: float, task_timeout_seconds: float) -> int:
+    """When a task's callback token stops working: as long as the gateway still polls the
+    task (`task_timeout_seconds`, then hourly for a day), so no legitimate late callback is lost."""
+    return math.ceil(created_at + task_timeout_seconds + POLL_AFTER_TIMEOUT_SECONDS)
 
 
 def new_rid(now: float) -> str:

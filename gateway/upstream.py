@@ -4,6 +4,12 @@ aiohttp directly, not httpx: on this machine httpx's default transport costs ~3 
 per proxied request against ~0.35 ms for aiohttp (docs/benchmarks.md), and aiohttp's
 exceptions say precisely whether a request left the machine, which decides whether a
 charge is refunded (`Outcome.NOT_SENT`, `REJECTED`) or kept until settled (`UNKNOWN`).
+
+Artifact URLs come from the upstream's task objects, so they are fetched under the same
+SSRF rules as tenant webhooks (`gateway.ssrf`), with `artifact_hosts` as the allow-list:
+every hop is resolved and checked, the request goes to the checked address (the name in
+`Host` and in TLS's SNI and certificate check), and redirects are followed by hand, each
+new URL checked again, at most `MAX_ARTIFACT_REDIRECTS` of them.
 """
 
 from __future__ import annotations
@@ -11,20 +17,29 @@ from __future__ import annotations
 import asyncio
 import enum
 import itertools
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
+from urllib.parse import urljoin
 
 import aiohttp
 import orjson
 
 from gateway.config import UpstreamConfig
 from gateway.errors import GatewayError
+from gateway.logs import log_fields
 from gateway.metrics import Metrics
+from gateway.ssrf import HookPolicy, HookRefused, ResolvedHook, ResolveFailed, Resolver, resolve_hook
 
 MAX_REPLY_BYTES = 2 * 1024 * 1024
 CIRCUIT_FAILURES = 5
 CIRCUIT_OPEN_SECONDS = 10.0
+MAX_ARTIFACT_REDIRECTS = 5
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+ARTIFACT_CONNECT_SECONDS = 5.0  # DNS, then connect: each bounded by this
+
+log = logging.getLogger("gateway.upstream")
 
 
 class Outcome(enum.Enum):
@@ -83,10 +98,12 @@ class _Reply:
 
 
 class Upstream:
-    def __init__(self, config: UpstreamConfig, metrics: Metrics):
+    def __init__(self, config: UpstreamConfig, metrics: Metrics, resolver: Resolver | None = None):
         self.config = config
         self.metrics = metrics
         self.circuit = CircuitBreaker()
+        self.artifact_policy = HookPolicy.from_hosts(config.artifact_hosts, setting="artifact_hosts")
+        self._resolver = resolver  # None: the system's; tests inject one
         self._keys = itertools.cycle(range(len(config.api_keys)))
         self._session: aiohttp.ClientSession | None = None
         self._timeout = aiohttp.ClientTimeout(total=config.timeout_seconds, connect=min(5.0, config.timeout_seconds))
@@ -118,20 +135,63 @@ class Upstream:
         return self._task_or_fail(reply, "status")
 
     async def stream(self, url: str, request_id: str) -> tuple[aiohttp.ClientResponse, AsyncIterator[bytes]]:
-        """Open an artifact URL for streaming (no upstream key: artifact URLs are signed CDN links)."""
-        assert self._session is not None
+        """Open an artifact URL for streaming (no upstream key: artifact URLs are signed CDN
+        links), following redirects under the SSRF rules. Returns the first non-redirect
+        answer; raises UpstreamFailure (502 for a URL the rules refuse)."""
+        start = time.perf_counter()
+        target = await self._artifact_target(url, request_id, start)  # before the circuit: nothing sent yet
         if not self.circuit.allow():
             raise _circuit_open()
-        start = time.perf_counter()
+        for hop in range(MAX_ARTIFACT_REDIRECTS + 1):
+            resp = await self._get_artifact(target, request_id, start)
+            location = resp.headers.get("location")
+            if resp.status not in REDIRECT_STATUSES or not location:
+                self._count("artifact", start, str(resp.status))
+                return resp, resp.content.iter_chunked(64 * 1024)
+            resp.close()
+            if hop == MAX_ARTIFACT_REDIRECTS:
+                break
+            url = urljoin(url, location)  # relative to the URL as named, not the checked address
+            target = await self._artifact_target(url, request_id, start)
+        raise self._artifact_refused(f"more than {MAX_ARTIFACT_REDIRECTS} redirects", request_id, start)
+
+    async def _artifact_target(self, url: str, request_id: str, start: float) -> ResolvedHook:
+        """Resolve and check one artifact URL. A refusal logs the reason, never the URL (it
+        may carry a signature); a name that does not resolve is "unavailable", not refused."""
         try:
-            resp = await self._session.get(url, headers={"x-request-id": request_id}, timeout=aiohttp.ClientTimeout(total=None, connect=5.0, sock_read=self.config.timeout_seconds))
+            async with asyncio.timeout(ARTIFACT_CONNECT_SECONDS):
+                return await resolve_hook(url, self.artifact_policy, self._resolver)
+        except (ResolveFailed, TimeoutError) as exc:
+            self._count("artifact", start, "error")
+            raise UpstreamFailure(503, "upstream_unavailable", "Could not fetch the video from the upstream.", Outcome.NOT_SENT) from exc
+        except HookRefused as refused:
+            raise self._artifact_refused(refused.reason, request_id, start) from None
+
+    def _artifact_refused(self, reason: str, request_id: str, start: float) -> UpstreamFailure:
+        """Counted, logged for the operator with the reason; the tenant's message names no
+        host or address (the answer reaches the tenant, the log does not)."""
+        self._count("artifact", start, "refused")
+        log_fields(log, logging.WARNING, {"event": "artifact_refused", "request_id": request_id, "reason": reason})
+        return UpstreamFailure(
+            502, "upstream_error", "The upstream gave a video URL the gateway may not fetch (refused by its artifact URL rules); the gateway's log says why.",
+            Outcome.REJECTED,
+        )
+
+    async def _get_artifact(self, target: ResolvedHook, request_id: str, start: float) -> aiohttp.ClientResponse:
+        """One GET to the checked address. The pool keys connections by address and SNI name,
+        so a TLS connection verified for one name is never reused for another."""
+        assert self._session is not None
+        try:
+            resp = await self._session.get(
+                target.url, headers={"host": target.host_header, "x-request-id": request_id}, allow_redirects=False,
+                server_hostname=target.sni_hostname, timeout=aiohttp.ClientTimeout(total=None, connect=ARTIFACT_CONNECT_SECONDS, sock_read=self.config.timeout_seconds),
+            )
         except Exception as exc:
             self._count("artifact", start, "error")
             self.circuit.failure()
             raise UpstreamFailure(503, "upstream_unavailable", "Could not fetch the video from the upstream.", Outcome.NOT_SENT) from exc
         self.circuit.success()
-        self._count("artifact", start, str(resp.status))
-        return resp, resp.content.iter_chunked(64 * 1024)
+        return resp
 
     async def _call(self, operation: str, method: str, url: str, key_index: int, request_id: str, data: bytes | None) -> _Reply:
         assert self._session is not None

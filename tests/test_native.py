@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from conftest import ROOT, UPSTREAM_KEY, GatewayProcess, Simulator, TenantSpec, free_port, gen2_body, wait_until
+from gateway.tokens import TokenSigner
 
 
 def create(gw: GatewayProcess, tenant: str, body: Any = None, **kw: Any) -> httpx.Response:
@@ -367,6 +369,34 @@ def test_forged_and_stale_callbacks_change_nothing(gw: GatewayProcess, sim: Simu
         again = httpx.post(hook, json={"task": {**final, "status": "FAILED"}})
         assert again.json()["result"] == "stale"
         assert c.get(f"/runway/tasks/{task_id}").json()["task"] == final
+
+
+def bad_token_count(gw: GatewayProcess) -> float:
+    line = next(l for l in httpx.get(gw.url + "/metrics").text.splitlines() if l.startswith('gateway_callbacks_received_total{result="bad_token"}'))
+    return float(line.rsplit(" ", 1)[1])
+
+
+def test_callback_token_expires_a_day_after_the_task_timeout(gw: GatewayProcess, sim: Simulator) -> None:
+    before = time.time()
+    task = create(gw, "team-a", gen2_body("expiring callback token")).json()["task"]
+    after = time.time()
+    token = sim_create_for(sim, task["id"])["body"]["notify_hook"].rsplit("/", 1)[1]
+    claims = jwt.decode(token, options={"verify_signature": False})
+    assert before + 3600 + 86400 <= claims["exp"] <= after + 3600 + 86400 + 1  # task_timeout_seconds (default) + a day
+    with sqlite3.connect(gw.config_path.with_suffix(".db")) as db:  # the gateway's own signing secret, to sign like it
+        secret = db.execute("SELECT value FROM secrets WHERE name = 'signing'").fetchone()[0]
+
+    def hook(expires_at: int) -> str:
+        return f"{gw.url}/hooks/runway/{TokenSigner(secret).callback_token('team-a', claims['r'], expires_at)}"
+
+    bad_before = bad_token_count(gw)
+    expired = httpx.post(hook(int(time.time()) - 1), json={"task": {**task, "status": "FAILED"}})
+    assert_error(expired, 401, "invalid_callback_token")
+    wait_until(lambda: bad_token_count(gw) == bad_before + 1, 5)
+    with gw.client("team-a") as c:
+        final = wait_until(lambda: (t := c.get(f"/runway/tasks/{task['id']}").json()["task"])["status"] == "SUCCEEDED" and t, 15)
+    fresh = httpx.post(hook(int(time.time()) + 60), json={"task": final})  # the same token, unexpired: accepted
+    assert fresh.status_code == 200 and fresh.json()["result"] in ("duplicate", "stale"), fresh.text
 
 
 # --- command line ----------------------------------------------------------------------

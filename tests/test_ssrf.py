@@ -1,12 +1,28 @@
-"""The SSRF rules of contract §5, as a table: on submit (no DNS) and at delivery (after DNS)."""
+"""The SSRF rules, as a table: on submit (no DNS) and at delivery (after DNS); then the same
+rules applied to the artifact URLs `GET /v1/videos/{id}/content` streams, through real servers."""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import ssl
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
+import httpx
+import openai
 import pytest
+from prometheus_client import CollectorRegistry
 
+from conftest import GatewayProcess, Simulator, TenantSpec, gen2_body
+from gateway.config import UpstreamConfig
+from gateway.metrics import Metrics
 from gateway.ssrf import HookPolicy, HookRefused, check_hook_url, classify, normalise_host, resolve_hook, system_resolver
+from gateway.upstream import Upstream, UpstreamFailure
+from test_webhooks import self_signed
 
 OPEN = HookPolicy.from_hosts([])
 
@@ -197,3 +213,214 @@ def test_classify() -> None:
     assert classify(ip("255.255.255.255")).value == "special"
     assert classify(ip("ff02::1")).value == "special"
     assert classify(ip("64:ff9b::a9fe:a9fe")).value == "metadata"
+
+
+# --- artifact URLs: GET /v1/videos/{id}/content fetches them under the same rules ----------
+# Real processes: a simulator slow enough that a crafted callback (signed with the task's own
+# token) lands first and names the artifact URL; a gateway whose artifact_hosts allow only
+# a stand-in CDN on 127.0.0.2; an "internal" server on 127.0.0.1 that must never be reached.
+
+
+@dataclass
+class Recorder:
+    """A little HTTP server recording (path, Host) of every request; `routes` maps a path to
+    (status, headers, body)."""
+
+    host: str
+    routes: dict[str, tuple[int, dict[str, str], bytes]] = field(default_factory=dict)
+    seen: list[tuple[str, str]] = field(default_factory=list)
+    port: int = 0
+
+    def url(self, path: str) -> str:
+        return f"http://{self.host}:{self.port}{path}"
+
+
+@contextlib.contextmanager
+def recorder(host: str, tls: ssl.SSLContext | None = None) -> Iterator[Recorder]:
+    rec = Recorder(host)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            rec.seen.append((self.path, self.headers.get("host", "")))
+            status, headers, body = rec.routes.get(self.path, (404, {}, b"not here"))
+            self.send_response(status)
+            for name, value in {**headers, "content-length": str(len(body))}.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer((host, 0), Handler)
+    if tls is not None:  # a failed handshake ends in accept(), before any request is seen
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
+    rec.port = server.server_address[1]
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield rec
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+SECRET_BODY = b"internal secret: never for a tenant"
+VIDEO_BYTES = b"\x00\x00\x00\x18ftypmp42 a stand-in video"
+
+
+@pytest.fixture(scope="module")
+def internal() -> Iterator[Recorder]:
+    with recorder("127.0.0.1") as rec:
+        rec.routes["/internal"] = (200, {"content-type": "text/plain"}, SECRET_BODY)
+        yield rec
+
+
+@pytest.fixture(scope="module")
+def cdn(internal: Recorder) -> Iterator[Recorder]:
+    """The allowed artifact host: redirects to the internal server, to itself, and in a loop."""
+    with recorder("127.0.0.2") as rec:
+        rec.routes.update({
+            "/to-internal": (302, {"location": internal.url("/internal")}, b""),
+            "/to-internal-by-name": (307, {"location": f"http://localhost:{internal.port}/internal"}, b""),
+            "/to-video": (302, {"location": "/video.mp4"}, b""),
+            "/video.mp4": (200, {"content-type": "video/mp4"}, VIDEO_BYTES),
+            "/loop": (302, {"location": "/loop"}, b""),
+        })
+        yield rec
+
+
+@pytest.fixture(scope="module")
+def slow_sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Simulator]:
+    """Slow enough that our callback is the one that finishes each task."""
+    sim = Simulator(tmp_path_factory.mktemp("slow-sim"), seconds_to_finish=60)
+    sim.start()
+    yield sim
+    sim.stop()
+
+
+@pytest.fixture(scope="module")
+def artifact_gw(tmp_path_factory: pytest.TempPathFactory, slow_sim: Simulator) -> Iterator[GatewayProcess]:
+    g = GatewayProcess(tmp_path_factory.mktemp("artifact-gw"), slow_sim.url, [TenantSpec("ssrf")], artifact_hosts=("127.0.0.2",))
+    g.start()
+    yield g
+    g.stop()
+
+
+def video_with_artifact(g: GatewayProcess, sim: Simulator, url: str) -> str:
+    """A completed video whose artifact is `url`, set the way the upstream would: a callback
+    to the task's own signed callback URL."""
+    with g.client("ssrf") as c:
+        created = c.post("/runway/tasks", json=gen2_body("artifact ssrf"))
+    assert created.status_code == 200, created.text
+    task = created.json()["task"]
+    hook = next(x for x in sim.requests()["creates"] if x["task_id"] == task["id"])["body"]["notify_hook"]
+    done = {**task, "status": "SUCCEEDED", "progressRatio": "1", "artifacts": [{"url": url, "previewUrls": [url]}]}
+    answer = httpx.post(hook, json={"task": done})
+    assert answer.status_code == 200 and answer.json()["result"] == "applied", answer.text
+    return task["id"]
+
+
+def sdk(g: GatewayProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=g.url + "/v1", api_key=g.tenants["ssrf"].key, max_retries=0)
+
+
+def assert_refused(g: GatewayProcess, video_id: str, variant: str = "video") -> None:
+    """502 upstream_error through the official SDK, naming no host, address or port."""
+    with pytest.raises(openai.InternalServerError) as info:
+        sdk(g).videos.download_content(video_id, variant=variant)  # type: ignore[arg-type]
+    err = info.value
+    assert err.status_code == 502 and err.code == "upstream_error", err.body
+    assert "not fetch" in err.message and "127.0" not in err.message and "localhost" not in err.message
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_artifact_on_internal_address_is_refused_and_never_fetched(artifact_gw: GatewayProcess, slow_sim: Simulator, internal: Recorder) -> None:
+    spellings = [
+        internal.url("/internal"),
+        f"http://localhost:{internal.port}/internal",
+        f"http://2130706433:{internal.port}/internal",
+        f"http://[::ffff:127.0.0.1]:{internal.port}/internal",
+        "http://169.254.169.254/latest/meta-data/",
+    ]
+    for url in spellings:
+        video_id = video_with_artifact(artifact_gw, slow_sim, url)
+        assert_refused(artifact_gw, video_id)
+        assert_refused(artifact_gw, video_id, "thumbnail")
+    assert internal.seen == []
+    warnings = [l for l in artifact_gw.access_log() if l.get("event") == "artifact_refused"]
+    assert len(warnings) == 2 * len(spellings) and all(w["level"] == "warning" and ("artifact_hosts" in w["reason"] or "metadata" in w["reason"]) for w in warnings)
+    assert all("/internal" not in w["reason"] for w in warnings)  # the reason, never the URL
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_redirects_are_followed_by_hand_each_hop_checked(artifact_gw: GatewayProcess, slow_sim: Simulator, internal: Recorder, cdn: Recorder) -> None:
+    """An allowed host may redirect within the rules; to an internal address (by IP or by
+    name) or in a loop it is refused, and the internal server never sees a request."""
+    video_id = video_with_artifact(artifact_gw, slow_sim, cdn.url("/to-video"))
+    content = sdk(artifact_gw).videos.download_content(video_id)
+    assert content.read() == VIDEO_BYTES and content.response.headers["content-type"] == "video/mp4"
+    assert cdn.seen[-2:] == [("/to-video", f"127.0.0.2:{cdn.port}"), ("/video.mp4", f"127.0.0.2:{cdn.port}")]
+    for path in ("/to-internal", "/to-internal-by-name", "/loop"):
+        assert_refused(artifact_gw, video_with_artifact(artifact_gw, slow_sim, cdn.url(path)))
+    assert internal.seen == []
+    assert [p for p, _ in cdn.seen].count("/loop") == 6  # the first request and 5 redirects, then it gives up
+
+
+async def test_artifact_connects_to_checked_address_with_the_name_as_host(cdn: Recorder) -> None:
+    """`cdn.test` exists only in the injected resolver: the bytes can only come through the
+    checked address, and the server still sees the name. A wildcard entry is not enough
+    for loopback, and a name that resolves to loopback is refused after DNS."""
+    async def dns(host: str, port: int) -> list[str]:
+        return {"cdn.test": ["127.0.0.2"], "rebind.cdn.test": ["127.0.0.1"]}[host]
+
+    exact = Upstream(UpstreamConfig(api_keys=("k",), artifact_hosts=("cdn.test",)), Metrics([], registry=CollectorRegistry()), resolver=dns)
+    wildcard = Upstream(UpstreamConfig(api_keys=("k",), artifact_hosts=("*.cdn.test",)), Metrics([], registry=CollectorRegistry()), resolver=dns)
+    await exact.start()
+    await wildcard.start()
+    try:
+        resp, chunks = await exact.stream(f"http://cdn.test:{cdn.port}/to-video", "req_1")
+        assert resp.status == 200 and b"".join([c async for c in chunks]) == VIDEO_BYTES
+        assert cdn.seen[-2:] == [("/to-video", f"cdn.test:{cdn.port}"), ("/video.mp4", f"cdn.test:{cdn.port}")]
+        for url in (f"http://rebind.cdn.test:{cdn.port}/video.mp4", f"http://cdn.test:{cdn.port}/video.mp4"):
+            with pytest.raises(UpstreamFailure) as info:
+                await wildcard.stream(url, "req_2")
+            assert info.value.status == 502
+        assert exact.circuit.state == wildcard.circuit.state == "closed"
+        default = Upstream(UpstreamConfig(api_keys=("k",)), Metrics([], registry=CollectorRegistry()), resolver=dns)
+        with pytest.raises(UpstreamFailure) as info:  # no artifact_hosts: public addresses only
+            await default.stream(f"http://cdn.test:{cdn.port}/video.mp4", "req_3")
+        assert info.value.status == 502
+    finally:
+        await exact.close()
+        await wildcard.close()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_https_artifact_is_verified_against_its_host_name(tmp_path: Path, slow_sim: Simulator, start_gateway: Callable[..., GatewayProcess]) -> None:
+    """Connected to the checked address (127.0.0.1), TLS still sends and verifies the URL's
+    name: a certificate for `localhost` passes, one for another name fails before any
+    request. The gateway trusts the test's self-signed certificates through SSL_CERT_FILE."""
+    contexts, certs = [], []
+    for name in ("localhost", "other.test"):
+        (tmp_path / name).mkdir()
+        cert, key = self_signed(tmp_path / name, name)
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(cert, key)
+        contexts.append(ctx)
+        certs.append(cert.read_bytes())
+    bundle = tmp_path / "ca.pem"
+    bundle.write_bytes(b"".join(certs))  # both trusted: only the name can fail
+    g = start_gateway(slow_sim.url, [TenantSpec("ssrf")], artifact_hosts=("localhost",), env={"SSL_CERT_FILE": str(bundle)})
+    with recorder("127.0.0.1", contexts[0]) as good, recorder("127.0.0.1", contexts[1]) as bad:
+        good.routes["/video.mp4"] = (200, {"content-type": "video/mp4"}, VIDEO_BYTES)
+        video_id = video_with_artifact(g, slow_sim, f"https://localhost:{good.port}/video.mp4")
+        assert sdk(g).videos.download_content(video_id).read() == VIDEO_BYTES
+        assert good.seen == [("/video.mp4", f"localhost:{good.port}")]
+        video_id = video_with_artifact(g, slow_sim, f"https://localhost:{bad.port}/video.mp4")
+        with pytest.raises(openai.InternalServerError) as info:
+            sdk(g).videos.download_content(video_id)
+        assert info.value.status_code == 503 and bad.seen == []
+        # the same server by its address: not the allowed name, refused before connecting
+        assert_refused(g, video_with_artifact(g, slow_sim, f"https://127.0.0.1:{good.port}/video.mp4"))
+        assert len(good.seen) == 1
