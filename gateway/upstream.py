@@ -5,8 +5,10 @@ per proxied request against ~0.35 ms for aiohttp (docs/benchmarks.md), and aioht
 exceptions say precisely whether a request left the machine, which decides whether a
 charge is refunded (`Outcome.NOT_SENT`, `REJECTED`) or kept until settled (`UNKNOWN`).
 
-An upstream 429 (the relay key is rate limited) reaches the tenant as 503
-`upstream_rate_limited` with a `retry-after`, and refunds the charge: it created nothing.
+Two upstream answers are the operator's problem more than the tenant's: a 429 (the relay
+key is rate limited: the tenant gets 503 `upstream_rate_limited` with a `retry-after`) and
+a 401/403 (the relay refuses the key itself: `KeyHealth` logs it at error level, counts it
+and `/readyz` shows it).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import asyncio
 import email.utils
 import enum
 import itertools
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -25,11 +28,15 @@ import orjson
 
 from gateway.config import UpstreamConfig
 from gateway.errors import GatewayError
+from gateway.logs import log_fields
 from gateway.metrics import Metrics
 
+logger = logging.getLogger("gateway.upstream")
 MAX_REPLY_BYTES = 2 * 1024 * 1024
 CIRCUIT_FAILURES = 5
 CIRCUIT_OPEN_SECONDS = 10.0
+KEY_REFUSED_STATUSES = (401, 403)
+AUTH_LOG_INTERVAL_SECONDS = 60.0  # at most one error line per refused key per interval
 DEFAULT_RETRY_AFTER_SECONDS = 5  # an upstream 429 that did not say when
 MAX_RETRY_AFTER_SECONDS = 3600
 
@@ -83,6 +90,40 @@ class CircuitBreaker:
             self.opened_at = self.clock()
 
 
+class KeyHealth:
+    """Which relay keys the relay refuses (401/403). A wrong, revoked or unfunded key fails
+    every create that uses it, and no tenant can fix that: the operator must hear of it,
+    but once per interval, not once per request. A key counts as failing from a refusal
+    until the relay next accepts it (any other answer to a call made with it)."""
+
+    def __init__(self, interval: float = AUTH_LOG_INTERVAL_SECONDS, clock=time.monotonic):
+        self.interval, self.clock = interval, clock
+        self.failing: set[int] = set()
+        self._logged_at: dict[int, float] = {}
+        self._unlogged: dict[int, int] = {}
+
+    def refused(self, key_index: int) -> int | None:
+        """Record a refusal. Returns the number of refusals the log line to write now
+        stands for, or None while this key's last line is younger than the interval."""
+        self.failing.add(key_index)
+        count = self._unlogged.get(key_index, 0) + 1
+        now = self.clock()
+        last = self._logged_at.get(key_index)
+        if last is not None and now - last < self.interval:
+            self._unlogged[key_index] = count
+            return None
+        self._logged_at[key_index] = now
+        self._unlogged[key_index] = 0
+        return count
+
+    def accepted(self, key_index: int) -> None:
+        self.failing.discard(key_index)
+
+    @property
+    def state(self) -> str:
+        return "failing" if self.failing else "ok"
+
+
 @dataclass
 class _Reply:
     status: int
@@ -95,6 +136,7 @@ class Upstream:
         self.config = config
         self.metrics = metrics
         self.circuit = CircuitBreaker()
+        self.keys = KeyHealth()
         self._keys = itertools.cycle(range(len(config.api_keys)))
         self._session: aiohttp.ClientSession | None = None
         self._timeout = aiohttp.ClientTimeout(total=config.timeout_seconds, connect=min(5.0, config.timeout_seconds))
@@ -165,7 +207,22 @@ class Upstream:
             raise UpstreamFailure(502, "upstream_error", "The upstream closed the connection without an answer.", Outcome.UNKNOWN) from exc
         self.circuit.success()
         self._count(operation, start, str(reply.status))
+        self._check_key(key_index, reply.status, operation)
         return reply
+
+    def _check_key(self, key_index: int, status: int, operation: str) -> None:
+        """Note whether the relay took the key; log and count a refusal (never the key itself)."""
+        index = key_index % len(self.config.api_keys)
+        if status not in KEY_REFUSED_STATUSES:
+            self.keys.accepted(index)
+            return
+        self.metrics.upstream_auth_failures.labels(str(index)).inc()
+        refusals = self.keys.refused(index)
+        if refusals is not None:
+            log_fields(logger, logging.ERROR, {
+                "event": "upstream_key_refused", "key_index": index, "upstream_status": status, "operation": operation,
+                "refusals": refusals, "message": f"The upstream refuses upstream.api_keys[{index}] ({status}); every call with it fails until it is replaced.",
+            })
 
     def _task_or_fail(self, reply: _Reply, operation: str) -> dict[str, Any]:
         if reply.status == 429:
