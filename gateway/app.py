@@ -153,7 +153,7 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 
 
 def create_app(config: Config, *, metrics: Metrics | None = None, clock: Callable[[], float] = time.time, background: bool = True) -> Starlette:
-    metrics = metrics or Metrics([t.id for t in config.tenants])
+    metrics = metrics or Metrics([t.id for t in config.tenants], upstream_keys=len(config.upstream.api_keys))
     access_log = AccessLog(sys.stdout)
     gw = Gateway(config, open_store(config.store.url), metrics, Authenticator(config), Upstream(config.upstream, metrics), clock)
 

@@ -114,6 +114,12 @@ def https_url_problem(value: str) -> str | None:
         return "is not a valid URL"
     if parts.scheme != "https" or not host:
         return "must be an https:// URL"
+    try:
+        port = parts.port  # raises for a port that is not a number up to 65535
+    except ValueError:
+        port = 0
+    if port == 0:
+        return "has an invalid port (1-65535)"
     if parts.username or parts.password:
         return "must not contain credentials"
     return None

@@ -43,7 +43,7 @@ FLUSH_SECONDS = 1.0  # the most another worker's request counts can lag on /metr
 
 
 class Metrics:
-    def __init__(self, tenant_ids: Iterable[str], registry: CollectorRegistry | None = None):
+    def __init__(self, tenant_ids: Iterable[str], registry: CollectorRegistry | None = None, upstream_keys: int = 1):
         self.multiprocess = "PROMETHEUS_MULTIPROC_DIR" in os.environ
         # In multiprocess mode values live in files; this registry only keeps names unique.
         self.registry = registry or CollectorRegistry(auto_describe=True)
@@ -51,6 +51,7 @@ class Metrics:
         self.requests = Counter("gateway_requests_total", "Requests answered, by tenant, route template, method and status.", ["tenant", "route", "method", "status"], registry=r)
         self.request_duration = Histogram("gateway_request_duration_seconds", "Time to answer a request.", ["route", "method"], buckets=REQUEST_BUCKETS, registry=r)
         self.upstream_requests = Counter("gateway_upstream_requests_total", "Calls to the upstream relay, by operation and outcome.", ["operation", "status"], registry=r)
+        self.upstream_auth_failures = Counter("gateway_upstream_auth_failures_total", "Upstream answers 401/403 (the relay refused the key), by index in upstream.api_keys.", ["key_index"], registry=r)
         self.upstream_duration = Histogram("gateway_upstream_request_duration_seconds", "Time the upstream took to answer.", ["operation"], buckets=UPSTREAM_BUCKETS, registry=r)
         self.auth_failures = Counter("gateway_auth_failures_total", "Rejected credentials, by reason.", ["reason"], registry=r)
         self.quota_rejections = Counter("gateway_quota_rejections_total", "Requests refused by a quota, by tenant and limit.", ["tenant", "limit"], registry=r)
@@ -65,6 +66,7 @@ class Metrics:
         self.build_info = Gauge("gateway_build_info", "Build information.", ["version"], multiprocess_mode="max", registry=r)
         self.build_info.labels(__version__).set(1)
         self._tenant_ids = tuple(tenant_ids)
+        self._upstream_keys = upstream_keys
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._counts: dict[tuple[Counter, tuple[str, ...]], float] = {}
         self._observed: dict[tuple[Histogram, tuple[str, ...]], list[float]] = {}  # [sum, count per bucket...]
@@ -135,6 +137,8 @@ class Metrics:
                 self.upstream_requests.labels(op, status)
         for status in TASK_STATUSES:
             self.task_duration.labels("gen2", status)
+        for index in range(self._upstream_keys):
+            self.upstream_auth_failures.labels(str(index))
 
     async def render(self, store: Store, limits: dict[str, dict[str, int | None]], now: float) -> bytes:
         """One scrape: this process's (or every worker's) series plus the store's gauges."""

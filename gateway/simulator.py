@@ -118,6 +118,7 @@ class Control:
     latency_seconds: float = 0.0  # sleep before answering creates and status calls
     create_status: int = 0  # 0 = normal; else answer creates with it and a JSON error
     status_status: int = 0  # same for GET /runway/tasks/{id}
+    retry_after: int = 1  # the `retry-after` seconds of those answers when they are 429s; 0 sends none
     garbage: bool = False  # answer creates 200 text/html (no task is created)
     drop_callbacks: bool = False
     duplicate_callbacks: bool = False
@@ -196,8 +197,8 @@ def _json(status: int, payload: Any, **kwargs: Any) -> Response:
     return Response(orjson.dumps(payload), status_code=status, media_type="application/json", **kwargs)
 
 
-def _error(status: int, message: str, code: str) -> Response:
-    headers = {"retry-after": "1"} if status == 429 else None
+def _error(status: int, message: str, code: str, retry_after: int = 1) -> Response:
+    headers = {"retry-after": str(retry_after)} if status == 429 and retry_after else None
     return _json(status, {"error": {"message": message, "type": "simulator_error", "code": code}}, headers=headers)
 
 
@@ -339,7 +340,7 @@ class Simulator:
         if ctl.latency_seconds:
             await asyncio.sleep(ctl.latency_seconds)
         if ctl.create_status:
-            return _error(ctl.create_status, "simulated upstream error", "simulated")
+            return _error(ctl.create_status, "simulated upstream error", "simulated", ctl.retry_after)
         if ctl.garbage:
             return Response(_GARBAGE, media_type="text/html")
         if not self._authorized(request):
@@ -388,7 +389,7 @@ class Simulator:
         if ctl.latency_seconds:
             await asyncio.sleep(ctl.latency_seconds)
         if ctl.status_status:
-            return _error(ctl.status_status, "simulated upstream error", "simulated")
+            return _error(ctl.status_status, "simulated upstream error", "simulated", ctl.retry_after)
         if not self._authorized(request):
             return _error(401, "invalid or missing API key", "invalid_api_key")
         task = self.tasks.get(task_id)

@@ -27,6 +27,7 @@ from gateway.quotas import quota_error
 from gateway.store.base import UNKNOWN, Charge, RateInfo, Store, TaskRecord, UpdateResult, day_key, month_key
 from gateway.tokens import TokenSigner
 from gateway.upstream import Outcome, Upstream, UpstreamFailure
+from gateway.uploads import PendingUpload
 
 logger = logging.getLogger("gateway.tasks")
 TIMED_OUT_POLL_SECONDS = 3600.0
@@ -63,11 +64,16 @@ class TaskService:
         self._refreshing: dict[str, asyncio.Task[None]] = {}
 
     # create -------------------------------------------------------------------------
-    async def create(self, principal: Principal, req: Gen2Request, request_state: dict[str, Any], meta: dict[str, Any] | None = None) -> Created:
-        """authenticate (done) -> admit -> rewrite -> forward -> record.
+    async def create(
+        self, principal: Principal, req: Gen2Request, request_state: dict[str, Any], meta: dict[str, Any] | None = None,
+        upload: PendingUpload | None = None,
+    ) -> Created:
+        """authenticate (done) -> admit -> rewrite -> keep the upload -> forward -> record.
 
         `request_state` is the request's scope state: the rate-limit headers, upstream time
-        and task id for the access log are left there, also when this raises."""
+        and task id for the access log are left there, also when this raises. `upload`, an
+        image the body links to, is stored only once the create is admitted (nothing is
+        kept for a refused request) and removed when the upstream definitely created nothing."""
         request_id = request_state["request_id"]
         tenant = principal.tenant
         now = self.clock()
@@ -87,12 +93,14 @@ class TaskService:
         if self.config.server.public_url:
             token = self.signer.callback_token(tenant.id, rid, callback_expiry(now, self.config.upstream.task_timeout_seconds))
             body["notify_hook"] = f"{self.config.server.public_url}/hooks/runway/{token}"
+        if upload is not None:
+            await self._keep_upload(reservation, upload)
         start = time.perf_counter()
         try:
             task = await self.upstream.create(body, reservation.key_index, request_id)
         except UpstreamFailure as failure:
             request_state["upstream_ms"] = (time.perf_counter() - start) * 1000
-            await self._settle_failed_create(reservation, failure)
+            await self._settle_failed_create(reservation, failure, upload)
             if failure.outcome is Outcome.UNKNOWN:
                 raise OutcomeUnknown(failure, rid) from failure
             raise
@@ -103,12 +111,27 @@ class TaskService:
         record = result.record or reservation
         return Created(record, public_task(task), admission.rate, upstream_ms)
 
-    async def _settle_failed_create(self, reservation: TaskRecord, failure: UpstreamFailure) -> None:
-        now = self.clock()
+    async def _keep_upload(self, reservation: TaskRecord, upload: PendingUpload) -> None:
+        """Store an admitted create's upload; if the store fails, nothing was sent: refund."""
+        try:
+            await upload.keep()
+        except Exception:
+            await self._refund_not_created(reservation)
+            raise
+
+    async def _settle_failed_create(self, reservation: TaskRecord, failure: UpstreamFailure, upload: PendingUpload | None) -> None:
+        """Unknown outcome: keep the charge and the upload (the relay may have the task and
+        fetch the image). Definitely not created: refund and forget the upload."""
         if failure.outcome is Outcome.UNKNOWN:
-            await self.store.mark_unknown(reservation.rid, now)
+            await self.store.mark_unknown(reservation.rid, self.clock())
             log_fields(logger, logging.WARNING, {"event": "create_outcome_unknown", "rid": reservation.rid, "tenant": reservation.tenant_id, "code": failure.code})
-        elif await self.store.settle_not_created(reservation.rid, now):
+            return
+        await self._refund_not_created(reservation)
+        if upload is not None:
+            await upload.discard()
+
+    async def _refund_not_created(self, reservation: TaskRecord) -> None:
+        if await self.store.settle_not_created(reservation.rid, self.clock()):
             self.metrics.credits_refunded.labels(reservation.tenant_id).inc(reservation.credits)
 
     # updates ------------------------------------------------------------------------

@@ -5,6 +5,10 @@ an uploaded file in its store (SQLite or Redis, so any replica can serve it) and
 upstream `{public_url}/assets/{token}`, where `token` is a signed, expiring token naming
 the file (`TokenSigner.asset_token`, valid `upload_ttl_seconds`). The store forgets the
 bytes a little after the link expired.
+
+Nothing is stored for a refused request: the link is made when the body is checked, but
+the bytes are stored (`PendingUpload.keep`) only once the create is admitted, and removed
+again (`discard`) when the upstream then definitely created nothing.
 """
 
 from __future__ import annotations
@@ -106,6 +110,22 @@ def require_upload_url(config: Config) -> str:
     return public_url
 
 
+@dataclass(frozen=True)
+class PendingUpload:
+    """An upload the create body links to, not stored yet: `TaskService.create` keeps it
+    after admission and discards it when the create definitely failed."""
+
+    uploads: "Uploads"
+    asset_id: str
+    image: Image
+
+    async def keep(self) -> None:
+        await self.uploads.save(self.asset_id, self.image)
+
+    async def discard(self) -> None:
+        await self.uploads.store.delete_asset(self.asset_id)
+
+
 class Uploads:
     """Kept uploads, in the store (so every replica can serve the upstream's fetch).
 
@@ -117,8 +137,9 @@ class Uploads:
         self.ttl_seconds = ttl_seconds
         self.clock = clock
 
-    def new_asset_id(self, content_type: str) -> str:
-        return f"{secrets.token_hex(16)}.{ALLOWED_TYPES[content_type]}"
+    def pending(self, image: Image) -> PendingUpload:
+        """A new asset id for `image`, to link to now and store after admission."""
+        return PendingUpload(self, f"{secrets.token_hex(16)}.{ALLOWED_TYPES[image.content_type]}", image)
 
     def url(self, base_url: str, signer: TokenSigner, asset_id: str) -> str:
         expires_at = math.ceil(self.clock() + self.ttl_seconds)

@@ -10,14 +10,21 @@ SSRF rules as tenant webhooks (`gateway.ssrf`), with `artifact_hosts` as the all
 every hop is resolved and checked, the request goes to the checked address (the name in
 `Host` and in TLS's SNI and certificate check), and redirects are followed by hand, each
 new URL checked again, at most `MAX_ARTIFACT_REDIRECTS` of them.
+
+Two upstream answers are the operator's problem more than the tenant's: a 429 (the relay
+key is rate limited: the tenant gets 503 `upstream_rate_limited` with a `retry-after`) and
+a 401/403 (the relay refuses the key itself: `KeyHealth` logs it at error level, counts it
+and `/readyz` shows it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import enum
 import itertools
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
@@ -32,14 +39,17 @@ from gateway.logs import log_fields
 from gateway.metrics import Metrics
 from gateway.ssrf import HookPolicy, HookRefused, ResolvedHook, ResolveFailed, Resolver, resolve_hook
 
+logger = logging.getLogger("gateway.upstream")
 MAX_REPLY_BYTES = 2 * 1024 * 1024
 CIRCUIT_FAILURES = 5
 CIRCUIT_OPEN_SECONDS = 10.0
 MAX_ARTIFACT_REDIRECTS = 5
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 ARTIFACT_CONNECT_SECONDS = 5.0  # DNS, then connect: each bounded by this
-
-log = logging.getLogger("gateway.upstream")
+KEY_REFUSED_STATUSES = (401, 403)
+AUTH_LOG_INTERVAL_SECONDS = 60.0  # at most one error line per refused key per interval
+DEFAULT_RETRY_AFTER_SECONDS = 5  # an upstream 429 that did not say when
+MAX_RETRY_AFTER_SECONDS = 3600
 
 
 class Outcome(enum.Enum):
@@ -49,8 +59,8 @@ class Outcome(enum.Enum):
 
 
 class UpstreamFailure(GatewayError):
-    def __init__(self, status: int, code: str, message: str, outcome: Outcome, upstream_status: int | None = None):
-        super().__init__(status, code, message, "api_error")
+    def __init__(self, status: int, code: str, message: str, outcome: Outcome, upstream_status: int | None = None, headers: dict[str, str] | None = None):
+        super().__init__(status, code, message, "api_error", headers=headers or {})
         self.outcome = outcome
         self.upstream_status = upstream_status
 
@@ -91,10 +101,45 @@ class CircuitBreaker:
             self.opened_at = self.clock()
 
 
+class KeyHealth:
+    """Which relay keys the relay refuses (401/403). A wrong, revoked or unfunded key fails
+    every create that uses it, and no tenant can fix that: the operator must hear of it,
+    but once per interval, not once per request. A key counts as failing from a refusal
+    until the relay next accepts it (any other answer to a call made with it)."""
+
+    def __init__(self, interval: float = AUTH_LOG_INTERVAL_SECONDS, clock=time.monotonic):
+        self.interval, self.clock = interval, clock
+        self.failing: set[int] = set()
+        self._logged_at: dict[int, float] = {}
+        self._unlogged: dict[int, int] = {}
+
+    def refused(self, key_index: int) -> int | None:
+        """Record a refusal. Returns the number of refusals the log line to write now
+        stands for, or None while this key's last line is younger than the interval."""
+        self.failing.add(key_index)
+        count = self._unlogged.get(key_index, 0) + 1
+        now = self.clock()
+        last = self._logged_at.get(key_index)
+        if last is not None and now - last < self.interval:
+            self._unlogged[key_index] = count
+            return None
+        self._logged_at[key_index] = now
+        self._unlogged[key_index] = 0
+        return count
+
+    def accepted(self, key_index: int) -> None:
+        self.failing.discard(key_index)
+
+    @property
+    def state(self) -> str:
+        return "failing" if self.failing else "ok"
+
+
 @dataclass
 class _Reply:
     status: int
     body: bytes
+    retry_after: str | None = None
 
 
 class Upstream:
@@ -104,6 +149,7 @@ class Upstream:
         self.circuit = CircuitBreaker()
         self.artifact_policy = HookPolicy.from_hosts(config.artifact_hosts, setting="artifact_hosts")
         self._resolver = resolver  # None: the system's; tests inject one
+        self.keys = KeyHealth()
         self._keys = itertools.cycle(range(len(config.api_keys)))
         self._session: aiohttp.ClientSession | None = None
         self._timeout = aiohttp.ClientTimeout(total=config.timeout_seconds, connect=min(5.0, config.timeout_seconds))
@@ -171,7 +217,7 @@ class Upstream:
         """Counted, logged for the operator with the reason; the tenant's message names no
         host or address (the answer reaches the tenant, the log does not)."""
         self._count("artifact", start, "refused")
-        log_fields(log, logging.WARNING, {"event": "artifact_refused", "request_id": request_id, "reason": reason})
+        log_fields(logger, logging.WARNING, {"event": "artifact_refused", "request_id": request_id, "reason": reason})
         return UpstreamFailure(
             502, "upstream_error", "The upstream gave a video URL the gateway may not fetch (refused by its artifact URL rules); the gateway's log says why.",
             Outcome.REJECTED,
@@ -205,7 +251,7 @@ class Upstream:
         try:
             async with self._session.request(method, url, data=data, headers=headers) as resp:
                 body = await resp.content.read(MAX_REPLY_BYTES)
-                reply = _Reply(resp.status, body)
+                reply = _Reply(resp.status, body, resp.headers.get("retry-after"))
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             self._failed(operation, start, "error")
             raise UpstreamFailure(503, "upstream_unavailable", "Could not connect to the upstream.", Outcome.NOT_SENT) from exc
@@ -217,9 +263,30 @@ class Upstream:
             raise UpstreamFailure(502, "upstream_error", "The upstream closed the connection without an answer.", Outcome.UNKNOWN) from exc
         self.circuit.success()
         self._count(operation, start, str(reply.status))
+        self._check_key(key_index, reply.status, operation)
         return reply
 
+    def _check_key(self, key_index: int, status: int, operation: str) -> None:
+        """Note whether the relay took the key; log and count a refusal (never the key itself)."""
+        index = key_index % len(self.config.api_keys)
+        if status not in KEY_REFUSED_STATUSES:
+            self.keys.accepted(index)
+            return
+        self.metrics.upstream_auth_failures.labels(str(index)).inc()
+        refusals = self.keys.refused(index)
+        if refusals is not None:
+            log_fields(logger, logging.ERROR, {
+                "event": "upstream_key_refused", "key_index": index, "upstream_status": status, "operation": operation,
+                "refusals": refusals, "message": f"The upstream refuses upstream.api_keys[{index}] ({status}); every call with it fails until it is replaced.",
+            })
+
     def _task_or_fail(self, reply: _Reply, operation: str) -> dict[str, Any]:
+        if reply.status == 429:
+            seconds = retry_after_seconds(reply.retry_after, time.time())
+            raise UpstreamFailure(
+                503, "upstream_rate_limited", f"The upstream is rate limiting the gateway; retry after {seconds} s.",
+                Outcome.REJECTED, reply.status, {"retry-after": str(seconds)},
+            )
         if reply.status >= 400 or reply.status < 200:
             raise UpstreamFailure(502, "upstream_error", f"The upstream refused the {operation} ({reply.status}){self._detail(reply.body)}.", Outcome.REJECTED, reply.status)
         try:
@@ -254,6 +321,20 @@ class Upstream:
     def _count(self, operation: str, start: float, status: str) -> None:
         self.metrics.count(self.metrics.upstream_requests, (operation, status))
         self.metrics.observe(self.metrics.upstream_duration, (operation,), time.perf_counter() - start)
+
+
+def retry_after_seconds(value: str | None, now: float) -> int:
+    """An upstream `Retry-After` (seconds, or an HTTP date) as whole seconds within
+    1..MAX_RETRY_AFTER_SECONDS; DEFAULT_RETRY_AFTER_SECONDS when absent or unreadable."""
+    value = (value or "").strip()
+    if value.isdigit():
+        seconds = float(value)
+    else:
+        try:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - now
+        except (TypeError, ValueError, IndexError):
+            return DEFAULT_RETRY_AFTER_SECONDS
+    return max(1, min(MAX_RETRY_AFTER_SECONDS, math.ceil(seconds)))
 
 
 def _circuit_open() -> UpstreamFailure:

@@ -58,6 +58,8 @@ COUNTERS = {
     "gateway_credits_refunded_total": {"tenant"},
     "gateway_callbacks_received_total": {"result"},
     "gateway_webhook_deliveries_total": {"tenant", "result"},
+    # Not in the contract's table; exported for the refused-relay-key alert.
+    "gateway_upstream_auth_failures_total": {"key_index"},
 }
 HISTOGRAMS = {
     "gateway_request_duration_seconds": {"route", "method"},
@@ -462,6 +464,14 @@ def test_alert_expressions_on_synthetic_series(promtool: str, tmp_path: Path) ->
          [('gateway_upstream_requests_total{operation="create", status="200"}', "0+0x20"),
           ('gateway_upstream_requests_total{operation="create", status="502"}', "0 1x20")],
          "15m", []),
+        ("RunwayUpstreamKeyRefused",  # key 1 refused on two replicas; key 0 fine
+         [('gateway_upstream_auth_failures_total{key_index="0", instance="gw-1:8080"}', "0x10"),
+          ('gateway_upstream_auth_failures_total{key_index="1", instance="gw-1:8080"}', "0+3x10"),
+          ('gateway_upstream_auth_failures_total{key_index="1", instance="gw-2:8080"}', "0+1x10")],
+         "5m", [('{key_index="1"}', 20)]),
+        ("RunwayUpstreamKeyRefused",  # refused once, long ago: quiet again
+         [('gateway_upstream_auth_failures_total{key_index="0", instance="gw-1:8080"}', "0 1x30")],
+         "20m", []),
         ("RunwayWebhookBacklogGrowing",
          [('gateway_webhook_pending{instance="gw-1:8080"}', "0+2x60"), ('gateway_webhook_pending{instance="gw-2:8080"}', "0+2x60")],
          "40m", [("{}", 80)]),

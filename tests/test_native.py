@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import socket
 import subprocess
 import sys
 import time
@@ -225,6 +226,9 @@ def _bad_bodies() -> list[tuple[str, Any, str, str | None]]:
         ("options-not-object", {"taskType": "gen2", "options": "x"}, "invalid_type", "options"),
         ("http-image", with_gen2(image_prompt="http://cdn.example.com/a.jpg"), "invalid_url", "options.gen2Options.image_prompt"),
         ("file-image", with_gen2(init_image="file:///etc/passwd"), "invalid_url", "options.gen2Options.init_image"),
+        ("image-port-too-big", with_gen2(init_image="https://x.example:99999/a.png"), "invalid_url", "options.gen2Options.init_image"),
+        ("image-port-zero", with_gen2(image_prompt="https://x.example:0/a.png"), "invalid_url", "options.gen2Options.image_prompt"),
+        ("image-port-not-a-number", with_gen2(init_image="https://x.example:https/a.png"), "invalid_url", "options.gen2Options.init_image"),
         ("prompt-too-long", with_gen2(text_prompt="x" * 2001), "prompt_too_long", "options.gen2Options.text_prompt"),
         ("unknown-field", with_gen2(turbo=True), "unknown_parameter", "options.gen2Options.turbo"),
         ("seconds-12", with_options(seconds=12), "invalid_value", "options.seconds"),
@@ -268,6 +272,33 @@ def test_body_over_limit_is_413(gw: GatewayProcess, sim: Simulator) -> None:
     assert sim.requests()["creates_total"] == before
 
 
+def _raw_exchange(gw: GatewayProcess, data: bytes) -> bytes:
+    """Send bytes as they are and read the answer until the server closes."""
+    host, port = gw.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as conn:
+        conn.sendall(data)
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    return answer
+
+
+@pytest.mark.parametrize("garbage", [
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(40) + b"\r\n\r\n",  # a TLS hello on the plain port
+    b"GET / HTTP/1.1\r\nHost: x\r\nno colon in this header\r\n\r\n",
+    b"NOT HTTP AT ALL\r\n\r\n",
+], ids=["tls-hello", "bad-header", "not-http"])
+def test_protocol_garbage_gets_uvicorns_plain_text_400(gw: GatewayProcess, garbage: bytes) -> None:
+    """Bytes that are not HTTP never reach the app, so the answer is the server's own:
+    a plain-text 400 and a closed connection (documented in README.md), not OpenAI JSON."""
+    answer = _raw_exchange(gw, garbage)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), answer[:200]
+    assert b"content-type: text/plain" in head.lower()
+    assert body == b"Invalid HTTP request received."
+    assert httpx.get(gw.url + "/healthz").status_code == 200  # and the server carries on
+
+
 def test_unknown_route_and_method_are_openai_errors(gw: GatewayProcess) -> None:
     assert_error(httpx.get(gw.url + "/nope"), 404, "not_found")
     assert_error(httpx.delete(gw.url + "/runway/tasks"), 405, "method_not_allowed")
@@ -301,6 +332,19 @@ def test_upstream_slow_is_504(failing) -> None:
     start = time.monotonic()
     assert_error(create(g, "t"), 504, "upstream_timeout")
     assert time.monotonic() - start < 4.9  # the 3 s timeout, not the 5 s upstream
+
+
+@pytest.mark.parametrize("sent,answered", [(7, "7"), (0, "5")], ids=["upstream-retry-after", "default-retry-after"])
+def test_upstream_429_is_503_rate_limited_with_retry_after_and_refunded(failing, sent: int, answered: str) -> None:
+    g, s = failing
+    s.control(create_status=429, retry_after=sent)  # 0: the upstream sends no retry-after
+    resp = create(g, "t")
+    err = assert_error(resp, 503, "upstream_rate_limited", None)
+    assert resp.headers["retry-after"] == answered and f"{answered} s" in err["message"]
+    assert UPSTREAM_KEY not in resp.text
+    assert g.usage("t") == {"active": 0, "tasks_today": 0, "credits_today": 0, "credits_this_month": 0}
+    s.control(create_status=0)
+    assert create(g, "t").status_code == 200  # the upstream's 429 opened no circuit
 
 
 def test_upstream_down_is_503_and_opens_the_circuit(start_gateway, sim: Simulator) -> None:

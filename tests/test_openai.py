@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import secrets
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -210,6 +211,8 @@ def test_errors(gw: GatewayProcess) -> None:
     raises(openai.BadRequestError, lambda: a.videos.create(prompt="x" * 2001), "prompt_too_long", "prompt")
     raises(openai.BadRequestError, lambda: a.videos.create(prompt="x", extra_body={"input_reference": {"image_url": "http://plain.example/a.png"}}),
            "invalid_url", "input_reference.image_url")
+    raises(openai.BadRequestError, lambda: a.videos.create(prompt="x", extra_body={"input_reference": {"image_url": "https://x.example:99999/a.png"}}),
+           "invalid_url", "input_reference.image_url")
     raises(openai.BadRequestError, lambda: a.videos.create(prompt="x", extra_body={"input_reference": {"file_id": "file-1"}}),
            "unsupported_parameter", "input_reference.file_id")
     raises(openai.AuthenticationError, lambda: openai.OpenAI(base_url=gw.url + "/v1", api_key="sk-nope", max_retries=0).videos.list())
@@ -272,16 +275,21 @@ def test_upload_refused_without_https_public_url(gw: GatewayProcess) -> None:
 # --- uploads -----------------------------------------------------------------------------
 
 
-@pytest.fixture
-def upload_gateway(tmp_path: Path, sim: Simulator) -> Any:
-    """A gateway whose public_url is https (what the relay fetches images from; a TLS front
-    would serve it) and whose upload links live 3 s. Callbacks to it fail (plain HTTP
-    behind that URL), so its tasks move by polling."""
-    g = GatewayProcess(tmp_path, sim.url, [TenantSpec("uploader")])
+def https_gateway(tmp_path: Path, upstream_url: str, tenants: list[TenantSpec], **kw: Any) -> GatewayProcess:
+    """A gateway (not started) whose public_url is https (what the relay fetches images
+    from; a TLS front would serve it) and whose upload links live 3 s. Callbacks to it fail
+    (plain HTTP behind that URL), so its tasks move by polling."""
+    g = GatewayProcess(tmp_path, upstream_url, tenants, **kw)
     text = g.config_path.read_text()
     text = text.replace(f'public_url = "{g.url}"', f'public_url = "https://127.0.0.1:{g.port}"', 1)
     text = text.replace("max_body_bytes = 65536", "max_body_bytes = 65536\nupload_ttl_seconds = 3", 1)
     g.config_path.write_text(text)
+    return g
+
+
+@pytest.fixture
+def upload_gateway(tmp_path: Path, sim: Simulator) -> Any:
+    g = https_gateway(tmp_path, sim.url, [TenantSpec("uploader")])
     g.start()
     yield g
     g.stop()
@@ -336,6 +344,59 @@ def test_uploaded_image_reaches_upstream_as_expiring_url(upload_gateway: Gateway
     assert expired.status_code == 404 and expired.json()["error"]["code"] == "asset_not_found"
     # the task itself carries on (by polling: callbacks cannot reach this gateway)
     assert wait_completed(c, video.id).status == "completed"
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store_url(request: pytest.FixtureRequest) -> str | None:
+    """None: the gateway's own SQLite file; else a Redis URL with a prefix of this test's own."""
+    return None if request.param == "sqlite" else request.getfixturevalue("redis_store_url")
+
+
+def kept_uploads(g: GatewayProcess, store_url: str | None) -> int:
+    """Uploads in the store, counted in the store itself (not through the gateway)."""
+    if store_url is None:
+        with sqlite3.connect(g.config_path.with_suffix(".db")) as db:
+            return db.execute("SELECT count(*) FROM assets").fetchone()[0]
+    import redis
+
+    base, _, prefix = store_url.partition("?prefix=")
+    return sum(1 for _ in redis.Redis.from_url(base).scan_iter(match=prefix + "asset:*", count=1000))
+
+
+def test_nothing_is_stored_for_a_refused_or_failed_upload(tmp_path: Path, own_sim: Simulator, store_url: str | None) -> None:
+    """An upload is stored only once its create is admitted, and removed when the upstream
+    then definitely created nothing; an unknown outcome keeps it (the relay may fetch it)."""
+    tenants = [TenantSpec("one-a-minute", limits={"tasks_per_minute": 1}), TenantSpec("unlucky")]
+    g = https_gateway(tmp_path, own_sim.url, tenants, store_url=store_url)
+    g.start()
+    try:
+        c = sdk(g, "one-a-minute")
+        results = []
+        for i in range(6):
+            try:
+                results.append(c.videos.create(prompt=f"upload {i}", input_reference=("cat.jpg", SAMPLE_JPG, "image/jpeg")).id)
+            except openai.RateLimitError as err:
+                assert err.code == "rate_limit_exceeded" and err.response.headers["retry-after"]
+                results.append("429")
+        assert results[1:] == ["429"] * 5 and results[0] != "429"
+        assert kept_uploads(g, store_url) == 1
+
+        u = sdk(g, "unlucky")
+        own_sim.control(create_status=500)
+        raises(openai.InternalServerError, lambda: u.videos.create(prompt="x", input_reference=("cat.jpg", SAMPLE_JPG, "image/jpeg")), "upstream_error")
+        own_sim.control(create_status=429, retry_after=2)
+        err = raises(openai.InternalServerError, lambda: u.videos.create(prompt="x", input_reference=("cat.jpg", SAMPLE_JPG, "image/jpeg")), "upstream_rate_limited")
+        assert err.status_code == 503 and err.response.headers["retry-after"] == "2"
+        data_url = "data:image/jpeg;base64," + base64.b64encode(SAMPLE_JPG).decode()
+        raises(openai.InternalServerError, lambda: u.videos.create(prompt="x", extra_body={"input_reference": {"image_url": data_url}}), "upstream_rate_limited")
+        assert kept_uploads(g, store_url) == 1
+        assert g.usage("unlucky") == {"active": 0, "tasks_today": 0, "credits_today": 0, "credits_this_month": 0}
+
+        own_sim.control(create_status=0, garbage=True)  # sent, answered with garbage: outcome unknown
+        raises(openai.InternalServerError, lambda: u.videos.create(prompt="x", input_reference=("cat.jpg", SAMPLE_JPG, "image/jpeg")))
+        assert kept_uploads(g, store_url) == 2
+    finally:
+        g.stop()
 
 
 # --- a big artifact ------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import secrets
 import shutil
 import subprocess
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Callable, Iterator
 import httpx
 import pytest
 
-from conftest import GatewayProcess, Simulator, TenantSpec, free_port, gen2_body, redis_url_or_skip, wait_until
+from conftest import UPSTREAM_KEY, GatewayProcess, Simulator, TenantSpec, free_port, gen2_body, redis_url_or_skip, wait_until
 
 CONTRACT_SERIES = {
     "gateway_requests_total": {"tenant", "route", "method", "status"},
@@ -31,6 +32,7 @@ CONTRACT_SERIES = {
     "gateway_credits_refunded_total": {"tenant"},
     "gateway_callback_lag_seconds": set(),
     "gateway_build_info": {"version"},
+    "gateway_upstream_auth_failures_total": {"key_index"},  # beyond the contract's table: refused relay keys
 }
 SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$')
 LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
@@ -146,6 +148,51 @@ def test_healthz_and_readyz(gw: GatewayProcess) -> None:
     assert httpx.get(gw.url + "/healthz").json() == {"status": "ok"}
     ready = httpx.get(gw.url + "/readyz")
     assert ready.status_code == 200 and ready.json()["store"] == "ok" and ready.json()["upstream_circuit"] == "closed"
+
+
+def test_a_refused_relay_key_is_logged_once_counted_and_reported_by_readyz(tmp_path: Path, own_sim: Simulator) -> None:
+    """upstream.api_keys[1] is wrong: creates on it answer the tenant 502 (as before), and
+    the operator gets one error line per interval, a counter by key index and /readyz's
+    body, never the key itself. Readiness stays 200: the store answers."""
+    wrong = "sk-wrong-relay-key-" + secrets.token_hex(8)
+    g = GatewayProcess(tmp_path, own_sim.url, [TenantSpec("t")])
+    g.config_path.write_text(g.config_path.read_text().replace(f'api_keys = ["{UPSTREAM_KEY}"]', f'api_keys = ["{UPSTREAM_KEY}", "{wrong}"]', 1))
+    g.start()
+    try:
+        ready = httpx.get(g.url + "/readyz").json()
+        assert (ready["upstream_auth"], ready["upstream_auth_failing_keys"]) == ("ok", [])
+        assert [metric(g, "gateway_upstream_auth_failures_total", key_index=i) for i in ("0", "1")] == [0, 0]
+        assert 'gateway_upstream_auth_failures_total{key_index="1"} 0.0' in httpx.get(g.url + "/metrics").text  # from the first scrape
+
+        answers = [create(g, "t") for _ in range(6)]  # the keys take turns: 0, 1, 0, 1...
+        assert [r.status_code for r in answers] == [200, 502] * 3
+        for refused in answers[1::2]:
+            assert refused.json()["error"]["code"] == "upstream_error" and wrong not in refused.text
+        ready = httpx.get(g.url + "/readyz")
+        assert ready.status_code == 200
+        assert (ready.json()["upstream_auth"], ready.json()["upstream_auth_failing_keys"]) == ("failing", [1])
+        assert metric(g, "gateway_upstream_auth_failures_total", key_index="1") == 3
+        assert metric(g, "gateway_upstream_auth_failures_total", key_index="0") == 0
+
+        # Now the relay refuses key 0 too (creates and the background status polls that
+        # use it, whose success would clear it), then takes it again.
+        own_sim.control(create_status=403, status_status=403)
+        assert create(g, "t").status_code == 502
+        assert httpx.get(g.url + "/readyz").json()["upstream_auth_failing_keys"] == [0, 1]
+        own_sim.control(create_status=0, status_status=0)
+        assert [create(g, "t").status_code for _ in range(2)] == [502, 200]
+        assert httpx.get(g.url + "/readyz").json()["upstream_auth_failing_keys"] == [1]
+
+        lines = wait_until(lambda: [e for e in g.access_log() if e.get("event") == "upstream_key_refused"], 5)
+        assert [(e["level"], e["key_index"], e["upstream_status"]) for e in lines] == [("error", 1, 401), ("error", 0, 403)]
+        assert wrong not in g.log_text() and wrong not in httpx.get(g.url + "/metrics").text
+    finally:
+        g.stop()
+
+
+def create(g: GatewayProcess, tenant: str) -> httpx.Response:
+    with g.client(tenant) as c:
+        return c.post("/runway/tasks", json=gen2_body())
 
 
 @pytest.fixture

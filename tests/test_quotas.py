@@ -126,7 +126,7 @@ def test_rate_limit_headers_are_exact(replicas: list[GatewayProcess]) -> None:
     assert seen[1][4] is None and seen[2][4] is None and seen[3][4] in {str(20 - k) for k in range(late + 1)}, seen
 
 
-@pytest.mark.parametrize("misbehaviour,status", [({"create_status": 500}, 502), ({"create_status": 429}, 502), ({"garbage": False, "latency_seconds": 5}, 504)])
+@pytest.mark.parametrize("misbehaviour,status", [({"create_status": 500}, 502), ({"create_status": 429}, 503), ({"garbage": False, "latency_seconds": 5}, 504)])
 def test_refunds_follow_what_the_upstream_did(replicas: list[GatewayProcess], own_sim: Simulator, misbehaviour: dict, status: int) -> None:
     g = replicas[0]
     own_sim.control(**misbehaviour)

@@ -912,3 +912,12 @@ async def test_assets_are_kept_until_they_expire(store: Store) -> None:
     assert await store.get_asset("b" * 32 + ".png", T0 + 5) is None
     if type(store).__name__ == "SQLiteStore":  # Redis expires by its own clock; SQLite by the caller's
         assert await store.get_asset("a" * 32 + ".png", T0 + 11) is None
+
+
+async def test_a_deleted_asset_is_gone_and_deleting_an_unknown_one_is_harmless(store: Store) -> None:
+    await store.put_asset("c" * 32 + ".jpg", "image/jpeg", b"\xff\xd8\xff" + bytes(10), expires_at=T0 + 60, now=T0)
+    await store.put_asset("d" * 32 + ".jpg", "image/jpeg", b"\xff\xd8\xff", expires_at=T0 + 60, now=T0)
+    await store.delete_asset("c" * 32 + ".jpg")
+    await store.delete_asset("e" * 32 + ".jpg")
+    assert await store.get_asset("c" * 32 + ".jpg", T0 + 1) is None
+    assert await store.get_asset("d" * 32 + ".jpg", T0 + 1) == ("image/jpeg", b"\xff\xd8\xff")

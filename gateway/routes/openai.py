@@ -60,20 +60,18 @@ async def create_video(request: Request) -> Response:
     raw, image = await _read_create_body(request, max_upload)
 
     async def create() -> Response:
-        """Validate, keep an upload, create: inside the idempotent run, so a kept 400 replays."""
+        """Validate, create: inside the idempotent run, so a kept 400 replays. An upload
+        gets its link now and is stored by `create` only once admitted."""
         params = videos.check_create_params(raw)
-        upload = image
         image_url = params.get("image_url")
+        upload = image
         if upload is None and image_url is not None and is_data_url(image_url):
             upload = decode_data_url(image_url, max_upload)
-        asset_id, signed_url = "", None
-        if upload is not None:
-            asset_id = gw.uploads.new_asset_id(upload.content_type)
-            signed_url = gw.uploads.url(require_upload_url(gw.config), gw.signer, asset_id)
-        req, meta = videos.to_gen2(params, principal.tenant.policy, image_url=signed_url)
-        if upload is not None:
-            await gw.uploads.save(asset_id, upload)
-        created = await gw.tasks.create(principal, req, request.scope["state"], meta)
+        pending = gw.uploads.pending(upload) if upload is not None else None
+        if pending is not None:
+            image_url = gw.uploads.url(require_upload_url(gw.config), gw.signer, pending.asset_id)
+        req, meta = videos.to_gen2(params, principal.tenant.policy, image_url=image_url)
+        created = await gw.tasks.create(principal, req, request.scope["state"], meta, pending)
         return json_response(videos.video_object(_created_record(created)))
 
     key = idempotency_key(request.headers)

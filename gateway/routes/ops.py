@@ -21,15 +21,23 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
+    """Ready means the store answers: only that takes this replica out of the rotation.
+    The upstream's state (circuit, refused keys) is reported in the body but does not
+    fail readiness: it is the same for every replica, so failing them all would turn a
+    clear 502/503 into no answer at all, and status reads need no upstream."""
     gw = gateway(request)
-    circuit = gw.upstream.circuit.state
+    upstream = {
+        "upstream_circuit": gw.upstream.circuit.state,
+        "upstream_auth": gw.upstream.keys.state,
+        "upstream_auth_failing_keys": sorted(gw.upstream.keys.failing),
+    }
     try:
         await asyncio.wait_for(gw.store.ping(), READY_TIMEOUT)
     except Exception:
         # OpenAI-shaped like every error, plus the probe's own fields
         error = {"message": "The store does not answer.", "type": "api_error", "param": None, "code": "store_unavailable"}
-        return json_response({"error": error, "status": "unavailable", "store": "unreachable", "upstream_circuit": circuit}, status=503)
-    return json_response({"status": "ok", "store": "ok", "upstream_circuit": circuit})
+        return json_response({"error": error, "status": "unavailable", "store": "unreachable", **upstream}, status=503)
+    return json_response({"status": "ok", "store": "ok", **upstream})
 
 
 async def metrics(request: Request) -> Response:

@@ -325,6 +325,10 @@ class Store(abc.ABC):
     async def get_asset(self, asset_id: str, now: float) -> tuple[str, bytes] | None:
         """(content type, bytes) of a kept file; None when unknown or expired."""
 
+    @abc.abstractmethod
+    async def delete_asset(self, asset_id: str) -> None:
+        """Forget a kept file now (its create failed); nothing when unknown."""
+
     # idempotency --------------------------------------------------------------------
     @abc.abstractmethod
     async def idem_begin(self, tenant_id: str, key: str, fingerprint: str, now: float, lease: float) -> IdempotencyResult:

@@ -862,6 +862,9 @@ class RedisStore(Store):
         content_type, _, data = bytes(value).partition(b"\0")
         return content_type.decode(), data
 
+    async def delete_asset(self, asset_id: str) -> None:
+        await self._r.execute("DEL", self._k("asset", asset_id))
+
     async def secret(self, name: str, candidate: str) -> str:
         return _s(await self._secret(keys=[self._k("secret", name)], args=[candidate]))
 

@@ -426,6 +426,10 @@ class SQLiteStore(Store):
         ).fetchone()
         return (row["content_type"], bytes(row["data"])) if row else None
 
+    async def delete_asset(self, asset_id: str) -> None:
+        async with self._tx:
+            self.db.execute("DELETE FROM assets WHERE asset_id = ?", (asset_id,))
+
     # idempotency --------------------------------------------------------------------
     async def idem_begin(self, tenant_id: str, key: str, fingerprint: str, now: float, lease: float) -> IdempotencyResult:
         async with self._tx:
