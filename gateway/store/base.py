@@ -32,6 +32,14 @@ RATE_LIMITS = ("requests_per_minute", "tasks_per_minute")
 ALL_LIMITS = ("requests_per_minute", "tasks_per_minute", "max_active_tasks", "tasks_per_day", "credits_per_day", "credits_per_month")
 
 
+class StoreUnavailable(Exception):
+    """The store cannot answer or take writes right now: SQLite locked past its wait, a
+    disk I/O error or a file it cannot open; Redis unreachable, silent past its timeout, or
+    answering READONLY/LOADING/MASTERDOWN during a failover. Both stores raise this one
+    error (the Redis client's connection error is a subclass), and the app answers it 503
+    `store_unavailable`. Anything else a store raises is a bug and stays a 500."""
+
+
 def status_rank(status: str) -> int:
     """Order of states; unknown upstream states rank with RUNNING (in progress, not final)."""
     return STATUS_RANK.get(status, 3)
@@ -199,7 +207,8 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def ping(self) -> None:
-        """Raise if the store does not answer."""
+        """Raise StoreUnavailable unless the store answers and can take writes (readiness:
+        a Redis that became a replica answers PING but refuses every write)."""
 
     async def maintain(self, now: float) -> None:
         """Periodic housekeeping (expired keys, WAL checkpoints); called off the request path."""
