@@ -17,12 +17,11 @@ import pytest
 
 from gateway.config import ConfigError, load_config
 from gateway.store.redis_client import Address, RedisClient, RedisConnectionError, RedisError, pack, parse_url
-from conftest import redis_url_or_skip
 
 
 @pytest.fixture
-def base_url() -> str:
-    return redis_url_or_skip()
+def base_url(redis_url: str) -> str:
+    return redis_url
 
 
 @pytest.fixture
