@@ -17,7 +17,7 @@ import orjson
 from starlette.responses import Response
 
 from gateway.errors import GatewayError, error_response
-from gateway.store.base import Store, StoredResponse
+from gateway.store.base import Store, StoredResponse, retry_unavailable
 
 KEEP_SECONDS = 24 * 3600
 KEY_RE = re.compile(r"^[\x21-\x7e]{1,255}$")
@@ -76,5 +76,6 @@ async def run_idempotent(
     status = response.status_code
     keep = 200 <= status < 300 or (400 <= status < 500 and status != 429)
     kept = StoredResponse(status, {h: response.headers[h] for h in KEPT_HEADERS if h in response.headers}, bytes(response.body)) if keep else None
-    await store.idem_finish(tenant_id, key, kept, clock(), KEEP_SECONDS)
+    # a kept reply may stand for a paid task: losing it to an outage would let a retry buy another
+    await retry_unavailable(lambda: store.idem_finish(tenant_id, key, kept, clock(), KEEP_SECONDS))
     return response

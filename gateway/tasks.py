@@ -23,7 +23,7 @@ from gateway.gen2 import Gen2Request
 from gateway.logs import log_fields
 from gateway.metrics import Metrics
 from gateway.quotas import quota_error
-from gateway.store.base import Charge, RateInfo, Store, TaskRecord, UpdateResult, day_key, month_key
+from gateway.store.base import Charge, RateInfo, Store, TaskRecord, UpdateResult, day_key, month_key, retry_unavailable
 from gateway.tokens import TokenSigner
 from gateway.upstream import Outcome, Upstream, UpstreamFailure
 
@@ -83,7 +83,8 @@ class TaskService:
             raise
         upstream_ms = request_state["upstream_ms"] = (time.perf_counter() - start) * 1000
         request_state["task_id"] = task["id"]
-        result = await self.apply(rid, tenant.id, task)
+        # the task exists and is paid for: recording it is retried through a store outage
+        result = await retry_unavailable(lambda: self.apply(rid, tenant.id, task))
         self.metrics.count(self.metrics.tasks_created, (tenant.id, "gen2"))
         record = result.record or reservation
         return Created(record, public_task(task), admission.rate, upstream_ms)
@@ -91,9 +92,9 @@ class TaskService:
     async def _settle_failed_create(self, reservation: TaskRecord, failure: UpstreamFailure) -> None:
         now = self.clock()
         if failure.outcome is Outcome.UNKNOWN:
-            await self.store.mark_unknown(reservation.rid, now)
+            await retry_unavailable(lambda: self.store.mark_unknown(reservation.rid, now))
             log_fields(logger, logging.WARNING, {"event": "create_outcome_unknown", "rid": reservation.rid, "tenant": reservation.tenant_id, "code": failure.code})
-        elif await self.store.settle_not_created(reservation.rid, now):
+        elif await retry_unavailable(lambda: self.store.settle_not_created(reservation.rid, now)):
             self.metrics.credits_refunded.labels(reservation.tenant_id).inc(reservation.credits)
 
     # updates ------------------------------------------------------------------------
