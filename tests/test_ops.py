@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sqlite3
 from pathlib import Path
 from typing import Iterator
 
@@ -178,4 +179,26 @@ def test_readyz_follows_the_redis_store(tmp_path: Path, sim: Simulator, own_redi
         with g.client("t") as c:
             assert c.get("/runway/tasks").status_code == 200
     finally:
+        g.stop()
+
+
+def test_sqlite_outage_is_503_and_a_broken_schema_is_500(tmp_path: Path, sim: Simulator) -> None:
+    """Only an outage is 503 `store_unavailable`: while another process holds the SQLite
+    write lock the store cannot take writes, so /readyz fails; a statement SQLite rejects
+    (a table someone dropped) is a bug, answered 500, not disguised as an outage."""
+    g = GatewayProcess(tmp_path, sim.url, [TenantSpec("t")])
+    g.start()
+    db = sqlite3.connect(str(g.config_path.with_suffix(".db")), isolation_level=None)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        locked = httpx.get(g.url + "/readyz", timeout=10)
+        assert locked.status_code == 503 and locked.json()["error"]["code"] == "store_unavailable"
+        db.execute("COMMIT")
+        assert httpx.get(g.url + "/readyz", timeout=10).status_code == 200
+        db.execute("DROP TABLE idempotency")
+        with g.client("t") as c:
+            broken = c.post("/runway/tasks", json=gen2_body(), headers={"Idempotency-Key": "k1"})
+        assert broken.status_code == 500 and broken.json()["error"]["code"] == "internal_error"
+    finally:
+        db.close()
         g.stop()
