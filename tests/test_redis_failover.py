@@ -188,6 +188,7 @@ def test_creates_survive_a_redis_failover_without_500s_or_lost_or_double_charges
             # is refused, so the gateway is not ready and a new create gets 503 (it is not
             # admitted: nothing charged, nothing sent upstream).
             wait_until(lambda: _ready(gw) == 503, 15, message="/readyz 503 while the store cannot take writes")
+            assert "gateway_ready 0.0" in httpx.get(gw.url + "/metrics", timeout=10).text
             with gw.client("t") as client:
                 refused = client.post("/runway/tasks", json=gen2_body("during the failover"))
             assert refused.status_code == 503 and refused.json()["error"]["code"] == "store_unavailable", refused.text
@@ -196,6 +197,7 @@ def test_creates_survive_a_redis_failover_without_500s_or_lost_or_double_charges
             wait_until(lambda: len(own_sim.tasks()) > upstream_at_failover, 15, message="an upstream answer during the failover")
             name_switch.move_to(b.port)
             wait_until(lambda: _ready(gw) == 200, 15, message="/readyz 200 on the new primary")
+            assert "gateway_ready 1.0" in httpx.get(gw.url + "/metrics", timeout=10).text
             after = load.count(200)
             wait_until(lambda: load.count(200) >= after + 20, 30, message="creates after the failover")
         replies = list(load.replies)
