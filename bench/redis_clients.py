@@ -1,10 +1,11 @@
 """Client CPU per Redis command: redis-py's asyncio client vs gateway/store/redis_client.py.
 
-    .venv/bin/python bench/redis_clients.py [--url redis://127.0.0.1:6379/14] [--callers 16] [--calls 3000]
+    .venv/bin/python bench/redis_clients.py [--url redis://host:port/db] [--callers 16] [--calls 3000]
 
 Each client runs the same trivial script by EVALSHA from C concurrent callers on uvloop (as
 the gateway serves); the table gives this process's CPU time (utime + stime) per command and
 commands per second. Redis's own CPU is not counted. Only reads: nothing is written.
+Without `--url` it runs on a private redis-server of its own (as bench/run.py does).
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import resource
+import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import uvloop
@@ -62,8 +66,19 @@ async def main(url: str, callers: int, calls: int) -> None:
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--url", default="redis://127.0.0.1:6379/14")
+    p.add_argument("--url", default="", help="default: a private redis-server on a free port, stopped at the end")
     p.add_argument("--callers", type=int, default=16)
     p.add_argument("--calls", type=int, default=3000)
     a = p.parse_args()
-    uvloop.run(main(a.url, a.callers, a.calls))
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from bench.run import BenchRedis
+
+    with tempfile.TemporaryDirectory(prefix="runway-redis-clients-") as workdir:
+        redis_server = BenchRedis(a.url, Path(workdir))
+        try:
+            problem = redis_server.start()
+            if problem:
+                raise SystemExit(f"Redis not usable: {problem}")
+            uvloop.run(main(redis_server.url, a.callers, a.calls))
+        finally:
+            redis_server.stop()

@@ -13,7 +13,8 @@ step and no callback happens during a run), then, one at a time, each target:
   gateway, SQLite    `runway-gateway serve`, 1 worker: creates through the full pipeline
                      (auth, admission on every limit, rewrite, callback token, upstream call,
                      record, metrics, access log) and status polls of one existing task
-  gateway, Redis     the same on redis://127.0.0.1:6379/14 (that db is flushed, no other)
+  gateway, Redis     the same on a private redis-server this run starts on a free port
+                     (or `--redis-url`, used only under a key prefix of the run's own)
   1 connection       the upstream alone and both gateways, for the latency they add
 
 and prints a markdown table and the issue's ratios. Per target: req/s; p50 and p99 as the
@@ -67,7 +68,6 @@ BENCH = ROOT / "bench"
 RESULTS = BENCH / "results"
 PY = sys.executable
 UPSTREAM_KEY = "sk-sim-bench-upstream"
-DEFAULT_REDIS = "redis://127.0.0.1:6379/14"
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 FAST_SECONDS_TO_FINISH = 86400  # no lifecycle step, no callback during a run
 SOAK_SECONDS_TO_FINISH = 2  # soak: tasks finish in the simulator (callbacks only with --soak-callbacks)
@@ -355,19 +355,75 @@ def create_one(gw_url: str, key: str) -> str:
     return json.loads(body)["task"]["id"]
 
 
-def redis_ready(url: str) -> str | None:
-    """None when Redis answers (and its db is flushed), else why not."""
-    try:
+class BenchRedis:
+    """The Redis of the Redis rows and the soak, touching only what the run made: a private
+    `redis-server` on a free port in the work directory (nothing saved, stopped at the end),
+    or the one `--redis-url` names. Each gateway gets a fresh key prefix whose keys are
+    deleted after it (never FLUSHDB), so a given Redis keeps everything else."""
+
+    def __init__(self, given: str, workdir: Path):
+        self.given, self.workdir = given, workdir
+        self.url = given
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.problem: str | None = "not started"
+
+    def start(self) -> str | None:
+        """None when Redis answers, else why not (the Redis rows then read pending)."""
+        self.problem = self._start()
+        return self.problem
+
+    def _start(self) -> str | None:
+        try:
+            import redis
+        except ImportError:
+            return "redis-py not installed"
+        if not self.given:
+            binary = shutil.which("redis-server")
+            if binary is None:
+                return "redis-server not installed (apt-get install redis-server)"
+            port = free_port()
+            self.url = f"redis://127.0.0.1:{port}/0"
+            with open(self.workdir / "redis.log", "ab") as log:
+                self.proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                                              "--dir", str(self.workdir)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                redis.Redis.from_url(self.url, socket_connect_timeout=1).ping()
+                return None
+            except Exception as exc:  # any failure just marks the Redis rows pending
+                if self.proc is None or self.proc.poll() is not None or time.monotonic() > deadline:
+                    return f"{type(exc).__name__}: {exc}"
+            time.sleep(0.05)
+
+    def store_url(self) -> tuple[str, str]:
+        """A store URL with a prefix of its own, and that prefix (for `forget`)."""
+        prefix = f"bench-{secrets.token_hex(4)}:"
+        return f"{self.url}{'&' if '?' in self.url else '?'}prefix={prefix}", prefix
+
+    def forget(self, prefix: str) -> None:
+        """Delete the keys under `prefix`: the Redis is as it was before that gateway."""
         import redis
-    except ImportError:
-        return "redis-py not installed"
-    try:
-        r = redis.Redis.from_url(url, socket_connect_timeout=1)
-        r.ping()
-        r.flushdb()
-    except Exception as exc:  # any failure just marks the Redis rows pending
-        return f"{type(exc).__name__}: {exc}"
-    return None
+
+        r = redis.Redis.from_url(self.url)
+        for batch in _batches(r.scan_iter(match=prefix + "*", count=1000), 1000):
+            r.delete(*batch)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=15)
+
+
+def _batches(items: Any, size: int) -> Any:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def run_gateway(load: Load, rows: list[Row], lat_rows: list[Row], label: str, workdir: Path, sim: Server, store: str, warmup: int, profile: bool) -> None:
@@ -572,20 +628,24 @@ def bench(args: argparse.Namespace, load: Load, command: str) -> int:
     results: list[tuple[list[Row], list[Row]]] = []  # (rows, 1-connection rows) per round
     sim = simulator(workdir, FAST_SECONDS_TO_FINISH)
     servers: list[Server] = [sim]
+    redis = BenchRedis(args.redis_url, workdir)
     ok = False
     try:
         sim.start()
+        if "redis" in groups:
+            redis.start()
         for round_ in range(args.rounds):
             if args.rounds > 1:
                 print(f"round {round_ + 1} of {args.rounds}", file=sys.stderr)
             rows: list[Row] = []
             lat_rows: list[Row] = []
             results.append((rows, lat_rows))
-            bench_round(args, load, groups, workdir, sim, servers, rows, lat_rows, warmup)
+            bench_round(args, load, groups, workdir, sim, servers, rows, lat_rows, warmup, redis)
         ok = True
     finally:
         for s in servers:
             s.stop()
+        redis.stop()
         if ok and not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
         else:
@@ -604,7 +664,7 @@ def bench(args: argparse.Namespace, load: Load, command: str) -> int:
 
 
 def bench_round(args: argparse.Namespace, load: Load, groups: set[str], workdir: Path, sim: Server, servers: list[Server],
-                rows: list[Row], lat_rows: list[Row], warmup: int) -> None:
+                rows: list[Row], lat_rows: list[Row], warmup: int, redis: BenchRedis) -> None:
     """One round: every selected target once, in the order of the table."""
     if "upstream" in groups:
         rows.append(measure(load, "upstream alone", sim.pid, sim.url + "/runway/tasks", "post", UPSTREAM_KEY, warmup=warmup))
@@ -628,17 +688,17 @@ def bench_round(args: argparse.Namespace, load: Load, groups: set[str], workdir:
     if "sqlite" in groups:
         run_gateway(load, rows, lat_rows, "SQLite", workdir, sim, f"sqlite:///{workdir / 'gateway.db'}", warmup, args.profile)
     if "redis" in groups:
-        problem = redis_ready(args.redis_url)
-        if problem:
-            note = f"pending: Redis at {args.redis_url} not usable ({problem[:80]})"
+        if redis.problem:
+            note = f"pending: Redis {redis.url or '(private redis-server)'} not usable ({redis.problem[:80]})"
             print(f"  {note}", file=sys.stderr)
             rows += [Row("gateway Redis: create", load.connections, note=note), Row("gateway Redis: poll", load.connections, note=note)]
             lat_rows.append(Row("gateway Redis: create, 1 conn", 1, note=note))
         else:
+            store, prefix = redis.store_url()
             try:
-                run_gateway(load, rows, lat_rows, "Redis", workdir, sim, args.redis_url, warmup, args.profile)
+                run_gateway(load, rows, lat_rows, "Redis", workdir, sim, store, warmup, args.profile)
             finally:
-                redis_ready(args.redis_url)  # flush our db again
+                redis.forget(prefix)
 
 
 def soak(args: argparse.Namespace, load: Load, command: str) -> int:
@@ -648,12 +708,15 @@ def soak(args: argparse.Namespace, load: Load, command: str) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="runway-soak-"))
     sim = simulator(workdir, SOAK_SECONDS_TO_FINISH)
     key = "sk-gw-bench-" + secrets.token_urlsafe(24)
+    redis = BenchRedis(args.redis_url, workdir)
+    prefix = ""
     if args.store == "redis":
-        problem = redis_ready(args.redis_url)
+        problem = redis.start()
         if problem:
-            print(f"Redis at {args.redis_url} not usable: {problem}", file=sys.stderr)
+            redis.stop()
+            print(f"Redis {args.redis_url or '(private redis-server)'} not usable: {problem}", file=sys.stderr)
             return 2
-        store = args.redis_url
+        store, prefix = redis.store_url()
     else:
         store = f"sqlite:///{workdir / 'gateway.db'}"
     gw = gateway_server("gateway-soak", workdir, sim.url, store, key)
@@ -680,8 +743,9 @@ def soak(args: argparse.Namespace, load: Load, command: str) -> int:
     finally:
         gw.stop()
         sim.stop()
-        if args.store == "redis":
-            redis_ready(args.redis_url)
+        if prefix:
+            redis.forget(prefix)
+        redis.stop()
         if ok and not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
         else:
@@ -727,7 +791,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--only", default="", help=f"comma-separated subset of {','.join(GROUPS)}")
     p.add_argument("--threads", type=int, default=1, help="wrk threads (default 1: leave the cores to the servers)")
     p.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto", help="auto: wrk when on PATH, else bench/loadgen.py")
-    p.add_argument("--redis-url", default=DEFAULT_REDIS, help=f"Redis for the Redis rows; its db is FLUSHED (default {DEFAULT_REDIS})")
+    p.add_argument("--redis-url", default="", help="a Redis for the Redis rows and the soak, used under a key prefix of the run's own "
+                   "whose keys are deleted afterwards (default: a private redis-server on a free port, stopped at the end)")
     p.add_argument("--profile", action="store_true", help="py-spy the gateway during its create runs (collapsed stacks in bench/results/)")
     p.add_argument("--soak", type=int, default=0, metavar="SECONDS", help="instead of the table: RSS over a mixed soak of SECONDS")
     p.add_argument("--soak-warmup", type=int, default=15, help="seconds of mixed load before the soak's first RSS sample (default 15)")

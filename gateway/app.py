@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 import secrets
-import sqlite3
 import sys
 import time
 from dataclasses import dataclass, field
@@ -32,8 +31,7 @@ from gateway.metrics import FLUSH_SECONDS, Metrics
 from gateway.middleware import GatewayMiddleware
 from gateway.routes import admin, hooks, native, openai, ops
 from gateway.ssrf import HookPolicy, check_hook_url
-from gateway.store.base import Store
-from gateway.store.redis_client import RedisConnectionError
+from gateway.store.base import Store, StoreUnavailable
 from gateway.tasks import TaskService
 from gateway.tokens import TokenSigner
 from gateway.upstream import Upstream
@@ -139,11 +137,12 @@ async def _not_found(request: Request, exc: Exception) -> Response:
 
 
 async def _store_unavailable(request: Request, exc: Exception) -> Response:
-    """Registered for the store's connection errors themselves, so Starlette's
-    ExceptionMiddleware answers them: the access log and metrics say 503, and the client's
-    keep-alive connection stays open (ServerErrorMiddleware, which answers `Exception`,
-    re-raises and uvicorn then closes the connection under the client's next request)."""
-    logger.error("store unavailable: %s", type(exc).__name__)
+    """Registered for StoreUnavailable itself (both stores raise it for an outage, and only
+    for one), so Starlette's ExceptionMiddleware answers it: the access log and metrics say
+    503, and the client's keep-alive connection stays open (ServerErrorMiddleware, which
+    answers `Exception`, re-raises and uvicorn then closes the connection under the
+    client's next request). Its message names the cause; no credential is in it."""
+    logger.error("store unavailable: %s", exc)
     return error_response(GatewayError(503, "store_unavailable", "The gateway's store is not answering; retry shortly.", headers={"retry-after": "1"}))
 
 
@@ -176,7 +175,7 @@ def create_app(config: Config, *, metrics: Metrics | None = None, clock: Callabl
         middleware=[Middleware(GatewayMiddleware, metrics=metrics, access_log=access_log, max_body_bytes=config.server.max_body_bytes, trusted_proxies=config.server.trusted_proxies)],
         exception_handlers={
             GatewayError: _gateway_error, 404: _not_found, 405: _not_found,
-            sqlite3.OperationalError: _store_unavailable, RedisConnectionError: _store_unavailable, Exception: _unexpected,
+            StoreUnavailable: _store_unavailable, Exception: _unexpected,
         },
         lifespan=lifespan,
     )

@@ -598,14 +598,14 @@ def _store_url(v: Any) -> str | None:
         return None
     if v.startswith(("redis://", "rediss://")):
         from gateway.store.redis import split_prefix
-        from gateway.store.redis_client import parse_url
+        from gateway.store.redis_client import parse_url, tls_context
 
         try:
-            parse_url(split_prefix(v)[0])
+            tls_context(parse_url(split_prefix(v)[0]))  # loads the TLS files: they must be usable
         except ValueError as exc:
             return str(exc)
         return None
-    return "must be sqlite:///PATH or redis[s]://[[USER]:PASSWORD@]HOST[:PORT][/DB][?prefix=P]"
+    return "must be sqlite:///PATH or redis[s]://[[USER]:PASSWORD@]HOST[:PORT][/DB][?prefix=P&ssl_ca_certs=F&ssl_certfile=F&ssl_keyfile=F]"
 
 
 def _hook_host(v: Any) -> str | None:

@@ -24,7 +24,7 @@ import orjson
 from starlette.responses import Response
 
 from gateway.errors import GatewayError, error_response
-from gateway.store.base import Store, StoredResponse, TaskRecord
+from gateway.store.base import Store, StoredResponse, TaskRecord, retry_unavailable
 from gateway.tasks import OutcomeUnknown
 
 KEEP_SECONDS = 24 * 3600
@@ -83,7 +83,7 @@ async def run_idempotent(
     try:
         response = await handler()
     except OutcomeUnknown as err:
-        await store.idem_bind(tenant_id, key, err.rid, clock(), KEEP_SECONDS)
+        await retry_unavailable(lambda: store.idem_bind(tenant_id, key, err.rid, clock(), KEEP_SECONDS))
         return error_response(err)
     except GatewayError as err:
         response = error_response(err)
@@ -93,7 +93,8 @@ async def run_idempotent(
     status = response.status_code
     keep = 200 <= status < 300 or (400 <= status < 500 and status != 429)
     kept = StoredResponse(status, {h: response.headers[h] for h in KEPT_HEADERS if h in response.headers}, bytes(response.body)) if keep else None
-    await store.idem_finish(tenant_id, key, kept, clock(), KEEP_SECONDS)
+    # a kept reply may stand for a paid task: losing it to an outage would let a retry buy another
+    await retry_unavailable(lambda: store.idem_finish(tenant_id, key, kept, clock(), KEEP_SECONDS))
     return response
 
 

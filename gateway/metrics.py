@@ -145,6 +145,7 @@ class Metrics:
         self.flush()
         ready = 1.0
         try:
+            await store.ping()  # what /readyz asks: can the store take writes (reads alone pass on a demoted Redis)
             active = await store.active_by_tenant()
             pending = await store.webhook_pending()
             usage = {t: await store.usage(t, now) for t in self._tenant_ids}
@@ -175,7 +176,7 @@ class _StoreGauges:
             active.add_metric([t], float(self.active.get(t, 0)))
         yield active
         yield GaugeMetricFamily("gateway_webhook_pending", "Tenant webhook events not yet delivered (store-wide).", value=float(self.pending))
-        yield GaugeMetricFamily("gateway_ready", "1 when the store answered this scrape.", value=self.ready)
+        yield GaugeMetricFamily("gateway_ready", "1 when the store answered and took a write at this scrape.", value=self.ready)
         ratio = GaugeMetricFamily("gateway_quota_usage_ratio", "Used share of a tenant's budget (0..1).", labels=["tenant", "limit"])
         for t, u in self.usage.items():
             used = {"max_active_tasks": u.active, "tasks_per_day": u.tasks_today, "credits_per_day": u.credits_today, "credits_per_month": u.credits_this_month}

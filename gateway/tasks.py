@@ -24,7 +24,7 @@ from gateway.gen2 import Gen2Request
 from gateway.logs import log_fields
 from gateway.metrics import Metrics
 from gateway.quotas import quota_error
-from gateway.store.base import UNKNOWN, Charge, RateInfo, Store, TaskRecord, UpdateResult, day_key, month_key
+from gateway.store.base import UNKNOWN, Charge, RateInfo, Store, TaskRecord, UpdateResult, day_key, month_key, retry_unavailable
 from gateway.tokens import TokenSigner
 from gateway.upstream import Outcome, Upstream, UpstreamFailure
 from gateway.uploads import PendingUpload
@@ -106,7 +106,8 @@ class TaskService:
             raise
         upstream_ms = request_state["upstream_ms"] = (time.perf_counter() - start) * 1000
         request_state["task_id"] = task["id"]
-        result = await self.apply(rid, tenant.id, task)
+        # the task exists and is paid for: recording it is retried through a store outage
+        result = await retry_unavailable(lambda: self.apply(rid, tenant.id, task))
         self.metrics.count(self.metrics.tasks_created, (tenant.id, "gen2"))
         record = result.record or reservation
         return Created(record, public_task(task), admission.rate, upstream_ms)
@@ -123,7 +124,7 @@ class TaskService:
         """Unknown outcome: keep the charge and the upload (the relay may have the task and
         fetch the image). Definitely not created: refund and forget the upload."""
         if failure.outcome is Outcome.UNKNOWN:
-            await self.store.mark_unknown(reservation.rid, self.clock())
+            await retry_unavailable(lambda: self.store.mark_unknown(reservation.rid, self.clock()))
             log_fields(logger, logging.WARNING, {"event": "create_outcome_unknown", "rid": reservation.rid, "tenant": reservation.tenant_id, "code": failure.code})
             return
         await self._refund_not_created(reservation)
@@ -131,7 +132,7 @@ class TaskService:
             await upload.discard()
 
     async def _refund_not_created(self, reservation: TaskRecord) -> None:
-        if await self.store.settle_not_created(reservation.rid, self.clock()):
+        if await retry_unavailable(lambda: self.store.settle_not_created(reservation.rid, self.clock())):
             self.metrics.credits_refunded.labels(reservation.tenant_id).inc(reservation.credits)
 
     # updates ------------------------------------------------------------------------

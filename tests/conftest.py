@@ -5,9 +5,12 @@
   a few tenants of different limits; its JSON log lines go to a file tests can read.
 - `GatewayProcess` / `start_gateway`: for tests that need their own config, several
   workers, Redis, or to kill and restart a gateway.
-
-Redis: `GATEWAY_TEST_REDIS_URL` (CI sets it). When it is set, Redis must answer: the Redis
-tests fail rather than skip. Each test uses a key prefix or database of its own.
+- `redis_url`: the session's Redis. A private `redis-server` (free port, temp dir, nothing
+  saved) started for the session and stopped after it, unless `GATEWAY_TEST_REDIS_URL`
+  names one explicitly: then exactly that one, which must answer. The suite never touches a
+  Redis it did not make or was not given; Redis-backed tests fail (never skip) when
+  `redis-server` cannot start. Each test still uses a key prefix of its own.
+- `RedisServer`: a private `redis-server` of a test's own (to stop, restart or demote).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -271,29 +275,76 @@ def own_sim(tmp_path: Path) -> Iterator[Simulator]:
     s.stop()
 
 
-def redis_url_or_skip() -> str:
-    """The test Redis: required (fail) when CI sets GATEWAY_TEST_REDIS_URL, else the local
-    default, skipped only when that is unreachable outside CI."""
+class RedisServer(Process):
+    """A `redis-server` of the tests' own on 127.0.0.1: a free port (or a given one, to
+    restart it there), its own directory, nothing saved (`--save '' --appendonly no`).
+    `extra` adds server options, e.g. `("--replicaof", "127.0.0.1", "6390")`."""
+
+    def __init__(self, tmp: Path, port: int | None = None, extra: tuple[str, ...] = ()):
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not installed (apt-get install redis-server; .ci/run installs it)")
+        self.port = port or free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        workdir = tmp / f"redis-{self.port}"
+        workdir.mkdir(parents=True, exist_ok=True)
+        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir), *extra]
+        super().__init__(args, tmp / f"redis-{self.port}.log")
+
+    def start(self) -> None:
+        super().start()
+
+        def up() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                pytest.fail(f"redis-server exited ({self.proc.returncode}):\n{self.log_text()[-3000:]}")
+            return self.answers()
+
+        wait_until(up, 10, 0.05, f"redis-server on port {self.port}")
+
+    def answers(self) -> bool:
+        import redis
+
+        try:
+            return bool(self.client(socket_connect_timeout=0.5).ping())
+        except redis.exceptions.RedisError:
+            return False
+
+    def client(self, **kw: Any) -> Any:
+        """A redis-py client for the test's own checks and commands (REPLICAOF, ROLE)."""
+        import redis
+
+        return redis.Redis(port=self.port, **kw)
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The session's Redis URL: GATEWAY_TEST_REDIS_URL when given (it must answer), else a
+    private redis-server started here and stopped at the end of the session."""
     import redis
 
-    url = os.environ.get(REDIS_ENV)
+    given = os.environ.get(REDIS_ENV)
+    if given:
+        try:
+            redis.Redis.from_url(given, socket_connect_timeout=2).ping()
+        except redis.exceptions.RedisError as exc:
+            pytest.fail(f"{REDIS_ENV}={given} is set but Redis does not answer: {exc}")
+        yield given
+        return
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
     try:
-        redis.Redis.from_url(url or "redis://127.0.0.1:6379/0", socket_connect_timeout=1).ping()
-    except redis.exceptions.RedisError as exc:
-        if url:
-            pytest.fail(f"{REDIS_ENV}={url} is set but Redis does not answer: {exc}")
-        pytest.skip("no Redis at 127.0.0.1:6379 and GATEWAY_TEST_REDIS_URL not set")
-    return url or "redis://127.0.0.1:6379/0"
+        yield server.url
+    finally:
+        server.stop()
 
 
 @pytest.fixture
-def redis_store_url() -> Iterator[str]:
+def redis_store_url(redis_url: str) -> Iterator[str]:
     """A Redis URL whose keys live under a prefix of this test's own, deleted afterwards."""
     import redis
 
-    base = redis_url_or_skip()
     prefix = f"gwtest-{secrets.token_hex(4)}:"
-    yield f"{base}{'&' if '?' in base else '?'}prefix={prefix}"
-    r = redis.Redis.from_url(base)
+    yield f"{redis_url}{'&' if '?' in redis_url else '?'}prefix={prefix}"
+    r = redis.Redis.from_url(redis_url)
     for key in r.scan_iter(match=prefix + "*", count=1000):
         r.delete(key)

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import re
 import secrets
-import shutil
-import subprocess
+import sqlite3
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import httpx
 import pytest
 
-from conftest import UPSTREAM_KEY, GatewayProcess, Simulator, TenantSpec, free_port, gen2_body, redis_url_or_skip, wait_until
+from conftest import UPSTREAM_KEY, GatewayProcess, RedisServer, Simulator, TenantSpec, gen2_body, wait_until
 
 CONTRACT_SERIES = {
     "gateway_requests_total": {"tenant", "route", "method", "status"},
@@ -196,46 +195,22 @@ def create(g: GatewayProcess, tenant: str) -> httpx.Response:
 
 
 @pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[tuple[int, Callable[[], None], Callable[[], None]]]:
-    redis_url_or_skip()  # this test needs the redis-server binary the CI installs
-    binary = shutil.which("redis-server")
-    assert binary, "redis-server not installed"
-    port = free_port()
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def start() -> None:
-        procs.append(subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL))
-        wait_until(lambda: _redis_up(port), 10, message="redis up")
-
-    def stop() -> None:
-        procs[-1].terminate()
-        procs[-1].wait(10)
-
-    start()
-    yield port, start, stop
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test's own: it stops and restarts it."""
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
 
 
-def _redis_up(port: int) -> bool:
-    import redis
-
-    try:
-        return bool(redis.Redis(port=port, socket_connect_timeout=0.5).ping())
-    except redis.exceptions.RedisError:
-        return False
-
-
-def test_readyz_follows_the_redis_store(tmp_path: Path, sim: Simulator, own_redis) -> None:
-    port, start, stop = own_redis
-    g = GatewayProcess(tmp_path, sim.url, [TenantSpec("t")], store_url=f"redis://127.0.0.1:{port}/0")
+def test_readyz_follows_the_redis_store(tmp_path: Path, sim: Simulator, own_redis: RedisServer) -> None:
+    g = GatewayProcess(tmp_path, sim.url, [TenantSpec("t")], store_url=own_redis.url)
     g.start()
     try:
         assert httpx.get(g.url + "/readyz").status_code == 200
-        stop()
+        own_redis.stop()
         down = httpx.get(g.url + "/readyz", timeout=10)
-        assert down.status_code == 503 and down.json()["store"] == "unreachable"
+        assert down.status_code == 503 and down.json()["store"] == "unavailable"
         assert down.json()["error"]["code"] == "store_unavailable"
         with g.client("t") as c:
             r = c.get("/runway/tasks")
@@ -246,9 +221,31 @@ def test_readyz_follows_the_redis_store(tmp_path: Path, sim: Simulator, own_redi
         # Answered as a 503 (not an unhandled error that closes the connection), and logged so.
         wait_until(lambda: [e["status"] for e in g.access_log() if e.get("route") == "/runway/tasks"] == [503, 503], 5)
         assert "gateway_ready 0.0" in httpx.get(g.url + "/metrics", timeout=10).text
-        start()
+        own_redis.start()
         wait_until(lambda: httpx.get(g.url + "/readyz").status_code == 200, 15, message="ready again")
         with g.client("t") as c:
             assert c.get("/runway/tasks").status_code == 200
     finally:
+        g.stop()
+
+
+def test_sqlite_outage_is_503_and_a_broken_schema_is_500(tmp_path: Path, sim: Simulator) -> None:
+    """Only an outage is 503 `store_unavailable`: while another process holds the SQLite
+    write lock the store cannot take writes, so /readyz fails; a statement SQLite rejects
+    (a table someone dropped) is a bug, answered 500, not disguised as an outage."""
+    g = GatewayProcess(tmp_path, sim.url, [TenantSpec("t")])
+    g.start()
+    db = sqlite3.connect(str(g.config_path.with_suffix(".db")), isolation_level=None)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        locked = httpx.get(g.url + "/readyz", timeout=10)
+        assert locked.status_code == 503 and locked.json()["error"]["code"] == "store_unavailable"
+        db.execute("COMMIT")
+        assert httpx.get(g.url + "/readyz", timeout=10).status_code == 200
+        db.execute("DROP TABLE idempotency")
+        with g.client("t") as c:
+            broken = c.post("/runway/tasks", json=gen2_body(), headers={"Idempotency-Key": "k1"})
+        assert broken.status_code == 500 and broken.json()["error"]["code"] == "internal_error"
+    finally:
+        db.close()
         g.stop()

@@ -8,21 +8,24 @@ Keys live under a prefix of this module's own and are deleted at the end (never 
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 import uuid
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterator
 
 import pytest
 
+from conftest import RedisServer, free_port
 from gateway.config import ConfigError, load_config
-from gateway.store.redis_client import Address, RedisClient, RedisConnectionError, RedisError, pack, parse_url
-from conftest import redis_url_or_skip
+from gateway.store.base import StoreUnavailable
+from gateway.store.redis_client import KEEPALIVE, Address, RedisClient, RedisConnectionError, RedisError, pack, parse_url
+from test_webhooks import self_signed
 
 
 @pytest.fixture
-def base_url() -> str:
-    return redis_url_or_skip()
+def base_url(redis_url: str) -> str:
+    return redis_url
 
 
 @pytest.fixture
@@ -47,6 +50,9 @@ def test_urls_and_encoding() -> None:
     assert parse_url("redis://127.0.0.1:6380/3") == Address("127.0.0.1", 6380, 3)
     assert parse_url("redis://:p%40ss@redis.example") == Address("redis.example", 6379, 0, None, "p@ss")
     assert parse_url("rediss://app:secret@h:1/2") == Address("h", 1, 2, "app", "secret", tls=True)
+    assert parse_url("rediss://h/0?ssl_ca_certs=/ca.pem&ssl_certfile=/c.pem&ssl_keyfile=/k.pem") == Address(
+        "h", 6379, 0, tls=True, ssl_ca_certs="/ca.pem", ssl_certfile="/c.pem", ssl_keyfile="/k.pem"
+    )
     for bad in ("http://h/0", "redis://h/zero", "redis://h:port/0"):
         with pytest.raises(ValueError):
             parse_url(bad)
@@ -61,6 +67,12 @@ def test_urls_and_encoding() -> None:
         ("redis://h:6379/zero", "store.url: the Redis database must be a number"),
         ("redis://h:port/0", "store.url: the Redis port must be a number"),
         ("unix:///run/redis.sock", "store.url: must be sqlite:///PATH or redis[s]://"),
+        ("rediss://h/0?ssl_ca_cert=/ca.pem", "store.url: unknown Redis URL parameter 'ssl_ca_cert'"),
+        ("redis://h/0?ssl_ca_certs=/ca.pem", "store.url: ssl_ca_certs needs a rediss:// URL"),
+        ("rediss://h/0?ssl_ca_certs=ca.pem", "store.url: ssl_ca_certs must be an absolute file path"),
+        ("rediss://h/0?ssl_ca_certs=/nonexistent/ca.pem", "store.url: ssl_ca_certs /nonexistent/ca.pem: No such file"),
+        ("rediss://h/0?ssl_certfile=/etc/hostname", "store.url: ssl_certfile/ssl_keyfile /etc/hostname: "),
+        ("rediss://h/0?ssl_keyfile=/etc/hostname", "store.url: ssl_keyfile needs ssl_certfile"),
     ],
 )
 def test_check_config_reports_a_redis_url_the_client_cannot_use(tmp_path: Path, url: str, problem: str) -> None:
@@ -243,3 +255,90 @@ async def test_callers_waiting_for_a_connection_share_its_failure() -> None:
         await client.aclose()
         server.close()
         await server.wait_closed()
+
+
+@pytest.fixture
+def own_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test's own: the test changes its role."""
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("reply", ["READONLY", "MASTERDOWN"])
+async def test_a_failover_reply_drops_the_connection_and_the_next_command_reconnects(
+    own_server: RedisServer, monkeypatch: pytest.MonkeyPatch, reply: str
+) -> None:
+    """After a failover the old primary answers READONLY (or, as a replica cut off from its
+    primary, MASTERDOWN) on a connection that is still open. The client drops it, failing
+    that command and the ones queued behind it as StoreUnavailable, and the next command
+    connects again, looking the host name up again (where a moved DNS name points now)."""
+    loop = asyncio.get_running_loop()
+    lookups: list[str] = []
+    resolve = loop.getaddrinfo
+
+    async def counting(host: Any, *args: Any, **kw: Any) -> Any:
+        lookups.append(host)
+        return await resolve(host, *args, **kw)
+
+    monkeypatch.setattr(loop, "getaddrinfo", counting)
+    admin = own_server.client()
+    client = RedisClient(f"redis://localhost:{own_server.port}/0")
+    try:
+        first_id = await client.execute("CLIENT", "ID")
+        assert lookups == ["localhost"]
+        admin.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))  # demoted; its primary is not there
+        if reply == "MASTERDOWN":
+            admin.config_set("replica-serve-stale-data", "no")
+        command = ("SET", "k", "v") if reply == "READONLY" else ("GET", "k")
+        refused, queued = await asyncio.gather(client.execute(*command), client.execute("ECHO", "behind"), return_exceptions=True)
+        assert isinstance(refused, RedisConnectionError) and isinstance(refused, StoreUnavailable) and reply in str(refused)
+        assert queued is refused  # dropped with the connection
+        admin.execute_command("REPLICAOF", "NO", "ONE")  # promoted again
+        assert await client.execute("SET", "k", "v") == b"OK"
+        assert await client.execute("CLIENT", "ID") != first_id  # a new connection
+        assert lookups == ["localhost", "localhost"]
+    finally:
+        await client.aclose()
+
+
+async def test_the_connection_has_tcp_keepalive(client: RedisClient) -> None:
+    """A Redis that vanished without closing (host gone, NAT entry dropped) is noticed on an
+    idle connection too, not only when a command times out."""
+    await client.ping()
+    assert client._conn is not None and client._conn.transport is not None
+    sock = client._conn.transport.get_extra_info("socket")
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == KEEPALIVE["TCP_KEEPIDLE"]
+
+
+async def test_rediss_with_a_private_ca_and_a_client_certificate(tmp_path: Path) -> None:
+    """`ssl_ca_certs` makes the client trust a private CA, `ssl_certfile`/`ssl_keyfile`
+    present a client certificate to a Redis that requires one (tls-auth-clients yes)."""
+    (tmp_path / "server").mkdir()
+    (tmp_path / "client").mkdir()
+    server_cert, server_key = self_signed(tmp_path / "server", "localhost")
+    client_cert, client_key = self_signed(tmp_path / "client", "gateway")
+    tls_port = free_port()
+    server = RedisServer(tmp_path, extra=(
+        "--tls-port", str(tls_port), "--tls-cert-file", str(server_cert), "--tls-key-file", str(server_key),
+        "--tls-ca-cert-file", str(client_cert), "--tls-auth-clients", "yes",
+    ))
+    server.start()
+    base = f"rediss://localhost:{tls_port}/0"
+    try:
+        trusted = RedisClient(f"{base}?ssl_ca_certs={server_cert}&ssl_certfile={client_cert}&ssl_keyfile={client_key}")
+        try:
+            assert await trusted.execute("ECHO", "over TLS") == b"over TLS"
+        finally:
+            await trusted.aclose()
+        for url in (f"{base}?ssl_ca_certs={server_cert}", base):  # no client certificate; no private CA
+            refused = RedisClient(url)
+            try:
+                with pytest.raises(RedisConnectionError):
+                    await refused.execute("PING")
+            finally:
+                await refused.aclose()
+    finally:
+        server.stop()

@@ -18,7 +18,7 @@ from typing import AsyncIterator
 import pytest
 
 from gateway.config import Limits
-from gateway.store.base import Charge, TaskRecord, Usage, day_key, month_key
+from gateway.store.base import Charge, StoreUnavailable, TaskRecord, Usage, day_key, month_key
 from gateway.store.sqlite import MAX_GROUP_TURNS, SQLiteStore
 from gateway.tasks import new_rid
 
@@ -194,10 +194,33 @@ async def test_a_lock_held_too_long_fails_the_operation_and_changes_nothing(stor
     other = sqlite3.connect(store.path, isolation_level=None)
     try:
         other.execute("BEGIN IMMEDIATE")
-        with pytest.raises(sqlite3.OperationalError, match="locked"):
+        with pytest.raises(StoreUnavailable, match="locked"):
             await admit(store, reservation())
         other.execute("COMMIT")
     finally:
         other.close()
     assert await store.usage(TENANT, T0) == Usage(active=0, tasks_today=0, credits_today=0, credits_this_month=0)
     assert await admit(store, reservation())  # the store works on once the lock is free
+
+
+async def test_only_an_outage_is_store_unavailable_a_bad_schema_is_not(store: SQLiteStore) -> None:
+    """A held write lock is an outage (StoreUnavailable, answered 503, readiness fails); a
+    statement SQLite rejects (here a table someone dropped) is a bug and keeps its own error,
+    answered 500, in a write group and on the read connection alike."""
+    assert store._write is not None
+    store._write.lock_timeout = 0.2
+    other = sqlite3.connect(store.path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        with pytest.raises(StoreUnavailable):
+            await store.ping()
+        other.execute("COMMIT")
+        await store.ping()
+        other.execute("DROP TABLE assets")
+    finally:
+        other.close()
+    for op in (store.put_asset("a1", "image/png", b"x", T0 + 60, T0), store.get_asset("a1", T0)):
+        with pytest.raises(sqlite3.OperationalError, match="no such table") as err:
+            await op
+        assert not isinstance(err.value, StoreUnavailable)
+    assert await admit(store, reservation())  # the failed operation rolled back alone

@@ -5,16 +5,14 @@ these tests pin the semantics of gateway/store/base.py with an explicit clock, c
 refusals change nothing, and race concurrent callers in one event loop and across two OS
 processes on one file / one Redis.
 
-Redis: GATEWAY_TEST_REDIS_URL (default redis://127.0.0.1:6379/0). When the variable is set
-an unreachable Redis fails the Redis tests; when unset they are skipped. Each test uses its
-own key prefix and deletes only its own keys.
+Redis: conftest's `redis_url` (a private redis-server, or GATEWAY_TEST_REDIS_URL when
+given). Each test uses its own key prefix and deletes only its own keys.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 import sys
 import time
 import uuid
@@ -33,6 +31,7 @@ from gateway.store.base import (
     RateInfo,
     Store,
     StoredResponse,
+    StoreUnavailable,
     TaskRecord,
     Usage,
     bucket_info,
@@ -49,7 +48,6 @@ TENANT = "acme"
 OTHER = "globex"
 PRICE = 10
 HOOK = "https://hooks.acme.example/runway"
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 TRICKY = 'ünïcødé "quotes" \\ / \n\t 🎬 \u2028 <script>'  # survives JSON in Python and Lua
 
 
@@ -72,24 +70,6 @@ class StoreSpec:
         from gateway.store.redis import RedisStore
 
         return RedisStore(self.target, prefix=self.prefix)
-
-
-@pytest.fixture(scope="session")
-def redis_url() -> str:
-    """The test Redis, checked once: unreachable fails when configured, else skips."""
-    import redis
-
-    configured = os.environ.get("GATEWAY_TEST_REDIS_URL")
-    url = configured or DEFAULT_REDIS_URL
-    try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
-        client.ping()
-        client.close()
-    except redis.RedisError as exc:
-        if configured:
-            pytest.fail(f"GATEWAY_TEST_REDIS_URL={url} is set but Redis does not answer: {exc}")
-        pytest.skip(f"no Redis at {url} (set GATEWAY_TEST_REDIS_URL to require it): {exc}")
-    return url
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -855,7 +835,7 @@ async def test_redis_store_fails_fast_when_redis_is_down() -> None:
 
     dead = RedisStore("redis://127.0.0.1:1/0", prefix="gwtest:dead:")
     started = time.monotonic()
-    with pytest.raises(Exception):
+    with pytest.raises(StoreUnavailable):  # the one outage error both stores raise (503)
         await dead.ping()
     assert time.monotonic() - started < 3.0
     await dead.close()

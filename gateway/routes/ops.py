@@ -32,11 +32,12 @@ async def readyz(request: Request) -> Response:
         "upstream_auth_failing_keys": sorted(gw.upstream.keys.failing),
     }
     try:
+        # a write, not only an answer: a Redis demoted by a failover still answers reads
         await asyncio.wait_for(gw.store.ping(), READY_TIMEOUT)
     except Exception:
         # OpenAI-shaped like every error, plus the probe's own fields
-        error = {"message": "The store does not answer.", "type": "api_error", "param": None, "code": "store_unavailable"}
-        return json_response({"error": error, "status": "unavailable", "store": "unreachable", **upstream}, status=503)
+        error = {"message": "The store cannot answer or take writes.", "type": "api_error", "param": None, "code": "store_unavailable"}
+        return json_response({"error": error, "status": "unavailable", "store": "unavailable", **upstream}, status=503)
     return json_response({"status": "ok", "store": "ok", **upstream})
 
 

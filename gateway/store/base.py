@@ -10,11 +10,12 @@ Times are UNIX seconds (float) passed in by the caller, so tests can move the cl
 from __future__ import annotations
 
 import abc
+import asyncio
 import functools
 import math
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Awaitable, Callable, TypeVar
 
 from gateway.config import Limits
 
@@ -31,6 +32,39 @@ STATUS_RANK = {SUBMITTING: 0, UNKNOWN: 0, "PENDING": 1, "THROTTLED": 2, "RUNNING
 # Limit names, in the order they are checked (the first failing one is reported).
 RATE_LIMITS = ("requests_per_minute", "tasks_per_minute")
 ALL_LIMITS = ("requests_per_minute", "tasks_per_minute", "max_active_tasks", "tasks_per_day", "credits_per_day", "credits_per_month")
+
+
+class StoreUnavailable(Exception):
+    """The store cannot answer or take writes right now: SQLite locked past its wait, a
+    disk I/O error or a file it cannot open; Redis unreachable, silent past its timeout, or
+    answering READONLY/LOADING/MASTERDOWN during a failover. Both stores raise this one
+    error (the Redis client's connection error is a subclass), and the app answers it 503
+    `store_unavailable`. Anything else a store raises is a bug and stays a 500."""
+
+
+T = TypeVar("T")
+RECORD_RETRY_SECONDS = 10.0  # how long a write recording paid work is retried during an outage
+
+
+async def retry_unavailable(write: Callable[[], Awaitable[T]], seconds: float = RECORD_RETRY_SECONDS) -> T:
+    """Run an idempotent store write again while the store is unavailable, for up to
+    `seconds`, then let StoreUnavailable through. Only for writes that record what already
+    happened and was paid for (the upstream created the task; the create's reply is kept):
+    giving up would answer 503 for a task the tenant was charged for, and a retry would buy
+    a second one. A Redis failover fails the first try (READONLY drops the connection) and
+    the next one reconnects, to the new primary once the name points at it. Never for an
+    admission: a charge whose reply was lost may have happened, so it is not repeated."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    delay = 0.02
+    while True:
+        try:
+            return await write()
+        except StoreUnavailable:
+            if loop.time() + delay > deadline:
+                raise
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.5)
 
 
 def status_rank(status: str) -> int:
@@ -201,7 +235,8 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def ping(self) -> None:
-        """Raise if the store does not answer."""
+        """Raise StoreUnavailable unless the store answers and can take writes (readiness:
+        a Redis that became a replica answers PING but refuses every write)."""
 
     async def maintain(self, now: float) -> None:
         """Periodic housekeeping (expired keys, WAL checkpoints); called off the request path."""

@@ -30,6 +30,7 @@ Key layout (every key starts with `prefix`, "gw:" by default):
     {p}idem:{tenant}:{sha256(key)}  hash  state (pending|done|unknown), fp, exp,
                               status, headers, body (done), rid (unknown)
     {p}secret:{name}   string shared secrets (first writer wins)
+    {p}ready           string the readiness probe's write (expires after 60 s)
 
 Retention: a task's hash and its `tid` key get a Redis TTL (`terminal_ttl`, 30 days by
 default, 0 = keep forever) once the task is terminal or timed out (a later update renews
@@ -848,7 +849,10 @@ class RedisStore(Store):
         await self._r.aclose()
 
     async def ping(self) -> None:
-        await self._r.ping()
+        """A tiny write, not a PING: a primary demoted to replica by a failover still
+        answers PING but refuses writes (READONLY), and readiness must say so. The reply
+        also makes the client drop that connection and reconnect (see redis_client)."""
+        await self._r.execute("SET", self._k("ready"), "1", "PX", 60000)
 
     async def put_asset(self, asset_id: str, content_type: str, data: bytes, expires_at: float, now: float) -> None:
         """One key per upload, expiring by itself: content type, a NUL, then the bytes."""

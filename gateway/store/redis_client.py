@@ -13,7 +13,19 @@ client does only what the store needs:
   a quota), so the caller gets `RedisConnectionError` and decides;
 - a reply that takes longer than `socket_timeout` kills the connection and fails every
   command still waiting on it (their replies could no longer be matched); the next
-  command connects again.
+  command connects again;
+- failover: a `READONLY`, `LOADING` or `MASTERDOWN` reply means this server is (now) a
+  replica or not serving yet, whatever the name we connected to points at now. That reply
+  and every command still waiting fail with `RedisConnectionError` and the connection is
+  dropped; the next command connects again, resolving the host name again, so a DNS name
+  (or a Service) moved to the promoted replica is followed. Only the error branch looks
+  at this: the hot path is unchanged;
+- TCP keepalive is on, so a peer that vanished without a FIN (a host gone, a NAT that
+  forgot us) is noticed on an idle connection too;
+- `rediss://` takes `ssl_ca_certs`, `ssl_certfile` and `ssl_keyfile` query parameters
+  (absolute paths of PEM files): a private CA and a client certificate.
+
+`RedisConnectionError` is the store's `StoreUnavailable`: the app answers it 503.
 """
 
 from __future__ import annotations
@@ -21,12 +33,16 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
+import os
+import socket
 import ssl
 from dataclasses import dataclass
 from typing import Any, Sequence, cast
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import hiredis
+
+from gateway.store.base import StoreUnavailable
 
 Arg = str | bytes | int | float
 
@@ -35,9 +51,18 @@ class RedisError(Exception):
     """An error reply (`-ERR ...`, `-NOSCRIPT ...`): this command failed, the connection is fine."""
 
 
-class RedisConnectionError(ConnectionError):
-    """No connection, a lost one, or a reply later than `socket_timeout`: the command may or
-    may not have run."""
+class RedisConnectionError(StoreUnavailable, ConnectionError):
+    """No connection, a lost one, a reply later than `socket_timeout`, or a failover reply
+    that dropped the connection: the command may or may not have run."""
+
+
+# Error replies of a server that cannot take this command now, on this connection: a
+# replica (READONLY, after a failover demoted it), a server still loading its data
+# (LOADING), a replica cut off from its primary (MASTERDOWN). None of them ran the command.
+FAILOVER_REPLIES = ("READONLY ", "LOADING ", "MASTERDOWN ")
+TLS_PARAMS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+# TCP keepalive: first probe after 30 s idle, then every 10 s, dead after 3 missed.
+KEEPALIVE = {"TCP_KEEPIDLE": 30, "TCP_KEEPINTVL": 10, "TCP_KEEPCNT": 3}
 
 
 @dataclass(frozen=True)
@@ -48,10 +73,15 @@ class Address:
     username: str | None = None
     password: str | None = None
     tls: bool = False
+    ssl_ca_certs: str | None = None  # PEM file of the CA(s) to trust instead of the system's
+    ssl_certfile: str | None = None  # PEM client certificate (mutual TLS)
+    ssl_keyfile: str | None = None  # its private key, when not inside ssl_certfile
 
 
 def parse_url(url: str) -> Address:
-    """`redis://[[user]:password@]host[:port][/db]`; `rediss://` for TLS."""
+    """`redis://[[user]:password@]host[:port][/db]`; `rediss://` for TLS, with optional
+    `?ssl_ca_certs=/ca.pem&ssl_certfile=/client.pem&ssl_keyfile=/client.key`. Any other
+    query parameter is refused (a misspelt one would otherwise be silently ignored)."""
     parts = urlsplit(url)
     if parts.scheme not in ("redis", "rediss"):
         raise ValueError(f"unsupported Redis URL scheme {parts.scheme!r} (use redis:// or rediss://)")
@@ -62,6 +92,14 @@ def parse_url(url: str) -> Address:
         port = parts.port or 6379
     except ValueError:
         raise ValueError("the Redis port must be a number") from None
+    params = dict(parse_qsl(parts.query, keep_blank_values=True))
+    for name, value in params.items():
+        if name not in TLS_PARAMS:
+            raise ValueError(f"unknown Redis URL parameter {name!r} (known: prefix, {', '.join(TLS_PARAMS)})")
+        if parts.scheme != "rediss":
+            raise ValueError(f"{name} needs a rediss:// URL")
+        if not os.path.isabs(value):
+            raise ValueError(f"{name} must be an absolute file path, not {value!r}")
     return Address(
         tls=parts.scheme == "rediss",
         host=parts.hostname or "127.0.0.1",
@@ -69,7 +107,38 @@ def parse_url(url: str) -> Address:
         db=int(path or 0),
         username=unquote(parts.username) if parts.username else None,
         password=unquote(parts.password) if parts.password else None,
+        **params,
     )
+
+
+def tls_context(address: Address) -> ssl.SSLContext | None:
+    """The TLS context of a `rediss://` address (None for `redis://`), its files loaded now,
+    once per client: a missing or malformed one is a ValueError naming the parameter
+    (check-config reports it)."""
+    if not address.tls:
+        return None
+    if address.ssl_keyfile and not address.ssl_certfile:
+        raise ValueError("ssl_keyfile needs ssl_certfile")
+    try:
+        context = ssl.create_default_context(cafile=address.ssl_ca_certs)
+    except OSError as exc:  # ssl.SSLError is one
+        raise ValueError(f"ssl_ca_certs {address.ssl_ca_certs}: {exc.strerror or exc}") from None
+    if address.ssl_certfile:
+        try:
+            context.load_cert_chain(address.ssl_certfile, address.ssl_keyfile)
+        except OSError as exc:
+            files = " and ".join(f for f in (address.ssl_certfile, address.ssl_keyfile) if f)
+            raise ValueError(f"ssl_certfile/ssl_keyfile {files}: {exc.strerror or exc}") from None
+    return context
+
+
+def _keepalive(sock: Any) -> None:
+    """SO_KEEPALIVE with short probes where the platform has the knobs (Linux, macOS)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in KEEPALIVE.items():
+        option = getattr(socket, name, None)
+        if option is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
 def pack(args: Sequence[Arg]) -> bytes:
@@ -108,6 +177,9 @@ class _Connection(asyncio.Protocol):
     # asyncio.Protocol ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            _keepalive(sock)
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
@@ -115,12 +187,16 @@ class _Connection(asyncio.Protocol):
             while (reply := self.reader.gets()) is not False:
                 if not self.pending:
                     raise hiredis.ProtocolError("a reply no command asked for")
-                fut, _ = self.pending.popleft()
-                if fut.done():  # its caller was cancelled: the reply is only consumed
-                    continue
+                fut, queued = self.pending.popleft()
                 if isinstance(reply, hiredis.ReplyError):
-                    fut.set_exception(RedisError(str(reply)))
-                else:
+                    error = str(reply)
+                    if error.startswith(FAILOVER_REPLIES):  # kill() fails it with the rest
+                        self.pending.appendleft((fut, queued))
+                        self.kill(RedisConnectionError(f"Redis cannot take commands on this connection ({error}); it is reopened"))
+                        return
+                    if not fut.done():  # done: its caller was cancelled, the reply is only consumed
+                        fut.set_exception(RedisError(error))
+                elif not fut.done():
                     fut.set_result(reply)
         except hiredis.ProtocolError as exc:
             self.kill(RedisConnectionError(f"Redis protocol error: {exc}"))
@@ -196,6 +272,7 @@ class Script:
 class RedisClient:
     def __init__(self, url: str, *, socket_timeout: float = 2.0, connect_timeout: float = 1.0):
         self.address = parse_url(url)
+        self.tls = tls_context(self.address)
         self.socket_timeout = socket_timeout
         self.connect_timeout = connect_timeout
         self.scripts: list[Script] = []
@@ -264,7 +341,7 @@ class RedisClient:
         try:
             _, conn = await asyncio.wait_for(
                 loop.create_connection(
-                    lambda: _Connection(self.socket_timeout), a.host, a.port, ssl=ssl.create_default_context() if a.tls else None
+                    lambda: _Connection(self.socket_timeout), a.host, a.port, ssl=self.tls
                 ),
                 self.connect_timeout,
             )

@@ -37,6 +37,7 @@ from gateway.store.base import (
     RateInfo,
     Store,
     StoredResponse,
+    StoreUnavailable,
     TaskRecord,
     UpdateResult,
     Usage,
@@ -127,6 +128,35 @@ DEAD_EVENT_RETENTION = 7 * 86400
 LOCK_TIMEOUT = 10.0  # seconds an operation waits for another process's write lock
 BUSY_TIMEOUT_MS = 10000  # the reader's wait, for the rare lock a read meets (WAL recovery)
 MAX_GROUP_TURNS = 3  # loop turns a growing write group may stay open (docs/benchmarks.md)
+# SQLite result codes (the primary code, low byte) that say the database cannot answer or
+# take writes right now. Anything else (a bad statement, a constraint) is a bug: a 500.
+UNAVAILABLE_CODES = frozenset(
+    {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_FULL, sqlite3.SQLITE_READONLY}
+)
+
+
+def unavailable(exc: BaseException) -> StoreUnavailable | None:
+    """The StoreUnavailable a SQLite error stands for, or None when it is not an outage."""
+    code = getattr(exc, "sqlite_errorcode", None) if isinstance(exc, sqlite3.Error) else None
+    if code is not None and code & 0xFF in UNAVAILABLE_CODES:
+        return StoreUnavailable(f"SQLite: {exc}")
+    return None
+
+
+class _Outage:
+    """`with OUTAGE:` around reads outside a write group: an outage-kind SQLite error
+    leaves as StoreUnavailable, any other error unchanged (a class, not a generator-based
+    context manager: it costs next to nothing on the way through)."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        if exc is not None and (err := unavailable(exc)) is not None:
+            raise err from exc
+
+
+OUTAGE = _Outage()
 
 
 @dataclass
@@ -175,7 +205,9 @@ class SQLiteStore(Store):
             self._db = self._reader = self._write = None
 
     async def ping(self) -> None:
-        self.reader.execute("SELECT 1").fetchone()
+        """An empty write group: it answers only once the write lock could be taken."""
+        async with self._tx:
+            pass
 
     async def maintain(self, now: float) -> None:
         async with self._tx:
@@ -294,13 +326,15 @@ class SQLiteStore(Store):
 
     # reads --------------------------------------------------------------------------
     async def get_by_task_id(self, tenant_id: str, task_id: str) -> TaskRecord | None:
-        row = self.reader.execute(
-            "SELECT * FROM tasks WHERE task_id = ? AND tenant = ? AND deleted = 0", (task_id, tenant_id)
-        ).fetchone()
+        with OUTAGE:
+            row = self.reader.execute(
+                "SELECT * FROM tasks WHERE task_id = ? AND tenant = ? AND deleted = 0", (task_id, tenant_id)
+            ).fetchone()
         return _record(row) if row else None
 
     async def get_by_rid(self, rid: str) -> TaskRecord | None:
-        return self._get(rid, self.reader)
+        with OUTAGE:
+            return self._get(rid, self.reader)
 
     async def list_tasks(
         self, tenant_id: str, *, limit: int, after: str | None = None, status: str | None = None, order: str = "desc"
@@ -311,19 +345,20 @@ class SQLiteStore(Store):
         if status:
             sql.append("AND status = ?")
             args.append(status)
-        if after:
-            cursor = self.reader.execute(
-                "SELECT created_at, rid FROM tasks WHERE task_id = ? AND tenant = ?", (after, tenant_id)
-            ).fetchone()
-            if cursor is None:
-                return [], False
-            cmp = "<" if desc else ">"
-            sql.append(f"AND (created_at {cmp} ? OR (created_at = ? AND rid {cmp} ?))")
-            args += [cursor["created_at"], cursor["created_at"], cursor["rid"]]
-        direction = "DESC" if desc else "ASC"
-        sql.append(f"ORDER BY created_at {direction}, rid {direction} LIMIT ?")
-        args.append(limit + 1)
-        rows = self.reader.execute(" ".join(sql), args).fetchall()
+        with OUTAGE:
+            if after:
+                cursor = self.reader.execute(
+                    "SELECT created_at, rid FROM tasks WHERE task_id = ? AND tenant = ?", (after, tenant_id)
+                ).fetchone()
+                if cursor is None:
+                    return [], False
+                cmp = "<" if desc else ">"
+                sql.append(f"AND (created_at {cmp} ? OR (created_at = ? AND rid {cmp} ?))")
+                args += [cursor["created_at"], cursor["created_at"], cursor["rid"]]
+            direction = "DESC" if desc else "ASC"
+            sql.append(f"ORDER BY created_at {direction}, rid {direction} LIMIT ?")
+            args.append(limit + 1)
+            rows = self.reader.execute(" ".join(sql), args).fetchall()
         return [_record(r) for r in rows[:limit]], len(rows) > limit
 
     async def hide_task(self, tenant_id: str, task_id: str) -> bool:
@@ -346,10 +381,12 @@ class SQLiteStore(Store):
         return Usage(q.active, q.day_tasks, q.day_credits, q.month_credits)
 
     async def active_by_tenant(self) -> dict[str, int]:
-        return {r["tenant"]: r["active"] for r in self.reader.execute("SELECT tenant, active FROM quota")}
+        with OUTAGE:
+            return {r["tenant"]: r["active"] for r in self.reader.execute("SELECT tenant, active FROM quota")}
 
     async def webhook_pending(self) -> int:
-        return int(self.reader.execute("SELECT COUNT(*) FROM webhooks WHERE state = 'pending'").fetchone()[0])
+        with OUTAGE:
+            return int(self.reader.execute("SELECT COUNT(*) FROM webhooks WHERE state = 'pending'").fetchone()[0])
 
     # polling and timeouts -----------------------------------------------------------
     async def claim_poll(self, rid: str, now: float, interval: float) -> bool:
@@ -421,9 +458,10 @@ class SQLiteStore(Store):
             )
 
     async def get_asset(self, asset_id: str, now: float) -> tuple[str, bytes] | None:
-        row = self.reader.execute(
-            "SELECT content_type, data FROM assets WHERE asset_id = ? AND expires_at > ?", (asset_id, now)
-        ).fetchone()
+        with OUTAGE:
+            row = self.reader.execute(
+                "SELECT content_type, data FROM assets WHERE asset_id = ? AND expires_at > ?", (asset_id, now)
+            ).fetchone()
         return (row["content_type"], bytes(row["data"])) if row else None
 
     async def delete_asset(self, asset_id: str) -> None:
@@ -676,19 +714,24 @@ class _GroupCommit:
         deadline = loop.time() + self.lock_timeout
         delay = 0.0005
         while self._waiters is None:  # after a wait, another operation may have opened one
-            if _try_begin(self.db):
+            with OUTAGE:
+                begun = _try_begin(self.db)
+            if begun:
                 self._waiters, self._seen, self._turns = [], 0, 0
                 loop.call_soon(self._turn_ended)
                 return
             if loop.time() >= deadline:
-                raise sqlite3.OperationalError("database is locked")
+                raise StoreUnavailable(f"SQLite: database is locked (write lock not free within {self.lock_timeout:g} s)")
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.01)
 
-    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+    async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         if exc_type is not None:
-            self.db.execute("ROLLBACK TO op")
-            self.db.execute("RELEASE op")
+            with OUTAGE:
+                self.db.execute("ROLLBACK TO op")
+                self.db.execute("RELEASE op")
+            if exc is not None and (err := unavailable(exc)) is not None:
+                raise err from exc
             return
         self.db.execute("RELEASE op")
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -715,9 +758,10 @@ class _GroupCommit:
         except sqlite3.Error as exc:
             if self.db.in_transaction:
                 self.db.execute("ROLLBACK")
+            error = unavailable(exc) or exc
             for w in waiters:
                 if not w.done():
-                    w.set_exception(exc)
+                    w.set_exception(error)
             return
         for w in waiters:
             if not w.done():
