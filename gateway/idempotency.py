@@ -82,9 +82,10 @@ async def run_idempotent(
         delay = min(delay * 2, 0.25)
     try:
         response = await handler()
-    except OutcomeUnknown as err:
-        await retry_unavailable(lambda: store.idem_bind(tenant_id, key, err.rid, clock(), KEEP_SECONDS))
-        return error_response(err)
+    except OutcomeUnknown as unknown:
+        rid = unknown.rid
+        await retry_unavailable(lambda: store.idem_bind(tenant_id, key, rid, clock(), KEEP_SECONDS))
+        return error_response(unknown)
     except GatewayError as err:
         response = error_response(err)
     except BaseException:
