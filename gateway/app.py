@@ -173,8 +173,7 @@ def create_app(config: Config, *, metrics: Metrics | None = None, clock: Callabl
 
     app = Starlette(
         routes=[*native.routes, *openai.routes, *hooks.routes, *ops.routes, *admin.routes],
-        middleware=[Middleware(GatewayMiddleware, metrics=metrics, access_log=access_log, max_body_bytes=config.server.max_body_bytes,
-                              body_timeout=config.server.body_timeout_seconds, trusted_proxies=config.server.trusted_proxies)],
+        middleware=[Middleware(GatewayMiddleware, metrics=metrics, access_log=access_log, max_body_bytes=config.server.max_body_bytes, trusted_proxies=config.server.trusted_proxies)],
         exception_handlers={
             GatewayError: _gateway_error, 404: _not_found, 405: _not_found,
             sqlite3.OperationalError: _store_unavailable, RedisConnectionError: _store_unavailable, Exception: _unexpected,

@@ -15,8 +15,12 @@ complete), so the HTTP protocol itself arms one deadline per request:
 A missed header deadline answers 408 `request_timeout` and closes the connection (a new
 connection that sent nothing is closed without an answer, like an idle keep-alive one).
 A missed body deadline closes the connection as soon as no response is in flight: at
-once if the app already answered without reading the body, else right after the answer;
-an app still waiting for the body gets its 408 from the middleware's own deadline.
+once if the app already answered without reading the body, else right after the answer.
+An app that has not answered yet is woken with the `BODY_LATE` flag in its scope state,
+which the middleware turns into the 408.
+
+A deadline is armed only when a request spans more than one read: one that arrives whole
+(nearly every request) costs no timer at all.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from gateway.config import ServerConfig
 from gateway.errors import GatewayError, error_body, error_response
 from gateway.logs import log_fields
+from gateway.middleware import BODY_LATE
 
 logger = logging.getLogger("gateway.connections")
 
@@ -73,6 +78,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self.limits = limits
         self.limit_concurrency = None  # checked in on_headers_complete instead
         self.deadline: asyncio.TimerHandle | None = None
+        # the deadline of the phase the parser just entered, armed when the read that
+        # entered it is done, unless the request completed within that same read
+        self.pending: tuple[float, Callable[[], None]] | None = None
         self.request_begun = False  # a byte of a request not yet complete has arrived
 
     # the connection ----------------------------------------------------------------
@@ -84,15 +92,23 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._disarm()
         super().connection_lost(exc)
 
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.pending is not None:
+            seconds, callback = self.pending
+            self.pending = None
+            self._arm(seconds, callback)
+
     # parser callbacks --------------------------------------------------------------
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self.request_begun = True
         if self.deadline is None:  # a later request on a keep-alive connection
-            self._arm(self.limits.header_timeout, self._headers_late)
+            self.pending = (self.limits.header_timeout, self._headers_late)
 
     def on_headers_complete(self) -> None:
-        self._arm(self.limits.body_timeout, self._body_late)
+        self._disarm()
+        self.pending = (self.limits.body_timeout, self._body_late)
         if not self._over_limit():
             super().on_headers_complete()
             return
@@ -106,6 +122,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self._disarm()
+        self.pending = None
         self.request_begun = False
         answered_early = self.cycle.response_complete
         super().on_message_complete()
@@ -142,10 +159,13 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     def _body_late(self) -> None:
         self.deadline = None
         self._log_timeout("body")
-        if self._responding():
-            self.cycle.keep_alive = False
-        else:
-            self.transport.close()
+        if not self._responding():
+            self.transport.close()  # answered already; the rest of the body is not wanted
+            return
+        self.cycle.keep_alive = False
+        if not self.cycle.response_started:
+            self.cycle.scope["state"][BODY_LATE] = True
+            self.cycle.message_event.set()  # an app waiting for the body wakes to the flag
 
     def _over_limit(self) -> bool:
         # `connections` includes this one; `tasks` holds the requests in progress

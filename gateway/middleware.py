@@ -8,7 +8,6 @@ request is a few dict operations. Routes leave what it needs in `scope["state"]`
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import re
 import secrets
@@ -25,20 +24,21 @@ from gateway.quotas import rate_headers
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# Set in scope["state"] by the HTTP protocol (gateway/connections.py) when a request's body
+# misses its deadline; the next receive answers 408.
+BODY_LATE = "body_late"
 
 
 class GatewayMiddleware:
-    def __init__(self, app: ASGIApp, metrics: Metrics, access_log: AccessLog, max_body_bytes: int, body_timeout: float,
-                 trusted_proxies: tuple[Network, ...] = ()):
+    def __init__(self, app: ASGIApp, metrics: Metrics, access_log: AccessLog, max_body_bytes: int, trusted_proxies: tuple[Network, ...] = ()):
         self.app = app
         self.trusted_proxies = trusted_proxies
         self.metrics = metrics
         self.access_log = access_log
         self.max_body_bytes = max_body_bytes
-        self.body_timeout = body_timeout
         self.too_large = GatewayError(413, "request_too_large", f"The request body is larger than {max_body_bytes} bytes.")
         # `connection: close`: the rest of a late body must not be read as the next request
-        self.too_slow = GatewayError(408, "request_timeout", f"The request body did not arrive within {body_timeout:g} s.",
+        self.too_slow = GatewayError(408, "request_timeout", "The request body did not arrive in time.",
                                      "invalid_request_error", headers={"connection": "close"})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -65,40 +65,28 @@ class GatewayMiddleware:
             if _declared_length(scope) > self.max_body_bytes:
                 await error_response(self.too_large)(scope, receive, send_wrapper)
             else:
-                await self.app(scope, self._limited(receive, start + self.body_timeout), send_wrapper)
+                await self.app(scope, self._limited(receive, state), send_wrapper)
         finally:
             self._record(scope, state, request_id, status, time.perf_counter() - start)
 
-    def _limited(self, receive: Receive, deadline: float) -> Receive:
+    def _limited(self, receive: Receive, state: dict[str, Any]) -> Receive:
         """Count body bytes as they arrive, for bodies sent without Content-Length, and
-        give up on a body still arriving at `deadline` (perf_counter time); the route's
-        exception handler renders the 413 or 408. (The HTTP protocol closes a connection
-        whose body is late even when the app does not read it: gateway/connections.py.)"""
+        give up on a body that missed its deadline (BODY_LATE); the route's exception
+        handler renders the 413 or 408."""
         seen = 0
-        complete = False  # later receives wait for a disconnect (streamed responses): no deadline
 
         async def wrapped() -> Message:
-            nonlocal seen, complete
-            if complete:
-                return await receive()
-            message = await self._before(deadline, receive)
-            if message["type"] != "http.request" or not message.get("more_body", False):
-                complete = True
+            nonlocal seen
+            message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_body_bytes:
                     raise self.too_large
+                if message.get("more_body", False) and state.get(BODY_LATE):
+                    raise self.too_slow
             return message
 
         return wrapped
-
-    async def _before(self, deadline: float, receive: Receive) -> Message:
-        remaining = deadline - time.perf_counter()
-        try:
-            async with asyncio.timeout(remaining if remaining > 0 else 0):
-                return await receive()
-        except TimeoutError:
-            raise self.too_slow from None
 
     def _record(self, scope: Scope, state: dict[str, Any], request_id: str, status: int, seconds: float) -> None:
         route = scope.get("route")
