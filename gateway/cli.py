@@ -103,6 +103,7 @@ def _serve(config_path: str | None, host: str, port: int, workers: int) -> int:
         return 2
     if _load_or_report(config_path) is None:
         return 2
+    server = load_config(config_path).server
     config_path = str(Path(config_path).resolve())
     os.environ["GATEWAY_CONFIG"] = config_path
     # A fresh multiprocess directory per start: stale files would resurrect old counts.
@@ -111,10 +112,13 @@ def _serve(config_path: str | None, host: str, port: int, workers: int) -> int:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     import uvicorn
 
+    from gateway.connections import uvicorn_options
+
     try:
         uvicorn.run(
             "gateway.cli:app_from_env", factory=True, host=host, port=port, workers=workers,
             log_config=None, access_log=False, proxy_headers=False, server_header=False, date_header=False,
+            **uvicorn_options(server),  # header/body/idle timeouts and the connection limit
         )
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)

@@ -54,6 +54,12 @@ class ServerConfig:
     signing_secret: str = ""
     log_level: str = "info"
     upload_ttl_seconds: float = 3600.0  # how long an upload's signed /assets URL works
+    # slow and idle clients (gateway/connections.py): a request's headers must arrive
+    # within header_timeout_seconds, its body within body_timeout_seconds after them
+    header_timeout_seconds: float = 10.0
+    body_timeout_seconds: float = 30.0
+    keepalive_timeout_seconds: float = 5.0  # an idle keep-alive connection closes then
+    max_connections_per_worker: int = 1000  # beyond it a request gets 503 server_busy
 
 
 @dataclass(frozen=True)
@@ -306,7 +312,8 @@ class _Validator:
         for k in data:
             if k not in known:
                 self.fail(k, "unknown key")
-        server = self.server(self.table(data, "server", "", {"public_url", "max_body_bytes", "trusted_proxies", "signing_secret", "log_level", "upload_ttl_seconds"}))
+        server = self.server(self.table(data, "server", "", {"public_url", "max_body_bytes", "trusted_proxies", "signing_secret", "log_level", "upload_ttl_seconds",
+                                                              "header_timeout_seconds", "body_timeout_seconds", "keepalive_timeout_seconds", "max_connections_per_worker"}))
         upstream = self.upstream(self.table(data, "upstream", "", {"base_url", "api_keys", "timeout_seconds", "status_path", "poll_interval_seconds", "task_timeout_seconds", "unknown_outcome_timeout_seconds", "artifact_hosts"}))
         store_t = self.table(data, "store", "", {"url"})
         store = StoreConfig(url=self.get(store_t, "url", "store", StoreConfig.url, _store_url))
@@ -335,6 +342,10 @@ class _Validator:
             signing_secret=self.get(t, "signing_secret", "server", "", _secret_or_empty),
             log_level=self.get(t, "log_level", "server", "info", _one_of({"debug", "info", "warning", "error"})),
             upload_ttl_seconds=float(self.get(t, "upload_ttl_seconds", "server", 3600.0, _positive_number)),
+            header_timeout_seconds=float(self.get(t, "header_timeout_seconds", "server", ServerConfig.header_timeout_seconds, _positive_number)),
+            body_timeout_seconds=float(self.get(t, "body_timeout_seconds", "server", ServerConfig.body_timeout_seconds, _positive_number)),
+            keepalive_timeout_seconds=float(self.get(t, "keepalive_timeout_seconds", "server", ServerConfig.keepalive_timeout_seconds, _positive_number)),
+            max_connections_per_worker=self.get(t, "max_connections_per_worker", "server", ServerConfig.max_connections_per_worker, _positive_int),
         )
 
     def upstream(self, t: dict[str, Any]) -> UpstreamConfig:

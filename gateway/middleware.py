@@ -1,4 +1,5 @@
-"""The one ASGI middleware: request id, body limit, rate headers, metrics, access log.
+"""The one ASGI middleware: request id, body size and time limits, rate headers, metrics,
+access log.
 
 Pure ASGI (no BaseHTTPMiddleware) so streamed responses stay streamed and the cost per
 request is a few dict operations. Routes leave what it needs in `scope["state"]`:
@@ -23,6 +24,9 @@ from gateway.quotas import rate_headers
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# Set in scope["state"] by the HTTP protocol (gateway/connections.py) when a request's body
+# misses its deadline; the next receive answers 408.
+BODY_LATE = "body_late"
 
 
 class GatewayMiddleware:
@@ -33,6 +37,9 @@ class GatewayMiddleware:
         self.access_log = access_log
         self.max_body_bytes = max_body_bytes
         self.too_large = GatewayError(413, "request_too_large", f"The request body is larger than {max_body_bytes} bytes.")
+        # `connection: close`: the rest of a late body must not be read as the next request
+        self.too_slow = GatewayError(408, "request_timeout", "The request body did not arrive in time.",
+                                     "invalid_request_error", headers={"connection": "close"})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -58,13 +65,14 @@ class GatewayMiddleware:
             if _declared_length(scope) > self.max_body_bytes:
                 await error_response(self.too_large)(scope, receive, send_wrapper)
             else:
-                await self.app(scope, self._limited(receive), send_wrapper)
+                await self.app(scope, self._limited(receive, state), send_wrapper)
         finally:
             self._record(scope, state, request_id, status, time.perf_counter() - start)
 
-    def _limited(self, receive: Receive) -> Receive:
-        """Count body bytes as they arrive, for bodies sent without Content-Length; the
-        route's exception handler renders the 413."""
+    def _limited(self, receive: Receive, state: dict[str, Any]) -> Receive:
+        """Count body bytes as they arrive, for bodies sent without Content-Length, and
+        give up on a body that missed its deadline (BODY_LATE); the route's exception
+        handler renders the 413 or 408."""
         seen = 0
 
         async def wrapped() -> Message:
@@ -74,6 +82,8 @@ class GatewayMiddleware:
                 seen += len(message.get("body", b""))
                 if seen > self.max_body_bytes:
                     raise self.too_large
+                if message.get("more_body", False) and state.get(BODY_LATE):
+                    raise self.too_slow
             return message
 
         return wrapped

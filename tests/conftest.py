@@ -171,7 +171,8 @@ class GatewayProcess(Process):
 
     def __init__(self, tmp: Path, upstream_url: str, tenants: list[TenantSpec], *, store_url: str | None = None,
                  callbacks: bool = True, workers: int = 1, extra_toml: str = "", upstream_section: str = "",
-                 port: int | None = None, env: dict[str, str] | None = None, artifact_hosts: tuple[str, ...] = ("127.0.0.1",)):
+                 port: int | None = None, env: dict[str, str] | None = None, artifact_hosts: tuple[str, ...] = ("127.0.0.1",),
+                 server_toml: str = ""):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.tenants = {t.id: t for t in tenants}
@@ -180,7 +181,7 @@ class GatewayProcess(Process):
         store_url = store_url or f"sqlite:///{tmp / (name + '.db')}"
         public_url = self.url if callbacks else ""
         self.config_path.write_text(
-            f'[server]\npublic_url = "{public_url}"\nmax_body_bytes = 65536\n\n'
+            f'[server]\npublic_url = "{public_url}"\nmax_body_bytes = 65536\n{server_toml}\n'
             f'[upstream]\nbase_url = "{upstream_url}"\napi_keys = ["{UPSTREAM_KEY}"]\ntimeout_seconds = 3\n'
             f"poll_interval_seconds = 1\nartifact_hosts = {list(artifact_hosts)!r}\n{upstream_section}\n"
             f'[store]\nurl = "{store_url}"\n\n[admin]\nkeys = ["{key_hash(ADMIN_KEY)}"]\n\n[webhooks]\ninitial_backoff_seconds = 0.2\nmax_backoff_seconds = 1\n\n'

@@ -33,6 +33,7 @@ from typing import Any, Iterator
 
 import httpx
 import pytest
+import yaml
 
 from gateway.config import load_config
 
@@ -349,15 +350,12 @@ def test_shipped_gateway_configs_load(tmp_path: Path) -> None:
     demo_key = re.search(r"Demo tenant key:\s+(\S+)", (DEPLOY / ".env.example").read_text()).group(1)
     assert cfg.tenants[0].keys == ("sha256:" + hashlib.sha256(demo_key.encode()).hexdigest(),)
 
-    configmap = (K8S / "configmap.yaml").read_text(encoding="utf-8")
-    (toml_text,) = yaml_block_values(configmap, "gateway.toml")
     secret = (K8S / "secret.example.yaml").read_text(encoding="utf-8")
     env = {}
     for m in re.finditer(r'^  ([A-Z_]+): "(.*)"$', secret, re.M):
         env[m.group(1)] = m.group(2)
     assert {"UPSTREAM_API_KEY", "GATEWAY_STORE_URL", "GATEWAY_SIGNING_SECRET"} <= env.keys()
-    (tmp_path / "gateway.toml").write_text(toml_text, encoding="utf-8")
-    cfg = load_config(tmp_path / "gateway.toml", env)
+    cfg = load_config(K8S / "gateway.toml", env)
     assert cfg.store.url.startswith("redis://")
 
 
@@ -377,12 +375,11 @@ def test_compose_runs_two_replicas_on_redis_with_aof() -> None:
 
 
 def test_kubernetes_manifests() -> None:
-    files = sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
-    kustomization = (K8S / "kustomization.yaml").read_text(encoding="utf-8")
-    listed = re.findall(r"^  - ([\w.-]+\.yaml)$", kustomization, re.M)
-    assert sorted(listed) == files, "kustomization.yaml must list every manifest"
+    files = sorted(p.name for p in K8S.glob("*.yaml") if p.name not in ("kustomization.yaml", "secret.example.yaml"))
+    listed = kustomization()["resources"]
+    assert sorted(listed) == files, "kustomization.yaml must list every manifest but the example Secret"
     kinds = {re.search(r"^kind: (\w+)$", (K8S / f).read_text(), re.M).group(1) for f in files}
-    assert {"Deployment", "Service", "ConfigMap", "Secret", "HorizontalPodAutoscaler", "PodDisruptionBudget", "ServiceMonitor"} <= kinds
+    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy", "ServiceMonitor"} <= kinds
 
     deployment = (K8S / "deployment.yaml").read_text(encoding="utf-8")
     for needle in [
@@ -397,6 +394,196 @@ def test_kubernetes_manifests() -> None:
         out = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         assert out.stdout.count("\nkind: ") + out.stdout.startswith("kind: ") >= len(files) - 1
+
+
+def kustomization() -> dict[str, Any]:
+    return yaml.safe_load((K8S / "kustomization.yaml").read_text(encoding="utf-8"))
+
+
+def manifest(name: str) -> dict[str, Any]:
+    return yaml.safe_load((K8S / name).read_text(encoding="utf-8"))
+
+
+def kustomize(directory: Path) -> list[dict[str, Any]] | None:
+    """`kubectl kustomize` of a directory, or None without kubectl."""
+    kubectl = shutil.which("kubectl")
+    if not kubectl:
+        return None
+    out = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def test_kustomization_never_applies_the_example_secret() -> None:
+    """A re-apply must not overwrite the real Secret with the example's placeholders."""
+    k = kustomization()
+    assert "secret.example.yaml" not in k["resources"]
+    assert not k.get("secretGenerator")
+    rendered = kustomize(K8S)
+    if rendered is not None:
+        assert "Secret" not in {d["kind"] for d in rendered}
+    docs = (ROOT / "docs" / "operations.md").read_text(encoding="utf-8")
+    assert "create secret generic runway-gateway-secrets" in docs
+    assert "remove secret.example.yaml from kustomization.yaml" not in docs
+
+
+def _config_map_name(rendered: list[dict[str, Any]]) -> str:
+    (cm,) = [d for d in rendered if d["kind"] == "ConfigMap"]
+    (dep,) = [d for d in rendered if d["kind"] == "Deployment"]
+    (volume,) = [v for v in dep["spec"]["template"]["spec"]["volumes"] if v["name"] == "config"]
+    assert volume["configMap"]["name"] == cm["metadata"]["name"]
+    return cm["metadata"]["name"]
+
+
+def test_a_config_change_rolls_the_pods(tmp_path: Path) -> None:
+    """gateway.toml becomes a ConfigMap named after its content: a change is a new name in
+    the Deployment's pod template, which rolls the pods."""
+    (gen,) = kustomization()["configMapGenerator"]
+    assert gen["name"] == "runway-gateway-config" and gen["files"] == ["gateway.toml"]
+    assert not gen.get("options", {}).get("disableNameSuffixHash")
+    volumes = manifest("deployment.yaml")["spec"]["template"]["spec"]["volumes"]
+    assert {"name": "config", "configMap": {"name": "runway-gateway-config"}} in volumes
+    before = kustomize(K8S)
+    if before is None:
+        pytest.skip("kubectl not installed: the rendered names are not checked")
+    copy = tmp_path / "k8s"
+    shutil.copytree(K8S, copy)
+    with (copy / "gateway.toml").open("a", encoding="utf-8") as f:
+        f.write("\n# an edit\n")
+    first, second = _config_map_name(before), _config_map_name(kustomize(copy))
+    assert first.startswith("runway-gateway-config-") and second.startswith("runway-gateway-config-")
+    assert first != second
+
+
+def test_pods_drain_before_they_stop() -> None:
+    """preStop waits while the endpoint removal spreads; the grace period then covers the
+    longest request in flight (an upstream call of upstream.timeout_seconds)."""
+    spec = manifest("deployment.yaml")["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep"
+    drain = float(command[1])
+    assert 3 <= drain <= 15
+    upstream_timeout = load_config(K8S / "gateway.toml", {"UPSTREAM_API_KEY": "k", "GATEWAY_STORE_URL": "redis://r:6379/0",
+                                                           "GATEWAY_SIGNING_SECRET": "s" * 32, "ADMIN_KEY_HASH": "sha256:" + "0" * 64,
+                                                           "SEARCH_TEAM_HOOK_SECRET": "x"}).upstream.timeout_seconds
+    assert spec["terminationGracePeriodSeconds"] >= drain + upstream_timeout + 5
+
+
+def test_network_policy_admits_only_the_gateway_port_and_walls_off_metadata() -> None:
+    policy = manifest("networkpolicy.yaml")
+    pod_labels = manifest("deployment.yaml")["spec"]["template"]["metadata"]["labels"]
+    spec = policy["spec"]
+    assert spec["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert set(spec["policyTypes"]) == {"Ingress", "Egress"}
+    (ingress,) = spec["ingress"]
+    assert ingress["ports"] == [{"port": "http", "protocol": "TCP"}]
+    blocks = [peer["ipBlock"] for rule in spec["egress"] for peer in rule["to"] if "ipBlock" in peer]
+    v4 = [b for b in blocks if b["cidr"] == "0.0.0.0/0"]
+    assert v4 and all("169.254.169.254/32" in b.get("except", []) for b in v4)
+
+
+def test_kubernetes_manifests_match_the_api_schema() -> None:
+    """kubernetes-validate (strict: no unknown field) on what `kubectl apply -k` would send,
+    or on each manifest without kubectl. The ServiceMonitor is a CRD: no schema here."""
+    import kubernetes_validate
+
+    docs = kustomize(K8S) or [manifest(f) for f in kustomization()["resources"]]
+    docs.append(manifest("secret.example.yaml"))
+    checked = set()
+    for doc in docs:
+        if doc["kind"] == "ServiceMonitor":
+            continue
+        for version in ("1.29.0", kubernetes_validate.latest_version()):
+            kubernetes_validate.validate(doc, version, strict=True)
+        checked.add(doc["kind"])
+    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy", "Secret"} <= checked
+
+
+# --- compose ----------------------------------------------------------------------------
+
+
+def compose() -> dict[str, Any]:
+    return yaml.safe_load((DEPLOY / "docker-compose.yml").read_text(encoding="utf-8"))
+
+
+def test_compose_passes_the_public_url_to_the_gateways() -> None:
+    services = compose()["services"]
+    for name in ("gateway-1", "gateway-2"):
+        assert services[name]["environment"]["GATEWAY_PUBLIC_URL"].startswith("${GATEWAY_PUBLIC_URL")
+    assert "${GATEWAY_PUBLIC_URL" in (DEPLOY / "gateway.toml").read_text(encoding="utf-8")
+    assert "GATEWAY_PUBLIC_URL=" in (DEPLOY / ".env.example").read_text(encoding="utf-8")
+
+
+def test_compose_publishes_nothing_beyond_this_host_by_default() -> None:
+    """Prometheus without its lifecycle API, every port on 127.0.0.1 (the gateways' port,
+    which also serves /metrics, unless the operator sets GATEWAY_BIND_ADDRESS)."""
+    text = (DEPLOY / "docker-compose.yml").read_text(encoding="utf-8")
+    services = compose()["services"]
+    assert "--web.enable-lifecycle" not in services["prometheus"]["command"]
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            host = port.rsplit(":", 2)[0]
+            assert host in ("127.0.0.1", "${GATEWAY_BIND_ADDRESS:-127.0.0.1}"), f"{name} publishes {port}"
+    env_example = (DEPLOY / ".env.example").read_text(encoding="utf-8")
+    assert "does not publish it" not in env_example and "GATEWAY_BIND_ADDRESS" in env_example
+    assert "Compose v2" in text.split("\nname:", 1)[0]
+
+
+# --- the image --------------------------------------------------------------------------
+
+
+def test_image_base_is_pinned_and_dependencies_come_from_the_lock() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    (base,) = re.findall(r"^ARG PYTHON_IMAGE=(\S+)$", dockerfile, re.M)
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-[a-z]+(@sha256:[0-9a-f]{64})?", base), base
+    froms = re.findall(r"^FROM (\S+)", dockerfile, re.M)
+    assert froms and set(froms) == {"${PYTHON_IMAGE}"}
+    installs = [line for line in dockerfile.splitlines() if re.search(r"\bpip install\b", line)]
+    assert any("--require-hashes" in line and "-r requirements.lock" in line for line in installs)
+    assert all("--no-deps" in line for line in installs), "every install takes exactly what the lock says"
+    assert re.search(r'^CMD \["serve", "--config"', dockerfile, re.M), "the image's command is `serve` (its limits apply)"
+
+
+def _lock_pins() -> dict[str, str]:
+    from packaging.utils import canonicalize_name
+
+    text = (ROOT / "requirements.lock").read_text(encoding="utf-8")
+    pins = {}
+    for block in re.split(r"\n(?=\S)", text):
+        m = re.match(r"([A-Za-z0-9._-]+)==(\S+) \\\n", block)
+        if m:
+            assert "--hash=sha256:" in block, f"{m.group(1)} has no hash in requirements.lock"
+            pins[canonicalize_name(m.group(1))] = m.group(2)
+    return pins
+
+
+def test_lock_file_pins_every_dependency_of_pyproject() -> None:
+    """requirements.lock is pip-compile's output for pyproject.toml: a dependency added to
+    pyproject without regenerating the lock fails here."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    pins = _lock_pins()
+    wanted = [Requirement(r) for r in project["project"]["dependencies"] + project["build-system"]["requires"]]
+    for req in wanted:
+        name = canonicalize_name(req.name)
+        assert name in pins, f"{req.name} is not in requirements.lock: regenerate it (command at its top)"
+        assert req.specifier.contains(pins[name], prereleases=True), f"requirements.lock pins {name}=={pins[name]}, pyproject wants {req}"
+    assert {"httptools", "uvloop", "cryptography"} <= pins.keys()  # the extras [standard] and [crypto]
+
+
+def test_dockerignore_sends_only_what_the_image_copies() -> None:
+    rules = [line for line in (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines() if line and not line.startswith("#")]
+    assert rules[0] == "*", "an allowlist: nothing enters the build context unless named"
+    included = {r[1:].rstrip("/") for r in rules if r.startswith("!")}
+    dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    copied = {src.rstrip("/") for line in re.findall(r"^COPY (?!--from)(.+)$", dockerfile, re.M) for src in line.split()[:-1]}
+    assert copied == included
+    assert "**/__pycache__" in rules
 
 
 # --- 2. promtool ----------------------------------------------------------------------
