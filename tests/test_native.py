@@ -410,6 +410,23 @@ def test_forged_and_stale_callbacks_change_nothing(gw: GatewayProcess, sim: Simu
         assert c.get(f"/runway/tasks/{task_id}").json()["task"] == final
 
 
+def test_a_callback_token_cannot_move_another_task(own_sim: Simulator, start_gateway) -> None:
+    """A callback URL stands for one task: task A's token with task B's id in the body is
+    refused and changes neither task (the relay is slow, so both are still PENDING)."""
+    own_sim.control(seconds_to_finish=600)
+    g = start_gateway(own_sim.url, [TenantSpec("t")])
+    a, b = (create(g, "t", gen2_body(f"task {name}")).json()["task"]["id"] for name in "ab")
+    hook_a = sim_create_for(own_sim, a)["body"]["notify_hook"]
+    with g.client("t") as c:
+        def tasks() -> dict[str, Any]:
+            return {i: c.get(f"/runway/tasks/{i}").json()["task"] for i in (a, b)}
+
+        before = tasks()
+        forged = httpx.post(hook_a, json={"task": {**before[b], "status": "FAILED"}})
+        assert_error(forged, 400, "invalid_callback")
+        assert tasks() == before and before[a]["status"] == before[b]["status"] == "PENDING"
+
+
 # --- command line ----------------------------------------------------------------------
 
 
