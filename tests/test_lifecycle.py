@@ -3,9 +3,14 @@ idempotency (issue 4)."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import itertools
 import json
+import re
 import signal
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -104,6 +109,20 @@ def test_webhooks_running_then_succeeded_signed(gw: GatewayProcess, receiver: Re
         assert not verify("another-secret", d.body, d.headers["x-gateway-signature"])
         assert d.headers["x-gateway-delivery-attempt"] == "1"
         assert d.headers["content-type"] == "application/json"
+
+
+def test_webhook_signature_is_hmac_sha256_of_timestamp_dot_body(gw: GatewayProcess, receiver: Receiver) -> None:
+    """Receivers check signatures with code of their own, so the header must be exactly
+    `t=<unix>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`: computed here, not by gateway.webhooks."""
+    secret = gw.tenants["team-a"].webhook_secret
+    create(gw, "team-a", receiver.url, "signed exactly")
+    delivery = wait_until(receiver.ok, 15, message="a webhook")[0]
+    header = delivery.headers["x-gateway-signature"]
+    match = re.fullmatch(r"t=([0-9]+),v1=([0-9a-f]{64})", header)
+    assert match, header
+    timestamp, mac = match.groups()
+    assert abs(int(timestamp) - time.time()) < 60
+    assert mac == hmac.new(secret.encode(), timestamp.encode() + b"." + delivery.body, hashlib.sha256).hexdigest()
 
 
 def test_webhook_retried_until_receiver_recovers(gw: GatewayProcess, receiver: Receiver) -> None:
@@ -276,6 +295,29 @@ def test_idempotency_key_freed_after_5xx(own_sim: Simulator, start_gateway) -> N
         bad = c.post("/runway/tasks", json={"taskType": "gen9"}, headers={"Idempotency-Key": "k2"})
         replay = c.post("/runway/tasks", json={"taskType": "gen9"}, headers={"Idempotency-Key": "k2"})
         assert bad.status_code == replay.status_code == 400 and replay.headers["idempotent-replayed"] == "true"
+
+
+def test_idempotency_key_freed_after_429(sim: Simulator, start_gateway) -> None:
+    """A 429 is not kept: once requests_per_minute has a token again, a retry with the same
+    key makes the task instead of replaying the refusal."""
+    g = start_gateway(sim.url, [TenantSpec("t", limits={"requests_per_minute": 30})])
+    fresh_keys = (f"after-429-{i}" for i in itertools.count())
+    with g.client("t") as c:
+        def post(key: str) -> httpx.Response:
+            return c.post("/runway/tasks", json=gen2_body("after a 429"), headers={"Idempotency-Key": key})
+
+        def refused_create() -> tuple[str, httpx.Response] | None:
+            while c.get("/runway/tasks").status_code != 429:  # drain the bucket
+                pass
+            key = next(fresh_keys)  # a token may come back before the POST: then try anew
+            answer = post(key)
+            return (key, answer) if answer.status_code == 429 else None
+
+        key, refused = wait_until(refused_create, 10, 0, "a create refused by requests_per_minute")
+        assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+        retried = wait_until(lambda: (r := post(key)).status_code != 429 and r, 10, 0.2, "the retry past the 429")
+    assert retried.status_code == 200 and "idempotent-replayed" not in retried.headers, retried.text
+    assert retried.json()["task"]["id"] in {create["task_id"] for create in sim.requests()["creates"]}
 
 
 @pytest.mark.parametrize("status_status", [404, 429, 503])

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-import sqlite3
+import base64
+import hashlib
+import hmac
+import json
+import re
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -148,7 +153,7 @@ def jwt_gateway(tmp_path_factory: pytest.TempPathFactory, sim: Simulator, rsa_ke
         '[auth.jwt]\nalgorithms = ["RS256"]\npublic_key_file = "idp.pem"\nissuer = "https://idp.test"\n'
         'audience = "runway-gateway"\ntenant_claim = "tenant"\nleeway_seconds = 0\n'
     )
-    g = GatewayProcess(tmp, sim.url, [TenantSpec("jwt-team")], extra_toml=extra)
+    g = GatewayProcess(tmp, sim.url, [TenantSpec("jwt-team"), TenantSpec("jwt-off", enabled=False)], extra_toml=extra)
     g.start()
     yield g, pem
     g.stop()
@@ -159,10 +164,30 @@ def _claims(**over: Any) -> dict[str, Any]:
     return {"iss": "https://idp.test", "aud": "runway-gateway", "tenant": "jwt-team", "exp": now + 300, "iat": now, **over}
 
 
+def _hs256_signed_with(key: bytes, claims: dict[str, Any]) -> str:
+    """An HS256 token whose secret is `key` (the IdP's public key: algorithm confusion);
+    PyJWT refuses to build it itself."""
+    def b64(raw: bytes) -> str:
+        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+    signing = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode()) + "." + b64(json.dumps(claims).encode())
+    return signing + "." + b64(hmac.new(key, signing.encode(), hashlib.sha256).digest())
+
+
+def _get_with(g: GatewayProcess, token: str) -> httpx.Response:
+    return httpx.get(g.url + "/runway/tasks", headers={"Authorization": f"Bearer {token}"})
+
+
+def _auth_failures(g: GatewayProcess) -> dict[str, float]:
+    """gateway_auth_failures_total by reason, as /metrics shows it."""
+    text = httpx.get(g.url + "/metrics").text
+    return {reason: float(value) for reason, value in re.findall(r'^gateway_auth_failures_total\{reason="([^"]*)"\} (\S+)$', text, re.M)}
+
+
 def test_valid_jwt_authenticates(jwt_gateway, rsa_key) -> None:
     g, _ = jwt_gateway
     token = jwt.encode(_claims(), rsa_key, algorithm="RS256")
-    resp = httpx.get(g.url + "/runway/tasks", headers={"Authorization": f"Bearer {token}"})
+    resp = _get_with(g, token)
     assert resp.status_code == 200, resp.text
     assert resp.json()["data"] == []
 
@@ -180,22 +205,38 @@ def test_bad_jwts_are_401(jwt_gateway, rsa_key, case: str) -> None:
     elif case == "alg-none":
         token = jwt.encode(_claims(), None, algorithm="none")
     elif case == "hs256-with-public-key":
-        import base64, hashlib, hmac, json  # noqa: E401 - PyJWT refuses to build this token itself
-
-        def b64(raw: bytes) -> str:
-            return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
-
-        signing = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode()) + "." + b64(json.dumps(_claims()).encode())
-        token = signing + "." + b64(hmac.new(pem, signing.encode(), hashlib.sha256).digest())
+        token = _hs256_signed_with(pem, _claims())
     elif case == "unknown-tenant":
         token = jwt.encode(_claims(tenant="nobody"), rsa_key, algorithm="RS256")
     elif case == "not-yet-valid":
         token = jwt.encode(_claims(nbf=now + 600), rsa_key, algorithm="RS256")
     else:
         token = "eyJhbGciOiJSUzI1NiJ9.bm90IGpzb24.c2ln"
-    resp = httpx.get(g.url + "/runway/tasks", headers={"Authorization": f"Bearer {token}"})
+    resp = _get_with(g, token)
     err = assert_error(resp, 401, "invalid_api_key")
     assert token not in resp.text and token[:20] not in err["message"]
+
+
+@pytest.mark.parametrize("alg", ["RS384", "none", "HS256"])
+def test_jwt_with_an_algorithm_not_configured_is_refused_for_that_reason(jwt_gateway, rsa_key, alg: str) -> None:
+    """Only RS256 is configured: a token valid in every other way is refused, and operators
+    see why (the failure metric names the algorithm, not a generic invalid token)."""
+    g, pem = jwt_gateway
+    if alg == "HS256":
+        token = _hs256_signed_with(pem, _claims())
+    else:
+        token = jwt.encode(_claims(), None if alg == "none" else rsa_key, algorithm=alg)
+    before = _auth_failures(g)
+    err = assert_error(_get_with(g, token), 401, "invalid_api_key")
+    after = _auth_failures(g)
+    assert "algorithm" in err["message"]
+    assert {reason: n - before.get(reason, 0) for reason, n in after.items() if n != before.get(reason, 0)} == {"jwt_algorithm": 1}
+
+
+def test_disabled_tenant_is_403_with_a_jwt_too(jwt_gateway, rsa_key) -> None:
+    g, _ = jwt_gateway
+    token = jwt.encode(_claims(tenant="jwt-off"), rsa_key, algorithm="RS256")
+    assert_error(_get_with(g, token), 403, "tenant_disabled")
 
 
 # --- bad input -------------------------------------------------------------------------
@@ -371,7 +412,7 @@ def test_no_secret_or_prompt_in_logs_or_errors(gw: GatewayProcess, jwt_gateway, 
     bodies.append(httpx.post(gw.url + "/runway/tasks", headers={"Authorization": f"Bearer {tenant.key}x"}, json=gen2_body(secret_prompt)).text)
     g, _ = jwt_gateway
     token = jwt.encode(_claims(exp=int(time.time()) - 5), rsa_key, algorithm="RS256")
-    bodies.append(httpx.get(g.url + "/runway/tasks", headers={"Authorization": f"Bearer {token}"}).text)
+    bodies.append(_get_with(g, token).text)
     time.sleep(0.2)
     logs = gw.log_text() + g.log_text()
     assert any('"route":"/runway/tasks"' in line for line in logs.splitlines())
@@ -441,6 +482,23 @@ def test_callback_token_expires_a_day_after_the_task_timeout(gw: GatewayProcess,
         final = wait_until(lambda: (t := c.get(f"/runway/tasks/{task['id']}").json()["task"])["status"] == "SUCCEEDED" and t, 15)
     fresh = httpx.post(hook(int(time.time()) + 60), json={"task": final})  # the same token, unexpired: accepted
     assert fresh.status_code == 200 and fresh.json()["result"] in ("duplicate", "stale"), fresh.text
+
+
+def test_a_callback_token_cannot_move_another_task(own_sim: Simulator, start_gateway) -> None:
+    """A callback URL stands for one task: task A's token with task B's id in the body is
+    refused and changes neither task (the relay is slow, so both are still PENDING)."""
+    own_sim.control(seconds_to_finish=600)
+    g = start_gateway(own_sim.url, [TenantSpec("t")])
+    a, b = (create(g, "t", gen2_body(f"task {name}")).json()["task"]["id"] for name in "ab")
+    hook_a = sim_create_for(own_sim, a)["body"]["notify_hook"]
+    with g.client("t") as c:
+        def tasks() -> dict[str, Any]:
+            return {i: c.get(f"/runway/tasks/{i}").json()["task"] for i in (a, b)}
+
+        before = tasks()
+        forged = httpx.post(hook_a, json={"task": {**before[b], "status": "FAILED"}})
+        assert_error(forged, 400, "invalid_callback")
+        assert tasks() == before and before[a]["status"] == before[b]["status"] == "PENDING"
 
 
 # --- command line ----------------------------------------------------------------------

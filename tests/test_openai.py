@@ -157,6 +157,21 @@ def test_failed_video_has_error(own_sim: Simulator, start_gateway: Callable[...,
         own_sim.reset()
 
 
+def test_cancelled_video_is_failed_with_its_error(own_sim: Simulator, start_gateway: Callable[..., GatewayProcess]) -> None:
+    """The relay may end a task CANCELLED: the SDK sees a final `failed` video whose error
+    carries the relay's message, with the code `cancelled` when the relay gives none."""
+    own_sim.control(seconds_to_finish=600)  # the relay's own lifecycle stays out of the way
+    g = start_gateway(own_sim.url, [TenantSpec("t")])
+    client = sdk(g, "t")
+    video_id = client.videos.create(prompt="to be cancelled").id
+    hook = sim_create(own_sim, video_id)["body"]["notify_hook"]
+    cancelled = {**sim_task(own_sim, video_id), "status": "CANCELLED", "error": {"message": "Cancelled by an operator."}}
+    assert httpx.post(hook, json={"task": cancelled}).json()["result"] == "applied"
+    video = client.videos.retrieve(video_id)
+    assert video.status == "failed" and video.completed_at is not None
+    assert (video.error.code, video.error.message) == ("cancelled", "Cancelled by an operator.")
+
+
 # --- one record, two views ---------------------------------------------------------------
 
 

@@ -139,6 +139,31 @@ def test_refunds_follow_what_the_upstream_did(replicas: list[GatewayProcess], ow
         assert usage == {"active": 0, "tasks_today": 0, "credits_today": 0, "credits_this_month": 0}
 
 
+# UTC-11 and UTC+14: their dates are always a day apart, so at any moment at least one of
+# them is not on the UTC date. West first: a store keeps the latest day it has seen, so a
+# local-time day would show as the eastern gateway starting a fresh day.
+FAR_ZONES = ("Pacific/Pago_Pago", "Pacific/Kiritimati")
+
+
+def test_daily_budget_is_one_utc_day_for_gateways_in_any_timezone(tmp_path, sim: Simulator, start_gateway) -> None:
+    """Budgets count UTC days whatever the host's timezone: two gateways on one store, in
+    zones whose local dates differ, share one tasks_per_day budget, and the refusal waits
+    for the next UTC midnight."""
+    tenants = [TenantSpec("t", limits={"tasks_per_day": 1})]
+    store_url = f"sqlite:///{tmp_path / 'shared.db'}"
+    west, east = (start_gateway(sim.url, tenants, store_url=store_url, env={"TZ": zone}) for zone in FAR_ZONES)
+    with west.client("t") as c:
+        assert c.post("/runway/tasks", json=gen2_body()).status_code == 200
+    with east.client("t") as c:
+        sent = time.time()
+        refused = c.post("/runway/tasks", json=gen2_body())
+        answered = time.time()
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "insufficient_quota", refused.text
+    # the seconds to the next UTC midnight, rounded up, at some moment between the two
+    assert 86400 - answered % 86400 <= int(refused.headers["retry-after"]) <= 86400 - sent % 86400 + 1
+    assert west.usage("t")["tasks_today"] == east.usage("t")["tasks_today"] == 1
+
+
 def test_connection_refused_refunds(start_gateway) -> None:
     g = start_gateway(f"http://127.0.0.1:{free_port()}", [TenantSpec("t", limits={"tasks_per_day": 1})])
     with g.client("t") as c:

@@ -3,7 +3,8 @@
 The gateway relies on the store for exactness (quotas hold, each task settles once), so
 these tests pin the semantics of gateway/store/base.py with an explicit clock, check that
 refusals change nothing, and race concurrent callers in one event loop and across two OS
-processes on one file / one Redis.
+processes on one file / one Redis. Every test runs with the process in a timezone far from
+UTC (the `host_zone` fixture): budgets count UTC days whatever the host's zone.
 
 Redis: conftest's `redis_url` (a private redis-server, or GATEWAY_TEST_REDIS_URL when
 given). Each test uses its own key prefix and deletes only its own keys.
@@ -13,13 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterator
 
 import orjson
 import pytest
@@ -34,6 +36,7 @@ from gateway.store.base import (
     StoreUnavailable,
     TaskRecord,
     Usage,
+    _day_key,
     bucket_info,
     bucket_retry_after,
     bucket_take,
@@ -70,6 +73,33 @@ class StoreSpec:
         from gateway.store.redis import RedisStore
 
         return RedisStore(self.target, prefix=self.prefix)
+
+
+# Zones far from UTC, with their offset in January: at T0 (noon UTC) Kiritimati is already
+# on the next day; around midnight UTC Los Angeles is still on the day before.
+HOST_ZONES = {"Pacific/Kiritimati": 14 * 3600, "America/Los_Angeles": -8 * 3600}
+
+
+@pytest.fixture(autouse=True)
+def host_zone(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Run the test with the process in a zone far from UTC (TZ + time.tzset()), so a day
+    or month computed in local time instead of UTC shows; parametrize it indirectly for
+    another zone. Child processes inherit it through the environment."""
+    zone = getattr(request, "param", "Pacific/Kiritimati")
+    saved = os.environ.get("TZ")
+    os.environ["TZ"] = zone
+    time.tzset()
+    _day_key.cache_clear()  # a label cached under the previous test's zone would hide this one's
+    try:
+        assert time.localtime(T0).tm_gmtoff == HOST_ZONES[zone], f"no timezone data for {zone}: the test would run in UTC"
+        yield zone
+    finally:
+        if saved is None:
+            os.environ.pop("TZ", None)
+        else:
+            os.environ["TZ"] = saved
+        time.tzset()
+        _day_key.cache_clear()
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -343,8 +373,12 @@ async def test_an_unknown_outcome_identified_in_time_is_not_expired_as_unknown(s
 # --- periods ----------------------------------------------------------------------------
 
 
-async def test_day_and_month_budgets_roll_over_at_utc_midnight(store: Store) -> None:
+@pytest.mark.parametrize("host_zone", list(HOST_ZONES), indirect=True)
+async def test_day_and_month_budgets_roll_over_at_utc_midnight(store: Store, host_zone: str) -> None:
     eve = datetime(2026, 1, 31, 23, 59, 59, tzinfo=timezone.utc).timestamp()
+    after = eve + 2
+    local_days = [datetime.fromtimestamp(t).strftime("%Y-%m-%d") for t in (eve, after)]
+    assert local_days != ["2026-01-31", "2026-02-01"], f"in {host_zone} local days are UTC days: nothing is tested"
     limits = Limits(tasks_per_day=1, credits_per_day=PRICE, credits_per_month=PRICE)
     adm, late = await admit(store, limits, now=eve)
     assert adm.ok and late.charge_day == "2026-01-31" and late.charge_month == "2026-01"
@@ -352,7 +386,6 @@ async def test_day_and_month_budgets_roll_over_at_utc_midnight(store: Store) -> 
     assert refused.limit == "tasks_per_day" and refused.retry_after == 1.0
     refused, _ = await admit(store, Limits(credits_per_month=PRICE), now=eve)
     assert refused.limit == "credits_per_month" and refused.retry_after == 1.0
-    after = eve + 2
     assert await store.usage(TENANT, after) == Usage(active=1)
     adm, fresh = await admit(store, limits, now=after)
     assert adm.ok and fresh.charge_day == "2026-02-01" and fresh.charge_month == "2026-02"
