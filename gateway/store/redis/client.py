@@ -1,9 +1,9 @@
 """A lean asyncio Redis client: one connection, the commands of a loop turn in one write.
 
-Why not redis-py: its asyncio client costs ~65 µs of CPU per command here (a pool checkout,
-a timeout context, packing and parsing in Python; docs/benchmarks.md), and the Redis store
-sends one Lua script per request, so that was most of a Redis-backed request's cost. This
-client does only what the store needs:
+Why not redis-py: its asyncio client spends several times more CPU per command (a pool
+checkout, a timeout context, packing and parsing in Python; docs/benchmarks.md), and the
+Redis store sends one Lua script per request, so that was most of a Redis-backed
+request's cost. This client does only what the store needs:
 
 - commands are RESP arrays of bulk strings; replies are parsed by `hiredis` (C);
 - auto-pipelining: every command issued in one event-loop turn goes out in one write and

@@ -3,9 +3,9 @@
 Why Lua: Redis runs a script atomically, so every read-then-write (admission, the task
 state compare-and-set, claims, settlement) is one indivisible step however many workers and
 replicas race, with no WATCH loops. Why one script per operation: each command costs client
-CPU (~125-190 us with redis-py, docs: measurements; less with store/redis_client.py, still
-the largest part of a Redis-backed request), so each operation is one round trip that also
-returns everything the caller needs (rate-limit header info, the record).
+CPU (less with client.py than with redis-py, but still the largest part of a Redis-backed
+request; docs/benchmarks.md), so each operation is one round trip that also returns
+everything the caller needs (rate-limit header info, the record).
 
 Time is always the caller's `now` (never Redis TIME), so tests can move the clock. Numbers
 travel as strings (`repr` for floats, parsed with `tonumber`) and floats are stored with
@@ -269,7 +269,7 @@ class RedisStore(Store):
     async def ping(self) -> None:
         """A tiny write, not a PING: a primary demoted to replica by a failover still
         answers PING but refuses writes (READONLY), and readiness must say so. The reply
-        also makes the client drop that connection and reconnect (see redis_client)."""
+        also makes the client drop that connection and reconnect (see client.py)."""
         await self._r.execute("SET", self._k("ready"), "1", "PX", 60000)
 
     async def put_asset(self, asset_id: str, content_type: str, data: bytes, expires_at: float, now: float) -> None:
