@@ -1,4 +1,4 @@
-"""Client CPU per Redis command: redis-py's asyncio client vs gateway/store/redis_client.py.
+"""Client CPU per Redis command: redis-py's asyncio client vs gateway/store/redis/client.py.
 
     .venv/bin/python bench/redis_clients.py [--url redis://host:port/db] [--callers 16] [--calls 3000]
 
@@ -44,7 +44,7 @@ async def run(call: Callable[[int], Awaitable[Any]], callers: int, calls: int) -
 async def main(url: str, callers: int, calls: int) -> None:
     import redis.asyncio as aioredis
 
-    from gateway.store.redis_client import RedisClient
+    from gateway.store.redis.client import RedisClient
 
     rows: list[tuple[str, float, float]] = []
     for round_ in range(2):  # alternate, twice: the machine is shared

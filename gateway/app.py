@@ -31,6 +31,7 @@ from gateway.metrics import FLUSH_SECONDS, Metrics
 from gateway.middleware import GatewayMiddleware
 from gateway.routes import admin, hooks, native, openai, ops
 from gateway.ssrf import HookPolicy, check_hook_url
+from gateway.store import open_store
 from gateway.store.base import Store, StoreUnavailable
 from gateway.tasks import TaskService
 from gateway.tokens import TokenSigner
@@ -42,16 +43,6 @@ logger = logging.getLogger("gateway")
 POLL_EVERY = 1.0
 EXPIRE_EVERY = 5.0
 MAINTAIN_EVERY = 5.0  # keeps the SQLite WAL short (docs/benchmarks.md, Soak)
-
-
-def open_store(url: str) -> Store:
-    if url.startswith("sqlite:///"):
-        from gateway.store.sqlite import SQLiteStore
-
-        return SQLiteStore(url.removeprefix("sqlite:///"))
-    from gateway.store.redis import RedisStore
-
-    return RedisStore(url)  # `?prefix=...` in the URL namespaces the keys
 
 
 @dataclass

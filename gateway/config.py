@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
+from gateway.store.base import Limits  # re-exported: a tenant's limits are the store's input
+from gateway.store.redis.url import parse_url, split_prefix, tls_context
+
 TENANT_ID_RE = re.compile(r"^[a-z0-9-]{1,64}$")
 KEY_HASH_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 ENV_LINE_RE = re.compile(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=(.*)$")
@@ -107,18 +110,6 @@ class JWTConfig:
     audience: str = ""
     tenant_claim: str = "tenant"
     leeway_seconds: float = 30.0
-
-
-@dataclass(frozen=True)
-class Limits:
-    """A tenant's limits; None means unlimited."""
-
-    requests_per_minute: int | None = None
-    tasks_per_minute: int | None = None
-    max_active_tasks: int | None = None
-    tasks_per_day: int | None = None
-    credits_per_day: int | None = None
-    credits_per_month: int | None = None
 
 
 @dataclass(frozen=True)
@@ -608,9 +599,6 @@ def _store_url(v: Any) -> str | None:
     if v.startswith("sqlite:///") and len(v) > len("sqlite:///"):
         return None
     if v.startswith(("redis://", "rediss://")):
-        from gateway.store.redis import split_prefix
-        from gateway.store.redis_client import parse_url, tls_context
-
         try:
             tls_context(parse_url(split_prefix(v)[0]))  # loads the TLS files: they must be usable
         except ValueError as exc:

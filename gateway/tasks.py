@@ -24,7 +24,8 @@ from gateway.gen2 import Gen2Request
 from gateway.logs import log_fields
 from gateway.metrics import Metrics
 from gateway.quotas import quota_error
-from gateway.store.base import UNKNOWN, Charge, RateInfo, Store, TaskRecord, UpdateResult, day_key, month_key, retry_unavailable
+from gateway.store.base import UNKNOWN, Charge, RateInfo, Store, TaskRecord, UpdateResult, retry_unavailable
+from gateway.store.rules import day_key, month_key
 from gateway.tokens import TokenSigner
 from gateway.upstream import Outcome, Upstream, UpstreamFailure
 from gateway.uploads import PendingUpload

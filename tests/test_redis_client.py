@@ -1,4 +1,4 @@
-"""gateway/store/redis_client.py against a real Redis: replies in order whatever the mix,
+"""gateway/store/redis/client.py against a real Redis: replies in order whatever the mix,
 one write per loop turn, EVALSHA with its NOSCRIPT fallback, and failures that fail the
 waiting commands (never retry them) and leave the client able to reconnect.
 
@@ -19,7 +19,8 @@ import pytest
 from conftest import RedisServer, free_port
 from gateway.config import ConfigError, load_config
 from gateway.store.base import StoreUnavailable
-from gateway.store.redis_client import KEEPALIVE, Address, RedisClient, RedisConnectionError, RedisError, pack, parse_url
+from gateway.store.redis.client import KEEPALIVE, RedisClient, RedisConnectionError, RedisError, pack
+from gateway.store.redis.url import Address, parse_url
 from test_webhooks import self_signed
 
 

@@ -17,8 +17,8 @@ from typing import AsyncIterator
 
 import pytest
 
-from gateway.config import Limits
-from gateway.store.base import Charge, StoreUnavailable, TaskRecord, Usage, day_key, month_key
+from gateway.store.base import Charge, Limits, StoreUnavailable, TaskRecord, Usage
+from gateway.store.rules import day_key, month_key
 from gateway.store.sqlite import MAX_GROUP_TURNS, SQLiteStore
 from gateway.tasks import new_rid
 

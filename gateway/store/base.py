@@ -11,13 +11,9 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import functools
-import math
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any, Awaitable, Callable, TypeVar
-
-from gateway.config import Limits
+from typing import Any, TypeVar
 
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
 REFUNDABLE = frozenset({"FAILED", "CANCELLED"})
@@ -27,11 +23,34 @@ REFUNDABLE = frozenset({"FAILED", "CANCELLED"})
 # reservation frees its slot after `unknown_outcome_timeout_seconds` (expire_tasks).
 SUBMITTING = "SUBMITTING"
 UNKNOWN = "UNKNOWN"
-STATUS_RANK = {SUBMITTING: 0, UNKNOWN: 0, "PENDING": 1, "THROTTLED": 2, "RUNNING": 3, "SUCCEEDED": 4, "FAILED": 4, "CANCELLED": 4}
+STATUS_RANK = {
+    SUBMITTING: 0, UNKNOWN: 0, "PENDING": 1, "THROTTLED": 2, "RUNNING": 3, "SUCCEEDED": 4, "FAILED": 4, "CANCELLED": 4,
+}  # fmt: skip
 
 # Limit names, in the order they are checked (the first failing one is reported).
 RATE_LIMITS = ("requests_per_minute", "tasks_per_minute")
-ALL_LIMITS = ("requests_per_minute", "tasks_per_minute", "max_active_tasks", "tasks_per_day", "credits_per_day", "credits_per_month")
+ALL_LIMITS = (
+    "requests_per_minute",
+    "tasks_per_minute",
+    "max_active_tasks",
+    "tasks_per_day",
+    "credits_per_day",
+    "credits_per_month",
+)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """A tenant's limits; None means unlimited. The store's input, so it lives here (the
+    store layer imports nothing from gateway.config); config re-exports it. The fields
+    are ALL_LIMITS, in that order."""
+
+    requests_per_minute: int | None = None
+    tasks_per_minute: int | None = None
+    max_active_tasks: int | None = None
+    tasks_per_day: int | None = None
+    credits_per_day: int | None = None
+    credits_per_month: int | None = None
 
 
 class StoreUnavailable(Exception):
@@ -70,30 +89,6 @@ async def retry_unavailable(write: Callable[[], Awaitable[T]], seconds: float = 
 def status_rank(status: str) -> int:
     """Order of states; unknown upstream states rank with RUNNING (in progress, not final)."""
     return STATUS_RANK.get(status, 3)
-
-
-def day_key(now: float) -> str:
-    return _day_key(int(now // 86400))
-
-
-def month_key(now: float) -> str:
-    return _day_key(int(now // 86400))[:7]
-
-
-@functools.lru_cache(maxsize=8)
-def _day_key(day: int) -> str:
-    """`YYYY-MM-DD` of a UTC day number: strftime once a day, not on every admission."""
-    return datetime.fromtimestamp(day * 86400, timezone.utc).strftime("%Y-%m-%d")
-
-
-def seconds_to_next_day(now: float) -> float:
-    return 86400 - (now % 86400)
-
-
-def seconds_to_next_month(now: float) -> float:
-    d = datetime.fromtimestamp(now, timezone.utc)
-    nxt = datetime(d.year + (d.month == 12), d.month % 12 + 1, 1, tzinfo=timezone.utc)
-    return nxt.timestamp() - now
 
 
 @dataclass
@@ -206,25 +201,8 @@ class Charge:
     month: str
 
 
-def bucket_take(tokens: float | None, ts: float, capacity: int, now: float) -> tuple[float, bool]:
-    """Token bucket, refilled continuously at `capacity` per minute. Returns the new level and
-    whether one token was taken. A missing bucket (None) is full."""
-    level = capacity if tokens is None else min(capacity, tokens + max(0.0, now - ts) * capacity / 60.0)
-    if level >= 1.0:
-        return level - 1.0, True
-    return level, False
-
-
-def bucket_info(level: float, capacity: int) -> RateInfo:
-    return RateInfo(capacity, int(math.floor(level)), (capacity - level) * 60.0 / capacity)
-
-
-def bucket_retry_after(level: float, capacity: int) -> float:
-    return max(0.0, (1.0 - level) * 60.0 / capacity)
-
-
 class Store(abc.ABC):
-    """The gateway's shared state. Implementations: store/sqlite.py, store/redis.py."""
+    """The gateway's shared state. Implementations: store/sqlite/, store/redis/ (open_store picks one)."""
 
     # lifecycle ----------------------------------------------------------------------
     @abc.abstractmethod
@@ -238,7 +216,7 @@ class Store(abc.ABC):
         """Raise StoreUnavailable unless the store answers and can take writes (readiness:
         a Redis that became a replica answers PING but refuses every write)."""
 
-    async def maintain(self, now: float) -> None:
+    async def maintain(self, now: float) -> None:  # noqa: B027 (optional: nothing by default)
         """Periodic housekeeping (expired keys, WAL checkpoints); called off the request path."""
 
     @abc.abstractmethod
@@ -251,7 +229,9 @@ class Store(abc.ABC):
         """One token from requests_per_minute (if limited). A refusal changes nothing."""
 
     @abc.abstractmethod
-    async def admit_create(self, tenant_id: str, limits: Limits, charge: Charge, reservation: TaskRecord, now: float) -> Admission:
+    async def admit_create(
+        self, tenant_id: str, limits: Limits, charge: Charge, reservation: TaskRecord, now: float
+    ) -> Admission:
         """All of a create's limits at once (requests/tasks per minute, active tasks, day and
         month budgets): either every counter moves and `reservation` (status SUBMITTING) is
         inserted, or nothing changes."""
@@ -268,7 +248,14 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def apply_update(
-        self, rid: str, tenant_id: str, task: dict[str, Any], now: float, *, refund_failed: bool, adopt: TaskRecord | None = None
+        self,
+        rid: str,
+        tenant_id: str,
+        task: dict[str, Any],
+        now: float,
+        *,
+        refund_failed: bool,
+        adopt: TaskRecord | None = None,
     ) -> UpdateResult:
         """Compare-and-set a new upstream task object onto the record `rid`.
 
@@ -286,7 +273,9 @@ class Store(abc.ABC):
     async def get_by_task_id(self, tenant_id: str, task_id: str) -> TaskRecord | None:
         """The tenant's task by upstream id; None for another tenant's or hidden task."""
 
-    async def read_task(self, tenant_id: str, limits: Limits, task_id: str, now: float) -> tuple[Admission, TaskRecord | None]:
+    async def read_task(
+        self, tenant_id: str, limits: Limits, task_id: str, now: float
+    ) -> tuple[Admission, TaskRecord | None]:
         """A status poll: one requests_per_minute token, then the tenant's task (None when
         refused or not found). One operation, so a store that pays per round trip (Redis)
         can do both in one; the default is the two calls."""
@@ -309,10 +298,6 @@ class Store(abc.ABC):
     async def hide_task(self, tenant_id: str, task_id: str) -> bool: ...
 
     @abc.abstractmethod
-    async def set_meta(self, rid: str, meta: dict[str, Any]) -> None:
-        """Merge route-specific extras into the record's meta."""
-
-    @abc.abstractmethod
     async def usage(self, tenant_id: str, now: float) -> Usage: ...
 
     @abc.abstractmethod
@@ -328,7 +313,9 @@ class Store(abc.ABC):
         to now + interval. Across processes at most one caller wins per interval."""
 
     @abc.abstractmethod
-    async def claim_due_polls(self, now: float, interval: float, limit: int, timed_out_interval: float, give_up_after: float) -> list[TaskRecord]:
+    async def claim_due_polls(
+        self, now: float, interval: float, limit: int, timed_out_interval: float, give_up_after: float
+    ) -> list[TaskRecord]:
         """Claim up to `limit` non-terminal tasks with an upstream id whose next_poll_at is
         due (as claim_poll). Timed-out tasks are polled every `timed_out_interval` until
         `give_up_after` seconds after creation."""
@@ -366,12 +353,16 @@ class Store(abc.ABC):
 
     # idempotency --------------------------------------------------------------------
     @abc.abstractmethod
-    async def idem_begin(self, tenant_id: str, key: str, fingerprint: str, now: float, lease: float) -> IdempotencyResult:
+    async def idem_begin(
+        self, tenant_id: str, key: str, fingerprint: str, now: float, lease: float
+    ) -> IdempotencyResult:
         """new: the caller now holds the key (for at most `lease` seconds); replay: the kept
         response of an identical body; conflict: another body; pending: still in flight."""
 
     @abc.abstractmethod
-    async def idem_finish(self, tenant_id: str, key: str, response: StoredResponse | None, now: float, ttl: float) -> None:
+    async def idem_finish(
+        self, tenant_id: str, key: str, response: StoredResponse | None, now: float, ttl: float
+    ) -> None:
         """Keep `response` for `ttl` seconds, or free the key when None (429/5xx)."""
 
     @abc.abstractmethod

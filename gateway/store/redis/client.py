@@ -1,9 +1,9 @@
 """A lean asyncio Redis client: one connection, the commands of a loop turn in one write.
 
-Why not redis-py: its asyncio client costs ~65 µs of CPU per command here (a pool checkout,
-a timeout context, packing and parsing in Python; docs/benchmarks.md), and the Redis store
-sends one Lua script per request, so that was most of a Redis-backed request's cost. This
-client does only what the store needs:
+Why not redis-py: its asyncio client spends several times more CPU per command (a pool
+checkout, a timeout context, packing and parsing in Python; docs/benchmarks.md), and the
+Redis store sends one Lua script per request, so that was most of a Redis-backed
+request's cost. This client does only what the store needs:
 
 - commands are RESP arrays of bulk strings; replies are parsed by `hiredis` (C);
 - auto-pipelining: every command issued in one event-loop turn goes out in one write and
@@ -33,16 +33,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
-import os
 import socket
-import ssl
-from dataclasses import dataclass
-from typing import Any, Sequence, cast
-from urllib.parse import parse_qsl, unquote, urlsplit
+from collections.abc import Sequence
+from typing import Any, cast
 
 import hiredis
 
 from gateway.store.base import StoreUnavailable
+from gateway.store.redis.url import parse_url, tls_context
 
 Arg = str | bytes | int | float
 
@@ -60,76 +58,8 @@ class RedisConnectionError(StoreUnavailable, ConnectionError):
 # replica (READONLY, after a failover demoted it), a server still loading its data
 # (LOADING), a replica cut off from its primary (MASTERDOWN). None of them ran the command.
 FAILOVER_REPLIES = ("READONLY ", "LOADING ", "MASTERDOWN ")
-TLS_PARAMS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
 # TCP keepalive: first probe after 30 s idle, then every 10 s, dead after 3 missed.
 KEEPALIVE = {"TCP_KEEPIDLE": 30, "TCP_KEEPINTVL": 10, "TCP_KEEPCNT": 3}
-
-
-@dataclass(frozen=True)
-class Address:
-    host: str = "127.0.0.1"
-    port: int = 6379
-    db: int = 0
-    username: str | None = None
-    password: str | None = None
-    tls: bool = False
-    ssl_ca_certs: str | None = None  # PEM file of the CA(s) to trust instead of the system's
-    ssl_certfile: str | None = None  # PEM client certificate (mutual TLS)
-    ssl_keyfile: str | None = None  # its private key, when not inside ssl_certfile
-
-
-def parse_url(url: str) -> Address:
-    """`redis://[[user]:password@]host[:port][/db]`; `rediss://` for TLS, with optional
-    `?ssl_ca_certs=/ca.pem&ssl_certfile=/client.pem&ssl_keyfile=/client.key`. Any other
-    query parameter is refused (a misspelt one would otherwise be silently ignored)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("redis", "rediss"):
-        raise ValueError(f"unsupported Redis URL scheme {parts.scheme!r} (use redis:// or rediss://)")
-    path = parts.path.strip("/")
-    if path and not path.isdigit():
-        raise ValueError(f"the Redis database must be a number, not {path!r}")
-    try:
-        port = parts.port or 6379
-    except ValueError:
-        raise ValueError("the Redis port must be a number") from None
-    params = dict(parse_qsl(parts.query, keep_blank_values=True))
-    for name, value in params.items():
-        if name not in TLS_PARAMS:
-            raise ValueError(f"unknown Redis URL parameter {name!r} (known: prefix, {', '.join(TLS_PARAMS)})")
-        if parts.scheme != "rediss":
-            raise ValueError(f"{name} needs a rediss:// URL")
-        if not os.path.isabs(value):
-            raise ValueError(f"{name} must be an absolute file path, not {value!r}")
-    return Address(
-        tls=parts.scheme == "rediss",
-        host=parts.hostname or "127.0.0.1",
-        port=port,
-        db=int(path or 0),
-        username=unquote(parts.username) if parts.username else None,
-        password=unquote(parts.password) if parts.password else None,
-        **params,
-    )
-
-
-def tls_context(address: Address) -> ssl.SSLContext | None:
-    """The TLS context of a `rediss://` address (None for `redis://`), its files loaded now,
-    once per client: a missing or malformed one is a ValueError naming the parameter
-    (check-config reports it)."""
-    if not address.tls:
-        return None
-    if address.ssl_keyfile and not address.ssl_certfile:
-        raise ValueError("ssl_keyfile needs ssl_certfile")
-    try:
-        context = ssl.create_default_context(cafile=address.ssl_ca_certs)
-    except OSError as exc:  # ssl.SSLError is one
-        raise ValueError(f"ssl_ca_certs {address.ssl_ca_certs}: {exc.strerror or exc}") from None
-    if address.ssl_certfile:
-        try:
-            context.load_cert_chain(address.ssl_certfile, address.ssl_keyfile)
-        except OSError as exc:
-            files = " and ".join(f for f in (address.ssl_certfile, address.ssl_keyfile) if f)
-            raise ValueError(f"ssl_certfile/ssl_keyfile {files}: {exc.strerror or exc}") from None
-    return context
 
 
 def _keepalive(sock: Any) -> None:
@@ -192,7 +122,11 @@ class _Connection(asyncio.Protocol):
                     error = str(reply)
                     if error.startswith(FAILOVER_REPLIES):  # kill() fails it with the rest
                         self.pending.appendleft((fut, queued))
-                        self.kill(RedisConnectionError(f"Redis cannot take commands on this connection ({error}); it is reopened"))
+                        self.kill(
+                            RedisConnectionError(
+                                f"Redis cannot take commands on this connection ({error}); it is reopened"
+                            )
+                        )
                         return
                     if not fut.done():  # done: its caller was cancelled, the reply is only consumed
                         fut.set_exception(RedisError(error))
@@ -255,7 +189,7 @@ class Script:
     """A Lua script run by its SHA1 (EVALSHA), falling back to EVAL when Redis does not know
     it (after a restart or SCRIPT FLUSH): NOSCRIPT means it did not run, so this is safe."""
 
-    def __init__(self, client: "RedisClient", source: str):
+    def __init__(self, client: RedisClient, source: str):
         self.client = client
         self.source = source.encode()
         self.sha = hashlib.sha1(self.source).hexdigest()
@@ -340,12 +274,10 @@ class RedisClient:
         loop = asyncio.get_running_loop()
         try:
             _, conn = await asyncio.wait_for(
-                loop.create_connection(
-                    lambda: _Connection(self.socket_timeout), a.host, a.port, ssl=self.tls
-                ),
+                loop.create_connection(lambda: _Connection(self.socket_timeout), a.host, a.port, ssl=self.tls),
                 self.connect_timeout,
             )
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             raise RedisConnectionError(f"cannot connect to Redis at {a.host}:{a.port}: {exc or 'timed out'}") from None
         try:
             if a.password is not None:

@@ -1,0 +1,51 @@
+-- include: lib.lua
+-- ARGV: P, tenant, now, rpm, tpm, max_active, tasks_day, credits_day, credits_month,
+--       credits, day, month, rid, record JSON   (limit 0 = unlimited)
+-- -> {ok, index of the failing limit (1-based, ALL_LIMITS order), rpm level, tpm level}
+-- rules.check_create and rules.budget_exceeded, then rules.charge.
+local q = KEYS[1]
+local tenant = ARGV[2]
+local now = tonumber(ARGV[3])
+local caps = {tonumber(ARGV[4]), tonumber(ARGV[5])}
+local max_active = tonumber(ARGV[6])
+local tasks_day, credits_day, credits_month = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local credits, day, month, rid = tonumber(ARGV[10]), ARGV[11], ARGV[12], ARGV[13]
+local names = {'rpm', 'tpm'}
+
+local levels, stamps = {-1, -1}, {now, now}
+local failed = 0
+for i = 1, 2 do
+  if caps[i] > 0 then
+    levels[i], stamps[i] = bucket_level(q, names[i], caps[i], now)
+    if failed == 0 and levels[i] < 1.0 then failed = i end
+  end
+end
+
+local function used(period_field, key, counter)
+  local v = redis.call('HMGET', q, period_field, counter)
+  if v[1] and not lt(v[1], key) then return tonumber(v[2]) or 0 end
+  return 0
+end
+
+if failed == 0 and max_active > 0 then
+  local a = tonumber(redis.call('HGET', P .. 'act', tenant) or '0')
+  if a >= max_active then failed = 3 end
+end
+if failed == 0 and tasks_day > 0 and used('day', day, 'day_tasks') + 1 > tasks_day then failed = 4 end
+if failed == 0 and credits_day > 0 and used('day', day, 'day_credits') + credits > credits_day then failed = 5 end
+if failed == 0 and credits_month > 0 and used('month', month, 'month_credits') + credits > credits_month then failed = 6 end
+
+if failed ~= 0 then
+  return {0, failed, fmt(levels[1]), fmt(levels[2])}
+end
+
+for i = 1, 2 do
+  if caps[i] > 0 then
+    levels[i] = levels[i] - 1.0
+    bucket_store(q, names[i], levels[i], stamps[i], now)
+  end
+end
+charge(q, day, month, 1, credits)
+write_record(rid, ARGV[14])
+index_record(rid)
+return {1, 0, fmt(levels[1]), fmt(levels[2])}

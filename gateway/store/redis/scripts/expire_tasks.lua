@@ -1,0 +1,23 @@
+-- include: lib.lua
+-- ARGV: P, now, cutoff (now - timeout; created at or before it expires), ttl,
+--       unknown cutoff (now - unknown_timeout, for UNKNOWN reservations) -> {record...}
+-- A timed-out task's hash gets the retention TTL too: one the upstream never answers for
+-- would otherwise stay forever (a later update renews the TTL).
+local out = {}
+local function expire(rid, only_status)
+  local r = redis.call('HMGET', tkey(rid), 'active', 'status', 'tenant_id')
+  if r[1] ~= '1' or TERMINAL[r[2]] or (only_status and r[2] ~= only_status) then return end
+  redis.call('HSET', tkey(rid), 'active', '0', 'timed_out', '1', 'updated_at', ARGV[2])
+  decr_floor(P .. 'act', r[3], 1)
+  redis.call('ZREM', P .. 'actz', rid)
+  redis.call('ZREM', P .. 'unkz', rid)
+  retain(rid, ARGV[4])
+  out[#out + 1] = record_json(rid)
+end
+for _, z in ipairs({{P .. 'actz', ARGV[3], nil}, {P .. 'unkz', ARGV[5], 'UNKNOWN'}}) do
+  for _, rid in ipairs(redis.call('ZRANGEBYSCORE', z[1], '-inf', z[2])) do
+    redis.call('ZREM', z[1], rid)  -- entries of finished or settled tasks are stale: pruned here
+    expire(rid, z[3])
+  end
+end
+return out

@@ -1,0 +1,123 @@
+-- Shared helpers, prepended to every script whose first line is `-- include: lib.lua`.
+-- ARGV[1] is always the key prefix. These restate gateway/store/rules.py in Lua and must
+-- match it (the contract tests run both stores through the same cases).
+local P = ARGV[1]
+local TERMINAL = {SUCCEEDED = true, FAILED = true, CANCELLED = true}
+local REFUNDABLE = {FAILED = true, CANCELLED = true}
+
+local function fmt(x) return string.format('%.17g', x) end
+
+-- Byte-wise a < b, as SQLite and Python compare (period keys, updatedAt): Lua's `<` on
+-- strings uses strcoll, and Redis takes LC_COLLATE from its environment.
+local function lt(a, b)
+  if a == b then return false end  -- the usual case (today's day key): no byte loop
+  local n = math.min(#a, #b)
+  for i = 1, n do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then return x < y end
+  end
+  return #a < #b
+end
+
+-- rules.charge with rules.Quota.roll: a period counter moves forward only: a newer period
+-- key resets it, an older one (a replica whose clock is behind) is charged to the stored,
+-- current period.
+local function charge(q, day, month, tasks, credits)
+  local d = redis.call('HGET', q, 'day')
+  if (not d) or lt(d, day) then
+    redis.call('HSET', q, 'day', day, 'day_tasks', tasks, 'day_credits', credits)
+  else
+    redis.call('HINCRBY', q, 'day_tasks', tasks)
+    redis.call('HINCRBY', q, 'day_credits', credits)
+  end
+  local m = redis.call('HGET', q, 'month')
+  if (not m) or lt(m, month) then
+    redis.call('HSET', q, 'month', month, 'month_credits', credits)
+  else
+    redis.call('HINCRBY', q, 'month_credits', credits)
+  end
+end
+
+local function decr_floor(key, field, n)
+  if n == 0 then return end
+  local v = redis.call('HINCRBY', key, field, -n)
+  if v < 0 then redis.call('HSET', key, field, 0) end
+end
+
+-- rules.refund_credits (and the day's task of rules.uncharge): give back to the periods
+-- the charge was made in, only while they are still current
+-- (today, this_month: the caller's clock).
+local function refund(q, day, month, today, this_month, tasks, credits)
+  local v = redis.call('HMGET', q, 'day', 'month')
+  if day == today and v[1] == day then
+    decr_floor(q, 'day_tasks', tasks)
+    decr_floor(q, 'day_credits', credits)
+  end
+  if month == this_month and v[2] == month then
+    decr_floor(q, 'month_credits', credits)
+  end
+end
+
+local function tkey(rid) return P .. 't:' .. rid end
+
+-- A token bucket's level at `now` (full when new) and its stored time, computed exactly as
+-- rules.bucket_take does; bucket_store keeps what is left after a take.
+local function bucket_level(q, name, cap, now)
+  local v = redis.call('HMGET', q, name .. '_t', name .. '_ts')
+  if not v[1] then return cap, now end
+  local ts = tonumber(v[2])
+  return math.min(cap, tonumber(v[1]) + math.max(0, now - ts) * cap / 60.0), ts
+end
+
+local function bucket_store(q, name, level, ts, now)
+  redis.call('HSET', q, name .. '_t', fmt(level), name .. '_ts', fmt(math.max(ts, now)))
+end
+
+-- A record as one JSON array of its hash's field/value strings: the client parses each
+-- reply element in Python, so one bulk string costs far less client CPU than ~44.
+local function record_json(rid)
+  local h = redis.call('HGETALL', tkey(rid))
+  if #h == 0 then return '' end
+  return cjson.encode(h)
+end
+
+-- Put a freshly written record into the indexes its fields call for.
+local function index_record(rid)
+  local r = redis.call('HMGET', tkey(rid), 'tenant_id', 'task_id', 'created_at', 'next_poll_at', 'active', 'status', 'deleted')
+  local tenant, tid, created, npa, active, status, deleted = r[1], r[2], r[3], r[4], r[5], r[6], r[7]
+  local terminal = TERMINAL[status]
+  if tid and tid ~= '' then
+    redis.call('SET', P .. 'tid:' .. tid, rid)
+    if deleted ~= '1' then redis.call('ZADD', P .. 'tt:' .. tenant, created, rid) end
+    if not terminal then redis.call('ZADD', P .. 'polls', npa, rid) end
+  end
+  if active == '1' and not terminal then
+    redis.call('ZADD', P .. 'actz', created, rid)
+    redis.call('HINCRBY', P .. 'act', tenant, 1)
+  end
+end
+
+-- HSET a record given as one JSON array of field/value strings (one argument instead of
+-- ~44: the client packs every argument in Python).
+local function write_record(rid, blob)
+  redis.call('HSET', tkey(rid), unpack(cjson.decode(blob)))
+end
+
+-- Retention: a finished (or timed-out) task's hash and task-id key expire after
+-- `seconds` (0 = keep forever).
+local function retain(rid, seconds)
+  local ms = math.floor(tonumber(seconds) * 1000)
+  if ms <= 0 then return end
+  redis.call('PEXPIRE', tkey(rid), ms)
+  local tid = redis.call('HGET', tkey(rid), 'task_id')
+  if tid and tid ~= '' then redis.call('PEXPIRE', P .. 'tid:' .. tid, ms) end
+end
+
+-- The next pending event of a task becomes schedulable once the one before it is done.
+local function promote_head(rid)
+  local head = redis.call('LINDEX', P .. 'whq:' .. rid, 0)
+  if head then
+    local at = redis.call('HGET', P .. 'wh:' .. head, 'next_at')
+    redis.call('ZADD', P .. 'whdue', at or '0', head)
+  end
+end

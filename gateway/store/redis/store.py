@@ -1,0 +1,512 @@
+"""The Redis store: the same atomic operations as store/sqlite/, each one Lua script.
+
+Why Lua: Redis runs a script atomically, so every read-then-write (admission, the task
+state compare-and-set, claims, settlement) is one indivisible step however many workers and
+replicas race, with no WATCH loops. Why one script per operation: each command costs client
+CPU (less with client.py than with redis-py, but still the largest part of a Redis-backed
+request; docs/benchmarks.md), so each operation is one round trip that also returns
+everything the caller needs (rate-limit header info, the record).
+
+Time is always the caller's `now` (never Redis TIME), so tests can move the clock. Numbers
+travel as strings (`repr` for floats, parsed with `tonumber`) and floats are stored with
+`%.17g`, so a token bucket computed in Lua is bit-for-bit the one `rules.bucket_take` computes.
+
+Key layout (every key starts with `prefix`, "gw:" by default):
+
+    {p}q:{tenant}      hash   quota state: rpm_t/rpm_ts, tpm_t/tpm_ts (token buckets),
+                              day, day_tasks, day_credits, month, month_credits
+    {p}act             hash   tenant -> active (non-terminal, not timed-out) task count
+    {p}t:{rid}         hash   one TaskRecord (task JSON in `task`, meta keys as `m:{key}`,
+                              plus `rank` and the webhook sequence `wh_seq`)
+    {p}tid:{task_id}   string upstream task id -> rid
+    {p}tt:{tenant}     zset   created_at -> rid: the tenant's visible tasks with a task id
+    {p}polls           zset   next_poll_at -> rid: non-terminal tasks with a task id
+    {p}actz            zset   created_at -> rid: active tasks, for expire_tasks
+    {p}unkz            zset   created_at -> rid: UNKNOWN reservations, for expire_tasks
+    {p}wh:{event_id}   hash   one webhook event (state pending|dead)
+    {p}whq:{rid}       list   a task's pending event ids in seq order (head = next)
+    {p}whdue           zset   next_at (or lease end) -> event id, heads of whq lists only
+    {p}whn             string number of pending events (webhook_pending)
+    {p}idem:{tenant}:{sha256(key)}  hash  state (pending|done|unknown), fp, exp,
+                              status, headers, body (done), rid (unknown)
+    {p}secret:{name}   string shared secrets (first writer wins)
+    {p}ready           string the readiness probe's write (expires after 60 s)
+
+Retention: a task's hash and its `tid` key get a Redis TTL (`terminal_ttl`, 30 days by
+default, 0 = keep forever) once the task is terminal or timed out (a later update renews
+it); stale `tt`/`polls` entries are pruned when a listing or a poll claim meets them. A
+callback for a task whose record has expired would adopt (and charge) it again.
+Dead webhook events are kept `dead_ttl` (7 days) for inspection; delivered ones are deleted.
+Idempotency keys expire logically at the caller's `now` (field `exp`) and physically by
+Redis PEXPIRE (lease while pending, ttl once done).
+
+The prefix may also come in the URL (`redis://host:6379/0?prefix=gw:`); it then wins over
+the `prefix` argument. Scripts build their secondary keys from the prefix, so this needs one
+Redis node (or a primary with replicas/Sentinel), not Redis Cluster.
+
+The scripts are files under scripts/ (package resources), one per operation, named after
+the Store method; a first line `-- include: lib.lua` prepends the shared helpers. They
+restate rules.py, which is the reference they must match.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import uuid
+from importlib import resources
+from typing import Any
+
+import orjson
+
+from gateway.store import rules
+from gateway.store.base import (
+    ALL_LIMITS,
+    SUBMITTING,
+    Admission,
+    Charge,
+    IdempotencyResult,
+    Limits,
+    Store,
+    StoredResponse,
+    TaskRecord,
+    UpdateResult,
+    Usage,
+    WebhookEvent,
+    status_rank,
+)
+from gateway.store.redis.client import RedisClient, Script
+from gateway.store.redis.url import split_prefix
+from gateway.store.rules import day_key, month_key
+
+TERMINAL_TTL = 30 * 86400.0
+DEAD_EVENT_TTL = 7 * 86400.0
+INCLUDE_LIB = "-- include: lib.lua\n"
+
+
+def script_source(name: str) -> str:
+    """The Lua of scripts/{name}.lua, with lib.lua in place of its include line. Read as a
+    package resource, so it works from a wheel or a zip as from the source tree."""
+    folder = resources.files("gateway.store.redis").joinpath("scripts")
+    source = folder.joinpath(f"{name}.lua").read_text(encoding="utf-8")
+    if source.startswith(INCLUDE_LIB):
+        source = folder.joinpath("lib.lua").read_text(encoding="utf-8") + source.removeprefix(INCLUDE_LIB)
+    return source
+
+
+# --- encoding ---------------------------------------------------------------------------
+
+
+def _num(x: float | int) -> str:
+    """A number as a string that Lua's tonumber reads back exactly (repr round-trips)."""
+    return repr(float(x)) if isinstance(x, float) else str(x)
+
+
+def _flag(b: bool) -> str:
+    return "1" if b else "0"
+
+
+def _s(v: bytes | str | None) -> str:
+    if v is None:
+        return ""
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def _record_blob(rec: TaskRecord) -> bytes:
+    """A TaskRecord as a JSON array of HSET field/value strings (meta keys one field each,
+    `m:{key}`, value JSON)."""
+    fields: list[str] = [
+        "rid", rec.rid,
+        "tenant_id", rec.tenant_id,
+        "status", rec.status,
+        "rank", str(status_rank(rec.status)),
+        "task_id", rec.task_id or "",
+        "key_index", str(rec.key_index),
+        "task", orjson.dumps(rec.task).decode(),
+        "hook", rec.hook,
+        "task_type", rec.task_type,
+        "credits", str(rec.credits),
+        "charge_day", rec.charge_day,
+        "charge_month", rec.charge_month,
+        "created_at", _num(rec.created_at),
+        "updated_at", _num(rec.updated_at),
+        "active", _flag(rec.active),
+        "settled", _flag(rec.settled),
+        "timed_out", _flag(rec.timed_out),
+        "deleted", _flag(rec.deleted),
+        "next_poll_at", _num(rec.next_poll_at),
+        "upd", _updated_at(rec.task),
+    ]  # fmt: skip
+    for key, value in rec.meta.items():
+        fields += [f"m:{key}", orjson.dumps(value).decode()]
+    return orjson.dumps(fields)
+
+
+def _updated_at(task: dict[str, Any]) -> str:
+    """The upstream's updatedAt, compared as a string to order same-status updates."""
+    return str(task.get("updatedAt") or "")
+
+
+def _pairs(flat: list[Any]) -> dict[str, Any]:
+    return {_s(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)}
+
+
+def _record(blob: bytes | str) -> TaskRecord | None:
+    """A TaskRecord from a script's `record_json` (None when the hash is gone)."""
+    return _record_from_map(_pairs(orjson.loads(blob))) if blob else None
+
+
+def _record_from_map(h: dict[str, str]) -> TaskRecord | None:
+    if not h:
+        return None
+    meta = {k[2:]: orjson.loads(v) for k, v in h.items() if k.startswith("m:")}
+    return TaskRecord(
+        rid=h["rid"],
+        tenant_id=h["tenant_id"],
+        status=h["status"],
+        task_id=h.get("task_id") or None,
+        key_index=int(h.get("key_index", 0)),
+        task=orjson.loads(h.get("task", "{}")),
+        hook=h.get("hook", ""),
+        task_type=h.get("task_type") or "gen2",
+        credits=int(h.get("credits", 0)),
+        charge_day=h.get("charge_day", ""),
+        charge_month=h.get("charge_month", ""),
+        created_at=float(h.get("created_at", 0)),
+        updated_at=float(h.get("updated_at", 0)),
+        active=h.get("active") == "1",
+        settled=h.get("settled") == "1",
+        timed_out=h.get("timed_out") == "1",
+        deleted=h.get("deleted") == "1",
+        next_poll_at=float(h.get("next_poll_at", 0)),
+        meta=meta,
+    )
+
+
+def _records(replies: list[Any]) -> list[TaskRecord]:
+    return [r for r in (_record(x) for x in replies) if r is not None]
+
+
+def _event(eid: bytes, flat: list[Any]) -> WebhookEvent:
+    h = _pairs(flat)
+    return WebhookEvent(
+        event_id=_s(eid),
+        rid=_s(h["rid"]),
+        tenant_id=_s(h["tenant_id"]),
+        seq=int(h["seq"]),
+        url=_s(h["url"]),
+        body=bytes(h["body"]),
+        attempts=int(h.get("attempts", b"0")),
+        created_at=float(h.get("created_at", b"0")),
+    )
+
+
+# --- the store --------------------------------------------------------------------------
+
+
+class RedisStore(Store):
+    """Shared state in one Redis, for several gateway replicas.
+
+    The client never retries a command by itself: a script that timed out after it was sent
+    may have run, and running an admission or a settlement twice would double-charge. A
+    dead Redis fails within `socket_timeout` instead of hanging.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "gw:",
+        socket_timeout: float = 2.0,
+        connect_timeout: float = 1.0,
+        terminal_ttl: float = TERMINAL_TTL,
+        dead_ttl: float = DEAD_EVENT_TTL,
+    ):
+        url, url_prefix = split_prefix(url)
+        self.url = url
+        self.prefix = url_prefix if url_prefix is not None else prefix
+        self.terminal_ttl = terminal_ttl
+        self.dead_ttl = dead_ttl
+        self._r = RedisClient(url, socket_timeout=socket_timeout, connect_timeout=connect_timeout)
+        self._admit = self._script("admit_create")
+        self._take_request = self._script("take_request")
+        self._settle = self._script("settle_not_created")
+        self._mark_unknown = self._script("mark_unknown")
+        self._apply = self._script("apply_update")
+        self._get_tid = self._script("get_by_task_id")
+        self._read_task = self._script("read_task")
+        self._list = self._script("list_tasks")
+        self._hide = self._script("hide_task")
+        self._claim_poll = self._script("claim_poll")
+        self._claim_due = self._script("claim_due_polls")
+        self._expire = self._script("expire_tasks")
+        self._claim_wh = self._script("claim_webhooks")
+        self._finish_wh = self._script("finish_webhook")
+        self._idem_begin = self._script("idem_begin")
+        self._idem_finish = self._script("idem_finish")
+        self._idem_bind = self._script("idem_bind")
+        self._secret = self._script("secret")
+
+    def _script(self, name: str) -> Script:
+        return self._r.register_script(script_source(name))
+
+    # keys ------------------------------------------------------------------------------
+    def _k(self, *parts: str) -> str:
+        return self.prefix + ":".join(parts)
+
+    def _idem_key(self, tenant_id: str, key: str) -> str:
+        return self._k("idem", tenant_id, hashlib.sha256(key.encode()).hexdigest())
+
+    # lifecycle -------------------------------------------------------------------------
+    async def open(self) -> None:
+        """Load every script once, so the first requests do not pay for it."""
+        await self.ping()
+        await self._r.load_scripts()
+
+    async def close(self) -> None:
+        await self._r.aclose()
+
+    async def ping(self) -> None:
+        """A tiny write, not a PING: a primary demoted to replica by a failover still
+        answers PING but refuses writes (READONLY), and readiness must say so. The reply
+        also makes the client drop that connection and reconnect (see client.py)."""
+        await self._r.execute("SET", self._k("ready"), "1", "PX", 60000)
+
+    async def put_asset(self, asset_id: str, content_type: str, data: bytes, expires_at: float, now: float) -> None:
+        """One key per upload, expiring by itself: content type, a NUL, then the bytes."""
+        ttl_ms = max(1, int((expires_at - now) * 1000))
+        await self._r.execute("SET", self._k("asset", asset_id), content_type.encode() + b"\0" + data, "PX", ttl_ms)
+
+    async def get_asset(self, asset_id: str, now: float) -> tuple[str, bytes] | None:
+        value = await self._r.execute("GET", self._k("asset", asset_id))
+        if value is None:
+            return None
+        content_type, _, data = bytes(value).partition(b"\0")
+        return content_type.decode(), data
+
+    async def delete_asset(self, asset_id: str) -> None:
+        await self._r.execute("DEL", self._k("asset", asset_id))
+
+    async def secret(self, name: str, candidate: str) -> str:
+        return _s(await self._secret(keys=[self._k("secret", name)], args=[candidate]))
+
+    # admission -------------------------------------------------------------------------
+    async def take_request(self, tenant_id: str, limits: Limits, now: float) -> Admission:
+        cap = limits.requests_per_minute
+        if cap is None:
+            return Admission(ok=True)
+        ok, level = await self._take_request(keys=[self._k("q", tenant_id)], args=[self.prefix, _num(now), str(cap)])
+        return rules.request_admission(bool(ok), float(level), cap)
+
+    async def admit_create(
+        self, tenant_id: str, limits: Limits, charge: Charge, reservation: TaskRecord, now: float
+    ) -> Admission:
+        # The periods are the caller's clock's, as in SQLiteStore (charge.day == day_key(now)
+        # when the caller built it from the same `now`); the reservation records them.
+        day, month = day_key(now), month_key(now)
+        reservation.charge_day, reservation.charge_month, reservation.credits = day, month, charge.credits
+        args: list[str | bytes] = [
+            self.prefix, tenant_id, _num(now),
+            *(str(getattr(limits, name) or 0) for name in ALL_LIMITS),
+            str(charge.credits), day, month, reservation.rid, _record_blob(reservation),
+        ]  # fmt: skip
+        ok, failed, rpm_level, tpm_level = await self._admit(keys=[self._k("q", tenant_id)], args=args)
+        # Bucket levels after the take (admitted) or as they stand (refused: nothing taken).
+        buckets = {
+            "requests_per_minute": (float(rpm_level), limits.requests_per_minute),
+            "tasks_per_minute": (float(tpm_level), limits.tasks_per_minute),
+        }
+        rate = rules.tightest([rules.bucket_info(level, cap) for level, cap in buckets.values() if cap is not None])
+        if ok:
+            return Admission(ok=True, rate=rate)
+        limit = ALL_LIMITS[int(failed) - 1]
+        level, cap = buckets.get(limit, (0.0, None))
+        return Admission(ok=False, limit=limit, retry_after=rules.retry_after(limit, now, level, cap or 1), rate=rate)
+
+    async def settle_not_created(self, rid: str, now: float) -> bool:
+        args = [self.prefix, rid, day_key(now), month_key(now)]
+        return bool(await self._settle(keys=[self._k("t", rid)], args=args))
+
+    async def mark_unknown(self, rid: str, now: float) -> None:
+        await self._mark_unknown(keys=[self._k("t", rid)], args=[self.prefix, _num(now), rid])
+
+    async def apply_update(
+        self,
+        rid: str,
+        tenant_id: str,
+        task: dict[str, Any],
+        now: float,
+        *,
+        refund_failed: bool,
+        adopt: TaskRecord | None = None,
+    ) -> UpdateResult:
+        status = str(task.get("status") or "")
+        task_json = orjson.dumps(task)
+        body = b'{"task":' + task_json + b"}"  # == orjson.dumps({"task": task}), one encode
+        adopt_blob = self._adoption(adopt, rid, tenant_id, now) if adopt is not None else b""
+        task_id = task.get("id")
+        args: list[str | bytes] = [
+            self.prefix, rid, tenant_id, task_json, status, str(status_rank(status)),
+            _flag(refund_failed), f"evt_{uuid.uuid4().hex}", body, _num(now),
+            str(task_id) if task_id else "", _num(self.terminal_ttl),
+            _updated_at(task), day_key(now), month_key(now),
+            adopt_blob,
+        ]  # fmt: skip
+        reply = await self._apply(keys=[self._k("t", rid)], args=args)
+        if not reply[0]:
+            return UpdateResult(record=None)
+        _, applied, changed, previous, refunded, finished, eid, adopted, flat = reply
+        return UpdateResult(
+            record=_record(flat),
+            applied=bool(applied),
+            status_changed=bool(changed),
+            previous_status=_s(previous),
+            refunded_credits=int(refunded),
+            finished=bool(finished),
+            event_id=_s(eid) or None,
+            adopted=bool(adopted),
+        )
+
+    @staticmethod
+    def _adoption(adopt: TaskRecord, rid: str, tenant_id: str, now: float) -> bytes:
+        """`adopt` as the record to insert: a fresh, active reservation charged to the
+        current periods, like an admission (the object is updated, as SQLiteStore does)."""
+        if adopt.rid != rid or adopt.tenant_id != tenant_id:
+            raise ValueError("adopt must carry the update's rid and tenant_id")
+        adopt.status, adopt.active = SUBMITTING, True
+        adopt.charge_day, adopt.charge_month = day_key(now), month_key(now)
+        return _record_blob(adopt)
+
+    # reads -----------------------------------------------------------------------------
+    async def get_by_task_id(self, tenant_id: str, task_id: str) -> TaskRecord | None:
+        rec = _record(await self._get_tid(args=[self.prefix, task_id]))
+        if rec is None or rec.tenant_id != tenant_id or rec.deleted:
+            return None
+        return rec
+
+    async def read_task(
+        self, tenant_id: str, limits: Limits, task_id: str, now: float
+    ) -> tuple[Admission, TaskRecord | None]:
+        cap = limits.requests_per_minute
+        args = [self.prefix, _num(now), str(cap or 0), task_id]
+        ok, level, blob = await self._read_task(keys=[self._k("q", tenant_id)], args=args)
+        admission = Admission(ok=True) if cap is None else rules.request_admission(bool(ok), float(level), cap)
+        if not admission.ok:
+            return admission, None
+        rec = _record(blob)
+        if rec is None or rec.tenant_id != tenant_id or rec.deleted:
+            return admission, None
+        return admission, rec
+
+    async def get_by_rid(self, rid: str) -> TaskRecord | None:
+        flat = await self._r.execute("HGETALL", self._k("t", rid))
+        return _record_from_map({_s(k): _s(v) for k, v in _pairs(flat).items()})
+
+    async def list_tasks(
+        self, tenant_id: str, *, limit: int, after: str | None = None, status: str | None = None, order: str = "desc"
+    ) -> tuple[list[TaskRecord], bool]:
+        reply = await self._list(
+            keys=[self._k("tt", tenant_id)],
+            args=[
+                self.prefix,
+                tenant_id,
+                str(max(0, limit)),
+                after or "",
+                status or "",
+                "asc" if order == "asc" else "desc",
+            ],
+        )
+        return _records(reply[1:]), bool(reply[0])
+
+    async def hide_task(self, tenant_id: str, task_id: str) -> bool:
+        return bool(await self._hide(args=[self.prefix, tenant_id, task_id]))
+
+    async def usage(self, tenant_id: str, now: float) -> Usage:
+        (day, tasks, credits, month, mcredits), active = await asyncio.gather(  # one write: auto-pipelined
+            self._r.execute(
+                "HMGET", self._k("q", tenant_id), "day", "day_tasks", "day_credits", "month", "month_credits"
+            ),
+            self._r.execute("HGET", self._k("act"), tenant_id),
+        )
+        today = _s(day) == day_key(now)
+        this_month = _s(month) == month_key(now)
+        return Usage(
+            active=int(active or 0),
+            tasks_today=int(tasks or 0) if today else 0,
+            credits_today=int(credits or 0) if today else 0,
+            credits_this_month=int(mcredits or 0) if this_month else 0,
+        )
+
+    async def active_by_tenant(self) -> dict[str, int]:
+        h = _pairs(await self._r.execute("HGETALL", self._k("act")))
+        return {k: int(v) for k, v in h.items() if int(v) > 0}
+
+    async def webhook_pending(self) -> int:
+        return max(0, int(await self._r.execute("GET", self._k("whn")) or 0))
+
+    # polling and timeouts --------------------------------------------------------------
+    async def claim_poll(self, rid: str, now: float, interval: float) -> bool:
+        args = [self.prefix, _num(now), _num(now + interval), rid]
+        return bool(await self._claim_poll(keys=[self._k("t", rid)], args=args))
+
+    async def claim_due_polls(
+        self, now: float, interval: float, limit: int, timed_out_interval: float, give_up_after: float
+    ) -> list[TaskRecord]:
+        if limit <= 0:
+            return []
+        args = [self.prefix, _num(now), _num(interval), str(limit), _num(timed_out_interval), _num(now - give_up_after)]
+        return _records(await self._claim_due(keys=[self._k("polls")], args=args))
+
+    async def expire_tasks(self, now: float, timeout: float, unknown_timeout: float) -> list[TaskRecord]:
+        args = [self.prefix, _num(now), _num(now - timeout), _num(self.terminal_ttl), _num(now - unknown_timeout)]
+        return _records(await self._expire(keys=[self._k("actz")], args=args))
+
+    # webhook outbox --------------------------------------------------------------------
+    async def claim_webhooks(self, now: float, limit: int, lease: float) -> list[WebhookEvent]:
+        if limit <= 0:
+            return []
+        reply = await self._claim_wh(
+            keys=[self._k("whdue")], args=[self.prefix, _num(now), str(limit), _num(now + lease)]
+        )
+        return [_event(eid, flat) for eid, flat in reply]
+
+    async def finish_webhook(self, event_id: str, *, delivered: bool, attempts: int, next_at: float | None) -> None:
+        outcome = "delivered" if delivered else ("retry" if next_at is not None else "dead")
+        args = [self.prefix, event_id, outcome, str(attempts), _num(next_at or 0.0), _num(self.dead_ttl)]
+        await self._finish_wh(keys=[self._k("wh", event_id)], args=args)
+
+    # idempotency -----------------------------------------------------------------------
+    async def idem_begin(
+        self, tenant_id: str, key: str, fingerprint: str, now: float, lease: float
+    ) -> IdempotencyResult:
+        reply = await self._idem_begin(
+            keys=[self._idem_key(tenant_id, key)], args=[self.prefix, fingerprint, _num(now), _num(lease)]
+        )
+        state = _s(reply[0])
+        if state == "unknown":
+            return IdempotencyResult(state=state, rid=_s(reply[1]))
+        if state != "replay":
+            return IdempotencyResult(state=state)
+        status, headers, body = reply[1:]
+        return IdempotencyResult(
+            state="replay", response=StoredResponse(int(status), orjson.loads(headers), bytes(body))
+        )
+
+    async def idem_finish(
+        self, tenant_id: str, key: str, response: StoredResponse | None, now: float, ttl: float
+    ) -> None:
+        if response is None:
+            args: list[str | bytes] = [self.prefix, _num(now), _num(ttl), "", "", b""]
+        else:
+            args = [
+                self.prefix,
+                _num(now),
+                _num(ttl),
+                str(response.status),
+                orjson.dumps(response.headers),
+                response.body,
+            ]
+        await self._idem_finish(keys=[self._idem_key(tenant_id, key)], args=args)
+
+    async def idem_bind(self, tenant_id: str, key: str, rid: str, now: float, ttl: float) -> None:
+        await self._idem_bind(keys=[self._idem_key(tenant_id, key)], args=[self.prefix, _num(now), _num(ttl), rid])

@@ -1,0 +1,259 @@
+"""The quota and task-lifecycle rules as plain Python: the reference every store matches.
+
+SQLiteStore runs these functions inside its transaction. RedisStore cannot: each of its
+read-then-write operations must be one Lua script to be atomic, so the scripts under
+store/redis/scripts/ state the same rules again in Lua, and **the Lua must match this
+module** (lib.lua names the function each helper mirrors). tests/test_store_contract.py
+runs the same cases on both stores, and checks the Redis token bucket against
+`bucket_take` to the last bit. To change a rule: change it here, then the Lua, then the
+contract test. What the Redis store computes in Python (the tightest bucket, retry-after)
+calls in here instead of restating it.
+
+Times are UNIX seconds from the caller (never a store's clock); periods are UTC.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from gateway.store.base import (
+    RATE_LIMITS,
+    REFUNDABLE,
+    SUBMITTING,
+    TERMINAL,
+    Admission,
+    Limits,
+    RateInfo,
+    TaskRecord,
+    UpdateResult,
+    status_rank,
+)
+
+# --- token buckets (requests_per_minute, tasks_per_minute) -------------------------------
+
+
+def bucket_take(tokens: float | None, ts: float, capacity: int, now: float) -> tuple[float, bool]:
+    """Token bucket, refilled continuously at `capacity` per minute. Returns the new level and
+    whether one token was taken. A missing bucket (None) is full."""
+    level = capacity if tokens is None else min(capacity, tokens + max(0.0, now - ts) * capacity / 60.0)
+    if level >= 1.0:
+        return level - 1.0, True
+    return level, False
+
+
+def bucket_info(level: float, capacity: int) -> RateInfo:
+    """The x-ratelimit-*-requests header values of a bucket at `level`."""
+    return RateInfo(capacity, math.floor(level), (capacity - level) * 60.0 / capacity)
+
+
+def bucket_retry_after(level: float, capacity: int) -> float:
+    """Seconds until a bucket at `level` holds one whole token again."""
+    return max(0.0, (1.0 - level) * 60.0 / capacity)
+
+
+def tightest(infos: list[RateInfo]) -> RateInfo | None:
+    """The bucket closest to refusing: fewest whole tokens left (requests first on a tie).
+    The one a response's rate-limit headers describe."""
+    return min(infos, key=lambda i: i.remaining) if infos else None
+
+
+def request_admission(ok: bool, level: float, capacity: int) -> Admission:
+    """The answer to one requests_per_minute take that left the bucket at `level`."""
+    info = bucket_info(level, capacity)
+    if ok:
+        return Admission(True, rate=info)
+    return Admission(False, "requests_per_minute", bucket_retry_after(level, capacity), info)
+
+
+# --- periods (UTC day and month) --------------------------------------------------------
+
+
+def day_key(now: float) -> str:
+    return _day_key(int(now // 86400))
+
+
+def month_key(now: float) -> str:
+    return _day_key(int(now // 86400))[:7]
+
+
+@functools.lru_cache(maxsize=8)
+def _day_key(day: int) -> str:
+    """`YYYY-MM-DD` of a UTC day number: strftime once a day, not on every admission."""
+    return datetime.fromtimestamp(day * 86400, UTC).strftime("%Y-%m-%d")
+
+
+def seconds_to_next_day(now: float) -> float:
+    return 86400 - (now % 86400)
+
+
+def seconds_to_next_month(now: float) -> float:
+    d = datetime.fromtimestamp(now, UTC)
+    nxt = datetime(d.year + (d.month == 12), d.month % 12 + 1, 1, tzinfo=UTC)
+    return nxt.timestamp() - now
+
+
+# --- a tenant's quota counters ----------------------------------------------------------
+
+
+@dataclass
+class Quota:
+    """A tenant's quota state: two token buckets (level None = full, never used), the
+    active task count, and the counters of the current day and month."""
+
+    rpm_tokens: float | None = None
+    rpm_ts: float = 0.0
+    tpm_tokens: float | None = None
+    tpm_ts: float = 0.0
+    active: int = 0
+    day: str = ""
+    day_tasks: int = 0
+    day_credits: int = 0
+    month: str = ""
+    month_credits: int = 0
+
+    def roll(self, now: float) -> None:
+        """Start a new day or month when `now` is in one. Periods only move forward: a
+        replica whose clock lags must not wipe today's counts (keys compare as strings)."""
+        today, this_month = day_key(now), month_key(now)
+        if self.day < today:
+            self.day, self.day_tasks, self.day_credits = today, 0, 0
+        if self.month < this_month:
+            self.month, self.month_credits = this_month, 0
+
+
+def retry_after(limit: str, now: float, level: float = 0.0, capacity: int = 1) -> float:
+    """When a create refused by `limit` could succeed: the bucket's next token (`level` and
+    `capacity` are the refusing bucket's), the next UTC day or month; a full
+    max_active_tasks has no known end, so one second."""
+    if limit in RATE_LIMITS:
+        return bucket_retry_after(level, capacity)
+    if limit == "max_active_tasks":
+        return 1.0
+    if limit == "credits_per_month":
+        return seconds_to_next_month(now)
+    return seconds_to_next_day(now)
+
+
+def check_create(q: Quota, limits: Limits, credits: int, now: float) -> tuple[Admission | None, RateInfo | None]:
+    """Check every limit of a create against `q` (rolled to `now`), in ALL_LIMITS order,
+    taking the rate tokens in `q` on success. Returns (the refusal of the first failing
+    limit or None, the tightest rate bucket's header info as it stands after: a refused
+    create takes no token, so its buckets are reported as they were)."""
+    buckets: list[tuple[float, int, bool]] = []  # (level after, capacity, token taken)
+    refusal: Admission | None = None
+    for name, cap in (
+        ("requests_per_minute", limits.requests_per_minute),
+        ("tasks_per_minute", limits.tasks_per_minute),
+    ):
+        if cap is None:
+            continue
+        tokens, ts = (q.rpm_tokens, q.rpm_ts) if name == "requests_per_minute" else (q.tpm_tokens, q.tpm_ts)
+        level, ok = bucket_take(tokens, ts, cap, now)
+        buckets.append((level, cap, ok))
+        if not ok:
+            refusal = refusal or Admission(False, name, retry_after(name, now, level, cap))
+        elif name == "requests_per_minute":
+            q.rpm_tokens, q.rpm_ts = level, max(ts, now)
+        else:
+            q.tpm_tokens, q.tpm_ts = level, max(ts, now)
+    if refusal is None and (limit := budget_exceeded(q, limits, credits)) is not None:
+        refusal = Admission(False, limit, retry_after(limit, now))
+    infos = [bucket_info(level + 1.0 if (taken and refusal) else level, cap) for level, cap, taken in buckets]
+    return refusal, tightest(infos)
+
+
+def budget_exceeded(q: Quota, limits: Limits, credits: int) -> str | None:
+    """The first of the active-task, day and month limits one more task of `credits` would
+    break, or None."""
+    if limits.max_active_tasks is not None and q.active + 1 > limits.max_active_tasks:
+        return "max_active_tasks"
+    if limits.tasks_per_day is not None and q.day_tasks + 1 > limits.tasks_per_day:
+        return "tasks_per_day"
+    if limits.credits_per_day is not None and q.day_credits + credits > limits.credits_per_day:
+        return "credits_per_day"
+    if limits.credits_per_month is not None and q.month_credits + credits > limits.credits_per_month:
+        return "credits_per_month"
+    return None
+
+
+def charge(q: Quota, credits: int) -> None:
+    """One more active task, charged to the current day and month (an admission, or a task
+    adopted from a callback the gateway never recorded)."""
+    q.active += 1
+    q.day_tasks += 1
+    q.day_credits += credits
+    q.month_credits += credits
+
+
+def free_slot(q: Quota) -> None:
+    """A task stopped counting toward max_active_tasks (finished, timed out, not created)."""
+    q.active = max(0, q.active - 1)
+
+
+def refund_credits(q: Quota, rec: TaskRecord) -> None:
+    """Give a task's credits back to the periods it was charged in, while they are current."""
+    if rec.charge_day == q.day:
+        q.day_credits = max(0, q.day_credits - rec.credits)
+    if rec.charge_month == q.month:
+        q.month_credits = max(0, q.month_credits - rec.credits)
+
+
+def uncharge(q: Quota, rec: TaskRecord) -> None:
+    """Undo a reservation the upstream never created: its active slot, the day's task and
+    its credits (to the periods it was charged in, while they are current)."""
+    if rec.active:
+        free_slot(q)
+    if rec.charge_day == q.day:
+        q.day_tasks = max(0, q.day_tasks - 1)
+    refund_credits(q, rec)
+
+
+# --- the task state compare-and-set -----------------------------------------------------
+
+
+@dataclass
+class Decision(UpdateResult):
+    """An UpdateResult plus what the store still has to do about it."""
+
+    freed_slot: bool = False  # the task was active: give back its max_active_tasks slot
+    notify: bool = False  # enqueue a webhook event for the tenant's hook
+
+
+def decide_update(rec: TaskRecord, task: dict[str, Any], now: float, refund_failed: bool) -> Decision:
+    """The compare-and-set of an upstream task object onto `rec`: mutate `rec` when `task`
+    is newer, and say what changed.
+
+    Stale (a no-op): no status, anything after a terminal state, a lower status rank, or
+    the same status with an older `updatedAt` (compared as strings). A terminal state
+    frees the active slot and settles the charge once: FAILED/CANCELLED refund it when
+    `refund_failed`. A status change notifies the record's hook, except the first answer
+    (SUBMITTING -> PENDING), which the create's own reply already told."""
+    new_status = str(task.get("status") or "")
+    result = Decision(rec, previous_status=rec.status)
+    if not new_status or rec.terminal:
+        return result
+    if status_rank(new_status) < status_rank(rec.status):
+        return result
+    if new_status == rec.status and str(task.get("updatedAt") or "") < str(rec.task.get("updatedAt") or ""):
+        return result
+    result.applied = True
+    result.status_changed = new_status != rec.status
+    result.notify = (
+        result.status_changed and bool(rec.hook) and not (rec.status == SUBMITTING and new_status == "PENDING")
+    )
+    rec.task, rec.status, rec.updated_at = task, new_status, now
+    if rec.task_id is None and task.get("id"):
+        rec.task_id = str(task["id"])
+    if new_status in TERMINAL:
+        result.finished = True
+        result.freed_slot = rec.active
+        rec.active = False
+        if not rec.settled:
+            rec.settled = True
+            if new_status in REFUNDABLE and refund_failed and rec.credits:
+                result.refunded_credits = rec.credits
+    return result

@@ -1,0 +1,119 @@
+"""The SQLite file: its schema, the columns added since, and how a connection is opened.
+
+Automatic WAL checkpoints are off on the request path (their fsync stalls the loop);
+`checkpoint()` runs from a thread instead (SQLiteStore.maintain).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+BUSY_TIMEOUT_MS = 10000  # the reader's wait, for the rare lock a read meets (WAL recovery)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS quota (
+    tenant TEXT PRIMARY KEY,
+    rpm_tokens REAL, rpm_ts REAL NOT NULL DEFAULT 0,
+    tpm_tokens REAL, tpm_ts REAL NOT NULL DEFAULT 0,
+    active INTEGER NOT NULL DEFAULT 0,
+    day TEXT NOT NULL DEFAULT '', day_tasks INTEGER NOT NULL DEFAULT 0, day_credits INTEGER NOT NULL DEFAULT 0,
+    month TEXT NOT NULL DEFAULT '', month_credits INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS tasks (
+    rid TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    task_id TEXT UNIQUE,
+    key_index INTEGER NOT NULL DEFAULT 0,
+    status TEXT NOT NULL,
+    task TEXT NOT NULL DEFAULT '{}',
+    hook TEXT NOT NULL DEFAULT '',
+    task_type TEXT NOT NULL DEFAULT 'gen2',
+    credits INTEGER NOT NULL DEFAULT 0,
+    charge_day TEXT NOT NULL DEFAULT '',
+    charge_month TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    active INTEGER NOT NULL DEFAULT 1,
+    settled INTEGER NOT NULL DEFAULT 0,
+    timed_out INTEGER NOT NULL DEFAULT 0,
+    deleted INTEGER NOT NULL DEFAULT 0,
+    next_poll_at REAL NOT NULL DEFAULT 0,
+    meta TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS tasks_by_tenant ON tasks (tenant, created_at);
+CREATE INDEX IF NOT EXISTS tasks_to_poll ON tasks (next_poll_at)
+    WHERE status NOT IN ('SUCCEEDED', 'FAILED', 'CANCELLED') AND task_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS tasks_active ON tasks (created_at) WHERE active = 1;
+CREATE INDEX IF NOT EXISTS tasks_unknown ON tasks (created_at) WHERE active = 1 AND status = 'UNKNOWN';
+CREATE TABLE IF NOT EXISTS webhooks (
+    event_id TEXT PRIMARY KEY,
+    rid TEXT NOT NULL,
+    tenant TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    url TEXT NOT NULL,
+    body BLOB NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_at REAL NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS webhooks_due ON webhooks (state, next_at);
+CREATE INDEX IF NOT EXISTS webhooks_by_task ON webhooks (rid, seq);
+CREATE TABLE IF NOT EXISTS idempotency (
+    tenant TEXT NOT NULL,
+    key TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    state TEXT NOT NULL,
+    status INTEGER NOT NULL DEFAULT 0,
+    headers TEXT NOT NULL DEFAULT '{}',
+    body BLOB NOT NULL DEFAULT x'',
+    expires_at REAL NOT NULL,
+    rid TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (tenant, key)
+);
+CREATE INDEX IF NOT EXISTS idempotency_expiry ON idempotency (expires_at);
+CREATE TABLE IF NOT EXISTS secrets (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS assets (
+    asset_id TEXT PRIMARY KEY,
+    content_type TEXT NOT NULL,
+    data BLOB NOT NULL,
+    expires_at REAL NOT NULL
+);
+"""
+
+
+def migrate(db: sqlite3.Connection) -> None:
+    """Columns added after a table's first release (CREATE TABLE IF NOT EXISTS keeps an old
+    table as it was). Workers starting together may race: the loser's duplicate is fine."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(idempotency)")}
+    if "rid" not in columns:
+        try:
+            db.execute("ALTER TABLE idempotency ADD COLUMN rid TEXT NOT NULL DEFAULT ''")
+        except sqlite3.OperationalError as exc:
+            if "duplicate column" not in str(exc):
+                raise
+
+
+def connect(path: str) -> sqlite3.Connection:
+    """A connection in autocommit mode (transactions are explicit), usable from the
+    checkpoint thread, with rows by column name and no automatic checkpoints."""
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000)
+    db.row_factory = sqlite3.Row
+    db.execute("PRAGMA synchronous=NORMAL")
+    db.execute("PRAGMA wal_autocheckpoint=0")
+    return db
+
+
+def checkpoint(path: str) -> None:
+    """Copy the WAL into the database file and reset it; blocking, so run in a thread."""
+    if path == ":memory:":
+        return
+    db = sqlite3.connect(path, timeout=10.0)
+    try:
+        # PASSIVE copies what it can without waiting; under steady writes it never reaches
+        # the last frame, so the WAL (and its mmapped index, counted in RSS) would grow
+        # forever. TRUNCATE then resets it; the copy already done keeps its pause short.
+        db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        db.close()

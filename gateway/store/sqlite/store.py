@@ -1,0 +1,525 @@
+"""The embedded store: one SQLite file in WAL mode, shared by every worker process.
+
+Operations run directly on the event loop: a thread hop (aiosqlite) costs more than the
+query itself (docs/benchmarks.md). Writes go through group commit (group_commit.py): the
+operations of one event-loop turn share one `BEGIN IMMEDIATE` transaction, each inside a
+SAVEPOINT of its own, and each caller resumes only after the shared COMMIT, so an answer
+never gets ahead of its data. `BEGIN IMMEDIATE` takes the write lock before reading, so
+check-then-increment cannot race, in this process or another. The quota and lifecycle
+decisions are rules.py's, run inside that transaction.
+
+Two connections: the writer runs every statement inside a group's transaction, so the only
+lock it can meet is at `BEGIN`, which waits on the event loop (busy timeout 0); the reader
+answers reads outside a transaction (they see committed data only) and keeps SQLite's busy
+timeout for the one lock a WAL read can meet, another process recovering the WAL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import uuid
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from gateway.store import rules
+from gateway.store.base import (
+    SUBMITTING,
+    UNKNOWN,
+    Admission,
+    Charge,
+    IdempotencyResult,
+    Limits,
+    Store,
+    StoredResponse,
+    TaskRecord,
+    UpdateResult,
+    Usage,
+    WebhookEvent,
+)
+from gateway.store.rules import Quota
+from gateway.store.sqlite.group_commit import OUTAGE, GroupCommit
+from gateway.store.sqlite.schema import SCHEMA, checkpoint, connect, migrate
+
+TERMINAL_SQL = "('SUCCEEDED', 'FAILED', 'CANCELLED')"
+DEAD_EVENT_RETENTION = 7 * 86400
+
+
+class SQLiteStore(Store):
+    def __init__(self, path: str):
+        self.path = path
+        self._db: sqlite3.Connection | None = None  # the writer
+        self._reader: sqlite3.Connection | None = None
+        self._write: GroupCommit | None = None
+
+    # lifecycle ----------------------------------------------------------------------
+    async def open(self) -> None:
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        db = connect(self.path)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.executescript(SCHEMA)  # with the busy timeout: workers starting together queue here
+        migrate(db)
+        db.execute("PRAGMA busy_timeout=0")
+        self._db = db
+        self._reader = db if self.path == ":memory:" else connect(self.path)
+        self._write = GroupCommit(db)
+
+    async def close(self) -> None:
+        if self._db is not None:
+            if self._write is not None:
+                self._write.flush()
+            if self._reader is not None and self._reader is not self._db:
+                self._reader.close()
+            self._db.close()
+            self._db = self._reader = self._write = None
+
+    async def ping(self) -> None:
+        """An empty write group: it answers only once the write lock could be taken."""
+        async with self._tx:
+            pass
+
+    async def maintain(self, now: float) -> None:
+        async with self._tx:
+            self.db.execute("DELETE FROM idempotency WHERE expires_at <= ?", (now,))
+            self.db.execute("DELETE FROM assets WHERE expires_at <= ?", (now,))
+            self.db.execute("DELETE FROM webhooks WHERE state = 'dead' AND next_at <= ?", (now - DEAD_EVENT_RETENTION,))
+        await asyncio.to_thread(checkpoint, self.path)
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        """The writer: only inside `async with self._tx:`."""
+        if self._db is None:
+            raise RuntimeError("store is not open")
+        return self._db
+
+    @property
+    def reader(self) -> sqlite3.Connection:
+        """For reads outside a write operation."""
+        if self._reader is None:
+            raise RuntimeError("store is not open")
+        return self._reader
+
+    @property
+    def _tx(self) -> GroupCommit:
+        """`async with self._tx:` around one operation's writes (no await inside)."""
+        if self._write is None:
+            raise RuntimeError("store is not open")
+        return self._write
+
+    async def secret(self, name: str, candidate: str) -> str:
+        async with self._tx:
+            self.db.execute("INSERT OR IGNORE INTO secrets (name, value) VALUES (?, ?)", (name, candidate))
+            row = self.db.execute("SELECT value FROM secrets WHERE name = ?", (name,)).fetchone()
+        return str(row["value"])
+
+    # admission ----------------------------------------------------------------------
+    async def take_request(self, tenant_id: str, limits: Limits, now: float) -> Admission:
+        cap = limits.requests_per_minute
+        if cap is None:
+            return Admission(ok=True)
+        async with self._tx:
+            q = self._quota(tenant_id, now)
+            level, ok = rules.bucket_take(q.rpm_tokens, q.rpm_ts, cap, now)
+            if ok:
+                self.db.execute(
+                    "UPDATE quota SET rpm_tokens = ?, rpm_ts = ? WHERE tenant = ?",
+                    (level, max(q.rpm_ts, now), tenant_id),
+                )
+        return rules.request_admission(ok, level, cap)
+
+    async def admit_create(
+        self, tenant_id: str, limits: Limits, charge: Charge, reservation: TaskRecord, now: float
+    ) -> Admission:
+        async with self._tx:
+            q = self._quota(tenant_id, now)
+            refusal, rate = rules.check_create(q, limits, charge.credits, now)
+            if refusal is not None:
+                refusal.rate = rate
+                return refusal
+            rules.charge(q, charge.credits)
+            self._save_quota(tenant_id, q)
+            reservation.charge_day, reservation.charge_month, reservation.credits = q.day, q.month, charge.credits
+            self._insert_task(reservation)
+        return Admission(True, rate=rate)
+
+    async def settle_not_created(self, rid: str, now: float) -> bool:
+        async with self._tx:
+            rec = self._get(rid)
+            if rec is None or rec.status not in (SUBMITTING, UNKNOWN) or rec.settled:
+                return False
+            q = self._quota(rec.tenant_id, now)
+            rules.uncharge(q, rec)
+            self._save_quota(rec.tenant_id, q)
+            self.db.execute("DELETE FROM tasks WHERE rid = ?", (rid,))
+        return True
+
+    async def mark_unknown(self, rid: str, now: float) -> None:
+        async with self._tx:
+            self.db.execute(
+                "UPDATE tasks SET status = ?, updated_at = ? WHERE rid = ? AND status = ?",
+                (UNKNOWN, now, rid, SUBMITTING),
+            )
+
+    async def apply_update(
+        self,
+        rid: str,
+        tenant_id: str,
+        task: dict[str, Any],
+        now: float,
+        *,
+        refund_failed: bool,
+        adopt: TaskRecord | None = None,
+    ) -> UpdateResult:
+        async with self._tx:
+            rec = self._get(rid)
+            adopted = False
+            if rec is not None and rec.tenant_id != tenant_id:
+                return UpdateResult(None)  # a token of one tenant never touches another's task
+            if rec is None:
+                if adopt is None:
+                    return UpdateResult(None)
+                rec = self._adopt(adopt, now)
+                adopted = True
+            result = rules.decide_update(rec, task, now, refund_failed)
+            result.adopted = adopted
+            if not result.applied:
+                return result
+            if result.finished:
+                q = self._quota(rec.tenant_id, now)
+                if result.freed_slot:
+                    rules.free_slot(q)
+                if result.refunded_credits:
+                    rules.refund_credits(q, rec)
+                self._save_quota(rec.tenant_id, q)
+            self._update_task(rec)
+            if result.notify:
+                result.event_id = self._enqueue_event(rec, now)
+        return result
+
+    # reads --------------------------------------------------------------------------
+    async def get_by_task_id(self, tenant_id: str, task_id: str) -> TaskRecord | None:
+        with OUTAGE:
+            row = self.reader.execute(
+                "SELECT * FROM tasks WHERE task_id = ? AND tenant = ? AND deleted = 0", (task_id, tenant_id)
+            ).fetchone()
+        return _record(row) if row else None
+
+    async def get_by_rid(self, rid: str) -> TaskRecord | None:
+        with OUTAGE:
+            return self._get(rid, self.reader)
+
+    async def list_tasks(
+        self, tenant_id: str, *, limit: int, after: str | None = None, status: str | None = None, order: str = "desc"
+    ) -> tuple[list[TaskRecord], bool]:
+        desc = order != "asc"
+        sql = ["SELECT * FROM tasks WHERE tenant = ? AND deleted = 0 AND task_id IS NOT NULL"]
+        args: list[Any] = [tenant_id]
+        if status:
+            sql.append("AND status = ?")
+            args.append(status)
+        with OUTAGE:
+            if after:
+                cursor = self.reader.execute(
+                    "SELECT created_at, rid FROM tasks WHERE task_id = ? AND tenant = ?", (after, tenant_id)
+                ).fetchone()
+                if cursor is None:
+                    return [], False
+                cmp = "<" if desc else ">"
+                sql.append(f"AND (created_at {cmp} ? OR (created_at = ? AND rid {cmp} ?))")
+                args += [cursor["created_at"], cursor["created_at"], cursor["rid"]]
+            direction = "DESC" if desc else "ASC"
+            sql.append(f"ORDER BY created_at {direction}, rid {direction} LIMIT ?")
+            args.append(limit + 1)
+            rows = self.reader.execute(" ".join(sql), args).fetchall()
+        return [_record(r) for r in rows[:limit]], len(rows) > limit
+
+    async def hide_task(self, tenant_id: str, task_id: str) -> bool:
+        async with self._tx:
+            cur = self.db.execute(
+                "UPDATE tasks SET deleted = 1 WHERE task_id = ? AND tenant = ? AND deleted = 0", (task_id, tenant_id)
+            )
+        return cur.rowcount == 1
+
+    async def usage(self, tenant_id: str, now: float) -> Usage:
+        async with self._tx:
+            q = self._quota(tenant_id, now)
+        return Usage(q.active, q.day_tasks, q.day_credits, q.month_credits)
+
+    async def active_by_tenant(self) -> dict[str, int]:
+        with OUTAGE:
+            return {r["tenant"]: r["active"] for r in self.reader.execute("SELECT tenant, active FROM quota")}
+
+    async def webhook_pending(self) -> int:
+        with OUTAGE:
+            return int(self.reader.execute("SELECT COUNT(*) FROM webhooks WHERE state = 'pending'").fetchone()[0])
+
+    # polling and timeouts -----------------------------------------------------------
+    async def claim_poll(self, rid: str, now: float, interval: float) -> bool:
+        async with self._tx:
+            cur = self.db.execute(
+                "UPDATE tasks SET next_poll_at = ? WHERE rid = ? AND next_poll_at <= ?"
+                f" AND status NOT IN {TERMINAL_SQL}",
+                (now + interval, rid, now),
+            )
+        return cur.rowcount == 1
+
+    async def claim_due_polls(
+        self, now: float, interval: float, limit: int, timed_out_interval: float, give_up_after: float
+    ) -> list[TaskRecord]:
+        async with self._tx:
+            rows = self.db.execute(
+                f"SELECT * FROM tasks WHERE status NOT IN {TERMINAL_SQL} AND task_id IS NOT NULL"
+                " AND next_poll_at <= ? AND created_at > ? ORDER BY next_poll_at LIMIT ?",
+                (now, now - give_up_after, limit),
+            ).fetchall()
+            records = [_record(r) for r in rows]
+            for rec in records:
+                rec.next_poll_at = now + (timed_out_interval if rec.timed_out else interval)
+                self.db.execute("UPDATE tasks SET next_poll_at = ? WHERE rid = ?", (rec.next_poll_at, rec.rid))
+        return records
+
+    async def expire_tasks(self, now: float, timeout: float, unknown_timeout: float) -> list[TaskRecord]:
+        async with self._tx:
+            rows = self.db.execute(
+                f"SELECT * FROM tasks WHERE active = 1 AND status NOT IN {TERMINAL_SQL} AND created_at <= ?"
+                " UNION SELECT * FROM tasks WHERE active = 1 AND status = 'UNKNOWN' AND created_at <= ?",
+                (now - timeout, now - unknown_timeout),
+            ).fetchall()
+            records = [_record(r) for r in rows]
+            for rec in records:
+                rec.active, rec.timed_out = False, True
+                self.db.execute(
+                    "UPDATE tasks SET active = 0, timed_out = 1, updated_at = ? WHERE rid = ?", (now, rec.rid)
+                )
+                self.db.execute("UPDATE quota SET active = MAX(0, active - 1) WHERE tenant = ?", (rec.tenant_id,))
+        return records
+
+    # webhook outbox -----------------------------------------------------------------
+    async def claim_webhooks(self, now: float, limit: int, lease: float) -> list[WebhookEvent]:
+        async with self._tx:
+            rows = self.db.execute(
+                "SELECT * FROM webhooks w WHERE state = 'pending' AND next_at <= ?"
+                " AND seq = (SELECT MIN(seq) FROM webhooks v WHERE v.rid = w.rid AND v.state = 'pending')"
+                " ORDER BY next_at LIMIT ?",
+                (now, limit),
+            ).fetchall()
+            for r in rows:
+                self.db.execute("UPDATE webhooks SET next_at = ? WHERE event_id = ?", (now + lease, r["event_id"]))
+        return [
+            WebhookEvent(
+                r["event_id"],
+                r["rid"],
+                r["tenant"],
+                r["seq"],
+                r["url"],
+                bytes(r["body"]),
+                r["attempts"],
+                r["created_at"],
+            )
+            for r in rows
+        ]
+
+    async def finish_webhook(self, event_id: str, *, delivered: bool, attempts: int, next_at: float | None) -> None:
+        async with self._tx:
+            if delivered:
+                self.db.execute("DELETE FROM webhooks WHERE event_id = ?", (event_id,))
+            elif next_at is None:
+                self.db.execute(
+                    "UPDATE webhooks SET state = 'dead', attempts = ? WHERE event_id = ?", (attempts, event_id)
+                )
+            else:
+                self.db.execute(
+                    "UPDATE webhooks SET attempts = ?, next_at = ? WHERE event_id = ?", (attempts, next_at, event_id)
+                )
+
+    # uploaded assets ----------------------------------------------------------------
+    async def put_asset(self, asset_id: str, content_type: str, data: bytes, expires_at: float, now: float) -> None:
+        async with self._tx:
+            self.db.execute(
+                "INSERT OR REPLACE INTO assets (asset_id, content_type, data, expires_at) VALUES (?, ?, ?, ?)",
+                (asset_id, content_type, data, expires_at),
+            )
+
+    async def get_asset(self, asset_id: str, now: float) -> tuple[str, bytes] | None:
+        with OUTAGE:
+            row = self.reader.execute(
+                "SELECT content_type, data FROM assets WHERE asset_id = ? AND expires_at > ?", (asset_id, now)
+            ).fetchone()
+        return (row["content_type"], bytes(row["data"])) if row else None
+
+    async def delete_asset(self, asset_id: str) -> None:
+        async with self._tx:
+            self.db.execute("DELETE FROM assets WHERE asset_id = ?", (asset_id,))
+
+    # idempotency --------------------------------------------------------------------
+    async def idem_begin(
+        self, tenant_id: str, key: str, fingerprint: str, now: float, lease: float
+    ) -> IdempotencyResult:
+        async with self._tx:
+            row = self.db.execute("SELECT * FROM idempotency WHERE tenant = ? AND key = ?", (tenant_id, key)).fetchone()
+            if row is not None and row["expires_at"] <= now:
+                self.db.execute("DELETE FROM idempotency WHERE tenant = ? AND key = ?", (tenant_id, key))
+                row = None
+            if row is None:
+                self.db.execute(
+                    "INSERT INTO idempotency (tenant, key, fingerprint, state, expires_at)"
+                    " VALUES (?, ?, ?, 'pending', ?)",
+                    (tenant_id, key, fingerprint, now + lease),
+                )
+                return IdempotencyResult("new")
+        if row["fingerprint"] != fingerprint:
+            return IdempotencyResult("conflict")
+        if row["state"] == "pending":
+            return IdempotencyResult("pending")
+        if row["state"] == "unknown":
+            return IdempotencyResult("unknown", rid=row["rid"])
+        return IdempotencyResult(
+            "replay", StoredResponse(row["status"], orjson.loads(row["headers"]), bytes(row["body"]))
+        )
+
+    async def idem_finish(
+        self, tenant_id: str, key: str, response: StoredResponse | None, now: float, ttl: float
+    ) -> None:
+        async with self._tx:
+            if response is None:
+                self.db.execute(
+                    "DELETE FROM idempotency WHERE tenant = ? AND key = ? AND state = 'pending'", (tenant_id, key)
+                )
+            else:
+                self.db.execute(
+                    "UPDATE idempotency SET state = 'done', status = ?, headers = ?, body = ?, expires_at = ?"
+                    " WHERE tenant = ? AND key = ?",
+                    (
+                        response.status,
+                        orjson.dumps(response.headers).decode(),
+                        response.body,
+                        now + ttl,
+                        tenant_id,
+                        key,
+                    ),
+                )
+
+    async def idem_bind(self, tenant_id: str, key: str, rid: str, now: float, ttl: float) -> None:
+        async with self._tx:
+            self.db.execute(
+                "UPDATE idempotency SET state = 'unknown', rid = ?, expires_at = ?"
+                " WHERE tenant = ? AND key = ? AND state = 'pending'",
+                (rid, now + ttl, tenant_id, key),
+            )
+
+    # internals (each runs inside the caller's transaction) --------------------------
+    def _quota(self, tenant_id: str, now: float) -> Quota:
+        """The tenant's quota row (created when new), rolled to `now`."""
+        row = self.db.execute("SELECT * FROM quota WHERE tenant = ?", (tenant_id,)).fetchone()
+        if row is None:
+            self.db.execute("INSERT INTO quota (tenant) VALUES (?)", (tenant_id,))
+            row = self.db.execute("SELECT * FROM quota WHERE tenant = ?", (tenant_id,)).fetchone()
+        q = Quota(
+            row["rpm_tokens"], row["rpm_ts"], row["tpm_tokens"], row["tpm_ts"], row["active"],
+            row["day"], row["day_tasks"], row["day_credits"], row["month"], row["month_credits"],
+        )  # fmt: skip
+        q.roll(now)
+        return q
+
+    def _save_quota(self, tenant_id: str, q: Quota) -> None:
+        self.db.execute(
+            "UPDATE quota SET rpm_tokens = ?, rpm_ts = ?, tpm_tokens = ?, tpm_ts = ?, active = ?, day = ?,"
+            " day_tasks = ?, day_credits = ?, month = ?, month_credits = ? WHERE tenant = ?",
+            (
+                q.rpm_tokens,
+                q.rpm_ts,
+                q.tpm_tokens,
+                q.tpm_ts,
+                q.active,
+                q.day,
+                q.day_tasks,
+                q.day_credits,
+                q.month,
+                q.month_credits,
+                tenant_id,
+            ),
+        )
+
+    def _get(self, rid: str, db: sqlite3.Connection | None = None) -> TaskRecord | None:
+        row = (db or self.db).execute("SELECT * FROM tasks WHERE rid = ?", (rid,)).fetchone()
+        return _record(row) if row else None
+
+    def _insert_task(self, r: TaskRecord) -> None:
+        self.db.execute(
+            "INSERT INTO tasks (rid, tenant, task_id, key_index, status, task, hook, task_type, credits, charge_day,"
+            " charge_month, created_at, updated_at, active, settled, timed_out, deleted, next_poll_at, meta)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                r.rid,
+                r.tenant_id,
+                r.task_id,
+                r.key_index,
+                r.status,
+                orjson.dumps(r.task).decode(),
+                r.hook,
+                r.task_type,
+                r.credits,
+                r.charge_day,
+                r.charge_month,
+                r.created_at,
+                r.updated_at,
+                int(r.active),
+                int(r.settled),
+                int(r.timed_out),
+                int(r.deleted),
+                r.next_poll_at,
+                orjson.dumps(r.meta).decode(),
+            ),
+        )
+
+    def _update_task(self, r: TaskRecord) -> None:
+        self.db.execute(
+            "UPDATE tasks SET task_id = ?, status = ?, task = ?, updated_at = ?, active = ?, settled = ? WHERE rid = ?",
+            (r.task_id, r.status, orjson.dumps(r.task).decode(), r.updated_at, int(r.active), int(r.settled), r.rid),
+        )
+
+    def _adopt(self, rec: TaskRecord, now: float) -> TaskRecord:
+        """Insert a task the gateway never recorded, charging it as an admission would."""
+        q = self._quota(rec.tenant_id, now)
+        rules.charge(q, rec.credits)
+        self._save_quota(rec.tenant_id, q)
+        rec.status, rec.active, rec.charge_day, rec.charge_month = SUBMITTING, True, q.day, q.month
+        self._insert_task(rec)
+        return rec
+
+    def _enqueue_event(self, rec: TaskRecord, now: float) -> str:
+        seq = self.db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM webhooks WHERE rid = ?", (rec.rid,)).fetchone()[0]
+        event_id = f"evt_{uuid.uuid4().hex}"
+        self.db.execute(
+            "INSERT INTO webhooks (event_id, rid, tenant, seq, url, body, attempts, next_at, state, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, 0, ?, 'pending', ?)",
+            (event_id, rec.rid, rec.tenant_id, seq, rec.hook, orjson.dumps({"task": rec.task}), now, now),
+        )
+        return event_id
+
+
+def _record(row: sqlite3.Row) -> TaskRecord:
+    return TaskRecord(
+        rid=row["rid"],
+        tenant_id=row["tenant"],
+        status=row["status"],
+        task_id=row["task_id"],
+        key_index=row["key_index"],
+        task=orjson.loads(row["task"]),
+        hook=row["hook"],
+        task_type=row["task_type"],
+        credits=row["credits"],
+        charge_day=row["charge_day"],
+        charge_month=row["charge_month"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        active=bool(row["active"]),
+        settled=bool(row["settled"]),
+        timed_out=bool(row["timed_out"]),
+        deleted=bool(row["deleted"]),
+        next_poll_at=row["next_poll_at"],
+        meta=orjson.loads(row["meta"]),
+    )
