@@ -174,7 +174,7 @@ def app_from_env():  # type: ignore[no-untyped-def]
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from gateway.simulator import run_simulator, settings_from_env
+    from gateway.devtools.simulator import run_simulator, settings_from_env
 
     overrides: dict[str, object] = {"seconds_to_finish": args.seconds_to_finish, "fail_rate": args.fail_rate}
     if args.api_key:

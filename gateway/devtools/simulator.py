@@ -51,7 +51,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-log = logging.getLogger("gateway.simulator")
+log = logging.getLogger("gateway.devtools.simulator")
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 SAMPLE_MP4 = ASSETS / "sample.mp4"
