@@ -29,7 +29,6 @@ from gateway.store.base import Store
 from gateway.tokens import TokenSigner
 
 ALLOWED_TYPES = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp"}
-TYPE_BY_EXT = {ext: ctype for ctype, ext in ALLOWED_TYPES.items()}
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024  # and never more than the body limit, max_body_bytes
 ASSET_ID_RE = re.compile(r"^[0-9a-f]{32}\.(jpg|png|webp)$")
 KEEP_GRACE_SECONDS = 300.0  # bytes outlive their link by this much
