@@ -30,8 +30,8 @@ benchmarks uvicorn's faster HTTP stack; the header says which one ran.
 
 The soak (`--soak SECONDS`) drives a gateway with a mixed load (1 create in 4, the rest
 polls) and samples its RSS (/proc/<pid>/status) after a warm-up. The simulator drops its
-callbacks unless `--soak-callbacks`: its callback client (httpx) costs it a few ms of CPU
-per callback, which would make the simulator, not the gateway, the bottleneck.
+callbacks unless `--soak-callbacks`: its callback client (httpx) is costly enough per
+callback to make the simulator, not the gateway, the bottleneck.
 
 The gateway's tenant has every limit set, generously: admission does all its work and never
 refuses. Callbacks are on (`public_url` set, as in production: each create signs a callback
@@ -799,7 +799,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--store", choices=("sqlite", "redis"), default="sqlite", help="the soak's store")
     p.add_argument("--soak-callbacks", action="store_true",
                    help="let the simulator post its callbacks, so tasks settle during the soak (the simulator's httpx "
-                        "callback client then limits the rate: ~100-200 creates/s on 2 cores)")
+                        "callback client then limits the rate; docs/benchmarks.md)")
     p.add_argument("--keep", action="store_true", help="keep the work directory (configs, server logs)")
     p.add_argument("--no-save", action="store_true", help="do not write bench/results/")
     return p.parse_args(argv)
