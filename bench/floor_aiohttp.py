@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import aiohttp
 import uvicorn
@@ -43,7 +43,9 @@ def create_app(upstream: str, api_key: str) -> Starlette:
     async def healthz(request: Request) -> Response:
         return Response(b'{"status":"ok"}', media_type="application/json")
 
-    return Starlette(routes=[Route("/runway/tasks", create, methods=["POST"]), Route("/healthz", healthz)], lifespan=lifespan)
+    return Starlette(
+        routes=[Route("/runway/tasks", create, methods=["POST"]), Route("/healthz", healthz)], lifespan=lifespan
+    )
 
 
 def main() -> None:
@@ -53,8 +55,15 @@ def main() -> None:
     p.add_argument("--upstream", required=True)
     p.add_argument("--api-key", required=True)
     a = p.parse_args()
-    uvicorn.run(create_app(a.upstream, a.api_key), host=a.host, port=a.port, log_config=None, access_log=False,
-                server_header=False, date_header=False)
+    uvicorn.run(
+        create_app(a.upstream, a.api_key),
+        host=a.host,
+        port=a.port,
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        date_header=False,
+    )
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import httpx
 import uvicorn
@@ -52,7 +52,9 @@ def create_app(upstream: str, api_key: str, transport: str = "default") -> Starl
     async def healthz(request: Request) -> Response:
         return Response(b'{"status":"ok"}', media_type="application/json")
 
-    return Starlette(routes=[Route("/runway/tasks", create, methods=["POST"]), Route("/healthz", healthz)], lifespan=lifespan)
+    return Starlette(
+        routes=[Route("/runway/tasks", create, methods=["POST"]), Route("/healthz", healthz)], lifespan=lifespan
+    )
 
 
 def main() -> None:
@@ -63,8 +65,15 @@ def main() -> None:
     p.add_argument("--api-key", required=True)
     p.add_argument("--transport", choices=("default", "aiohttp"), default="default")
     a = p.parse_args()
-    uvicorn.run(create_app(a.upstream, a.api_key, a.transport), host=a.host, port=a.port, log_config=None,
-                access_log=False, server_header=False, date_header=False)
+    uvicorn.run(
+        create_app(a.upstream, a.api_key, a.transport),
+        host=a.host,
+        port=a.port,
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        date_header=False,
+    )
 
 
 if __name__ == "__main__":

@@ -60,7 +60,9 @@ async def _read_response(reader: asyncio.StreamReader) -> int:
     return status
 
 
-async def connection(host: str, port: int, requests: list[bytes], deadline: float, stats: Stats, timeout: float) -> None:
+async def connection(
+    host: str, port: int, requests: list[bytes], deadline: float, stats: Stats, timeout: float
+) -> None:
     reader = writer = None
     i = 0
     while time.monotonic() < deadline:
@@ -78,7 +80,7 @@ async def connection(host: str, port: int, requests: list[bytes], deadline: floa
         try:
             writer.write(req)
             status = await asyncio.wait_for(_read_response(reader), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             stats.errors["timeout"] += 1
             writer.close()
             writer = None
@@ -104,7 +106,17 @@ def percentile(sorted_values: list[int], p: float) -> int:
     return sorted_values[k]
 
 
-async def run(url: str, mode: str, key: str, connections: int, duration: float, task_id: str, create_every: int, body: bytes, timeout: float) -> dict:
+async def run(
+    url: str,
+    mode: str,
+    key: str,
+    connections: int,
+    duration: float,
+    task_id: str,
+    create_every: int,
+    body: bytes,
+    timeout: float,
+) -> dict:
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     hostport = f"{host}:{port}"
@@ -124,9 +136,12 @@ async def run(url: str, mode: str, key: str, connections: int, duration: float, 
     elapsed = time.monotonic() - start
     lat = sorted(stats.latencies)
     return {
-        "requests": len(lat), "duration_us": int(elapsed * 1e6),
-        "p50_us": percentile(lat, 50) // 1000, "p99_us": percentile(lat, 99) // 1000,
-        "mean_us": (sum(lat) / len(lat) / 1000) if lat else 0.0, "max_us": (lat[-1] // 1000) if lat else 0,
+        "requests": len(lat),
+        "duration_us": int(elapsed * 1e6),
+        "p50_us": percentile(lat, 50) // 1000,
+        "p99_us": percentile(lat, 99) // 1000,
+        "mean_us": (sum(lat) / len(lat) / 1000) if lat else 0.0,
+        "max_us": (lat[-1] // 1000) if lat else 0,
         **{f"errors_{k}": v for k, v in stats.errors.items()},
     }
 
@@ -149,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         uvloop.install()
     except ImportError:
         pass
-    result = asyncio.run(run(a.url, a.mode, a.key, a.connections, a.duration, a.task_id, a.create_every, body, a.timeout))
+    result = asyncio.run(
+        run(a.url, a.mode, a.key, a.connections, a.duration, a.task_id, a.create_every, body, a.timeout)
+    )
     print("BENCH_JSON " + json.dumps(result), flush=True)
     return 0
 

@@ -16,8 +16,9 @@ import resource
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import uvloop
 
@@ -41,21 +42,26 @@ async def run(call: Callable[[int], Awaitable[Any]], callers: int, calls: int) -
     return (cpu() - c0) / n * 1e6, n / (time.perf_counter() - t0)
 
 
+def _evalsha(script: Any) -> Callable[[int], Awaitable[Any]]:
+    """One call of `script` (either client's registered script) with argument i."""
+    return lambda i: script(args=[i])
+
+
 async def main(url: str, callers: int, calls: int) -> None:
     import redis.asyncio as aioredis
 
     from gateway.store.redis.client import RedisClient
 
     rows: list[tuple[str, float, float]] = []
-    for round_ in range(2):  # alternate, twice: the machine is shared
+    for _ in range(2):  # alternate, twice: the machine is shared
         py = aioredis.Redis.from_url(url)
         script = py.register_script(SCRIPT)
-        rows.append(("redis-py asyncio", *await run(lambda i: script(args=[i]), callers, calls)))
+        rows.append(("redis-py asyncio", *await run(_evalsha(script), callers, calls)))
         await py.aclose()
         lean = RedisClient(url)
         lscript = lean.register_script(SCRIPT)
         await lean.load_scripts()
-        rows.append(("gateway RedisClient", *await run(lambda i: lscript(args=[i]), callers, calls)))
+        rows.append(("gateway RedisClient", *await run(_evalsha(lscript), callers, calls)))
         await lean.aclose()
     print(f"{callers} concurrent callers x {calls} EVALSHA each, uvloop\n")
     print("| client | client CPU µs/command | commands/s |")

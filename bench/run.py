@@ -30,8 +30,8 @@ benchmarks uvicorn's faster HTTP stack; the header says which one ran.
 
 The soak (`--soak SECONDS`) drives a gateway with a mixed load (1 create in 4, the rest
 polls) and samples its RSS (/proc/<pid>/status) after a warm-up. The simulator drops its
-callbacks unless `--soak-callbacks`: its callback client (httpx) costs it a few ms of CPU
-per callback, which would make the simulator, not the gateway, the bottleneck.
+callbacks unless `--soak-callbacks`: its callback client (httpx) is costly enough per
+callback to make the simulator, not the gateway, the bottleneck.
 
 The gateway's tenant has every limit set, generously: admission does all its work and never
 refuses. Callbacks are on (`public_url` set, as in production: each create signs a callback
@@ -134,7 +134,9 @@ def rss_kb(pid: int) -> int:
 class Server:
     """A server under test: its own process group, output to a log file."""
 
-    def __init__(self, name: str, args: list[str], workdir: Path, port: int, ready_path: str, env: dict[str, str] | None = None):
+    def __init__(
+        self, name: str, args: list[str], workdir: Path, port: int, ready_path: str, env: dict[str, str] | None = None
+    ):
         self.name, self.args, self.port, self.ready_path = name, args, port, ready_path
         self.url = f"http://127.0.0.1:{port}"
         self.log = workdir / f"{name}.log"
@@ -146,9 +148,11 @@ class Server:
         assert self.proc is not None
         return self.proc.pid
 
-    def start(self, timeout: float = 30.0) -> "Server":
+    def start(self, timeout: float = 30.0) -> Server:
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.args, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT, start_new_session=True
+            )
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
@@ -161,7 +165,9 @@ class Server:
                 pass
             if time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"{self.name} did not answer {self.ready_path} within {timeout:g} s:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"{self.name} did not answer {self.ready_path} within {timeout:g} s:\n{self.log_tail()}"
+                )
             time.sleep(0.1)
 
     def stop(self) -> None:
@@ -178,7 +184,13 @@ class Server:
         return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
 
 
-def http_request(url: str, method: str = "GET", body: bytes | None = None, headers: dict[str, str] | None = None, timeout: float = 10.0) -> tuple[int, bytes]:
+def http_request(
+    url: str,
+    method: str = "GET",
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 10.0,
+) -> tuple[int, bytes]:
     host, _, rest = url.removeprefix("http://").partition("/")
     hostname, _, port = host.partition(":")
     conn = http.client.HTTPConnection(hostname, int(port or 80), timeout=timeout)
@@ -201,13 +213,39 @@ class Load:
     generator: str  # "wrk" | "python"
 
 
-def start_load(load: Load, url: str, mode: str, key: str, duration: int, connections: int, task_id: str = "") -> subprocess.Popen[str]:
+def start_load(
+    load: Load, url: str, mode: str, key: str, duration: int, connections: int, task_id: str = ""
+) -> subprocess.Popen[str]:
     env = {**os.environ, "BENCH_KEY": key, "BENCH_BODY": BODY, "BENCH_TASK_ID": task_id}
     if load.generator == "wrk":
         script = {"post": "wrk_post.lua", "get": "wrk_get.lua", "mixed": "wrk_mixed.lua"}[mode]
-        args = ["wrk", f"-t{min(load.threads, connections)}", f"-c{connections}", f"-d{duration}s", "--timeout", "10s", "-s", str(BENCH / script), url]
+        args = [
+            "wrk",
+            f"-t{min(load.threads, connections)}",
+            f"-c{connections}",
+            f"-d{duration}s",
+            "--timeout",
+            "10s",
+            "-s",
+            str(BENCH / script),
+            url,
+        ]
     else:
-        args = [PY, "-m", "bench.loadgen", "--url", url, "--mode", mode, "--key", key, "--connections", str(connections), "--duration", str(duration)]
+        args = [
+            PY,
+            "-m",
+            "bench.loadgen",
+            "--url",
+            url,
+            "--mode",
+            mode,
+            "--key",
+            key,
+            "--connections",
+            str(connections),
+            "--duration",
+            str(duration),
+        ]
         if task_id:
             args += ["--task-id", task_id]
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
@@ -245,8 +283,19 @@ def machine_ticks() -> tuple[int, int]:
     return sum(fields[:8]) - idle, sum(fields[:8])
 
 
-def measure(load: Load, name: str, server_pid: int, url: str, mode: str, key: str, *, connections: int | None = None, warmup: int = 0,
-            task_id: str = "", upstream_pid: int | None = None) -> Row:
+def measure(
+    load: Load,
+    name: str,
+    server_pid: int,
+    url: str,
+    mode: str,
+    key: str,
+    *,
+    connections: int | None = None,
+    warmup: int = 0,
+    task_id: str = "",
+    upstream_pid: int | None = None,
+) -> Row:
     conns = connections or load.connections
     if warmup:
         finish_load(start_load(load, url, mode, key, warmup, conns, task_id))
@@ -265,14 +314,27 @@ def measure(load: Load, name: str, server_pid: int, url: str, mode: str, key: st
     errors = sum(v for k, v in result.items() if k.startswith("errors_"))
     per = (lambda seconds: seconds / n * 1e6) if n else (lambda seconds: None)
     row = Row(
-        name, conns, rps=n / (result["duration_us"] / 1e6) if n else 0.0, p50_ms=result["p50_us"] / 1000, p99_ms=result["p99_us"] / 1000,
-        cpu_us=per(cpu), upstream_cpu_us=per(up) if upstream_pid else None, loadgen_cpu_us=per(gen),
+        name,
+        conns,
+        rps=n / (result["duration_us"] / 1e6) if n else 0.0,
+        p50_ms=result["p50_us"] / 1000,
+        p99_ms=result["p99_us"] / 1000,
+        cpu_us=per(cpu),
+        upstream_cpu_us=per(up) if upstream_pid else None,
+        loadgen_cpu_us=per(gen),
         busy=(busy1 - busy0) / (total1 - total0) if total1 > total0 else None,
-        others=max(0.0, ((busy1 - busy0) / CLK_TCK - cpu - up - gen) / wall), requests=n, errors=errors,
+        others=max(0.0, ((busy1 - busy0) / CLK_TCK - cpu - up - gen) / wall),
+        requests=n,
+        errors=errors,
     )
-    print(f"  {name:<46} c={conns:<3} {row.rps:8.0f} req/s  p50 {row.p50_ms:6.2f} ms  p99 {row.p99_ms:7.2f} ms  "
-          f"cpu {row.cpu_us or 0:5.0f} us/req  upstream {row.upstream_cpu_us or 0:4.0f}  loadgen {row.loadgen_cpu_us or 0:4.0f}  "
-          f"machine {row.busy or 0:4.0%}  others {row.others:.2f} cores  errors {errors}", file=sys.stderr, flush=True)
+    print(
+        f"  {name:<46} c={conns:<3} {row.rps:8.0f} req/s  p50 {row.p50_ms:6.2f} ms  p99 {row.p99_ms:7.2f} ms  "
+        f"cpu {row.cpu_us or 0:5.0f} us/req  upstream {row.upstream_cpu_us or 0:4.0f}  "
+        f"loadgen {row.loadgen_cpu_us or 0:4.0f}  "
+        f"machine {row.busy or 0:4.0%}  others {row.others:.2f} cores  errors {errors}",
+        file=sys.stderr,
+        flush=True,
+    )
     return row
 
 
@@ -326,21 +388,47 @@ defaults = {{ watermark = false }}
 def gateway_server(name: str, workdir: Path, upstream: str, store: str, key: str, callbacks: bool = True) -> Server:
     port = free_port()
     idle = "".join(
-        f'\n[[tenants]]\nid = "idle-{i}"\nkeys = ["{key_hash(secrets.token_hex(16))}"]\nwebhook_secret = "{secrets.token_hex(16)}"\n'
+        f'\n[[tenants]]\nid = "idle-{i}"\nkeys = ["{key_hash(secrets.token_hex(16))}"]\n'
+        f'webhook_secret = "{secrets.token_hex(16)}"\n'
         for i in range(3)
     )
     config = workdir / f"{name}.toml"
-    config.write_text(GATEWAY_CONFIG.format(
-        public_url=f"http://127.0.0.1:{port}" if callbacks else "", upstream=upstream, upstream_key=UPSTREAM_KEY, store=store,
-        key_hash=key_hash(key), hook_secret=secrets.token_urlsafe(24), idle_tenants=idle,
-    ))
-    return Server(name, [PY, "-m", "gateway", "serve", "--config", str(config), "--port", str(port)], workdir, port, "/readyz")
+    config.write_text(
+        GATEWAY_CONFIG.format(
+            public_url=f"http://127.0.0.1:{port}" if callbacks else "",
+            upstream=upstream,
+            upstream_key=UPSTREAM_KEY,
+            store=store,
+            key_hash=key_hash(key),
+            hook_secret=secrets.token_urlsafe(24),
+            idle_tenants=idle,
+        )
+    )
+    return Server(
+        name, [PY, "-m", "gateway", "serve", "--config", str(config), "--port", str(port)], workdir, port, "/readyz"
+    )
 
 
 def simulator(workdir: Path, seconds_to_finish: float) -> Server:
     port = free_port()
-    return Server("simulator", [PY, "-m", "gateway", "simulate-upstream", "--port", str(port), "--seconds-to-finish",
-                                str(seconds_to_finish), "--api-key", UPSTREAM_KEY], workdir, port, "/_sim/control")
+    return Server(
+        "simulator",
+        [
+            PY,
+            "-m",
+            "gateway",
+            "simulate-upstream",
+            "--port",
+            str(port),
+            "--seconds-to-finish",
+            str(seconds_to_finish),
+            "--api-key",
+            UPSTREAM_KEY,
+        ],
+        workdir,
+        port,
+        "/_sim/control",
+    )
 
 
 def reset_simulator(sim: Server) -> None:
@@ -349,7 +437,12 @@ def reset_simulator(sim: Server) -> None:
 
 
 def create_one(gw_url: str, key: str) -> str:
-    status, body = http_request(gw_url + "/runway/tasks", "POST", BODY.encode(), {"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    status, body = http_request(
+        gw_url + "/runway/tasks",
+        "POST",
+        BODY.encode(),
+        {"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+    )
     if status != 200:
         raise RuntimeError(f"the gateway refused a create ({status}): {body[:300]!r}")
     return json.loads(body)["task"]["id"]
@@ -384,8 +477,24 @@ class BenchRedis:
             port = free_port()
             self.url = f"redis://127.0.0.1:{port}/0"
             with open(self.workdir / "redis.log", "ab") as log:
-                self.proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                                              "--dir", str(self.workdir)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                self.proc = subprocess.Popen(
+                    [
+                        binary,
+                        "--port",
+                        str(port),
+                        "--bind",
+                        "127.0.0.1",
+                        "--save",
+                        "",
+                        "--appendonly",
+                        "no",
+                        "--dir",
+                        str(self.workdir),
+                    ],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
         deadline = time.monotonic() + 10
         while True:
             try:
@@ -426,7 +535,17 @@ def _batches(items: Any, size: int) -> Any:
         yield batch
 
 
-def run_gateway(load: Load, rows: list[Row], lat_rows: list[Row], label: str, workdir: Path, sim: Server, store: str, warmup: int, profile: bool) -> None:
+def run_gateway(
+    load: Load,
+    rows: list[Row],
+    lat_rows: list[Row],
+    label: str,
+    workdir: Path,
+    sim: Server,
+    store: str,
+    warmup: int,
+    profile: bool,
+) -> None:
     key = "sk-gw-bench-" + secrets.token_urlsafe(24)
     gw = gateway_server(f"gateway-{label.lower()}", workdir, sim.url, store, key)
     names = (f"gateway {label}: create", f"gateway {label}: poll", f"gateway {label}: create, 1 conn")
@@ -443,12 +562,37 @@ def run_gateway(load: Load, rows: list[Row], lat_rows: list[Row], label: str, wo
     try:
         reset_simulator(sim)
         spy = _start_profile(gw, load, workdir, label) if profile else None
-        rows.append(measure(load, names[0], gw.pid, gw.url + "/runway/tasks", "post", key, warmup=warmup, upstream_pid=sim.pid))
+        rows.append(
+            measure(load, names[0], gw.pid, gw.url + "/runway/tasks", "post", key, warmup=warmup, upstream_pid=sim.pid)
+        )
         if spy is not None:
             _finish_profile(spy, workdir, label)
-        rows.append(measure(load, names[1], gw.pid, f"{gw.url}/runway/tasks/{task_id}", "get", key, warmup=warmup, upstream_pid=sim.pid))
+        rows.append(
+            measure(
+                load,
+                names[1],
+                gw.pid,
+                f"{gw.url}/runway/tasks/{task_id}",
+                "get",
+                key,
+                warmup=warmup,
+                upstream_pid=sim.pid,
+            )
+        )
         reset_simulator(sim)
-        lat_rows.append(measure(load, names[2], gw.pid, gw.url + "/runway/tasks", "post", key, connections=1, warmup=warmup, upstream_pid=sim.pid))
+        lat_rows.append(
+            measure(
+                load,
+                names[2],
+                gw.pid,
+                gw.url + "/runway/tasks",
+                "post",
+                key,
+                connections=1,
+                warmup=warmup,
+                upstream_pid=sim.pid,
+            )
+        )
         errors = [line for line in gw.log_tail(20000).splitlines() if '"level":"error"' in line]
         if errors:
             print(f"  gateway {label} logged errors, e.g. {errors[-1][:300]}", file=sys.stderr)
@@ -462,8 +606,25 @@ def _start_profile(gw: Server, load: Load, workdir: Path, label: str) -> subproc
         print("  --profile: py-spy not found (pip install py-spy)", file=sys.stderr)
         return None
     out = workdir / f"profile-{label.lower()}.txt"
-    return subprocess.Popen([spy, "record", "--pid", str(gw.pid), "--duration", str(load.duration + 1), "--rate", "200",
-                             "--format", "raw", "--nonblocking", "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [
+            spy,
+            "record",
+            "--pid",
+            str(gw.pid),
+            "--duration",
+            str(load.duration + 1),
+            "--rate",
+            "200",
+            "--format",
+            "raw",
+            "--nonblocking",
+            "-o",
+            str(out),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def _finish_profile(spy: subprocess.Popen[bytes], workdir: Path, label: str) -> None:
@@ -475,7 +636,10 @@ def _finish_profile(spy: subprocess.Popen[bytes], workdir: Path, label: str) -> 
     RESULTS.mkdir(parents=True, exist_ok=True)
     dest = RESULTS / src.name
     shutil.copy(src, dest)
-    print(f"  profile (collapsed stacks) in {dest}; summary: .venv/bin/python -m bench.profile_summary {dest}", file=sys.stderr)
+    print(
+        f"  profile (collapsed stacks) in {dest}; summary: .venv/bin/python -m bench.profile_summary {dest}",
+        file=sys.stderr,
+    )
 
 
 # --- the table ------------------------------------------------------------------------
@@ -523,24 +687,38 @@ def ratios(rows: list[Row]) -> list[tuple[str, str, str, str]]:
     out = []
     for what, kind, num, den, goal in GOALS:
         v = goal_value(rows, kind, num, den)
-        out.append((what, v[1], _target(kind, goal), _met(kind, v[0], goal)) if v else (what, "pending", _target(kind, goal), "pending"))
+        out.append(
+            (what, v[1], _target(kind, goal), _met(kind, v[0], goal))
+            if v
+            else (what, "pending", _target(kind, goal), "pending")
+        )
     return out
 
 
 def rounds_table(rounds: list[list[Row]]) -> list[str]:
     """The goals over several rounds: each round's value and the median, which decides."""
     n = len(rounds)
-    lines = ["| goal | " + " | ".join(f"round {i + 1}" for i in range(n)) + " | median | target | met (median) |",
-             "|---|" + "---:|" * (n + 1) + "---|---|"]
+    lines = [
+        "| goal | " + " | ".join(f"round {i + 1}" for i in range(n)) + " | median | target | met (median) |",
+        "|---|" + "---:|" * (n + 1) + "---|---|",
+    ]
     for what, kind, num, den, goal in GOALS:
         values = [goal_value(rows, kind, num, den) for rows in rounds]
         if any(v is None for v in values):
-            lines.append(f"| {what} | " + " | ".join("pending" for _ in values) + f" | pending | {_target(kind, goal)} | pending |")
+            lines.append(
+                f"| {what} | "
+                + " | ".join("pending" for _ in values)
+                + f" | pending | {_target(kind, goal)} | pending |"
+            )
             continue
         nums = [v[0] for v in values if v]
         med = statistics.median(nums)
         unit = "x" if kind == "ratio" else " ms"
-        lines.append(f"| {what} | " + " | ".join(f"{x:.2f}{unit}" for x in nums) + f" | {med:.2f}{unit} | {_target(kind, goal)} | {_met(kind, med, goal)} |")
+        lines.append(
+            f"| {what} | "
+            + " | ".join(f"{x:.2f}{unit}" for x in nums)
+            + f" | {med:.2f}{unit} | {_target(kind, goal)} | {_met(kind, med, goal)} |"
+        )
     return lines
 
 
@@ -585,7 +763,8 @@ def render(rows: list[Row], lat_rows: list[Row], load: Load, command: str, start
         f"Servers: {stack()}; simulator tasks finish after {FAST_SECONDS_TO_FINISH} s (no callbacks during a run)  ",
         f"Load: {generator_text(load)} (+{warmup} s warm-up), {load.connections} connections unless the row says 1",
         "",
-        "| target | conns | req/s | p50 ms | p99 ms | server CPU µs/req | upstream CPU µs/req | load gen CPU µs/req | machine busy | other load (cores) | errors |",
+        "| target | conns | req/s | p50 ms | p99 ms | server CPU µs/req | upstream CPU µs/req | load gen CPU µs/req "
+        "| machine busy | other load (cores) | errors |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows + lat_rows:
@@ -593,23 +772,34 @@ def render(rows: list[Row], lat_rows: list[Row], load: Load, command: str, start
             lines.append(f"| {r.target} | {r.connections} | {r.note} | | | | | | | | |")
             continue
         upstream_cpu = "—" if r.upstream_cpu_us is None else f"{r.upstream_cpu_us:,.0f}"
-        lines.append(f"| {r.target} | {r.connections} | {_fmt(r.rps, ',.0f')} | {_fmt(r.p50_ms, '.2f')} | {_fmt(r.p99_ms, '.2f')} | "
-                     f"{_fmt(r.cpu_us, ',.0f')} | {upstream_cpu} | {_fmt(r.loadgen_cpu_us, ',.0f')} | {_fmt(r.busy, '.0%')} | "
-                     f"{_fmt(r.others, '.2f')} | {r.errors} |")
+        lines.append(
+            f"| {r.target} | {r.connections} | {_fmt(r.rps, ',.0f')} | {_fmt(r.p50_ms, '.2f')} | "
+            f"{_fmt(r.p99_ms, '.2f')} | "
+            f"{_fmt(r.cpu_us, ',.0f')} | {upstream_cpu} | {_fmt(r.loadgen_cpu_us, ',.0f')} | {_fmt(r.busy, '.0%')} | "
+            f"{_fmt(r.others, '.2f')} | {r.errors} |"
+        )
     lines += ["", "| goal | measured | target | met |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in ratios(rows + lat_rows)]
     return "\n".join(lines) + "\n"
 
 
-def render_rounds(results: list[tuple[list[Row], list[Row]]], load: Load, command: str, started: dt.datetime, warmup: int) -> str:
+def render_rounds(
+    results: list[tuple[list[Row], list[Row]]], load: Load, command: str, started: dt.datetime, warmup: int
+) -> str:
     """Each round's table, then the goals over the rounds (median decides)."""
     parts = []
     for i, (rows, lat_rows) in enumerate(results):
         table = render(rows, lat_rows, load, command, started, warmup)
         if i:
             table = table.split("\n\n", 1)[1]  # the header once
-        parts.append(f"Round {i + 1}:\n\n" + table if i else table.replace("\n\n| target", "\n\nRound 1:\n\n| target", 1))
-    summary = [f"Goals over {len(results)} rounds (each ratio taken within its round):", "", *rounds_table([r + l for r, l in results])]
+        parts.append(
+            f"Round {i + 1}:\n\n" + table if i else table.replace("\n\n| target", "\n\nRound 1:\n\n| target", 1)
+        )
+    summary = [
+        f"Goals over {len(results)} rounds (each ratio taken within its round):",
+        "",
+        *rounds_table([rows + single for rows, single in results]),
+    ]
     return "\n".join(parts) + "\n" + "\n".join(summary) + "\n"
 
 
@@ -617,11 +807,13 @@ def render_rounds(results: list[tuple[list[Row], list[Row]]], load: Load, comman
 
 
 def bench(args: argparse.Namespace, load: Load, command: str) -> int:
-    started = dt.datetime.now(dt.timezone.utc)
+    started = dt.datetime.now(dt.UTC)
     groups = set(args.only.split(",")) if args.only else set(GROUPS)
     unknown = groups - set(GROUPS)
     if unknown:
-        print(f"--only: unknown group(s) {', '.join(sorted(unknown))}; choose from {', '.join(GROUPS)}", file=sys.stderr)
+        print(
+            f"--only: unknown group(s) {', '.join(sorted(unknown))}; choose from {', '.join(GROUPS)}", file=sys.stderr
+        )
         return 2
     warmup = 0 if args.quick else args.warmup
     workdir = Path(tempfile.mkdtemp(prefix="runway-bench-"))
@@ -658,40 +850,106 @@ def bench(args: argparse.Namespace, load: Load, command: str) -> int:
     if not args.no_save:
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / "latest.md").write_text(table)
-        (RESULTS / "latest.json").write_text(json.dumps({"date": started.isoformat(), "command": command, "machine": machine(),
-                                                          "rounds": [[asdict(r) for r in rows + lat] for rows, lat in results]}, indent=2))
+        (RESULTS / "latest.json").write_text(
+            json.dumps(
+                {
+                    "date": started.isoformat(),
+                    "command": command,
+                    "machine": machine(),
+                    "rounds": [[asdict(r) for r in rows + lat] for rows, lat in results],
+                },
+                indent=2,
+            )
+        )
     return 0
 
 
-def bench_round(args: argparse.Namespace, load: Load, groups: set[str], workdir: Path, sim: Server, servers: list[Server],
-                rows: list[Row], lat_rows: list[Row], warmup: int, redis: BenchRedis) -> None:
+def bench_round(
+    args: argparse.Namespace,
+    load: Load,
+    groups: set[str],
+    workdir: Path,
+    sim: Server,
+    servers: list[Server],
+    rows: list[Row],
+    lat_rows: list[Row],
+    warmup: int,
+    redis: BenchRedis,
+) -> None:
     """One round: every selected target once, in the order of the table."""
     if "upstream" in groups:
-        rows.append(measure(load, "upstream alone", sim.pid, sim.url + "/runway/tasks", "post", UPSTREAM_KEY, warmup=warmup))
+        rows.append(
+            measure(load, "upstream alone", sim.pid, sim.url + "/runway/tasks", "post", UPSTREAM_KEY, warmup=warmup)
+        )
         reset_simulator(sim)
-        lat_rows.append(measure(load, "upstream alone, 1 conn", sim.pid, sim.url + "/runway/tasks", "post", UPSTREAM_KEY, connections=1, warmup=warmup))
+        lat_rows.append(
+            measure(
+                load,
+                "upstream alone, 1 conn",
+                sim.pid,
+                sim.url + "/runway/tasks",
+                "post",
+                UPSTREAM_KEY,
+                connections=1,
+                warmup=warmup,
+            )
+        )
     if "floors" in groups:
-        floors = [("floor: Starlette + aiohttp", "floor_aiohttp.py", []), ("floor: Starlette + httpx", "floor_httpx.py", [])]
+        floors = [
+            ("floor: Starlette + aiohttp", "floor_aiohttp.py", []),
+            ("floor: Starlette + httpx", "floor_httpx.py", []),
+        ]
         if importlib.util.find_spec("httpx_aiohttp"):
             floors.append(("floor: Starlette + httpx-aiohttp transport", "floor_httpx.py", ["--transport", "aiohttp"]))
         for name, script, extra in floors:
             reset_simulator(sim)
             port = free_port()
-            floor = Server(script.removesuffix(".py") + "".join(extra[1:]), [PY, str(BENCH / script), "--port", str(port), "--upstream", sim.url,
-                           "--api-key", UPSTREAM_KEY, *extra], workdir, port, "/healthz")
+            floor = Server(
+                script.removesuffix(".py") + "".join(extra[1:]),
+                [
+                    PY,
+                    str(BENCH / script),
+                    "--port",
+                    str(port),
+                    "--upstream",
+                    sim.url,
+                    "--api-key",
+                    UPSTREAM_KEY,
+                    *extra,
+                ],
+                workdir,
+                port,
+                "/healthz",
+            )
             servers.append(floor)
             floor.start()
             try:
-                rows.append(measure(load, name, floor.pid, floor.url + "/runway/tasks", "post", UPSTREAM_KEY, warmup=warmup, upstream_pid=sim.pid))
+                rows.append(
+                    measure(
+                        load,
+                        name,
+                        floor.pid,
+                        floor.url + "/runway/tasks",
+                        "post",
+                        UPSTREAM_KEY,
+                        warmup=warmup,
+                        upstream_pid=sim.pid,
+                    )
+                )
             finally:
                 floor.stop()
     if "sqlite" in groups:
-        run_gateway(load, rows, lat_rows, "SQLite", workdir, sim, f"sqlite:///{workdir / 'gateway.db'}", warmup, args.profile)
+        run_gateway(
+            load, rows, lat_rows, "SQLite", workdir, sim, f"sqlite:///{workdir / 'gateway.db'}", warmup, args.profile
+        )
     if "redis" in groups:
         if redis.problem:
             note = f"pending: Redis {redis.url or '(private redis-server)'} not usable ({redis.problem[:80]})"
             print(f"  {note}", file=sys.stderr)
-            rows += [Row("gateway Redis: create", load.connections, note=note), Row("gateway Redis: poll", load.connections, note=note)]
+            rows += [
+                Row("gateway Redis: create", load.connections, note=note),
+                Row("gateway Redis: poll", load.connections, note=note),
+            ]
             lat_rows.append(Row("gateway Redis: create, 1 conn", 1, note=note))
         else:
             store, prefix = redis.store_url()
@@ -704,7 +962,7 @@ def bench_round(args: argparse.Namespace, load: Load, groups: set[str], workdir:
 def soak(args: argparse.Namespace, load: Load, command: str) -> int:
     """Mixed load (1 create in 4, the rest polls; callbacks settle tasks as they go) for
     `--soak` seconds, sampling the gateway's RSS; reports start (after a warm-up), end, peak."""
-    started = dt.datetime.now(dt.timezone.utc)
+    started = dt.datetime.now(dt.UTC)
     workdir = Path(tempfile.mkdtemp(prefix="runway-soak-"))
     sim = simulator(workdir, SOAK_SECONDS_TO_FINISH)
     key = "sk-gw-bench-" + secrets.token_urlsafe(24)
@@ -724,7 +982,9 @@ def soak(args: argparse.Namespace, load: Load, command: str) -> int:
     try:
         sim.start()
         if not args.soak_callbacks:
-            http_request(sim.url + "/_sim/control", "POST", b'{"drop_callbacks": true}', {"Content-Type": "application/json"})
+            http_request(
+                sim.url + "/_sim/control", "POST", b'{"drop_callbacks": true}', {"Content-Type": "application/json"}
+            )
         gw.start()
         task_id = create_one(gw.url, key)
         warm = 0 if args.quick else args.soak_warmup
@@ -755,25 +1015,37 @@ def soak(args: argparse.Namespace, load: Load, command: str) -> int:
     growth = (end_rss - start_rss) / start_rss * 100 if start_rss else 0.0
     errors = sum(v for k, v in result.items() if k.startswith("errors_"))
     if errors:
-        print("soak errors: " + ", ".join(f"{k[7:]} {v}" for k, v in result.items() if k.startswith("errors_") and v), file=sys.stderr)
+        print(
+            "soak errors: " + ", ".join(f"{k[7:]} {v}" for k, v in result.items() if k.startswith("errors_") and v),
+            file=sys.stderr,
+        )
     curve = ", ".join(f"{t:.0f}s {kb / 1024:.1f}" for t, kb in samples[:: max(1, len(samples) // 12)])
-    table = "\n".join([
-        f"Command: `{command}`  ",
-        f"Date: {started.strftime('%Y-%m-%d %H:%M UTC')}  ",
-        f"Machine: {machine()}  ",
-        f"Servers: {stack()}; store {args.store}; simulator tasks finish after {SOAK_SECONDS_TO_FINISH} s, "
-        f"{'callbacks on (tasks settle)' if args.soak_callbacks else 'callbacks dropped by the simulator'}  ",
-        f"Load: {generator_text(load).rsplit(',', 1)[0]}, mixed (1 create : 3 polls), {load.connections} connections, "
-        f"{args.soak} s after a {0 if args.quick else args.soak_warmup} s warm-up",
-        "",
-        "| soak | req/s | p50 ms | p99 ms | server CPU µs/req | errors | RSS start MiB | RSS end MiB | RSS peak MiB | growth | met (≤ 10 %) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
-        f"| gateway {args.store}, mixed | {n / (result['duration_us'] / 1e6):,.0f} | {result['p50_us'] / 1000:.2f} | "
-        f"{result['p99_us'] / 1000:.2f} | {cpu / n * 1e6 if n else 0:,.0f} | {errors} | {start_rss / 1024:.1f} | {end_rss / 1024:.1f} | "
-        f"{peak / 1024:.1f} | {growth:+.1f} % | {'yes' if abs(growth) <= 10 else '**no**'} |",
-        "",
-        f"RSS over time (MiB): {curve}",
-    ]) + "\n"
+    table = (
+        "\n".join(
+            [
+                f"Command: `{command}`  ",
+                f"Date: {started.strftime('%Y-%m-%d %H:%M UTC')}  ",
+                f"Machine: {machine()}  ",
+                f"Servers: {stack()}; store {args.store}; simulator tasks finish after {SOAK_SECONDS_TO_FINISH} s, "
+                f"{'callbacks on (tasks settle)' if args.soak_callbacks else 'callbacks dropped by the simulator'}  ",
+                f"Load: {generator_text(load).rsplit(',', 1)[0]}, mixed (1 create : 3 polls), "
+                f"{load.connections} connections, "
+                f"{args.soak} s after a {0 if args.quick else args.soak_warmup} s warm-up",
+                "",
+                "| soak | req/s | p50 ms | p99 ms | server CPU µs/req | errors | RSS start MiB | RSS end MiB "
+                "| RSS peak MiB | growth | met (≤ 10 %) |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+                f"| gateway {args.store}, mixed | {n / (result['duration_us'] / 1e6):,.0f} | "
+                f"{result['p50_us'] / 1000:.2f} | "
+                f"{result['p99_us'] / 1000:.2f} | {cpu / n * 1e6 if n else 0:,.0f} | {errors} | "
+                f"{start_rss / 1024:.1f} | {end_rss / 1024:.1f} | "
+                f"{peak / 1024:.1f} | {growth:+.1f} % | {'yes' if abs(growth) <= 10 else '**no**'} |",
+                "",
+                f"RSS over time (MiB): {curve}",
+            ]
+        )
+        + "\n"
+    )
     print(table, flush=True)
     if not args.no_save:
         RESULTS.mkdir(parents=True, exist_ok=True)
@@ -782,24 +1054,52 @@ def soak(args: argparse.Namespace, load: Load, command: str) -> int:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=".venv/bin/python -m bench", description="Benchmark the gateway beside its floors; prints a markdown table.")
+    p = argparse.ArgumentParser(
+        prog=".venv/bin/python -m bench",
+        description="Benchmark the gateway beside its floors; prints a markdown table.",
+    )
     p.add_argument("--duration", type=int, default=10, help="seconds of measured load per target (default 10)")
     p.add_argument("--connections", type=int, default=32, help="concurrent connections (default 32)")
     p.add_argument("--warmup", type=int, default=2, help="seconds of unmeasured load before each target (default 2)")
     p.add_argument("--quick", action="store_true", help="a smoke run: 1 s per target, no warm-up")
-    p.add_argument("--rounds", type=int, default=1, help="repeat the whole table N times; the goals use the median of the rounds")
+    p.add_argument(
+        "--rounds", type=int, default=1, help="repeat the whole table N times; the goals use the median of the rounds"
+    )
     p.add_argument("--only", default="", help=f"comma-separated subset of {','.join(GROUPS)}")
     p.add_argument("--threads", type=int, default=1, help="wrk threads (default 1: leave the cores to the servers)")
-    p.add_argument("--loadgen", choices=("auto", "wrk", "python"), default="auto", help="auto: wrk when on PATH, else bench/loadgen.py")
-    p.add_argument("--redis-url", default="", help="a Redis for the Redis rows and the soak, used under a key prefix of the run's own "
-                   "whose keys are deleted afterwards (default: a private redis-server on a free port, stopped at the end)")
-    p.add_argument("--profile", action="store_true", help="py-spy the gateway during its create runs (collapsed stacks in bench/results/)")
-    p.add_argument("--soak", type=int, default=0, metavar="SECONDS", help="instead of the table: RSS over a mixed soak of SECONDS")
-    p.add_argument("--soak-warmup", type=int, default=15, help="seconds of mixed load before the soak's first RSS sample (default 15)")
+    p.add_argument(
+        "--loadgen",
+        choices=("auto", "wrk", "python"),
+        default="auto",
+        help="auto: wrk when on PATH, else bench/loadgen.py",
+    )
+    p.add_argument(
+        "--redis-url",
+        default="",
+        help="a Redis for the Redis rows and the soak, used under a key prefix of the run's own "
+        "whose keys are deleted afterwards (default: a private redis-server on a free port, stopped at the end)",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="py-spy the gateway during its create runs (collapsed stacks in bench/results/)",
+    )
+    p.add_argument(
+        "--soak", type=int, default=0, metavar="SECONDS", help="instead of the table: RSS over a mixed soak of SECONDS"
+    )
+    p.add_argument(
+        "--soak-warmup",
+        type=int,
+        default=15,
+        help="seconds of mixed load before the soak's first RSS sample (default 15)",
+    )
     p.add_argument("--store", choices=("sqlite", "redis"), default="sqlite", help="the soak's store")
-    p.add_argument("--soak-callbacks", action="store_true",
-                   help="let the simulator post its callbacks, so tasks settle during the soak (the simulator's httpx "
-                        "callback client then limits the rate: ~100-200 creates/s on 2 cores)")
+    p.add_argument(
+        "--soak-callbacks",
+        action="store_true",
+        help="let the simulator post its callbacks, so tasks settle during the soak (the simulator's httpx "
+        "callback client then limits the rate; docs/benchmarks.md)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the work directory (configs, server logs)")
     p.add_argument("--no-save", action="store_true", help="do not write bench/results/")
     return p.parse_args(argv)
@@ -817,9 +1117,13 @@ def main(argv: list[str] | None = None) -> int:
         print("bench: --loadgen wrk but wrk is not on PATH (apt-get install wrk)", file=sys.stderr)
         return 2
     if generator == "python":
-        print("bench: wrk not found; using bench/loadgen.py (slower: compare only with its own tables)", file=sys.stderr)
+        print(
+            "bench: wrk not found; using bench/loadgen.py (slower: compare only with its own tables)", file=sys.stderr
+        )
     load = Load(args.connections, 1 if args.quick else args.duration, args.threads, generator)
-    command = ".venv/bin/python bench/run.py" + ("" if argv is None and len(sys.argv) <= 1 else " " + " ".join(argv if argv is not None else sys.argv[1:]))
+    command = ".venv/bin/python bench/run.py" + (
+        "" if argv is None and len(sys.argv) <= 1 else " " + " ".join(argv if argv is not None else sys.argv[1:])
+    )
     if args.soak:
         return soak(args, load, command)
     return bench(args, load, command)

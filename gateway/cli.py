@@ -32,7 +32,9 @@ def new_key(prefix: str = "sk-gw-") -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="runway-gateway", description="A key-managed, quota-enforcing gateway for a Runway gen2 relay.")
+    parser = argparse.ArgumentParser(
+        prog="runway-gateway", description="A key-managed, quota-enforcing gateway for a Runway gen2 relay."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the gateway")
@@ -44,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     check = sub.add_parser("check-config", help="validate a config file")
     check.add_argument("path")
     check.add_argument(
-        "--env-file", metavar="PATH",
+        "--env-file",
+        metavar="PATH",
         help="take ${NAME} values from this KEY=VALUE file (e.g. deploy/.env) instead of the environment",
     )
 
@@ -116,8 +119,16 @@ def _serve(config_path: str | None, host: str, port: int, workers: int) -> int:
 
     try:
         uvicorn.run(
-            "gateway.cli:app_from_env", factory=True, host=host, port=port, workers=workers,
-            log_config=None, access_log=False, proxy_headers=False, server_header=False, date_header=False,
+            "gateway.cli:app_from_env",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            log_config=None,
+            access_log=False,
+            proxy_headers=False,
+            server_header=False,
+            date_header=False,
             **uvicorn_options(server),  # header/body/idle timeouts and the connection limit
         )
     finally:
@@ -174,7 +185,7 @@ def app_from_env():  # type: ignore[no-untyped-def]
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from gateway.simulator import run_simulator, settings_from_env
+    from gateway.devtools.simulator import run_simulator, settings_from_env
 
     overrides: dict[str, object] = {"seconds_to_finish": args.seconds_to_finish, "fail_rate": args.fail_rate}
     if args.api_key:
@@ -258,7 +269,10 @@ def _busy_ports(ports: dict[str, tuple[int, str]]) -> list[str]:
                 s.bind(("127.0.0.1", port))
                 s.listen()
             except OSError as exc:
-                busy.append(f"demo: port {port} for the {what} is busy ({exc.strerror}): stop what uses it or choose another with {option} PORT")
+                busy.append(
+                    f"demo: port {port} for the {what} is busy ({exc.strerror}): "
+                    f"stop what uses it or choose another with {option} PORT"
+                )
     return busy
 
 
@@ -288,20 +302,30 @@ def _demo(port: int, upstream_port: int, data: Path, new_demo_key: bool) -> int:
     kept = _demo_secrets(data, new_demo_key)
     config_path = data / "gateway.toml"
     config_path.write_text(
-        DEMO_CONFIG.format(port=port, upstream_port=upstream_port, db=(data / "gateway.db").resolve(), key_hash=key_hash(kept.key), hook_secret=kept.webhook_secret)
+        DEMO_CONFIG.format(
+            port=port,
+            upstream_port=upstream_port,
+            db=(data / "gateway.db").resolve(),
+            key_hash=key_hash(kept.key),
+            hook_secret=kept.webhook_secret,
+        )
     )
-    simulator = subprocess.Popen([sys.executable, "-m", "gateway", "simulate-upstream", "--port", str(upstream_port), "--seconds-to-finish", "8"])
+    simulator = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "simulate-upstream", "--port", str(upstream_port), "--seconds-to-finish", "8"]
+    )
     try:
         if not _wait_for_port(upstream_port, simulator):
             print(f"demo: the simulator did not start on port {upstream_port}", file=sys.stderr)
             return 1
         print(
-            f"\nrunway-gateway demo\n  gateway:  http://127.0.0.1:{port}\n  upstream: http://127.0.0.1:{upstream_port} (simulator)\n"
+            f"\nrunway-gateway demo\n  gateway:  http://127.0.0.1:{port}\n"
+            f"  upstream: http://127.0.0.1:{upstream_port} (simulator)\n"
             f"  config:   {config_path}\n  demo key: {kept.key}\n"
             f"            (kept in {data / DEMO_SECRETS_FILE}; `runway-gateway demo --new-key` replaces it)\n\n"
             f"  export KEY={kept.key}\n"
-            f"  curl -s http://127.0.0.1:{port}/runway/tasks -H \"Authorization: Bearer $KEY\" -H 'Content-Type: application/json' \\\n"
-            "    -d '{\"taskType\":\"gen2\",\"options\":{\"gen2Options\":{\"text_prompt\":\"The wind blows hair up.\"}}}'\n",
+            f'  curl -s http://127.0.0.1:{port}/runway/tasks -H "Authorization: Bearer $KEY" '
+            "-H 'Content-Type: application/json' \\\n"
+            '    -d \'{"taskType":"gen2","options":{"gen2Options":{"text_prompt":"The wind blows hair up."}}}\'\n',
             flush=True,
         )
         return _serve(str(config_path), "127.0.0.1", port, 1)

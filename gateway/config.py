@@ -4,29 +4,41 @@ Loading reports *every* problem at once, each with its key path
 (`tenants[1].limits.max_active_tasks: must be a positive integer`), so an operator fixes a
 file in one pass. `${NAME}` / `${NAME:-default}` are replaced from the environment in every
 string before validation, so secrets never need to be written into the file.
+
+The dataclasses are the schema: a section's known keys are its fields, a key left out
+takes the field's default, and a field the file sets plainly carries its value check
+(`_setting(default, check)`). Keys that need more (required, cross-checked, nested) are
+read by hand in `_Validator`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from urllib.parse import urlsplit
 
 from gateway.store.base import Limits  # re-exported: a tenant's limits are the store's input
 from gateway.store.redis.url import parse_url, split_prefix, tls_context
+from gateway.jsontypes import a_type_name, is_type
 
 TENANT_ID_RE = re.compile(r"^[a-z0-9-]{1,64}$")
 KEY_HASH_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 ENV_LINE_RE = re.compile(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=(.*)$")
 ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
 MIN_HS_SECRET_BYTES = 32
-JWT_ALGORITHMS = {"HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512", "EdDSA"}
-GEN2_OPTION_TYPES: dict[str, type | tuple[type, ...]] = {
+JWT_ALGORITHMS = {
+    *("HS256", "HS384", "HS512", "RS256", "RS384", "RS512"),
+    *("ES256", "ES384", "ES512", "PS256", "PS384", "PS512", "EdDSA"),
+}
+LOG_LEVELS = {"debug", "info", "warning", "error"}
+GEN2_OPTION_TYPES: dict[str, type] = {
     "mode": str,
     "seed": int,
     "interpolate": bool,
@@ -40,6 +52,8 @@ GEN2_OPTION_TYPES: dict[str, type | tuple[type, ...]] = {
     "init_image": str,
 }
 
+Check = Callable[[Any], str | None]  # a value's problem, or None when it is fine
+
 
 class ConfigError(Exception):
     """Every problem found in a config file, one line each."""
@@ -49,47 +63,185 @@ class ConfigError(Exception):
         super().__init__("\n".join(problems))
 
 
+# --- value checks: each returns a problem or None -------------------------------------
+
+
+def _setting(default: Any, check: Check) -> Any:
+    """A field the file may set directly: `check` is its value check, `default` its value when
+    the key is left out (the validator also keeps it when the check fails)."""
+    return field(default=default, metadata={"check": check})
+
+
+def _string(v: Any) -> str | None:
+    return None if isinstance(v, str) else "must be a string"
+
+
+def _non_empty_string(v: Any) -> str | None:
+    return None if isinstance(v, str) and v else "must be a non-empty string"
+
+
+def _secret_or_empty(v: Any) -> str | None:
+    if not isinstance(v, str):
+        return "must be a string"
+    if v and len(v) < 32:
+        return "must be at least 32 characters (or empty to let the store generate one)"
+    return None
+
+
+def _bool(v: Any) -> str | None:
+    return None if isinstance(v, bool) else "must be true or false"
+
+
+def _positive_int(v: Any) -> str | None:
+    return None if isinstance(v, int) and not isinstance(v, bool) and v > 0 else "must be a positive integer"
+
+
+def _non_negative_int(v: Any) -> str | None:
+    return None if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else "must be a non-negative integer"
+
+
+def _positive_number(v: Any) -> str | None:
+    return None if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 else "must be a positive number"
+
+
+def _non_negative_number(v: Any) -> str | None:
+    return (
+        None if isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 else "must be a non-negative number"
+    )
+
+
+def _one_of(options: set[str]) -> Check:
+    def check(v: Any) -> str | None:
+        return None if v in options else f"must be one of {', '.join(sorted(options))}"
+
+    return check
+
+
+def _list_of(item: Check) -> Check:
+    def check(v: Any) -> str | None:
+        if not isinstance(v, list):
+            return "must be an array"
+        for i, x in enumerate(v):
+            problem = item(x)
+            if problem:
+                return f"item {i} {problem}"
+        return None
+
+    return check
+
+
+def _key_hashes(v: Any) -> str | None:
+    if not isinstance(v, list):
+        return 'must be an array of "sha256:<64 hex>" strings'
+    for i, x in enumerate(v):
+        if not isinstance(x, str) or not KEY_HASH_RE.match(x):
+            return f'item {i} must be "sha256:<64 lowercase hex>" (make one with `runway-gateway new-key`)'
+    return None
+
+
+def _algorithms(v: Any) -> str | None:
+    if not isinstance(v, list) or not all(isinstance(a, str) for a in v):
+        return "must be an array of algorithm names"
+    bad = [a for a in v if a not in JWT_ALGORITHMS]
+    if bad:
+        return f"unsupported algorithm(s) {', '.join(bad)} (never 'none')"
+    return None
+
+
+def _http_url(v: Any) -> str | None:
+    if not isinstance(v, str):
+        return "must be a string"
+    parts = urlsplit(v)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must be an http(s) URL"
+    return None
+
+
+def _http_url_or_empty(v: Any) -> str | None:
+    return None if v == "" else _http_url(v)
+
+
+def _status_path(v: Any) -> str | None:
+    if not isinstance(v, str):
+        return "must be a string"
+    if v and (not v.startswith("/") or "{id}" not in v):
+        return "must be empty or a path starting with / that contains {id}"
+    return None
+
+
+def _store_url(v: Any) -> str | None:
+    if not isinstance(v, str):
+        return "must be a string"
+    if v.startswith("sqlite:///") and len(v) > len("sqlite:///"):
+        return None
+    if v.startswith(("redis://", "rediss://")):
+        try:
+            tls_context(parse_url(split_prefix(v)[0]))  # loads the TLS files: they must be usable
+        except ValueError as exc:
+            return str(exc)
+        return None
+    return "must be sqlite:///PATH or redis[s]://[[USER]:PASSWORD@]HOST[:PORT][/DB][?prefix=P&ssl_ca_certs=F&ssl_certfile=F&ssl_keyfile=F]"
+
+
+def _hook_host(v: Any) -> str | None:
+    if not isinstance(v, str) or not v:
+        return "must be a host name, *.suffix, IP address or CIDR"
+    if v.startswith("*."):
+        return None if len(v) > 2 else "wildcard needs a suffix"
+    try:
+        ipaddress.ip_network(v, strict=False)
+        return None
+    except ValueError:
+        pass
+    return None if re.match(r"^[A-Za-z0-9.-]+$", v) else "must be a host name, *.suffix, IP address or CIDR"
+
+
+# --- the schema ---------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class ServerConfig:
-    public_url: str = ""
-    max_body_bytes: int = 1_048_576
-    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
-    signing_secret: str = ""
-    log_level: str = "info"
-    upload_ttl_seconds: float = 3600.0  # how long an upload's signed /assets URL works
+    public_url: str = _setting("", _http_url_or_empty)
+    max_body_bytes: int = _setting(1_048_576, _positive_int)
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = _setting((), _list_of(_string))
+    signing_secret: str = _setting("", _secret_or_empty)
+    log_level: str = _setting("info", _one_of(LOG_LEVELS))
+    upload_ttl_seconds: float = _setting(3600.0, _positive_number)  # how long an upload's signed /assets URL works
     # slow and idle clients (gateway/connections.py): a request's headers must arrive
     # within header_timeout_seconds, its body within body_timeout_seconds after them
-    header_timeout_seconds: float = 10.0
-    body_timeout_seconds: float = 30.0
-    keepalive_timeout_seconds: float = 5.0  # an idle keep-alive connection closes then
-    max_connections_per_worker: int = 1000  # beyond it a request gets 503 server_busy
+    header_timeout_seconds: float = _setting(10.0, _positive_number)
+    body_timeout_seconds: float = _setting(30.0, _positive_number)
+    keepalive_timeout_seconds: float = _setting(5.0, _positive_number)  # an idle keep-alive connection closes then
+    max_connections_per_worker: int = _setting(1000, _positive_int)  # beyond it a request gets 503 server_busy
 
 
 @dataclass(frozen=True)
 class UpstreamConfig:
-    base_url: str = ""  # required in the file: no default would be safe to send the relay key to
-    api_keys: tuple[str, ...] = ()
-    timeout_seconds: float = 30.0
-    status_path: str = "/runway/tasks/{id}"
-    poll_interval_seconds: float = 5.0
-    task_timeout_seconds: float = 3600.0
-    unknown_outcome_timeout_seconds: float = 300.0  # an unidentified create (timeout, reset, garbage) frees its slot
+    # required in the file: no default would be safe to send the relay key to
+    base_url: str = _setting("", _http_url)
+    api_keys: tuple[str, ...] = _setting((), _list_of(_non_empty_string))
+    timeout_seconds: float = _setting(30.0, _positive_number)
+    status_path: str = _setting("/runway/tasks/{id}", _status_path)
+    poll_interval_seconds: float = _setting(5.0, _positive_number)
+    task_timeout_seconds: float = _setting(3600.0, _positive_number)
+    # an unidentified create (timeout, reset, garbage) frees its slot
+    unknown_outcome_timeout_seconds: float = _setting(300.0, _positive_number)
     # Where artifact URLs may point beyond public addresses (the SSRF rules; entries as in
     # hook_hosts). Empty: public addresses only. Set: only matching hosts.
-    artifact_hosts: tuple[str, ...] = ()
+    artifact_hosts: tuple[str, ...] = _setting((), _list_of(_hook_host))
 
 
 @dataclass(frozen=True)
 class StoreConfig:
-    url: str = "sqlite:///data/gateway.db"
+    url: str = _setting("sqlite:///data/gateway.db", _store_url)
 
 
 @dataclass(frozen=True)
 class PricingConfig:
-    gen2: int = 10
-    upscale: int = 5
-    interpolate: int = 0
-    refund_failed: bool = True
+    gen2: int = _setting(10, _non_negative_int)
+    upscale: int = _setting(5, _non_negative_int)
+    interpolate: int = _setting(0, _non_negative_int)
+    refund_failed: bool = _setting(True, _bool)
 
     def price(self, gen2_options: dict[str, Any]) -> int:
         credits = self.gen2
@@ -102,42 +254,42 @@ class PricingConfig:
 
 @dataclass(frozen=True)
 class JWTConfig:
-    algorithms: tuple[str, ...]
-    public_key_file: str = ""
-    jwks_url: str = ""
-    secret: str = ""
-    issuer: str = ""
-    audience: str = ""
-    tenant_claim: str = "tenant"
-    leeway_seconds: float = 30.0
+    algorithms: tuple[str, ...]  # required; read by hand
+    public_key_file: str = _setting("", _string)
+    jwks_url: str = _setting("", _http_url_or_empty)
+    secret: str = _setting("", _string)
+    issuer: str = _setting("", _string)
+    audience: str = _setting("", _string)
+    tenant_claim: str = _setting("tenant", _non_empty_string)
+    leeway_seconds: float = _setting(30.0, _non_negative_number)
 
 
 @dataclass(frozen=True)
 class Policy:
-    force: dict[str, Any] = field(default_factory=dict)
+    force: dict[str, Any] = field(default_factory=dict)  # gen2Options fields, read by hand
     defaults: dict[str, Any] = field(default_factory=dict)
-    hook_hosts: tuple[str, ...] = ()
+    hook_hosts: tuple[str, ...] = _setting((), _list_of(_hook_host))
 
 
 @dataclass(frozen=True)
 class Tenant:
-    id: str
-    keys: tuple[str, ...] = ()
-    webhook_secret: str = ""
-    enabled: bool = True
+    id: str  # required; read by hand
+    keys: tuple[str, ...] = _setting((), _key_hashes)
+    webhook_secret: str = _setting("", _string)
+    enabled: bool = _setting(True, _bool)
     limits: Limits = field(default_factory=Limits)
     policy: Policy = field(default_factory=Policy)
 
 
 @dataclass(frozen=True)
 class WebhookConfig:
-    max_attempts: int = 20
-    initial_backoff_seconds: float = 2.0
-    max_backoff_seconds: float = 3600.0
+    max_attempts: int = _setting(20, _positive_int)
+    initial_backoff_seconds: float = _setting(2.0, _positive_number)
+    max_backoff_seconds: float = _setting(3600.0, _positive_number)
 
     def backoff(self, attempt: int) -> float:
         """Delay after failed attempt number `attempt` (1-based): 2, 4, 8, ... capped."""
-        return min(self.initial_backoff_seconds * (2 ** (attempt - 1)), self.max_backoff_seconds)
+        return min(self.initial_backoff_seconds * 2.0 ** (attempt - 1), self.max_backoff_seconds)
 
 
 @dataclass(frozen=True)
@@ -146,9 +298,9 @@ class Config:
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     pricing: PricingConfig = field(default_factory=PricingConfig)
-    admin_keys: tuple[str, ...] = ()
-    metrics_bearer_token: str = ""
-    jwt: JWTConfig | None = None
+    admin_keys: tuple[str, ...] = _setting((), _key_hashes)  # [admin] keys
+    metrics_bearer_token: str = _setting("", _string)  # [metrics] bearer_token
+    jwt: JWTConfig | None = None  # [auth.jwt]
     tenants: tuple[Tenant, ...] = ()
     webhooks: WebhookConfig = field(default_factory=WebhookConfig)
     base_dir: Path = Path(".")
@@ -277,17 +429,21 @@ class _Validator:
 
     # typed getters ------------------------------------------------------------------
     def table(self, data: dict[str, Any], key: str, path: str, known: set[str]) -> dict[str, Any]:
+        """`data[key]`, a table with only `known` keys; {} when absent."""
         value = data.get(key, {})
         full = _join(path, key)
         if not isinstance(value, dict):
             self.fail(full, "must be a table")
             return {}
-        for k in value:
-            if k not in known:
-                self.fail(_join(full, k), "unknown key")
+        self.known_keys(value, full, known)
         return value
 
-    def get(self, data: dict[str, Any], key: str, path: str, default: Any, check: Callable[[Any], str | None]) -> Any:
+    def known_keys(self, t: dict[str, Any], path: str, known: set[str]) -> None:
+        for k in t:
+            if k not in known:
+                self.fail(_join(path, k), "unknown key")
+
+    def get(self, data: dict[str, Any], key: str, path: str, default: Any, check: Check) -> Any:
         if key not in data:
             return default
         value = data[key]
@@ -297,113 +453,105 @@ class _Validator:
             return default
         return value
 
+    def setting(self, f: dataclasses.Field[Any], t: dict[str, Any], path: str, key: str = "") -> Any:
+        """`_setting` field `f` read from table `t` (under `key`, its name by default): the
+        file's value if it passes the field's check, else the default; an array as a tuple
+        and a number for a float field as a float, as the dataclass holds them."""
+        value = self.get(t, key or f.name, path, f.default, f.metadata["check"])
+        if isinstance(f.default, tuple):
+            return tuple(value)
+        if isinstance(f.default, float):
+            return float(value)
+        return value
+
+    def settings(self, schema: type, t: dict[str, Any], path: str) -> dict[str, Any]:
+        """Every `_setting` field of `schema` read from table `t`, by name."""
+        return {f.name: self.setting(f, t, path) for f in dataclasses.fields(schema) if "check" in f.metadata}
+
+    def section(self, data: dict[str, Any], key: str, schema: type) -> dict[str, Any]:
+        """Top-level table `key` read as `schema`'s `_setting` fields."""
+        return self.settings(schema, self.table(data, key, "", _keys(schema)), key)
+
     # sections -----------------------------------------------------------------------
     def config(self, data: dict[str, Any], base_dir: Path) -> Config:
-        known = {"server", "upstream", "store", "pricing", "admin", "metrics", "auth", "tenants", "webhooks"}
-        for k in data:
-            if k not in known:
-                self.fail(k, "unknown key")
-        server = self.server(self.table(data, "server", "", {"public_url", "max_body_bytes", "trusted_proxies", "signing_secret", "log_level", "upload_ttl_seconds",
-                                                              "header_timeout_seconds", "body_timeout_seconds", "keepalive_timeout_seconds", "max_connections_per_worker"}))
-        upstream = self.upstream(self.table(data, "upstream", "", {"base_url", "api_keys", "timeout_seconds", "status_path", "poll_interval_seconds", "task_timeout_seconds", "unknown_outcome_timeout_seconds", "artifact_hosts"}))
-        store_t = self.table(data, "store", "", {"url"})
-        store = StoreConfig(url=self.get(store_t, "url", "store", StoreConfig.url, _store_url))
-        pricing = self.pricing(self.table(data, "pricing", "", {"gen2", "upscale", "interpolate", "refund_failed"}))
-        admin_t = self.table(data, "admin", "", {"keys"})
-        admin_keys = tuple(self.get(admin_t, "keys", "admin", [], _key_hashes))
-        metrics_t = self.table(data, "metrics", "", {"bearer_token"})
-        metrics_token = self.get(metrics_t, "bearer_token", "metrics", "", _string)
+        # The file's tables; [admin], [metrics] and [auth] each hold one field of Config.
+        self.known_keys(
+            data, "", {"server", "upstream", "store", "pricing", "admin", "metrics", "auth", "tenants", "webhooks"}
+        )
+        server = self.server(self.section(data, "server", ServerConfig))
+        upstream = self.upstream(self.table(data, "upstream", "", _keys(UpstreamConfig)))
+        store = StoreConfig(**self.section(data, "store", StoreConfig))
+        pricing = PricingConfig(**self.section(data, "pricing", PricingConfig))
+        admin_keys = self.one_field(data, "admin", "keys", "admin_keys")
+        metrics_token = self.one_field(data, "metrics", "bearer_token", "metrics_bearer_token")
         auth_t = self.table(data, "auth", "", {"jwt"})
         jwt_cfg = self.jwt(auth_t["jwt"], base_dir) if "jwt" in auth_t else None
         tenants = self.tenants(data.get("tenants", []))
-        webhooks = self.webhooks(self.table(data, "webhooks", "", {"max_attempts", "initial_backoff_seconds", "max_backoff_seconds"}))
+        webhooks = self.webhooks(self.section(data, "webhooks", WebhookConfig))
         return Config(server, upstream, store, pricing, admin_keys, metrics_token, jwt_cfg, tenants, webhooks, base_dir)
 
-    def server(self, t: dict[str, Any]) -> ServerConfig:
+    def one_field(self, data: dict[str, Any], section: str, key: str, name: str) -> Any:
+        """`[section] key`, a table of one key that is Config's `_setting` field `name`."""
+        (f,) = (f for f in dataclasses.fields(Config) if f.name == name)
+        return self.setting(f, self.table(data, section, "", {key}), section, key)
+
+    def server(self, values: dict[str, Any]) -> ServerConfig:
         proxies: list[Any] = []
-        for i, cidr in enumerate(self.get(t, "trusted_proxies", "server", [], _list_of(_string))):
+        for i, cidr in enumerate(values["trusted_proxies"]):
             try:
                 proxies.append(ipaddress.ip_network(cidr, strict=False))
             except ValueError:
                 self.fail(f"server.trusted_proxies[{i}]", "must be an IP address or CIDR")
-        return ServerConfig(
-            public_url=self.get(t, "public_url", "server", "", _http_url_or_empty).rstrip("/"),
-            max_body_bytes=self.get(t, "max_body_bytes", "server", ServerConfig.max_body_bytes, _positive_int),
-            trusted_proxies=tuple(proxies),
-            signing_secret=self.get(t, "signing_secret", "server", "", _secret_or_empty),
-            log_level=self.get(t, "log_level", "server", "info", _one_of({"debug", "info", "warning", "error"})),
-            upload_ttl_seconds=float(self.get(t, "upload_ttl_seconds", "server", 3600.0, _positive_number)),
-            header_timeout_seconds=float(self.get(t, "header_timeout_seconds", "server", ServerConfig.header_timeout_seconds, _positive_number)),
-            body_timeout_seconds=float(self.get(t, "body_timeout_seconds", "server", ServerConfig.body_timeout_seconds, _positive_number)),
-            keepalive_timeout_seconds=float(self.get(t, "keepalive_timeout_seconds", "server", ServerConfig.keepalive_timeout_seconds, _positive_number)),
-            max_connections_per_worker=self.get(t, "max_connections_per_worker", "server", ServerConfig.max_connections_per_worker, _positive_int),
-        )
+        values.update(public_url=values["public_url"].rstrip("/"), trusted_proxies=tuple(proxies))
+        return ServerConfig(**values)
 
     def upstream(self, t: dict[str, Any]) -> UpstreamConfig:
-        keys = self.get(t, "api_keys", "upstream", [], _list_of(_non_empty_string))
-        if not keys:
+        values = self.settings(UpstreamConfig, t, "upstream")
+        if not values["api_keys"]:
             self.fail("upstream.api_keys", "must list at least one upstream API key")
-        status_path = self.get(t, "status_path", "upstream", UpstreamConfig.status_path, _status_path)
         if "base_url" not in t:
             self.fail("upstream.base_url", "required: the relay's URL (no default: the relay keys are sent there)")
-        return UpstreamConfig(
-            base_url=self.get(t, "base_url", "upstream", "", _http_url).rstrip("/"),
-            api_keys=tuple(keys),
-            timeout_seconds=float(self.get(t, "timeout_seconds", "upstream", 30.0, _positive_number)),
-            status_path=status_path,
-            poll_interval_seconds=float(self.get(t, "poll_interval_seconds", "upstream", 5.0, _positive_number)),
-            task_timeout_seconds=float(self.get(t, "task_timeout_seconds", "upstream", 3600.0, _positive_number)),
-            unknown_outcome_timeout_seconds=float(self.get(t, "unknown_outcome_timeout_seconds", "upstream", 300.0, _positive_number)),
-            artifact_hosts=tuple(h.lower() for h in self.get(t, "artifact_hosts", "upstream", [], _list_of(_hook_host))),
+        values.update(
+            base_url=values["base_url"].rstrip("/"),
+            artifact_hosts=tuple(h.lower() for h in values["artifact_hosts"]),
         )
-
-    def pricing(self, t: dict[str, Any]) -> PricingConfig:
-        return PricingConfig(
-            gen2=self.get(t, "gen2", "pricing", 10, _non_negative_int),
-            upscale=self.get(t, "upscale", "pricing", 5, _non_negative_int),
-            interpolate=self.get(t, "interpolate", "pricing", 0, _non_negative_int),
-            refund_failed=self.get(t, "refund_failed", "pricing", True, _bool),
-        )
+        return UpstreamConfig(**values)
 
     def jwt(self, t: Any, base_dir: Path) -> JWTConfig | None:
         path = "auth.jwt"
         if not isinstance(t, dict):
             self.fail(path, "must be a table")
             return None
-        known = {"algorithms", "public_key_file", "jwks_url", "secret", "issuer", "audience", "tenant_claim", "leeway_seconds"}
-        for k in t:
-            if k not in known:
-                self.fail(_join(path, k), "unknown key")
+        self.known_keys(t, path, _keys(JWTConfig))
         algs = self.get(t, "algorithms", path, [], _algorithms)
         if not algs:
             self.fail(f"{path}.algorithms", "must list at least one algorithm")
         sources = [k for k in ("public_key_file", "jwks_url", "secret") if t.get(k)]
         if len(sources) != 1:
             self.fail(path, "set exactly one of public_key_file, jwks_url or secret")
-        secret = self.get(t, "secret", path, "", _string)
+        values = self.settings(JWTConfig, t, path)
+        secret = values["secret"]
         if secret and len(secret.encode("utf-8")) < MIN_HS_SECRET_BYTES:
-            self.fail(f"{path}.secret", f"must be at least {MIN_HS_SECRET_BYTES} bytes: a shorter HS256/HS384/HS512 secret can be guessed offline from one token")
+            self.fail(
+                f"{path}.secret",
+                f"must be at least {MIN_HS_SECRET_BYTES} bytes: "
+                "a shorter HS256/HS384/HS512 secret can be guessed offline from one token",
+            )
         if secret and any(not a.startswith("HS") for a in algs):
             self.fail(f"{path}.algorithms", "a shared secret works only with HS256/HS384/HS512")
         if "secret" not in t and any(a.startswith("HS") for a in algs):
-            self.fail(f"{path}.algorithms", "HS* algorithms need `secret`; with a public key or JWKS they would accept forged tokens")
-        key_file = self.get(t, "public_key_file", path, "", _string)
+            self.fail(
+                f"{path}.algorithms",
+                "HS* algorithms need `secret`; with a public key or JWKS they would accept forged tokens",
+            )
+        key_file = values["public_key_file"]
         if key_file:
             kp = Path(key_file) if os.path.isabs(key_file) else base_dir / key_file
             if not kp.is_file():
                 self.fail(f"{path}.public_key_file", f"file {key_file} not found")
             else:
-                key_file = str(kp)
-        return JWTConfig(
-            algorithms=tuple(algs),
-            public_key_file=key_file,
-            jwks_url=self.get(t, "jwks_url", path, "", _http_url_or_empty),
-            secret=secret,
-            issuer=self.get(t, "issuer", path, "", _string),
-            audience=self.get(t, "audience", path, "", _string),
-            tenant_claim=self.get(t, "tenant_claim", path, "tenant", _non_empty_string),
-            leeway_seconds=float(self.get(t, "leeway_seconds", path, 30.0, _non_negative_number)),
-        )
+                values["public_key_file"] = str(kp)
+        return JWTConfig(algorithms=tuple(algs), **values)
 
     def tenants(self, items: Any) -> tuple[Tenant, ...]:
         if not isinstance(items, list):
@@ -417,9 +565,7 @@ class _Validator:
             if not isinstance(t, dict):
                 self.fail(path, "must be a table")
                 continue
-            for k in t:
-                if k not in {"id", "keys", "webhook_secret", "enabled", "limits", "policy"}:
-                    self.fail(_join(path, k), "unknown key")
+            self.known_keys(t, path, _keys(Tenant))
             tid = t.get("id")
             if not isinstance(tid, str) or not TENANT_ID_RE.match(tid):
                 self.fail(f"{path}.id", "must match [a-z0-9-]{1,64}")
@@ -427,30 +573,21 @@ class _Validator:
             elif tid in seen_ids:
                 self.fail(f"{path}.id", f"duplicate tenant id {tid!r}")
             seen_ids.add(tid)
-            keys = tuple(self.get(t, "keys", path, [], _key_hashes))
-            for j, k in enumerate(keys):
+            values = self.settings(Tenant, t, path)
+            for j, k in enumerate(values["keys"]):
                 if k in seen_keys:
                     self.fail(f"{path}.keys[{j}]", f"already used by tenant {seen_keys[k]!r}")
                 seen_keys[k] = tid
-            limits_t = self.table(t, "limits", path, set(Limits.__dataclass_fields__))
-            limits = Limits(**{k: self.get(limits_t, k, f"{path}.limits", None, _positive_int) for k in Limits.__dataclass_fields__})
-            policy = self.policy(self.table(t, "policy", path, {"force", "defaults", "hook_hosts"}), f"{path}.policy")
-            out.append(
-                Tenant(
-                    id=tid,
-                    keys=keys,
-                    webhook_secret=self.get(t, "webhook_secret", path, "", _string),
-                    enabled=self.get(t, "enabled", path, True, _bool),
-                    limits=limits,
-                    policy=policy,
-                )
-            )
+            limits_t = self.table(t, "limits", path, _keys(Limits))
+            limits = Limits(**{f.name: self.get(limits_t, f.name, f"{path}.limits", None, _positive_int) for f in dataclasses.fields(Limits)})
+            policy = self.policy(self.table(t, "policy", path, _keys(Policy)), f"{path}.policy")
+            out.append(Tenant(id=tid, limits=limits, policy=policy, **values))
         return tuple(out)
 
     def policy(self, t: dict[str, Any], path: str) -> Policy:
         force = self.gen2_fields(t.get("force", {}), f"{path}.force")
         defaults = self.gen2_fields(t.get("defaults", {}), f"{path}.defaults")
-        hosts = self.get(t, "hook_hosts", path, [], _list_of(_hook_host))
+        hosts = self.settings(Policy, t, path)["hook_hosts"]
         return Policy(force=force, defaults=defaults, hook_hosts=tuple(h.lower() for h in hosts))
 
     def gen2_fields(self, t: Any, path: str) -> dict[str, Any]:
@@ -461,22 +598,15 @@ class _Validator:
             expected = GEN2_OPTION_TYPES.get(k)
             if expected is None:
                 self.fail(_join(path, k), "not a gen2Options field")
-            elif not _is_type(val, expected):
-                self.fail(_join(path, k), f"must be a {_type_name(expected)}")
+            elif not is_type(val, expected):
+                self.fail(_join(path, k), f"must be {a_type_name(expected)}")
         return dict(t)
 
-    def webhooks(self, t: dict[str, Any]) -> WebhookConfig:
-        cfg = WebhookConfig(
-            max_attempts=self.get(t, "max_attempts", "webhooks", 20, _positive_int),
-            initial_backoff_seconds=float(self.get(t, "initial_backoff_seconds", "webhooks", 2.0, _positive_number)),
-            max_backoff_seconds=float(self.get(t, "max_backoff_seconds", "webhooks", 3600.0, _positive_number)),
-        )
+    def webhooks(self, values: dict[str, Any]) -> WebhookConfig:
+        cfg = WebhookConfig(**values)
         if cfg.max_backoff_seconds < cfg.initial_backoff_seconds:
             self.fail("webhooks.max_backoff_seconds", "must not be below initial_backoff_seconds")
         return cfg
-
-
-# --- value checks: each returns a problem or None -------------------------------------
 
 
 def _join(path: str, key: str) -> str:
@@ -488,133 +618,6 @@ def _is_within(path: str, container: str) -> bool:
     return path == container or path.startswith((container + ".", container + "["))
 
 
-def _is_type(value: Any, expected: type | tuple[type, ...]) -> bool:
-    if expected is int or expected == (int,):
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, expected)
-
-
-def _type_name(expected: type | tuple[type, ...]) -> str:
-    return {str: "string", int: "integer", bool: "boolean"}.get(expected, str(expected))  # type: ignore[call-overload]
-
-
-def _string(v: Any) -> str | None:
-    return None if isinstance(v, str) else "must be a string"
-
-
-def _non_empty_string(v: Any) -> str | None:
-    return None if isinstance(v, str) and v else "must be a non-empty string"
-
-
-def _secret_or_empty(v: Any) -> str | None:
-    if not isinstance(v, str):
-        return "must be a string"
-    if v and len(v) < 32:
-        return "must be at least 32 characters (or empty to let the store generate one)"
-    return None
-
-
-def _bool(v: Any) -> str | None:
-    return None if isinstance(v, bool) else "must be true or false"
-
-
-def _positive_int(v: Any) -> str | None:
-    return None if isinstance(v, int) and not isinstance(v, bool) and v > 0 else "must be a positive integer"
-
-
-def _non_negative_int(v: Any) -> str | None:
-    return None if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else "must be a non-negative integer"
-
-
-def _positive_number(v: Any) -> str | None:
-    return None if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 else "must be a positive number"
-
-
-def _non_negative_number(v: Any) -> str | None:
-    return None if isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 else "must be a non-negative number"
-
-
-def _one_of(options: set[str]) -> Callable[[Any], str | None]:
-    def check(v: Any) -> str | None:
-        return None if v in options else f"must be one of {', '.join(sorted(options))}"
-
-    return check
-
-
-def _list_of(item: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
-    def check(v: Any) -> str | None:
-        if not isinstance(v, list):
-            return "must be an array"
-        for i, x in enumerate(v):
-            problem = item(x)
-            if problem:
-                return f"item {i} {problem}"
-        return None
-
-    return check
-
-
-def _key_hashes(v: Any) -> str | None:
-    if not isinstance(v, list):
-        return "must be an array of \"sha256:<64 hex>\" strings"
-    for i, x in enumerate(v):
-        if not isinstance(x, str) or not KEY_HASH_RE.match(x):
-            return f"item {i} must be \"sha256:<64 lowercase hex>\" (make one with `runway-gateway new-key`)"
-    return None
-
-
-def _algorithms(v: Any) -> str | None:
-    if not isinstance(v, list) or not all(isinstance(a, str) for a in v):
-        return "must be an array of algorithm names"
-    bad = [a for a in v if a not in JWT_ALGORITHMS]
-    if bad:
-        return f"unsupported algorithm(s) {', '.join(bad)} (never 'none')"
-    return None
-
-
-def _http_url(v: Any) -> str | None:
-    if not isinstance(v, str):
-        return "must be a string"
-    parts = urlsplit(v)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        return "must be an http(s) URL"
-    return None
-
-
-def _http_url_or_empty(v: Any) -> str | None:
-    return None if v == "" else _http_url(v)
-
-
-def _status_path(v: Any) -> str | None:
-    if not isinstance(v, str):
-        return "must be a string"
-    if v and (not v.startswith("/") or "{id}" not in v):
-        return "must be empty or a path starting with / that contains {id}"
-    return None
-
-
-def _store_url(v: Any) -> str | None:
-    if not isinstance(v, str):
-        return "must be a string"
-    if v.startswith("sqlite:///") and len(v) > len("sqlite:///"):
-        return None
-    if v.startswith(("redis://", "rediss://")):
-        try:
-            tls_context(parse_url(split_prefix(v)[0]))  # loads the TLS files: they must be usable
-        except ValueError as exc:
-            return str(exc)
-        return None
-    return "must be sqlite:///PATH or redis[s]://[[USER]:PASSWORD@]HOST[:PORT][/DB][?prefix=P&ssl_ca_certs=F&ssl_certfile=F&ssl_keyfile=F]"
-
-
-def _hook_host(v: Any) -> str | None:
-    if not isinstance(v, str) or not v:
-        return "must be a host name, *.suffix, IP address or CIDR"
-    if v.startswith("*."):
-        return None if len(v) > 2 else "wildcard needs a suffix"
-    try:
-        ipaddress.ip_network(v, strict=False)
-        return None
-    except ValueError:
-        pass
-    return None if re.match(r"^[A-Za-z0-9.-]+$", v) else "must be a host name, *.suffix, IP address or CIDR"
+def _keys(schema: type) -> set[str]:
+    """The keys a section may have: its dataclass's fields."""
+    return {f.name for f in dataclasses.fields(schema)}

@@ -15,14 +15,21 @@ from urllib.parse import urlsplit
 
 from gateway.config import GEN2_OPTION_TYPES, Policy
 from gateway.errors import bad_request
+from gateway.jsontypes import a_type_name, is_type
 
 MAX_SEED = 4_294_967_295
 MAX_PROMPT_CHARS = 2000
 MAX_NAME_CHARS = 256
 MAX_URL_CHARS = 4096
 GEN2_SECONDS = 4
-TOP_LEVEL = {"taskType": str, "internal": bool, "options": dict, "notify_hook": str}
-OPTIONS = {"name": str, "seconds": int, "gen2Options": dict, "exploreMode": bool, "assetGroupName": str}
+TOP_LEVEL: dict[str, type] = {"taskType": str, "internal": bool, "options": dict, "notify_hook": str}
+OPTIONS: dict[str, type] = {
+    "name": str,
+    "seconds": int,
+    "gen2Options": dict,
+    "exploreMode": bool,
+    "assetGroupName": str,
+}
 URL_FIELDS = ("image_prompt", "init_image")
 
 
@@ -33,7 +40,8 @@ class Gen2Request:
 
     @property
     def gen2_options(self) -> dict[str, Any]:
-        return self.body["options"]["gen2Options"]
+        options: dict[str, Any] = self.body["options"]["gen2Options"]
+        return options
 
 
 def validate_native(body: Any, policy: Policy) -> Gen2Request:
@@ -57,7 +65,9 @@ def validate_native(body: Any, policy: Policy) -> Gen2Request:
     if "seconds" in options and options["seconds"] != GEN2_SECONDS:
         raise bad_request("invalid_value", f"gen2 makes {GEN2_SECONDS}-second clips only.", "options.seconds")
     if len(options.get("name", "")) > MAX_NAME_CHARS:
-        raise bad_request("invalid_value", f"`options.name` is longer than {MAX_NAME_CHARS} characters.", "options.name")
+        raise bad_request(
+            "invalid_value", f"`options.name` is longer than {MAX_NAME_CHARS} characters.", "options.name"
+        )
     rewritten = dict(options)
     rewritten["gen2Options"] = apply_policy(check_gen2_options(gen2), policy)
     fill_defaults(rewritten)
@@ -77,7 +87,9 @@ def check_gen2_options(gen2: dict[str, Any], prefix: str = "options.gen2Options"
     if motion is not None and not 0 <= motion <= 100:
         raise bad_request("invalid_value", "`motion_score` must be between 0 and 100.", f"{prefix}.motion_score")
     if len(out.get("text_prompt", "")) > MAX_PROMPT_CHARS:
-        raise bad_request("prompt_too_long", f"The prompt is longer than {MAX_PROMPT_CHARS} characters.", f"{prefix}.text_prompt")
+        raise bad_request(
+            "prompt_too_long", f"The prompt is longer than {MAX_PROMPT_CHARS} characters.", f"{prefix}.text_prompt"
+        )
     for name in URL_FIELDS:
         if name in out and out[name] == "":
             del out[name]
@@ -86,7 +98,9 @@ def check_gen2_options(gen2: dict[str, Any], prefix: str = "options.gen2Options"
             if problem:
                 raise bad_request("invalid_url", f"`{name}` {problem}.", f"{prefix}.{name}")
     if not out.get("text_prompt") and not out.get("image_prompt"):
-        raise bad_request("missing_required_parameter", "Give a `text_prompt`, an `image_prompt`, or both.", f"{prefix}.text_prompt")
+        raise bad_request(
+            "missing_required_parameter", "Give a `text_prompt`, an `image_prompt`, or both.", f"{prefix}.text_prompt"
+        )
     return out
 
 
@@ -125,7 +139,7 @@ def https_url_problem(value: str) -> str | None:
     return None
 
 
-def _check_fields(obj: Any, spec: dict[str, Any], prefix: str) -> None:
+def _check_fields(obj: Any, spec: dict[str, type], prefix: str) -> None:
     if not isinstance(obj, dict):
         raise bad_request("invalid_type", f"`{prefix}` must be an object.", prefix or None)
     for key, value in obj.items():
@@ -133,15 +147,5 @@ def _check_fields(obj: Any, spec: dict[str, Any], prefix: str) -> None:
         expected = spec.get(key)
         if expected is None:
             raise bad_request("unknown_parameter", f"Unknown parameter `{path}`.", path)
-        if not _is_type(value, expected):
-            raise bad_request("invalid_type", f"`{path}` must be {_TYPE_NAMES.get(expected, 'of another type')}.", path)
-
-
-def _is_type(value: Any, expected: Any) -> bool:
-    if expected is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, expected)
-
-
-_TYPE_NAMES: dict[Any, str] = {str: "a string", int: "an integer", bool: "a boolean", dict: "an object"}
-
+        if not is_type(value, expected):
+            raise bad_request("invalid_type", f"`{path}` must be {a_type_name(expected)}.", path)

@@ -72,7 +72,7 @@ def log_fields(logger: logging.Logger, level: int, fields: dict[str, Any]) -> No
 class AccessLog:
     """The one line per request, in the same JSON shape as `JSONFormatter`'s, without the
     logging module's per-record work: a LogRecord, the handler's lock and one write per
-    line cost ~27 us of a ~360 us create (docs/benchmarks.md). The lines of one event-loop
+    line were a measurable share of a create's CPU (docs/benchmarks.md). The lines of one event-loop
     turn go out together at its end, in writes of at most PIPE_BUF bytes cut at line ends,
     so lines of workers sharing a pipe never interleave. Obeys the `gateway.access`
     logger's level like any other line."""

@@ -11,21 +11,26 @@ from the store at scrape time, so every replica and worker reports the same valu
 The series every request touches (requests, durations, upstream calls, creates, credits)
 are buffered in plain dicts and pushed into prometheus_client every FLUSH_SECONDS and before
 each scrape, as Envoy flushes its stats: a buffered update is a dict update, where
-prometheus_client takes a lock and, across workers, writes an mmapped file (docs/benchmarks.md).
+prometheus_client takes a lock and, across workers, writes an mmapped file (the costs are in
+docs/benchmarks.md). prometheus_client has no public way to add many observations to a
+histogram at once (its maintainers point to custom collectors, which multiprocess mode does
+not aggregate), so a histogram's buffer keeps the values and the flush replays them through
+`observe()`: outside any request, and bounded by one flush interval's observations.
 """
 
 from __future__ import annotations
 
 import os
-from bisect import bisect_left
-from typing import Any, Iterable
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from gateway import __version__
-from gateway.store.base import ALL_LIMITS, Store
+from gateway.store.base import ALL_LIMITS, Store, Usage
 
 REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 UPSTREAM_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -34,7 +39,18 @@ LAG_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 TASK_STATUSES = ("SUCCEEDED", "FAILED", "CANCELLED")
 CALLBACK_RESULTS = ("applied", "duplicate", "stale", "adopted", "unknown", "bad_token", "invalid")
 WEBHOOK_RESULTS = ("delivered", "failed", "gave_up")
-AUTH_REASONS = ("missing", "malformed", "unknown_key", "unknown_tenant", "jwt_expired", "jwt_audience", "jwt_issuer", "jwt_algorithm", "jwt_invalid", "tenant_disabled")
+AUTH_REASONS = (
+    "missing",
+    "malformed",
+    "unknown_key",
+    "unknown_tenant",
+    "jwt_expired",
+    "jwt_audience",
+    "jwt_issuer",
+    "jwt_algorithm",
+    "jwt_invalid",
+    "tenant_disabled",
+)
 UPSTREAM_OPERATIONS = ("create", "status", "artifact")
 UPSTREAM_OUTCOMES = ("200", "error", "timeout", "circuit_open")  # plus any HTTP status seen
 BUDGET_LIMITS = ("max_active_tasks", "tasks_per_day", "credits_per_day", "credits_per_month")
@@ -48,28 +64,85 @@ class Metrics:
         # In multiprocess mode values live in files; this registry only keeps names unique.
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter("gateway_requests_total", "Requests answered, by tenant, route template, method and status.", ["tenant", "route", "method", "status"], registry=r)
-        self.request_duration = Histogram("gateway_request_duration_seconds", "Time to answer a request.", ["route", "method"], buckets=REQUEST_BUCKETS, registry=r)
-        self.upstream_requests = Counter("gateway_upstream_requests_total", "Calls to the upstream relay, by operation and outcome.", ["operation", "status"], registry=r)
-        self.upstream_auth_failures = Counter("gateway_upstream_auth_failures_total", "Upstream answers 401/403 (the relay refused the key), by index in upstream.api_keys.", ["key_index"], registry=r)
-        self.upstream_duration = Histogram("gateway_upstream_request_duration_seconds", "Time the upstream took to answer.", ["operation"], buckets=UPSTREAM_BUCKETS, registry=r)
-        self.auth_failures = Counter("gateway_auth_failures_total", "Rejected credentials, by reason.", ["reason"], registry=r)
-        self.quota_rejections = Counter("gateway_quota_rejections_total", "Requests refused by a quota, by tenant and limit.", ["tenant", "limit"], registry=r)
-        self.tasks_created = Counter("gateway_tasks_created_total", "Tasks the upstream accepted.", ["tenant", "task_type"], registry=r)
-        self.tasks_finished = Counter("gateway_tasks_finished_total", "Tasks that reached a terminal state.", ["tenant", "status"], registry=r)
-        self.credits_charged = Counter("gateway_credits_charged_total", "Credits charged at admission.", ["tenant"], registry=r)
+        self.requests = Counter(
+            "gateway_requests_total",
+            "Requests answered, by tenant, route template, method and status.",
+            ["tenant", "route", "method", "status"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "gateway_request_duration_seconds",
+            "Time to answer a request.",
+            ["route", "method"],
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.upstream_requests = Counter(
+            "gateway_upstream_requests_total",
+            "Calls to the upstream relay, by operation and outcome.",
+            ["operation", "status"],
+            registry=r,
+        )
+        self.upstream_auth_failures = Counter(
+            "gateway_upstream_auth_failures_total",
+            "Upstream answers 401/403 (the relay refused the key), by index in upstream.api_keys.",
+            ["key_index"],
+            registry=r,
+        )
+        self.upstream_duration = Histogram(
+            "gateway_upstream_request_duration_seconds",
+            "Time the upstream took to answer.",
+            ["operation"],
+            buckets=UPSTREAM_BUCKETS,
+            registry=r,
+        )
+        self.auth_failures = Counter(
+            "gateway_auth_failures_total", "Rejected credentials, by reason.", ["reason"], registry=r
+        )
+        self.quota_rejections = Counter(
+            "gateway_quota_rejections_total",
+            "Requests refused by a quota, by tenant and limit.",
+            ["tenant", "limit"],
+            registry=r,
+        )
+        self.tasks_created = Counter(
+            "gateway_tasks_created_total", "Tasks the upstream accepted.", ["tenant", "task_type"], registry=r
+        )
+        self.tasks_finished = Counter(
+            "gateway_tasks_finished_total", "Tasks that reached a terminal state.", ["tenant", "status"], registry=r
+        )
+        self.credits_charged = Counter(
+            "gateway_credits_charged_total", "Credits charged at admission.", ["tenant"], registry=r
+        )
         self.credits_refunded = Counter("gateway_credits_refunded_total", "Credits given back.", ["tenant"], registry=r)
-        self.callbacks = Counter("gateway_callbacks_received_total", "Upstream callbacks, by what they did.", ["result"], registry=r)
-        self.webhook_deliveries = Counter("gateway_webhook_deliveries_total", "Tenant webhook delivery attempts, by result.", ["tenant", "result"], registry=r)
-        self.task_duration = Histogram("gateway_task_duration_seconds", "Task creation to terminal state.", ["task_type", "status"], buckets=TASK_BUCKETS, registry=r)
-        self.callback_lag = Histogram("gateway_callback_lag_seconds", "Upstream updatedAt to callback receipt.", buckets=LAG_BUCKETS, registry=r)
-        self.build_info = Gauge("gateway_build_info", "Build information.", ["version"], multiprocess_mode="max", registry=r)
+        self.callbacks = Counter(
+            "gateway_callbacks_received_total", "Upstream callbacks, by what they did.", ["result"], registry=r
+        )
+        self.webhook_deliveries = Counter(
+            "gateway_webhook_deliveries_total",
+            "Tenant webhook delivery attempts, by result.",
+            ["tenant", "result"],
+            registry=r,
+        )
+        self.task_duration = Histogram(
+            "gateway_task_duration_seconds",
+            "Task creation to terminal state.",
+            ["task_type", "status"],
+            buckets=TASK_BUCKETS,
+            registry=r,
+        )
+        self.callback_lag = Histogram(
+            "gateway_callback_lag_seconds", "Upstream updatedAt to callback receipt.", buckets=LAG_BUCKETS, registry=r
+        )
+        self.build_info = Gauge(
+            "gateway_build_info", "Build information.", ["version"], multiprocess_mode="max", registry=r
+        )
         self.build_info.labels(__version__).set(1)
         self._tenant_ids = tuple(tenant_ids)
         self._upstream_keys = upstream_keys
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._counts: dict[tuple[Counter, tuple[str, ...]], float] = {}
-        self._observed: dict[tuple[Histogram, tuple[str, ...]], list[float]] = {}  # [sum, count per bucket...]
+        self._observed: dict[tuple[Histogram, tuple[str, ...]], list[float]] = {}  # the values, in order
         self._zero_children()
 
     def child(self, metric: Any, *labels: str) -> Any:
@@ -94,13 +167,11 @@ class Metrics:
     def observe(self, histogram: Histogram, labels: tuple[str, ...], value: float) -> None:
         """`histogram.labels(*labels).observe(value)` at the next `flush`."""
         key = (histogram, labels)
-        bounds = histogram._upper_bounds  # its buckets, +Inf last, as observe() reads them
-        slots = self._observed.get(key)
-        if slots is None:
-            self.child(histogram, *labels)
-            slots = self._observed[key] = [0.0] * (len(bounds) + 1)
-        slots[0] += value
-        slots[1 + bisect_left(bounds, value)] += 1  # the first bucket with value <= bound
+        values = self._observed.get(key)
+        if values is None:
+            self.child(histogram, *labels)  # as in count(): the series exists from its first update on
+            values = self._observed[key] = []
+        values.append(value)
 
     def flush(self) -> None:
         """Push the buffered updates into prometheus_client (its values, or the worker's file)."""
@@ -108,13 +179,10 @@ class Metrics:
         observed, self._observed = self._observed, {}
         for (counter, labels), amount in counts.items():
             self.child(counter, *labels).inc(amount)
-        for (histogram, labels), slots in observed.items():
-            child = self.child(histogram, *labels)
-            # No batch observe in prometheus_client: add to the cells observe() adds to.
-            child._sum.inc(slots[0])
-            for cell, n in zip(child._buckets, slots[1:]):
-                if n:
-                    cell.inc(n)
+        for (histogram, labels), values in observed.items():
+            observe = self.child(histogram, *labels).observe
+            for value in values:
+                observe(value)
 
     def _zero_children(self) -> None:
         for tenant in self._tenant_ids:
@@ -153,7 +221,7 @@ class Metrics:
             ready, active, pending, usage = 0.0, {}, 0, {}
         if self.multiprocess:
             registry = CollectorRegistry(auto_describe=False)
-            MultiProcessCollector(registry)
+            MultiProcessCollector(registry)  # type: ignore[no-untyped-call]  # registers itself
         else:
             registry = self.registry
         gauges = _StoreGauges(self._tenant_ids, active, pending, usage, limits, ready)
@@ -164,22 +232,42 @@ class Metrics:
             registry.unregister(gauges)
 
 
+@dataclass(frozen=True, eq=False)  # eq=False: hashed by identity, as the registry keys collectors
 class _StoreGauges:
     """Scrape-time gauges read from the store (the same value on every replica)."""
 
-    def __init__(self, tenants: tuple[str, ...], active: dict[str, int], pending: int, usage: dict, limits: dict, ready: float):
-        self.tenants, self.active, self.pending, self.usage, self.limits, self.ready = tenants, active, pending, usage, limits, ready
+    tenants: tuple[str, ...]
+    active: dict[str, int]
+    pending: int
+    usage: dict[str, Usage]
+    limits: dict[str, dict[str, int | None]]
+    ready: float
 
     def collect(self) -> Iterable[Metric]:
-        active = GaugeMetricFamily("gateway_tasks_active", "Tasks created and not yet terminal (store-wide).", labels=["tenant"])
+        active = GaugeMetricFamily(
+            "gateway_tasks_active", "Tasks created and not yet terminal (store-wide).", labels=["tenant"]
+        )
         for t in self.tenants:
             active.add_metric([t], float(self.active.get(t, 0)))
         yield active
-        yield GaugeMetricFamily("gateway_webhook_pending", "Tenant webhook events not yet delivered (store-wide).", value=float(self.pending))
-        yield GaugeMetricFamily("gateway_ready", "1 when the store answered and took a write at this scrape.", value=self.ready)
-        ratio = GaugeMetricFamily("gateway_quota_usage_ratio", "Used share of a tenant's budget (0..1).", labels=["tenant", "limit"])
+        yield GaugeMetricFamily(
+            "gateway_webhook_pending",
+            "Tenant webhook events not yet delivered (store-wide).",
+            value=float(self.pending),
+        )
+        yield GaugeMetricFamily(
+            "gateway_ready", "1 when the store answered and took a write at this scrape.", value=self.ready
+        )
+        ratio = GaugeMetricFamily(
+            "gateway_quota_usage_ratio", "Used share of a tenant's budget (0..1).", labels=["tenant", "limit"]
+        )
         for t, u in self.usage.items():
-            used = {"max_active_tasks": u.active, "tasks_per_day": u.tasks_today, "credits_per_day": u.credits_today, "credits_per_month": u.credits_this_month}
+            used = {
+                "max_active_tasks": u.active,
+                "tasks_per_day": u.tasks_today,
+                "credits_per_day": u.credits_today,
+                "credits_per_month": u.credits_this_month,
+            }
             for limit in BUDGET_LIMITS:
                 cap = self.limits.get(t, {}).get(limit)
                 if cap:

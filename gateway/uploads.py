@@ -20,8 +20,8 @@ import math
 import re
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from gateway.config import Config
 from gateway.errors import GatewayError, bad_request
@@ -29,7 +29,6 @@ from gateway.store.base import Store
 from gateway.tokens import TokenSigner
 
 ALLOWED_TYPES = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp"}
-TYPE_BY_EXT = {ext: ctype for ctype, ext in ALLOWED_TYPES.items()}
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024  # and never more than the body limit, max_body_bytes
 ASSET_ID_RE = re.compile(r"^[0-9a-f]{32}\.(jpg|png|webp)$")
 KEEP_GRACE_SECONDS = 300.0  # bytes outlive their link by this much
@@ -70,9 +69,13 @@ def check_image(data: bytes, declared: str | None, max_bytes: int = MAX_UPLOAD_B
         raise bad_request("unsupported_file_type", f"Unsupported image type `{declared}`; upload {_allowed()}.", PARAM)
     actual = sniff(data)
     if actual is None:
-        raise bad_request("unsupported_file_type", f"The uploaded file is not an image of an accepted type ({_allowed()}).", PARAM)
+        raise bad_request(
+            "unsupported_file_type", f"The uploaded file is not an image of an accepted type ({_allowed()}).", PARAM
+        )
     if declared in ALLOWED_TYPES and declared != actual:
-        raise bad_request("invalid_file", f"The uploaded file is declared `{declared}` but its content is `{actual}`.", PARAM)
+        raise bad_request(
+            "invalid_file", f"The uploaded file is declared `{declared}` but its content is `{actual}`.", PARAM
+        )
     return Image(data, actual)
 
 
@@ -80,11 +83,17 @@ def decode_data_url(url: str, max_bytes: int = MAX_UPLOAD_BYTES) -> Image:
     """`data:image/png;base64,...` (OpenAI's other form of `image_url`) as an upload."""
     match = _DATA_URL_RE.match(url)
     if match is None or not (match.group(2) or "").lower().endswith(";base64"):
-        raise bad_request("invalid_url", "`input_reference.image_url` data URLs must be base64 (`data:image/png;base64,...`).", f"{PARAM}.image_url")
+        raise bad_request(
+            "invalid_url",
+            "`input_reference.image_url` data URLs must be base64 (`data:image/png;base64,...`).",
+            f"{PARAM}.image_url",
+        )
     try:
-        data = base64.b64decode(url[match.end():], validate=True)
+        data = base64.b64decode(url[match.end() :], validate=True)
     except (binascii.Error, ValueError):
-        raise bad_request("invalid_url", "`input_reference.image_url` is not valid base64.", f"{PARAM}.image_url") from None
+        raise bad_request(
+            "invalid_url", "`input_reference.image_url` is not valid base64.", f"{PARAM}.image_url"
+        ) from None
     return check_image(data, match.group(1), max_bytes)
 
 
@@ -99,13 +108,15 @@ def require_upload_url(config: Config) -> str:
         raise bad_request(
             "upload_not_supported",
             "This gateway has no `server.public_url`, so the relay cannot fetch an uploaded image from it. "
-            "Give `input_reference` as {\"image_url\": \"https://...\"} instead.", PARAM,
+            'Give `input_reference` as {"image_url": "https://..."} instead.',
+            PARAM,
         )
     if not public_url.startswith("https://"):
         raise bad_request(
             "upload_not_supported",
             "The relay fetches images only from https URLs and this gateway's `server.public_url` is not https. "
-            "Give `input_reference` as {\"image_url\": \"https://...\"} instead.", PARAM,
+            'Give `input_reference` as {"image_url": "https://..."} instead.',
+            PARAM,
         )
     return public_url
 
@@ -115,7 +126,7 @@ class PendingUpload:
     """An upload the create body links to, not stored yet: `TaskService.create` keeps it
     after admission and discards it when the create definitely failed."""
 
-    uploads: "Uploads"
+    uploads: Uploads
     asset_id: str
     image: Image
 
@@ -147,7 +158,9 @@ class Uploads:
 
     async def save(self, asset_id: str, image: Image) -> None:
         now = self.clock()
-        await self.store.put_asset(asset_id, image.content_type, image.data, now + self.ttl_seconds + KEEP_GRACE_SECONDS, now)
+        await self.store.put_asset(
+            asset_id, image.content_type, image.data, now + self.ttl_seconds + KEEP_GRACE_SECONDS, now
+        )
 
     async def find(self, asset_id: str) -> tuple[str, bytes] | None:
         """(content type, bytes) of a kept upload; None for an unknown or malformed id."""

@@ -1,7 +1,7 @@
 """The one client of the relay: pooled, timed out, behind a circuit breaker.
 
-aiohttp directly, not httpx: on this machine httpx's default transport costs ~3 ms of CPU
-per proxied request against ~0.35 ms for aiohttp (docs/benchmarks.md), and aiohttp's
+aiohttp directly, not httpx: httpx's default transport costs several times aiohttp's CPU
+per proxied request (docs/benchmarks.md, the floors), and aiohttp's
 exceptions say precisely whether a request left the machine, which decides whether a
 charge is refunded (`Outcome.NOT_SENT`, `REJECTED`) or kept until settled (`UNKNOWN`).
 

@@ -9,7 +9,9 @@ Create params -> gen2 body:
 | `seconds` (`"4"` only, the default)  | `options.seconds: 4`                                   |
 | `size` (`1280x768` only)             | nothing (gen2 has no size knob; kept in the record)    |
 | `input_reference.image_url` / file   | `options.gen2Options.image_prompt` and `init_image`    |
-| `seed`, `motion_score`, `interpolate`, `upscale`, `watermark`, `use_motion_score`, `use_motion_vectors` | `options.gen2Options.<same name>` |
+| `seed`, `motion_score`, `interpolate` | `options.gen2Options.<same name>`                      |
+| `upscale`, `watermark`               | `options.gen2Options.<same name>`                      |
+| `use_motion_score`, `use_motion_vectors` | `options.gen2Options.<same name>`                  |
 
 Task record -> Video object: `id` is the upstream task id, `status` and `progress` come
 from the task's `status` and `progressRatio`, `prompt` from `text_prompt`, `model`, `size`
@@ -25,7 +27,16 @@ from typing import Any
 
 from gateway.config import Policy
 from gateway.errors import GatewayError, bad_request
-from gateway.gen2 import GEN2_SECONDS, MAX_PROMPT_CHARS, Gen2Request, apply_policy, check_gen2_options, fill_defaults, https_url_problem
+from gateway.gen2 import (
+    GEN2_SECONDS,
+    MAX_PROMPT_CHARS,
+    Gen2Request,
+    apply_policy,
+    check_gen2_options,
+    fill_defaults,
+    https_url_problem,
+)
+from gateway.jsontypes import a_type_name, is_type
 from gateway.store.base import TaskRecord
 
 ARTIFACT_TTL_SECONDS = 24 * 3600  # the gateway's estimate of how long relay artifact links live
@@ -44,8 +55,13 @@ class VideoModel:
 
     def as_openai(self) -> dict[str, Any]:
         return {
-            "id": self.id, "object": "model", "created": GEN2_CREATED, "owned_by": "runway",
-            "sizes": list(self.sizes), "default_size": self.default_size, "seconds": list(self.seconds),
+            "id": self.id,
+            "object": "model",
+            "created": GEN2_CREATED,
+            "owned_by": "runway",
+            "sizes": list(self.sizes),
+            "default_size": self.default_size,
+            "seconds": list(self.seconds),
         }
 
 
@@ -65,15 +81,31 @@ GEN2_KNOBS: dict[str, tuple[str, type]] = {
 }
 CREATE_FIELDS: dict[str, type] = {"prompt": str, "model": str, "seconds": str, "size": str, "input_reference": dict}
 # Filled after the tenant's policy when still unset: the relay's own documented example.
-GEN2_EXAMPLE_DEFAULTS = {"interpolate": False, "upscale": False, "watermark": False, "motion_score": 22,
-                         "use_motion_score": True, "use_motion_vectors": False}
+GEN2_EXAMPLE_DEFAULTS = {
+    "interpolate": False,
+    "upscale": False,
+    "watermark": False,
+    "motion_score": 22,
+    "use_motion_score": True,
+    "use_motion_vectors": False,
+}
 # gen2 body path -> OpenAI param, to word errors raised by the shared gen2 checks.
-GEN2_PARAM = {"text_prompt": "prompt", "image_prompt": "input_reference.image_url", "init_image": "input_reference.image_url",
-              **{gen2: name for name, (gen2, _) in GEN2_KNOBS.items()}}
+GEN2_PARAM = {
+    "text_prompt": "prompt",
+    "image_prompt": "input_reference.image_url",
+    "init_image": "input_reference.image_url",
+    **{gen2: name for name, (gen2, _) in GEN2_KNOBS.items()},
+}
 
 VIDEO_STATUS = {
-    "SUBMITTING": "queued", "UNKNOWN": "queued", "PENDING": "queued", "THROTTLED": "queued",
-    "RUNNING": "in_progress", "SUCCEEDED": "completed", "FAILED": "failed", "CANCELLED": "failed",
+    "SUBMITTING": "queued",
+    "UNKNOWN": "queued",
+    "PENDING": "queued",
+    "THROTTLED": "queued",
+    "RUNNING": "in_progress",
+    "SUCCEEDED": "completed",
+    "FAILED": "failed",
+    "CANCELLED": "failed",
 }
 VARIANTS = ("video", "thumbnail", "spritesheet")
 _INT_RE = re.compile(r"^-?[0-9]{1,20}$")
@@ -116,8 +148,8 @@ def check_create_params(raw: Any) -> dict[str, Any]:
         if name == "input_reference":
             params["image_url"] = _image_url(value)
             continue
-        if not _is_type(value, kind):
-            raise bad_request("invalid_type", f"`{name}` must be {_TYPE_NAMES[kind]}.", name)
+        if not is_type(value, kind):
+            raise bad_request("invalid_type", f"`{name}` must be {a_type_name(kind)}.", name)
         params[name] = value
     if "prompt" not in params:
         raise bad_request("missing_required_parameter", "`prompt` is required.", "prompt")
@@ -126,15 +158,27 @@ def check_create_params(raw: Any) -> dict[str, Any]:
 
 def _image_url(value: Any) -> str:
     if not isinstance(value, dict):
-        raise bad_request("invalid_type", "`input_reference` must be an image file or an object `{\"image_url\": \"https://...\"}`.", "input_reference")
+        raise bad_request(
+            "invalid_type",
+            '`input_reference` must be an image file or an object `{"image_url": "https://..."}`.',
+            "input_reference",
+        )
     if "file_id" in value:
-        raise bad_request("unsupported_parameter", "`input_reference.file_id` is not supported: upload the image or give `image_url`.", "input_reference.file_id")
+        raise bad_request(
+            "unsupported_parameter",
+            "`input_reference.file_id` is not supported: upload the image or give `image_url`.",
+            "input_reference.file_id",
+        )
     for key in value:
         if key != "image_url":
-            raise bad_request("unknown_parameter", f"Unknown parameter `input_reference.{key}`.", f"input_reference.{key}")
+            raise bad_request(
+                "unknown_parameter", f"Unknown parameter `input_reference.{key}`.", f"input_reference.{key}"
+            )
     url = value.get("image_url")
     if not isinstance(url, str) or not url:
-        raise bad_request("invalid_type", "`input_reference.image_url` must be a non-empty string.", "input_reference.image_url")
+        raise bad_request(
+            "invalid_type", "`input_reference.image_url` must be a non-empty string.", "input_reference.image_url"
+        )
     return url
 
 
@@ -142,7 +186,9 @@ def video_model(params: dict[str, Any]) -> VideoModel:
     name = params.get("model", DEFAULT_MODEL)
     model = MODELS.get(name)
     if model is None:
-        raise bad_request("model_not_found", f"The model `{name}` does not exist. Available: {', '.join(MODELS)}.", "model")
+        raise bad_request(
+            "model_not_found", f"The model `{name}` does not exist. Available: {', '.join(MODELS)}.", "model"
+        )
     return model
 
 
@@ -153,7 +199,12 @@ def to_gen2(params: dict[str, Any], policy: Policy, image_url: str | None = None
     model = video_model(params)
     seconds = params.get("seconds", model.seconds[0])
     if seconds not in model.seconds:
-        raise bad_request("invalid_value", f"`{model.id}` makes {' or '.join(model.seconds)}-second clips only; `seconds` must be {_quoted(model.seconds)}.", "seconds")
+        raise bad_request(
+            "invalid_value",
+            f"`{model.id}` makes {' or '.join(model.seconds)}-second clips only; "
+            f"`seconds` must be {_quoted(model.seconds)}.",
+            "seconds",
+        )
     size = params.get("size", model.default_size)
     if size not in model.sizes:
         raise bad_request("invalid_value", f"`{model.id}` supports `size` {_quoted(model.sizes)} only.", "size")
@@ -166,7 +217,11 @@ def to_gen2(params: dict[str, Any], policy: Policy, image_url: str | None = None
         if problem:
             raise bad_request("invalid_url", f"`input_reference.image_url` {problem}.", "input_reference.image_url")
     if not prompt.strip() and image is None:
-        raise bad_request("missing_required_parameter", "`prompt` must not be empty unless an `input_reference` image is given.", "prompt")
+        raise bad_request(
+            "missing_required_parameter",
+            "`prompt` must not be empty unless an `input_reference` image is given.",
+            "prompt",
+        )
     gen2: dict[str, Any] = {"mode": "gen2", "text_prompt": prompt}
     if image is not None:
         gen2["image_prompt"] = gen2["init_image"] = image
@@ -180,7 +235,12 @@ def to_gen2(params: dict[str, Any], policy: Policy, image_url: str | None = None
     gen2 = apply_policy(checked, policy)
     for field, value in GEN2_EXAMPLE_DEFAULTS.items():
         gen2.setdefault(field, value)
-    options: dict[str, Any] = {"seconds": int(seconds), "gen2Options": gen2, "exploreMode": False, "assetGroupName": "Generative Video"}
+    options: dict[str, Any] = {
+        "seconds": int(seconds),
+        "gen2Options": gen2,
+        "exploreMode": False,
+        "assetGroupName": "Generative Video",
+    }
     fill_defaults(options)
     body = {"taskType": "gen2", "internal": False, "options": options}
     return Gen2Request(body, ""), {"model": model.id, "size": size, "seconds": seconds}
@@ -240,7 +300,7 @@ def progress_percent(ratio: Any) -> int:
             return 0
     if not isinstance(ratio, (int, float)) or ratio != ratio:  # NaN
         return 0
-    return max(0, min(100, int(round(ratio * 100))))
+    return max(0, min(100, round(ratio * 100)))
 
 
 def video_error(task: dict[str, Any], task_status: str) -> dict[str, str]:
@@ -300,14 +360,5 @@ def _task_seconds(task: dict[str, Any]) -> str:
     return str(seconds) if isinstance(seconds, int) and not isinstance(seconds, bool) else str(GEN2_SECONDS)
 
 
-def _is_type(value: Any, kind: type) -> bool:
-    if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, kind)
-
-
 def _quoted(values: tuple[str, ...]) -> str:
     return ", ".join(f'"{v}"' for v in values)
-
-
-_TYPE_NAMES: dict[type, str] = {str: "a string", int: "an integer", bool: "a boolean", dict: "an object"}

@@ -21,7 +21,12 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from starlette.testclient import TestClient
+
 from conftest import ROOT, UPSTREAM_KEY, GatewayProcess, Simulator, TenantSpec, free_port, gen2_body, wait_until
+from gateway.app import create_app
+from gateway.config import parse_config
+from gateway.routes.hooks import MAX_CALLBACK_BYTES
 from gateway.tokens import TokenSigner
 
 
@@ -454,6 +459,27 @@ def test_forged_and_stale_callbacks_change_nothing(gw: GatewayProcess, sim: Simu
         again = httpx.post(hook, json={"task": {**final, "status": "FAILED"}})
         assert again.json()["result"] == "stale"
         assert c.get(f"/runway/tasks/{task_id}").json()["task"] == final
+
+
+def test_a_callback_body_over_max_callback_bytes_is_413_before_its_token_is_read(tmp_path: Path) -> None:
+    """server.max_body_bytes may be raised for uploads; a callback, open to anyone until its
+    token is checked, stays within MAX_CALLBACK_BYTES however it is sent."""
+    config = parse_config(
+        {
+            "server": {"max_body_bytes": 4 * MAX_CALLBACK_BYTES},
+            "upstream": {"base_url": "http://127.0.0.1:9", "api_keys": [UPSTREAM_KEY]},
+            "store": {"url": f"sqlite:///{tmp_path / 'gateway.db'}"},
+        },
+        {},
+    )
+    big = b'{"task": {"id": "' + b"x" * MAX_CALLBACK_BYTES + b'"}}'
+    with TestClient(create_app(config, background=False)) as client:
+        assert_error(client.post("/hooks/runway/any-token", content=big), 413, "request_too_large")
+        chunked = client.post("/hooks/runway/any-token", content=iter([big[:4096], big[4096:]]))  # no Content-Length
+        assert "content-length" not in chunked.request.headers
+        assert_error(chunked, 413, "request_too_large")
+        # within the limit the token is what decides
+        assert_error(client.post("/hooks/runway/any-token", json={"task": {}}), 401, "invalid_callback_token")
 
 
 def bad_token_count(gw: GatewayProcess) -> float:

@@ -24,8 +24,8 @@ from conftest import ROOT, GatewayProcess, Simulator, TenantSpec, gen2_body, wai
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the SDK marks client.videos deprecated
 
-SAMPLE_JPG = (ROOT / "gateway" / "assets" / "sample.jpg").read_bytes()
-SAMPLE_MP4 = (ROOT / "gateway" / "assets" / "sample.mp4").read_bytes()
+SAMPLE_JPG = (ROOT / "gateway" / "devtools" / "assets" / "sample.jpg").read_bytes()
+SAMPLE_MP4 = (ROOT / "gateway" / "devtools" / "assets" / "sample.mp4").read_bytes()
 
 
 def sdk(gw: GatewayProcess, tenant: str, **kw: Any) -> openai.OpenAI:

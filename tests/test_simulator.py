@@ -23,7 +23,7 @@ import httpx
 import pytest
 import uvicorn
 
-from gateway.simulator import (
+from gateway.devtools.simulator import (
     SAMPLE_JPG,
     SAMPLE_MP4,
     SimulatorSettings,

@@ -51,7 +51,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-log = logging.getLogger("gateway.simulator")
+log = logging.getLogger("gateway.devtools.simulator")
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 SAMPLE_MP4 = ASSETS / "sample.mp4"
@@ -65,9 +65,17 @@ _GARBAGE = b"<html><head><title>502 Bad Gateway</title></head><body>nginx</body>
 _BOOL, _INT, _STR = "boolean", "integer", "string"
 _OPTION_FIELDS = {"name": _STR, "seconds": _INT, "exploreMode": _BOOL, "assetGroupName": _STR}
 _GEN2_FIELDS = {
-    "mode": _STR, "seed": _INT, "interpolate": _BOOL, "upscale": _BOOL, "watermark": _BOOL,
-    "motion_score": _INT, "use_motion_score": _BOOL, "use_motion_vectors": _BOOL,
-    "text_prompt": _STR, "image_prompt": _STR, "init_image": _STR,
+    "mode": _STR,
+    "seed": _INT,
+    "interpolate": _BOOL,
+    "upscale": _BOOL,
+    "watermark": _BOOL,
+    "motion_score": _INT,
+    "use_motion_score": _BOOL,
+    "use_motion_vectors": _BOOL,
+    "text_prompt": _STR,
+    "image_prompt": _STR,
+    "init_image": _STR,
 }
 
 
@@ -173,14 +181,24 @@ class SimTask:
     artifacts: list[dict[str, Any]] = field(default_factory=list)
 
     def body(self) -> dict[str, Any]:
-        return {"task": {
-            "id": self.id, "name": self.name, "image": None,
-            "createdAt": self.created_at, "updatedAt": self.updated_at or self.created_at,
-            "taskType": "gen2", "options": self.options, "status": self.status,
-            "error": self.error, "progressText": None, "progressRatio": self.progress_ratio,
-            "estimatedTimeToStartSeconds": self.eta_seconds, "artifacts": self.artifacts,
-            "sharedAsset": None,
-        }}
+        return {
+            "task": {
+                "id": self.id,
+                "name": self.name,
+                "image": None,
+                "createdAt": self.created_at,
+                "updatedAt": self.updated_at or self.created_at,
+                "taskType": "gen2",
+                "options": self.options,
+                "status": self.status,
+                "error": self.error,
+                "progressText": None,
+                "progressRatio": self.progress_ratio,
+                "estimatedTimeToStartSeconds": self.eta_seconds,
+                "artifacts": self.artifacts,
+                "sharedAsset": None,
+            }
+        }
 
 
 @dataclass(frozen=True)
@@ -254,9 +272,11 @@ def validate_create(body: Any) -> str | None:
     gen2 = options.get("gen2Options")
     if not isinstance(gen2, dict):
         return "options.gen2Options: required, must be an object"
-    return (_check_types("options", options, _OPTION_FIELDS)
-            or _check_types("options.gen2Options", gen2, _GEN2_FIELDS)
-            or _check_gen2_values(options, gen2))
+    return (
+        _check_types("options", options, _OPTION_FIELDS)
+        or _check_types("options.gen2Options", gen2, _GEN2_FIELDS)
+        or _check_gen2_values(options, gen2)
+    )
 
 
 async def _pattern_stream(total: int) -> AsyncIterator[bytes]:
@@ -364,12 +384,19 @@ class Simulator:
         options["recordingEnabled"] = True
         seed = options["gen2Options"].get("seed", self._random.randint(0, MAX_SEED))
         task = SimTask(
-            id=str(uuid.uuid4()), name=options.get("name") or f"Gen-2 {seed}", options=options,
-            base_url=base_url.rstrip("/"), notify_hook=body.get("notify_hook"),
+            id=str(uuid.uuid4()),
+            name=options.get("name") or f"Gen-2 {seed}",
+            options=options,
+            base_url=base_url.rstrip("/"),
+            notify_hook=body.get("notify_hook"),
             eta_seconds=round(ctl.seconds_to_finish * 0.2, 3),
         )
-        plan = _Plan(float(ctl.seconds_to_finish), self._random.random() < ctl.fail_rate,
-                     ctl.artifact_bytes, ctl.reverse_callbacks)
+        plan = _Plan(
+            float(ctl.seconds_to_finish),
+            self._random.random() < ctl.fail_rate,
+            ctl.artifact_bytes,
+            ctl.reverse_callbacks,
+        )
         self.tasks[task.id] = task
         return task, plan
 
@@ -379,7 +406,7 @@ class Simulator:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + HANG_LIMIT_SECONDS
         with contextlib.suppress(asyncio.CancelledError):
-            while loop.time() < deadline and not await request.is_disconnected():  # noqa: ASYNC110 - no event to await
+            while loop.time() < deadline and not await request.is_disconnected():
                 await asyncio.sleep(0.05)
 
     async def get_task(self, request: Request) -> Response:
@@ -448,11 +475,19 @@ class Simulator:
         else:
             url, size = f"{base}/_sim/artifacts/{task.id}.mp4", SAMPLE_MP4.stat().st_size
         return {
-            "id": str(uuid.uuid4()), "taskId": task.id, "createdAt": task.updated_at,
-            "filename": f"{task.name}.mp4", "url": url, "fileSize": str(size),
+            "id": str(uuid.uuid4()),
+            "taskId": task.id,
+            "createdAt": task.updated_at,
+            "filename": f"{task.name}.mp4",
+            "url": url,
+            "fileSize": str(size),
             "previewUrls": [f"{base}/_sim/artifacts/{task.id}.jpg"],
-            "metadata": {"frameRate": 24, "duration": 2.0, "dimensions": [320, 192],
-                         "size": {"width": 320, "height": 192}},
+            "metadata": {
+                "frameRate": 24,
+                "duration": 2.0,
+                "dimensions": [320, 192],
+                "size": {"width": 320, "height": 192},
+            },
         }
 
     async def _notify(self, task: SimTask, status: str, payload: bytes) -> None:
@@ -525,11 +560,16 @@ class Simulator:
         return _json(200, dataclasses.asdict(self.control))
 
     async def requests(self, request: Request) -> Response:
-        return _json(200, {
-            "creates": list(self.creates), "creates_total": self.creates_total,
-            "status_calls": sum(self.status_calls.values()),
-            "status_calls_by_id": dict(self.status_calls), "callbacks": list(self.callbacks),
-        })
+        return _json(
+            200,
+            {
+                "creates": list(self.creates),
+                "creates_total": self.creates_total,
+                "status_calls": sum(self.status_calls.values()),
+                "status_calls_by_id": dict(self.status_calls),
+                "callbacks": list(self.callbacks),
+            },
+        )
 
     async def list_tasks(self, request: Request) -> Response:
         return _json(200, {"tasks": [task.body()["task"] for task in self.tasks.values()]})
@@ -546,5 +586,4 @@ def create_simulator_app(settings: SimulatorSettings) -> Starlette:
 def run_simulator(host: str, port: int, settings: SimulatorSettings) -> None:
     """Serve the simulator until interrupted. The graceful-shutdown bound stops a create held
     open by `hang_after_create` from blocking Ctrl-C."""
-    uvicorn.run(create_simulator_app(settings), host=host, port=port, access_log=False,
-                timeout_graceful_shutdown=2)
+    uvicorn.run(create_simulator_app(settings), host=host, port=port, access_log=False, timeout_graceful_shutdown=2)
