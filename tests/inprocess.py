@@ -18,10 +18,10 @@ from typing import Any
 
 import httpx
 import orjson
-from conftest import eventually, free_port, key_hash
+from conftest import ADMIN_KEY, eventually, free_port, key_hash
 from starlette.applications import Starlette
 
-from gateway.app import Gateway, create_app
+from gateway.app import create_app
 from gateway.config import Config, parse_config
 from gateway.logs import ACCESS_LOGGER
 
@@ -33,11 +33,13 @@ T0 = 1_800_000_000.0
 def gateway_config(
     tmp_path: Path, server: dict[str, Any] | None = None, limits: dict[str, int] | None = None
 ) -> Config:
-    """One tenant, `team-a`, whose key is KEY; `server` and `limits` as in the TOML file."""
+    """One tenant, `team-a`, whose key is KEY, and conftest's ADMIN_KEY; `server` and `limits`
+    as in the TOML file."""
     raw = {
         "server": server or {},
         "upstream": {"base_url": f"http://127.0.0.1:{free_port()}", "api_keys": ["sk-upstream"]},
         "store": {"url": f"sqlite:///{tmp_path / 'gateway.db'}"},
+        "admin": {"keys": [key_hash(ADMIN_KEY)]},
         "tenants": [{"id": "team-a", "keys": [key_hash(KEY)], "limits": limits or {}}],
     }
     return parse_config(raw, environ={}, base_dir=tmp_path)
@@ -49,15 +51,17 @@ class Running:
     def __init__(self, app: Starlette, log: io.StringIO):
         self.app, self.log = app, log
 
-    @property
-    def gateway(self) -> Gateway:
-        gw: Gateway = self.app.state.gateway
-        return gw
-
     def client(self, peer: str = "127.0.0.1") -> httpx.AsyncClient:
         """A client whose requests come from `peer` (the ASGI scope's `client`)."""
         transport = httpx.ASGITransport(app=self.app, client=(peer, 40000))
         return httpx.AsyncClient(transport=transport, base_url="http://gateway.test")
+
+    async def usage(self, tenant: str = "team-a") -> dict[str, int]:
+        async with self.client() as client:
+            resp = await client.get(f"/admin/tenants/{tenant}/usage", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+        assert resp.status_code == 200, resp.text
+        usage: dict[str, int] = resp.json()["usage"]
+        return usage
 
     async def line_of(self, request_id: str) -> dict[str, Any]:
         """The request's one access-log line (lines go out at the end of a loop turn)."""
