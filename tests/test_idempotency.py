@@ -1,6 +1,7 @@
-"""A create whose upstream outcome is unknown (issue 12, items 1 and 5), through real servers.
+"""Idempotent creates (`Idempotency-Key`), through real servers: concurrent retries make one
+task, a different body under the same key is 409, a 5xx frees the key, a 400 replays.
 
-The simulator holds a create's answer past the gateway's 3 s timeout (`hang_after_create`:
+Then a create whose upstream outcome is unknown. The simulator holds a create's answer past the gateway's 3 s timeout (`hang_after_create`:
 the task exists upstream, the gateway answers 504) or answers it with garbage. A retry
 with the same Idempotency-Key must never create a second task: it gets 409
 `idempotency_outcome_unknown` until a callback identifies the task, then the task itself.
@@ -10,6 +11,8 @@ An unknown outcome never identified frees its active slot after
 
 from __future__ import annotations
 
+import json
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import httpx
@@ -136,3 +139,43 @@ def test_an_unknown_outcome_frees_its_slot_after_unknown_outcome_timeout_seconds
     assert expired["level"] == "warning" and expired["tenant"] == "t" and expired["rid"] == unknown["rid"]
     text = g.log_text()
     assert UPSTREAM_KEY not in text and tenant.key not in text
+
+
+def test_concurrent_idempotent_creates_make_one_task(own_sim: Simulator, start_gateway) -> None:
+    own_sim.control(latency_seconds=0.3)
+    g = start_gateway(own_sim.url, [TenantSpec("t", limits={"credits_per_day": 1000})])
+    body = gen2_body("idempotent")
+
+    def post(_: int) -> httpx.Response:
+        with g.client("t") as c:
+            return c.post("/runway/tasks", json=body, headers={"Idempotency-Key": "order-42"})
+
+    with ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(post, range(20)))
+    assert {a.status_code for a in answers} == {200}
+    assert len({a.content for a in answers}) == 1
+    assert sum(a.headers.get("idempotent-replayed") == "true" for a in answers) == 19
+    assert own_sim.requests()["creates_total"] == 1
+    assert g.usage("t")["credits_today"] == 10
+    reordered = json.loads(json.dumps(body, sort_keys=True))
+    with g.client("t") as c:
+        again = c.post("/runway/tasks", json=reordered, headers={"Idempotency-Key": "order-42"})
+        assert again.status_code == 200 and again.headers["idempotent-replayed"] == "true"
+        other = c.post("/runway/tasks", json=gen2_body("another body"), headers={"Idempotency-Key": "order-42"})
+        assert other.status_code == 409 and other.json()["error"]["code"] == "idempotency_key_reused"
+        bad = c.post("/runway/tasks", json=body, headers={"Idempotency-Key": "has space"})
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_idempotency_key"
+    assert own_sim.requests()["creates_total"] == 1
+
+
+def test_idempotency_key_freed_after_5xx(own_sim: Simulator, start_gateway) -> None:
+    g = start_gateway(own_sim.url, [TenantSpec("t")])
+    own_sim.control(create_status=500)
+    with g.client("t") as c:
+        assert c.post("/runway/tasks", json=gen2_body(), headers={"Idempotency-Key": "k1"}).status_code == 502
+        own_sim.control(create_status=0)
+        second = c.post("/runway/tasks", json=gen2_body(), headers={"Idempotency-Key": "k1"})
+        assert second.status_code == 200 and "idempotent-replayed" not in second.headers
+        bad = c.post("/runway/tasks", json={"taskType": "gen9"}, headers={"Idempotency-Key": "k2"})
+        replay = c.post("/runway/tasks", json={"taskType": "gen9"}, headers={"Idempotency-Key": "k2"})
+        assert bad.status_code == replay.status_code == 400 and replay.headers["idempotent-replayed"] == "true"

@@ -1,4 +1,4 @@
-"""The native relay routes through a real gateway and simulator (issue 2)."""
+"""The native relay routes (`/runway/tasks`) through a real gateway and simulator."""
 
 from __future__ import annotations
 
