@@ -11,11 +11,15 @@
   Redis it did not make or was not given; Redis-backed tests fail (never skip) when
   `redis-server` cannot start. Each test still uses a key prefix of its own.
 - `RedisServer`: a private `redis-server` of a test's own (to stop, restart or demote).
+- `wait_until` / `eventually`: poll for a state (sync / async); tests never sleep a fixed time
+  to wait for one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import inspect
 import os
 import secrets
 import shutil
@@ -57,6 +61,23 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: fl
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {message}")
         time.sleep(interval)
+
+
+async def eventually(
+    check: Callable[[], Any], within: float = 5.0, interval: float = 0.02, message: str = "condition"
+) -> Any:
+    """`wait_until` for async tests: poll `check()` (sync or async) without blocking the
+    event loop until it returns something truthy; fail after `within` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        value = check()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within}s waiting for {message}")
+        await asyncio.sleep(interval)
 
 
 def gen2_body(prompt: str = "The wind blows hair up.", **gen2: Any) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The benchmark command runs and prints its table (issue 7). No timing is asserted: only
+"""The benchmark command runs and prints its table. No timing is asserted: only
 that every target ran on a tiny load (`--quick`: 1 s each) and the table has its rows.
 
 Redis rows are measured on the bench's own private redis-server (or on

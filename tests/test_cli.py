@@ -152,3 +152,12 @@ def test_a_busy_port_is_named_before_any_key_is_printed(tmp_path: Path, busy_opt
     assert f"port {ports[busy_option]} for the" in proc.stderr and busy_option in proc.stderr, said
     assert "sk-gw-" not in said and "curl" not in said, said
     assert not (data / "demo-secrets.json").exists()
+
+
+def test_new_key_prints_a_key_and_its_hash() -> None:
+    out = subprocess.run([sys.executable, "-m", "gateway", "new-key"], capture_output=True, text=True, cwd=ROOT).stdout.split()
+    key, hashed = out
+    import hashlib
+
+    assert key.startswith("sk-gw-") and len(key) >= 6 + 43
+    assert hashed == "sha256:" + hashlib.sha256(key.encode()).hexdigest()

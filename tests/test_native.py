@@ -1,4 +1,4 @@
-"""The native relay routes through a real gateway and simulator (issue 2)."""
+"""The native relay routes (`/runway/tasks`) through a real gateway and simulator."""
 
 from __future__ import annotations
 
@@ -7,10 +7,9 @@ import hashlib
 import hmac
 import json
 import re
+import secrets
 import socket
 import sqlite3
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from starlette.testclient import TestClient
 
-from conftest import ROOT, UPSTREAM_KEY, GatewayProcess, Simulator, TenantSpec, free_port, gen2_body, wait_until
+from conftest import UPSTREAM_KEY, GatewayProcess, Simulator, TenantSpec, gen2_body, wait_until
 from gateway.app import create_app
 from gateway.config import parse_config
 from gateway.routes.hooks import MAX_CALLBACK_BYTES
@@ -393,32 +392,25 @@ def test_upstream_429_is_503_rate_limited_with_retry_after_and_refunded(failing,
     assert create(g, "t").status_code == 200  # the upstream's 429 opened no circuit
 
 
-def test_upstream_down_is_503_and_opens_the_circuit(start_gateway, sim: Simulator) -> None:
-    dead = f"http://127.0.0.1:{free_port()}"
-    g = start_gateway(dead, [TenantSpec("t")])
-    for _ in range(5):
-        assert_error(create(g, "t"), 503, "upstream_unavailable")
-    start = time.monotonic()
-    err = assert_error(create(g, "t"), 503, "upstream_unavailable")
-    assert time.monotonic() - start < 2 and "not calling" in err["message"]
-    assert httpx.get(g.url + "/readyz").json()["upstream_circuit"] == "open"
-
-
 # --- secrets never leak ----------------------------------------------------------------
 
 
 def test_no_secret_or_prompt_in_logs_or_errors(gw: GatewayProcess, jwt_gateway, rsa_key) -> None:
     tenant = gw.tenants["team-a"]
     secret_prompt = "zebra-violet-prompt-8812"
+    run = secrets.token_hex(4)
+    ids = {name: f"secrets-{run}-{name}" for name in ("ok", "bad-seed", "bad-key", "bad-jwt")}
     bodies = []
-    resp = create(gw, "team-a", gen2_body(secret_prompt))
+    resp = create(gw, "team-a", gen2_body(secret_prompt), headers={"x-request-id": ids["ok"]})
     assert resp.status_code == 200
-    bodies.append(create(gw, "team-a", gen2_body(secret_prompt, seed=-5)).text)
-    bodies.append(httpx.post(gw.url + "/runway/tasks", headers={"Authorization": f"Bearer {tenant.key}x"}, json=gen2_body(secret_prompt)).text)
+    bodies.append(create(gw, "team-a", gen2_body(secret_prompt, seed=-5), headers={"x-request-id": ids["bad-seed"]}).text)
+    bodies.append(httpx.post(gw.url + "/runway/tasks", headers={"Authorization": f"Bearer {tenant.key}x", "x-request-id": ids["bad-key"]},
+                             json=gen2_body(secret_prompt)).text)
     g, _ = jwt_gateway
     token = jwt.encode(_claims(exp=int(time.time()) - 5), rsa_key, algorithm="RS256")
-    bodies.append(_get_with(g, token).text)
-    time.sleep(0.2)
+    bodies.append(httpx.get(g.url + "/runway/tasks", headers={"Authorization": f"Bearer {token}", "x-request-id": ids["bad-jwt"]}).text)
+    # every request's line is written (so its neighbours, e.g. a warning, are too)
+    wait_until(lambda: all(i in gw.log_text() + g.log_text() for i in ids.values()), 5, message="the access lines")
     logs = gw.log_text() + g.log_text()
     assert any('"route":"/runway/tasks"' in line for line in logs.splitlines())
     for secret in (tenant.key, UPSTREAM_KEY, secret_prompt, token, tenant.webhook_secret):
@@ -528,46 +520,3 @@ def test_a_callback_token_cannot_move_another_task(own_sim: Simulator, start_gat
 
 
 # --- command line ----------------------------------------------------------------------
-
-
-def test_check_config_names_every_bad_key(tmp_path: Path) -> None:
-    bad = tmp_path / "bad.toml"
-    bad.write_text(
-        '[server]\nmax_body_bytes = -1\n[upstream]\nbase_url = "ftp://x"\napi_keys = []\n[store]\nurl = "mysql://x"\n'
-        '[[tenants]]\nid = "ok"\nkeys = ["sha256:abc"]\n[[tenants]]\nid = "Bad Id"\n[tenants.limits]\nmax_active_tasks = 0\n'
-        'bogus = 1\n[auth.jwt]\nalgorithms = ["none"]\nsecret = "${NOT_SET_ANYWHERE_XYZ}"\n'
-    )
-    out = subprocess.run([sys.executable, "-m", "gateway", "check-config", str(bad)], capture_output=True, text=True, cwd=ROOT)
-    assert out.returncode == 2
-    problems = out.stderr.strip().splitlines()
-    for expected in (
-        "server.max_body_bytes: must be a positive integer",
-        "upstream.base_url: must be an http(s) URL",
-        "upstream.api_keys: must list at least one upstream API key",
-        "store.url:",
-        "tenants[0].keys:",
-        "tenants[1].id: must match",
-        "tenants[1].limits.max_active_tasks: must be a positive integer",
-        "tenants[1].limits.bogus: unknown key",
-        "auth.jwt.algorithms:",
-        "auth.jwt.secret: environment variable NOT_SET_ANYWHERE_XYZ is not set",
-    ):
-        assert any(p.startswith(expected) for p in problems), (expected, problems)
-
-
-def test_example_config_passes_and_serve_refuses_a_bad_one(tmp_path: Path) -> None:
-    ok = subprocess.run([sys.executable, "-m", "gateway", "check-config", "config/gateway.example.toml"], capture_output=True, text=True, cwd=ROOT)
-    assert ok.returncode == 0, ok.stderr
-    bad = tmp_path / "bad.toml"
-    bad.write_text("[upstream]\napi_keys = []\n")
-    served = subprocess.run([sys.executable, "-m", "gateway", "serve", "--config", str(bad), "--port", str(free_port())], capture_output=True, text=True, cwd=ROOT, timeout=30)
-    assert served.returncode == 2 and "upstream.api_keys" in served.stderr
-
-
-def test_new_key_prints_a_key_and_its_hash() -> None:
-    out = subprocess.run([sys.executable, "-m", "gateway", "new-key"], capture_output=True, text=True, cwd=ROOT).stdout.split()
-    key, hashed = out
-    import hashlib
-
-    assert key.startswith("sk-gw-") and len(key) >= 6 + 43
-    assert hashed == "sha256:" + hashlib.sha256(key.encode()).hexdigest()

@@ -1,4 +1,4 @@
-"""The OpenAI Videos API through the official `openai` SDK, sync and async (issue 5).
+"""The OpenAI Videos API through the official `openai` SDK, sync and async.
 
 Real processes: the session gateway and simulator, plus gateways of their own for an
 exhausted budget, uploads (an https public_url, a short link lifetime) and a 200 MB

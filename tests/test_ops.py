@@ -1,4 +1,4 @@
-"""Operations: metrics across workers, health and readiness, store outages (issue 6)."""
+"""Operations: metrics across workers, health and readiness, store outages."""
 
 from __future__ import annotations
 

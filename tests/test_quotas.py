@@ -1,4 +1,4 @@
-"""Quotas that hold exactly, through real servers (issue 3).
+"""Quotas that hold exactly, through real servers.
 
 SQLite: one gateway with `--workers 2` on one file. Redis: two gateway processes sharing
 one Redis, requests split between them. Day/month roll-over and the token-bucket maths

@@ -16,7 +16,7 @@ from typing import Any, AsyncIterator, Iterator
 
 import pytest
 
-from conftest import RedisServer, free_port
+from conftest import RedisServer, eventually, free_port
 from gateway.config import ConfigError, load_config
 from gateway.store.base import StoreUnavailable
 from gateway.store.redis.client import KEEPALIVE, RedisClient, RedisConnectionError, RedisError, pack
@@ -152,9 +152,13 @@ async def test_a_late_reply_fails_the_waiting_commands_and_the_next_one_reconnec
 async def test_a_connection_killed_by_the_server_fails_then_reconnects(client: RedisClient, base_url: str, prefix: str) -> None:
     my_id = await client.execute("CLIENT", "ID")
     waiting = asyncio.ensure_future(client.execute("BLPOP", prefix + "never", 5))
-    await asyncio.sleep(0.05)
     admin = RedisClient(base_url)
     try:
+
+        async def blocked() -> bool:
+            return b"cmd=blpop" in await admin.execute("CLIENT", "LIST", "ID", my_id)
+
+        await eventually(blocked, message="the BLPOP to block on the server")
         assert await admin.execute("CLIENT", "KILL", "ID", my_id) == 1
     finally:
         await admin.aclose()
@@ -167,9 +171,9 @@ async def test_a_cancelled_caller_does_not_shift_the_replies(client: RedisClient
     await client.execute("SET", prefix + "k", "v")
     with pytest.raises(asyncio.TimeoutError):
         await asyncio.wait_for(client.execute("BLPOP", prefix + "never", 0.2), 0.05)
-    # The BLPOP's nil reply arrives later and is dropped; these get their own replies.
+    # The BLPOP's nil reply arrives later and is dropped; these get their own replies. One
+    # connection answers in order, so when they are answered the nil has come and gone.
     assert await asyncio.gather(client.execute("GET", prefix + "k"), client.execute("ECHO", "x")) == [b"v", b"x"]
-    await asyncio.sleep(0.3)
     assert await client.execute("GET", prefix + "k") == b"v"
 
 
@@ -241,13 +245,13 @@ async def test_callers_waiting_for_a_connection_share_its_failure() -> None:
         # A caller cancelled during the setup does not leave the socket open either.
         closed.clear()
         waiting = asyncio.ensure_future(client.execute("PING"))
-        await asyncio.sleep(0.05)
+        await eventually(lambda: accepted == 2, message="the second connection")  # SELECT is waiting
         waiting.cancel()
         await asyncio.wait_for(closed.wait(), 1)
         # aclose() during the setup: the waiting caller fails as closed, the socket is closed.
         closed.clear()
         waiting = asyncio.ensure_future(client.execute("PING"))
-        await asyncio.sleep(0.05)
+        await eventually(lambda: accepted == 3, message="the third connection")
         await client.aclose()
         with pytest.raises(RedisConnectionError, match="closed"):
             await waiting

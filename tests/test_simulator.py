@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from conftest import eventually, wait_until
 
 from gateway.devtools.simulator import (
     SAMPLE_JPG,
@@ -81,10 +82,8 @@ def sim_url() -> Iterator[str]:
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "simulator did not start"
-        time.sleep(0.01)
+    wait_until(lambda: server.started or not thread.is_alive(), 10, 0.01, "the simulator to start")
+    assert server.started, "simulator did not start"
     yield f"http://127.0.0.1:{sock.getsockname()[1]}"
     server.should_exit = True
     thread.join(timeout=5)
@@ -133,19 +132,6 @@ async def client(sim_url: str) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=sim_url, timeout=5) as http:
         assert (await http.post("/_sim/reset")).status_code == 200
         yield http
-
-
-async def eventually(check: Any, within: float = 5.0) -> Any:
-    """Poll `check()` (sync or async) until it returns something truthy."""
-    deadline = time.monotonic() + within
-    while True:
-        value = check()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
 
 
 async def create(client: httpx.AsyncClient, **top: Any) -> dict[str, Any]:
@@ -365,7 +351,9 @@ async def test_callback_misbehaviour(client: httpx.AsyncClient, hooks: HookRecei
     await control(client, reverse_callbacks=False, drop_callbacks=True)
     dropped = await create(client, notify_hook=hooks.url)
     assert (await wait_terminal(client, dropped["id"]))["status"] == "SUCCEEDED"
-    await asyncio.sleep(0.1)
+    # a callback is recorded as it is decided, before the status that causes it is visible
+    callbacks = (await client.get("/_sim/requests")).json()["callbacks"]
+    assert [c for c in callbacks if c["task_id"] == dropped["id"]] == []
     assert hooks.statuses(dropped["id"]) == []
 
 
