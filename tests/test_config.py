@@ -459,7 +459,7 @@ def test_unknown_keys_are_named_at_every_level() -> None:
         (with_base(tenants=[{"id": "t", "enabled": 1}]), "tenants[0].enabled: must be true or false"),
         (
             with_base(tenants=[{"id": "t", "policy": {"defaults": {"seed": "42"}}}]),
-            "tenants[0].policy.defaults.seed: must be a integer",
+            "tenants[0].policy.defaults.seed: must be an integer",
         ),
         (
             with_base(tenants=[{"id": "t", "policy": {"force": {"upscale": 1}}}]),
