@@ -2,8 +2,9 @@
 access log.
 
 Pure ASGI (no BaseHTTPMiddleware) so streamed responses stay streamed and the cost per
-request is a few dict operations. Routes leave what it needs in `scope["state"]`:
-`tenant` (the metric label) and `rate` (the bucket info for the x-ratelimit headers).
+request is a few dict operations. Each request gets a `RequestContext` (its id, and what
+the routes learn on the way: tenant, rate-limit bucket, upstream time, task id), which the
+middleware turns into the response's headers, the metrics and the access log line.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import ipaddress
 import re
 import secrets
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -20,6 +22,7 @@ from gateway.errors import GatewayError, error_response
 from gateway.logs import AccessLog
 from gateway.metrics import Metrics
 from gateway.quotas import rate_headers
+from gateway.store.base import RateInfo
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -27,6 +30,24 @@ SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # Set in scope["state"] by the HTTP protocol (gateway/connections.py) when a request's body
 # misses its deadline; the next receive answers 408.
 BODY_LATE = "body_late"
+CONTEXT = "context"  # the RequestContext's key in scope["state"]
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """One request's record, filled by the routes, read by the middleware at the end."""
+
+    request_id: str
+    tenant: str | None = None  # the authenticated tenant: the metric label and log field
+    key_id: str | None = None  # which of the tenant's keys (once keys have ids)
+    rate: RateInfo | None = None  # the requests_per_minute bucket, for the x-ratelimit headers
+    upstream_ms: float | None = None  # time the upstream took on a create
+    task_id: str | None = None  # the task the request created, read or deleted
+
+
+def request_context(scope: Scope) -> RequestContext:
+    context: RequestContext = scope["state"][CONTEXT]
+    return context
 
 
 class GatewayMiddleware:
@@ -46,9 +67,8 @@ class GatewayMiddleware:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        request_id = _request_id(scope)
         state: dict[str, Any] = scope.setdefault("state", {})
-        state["request_id"] = request_id
+        context = state[CONTEXT] = RequestContext(_request_id(scope))
         status = 500
 
         async def send_wrapper(message: Message) -> None:
@@ -56,8 +76,8 @@ class GatewayMiddleware:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 headers = message.setdefault("headers", [])
-                headers.append((b"x-request-id", request_id.encode()))
-                for name, value in rate_headers(state.get("rate")).items():
+                headers.append((b"x-request-id", context.request_id.encode()))
+                for name, value in rate_headers(context.rate).items():
                     headers.append((name.encode(), value.encode()))
             await send(message)
 
@@ -67,7 +87,7 @@ class GatewayMiddleware:
             else:
                 await self.app(scope, self._limited(receive, state), send_wrapper)
         finally:
-            self._record(scope, state, request_id, status, time.perf_counter() - start)
+            self._record(scope, context, status, time.perf_counter() - start)
 
     def _limited(self, receive: Receive, state: dict[str, Any]) -> Receive:
         """Count body bytes as they arrive, for bodies sent without Content-Length, and
@@ -88,28 +108,26 @@ class GatewayMiddleware:
 
         return wrapped
 
-    def _record(self, scope: Scope, state: dict[str, Any], request_id: str, status: int, seconds: float) -> None:
+    def _record(self, scope: Scope, context: RequestContext, status: int, seconds: float) -> None:
         route = scope.get("route")
         template = getattr(route, "path", None) or "unmatched"
         method = scope["method"]
-        tenant = state.get("tenant", "")
-        self.metrics.count(self.metrics.requests, (tenant, template, method, str(status)))
+        self.metrics.count(self.metrics.requests, (context.tenant or "", template, method, str(status)))
         self.metrics.observe(self.metrics.request_duration, (template, method), seconds)
         fields: dict[str, Any] = {
-            "request_id": request_id,
+            "request_id": context.request_id,
             "client": self._client_ip(scope),
-            "tenant": tenant or None,
+            "tenant": context.tenant,
             "method": method,
             "route": template,
             "status": status,
             "duration_ms": round(seconds * 1000, 2),
         }
-        if "upstream_ms" in state:
-            fields["upstream_ms"] = round(state["upstream_ms"], 2)
-        if "task_id" in state:
-            fields["task_id"] = state["task_id"]
+        if context.upstream_ms is not None:
+            fields["upstream_ms"] = round(context.upstream_ms, 2)
+        if context.task_id is not None:
+            fields["task_id"] = context.task_id
         self.access_log.write(fields)
-
 
     def _client_ip(self, scope: Scope) -> str | None:
         """The peer, or, behind a trusted proxy, the nearest X-Forwarded-For hop not trusted."""
