@@ -13,7 +13,8 @@ import contextlib
 import logging
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -34,7 +35,7 @@ logger = logging.getLogger("gateway")
 POLL_EVERY = 1.0
 EXPIRE_EVERY = 5.0
 MAINTAIN_EVERY = 5.0  # keeps the SQLite WAL short (docs/benchmarks.md, Soak)
-Worker = Callable[[asyncio.Event], Awaitable[None]]
+Worker = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
 
 
 def open_store(url: str) -> Store:
@@ -51,8 +52,11 @@ def workers(services: Services) -> list[Worker]:
     """The background loops every process runs until its lifespan ends."""
     metrics, store, tasks, clock = services.metrics, services.store, services.tasks, services.clock
     dispatcher = WebhookDispatcher(
-        store, {t.id: t for t in services.config.tenants}, services.config.webhooks,
-        on_result=lambda tenant, result: metrics.count(metrics.webhook_deliveries, (tenant, result)), clock=clock,
+        store,
+        {t.id: t for t in services.config.tenants},
+        services.config.webhooks,
+        on_result=lambda tenant, result: metrics.count(metrics.webhook_deliveries, (tenant, result)),
+        clock=clock,
     )
 
     async def flush_metrics() -> None:
@@ -67,7 +71,9 @@ def workers(services: Services) -> list[Worker]:
     ]
 
 
-def _every(seconds: float, job: Callable[[], Awaitable[object]]) -> Callable[[asyncio.Event], Awaitable[None]]:
+def _every(seconds: float, job: Callable[[], Awaitable[object]]) -> Worker:
+    """A worker that runs `job` every `seconds` until stopped; a failed run is logged, not fatal."""
+
     async def loop(stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
@@ -99,7 +105,14 @@ async def _store_unavailable(request: Request, exc: Exception) -> Response:
     answers `Exception`, re-raises and uvicorn then closes the connection under the
     client's next request). Its message names the cause; no credential is in it."""
     logger.error("store unavailable: %s", exc)
-    return error_response(GatewayError(503, "store_unavailable", "The gateway's store is not answering; retry shortly.", headers={"retry-after": "1"}))
+    return error_response(
+        GatewayError(
+            503,
+            "store_unavailable",
+            "The gateway's store is not answering; retry shortly.",
+            headers={"retry-after": "1"},
+        )
+    )
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
@@ -131,15 +144,21 @@ def create_app(
             access_log.flush()
 
     middleware = Middleware(
-        GatewayMiddleware, metrics=metrics, access_log=access_log,
-        max_body_bytes=config.server.max_body_bytes, trusted_proxies=config.server.trusted_proxies,
+        GatewayMiddleware,
+        metrics=metrics,
+        access_log=access_log,
+        max_body_bytes=config.server.max_body_bytes,
+        trusted_proxies=config.server.trusted_proxies,
     )
     return Starlette(
         routes=[*native.routes, *openai.routes, *hooks.routes, *ops.routes, *admin.routes],
         middleware=[middleware],
         exception_handlers={
-            GatewayError: _gateway_error, 404: _not_found, 405: _not_found,
-            StoreUnavailable: _store_unavailable, Exception: _unexpected,
+            GatewayError: _gateway_error,
+            404: _not_found,
+            405: _not_found,
+            StoreUnavailable: _store_unavailable,
+            Exception: _unexpected,
         },
         lifespan=lifespan,
     )

@@ -51,16 +51,30 @@ def request_context(scope: Scope) -> RequestContext:
 
 
 class GatewayMiddleware:
-    def __init__(self, app: ASGIApp, metrics: Metrics, access_log: AccessLog, max_body_bytes: int, trusted_proxies: tuple[Network, ...] = ()):
+    def __init__(
+        self,
+        app: ASGIApp,
+        metrics: Metrics,
+        access_log: AccessLog,
+        max_body_bytes: int,
+        trusted_proxies: tuple[Network, ...] = (),
+    ):
         self.app = app
         self.trusted_proxies = trusted_proxies
         self.metrics = metrics
         self.access_log = access_log
         self.max_body_bytes = max_body_bytes
-        self.too_large = GatewayError(413, "request_too_large", f"The request body is larger than {max_body_bytes} bytes.")
+        self.too_large = GatewayError(
+            413, "request_too_large", f"The request body is larger than {max_body_bytes} bytes."
+        )
         # `connection: close`: the rest of a late body must not be read as the next request
-        self.too_slow = GatewayError(408, "request_timeout", "The request body did not arrive in time.",
-                                     "invalid_request_error", headers={"connection": "close"})
+        self.too_slow = GatewayError(
+            408,
+            "request_timeout",
+            "The request body did not arrive in time.",
+            "invalid_request_error",
+            headers={"connection": "close"},
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -132,12 +146,13 @@ class GatewayMiddleware:
     def _client_ip(self, scope: Scope) -> str | None:
         """The peer, or, behind a trusted proxy, the nearest X-Forwarded-For hop not trusted."""
         peer = scope.get("client")
-        ip = peer[0] if peer else None
+        ip: str | None = peer[0] if peer else None
         if not ip or not self.trusted_proxies or not self._trusted(ip):
             return ip
         for name, value in scope["headers"]:
             if name == b"x-forwarded-for":
-                for hop in reversed([h.strip() for h in value.decode("latin-1").split(",")]):
+                hops: list[str] = [h.strip() for h in value.decode("latin-1").split(",")]
+                for hop in reversed(hops):
                     if not self._trusted(hop):
                         return hop
         return ip
@@ -153,7 +168,7 @@ class GatewayMiddleware:
 def _request_id(scope: Scope) -> str:
     for name, value in scope["headers"]:
         if name == b"x-request-id":
-            candidate = value.decode("latin-1")
+            candidate: str = value.decode("latin-1")
             if SAFE_REQUEST_ID.match(candidate):
                 return candidate
             break

@@ -19,7 +19,9 @@ MESSAGES = {
     "max_active_tasks": "Concurrency limit reached: max_active_tasks is {limit}; wait for a task to finish.",
     "tasks_per_day": "Daily task budget exhausted (tasks_per_day = {limit}); it resets at 00:00 UTC.",
     "credits_per_day": "Daily credit budget exhausted (credits_per_day = {limit}); it resets at 00:00 UTC.",
-    "credits_per_month": "Monthly credit budget exhausted (credits_per_month = {limit}); it resets on the 1st, 00:00 UTC.",
+    "credits_per_month": (
+        "Monthly credit budget exhausted (credits_per_month = {limit}); it resets on the 1st, 00:00 UTC."
+    ),
 }
 
 

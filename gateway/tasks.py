@@ -13,9 +13,10 @@ import logging
 import math
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Callable
+from typing import Any
 
 from gateway.config import Config, Tenant
 from gateway.errors import GatewayError
@@ -23,10 +24,20 @@ from gateway.gen2 import Gen2Request
 from gateway.logs import log_fields
 from gateway.metrics import Metrics
 from gateway.quotas import refused
-from gateway.store.base import UNKNOWN, Charge, RateInfo, Store, TaskRecord, UpdateResult, day_key, month_key, retry_unavailable
+from gateway.store.base import (
+    UNKNOWN,
+    Charge,
+    RateInfo,
+    Store,
+    TaskRecord,
+    UpdateResult,
+    day_key,
+    month_key,
+    retry_unavailable,
+)
 from gateway.tokens import TokenSigner
-from gateway.upstream import Outcome, Upstream, UpstreamFailure
 from gateway.uploads import PendingUpload
+from gateway.upstream import Outcome, Upstream, UpstreamFailure
 
 logger = logging.getLogger("gateway.tasks")
 TIMED_OUT_POLL_SECONDS = 3600.0
@@ -66,7 +77,15 @@ class OutcomeUnknown(CreateFailed):
 
 
 class TaskService:
-    def __init__(self, config: Config, store: Store, upstream: Upstream, signer: TokenSigner, metrics: Metrics, clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        upstream: Upstream,
+        signer: TokenSigner,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.time,
+    ):
         self.config = config
         self.store = store
         self.upstream = upstream
@@ -77,7 +96,11 @@ class TaskService:
 
     # create -------------------------------------------------------------------------
     async def create(
-        self, tenant: Tenant, req: Gen2Request, request_id: str, meta: dict[str, Any] | None = None,
+        self,
+        tenant: Tenant,
+        req: Gen2Request,
+        request_id: str,
+        meta: dict[str, Any] | None = None,
         upload: PendingUpload | None = None,
     ) -> Created:
         """admit -> rewrite -> keep the upload -> forward -> record (the caller authenticated).
@@ -90,16 +113,27 @@ class TaskService:
         credits = self.config.pricing.price(req.gen2_options)
         rid = new_rid(now)
         reservation = TaskRecord(
-            rid=rid, tenant_id=tenant.id, key_index=self.upstream.next_key_index(), hook=req.tenant_hook, credits=credits,
-            created_at=now, updated_at=now, next_poll_at=now + self.config.upstream.poll_interval_seconds, meta=meta or {},
+            rid=rid,
+            tenant_id=tenant.id,
+            key_index=self.upstream.next_key_index(),
+            hook=req.tenant_hook,
+            credits=credits,
+            created_at=now,
+            updated_at=now,
+            next_poll_at=now + self.config.upstream.poll_interval_seconds,
+            meta=meta or {},
         )
-        admission = await self.store.admit_create(tenant.id, tenant.limits, Charge(credits, day_key(now), month_key(now)), reservation, now)
+        admission = await self.store.admit_create(
+            tenant.id, tenant.limits, Charge(credits, day_key(now), month_key(now)), reservation, now
+        )
         if not admission.ok:
             raise refused(admission, tenant, self.metrics)
         self.metrics.count(self.metrics.credits_charged, (tenant.id,), credits)
         body = dict(req.body)
         if self.config.server.public_url:
-            token = self.signer.callback_token(tenant.id, rid, callback_expiry(now, self.config.upstream.task_timeout_seconds))
+            token = self.signer.callback_token(
+                tenant.id, rid, callback_expiry(now, self.config.upstream.task_timeout_seconds)
+            )
             body["notify_hook"] = f"{self.config.server.public_url}/hooks/runway/{token}"
         if upload is not None:
             await self._keep_upload(reservation, upload)
@@ -127,12 +161,23 @@ class TaskService:
             await self._refund_not_created(reservation)
             raise
 
-    async def _settle_failed_create(self, reservation: TaskRecord, failure: UpstreamFailure, upload: PendingUpload | None) -> None:
+    async def _settle_failed_create(
+        self, reservation: TaskRecord, failure: UpstreamFailure, upload: PendingUpload | None
+    ) -> None:
         """Unknown outcome: keep the charge and the upload (the relay may have the task and
         fetch the image). Definitely not created: refund and forget the upload."""
         if failure.outcome is Outcome.UNKNOWN:
             await retry_unavailable(lambda: self.store.mark_unknown(reservation.rid, self.clock()))
-            log_fields(logger, logging.WARNING, {"event": "create_outcome_unknown", "rid": reservation.rid, "tenant": reservation.tenant_id, "code": failure.code})
+            log_fields(
+                logger,
+                logging.WARNING,
+                {
+                    "event": "create_outcome_unknown",
+                    "rid": reservation.rid,
+                    "tenant": reservation.tenant_id,
+                    "code": failure.code,
+                },
+            )
             return
         await self._refund_not_created(reservation)
         if upload is not None:
@@ -143,10 +188,14 @@ class TaskService:
             self.metrics.count(self.metrics.credits_refunded, (reservation.tenant_id,), reservation.credits)
 
     # updates ------------------------------------------------------------------------
-    async def apply(self, rid: str, tenant_id: str, task: dict[str, Any], adopt: TaskRecord | None = None) -> UpdateResult:
+    async def apply(
+        self, rid: str, tenant_id: str, task: dict[str, Any], adopt: TaskRecord | None = None
+    ) -> UpdateResult:
         """The one way a task changes state; records what it did in the metrics."""
         now = self.clock()
-        result = await self.store.apply_update(rid, tenant_id, public_task(task), now, refund_failed=self.config.pricing.refund_failed, adopt=adopt)
+        result = await self.store.apply_update(
+            rid, tenant_id, public_task(task), now, refund_failed=self.config.pricing.refund_failed, adopt=adopt
+        )
         rec = result.record
         if rec is None:
             return result
@@ -166,11 +215,13 @@ class TaskService:
         claims = self.signer.read_callback_token(token)
         if claims is None:
             self.metrics.count(self.metrics.callbacks, ("bad_token",))
-            raise GatewayError(401, "invalid_callback_token", "Unknown or forged callback token.", "authentication_error")
+            raise GatewayError(
+                401, "invalid_callback_token", "Unknown or forged callback token.", "authentication_error"
+            )
         task = payload.get("task") if isinstance(payload, dict) else None
         if not isinstance(task, dict) or not isinstance(task.get("id"), str) or not isinstance(task.get("status"), str):
             self.metrics.count(self.metrics.callbacks, ("invalid",))
-            raise GatewayError(400, "invalid_callback", "A callback body is {\"task\": {\"id\": ..., \"status\": ...}}.")
+            raise GatewayError(400, "invalid_callback", 'A callback body is {"task": {"id": ..., "status": ...}}.')
         existing = await self.store.get_by_rid(claims.rid)
         if existing is not None and existing.task_id and existing.task_id != task["id"]:
             self.metrics.count(self.metrics.callbacks, ("invalid",))
@@ -178,7 +229,15 @@ class TaskService:
         self._observe_lag(task)
         adopt = None if existing else self._adoption(claims.tenant_id, claims.rid, task)
         result = await self.apply(claims.rid, claims.tenant_id, task, adopt=adopt)
-        outcome = "adopted" if result.adopted else "applied" if result.status_changed else "duplicate" if result.applied else "stale"
+        outcome = (
+            "adopted"
+            if result.adopted
+            else "applied"
+            if result.status_changed
+            else "duplicate"
+            if result.applied
+            else "stale"
+        )
         if result.record is None:
             outcome = "unknown"
         self.metrics.count(self.metrics.callbacks, (outcome,))
@@ -187,9 +246,17 @@ class TaskService:
     def _adoption(self, tenant_id: str, rid: str, task: dict[str, Any]) -> TaskRecord:
         """A task the upstream created but the gateway never recorded (it died in between)."""
         now = self.clock()
-        options = task.get("options") if isinstance(task.get("options"), dict) else {}
-        gen2 = options.get("gen2Options") if isinstance(options.get("gen2Options"), dict) else {}
-        return TaskRecord(rid=rid, tenant_id=tenant_id, task_id=task["id"], credits=self.config.pricing.price(gen2), created_at=now, updated_at=now, next_poll_at=now)
+        options: dict[str, Any] = task["options"] if isinstance(task.get("options"), dict) else {}
+        gen2: dict[str, Any] = options["gen2Options"] if isinstance(options.get("gen2Options"), dict) else {}
+        return TaskRecord(
+            rid=rid,
+            tenant_id=tenant_id,
+            task_id=task["id"],
+            credits=self.config.pricing.price(gen2),
+            created_at=now,
+            updated_at=now,
+            next_poll_at=now,
+        )
 
     def _observe_lag(self, task: dict[str, Any]) -> None:
         updated = task.get("updatedAt")
@@ -206,8 +273,11 @@ class TaskService:
         this task is due. One in-flight refresh per task per process; across processes the
         store's claim lets one poll per interval."""
         if (
-            record.terminal or not record.task_id or not self.config.upstream.status_path
-            or record.next_poll_at > self.clock() or record.rid in self._refreshing
+            record.terminal
+            or not record.task_id
+            or not self.config.upstream.status_path
+            or record.next_poll_at > self.clock()
+            or record.rid in self._refreshing
         ):
             return
         job = asyncio.create_task(self._refresh(record))
@@ -233,7 +303,13 @@ class TaskService:
         cfg = self.config.upstream
         if not cfg.status_path:
             return 0
-        due = await self.store.claim_due_polls(self.clock(), cfg.poll_interval_seconds, limit, TIMED_OUT_POLL_SECONDS, cfg.task_timeout_seconds + POLL_AFTER_TIMEOUT_SECONDS)
+        due = await self.store.claim_due_polls(
+            self.clock(),
+            cfg.poll_interval_seconds,
+            limit,
+            TIMED_OUT_POLL_SECONDS,
+            cfg.task_timeout_seconds + POLL_AFTER_TIMEOUT_SECONDS,
+        )
         await asyncio.gather(*(self.poll(r) for r in due))
         return len(due)
 
@@ -241,10 +317,17 @@ class TaskService:
         """Free the slots of tasks past task_timeout_seconds and of creates whose outcome
         stayed unknown past unknown_outcome_timeout_seconds; their charges stand."""
         cfg = self.config.upstream
-        expired = await self.store.expire_tasks(self.clock(), cfg.task_timeout_seconds, cfg.unknown_outcome_timeout_seconds)
+        expired = await self.store.expire_tasks(
+            self.clock(), cfg.task_timeout_seconds, cfg.unknown_outcome_timeout_seconds
+        )
         for rec in expired:
             if rec.status == UNKNOWN:
-                fields = {"event": "create_outcome_unknown_expired", "tenant": rec.tenant_id, "rid": rec.rid, "credits": rec.credits}
+                fields = {
+                    "event": "create_outcome_unknown_expired",
+                    "tenant": rec.tenant_id,
+                    "rid": rec.rid,
+                    "credits": rec.credits,
+                }
             else:
                 fields = {"event": "task_timed_out", "tenant": rec.tenant_id, "task_id": rec.task_id, "rid": rec.rid}
             log_fields(logger, logging.WARNING, fields)
@@ -272,4 +355,3 @@ def public_task(task: dict[str, Any]) -> dict[str, Any]:
     if isinstance(clean.get("options"), dict):
         clean["options"] = {k: v for k, v in clean["options"].items() if k != "notify_hook"}
     return clean
-

@@ -20,7 +20,14 @@ def _require_admin(request: Request) -> None:
     hashed = key_hash(credential) if credential else ""
     if not any(hmac.compare_digest(hashed, k) for k in s.config.admin_keys):
         s.metrics.count(s.metrics.auth_failures, ("unknown_key",))
-        raise GatewayError(401, "invalid_api_key", "An admin key is required.", "authentication_error", None, {"www-authenticate": "Bearer"})
+        raise GatewayError(
+            401,
+            "invalid_api_key",
+            "An admin key is required.",
+            "authentication_error",
+            None,
+            {"www-authenticate": "Bearer"},
+        )
 
 
 async def tenant_usage(request: Request) -> Response:
@@ -31,7 +38,9 @@ async def tenant_usage(request: Request) -> Response:
     if tenant is None:
         raise not_found("No such tenant.", "tenant_not_found", "tenant")
     usage = await s.store.usage(tenant.id, s.clock())
-    return json_response({"tenant": tenant.id, "enabled": tenant.enabled, "limits": asdict(tenant.limits), "usage": asdict(usage)})
+    return json_response(
+        {"tenant": tenant.id, "enabled": tenant.enabled, "limits": asdict(tenant.limits), "usage": asdict(usage)}
+    )
 
 
 routes = [Route("/admin/tenants/{tenant}/usage", tenant_usage, methods=["GET"])]

@@ -81,7 +81,10 @@ async def own_task(request: Request, task_id: str) -> TaskRecord | None:
 
 
 async def submit_task(
-    request: Request, principal: Principal, req: Gen2Request, meta: dict[str, Any] | None = None,
+    request: Request,
+    principal: Principal,
+    req: Gen2Request,
+    meta: dict[str, Any] | None = None,
     upload: PendingUpload | None = None,
 ) -> Created:
     """admit -> rewrite -> forward -> record (`TaskService.create`), and note on the
@@ -112,8 +115,15 @@ async def create_once(
         return await create()
     s = services(request)
     return await run_idempotent(
-        s.store, principal.tenant.id, key, fingerprint(route, body()), s.config.upstream.timeout_seconds,
-        lambda: admit_request(request, principal), create, render_task, s.clock,
+        s.store,
+        principal.tenant.id,
+        key,
+        fingerprint(route, body()),
+        s.config.upstream.timeout_seconds,
+        lambda: admit_request(request, principal),
+        create,
+        render_task,
+        s.clock,
     )
 
 

@@ -9,7 +9,15 @@ from starlette.routing import Route
 from gateway.errors import bad_request, not_found
 from gateway.gen2 import validate_native
 from gateway.routes.common import (
-    authenticate, create_once, json_response, own_task, page_limit, parsed_or_raw, read_json, services, submit_task,
+    authenticate,
+    create_once,
+    json_response,
+    own_task,
+    page_limit,
+    parsed_or_raw,
+    read_json,
+    services,
+    submit_task,
     tenant_request,
 )
 from gateway.store.base import STATUS_RANK, TaskRecord
@@ -24,7 +32,9 @@ async def create_task(request: Request) -> Response:
 
     async def create() -> Response:
         """Validate, then create: inside the idempotent run, so a kept 400 replays."""
-        req = s.validate_hook(validate_native(await read_json(request), principal.tenant.policy), principal.tenant, "notify_hook")
+        req = s.validate_hook(
+            validate_native(await read_json(request), principal.tenant.policy), principal.tenant, "notify_hook"
+        )
         created = await submit_task(request, principal, req)
         return json_response({"task": created.task})
 
@@ -51,8 +61,12 @@ async def list_tasks(request: Request) -> Response:
     if status is not None and status not in LISTABLE_STATUSES:
         raise bad_request("invalid_value", "Unknown `status`.", "status")
     limit = page_limit(request)
-    records, has_more = await s.store.list_tasks(principal.tenant.id, limit=limit, after=request.query_params.get("after") or None, status=status)
-    return json_response({"data": [r.task for r in records], "has_more": has_more, "last_id": records[-1].task_id if records else None})
+    records, has_more = await s.store.list_tasks(
+        principal.tenant.id, limit=limit, after=request.query_params.get("after") or None, status=status
+    )
+    return json_response(
+        {"data": [r.task for r in records], "has_more": has_more, "last_id": records[-1].task_id if records else None}
+    )
 
 
 routes = [

@@ -8,7 +8,8 @@ served back to the upstream at `GET /assets/{token}`.
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 from starlette.datastructures import UploadFile
@@ -21,12 +22,29 @@ from starlette.types import Receive, Scope, Send
 from gateway import videos
 from gateway.errors import GatewayError, bad_request, not_found
 from gateway.routes.common import (
-    authenticate, context, create_once, json_response, own_task, page_limit, read_json, services, submit_task, tenant_request,
+    authenticate,
+    context,
+    create_once,
+    json_response,
+    own_task,
+    page_limit,
+    read_json,
+    services,
+    submit_task,
+    tenant_request,
 )
 from gateway.store.base import TaskRecord
 from gateway.tasks import Created
+from gateway.uploads import (
+    MAX_UPLOAD_BYTES,
+    Image,
+    asset_not_found,
+    check_image,
+    decode_data_url,
+    is_data_url,
+    require_upload_url,
+)
 from gateway.upstream import UpstreamFailure
-from gateway.uploads import MAX_UPLOAD_BYTES, Image, asset_not_found, check_image, decode_data_url, is_data_url, require_upload_url
 
 MAX_FORM_FIELDS = 64
 POLL_AFTER_MS_WITH_CALLBACKS = 1000
@@ -47,7 +65,9 @@ async def get_model(request: Request) -> Response:
     await tenant_request(request)
     model = videos.MODELS.get(request.path_params["id"])
     if model is None:
-        raise GatewayError(404, "model_not_found", f"The model `{request.path_params['id']}` does not exist.", param="model")
+        raise GatewayError(
+            404, "model_not_found", f"The model `{request.path_params['id']}` does not exist.", param="model"
+        )
     return json_response(model.as_openai())
 
 
@@ -75,7 +95,9 @@ async def create_video(request: Request) -> Response:
         created = await submit_task(request, principal, req, meta, pending)
         return json_response(videos.video_object(_created_record(created)))
 
-    return await create_once(request, principal, "/v1/videos", lambda: _fingerprint(raw, image), create, _video_response)
+    return await create_once(
+        request, principal, "/v1/videos", lambda: _fingerprint(raw, image), create, _video_response
+    )
 
 
 def _video_response(record: TaskRecord) -> Response:
@@ -103,10 +125,15 @@ async def list_videos(request: Request) -> Response:
     after = request.query_params.get("after") or None
     records, has_more = await s.store.list_tasks(principal.tenant.id, limit=limit, after=after, order=order)
     data = [videos.video_object(r) for r in records]
-    return json_response({
-        "object": "list", "data": data, "first_id": data[0]["id"] if data else None,
-        "last_id": data[-1]["id"] if data else None, "has_more": has_more,
-    })
+    return json_response(
+        {
+            "object": "list",
+            "data": data,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None,
+            "has_more": has_more,
+        }
+    )
 
 
 async def delete_video(request: Request) -> Response:
@@ -126,14 +153,23 @@ async def video_content(request: Request) -> Response:
     record = await _own_record(request)
     status = videos.video_status(record.status)
     if status != "completed":
-        raise GatewayError(404, "video_not_ready", f"The video is {status}; its content can be downloaded once it is completed.", param="id")
+        raise GatewayError(
+            404,
+            "video_not_ready",
+            f"The video is {status}; its content can be downloaded once it is completed.",
+            param="id",
+        )
     url = videos.artifact_url(record.task, variant)
     if url is None:
         raise GatewayError(404, "variant_not_available", f"This video has no `{variant}` content.", param="variant")
     upstream_resp, chunks = await _open_artifact(request, record, variant, url)
     headers = {"content-type": upstream_resp.headers.get("content-type") or DEFAULT_CONTENT_TYPES[variant]}
     length = upstream_resp.headers.get("content-length")
-    if length is not None and length.isdigit() and upstream_resp.headers.get("content-encoding", "identity") == "identity":
+    if (
+        length is not None
+        and length.isdigit()
+        and upstream_resp.headers.get("content-encoding", "identity") == "identity"
+    ):
         headers["content-length"] = length  # aiohttp decodes a compressed body: its length is not the upstream's
     if request.method == "HEAD":
         upstream_resp.close()
@@ -161,7 +197,9 @@ class ArtifactResponse(StreamingResponse):
                 self.upstream.close()
 
 
-async def _open_artifact(request: Request, record: TaskRecord, variant: str, url: str) -> tuple[aiohttp.ClientResponse, AsyncIterator[bytes]]:
+async def _open_artifact(
+    request: Request, record: TaskRecord, variant: str, url: str
+) -> tuple[aiohttp.ClientResponse, AsyncIterator[bytes]]:
     """Open the artifact URL; an expired link (403/404/410) gets one retry with the URL of
     a fresh upstream status, when the upstream has a status path."""
     s = services(request)
@@ -184,7 +222,9 @@ async def _open_artifact(request: Request, record: TaskRecord, variant: str, url
             resp.close()
             status = resp.status
     if status in EXPIRED_LINK_STATUSES:
-        raise GatewayError(404, "video_expired", "The upstream no longer serves this video's content (its link expired).", param="id")
+        raise GatewayError(
+            404, "video_expired", "The upstream no longer serves this video's content (its link expired).", param="id"
+        )
     raise GatewayError(502, "upstream_error", f"The upstream answered the content download with {status}.", "api_error")
 
 
@@ -221,14 +261,22 @@ async def _read_create_body(request: Request, max_upload: int) -> tuple[Any, Ima
         for name, value in form.multi_items():
             if isinstance(value, UploadFile):
                 if name != "input_reference":
-                    raise bad_request("unknown_parameter", f"Unexpected file field `{name}`; only `input_reference` takes a file.", name)
+                    raise bad_request(
+                        "unknown_parameter",
+                        f"Unexpected file field `{name}`; only `input_reference` takes a file.",
+                        name,
+                    )
                 image = check_image(await value.read(), value.content_type, max_upload)
                 continue
             _put_form_field(raw, name, value)
     finally:
         await form.close()
     if image is not None and "input_reference" in raw:
-        raise bad_request("invalid_value", "Give `input_reference` as an uploaded file or as `image_url`, not both.", "input_reference")
+        raise bad_request(
+            "invalid_value",
+            "Give `input_reference` as an uploaded file or as `image_url`, not both.",
+            "input_reference",
+        )
     return raw, image
 
 

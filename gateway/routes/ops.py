@@ -37,7 +37,12 @@ async def readyz(request: Request) -> Response:
         await asyncio.wait_for(s.store.ping(), READY_TIMEOUT)
     except Exception:
         # OpenAI-shaped like every error, plus the probe's own fields
-        error = {"message": "The store cannot answer or take writes.", "type": "api_error", "param": None, "code": "store_unavailable"}
+        error = {
+            "message": "The store cannot answer or take writes.",
+            "type": "api_error",
+            "param": None,
+            "code": "store_unavailable",
+        }
         return json_response({"error": error, "status": "unavailable", "store": "unavailable", **upstream}, status=503)
     return json_response({"status": "ok", "store": "ok", **upstream})
 
@@ -48,7 +53,14 @@ async def metrics(request: Request) -> Response:
     if token:
         given = bearer_credential(request.headers.get("authorization")) or ""
         if not hmac.compare_digest(given.encode(), token.encode()):
-            raise GatewayError(401, "invalid_api_key", "Metrics need the configured bearer token.", "authentication_error", None, {"www-authenticate": "Bearer"})
+            raise GatewayError(
+                401,
+                "invalid_api_key",
+                "Metrics need the configured bearer token.",
+                "authentication_error",
+                None,
+                {"www-authenticate": "Bearer"},
+            )
     body = await s.metrics.render(s.store, s.tenant_limits, s.clock())
     return Response(body, media_type=CONTENT_TYPE)
 
