@@ -1,9 +1,9 @@
 """`create_app(config) -> Starlette`: everything wired explicitly, nothing at import time.
 
-The store, the upstream client and the background workers (status poller, timeout sweep,
-webhook dispatcher, store housekeeping) open in the lifespan and hang off one `Gateway`
-object on `app.state`; every worker and replica runs the same workers, and the store's
-claims keep them from doing the same work twice.
+The lifespan opens the store and builds the app's `Services` (`gateway.services`) whole,
+puts them on `app.state.services`, and runs the background workers (status poller,
+timeout sweep, webhook dispatcher, store housekeeping, metrics flush). Every worker and
+replica runs the same workers; the store's claims keep them from doing the same work twice.
 """
 
 from __future__ import annotations
@@ -11,98 +11,60 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.auth import Authenticator
-from gateway.config import Config, Tenant
-from gateway.errors import GatewayError, bad_request, error_response
-from gateway.gen2 import Gen2Request
+from gateway.config import Config
+from gateway.errors import GatewayError, error_response
 from gateway.logs import AccessLog
 from gateway.metrics import FLUSH_SECONDS, Metrics
 from gateway.middleware import GatewayMiddleware
 from gateway.routes import admin, hooks, native, openai, ops
-from gateway.ssrf import HookPolicy, check_hook_url
+from gateway.services import Services, build_services
 from gateway.store import open_store
-from gateway.store.base import Store, StoreUnavailable
-from gateway.tasks import TaskService
-from gateway.tokens import TokenSigner
-from gateway.upstream import Upstream
-from gateway.uploads import Uploads
+from gateway.store.base import StoreUnavailable
 from gateway.webhooks import WebhookDispatcher
 
 logger = logging.getLogger("gateway")
 POLL_EVERY = 1.0
 EXPIRE_EVERY = 5.0
 MAINTAIN_EVERY = 5.0  # keeps the SQLite WAL short (docs/benchmarks.md, Soak)
+Worker = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
 
 
-@dataclass
-class Gateway:
-    """Everything a request or a background worker needs, built once per app."""
+def workers(services: Services) -> list[Worker]:
+    """The background loops every process runs until its lifespan ends."""
+    metrics, store, tasks, clock = services.metrics, services.store, services.tasks, services.clock
+    dispatcher = WebhookDispatcher(
+        store,
+        {t.id: t for t in services.config.tenants},
+        services.config.webhooks,
+        on_result=lambda tenant, result: metrics.count(metrics.webhook_deliveries, (tenant, result)),
+        clock=clock,
+    )
 
-    config: Config
-    store: Store
-    metrics: Metrics
-    auth: Authenticator
-    upstream: Upstream
-    clock: Callable[[], float] = time.time
-    signer: TokenSigner = field(init=False)
-    tasks: TaskService = field(init=False)
-    uploads: Uploads = field(init=False)
-    hook_policies: dict[str, HookPolicy] = field(init=False)
-    tenant_limits: dict[str, dict[str, int | None]] = field(init=False)
+    async def flush_metrics() -> None:
+        metrics.flush()
 
-    def __post_init__(self) -> None:
-        self.hook_policies = {t.id: HookPolicy.from_hosts(t.policy.hook_hosts) for t in self.config.tenants}
-        self.tenant_limits = {t.id: vars(t.limits) for t in self.config.tenants}
-
-    async def start(self) -> None:
-        await self.store.open()
-        secret = self.config.server.signing_secret or await self.store.secret("signing", secrets.token_urlsafe(48))
-        self.signer = TokenSigner(secret, self.clock)
-        await self.upstream.start()
-        self.tasks = TaskService(self.config, self.store, self.upstream, self.signer, self.metrics, self.clock)
-        self.uploads = Uploads(self.store, self.config.server.upload_ttl_seconds, self.clock)
-
-    async def stop(self) -> None:
-        await self.upstream.close()
-        await self.store.close()
-
-    def validate_hook(self, req: Gen2Request, tenant: Tenant, param: str) -> Gen2Request:
-        """The tenant's own notify_hook must pass the SSRF rules before anything is charged."""
-        if req.tenant_hook:
-            problem = check_hook_url(req.tenant_hook, self.hook_policies[tenant.id])
-            if problem:
-                raise bad_request("invalid_notify_hook", f"notify_hook refused: {problem}", param)
-        return req
-
-    def workers(self) -> list[Callable[[asyncio.Event], Awaitable[None]]]:
-        dispatcher = WebhookDispatcher(
-            self.store, {t.id: t for t in self.config.tenants}, self.config.webhooks,
-            on_result=lambda tenant, result: self.metrics.webhook_deliveries.labels(tenant, result).inc(), clock=self.clock,
-        )
-        return [
-            dispatcher.run_forever,
-            _every(POLL_EVERY, self.tasks.poll_due),
-            _every(EXPIRE_EVERY, self.tasks.expire),
-            _every(MAINTAIN_EVERY, lambda: self.store.maintain(self.clock())),
-            _every(FLUSH_SECONDS, self._flush_metrics),
-        ]
-
-    async def _flush_metrics(self) -> None:
-        self.metrics.flush()
+    return [
+        dispatcher.run_forever,
+        _every(POLL_EVERY, tasks.poll_due),
+        _every(EXPIRE_EVERY, tasks.expire),
+        _every(MAINTAIN_EVERY, lambda: store.maintain(clock())),
+        _every(FLUSH_SECONDS, flush_metrics),
+    ]
 
 
-def _every(seconds: float, job: Callable[[], Awaitable[object]]) -> Callable[[asyncio.Event], Awaitable[None]]:
+def _every(seconds: float, job: Callable[[], Awaitable[object]]) -> Worker:
+    """A worker that runs `job` every `seconds` until stopped; a failed run is logged, not fatal."""
+
     async def loop(stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
@@ -134,7 +96,14 @@ async def _store_unavailable(request: Request, exc: Exception) -> Response:
     answers `Exception`, re-raises and uvicorn then closes the connection under the
     client's next request). Its message names the cause; no credential is in it."""
     logger.error("store unavailable: %s", exc)
-    return error_response(GatewayError(503, "store_unavailable", "The gateway's store is not answering; retry shortly.", headers={"retry-after": "1"}))
+    return error_response(
+        GatewayError(
+            503,
+            "store_unavailable",
+            "The gateway's store is not answering; retry shortly.",
+            headers={"retry-after": "1"},
+        )
+    )
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
@@ -142,33 +111,45 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
     return error_response(GatewayError(500, "internal_error", "The gateway failed to handle this request."))
 
 
-def create_app(config: Config, *, metrics: Metrics | None = None, clock: Callable[[], float] = time.time, background: bool = True) -> Starlette:
+def create_app(
+    config: Config, *, metrics: Metrics | None = None, clock: Callable[[], float] = time.time, background: bool = True
+) -> Starlette:
+    """The app for `config`. Its services exist from startup to shutdown of its lifespan
+    (`app.state.services`); `background=False` runs no workers (tests drive them)."""
     metrics = metrics or Metrics([t.id for t in config.tenants], upstream_keys=len(config.upstream.api_keys))
     access_log = AccessLog(sys.stdout)
-    gw = Gateway(config, open_store(config.store.url), metrics, Authenticator(config), Upstream(config.upstream, metrics), clock)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        await gw.start()
+        services = await build_services(config, open_store(config.store.url), metrics, clock)
+        app.state.services = services
         stop = asyncio.Event()
-        jobs = [asyncio.create_task(w(stop)) for w in gw.workers()] if background else []
+        jobs = [asyncio.create_task(run(stop)) for run in workers(services)] if background else []
         try:
             yield
         finally:
             stop.set()
             await asyncio.gather(*jobs, return_exceptions=True)
-            await gw.stop()
+            await services.close()
             metrics.flush()
             access_log.flush()
 
-    app = Starlette(
+    middleware = Middleware(
+        GatewayMiddleware,
+        metrics=metrics,
+        access_log=access_log,
+        max_body_bytes=config.server.max_body_bytes,
+        trusted_proxies=config.server.trusted_proxies,
+    )
+    return Starlette(
         routes=[*native.routes, *openai.routes, *hooks.routes, *ops.routes, *admin.routes],
-        middleware=[Middleware(GatewayMiddleware, metrics=metrics, access_log=access_log, max_body_bytes=config.server.max_body_bytes, trusted_proxies=config.server.trusted_proxies)],
+        middleware=[middleware],
         exception_handlers={
-            GatewayError: _gateway_error, 404: _not_found, 405: _not_found,
-            StoreUnavailable: _store_unavailable, Exception: _unexpected,
+            GatewayError: _gateway_error,
+            404: _not_found,
+            405: _not_found,
+            StoreUnavailable: _store_unavailable,
+            Exception: _unexpected,
         },
         lifespan=lifespan,
     )
-    app.state.gateway = gw
-    return app

@@ -31,6 +31,17 @@ def key_hash(key: str) -> str:
     return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
 
 
+def bearer_credential(authorization: str | None) -> str | None:
+    """The credential of an `Authorization: Bearer <credential>` header (the scheme in any
+    case), or None for a missing header or any other shape. The one parser: tenant keys,
+    JWTs, admin keys and the metrics token are all read through it."""
+    scheme, _, credential = (authorization or "").partition(" ")
+    credential = credential.strip()
+    if scheme.lower() != "bearer" or not credential:
+        return None
+    return credential
+
+
 class AuthFailure(GatewayError):
     """A 401 that also says why (the metric label), never echoing the credential."""
 
@@ -48,9 +59,8 @@ class Authenticator:
     def authenticate(self, authorization: str | None) -> Principal:
         if not authorization:
             raise AuthFailure("missing", "Missing bearer credential: send `Authorization: Bearer <api key>`.")
-        scheme, _, credential = authorization.partition(" ")
-        credential = credential.strip()
-        if scheme.lower() != "bearer" or not credential:
+        credential = bearer_credential(authorization)
+        if credential is None:
             raise AuthFailure("malformed", "Malformed Authorization header: expected `Bearer <api key>`.")
         tenant = self._by_hash.get(key_hash(credential))
         method = "key"

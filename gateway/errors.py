@@ -42,9 +42,7 @@ def _default_type(status: int) -> str:
 
 
 def error_body(err: GatewayError) -> bytes:
-    return orjson.dumps(
-        {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}
-    )
+    return orjson.dumps({"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}})
 
 
 def error_response(err: GatewayError) -> Response:
@@ -55,5 +53,7 @@ def bad_request(code: str, message: str, param: str | None = None) -> GatewayErr
     return GatewayError(400, code, message, "invalid_request_error", param)
 
 
-def not_found(message: str = "No task with that id.", code: str = "task_not_found", param: str | None = "id") -> GatewayError:
+def not_found(
+    message: str = "No task with that id.", code: str = "task_not_found", param: str | None = "id"
+) -> GatewayError:
     return GatewayError(404, code, message, "invalid_request_error", param)

@@ -18,7 +18,8 @@ import asyncio
 import hashlib
 import re
 import time
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 import orjson
 from starlette.responses import Response
@@ -38,12 +39,17 @@ def fingerprint(route: str, parsed: Any) -> str:
     return hashlib.sha256(route.encode() + b"\0" + orjson.dumps(parsed, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
-def idempotency_key(headers: Any) -> str | None:
+def idempotency_key(headers: Mapping[str, str]) -> str | None:
     key = headers.get("idempotency-key")
     if key is None:
         return None
     if not KEY_RE.match(key):
-        raise GatewayError(400, "invalid_idempotency_key", "Idempotency-Key must be 1-255 visible ASCII characters.", param="Idempotency-Key")
+        raise GatewayError(
+            400,
+            "invalid_idempotency_key",
+            "Idempotency-Key must be 1-255 visible ASCII characters.",
+            param="Idempotency-Key",
+        )
     return key
 
 
@@ -68,16 +74,27 @@ async def run_idempotent(
         if begun.state == "new":
             break
         if begun.state == "conflict":
-            raise GatewayError(409, "idempotency_key_reused", "This Idempotency-Key was used with a different request body.", param="Idempotency-Key")
+            raise GatewayError(
+                409,
+                "idempotency_key_reused",
+                "This Idempotency-Key was used with a different request body.",
+                param="Idempotency-Key",
+            )
         if begun.state == "replay" and begun.response is not None:
             await on_replay()
-            kept = begun.response
-            return Response(kept.body, status_code=kept.status, headers={**kept.headers, "idempotent-replayed": "true"})
+            first = begun.response
+            headers = {**first.headers, "idempotent-replayed": "true"}
+            return Response(first.body, status_code=first.status, headers=headers)
         if begun.state == "unknown" and begun.rid:
             await on_replay()
             return await _replay_unknown(store, begun.rid, render_task)
         if clock() >= deadline:
-            raise GatewayError(409, "idempotency_key_in_use", "A request with this Idempotency-Key is still in progress.", param="Idempotency-Key")
+            raise GatewayError(
+                409,
+                "idempotency_key_in_use",
+                "A request with this Idempotency-Key is still in progress.",
+                param="Idempotency-Key",
+            )
         await asyncio.sleep(delay)
         delay = min(delay * 2, 0.25)
     try:
@@ -93,7 +110,13 @@ async def run_idempotent(
         raise
     status = response.status_code
     keep = 200 <= status < 300 or (400 <= status < 500 and status != 429)
-    kept = StoredResponse(status, {h: response.headers[h] for h in KEPT_HEADERS if h in response.headers}, bytes(response.body)) if keep else None
+    kept = (
+        StoredResponse(
+            status, {h: response.headers[h] for h in KEPT_HEADERS if h in response.headers}, bytes(response.body)
+        )
+        if keep
+        else None
+    )
     # a kept reply may stand for a paid task: losing it to an outage would let a retry buy another
     await retry_unavailable(lambda: store.idem_finish(tenant_id, key, kept, clock(), KEEP_SECONDS))
     return response
@@ -105,10 +128,13 @@ async def _replay_unknown(store: Store, rid: str, render_task: Callable[[TaskRec
     record = await store.get_by_rid(rid)
     if record is None or not record.task_id:
         raise GatewayError(
-            409, "idempotency_outcome_unknown",
-            "The upstream did not answer the first request with this Idempotency-Key, so it is not known yet whether it "
-            "created the task. Retry later: the task is returned once the upstream reports it, and never created twice.",
-            param="Idempotency-Key", headers={"retry-after": str(UNKNOWN_RETRY_AFTER_SECONDS)},
+            409,
+            "idempotency_outcome_unknown",
+            "The upstream did not answer the first request with this Idempotency-Key, so it is not known yet "
+            "whether it created the task. Retry later: the task is returned once the upstream reports it, "
+            "and never created twice.",
+            param="Idempotency-Key",
+            headers={"retry-after": str(UNKNOWN_RETRY_AFTER_SECONDS)},
         )
     response = render_task(record)
     response.headers["idempotent-replayed"] = "true"

@@ -2,8 +2,9 @@
 access log.
 
 Pure ASGI (no BaseHTTPMiddleware) so streamed responses stay streamed and the cost per
-request is a few dict operations. Routes leave what it needs in `scope["state"]`:
-`tenant` (the metric label) and `rate` (the bucket info for the x-ratelimit headers).
+request is a few dict operations. Each request gets a `RequestContext` (its id, and what
+the routes learn on the way: tenant, rate-limit bucket, upstream time, task id), which the
+middleware turns into the response's headers, the metrics and the access log line.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import ipaddress
 import re
 import secrets
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -20,6 +22,7 @@ from gateway.errors import GatewayError, error_response
 from gateway.logs import AccessLog
 from gateway.metrics import Metrics
 from gateway.quotas import rate_headers
+from gateway.store.base import RateInfo
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -27,28 +30,59 @@ SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # Set in scope["state"] by the HTTP protocol (gateway/connections.py) when a request's body
 # misses its deadline; the next receive answers 408.
 BODY_LATE = "body_late"
+CONTEXT = "context"  # the RequestContext's key in scope["state"]
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """One request's record, filled by the routes, read by the middleware at the end."""
+
+    request_id: str
+    tenant: str | None = None  # the authenticated tenant: the metric label and log field
+    key_id: str | None = None  # which of the tenant's keys (once keys have ids)
+    rate: RateInfo | None = None  # the requests_per_minute bucket, for the x-ratelimit headers
+    upstream_ms: float | None = None  # time the upstream took on a create
+    task_id: str | None = None  # the task the request created, read or deleted
+
+
+def request_context(scope: Scope) -> RequestContext:
+    context: RequestContext = scope["state"][CONTEXT]
+    return context
 
 
 class GatewayMiddleware:
-    def __init__(self, app: ASGIApp, metrics: Metrics, access_log: AccessLog, max_body_bytes: int, trusted_proxies: tuple[Network, ...] = ()):
+    def __init__(
+        self,
+        app: ASGIApp,
+        metrics: Metrics,
+        access_log: AccessLog,
+        max_body_bytes: int,
+        trusted_proxies: tuple[Network, ...] = (),
+    ):
         self.app = app
         self.trusted_proxies = trusted_proxies
         self.metrics = metrics
         self.access_log = access_log
         self.max_body_bytes = max_body_bytes
-        self.too_large = GatewayError(413, "request_too_large", f"The request body is larger than {max_body_bytes} bytes.")
+        self.too_large = GatewayError(
+            413, "request_too_large", f"The request body is larger than {max_body_bytes} bytes."
+        )
         # `connection: close`: the rest of a late body must not be read as the next request
-        self.too_slow = GatewayError(408, "request_timeout", "The request body did not arrive in time.",
-                                     "invalid_request_error", headers={"connection": "close"})
+        self.too_slow = GatewayError(
+            408,
+            "request_timeout",
+            "The request body did not arrive in time.",
+            "invalid_request_error",
+            headers={"connection": "close"},
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
-        request_id = _request_id(scope)
         state: dict[str, Any] = scope.setdefault("state", {})
-        state["request_id"] = request_id
+        context = state[CONTEXT] = RequestContext(_request_id(scope))
         status = 500
 
         async def send_wrapper(message: Message) -> None:
@@ -56,8 +90,8 @@ class GatewayMiddleware:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 headers = message.setdefault("headers", [])
-                headers.append((b"x-request-id", request_id.encode()))
-                for name, value in rate_headers(state.get("rate")).items():
+                headers.append((b"x-request-id", context.request_id.encode()))
+                for name, value in rate_headers(context.rate).items():
                     headers.append((name.encode(), value.encode()))
             await send(message)
 
@@ -67,7 +101,7 @@ class GatewayMiddleware:
             else:
                 await self.app(scope, self._limited(receive, state), send_wrapper)
         finally:
-            self._record(scope, state, request_id, status, time.perf_counter() - start)
+            self._record(scope, context, status, time.perf_counter() - start)
 
     def _limited(self, receive: Receive, state: dict[str, Any]) -> Receive:
         """Count body bytes as they arrive, for bodies sent without Content-Length, and
@@ -88,38 +122,37 @@ class GatewayMiddleware:
 
         return wrapped
 
-    def _record(self, scope: Scope, state: dict[str, Any], request_id: str, status: int, seconds: float) -> None:
+    def _record(self, scope: Scope, context: RequestContext, status: int, seconds: float) -> None:
         route = scope.get("route")
         template = getattr(route, "path", None) or "unmatched"
         method = scope["method"]
-        tenant = state.get("tenant", "")
-        self.metrics.count(self.metrics.requests, (tenant, template, method, str(status)))
+        self.metrics.count(self.metrics.requests, (context.tenant or "", template, method, str(status)))
         self.metrics.observe(self.metrics.request_duration, (template, method), seconds)
         fields: dict[str, Any] = {
-            "request_id": request_id,
+            "request_id": context.request_id,
             "client": self._client_ip(scope),
-            "tenant": tenant or None,
+            "tenant": context.tenant,
             "method": method,
             "route": template,
             "status": status,
             "duration_ms": round(seconds * 1000, 2),
         }
-        if "upstream_ms" in state:
-            fields["upstream_ms"] = round(state["upstream_ms"], 2)
-        if "task_id" in state:
-            fields["task_id"] = state["task_id"]
+        if context.upstream_ms is not None:
+            fields["upstream_ms"] = round(context.upstream_ms, 2)
+        if context.task_id is not None:
+            fields["task_id"] = context.task_id
         self.access_log.write(fields)
-
 
     def _client_ip(self, scope: Scope) -> str | None:
         """The peer, or, behind a trusted proxy, the nearest X-Forwarded-For hop not trusted."""
         peer = scope.get("client")
-        ip = peer[0] if peer else None
+        ip: str | None = peer[0] if peer else None
         if not ip or not self.trusted_proxies or not self._trusted(ip):
             return ip
         for name, value in scope["headers"]:
             if name == b"x-forwarded-for":
-                for hop in reversed([h.strip() for h in value.decode("latin-1").split(",")]):
+                hops: list[str] = [h.strip() for h in value.decode("latin-1").split(",")]
+                for hop in reversed(hops):
                     if not self._trusted(hop):
                         return hop
         return ip
@@ -135,7 +168,7 @@ class GatewayMiddleware:
 def _request_id(scope: Scope) -> str:
     for name, value in scope["headers"]:
         if name == b"x-request-id":
-            candidate = value.decode("latin-1")
+            candidate: str = value.decode("latin-1")
             if SAFE_REQUEST_ID.match(candidate):
                 return candidate
             break

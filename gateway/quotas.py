@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import math
 
+from gateway.config import Tenant
 from gateway.errors import GatewayError
+from gateway.metrics import Metrics
 from gateway.store.base import Admission, RateInfo
 
 MESSAGES = {
@@ -17,7 +19,9 @@ MESSAGES = {
     "max_active_tasks": "Concurrency limit reached: max_active_tasks is {limit}; wait for a task to finish.",
     "tasks_per_day": "Daily task budget exhausted (tasks_per_day = {limit}); it resets at 00:00 UTC.",
     "credits_per_day": "Daily credit budget exhausted (credits_per_day = {limit}); it resets at 00:00 UTC.",
-    "credits_per_month": "Monthly credit budget exhausted (credits_per_month = {limit}); it resets on the 1st, 00:00 UTC.",
+    "credits_per_month": (
+        "Monthly credit budget exhausted (credits_per_month = {limit}); it resets on the 1st, 00:00 UTC."
+    ),
 }
 
 
@@ -43,8 +47,12 @@ def rate_headers(info: RateInfo | None) -> dict[str, str]:
     }
 
 
-def quota_error(admission: Admission, limit_value: int | None) -> GatewayError:
-    """The 429 for a refused admission; the middleware adds the x-ratelimit headers."""
+def refused(admission: Admission, tenant: Tenant, metrics: Metrics) -> GatewayError:
+    """The 429 for a refused admission, counted. It carries its own x-ratelimit headers
+    (the bucket the refusal saw), so the request's context is left without a rate."""
     name = admission.limit or "requests_per_minute"
-    headers = {"retry-after": str(max(1, math.ceil(admission.retry_after - 1e-9)))}
-    return GatewayError(429, admission.code, MESSAGES[name].format(limit=limit_value), "rate_limit_error" if admission.code != "insufficient_quota" else "insufficient_quota", None, headers)
+    metrics.count(metrics.quota_rejections, (tenant.id, name))
+    headers = {"retry-after": str(max(1, math.ceil(admission.retry_after - 1e-9))), **rate_headers(admission.rate)}
+    error_type = "insufficient_quota" if admission.code == "insufficient_quota" else "rate_limit_error"
+    message = MESSAGES[name].format(limit=getattr(tenant.limits, name))
+    return GatewayError(429, admission.code, message, error_type, None, headers)

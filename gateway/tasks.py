@@ -13,49 +13,78 @@ import logging
 import math
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Callable
+from typing import Any
 
-from gateway.auth import Principal
-from gateway.config import Config
+from gateway.config import Config, Tenant
 from gateway.errors import GatewayError
 from gateway.gen2 import Gen2Request
 from gateway.logs import log_fields
 from gateway.metrics import Metrics
-from gateway.quotas import quota_error
-from gateway.store.base import UNKNOWN, Charge, RateInfo, Store, TaskRecord, UpdateResult, retry_unavailable
+from gateway.quotas import refused
+from gateway.store.base import (
+    UNKNOWN,
+    Charge,
+    RateInfo,
+    Store,
+    TaskRecord,
+    UpdateResult,
+    retry_unavailable,
+)
 from gateway.store.rules import day_key, month_key
 from gateway.tokens import TokenSigner
-from gateway.upstream import Outcome, Upstream, UpstreamFailure
 from gateway.uploads import PendingUpload
+from gateway.upstream import Outcome, Upstream, UpstreamFailure
 
 logger = logging.getLogger("gateway.tasks")
 TIMED_OUT_POLL_SECONDS = 3600.0
 POLL_AFTER_TIMEOUT_SECONDS = 86400.0
 
 
-class OutcomeUnknown(UpstreamFailure):
-    """A create that reached the upstream without a usable answer (timeout, reset, garbage):
-    the task may exist, under the reservation `rid`. Answered like the failure it wraps; an
-    idempotent create binds its key to `rid`, so a retry can never buy a second task."""
-
-    def __init__(self, failure: UpstreamFailure, rid: str):
-        super().__init__(failure.status, failure.code, failure.message, failure.outcome, failure.upstream_status)
-        self.headers = dict(failure.headers)
-        self.rid = rid
-
-
 @dataclass
 class Created:
+    """What a create gives its route: the record and the task as the tenant sees it, and
+    for the request's rate headers and log line, the admission's bucket and upstream time."""
+
     record: TaskRecord
-    task: dict[str, Any]  # the upstream's answer, as the tenant sees it
+    task: dict[str, Any]
     rate: RateInfo | None
     upstream_ms: float
 
 
+class CreateFailed(UpstreamFailure):
+    """An admitted create the upstream did not accept: answered like the failure it wraps,
+    and carrying what `Created` would have (the bucket, the upstream time) for the request."""
+
+    def __init__(self, failure: UpstreamFailure, rate: RateInfo | None, upstream_ms: float):
+        super().__init__(failure.status, failure.code, failure.message, failure.outcome, failure.upstream_status)
+        self.headers = dict(failure.headers)
+        self.rate = rate
+        self.upstream_ms = upstream_ms
+
+
+class OutcomeUnknown(CreateFailed):
+    """A create that reached the upstream without a usable answer (timeout, reset, garbage):
+    the task may exist, under the reservation `rid`. An idempotent create binds its key to
+    `rid`, so a retry can never buy a second task."""
+
+    def __init__(self, failure: UpstreamFailure, rate: RateInfo | None, upstream_ms: float, rid: str):
+        super().__init__(failure, rate, upstream_ms)
+        self.rid = rid
+
+
 class TaskService:
-    def __init__(self, config: Config, store: Store, upstream: Upstream, signer: TokenSigner, metrics: Metrics, clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        upstream: Upstream,
+        signer: TokenSigner,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.time,
+    ):
         self.config = config
         self.store = store
         self.upstream = upstream
@@ -66,33 +95,44 @@ class TaskService:
 
     # create -------------------------------------------------------------------------
     async def create(
-        self, principal: Principal, req: Gen2Request, request_state: dict[str, Any], meta: dict[str, Any] | None = None,
+        self,
+        tenant: Tenant,
+        req: Gen2Request,
+        request_id: str,
+        meta: dict[str, Any] | None = None,
         upload: PendingUpload | None = None,
     ) -> Created:
-        """authenticate (done) -> admit -> rewrite -> keep the upload -> forward -> record.
+        """admit -> rewrite -> keep the upload -> forward -> record (the caller authenticated).
 
-        `request_state` is the request's scope state: the rate-limit headers, upstream time
-        and task id for the access log are left there, also when this raises. `upload`, an
-        image the body links to, is stored only once the create is admitted (nothing is
-        kept for a refused request) and removed when the upstream definitely created nothing."""
-        request_id = request_state["request_id"]
-        tenant = principal.tenant
+        Raises the 429 of a refusal (`quotas.refused`) and `CreateFailed` (or its
+        `OutcomeUnknown`) when the upstream did not accept the task. `upload`, an image the
+        body links to, is stored only once the create is admitted (nothing is kept for a
+        refused request) and removed when the upstream definitely created nothing."""
         now = self.clock()
         credits = self.config.pricing.price(req.gen2_options)
         rid = new_rid(now)
         reservation = TaskRecord(
-            rid=rid, tenant_id=tenant.id, key_index=self.upstream.next_key_index(), hook=req.tenant_hook, credits=credits,
-            created_at=now, updated_at=now, next_poll_at=now + self.config.upstream.poll_interval_seconds, meta=meta or {},
+            rid=rid,
+            tenant_id=tenant.id,
+            key_index=self.upstream.next_key_index(),
+            hook=req.tenant_hook,
+            credits=credits,
+            created_at=now,
+            updated_at=now,
+            next_poll_at=now + self.config.upstream.poll_interval_seconds,
+            meta=meta or {},
         )
-        admission = await self.store.admit_create(tenant.id, tenant.limits, Charge(credits, day_key(now), month_key(now)), reservation, now)
-        request_state["rate"] = admission.rate
+        admission = await self.store.admit_create(
+            tenant.id, tenant.limits, Charge(credits, day_key(now), month_key(now)), reservation, now
+        )
         if not admission.ok:
-            self.metrics.quota_rejections.labels(tenant.id, admission.limit).inc()
-            raise quota_error(admission, getattr(tenant.limits, admission.limit or "", None))
+            raise refused(admission, tenant, self.metrics)
         self.metrics.count(self.metrics.credits_charged, (tenant.id,), credits)
         body = dict(req.body)
         if self.config.server.public_url:
-            token = self.signer.callback_token(tenant.id, rid, callback_expiry(now, self.config.upstream.task_timeout_seconds))
+            token = self.signer.callback_token(
+                tenant.id, rid, callback_expiry(now, self.config.upstream.task_timeout_seconds)
+            )
             body["notify_hook"] = f"{self.config.server.public_url}/hooks/runway/{token}"
         if upload is not None:
             await self._keep_upload(reservation, upload)
@@ -100,13 +140,12 @@ class TaskService:
         try:
             task = await self.upstream.create(body, reservation.key_index, request_id)
         except UpstreamFailure as failure:
-            request_state["upstream_ms"] = (time.perf_counter() - start) * 1000
+            upstream_ms = (time.perf_counter() - start) * 1000
             await self._settle_failed_create(reservation, failure, upload)
             if failure.outcome is Outcome.UNKNOWN:
-                raise OutcomeUnknown(failure, rid) from failure
-            raise
-        upstream_ms = request_state["upstream_ms"] = (time.perf_counter() - start) * 1000
-        request_state["task_id"] = task["id"]
+                raise OutcomeUnknown(failure, admission.rate, upstream_ms, rid) from failure
+            raise CreateFailed(failure, admission.rate, upstream_ms) from failure
+        upstream_ms = (time.perf_counter() - start) * 1000
         # the task exists and is paid for: recording it is retried through a store outage
         result = await retry_unavailable(lambda: self.apply(rid, tenant.id, task))
         self.metrics.count(self.metrics.tasks_created, (tenant.id, "gen2"))
@@ -121,12 +160,23 @@ class TaskService:
             await self._refund_not_created(reservation)
             raise
 
-    async def _settle_failed_create(self, reservation: TaskRecord, failure: UpstreamFailure, upload: PendingUpload | None) -> None:
+    async def _settle_failed_create(
+        self, reservation: TaskRecord, failure: UpstreamFailure, upload: PendingUpload | None
+    ) -> None:
         """Unknown outcome: keep the charge and the upload (the relay may have the task and
         fetch the image). Definitely not created: refund and forget the upload."""
         if failure.outcome is Outcome.UNKNOWN:
             await retry_unavailable(lambda: self.store.mark_unknown(reservation.rid, self.clock()))
-            log_fields(logger, logging.WARNING, {"event": "create_outcome_unknown", "rid": reservation.rid, "tenant": reservation.tenant_id, "code": failure.code})
+            log_fields(
+                logger,
+                logging.WARNING,
+                {
+                    "event": "create_outcome_unknown",
+                    "rid": reservation.rid,
+                    "tenant": reservation.tenant_id,
+                    "code": failure.code,
+                },
+            )
             return
         await self._refund_not_created(reservation)
         if upload is not None:
@@ -134,55 +184,78 @@ class TaskService:
 
     async def _refund_not_created(self, reservation: TaskRecord) -> None:
         if await retry_unavailable(lambda: self.store.settle_not_created(reservation.rid, self.clock())):
-            self.metrics.credits_refunded.labels(reservation.tenant_id).inc(reservation.credits)
+            self.metrics.count(self.metrics.credits_refunded, (reservation.tenant_id,), reservation.credits)
 
     # updates ------------------------------------------------------------------------
-    async def apply(self, rid: str, tenant_id: str, task: dict[str, Any], adopt: TaskRecord | None = None) -> UpdateResult:
+    async def apply(
+        self, rid: str, tenant_id: str, task: dict[str, Any], adopt: TaskRecord | None = None
+    ) -> UpdateResult:
         """The one way a task changes state; records what it did in the metrics."""
         now = self.clock()
-        result = await self.store.apply_update(rid, tenant_id, public_task(task), now, refund_failed=self.config.pricing.refund_failed, adopt=adopt)
+        result = await self.store.apply_update(
+            rid, tenant_id, public_task(task), now, refund_failed=self.config.pricing.refund_failed, adopt=adopt
+        )
         rec = result.record
         if rec is None:
             return result
+        m = self.metrics
         if result.adopted:
-            self.metrics.credits_charged.labels(rec.tenant_id).inc(rec.credits)
-            self.metrics.tasks_created.labels(rec.tenant_id, rec.task_type).inc()
+            m.count(m.credits_charged, (rec.tenant_id,), rec.credits)
+            m.count(m.tasks_created, (rec.tenant_id, rec.task_type))
         if result.finished:
-            self.metrics.tasks_finished.labels(rec.tenant_id, rec.status).inc()
-            self.metrics.task_duration.labels(rec.task_type, rec.status).observe(max(0.0, now - rec.created_at))
+            m.count(m.tasks_finished, (rec.tenant_id, rec.status))
+            m.observe(m.task_duration, (rec.task_type, rec.status), max(0.0, now - rec.created_at))
         if result.refunded_credits:
-            self.metrics.credits_refunded.labels(rec.tenant_id).inc(result.refunded_credits)
+            m.count(m.credits_refunded, (rec.tenant_id,), result.refunded_credits)
         return result
 
     async def callback(self, token: str, payload: Any) -> str:
         """A callback from the upstream; returns the metric result. Raises GatewayError."""
         claims = self.signer.read_callback_token(token)
         if claims is None:
-            self.metrics.callbacks.labels("bad_token").inc()
-            raise GatewayError(401, "invalid_callback_token", "Unknown or forged callback token.", "authentication_error")
+            self.metrics.count(self.metrics.callbacks, ("bad_token",))
+            raise GatewayError(
+                401, "invalid_callback_token", "Unknown or forged callback token.", "authentication_error"
+            )
         task = payload.get("task") if isinstance(payload, dict) else None
         if not isinstance(task, dict) or not isinstance(task.get("id"), str) or not isinstance(task.get("status"), str):
-            self.metrics.callbacks.labels("invalid").inc()
-            raise GatewayError(400, "invalid_callback", "A callback body is {\"task\": {\"id\": ..., \"status\": ...}}.")
+            self.metrics.count(self.metrics.callbacks, ("invalid",))
+            raise GatewayError(400, "invalid_callback", 'A callback body is {"task": {"id": ..., "status": ...}}.')
         existing = await self.store.get_by_rid(claims.rid)
         if existing is not None and existing.task_id and existing.task_id != task["id"]:
-            self.metrics.callbacks.labels("invalid").inc()
+            self.metrics.count(self.metrics.callbacks, ("invalid",))
             raise GatewayError(400, "invalid_callback", "The callback's task does not belong to this token.")
         self._observe_lag(task)
         adopt = None if existing else self._adoption(claims.tenant_id, claims.rid, task)
         result = await self.apply(claims.rid, claims.tenant_id, task, adopt=adopt)
-        outcome = "adopted" if result.adopted else "applied" if result.status_changed else "duplicate" if result.applied else "stale"
+        outcome = (
+            "adopted"
+            if result.adopted
+            else "applied"
+            if result.status_changed
+            else "duplicate"
+            if result.applied
+            else "stale"
+        )
         if result.record is None:
             outcome = "unknown"
-        self.metrics.callbacks.labels(outcome).inc()
+        self.metrics.count(self.metrics.callbacks, (outcome,))
         return outcome
 
     def _adoption(self, tenant_id: str, rid: str, task: dict[str, Any]) -> TaskRecord:
         """A task the upstream created but the gateway never recorded (it died in between)."""
         now = self.clock()
-        options = task.get("options") if isinstance(task.get("options"), dict) else {}
-        gen2 = options.get("gen2Options") if isinstance(options.get("gen2Options"), dict) else {}
-        return TaskRecord(rid=rid, tenant_id=tenant_id, task_id=task["id"], credits=self.config.pricing.price(gen2), created_at=now, updated_at=now, next_poll_at=now)
+        options: dict[str, Any] = task["options"] if isinstance(task.get("options"), dict) else {}
+        gen2: dict[str, Any] = options["gen2Options"] if isinstance(options.get("gen2Options"), dict) else {}
+        return TaskRecord(
+            rid=rid,
+            tenant_id=tenant_id,
+            task_id=task["id"],
+            credits=self.config.pricing.price(gen2),
+            created_at=now,
+            updated_at=now,
+            next_poll_at=now,
+        )
 
     def _observe_lag(self, task: dict[str, Any]) -> None:
         updated = task.get("updatedAt")
@@ -199,8 +272,11 @@ class TaskService:
         this task is due. One in-flight refresh per task per process; across processes the
         store's claim lets one poll per interval."""
         if (
-            record.terminal or not record.task_id or not self.config.upstream.status_path
-            or record.next_poll_at > self.clock() or record.rid in self._refreshing
+            record.terminal
+            or not record.task_id
+            or not self.config.upstream.status_path
+            or record.next_poll_at > self.clock()
+            or record.rid in self._refreshing
         ):
             return
         job = asyncio.create_task(self._refresh(record))
@@ -226,7 +302,13 @@ class TaskService:
         cfg = self.config.upstream
         if not cfg.status_path:
             return 0
-        due = await self.store.claim_due_polls(self.clock(), cfg.poll_interval_seconds, limit, TIMED_OUT_POLL_SECONDS, cfg.task_timeout_seconds + POLL_AFTER_TIMEOUT_SECONDS)
+        due = await self.store.claim_due_polls(
+            self.clock(),
+            cfg.poll_interval_seconds,
+            limit,
+            TIMED_OUT_POLL_SECONDS,
+            cfg.task_timeout_seconds + POLL_AFTER_TIMEOUT_SECONDS,
+        )
         await asyncio.gather(*(self.poll(r) for r in due))
         return len(due)
 
@@ -234,10 +316,17 @@ class TaskService:
         """Free the slots of tasks past task_timeout_seconds and of creates whose outcome
         stayed unknown past unknown_outcome_timeout_seconds; their charges stand."""
         cfg = self.config.upstream
-        expired = await self.store.expire_tasks(self.clock(), cfg.task_timeout_seconds, cfg.unknown_outcome_timeout_seconds)
+        expired = await self.store.expire_tasks(
+            self.clock(), cfg.task_timeout_seconds, cfg.unknown_outcome_timeout_seconds
+        )
         for rec in expired:
             if rec.status == UNKNOWN:
-                fields = {"event": "create_outcome_unknown_expired", "tenant": rec.tenant_id, "rid": rec.rid, "credits": rec.credits}
+                fields = {
+                    "event": "create_outcome_unknown_expired",
+                    "tenant": rec.tenant_id,
+                    "rid": rec.rid,
+                    "credits": rec.credits,
+                }
             else:
                 fields = {"event": "task_timed_out", "tenant": rec.tenant_id, "task_id": rec.task_id, "rid": rec.rid}
             log_fields(logger, logging.WARNING, fields)
@@ -265,4 +354,3 @@ def public_task(task: dict[str, Any]) -> dict[str, Any]:
     if isinstance(clean.get("options"), dict):
         clean["options"] = {k: v for k, v in clean["options"].items() if k != "notify_hook"}
     return clean
-

@@ -28,7 +28,7 @@ import hashlib
 import hmac
 import logging
 import time
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import httpx
 
@@ -86,7 +86,9 @@ class WebhookDispatcher:
         resolver: Resolver | None = None,
     ):
         if timeout >= lease:
-            raise ValueError("timeout must be shorter than the lease, or another worker could take the event mid-delivery")
+            raise ValueError(
+                "timeout must be shorter than the lease, or another worker could take the event mid-delivery"
+            )
         self._store = store
         self._tenants = dict(tenants)
         self._policies = {tid: HookPolicy.from_hosts(t.policy.hook_hosts) for tid, t in tenants.items()}
@@ -129,9 +131,13 @@ class WebhookDispatcher:
                 await self._process(event)
 
         results = await asyncio.gather(*(one(e) for e in events), return_exceptions=True)
-        for event, result in zip(events, results):
+        for event, result in zip(events, results, strict=True):
             if isinstance(result, Exception):  # the store failed; the lease expires and it is retried
-                log_fields(log, logging.ERROR, {"event": "webhook_finish_failed", "event_id": event.event_id, "error": type(result).__name__})
+                log_fields(
+                    log,
+                    logging.ERROR,
+                    {"event": "webhook_finish_failed", "event_id": event.event_id, "error": type(result).__name__},
+                )
         return len(events)
 
     async def run_forever(self, stop: asyncio.Event, interval: float = 0.5) -> None:
@@ -168,12 +174,32 @@ class WebhookDispatcher:
             next_at = self._clock() + self._config.backoff(attempt)
             await self._store.finish_webhook(event.event_id, delivered=False, attempts=attempt, next_at=next_at)
             self._report(event.tenant_id, "failed")
-            log_fields(log, logging.DEBUG, {"event": "webhook_retry", "event_id": event.event_id, "tenant": event.tenant_id, "attempts": attempt, "error": error})
+            log_fields(
+                log,
+                logging.DEBUG,
+                {
+                    "event": "webhook_retry",
+                    "event_id": event.event_id,
+                    "tenant": event.tenant_id,
+                    "attempts": attempt,
+                    "error": error,
+                },
+            )
 
     async def _give_up(self, event: WebhookEvent, attempts: int, error: str) -> None:
         await self._store.finish_webhook(event.event_id, delivered=False, attempts=attempts, next_at=None)
         self._report(event.tenant_id, "gave_up")
-        log_fields(log, logging.WARNING, {"event": "webhook_gave_up", "event_id": event.event_id, "tenant": event.tenant_id, "attempts": attempts, "error": error})
+        log_fields(
+            log,
+            logging.WARNING,
+            {
+                "event": "webhook_gave_up",
+                "event_id": event.event_id,
+                "tenant": event.tenant_id,
+                "attempts": attempts,
+                "error": error,
+            },
+        )
 
     def _report(self, tenant_id: str, result: str) -> None:
         if self._on_result is not None:
@@ -193,7 +219,7 @@ class WebhookDispatcher:
                 }
                 if tenant.webhook_secret:  # a signature with an empty key proves nothing
                     headers["x-gateway-signature"] = sign(tenant.webhook_secret, event.body, int(self._clock()))
-                extensions: dict = {"timeout": httpx.Timeout(self._timeout).as_dict()}
+                extensions: dict[str, object] = {"timeout": httpx.Timeout(self._timeout).as_dict()}
                 if hook.sni_hostname:
                     extensions["sni_hostname"] = hook.sni_hostname
                 # A bare Request, not client.build_request: a shared client's default headers,

@@ -1,8 +1,10 @@
-"""Steps every tenant route starts with: authenticate, then admit the request."""
+"""The steps every tenant route is made of, in request order: authenticate, admit, create
+(once per Idempotency-Key), and the request's record of what happened (`RequestContext`)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import orjson
 from starlette.requests import Request
@@ -10,45 +12,53 @@ from starlette.responses import Response
 
 from gateway.auth import AuthFailure, Principal
 from gateway.errors import GatewayError, bad_request
-from gateway.quotas import quota_error
+from gateway.gen2 import Gen2Request
+from gateway.idempotency import fingerprint, idempotency_key, run_idempotent
+from gateway.middleware import RequestContext, request_context
+from gateway.quotas import refused
+from gateway.services import Services
 from gateway.store.base import Admission, TaskRecord
+from gateway.tasks import Created, CreateFailed
+from gateway.uploads import PendingUpload
 
-if TYPE_CHECKING:
-    from gateway.app import Gateway
+
+def services(request: Request) -> Services:
+    """The app's services, built in its lifespan (`gateway.app`)."""
+    built: Services = request.app.state.services
+    return built
 
 
-def gateway(request: Request) -> "Gateway":
-    return request.app.state.gateway
+def context(request: Request) -> RequestContext:
+    """This request's record, read by the middleware for headers, metrics and the log line."""
+    return request_context(request.scope)
 
 
 def authenticate(request: Request) -> Principal:
-    gw = gateway(request)
+    s = services(request)
     try:
-        principal = gw.auth.authenticate(request.headers.get("authorization"))
+        principal = s.auth.authenticate(request.headers.get("authorization"))
     except AuthFailure as failure:
-        gw.metrics.auth_failures.labels(failure.reason).inc()
+        s.metrics.count(s.metrics.auth_failures, (failure.reason,))
         raise
     except GatewayError:
-        gw.metrics.auth_failures.labels("tenant_disabled").inc()
+        s.metrics.count(s.metrics.auth_failures, ("tenant_disabled",))
         raise
-    request.scope["state"]["tenant"] = principal.tenant.id
+    context(request).tenant = principal.tenant.id
     return principal
 
 
 async def admit_request(request: Request, principal: Principal) -> None:
     """One token of requests_per_minute; a 429 changes nothing."""
-    gw = gateway(request)
+    s = services(request)
     tenant = principal.tenant
-    _admitted(request, principal, await gw.store.take_request(tenant.id, tenant.limits, gw.clock()))
+    _admitted(request, principal, await s.store.take_request(tenant.id, tenant.limits, s.clock()))
 
 
 def _admitted(request: Request, principal: Principal, admission: Admission) -> None:
     """Record the rate headers' source; raise the 429 of a refusal."""
-    request.scope["state"]["rate"] = admission.rate
     if not admission.ok:
-        tenant = principal.tenant
-        gateway(request).metrics.quota_rejections.labels(tenant.id, admission.limit).inc()
-        raise quota_error(admission, tenant.limits.requests_per_minute)
+        raise refused(admission, principal.tenant, services(request).metrics)
+    context(request).rate = admission.rate
 
 
 async def tenant_request(request: Request) -> Principal:
@@ -60,14 +70,61 @@ async def tenant_request(request: Request) -> Principal:
 async def own_task(request: Request, task_id: str) -> TaskRecord | None:
     """A status read: authenticate, take a requests_per_minute token and read the tenant's
     task, the last two in one store operation (a poll is the most frequent request)."""
-    gw = gateway(request)
+    s = services(request)
     principal = authenticate(request)
     tenant = principal.tenant
-    admission, record = await gw.store.read_task(tenant.id, tenant.limits, task_id, gw.clock())
+    admission, record = await s.store.read_task(tenant.id, tenant.limits, task_id, s.clock())
     _admitted(request, principal, admission)
     if record is not None:
-        request.scope["state"]["task_id"] = record.task_id
+        context(request).task_id = record.task_id
     return record
+
+
+async def submit_task(
+    request: Request,
+    principal: Principal,
+    req: Gen2Request,
+    meta: dict[str, Any] | None = None,
+    upload: PendingUpload | None = None,
+) -> Created:
+    """admit -> rewrite -> forward -> record (`TaskService.create`), and note on the
+    request's context what the create learned, also when the upstream failed it."""
+    ctx = context(request)
+    try:
+        created = await services(request).tasks.create(principal.tenant, req, ctx.request_id, meta, upload)
+    except CreateFailed as failed:
+        ctx.rate, ctx.upstream_ms = failed.rate, failed.upstream_ms
+        raise
+    ctx.rate, ctx.upstream_ms, ctx.task_id = created.rate, created.upstream_ms, created.task["id"]
+    return created
+
+
+async def create_once(
+    request: Request,
+    principal: Principal,
+    route: str,
+    body: Callable[[], Any],
+    create: Callable[[], Awaitable[Response]],
+    render_task: Callable[[TaskRecord], Response],
+) -> Response:
+    """Run the route's `create` once per Idempotency-Key (without a key, just run it).
+    `body` gives what identifies the request (`fingerprint`); `render_task` is the route's
+    200 answer for a task, for a key bound to a create whose outcome was unknown."""
+    key = idempotency_key(request.headers)
+    if key is None:
+        return await create()
+    s = services(request)
+    return await run_idempotent(
+        s.store,
+        principal.tenant.id,
+        key,
+        fingerprint(route, body()),
+        s.config.upstream.timeout_seconds,
+        lambda: admit_request(request, principal),
+        create,
+        render_task,
+        s.clock,
+    )
 
 
 async def read_json(request: Request) -> Any:
@@ -78,10 +135,9 @@ async def read_json(request: Request) -> Any:
         raise bad_request("invalid_json", "The request body is not valid JSON.") from None
 
 
-async def parsed_or_raw(request: Request) -> Any:
+def parsed_or_raw(body: bytes) -> Any:
     """The body for an idempotency fingerprint: parsed JSON, or the raw bytes' hex when it
     does not parse (so a repeat of the same broken body replays its 400)."""
-    body = await request.body()
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError:

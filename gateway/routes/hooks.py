@@ -8,7 +8,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.errors import GatewayError, bad_request
-from gateway.routes.common import gateway, json_response
+from gateway.routes.common import json_response, services
 
 # A relay task is small; the route is open to anyone until the token is checked, and
 # server.max_body_bytes may be raised well above this for uploads.
@@ -16,16 +16,16 @@ MAX_CALLBACK_BYTES = 1024 * 1024
 
 
 async def runway_callback(request: Request) -> Response:
-    gw = gateway(request)
+    s = services(request)
     body = await _callback_body(request)
     try:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError:
         payload = None
-    if payload is None and gw.signer.read_callback_token(request.path_params["token"]) is not None:
-        gw.metrics.callbacks.labels("invalid").inc()
+    if payload is None and s.signer.read_callback_token(request.path_params["token"]) is not None:
+        s.metrics.count(s.metrics.callbacks, ("invalid",))
         raise bad_request("invalid_json", "The callback body is not valid JSON.")
-    result = await gw.tasks.callback(request.path_params["token"], payload)
+    result = await s.tasks.callback(request.path_params["token"], payload)
     return json_response({"ok": True, "result": result})
 
 

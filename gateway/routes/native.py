@@ -8,37 +8,44 @@ from starlette.routing import Route
 
 from gateway.errors import bad_request, not_found
 from gateway.gen2 import validate_native
-from gateway.idempotency import fingerprint, idempotency_key, run_idempotent
-from gateway.routes.common import admit_request, authenticate, gateway, json_response, own_task, page_limit, parsed_or_raw, read_json, tenant_request
+from gateway.routes.common import (
+    authenticate,
+    create_once,
+    json_response,
+    own_task,
+    page_limit,
+    parsed_or_raw,
+    read_json,
+    services,
+    submit_task,
+    tenant_request,
+)
 from gateway.store.base import STATUS_RANK, TaskRecord
 
 LISTABLE_STATUSES = {s for s in STATUS_RANK if s not in ("SUBMITTING",)}
 
 
 async def create_task(request: Request) -> Response:
-    gw = gateway(request)
+    s = services(request)
     principal = authenticate(request)
+    raw = await request.body()
 
     async def create() -> Response:
-        body = await read_json(request)
-        req = gw.validate_hook(validate_native(body, principal.tenant.policy), principal.tenant, "notify_hook")
-        created = await gw.tasks.create(principal, req, request.scope["state"])
+        """Validate, then create: inside the idempotent run, so a kept 400 replays."""
+        req = s.validate_hook(
+            validate_native(await read_json(request), principal.tenant.policy), principal.tenant, "notify_hook"
+        )
+        created = await submit_task(request, principal, req)
         return json_response({"task": created.task})
 
-    key = idempotency_key(request.headers)
-    if key is None:
-        return await create()
-    return await run_idempotent(
-        gw.store, principal.tenant.id, key, fingerprint("/runway/tasks", await parsed_or_raw(request)),
-        gw.config.upstream.timeout_seconds, lambda: admit_request(request, principal), create, task_response, gw.clock,
-    )
+    return await create_once(request, principal, "/runway/tasks", lambda: parsed_or_raw(raw), create, task_response)
 
 
 async def get_task(request: Request) -> Response:
     record = await own_task(request, request.path_params["id"])
     if record is None:
         raise not_found()
-    gateway(request).tasks.refresh_soon(record)
+    services(request).tasks.refresh_soon(record)
     return task_response(record)
 
 
@@ -48,14 +55,18 @@ def task_response(record: TaskRecord) -> Response:
 
 
 async def list_tasks(request: Request) -> Response:
-    gw = gateway(request)
+    s = services(request)
     principal = await tenant_request(request)
     status = request.query_params.get("status") or None
     if status is not None and status not in LISTABLE_STATUSES:
         raise bad_request("invalid_value", "Unknown `status`.", "status")
     limit = page_limit(request)
-    records, has_more = await gw.store.list_tasks(principal.tenant.id, limit=limit, after=request.query_params.get("after") or None, status=status)
-    return json_response({"data": [r.task for r in records], "has_more": has_more, "last_id": records[-1].task_id if records else None})
+    records, has_more = await s.store.list_tasks(
+        principal.tenant.id, limit=limit, after=request.query_params.get("after") or None, status=status
+    )
+    return json_response(
+        {"data": [r.task for r in records], "has_more": has_more, "last_id": records[-1].task_id if records else None}
+    )
 
 
 routes = [

@@ -8,7 +8,8 @@ served back to the upstream at `GET /assets/{token}`.
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 from starlette.datastructures import UploadFile
@@ -20,12 +21,30 @@ from starlette.types import Receive, Scope, Send
 
 from gateway import videos
 from gateway.errors import GatewayError, bad_request, not_found
-from gateway.idempotency import fingerprint, idempotency_key, run_idempotent
-from gateway.routes.common import admit_request, authenticate, gateway, json_response, own_task, page_limit, read_json, tenant_request
+from gateway.routes.common import (
+    authenticate,
+    context,
+    create_once,
+    json_response,
+    own_task,
+    page_limit,
+    read_json,
+    services,
+    submit_task,
+    tenant_request,
+)
 from gateway.store.base import TaskRecord
 from gateway.tasks import Created
+from gateway.uploads import (
+    MAX_UPLOAD_BYTES,
+    Image,
+    asset_not_found,
+    check_image,
+    decode_data_url,
+    is_data_url,
+    require_upload_url,
+)
 from gateway.upstream import UpstreamFailure
-from gateway.uploads import MAX_UPLOAD_BYTES, Image, asset_not_found, check_image, decode_data_url, is_data_url, require_upload_url
 
 MAX_FORM_FIELDS = 64
 POLL_AFTER_MS_WITH_CALLBACKS = 1000
@@ -46,7 +65,9 @@ async def get_model(request: Request) -> Response:
     await tenant_request(request)
     model = videos.MODELS.get(request.path_params["id"])
     if model is None:
-        raise GatewayError(404, "model_not_found", f"The model `{request.path_params['id']}` does not exist.", param="model")
+        raise GatewayError(
+            404, "model_not_found", f"The model `{request.path_params['id']}` does not exist.", param="model"
+        )
     return json_response(model.as_openai())
 
 
@@ -54,9 +75,9 @@ async def get_model(request: Request) -> Response:
 
 
 async def create_video(request: Request) -> Response:
-    gw = gateway(request)
+    s = services(request)
     principal = authenticate(request)
-    max_upload = min(gw.config.server.max_body_bytes, MAX_UPLOAD_BYTES)
+    max_upload = min(s.config.server.max_body_bytes, MAX_UPLOAD_BYTES)
     raw, image = await _read_create_body(request, max_upload)
 
     async def create() -> Response:
@@ -67,55 +88,61 @@ async def create_video(request: Request) -> Response:
         upload = image
         if upload is None and image_url is not None and is_data_url(image_url):
             upload = decode_data_url(image_url, max_upload)
-        pending = gw.uploads.pending(upload) if upload is not None else None
+        pending = s.uploads.pending(upload) if upload is not None else None
         if pending is not None:
-            image_url = gw.uploads.url(require_upload_url(gw.config), gw.signer, pending.asset_id)
+            image_url = s.uploads.url(require_upload_url(s.config), s.signer, pending.asset_id)
         req, meta = videos.to_gen2(params, principal.tenant.policy, image_url=image_url)
-        created = await gw.tasks.create(principal, req, request.scope["state"], meta, pending)
+        created = await submit_task(request, principal, req, meta, pending)
         return json_response(videos.video_object(_created_record(created)))
 
-    key = idempotency_key(request.headers)
-    if key is None:
-        return await create()
-    return await run_idempotent(
-        gw.store, principal.tenant.id, key, fingerprint("/v1/videos", _fingerprint(raw, image)), gw.config.upstream.timeout_seconds,
-        lambda: admit_request(request, principal), create, lambda record: json_response(videos.video_object(record)), gw.clock,
+    return await create_once(
+        request, principal, "/v1/videos", lambda: _fingerprint(raw, image), create, _video_response
     )
 
 
+def _video_response(record: TaskRecord) -> Response:
+    return json_response(videos.video_object(record))
+
+
 async def get_video(request: Request) -> Response:
-    gw = gateway(request)
+    s = services(request)
     record = await _own_record(request)
-    gw.tasks.refresh_soon(record)
+    s.tasks.refresh_soon(record)
     video = videos.video_object(record)
     headers = None
     if video["status"] in ("queued", "in_progress"):
-        headers = {"openai-poll-after-ms": str(_poll_after_ms(gw.config))}
+        headers = {"openai-poll-after-ms": str(_poll_after_ms(s.config))}
     return json_response(video, headers=headers)
 
 
 async def list_videos(request: Request) -> Response:
-    gw = gateway(request)
+    s = services(request)
     principal = await tenant_request(request)
     order = request.query_params.get("order") or "desc"
     if order not in ("asc", "desc"):
         raise bad_request("invalid_value", "`order` must be `asc` or `desc`.", "order")
     limit = page_limit(request)
-    records, has_more = await gw.store.list_tasks(principal.tenant.id, limit=limit, after=request.query_params.get("after") or None, order=order)
+    after = request.query_params.get("after") or None
+    records, has_more = await s.store.list_tasks(principal.tenant.id, limit=limit, after=after, order=order)
     data = [videos.video_object(r) for r in records]
-    return json_response({
-        "object": "list", "data": data, "first_id": data[0]["id"] if data else None,
-        "last_id": data[-1]["id"] if data else None, "has_more": has_more,
-    })
+    return json_response(
+        {
+            "object": "list",
+            "data": data,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None,
+            "has_more": has_more,
+        }
+    )
 
 
 async def delete_video(request: Request) -> Response:
-    gw = gateway(request)
+    s = services(request)
     principal = await tenant_request(request)
     video_id = request.path_params["id"]
-    if not await gw.store.hide_task(principal.tenant.id, video_id):
+    if not await s.store.hide_task(principal.tenant.id, video_id):
         raise not_found("No video with that id.")
-    request.scope["state"]["task_id"] = video_id
+    context(request).task_id = video_id
     return json_response({"id": video_id, "object": "video.deleted", "deleted": True})
 
 
@@ -126,14 +153,23 @@ async def video_content(request: Request) -> Response:
     record = await _own_record(request)
     status = videos.video_status(record.status)
     if status != "completed":
-        raise GatewayError(404, "video_not_ready", f"The video is {status}; its content can be downloaded once it is completed.", param="id")
+        raise GatewayError(
+            404,
+            "video_not_ready",
+            f"The video is {status}; its content can be downloaded once it is completed.",
+            param="id",
+        )
     url = videos.artifact_url(record.task, variant)
     if url is None:
         raise GatewayError(404, "variant_not_available", f"This video has no `{variant}` content.", param="variant")
     upstream_resp, chunks = await _open_artifact(request, record, variant, url)
     headers = {"content-type": upstream_resp.headers.get("content-type") or DEFAULT_CONTENT_TYPES[variant]}
     length = upstream_resp.headers.get("content-length")
-    if length is not None and length.isdigit() and upstream_resp.headers.get("content-encoding", "identity") == "identity":
+    if (
+        length is not None
+        and length.isdigit()
+        and upstream_resp.headers.get("content-encoding", "identity") == "identity"
+    ):
         headers["content-length"] = length  # aiohttp decodes a compressed body: its length is not the upstream's
     if request.method == "HEAD":
         upstream_resp.close()
@@ -161,30 +197,34 @@ class ArtifactResponse(StreamingResponse):
                 self.upstream.close()
 
 
-async def _open_artifact(request: Request, record: TaskRecord, variant: str, url: str) -> tuple[aiohttp.ClientResponse, AsyncIterator[bytes]]:
+async def _open_artifact(
+    request: Request, record: TaskRecord, variant: str, url: str
+) -> tuple[aiohttp.ClientResponse, AsyncIterator[bytes]]:
     """Open the artifact URL; an expired link (403/404/410) gets one retry with the URL of
     a fresh upstream status, when the upstream has a status path."""
-    gw = gateway(request)
-    request_id = request.scope["state"]["request_id"]
-    resp, chunks = await gw.upstream.stream(url, request_id)
+    s = services(request)
+    request_id = context(request).request_id
+    resp, chunks = await s.upstream.stream(url, request_id)
     if 200 <= resp.status < 300:
         return resp, chunks
     resp.close()
     status = resp.status
-    if status in EXPIRED_LINK_STATUSES and gw.config.upstream.status_path and record.task_id:
+    if status in EXPIRED_LINK_STATUSES and s.config.upstream.status_path and record.task_id:
         try:
-            fresh = await gw.upstream.status(record.task_id, record.key_index, request_id)
+            fresh = await s.upstream.status(record.task_id, record.key_index, request_id)
         except UpstreamFailure:
             fresh = None
         fresh_url = videos.artifact_url(fresh, variant) if fresh else None
         if fresh_url and fresh_url != url:
-            resp, chunks = await gw.upstream.stream(fresh_url, request_id)
+            resp, chunks = await s.upstream.stream(fresh_url, request_id)
             if 200 <= resp.status < 300:
                 return resp, chunks
             resp.close()
             status = resp.status
     if status in EXPIRED_LINK_STATUSES:
-        raise GatewayError(404, "video_expired", "The upstream no longer serves this video's content (its link expired).", param="id")
+        raise GatewayError(
+            404, "video_expired", "The upstream no longer serves this video's content (its link expired).", param="id"
+        )
     raise GatewayError(502, "upstream_error", f"The upstream answered the content download with {status}.", "api_error")
 
 
@@ -193,9 +233,9 @@ async def _open_artifact(request: Request, record: TaskRecord, variant: str, url
 
 async def get_asset(request: Request) -> Response:
     """An uploaded image, for the upstream: no tenant key, the signed token is the credential."""
-    gw = gateway(request)
-    asset_id = gw.signer.read_asset_token(request.path_params["token"])
-    found = await gw.uploads.find(asset_id) if asset_id else None
+    s = services(request)
+    asset_id = s.signer.read_asset_token(request.path_params["token"])
+    found = await s.uploads.find(asset_id) if asset_id else None
     if found is None:
         raise asset_not_found()
     content_type, data = found
@@ -221,14 +261,22 @@ async def _read_create_body(request: Request, max_upload: int) -> tuple[Any, Ima
         for name, value in form.multi_items():
             if isinstance(value, UploadFile):
                 if name != "input_reference":
-                    raise bad_request("unknown_parameter", f"Unexpected file field `{name}`; only `input_reference` takes a file.", name)
+                    raise bad_request(
+                        "unknown_parameter",
+                        f"Unexpected file field `{name}`; only `input_reference` takes a file.",
+                        name,
+                    )
                 image = check_image(await value.read(), value.content_type, max_upload)
                 continue
             _put_form_field(raw, name, value)
     finally:
         await form.close()
     if image is not None and "input_reference" in raw:
-        raise bad_request("invalid_value", "Give `input_reference` as an uploaded file or as `image_url`, not both.", "input_reference")
+        raise bad_request(
+            "invalid_value",
+            "Give `input_reference` as an uploaded file or as `image_url`, not both.",
+            "input_reference",
+        )
     return raw, image
 
 

@@ -9,9 +9,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from gateway.auth import bearer_credential
 from gateway.errors import GatewayError
 from gateway.metrics import CONTENT_TYPE
-from gateway.routes.common import gateway, json_response
+from gateway.routes.common import json_response, services
 
 READY_TIMEOUT = 1.0
 
@@ -25,30 +26,42 @@ async def readyz(request: Request) -> Response:
     The upstream's state (circuit, refused keys) is reported in the body but does not
     fail readiness: it is the same for every replica, so failing them all would turn a
     clear 502/503 into no answer at all, and status reads need no upstream."""
-    gw = gateway(request)
+    s = services(request)
     upstream = {
-        "upstream_circuit": gw.upstream.circuit.state,
-        "upstream_auth": gw.upstream.keys.state,
-        "upstream_auth_failing_keys": sorted(gw.upstream.keys.failing),
+        "upstream_circuit": s.upstream.circuit.state,
+        "upstream_auth": s.upstream.keys.state,
+        "upstream_auth_failing_keys": sorted(s.upstream.keys.failing),
     }
     try:
         # a write, not only an answer: a Redis demoted by a failover still answers reads
-        await asyncio.wait_for(gw.store.ping(), READY_TIMEOUT)
+        await asyncio.wait_for(s.store.ping(), READY_TIMEOUT)
     except Exception:
         # OpenAI-shaped like every error, plus the probe's own fields
-        error = {"message": "The store cannot answer or take writes.", "type": "api_error", "param": None, "code": "store_unavailable"}
+        error = {
+            "message": "The store cannot answer or take writes.",
+            "type": "api_error",
+            "param": None,
+            "code": "store_unavailable",
+        }
         return json_response({"error": error, "status": "unavailable", "store": "unavailable", **upstream}, status=503)
     return json_response({"status": "ok", "store": "ok", **upstream})
 
 
 async def metrics(request: Request) -> Response:
-    gw = gateway(request)
-    token = gw.config.metrics_bearer_token
+    s = services(request)
+    token = s.config.metrics_bearer_token
     if token:
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-            raise GatewayError(401, "invalid_api_key", "Metrics need the configured bearer token.", "authentication_error", None, {"www-authenticate": "Bearer"})
-    body = await gw.metrics.render(gw.store, gw.tenant_limits, gw.clock())
+        given = bearer_credential(request.headers.get("authorization")) or ""
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            raise GatewayError(
+                401,
+                "invalid_api_key",
+                "Metrics need the configured bearer token.",
+                "authentication_error",
+                None,
+                {"www-authenticate": "Bearer"},
+            )
+    body = await s.metrics.render(s.store, s.tenant_limits, s.clock())
     return Response(body, media_type=CONTENT_TYPE)
 
 
