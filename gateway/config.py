@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from gateway.jsontypes import a_type_name, is_type
 from gateway.store.base import Limits  # re-exported: a tenant's limits are the store's input
 from gateway.store.redis.url import parse_url, split_prefix, tls_context
-from gateway.jsontypes import a_type_name, is_type
 
 TENANT_ID_RE = re.compile(r"^[a-z0-9-]{1,64}$")
 KEY_HASH_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -579,7 +579,12 @@ class _Validator:
                     self.fail(f"{path}.keys[{j}]", f"already used by tenant {seen_keys[k]!r}")
                 seen_keys[k] = tid
             limits_t = self.table(t, "limits", path, _keys(Limits))
-            limits = Limits(**{f.name: self.get(limits_t, f.name, f"{path}.limits", None, _positive_int) for f in dataclasses.fields(Limits)})
+            limits = Limits(
+                **{
+                    f.name: self.get(limits_t, f.name, f"{path}.limits", None, _positive_int)
+                    for f in dataclasses.fields(Limits)
+                }
+            )
             policy = self.policy(self.table(t, "policy", path, _keys(Policy)), f"{path}.policy")
             out.append(Tenant(id=tid, limits=limits, policy=policy, **values))
         return tuple(out)

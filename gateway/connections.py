@@ -28,8 +28,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
@@ -40,9 +41,15 @@ from gateway.middleware import BODY_LATE
 
 logger = logging.getLogger("gateway.connections")
 
-HEADERS_LATE = GatewayError(408, "request_timeout", "The request headers did not arrive in time.", "invalid_request_error")
-BUSY = GatewayError(503, "server_busy", "The gateway is at its connection limit; retry shortly.",
-                    headers={"retry-after": "1", "connection": "close"})
+HEADERS_LATE = GatewayError(
+    408, "request_timeout", "The request headers did not arrive in time.", "invalid_request_error"
+)
+BUSY = GatewayError(
+    503,
+    "server_busy",
+    "The gateway is at its connection limit; retry shortly.",
+    headers={"retry-after": "1", "connection": "close"},
+)
 
 
 @dataclass(frozen=True)
@@ -112,8 +119,16 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         if not self._over_limit():
             super().on_headers_complete()
             return
-        log_fields(logger, logging.WARNING, {"event": "connection_limit", "client": self._client_ip(),
-                                             "connections": len(self.connections), "requests": len(self.tasks)})
+        log_fields(
+            logger,
+            logging.WARNING,
+            {
+                "event": "connection_limit",
+                "client": self._client_ip(),
+                "connections": len(self.connections),
+                "requests": len(self.tasks),
+            },
+        )
         app, self.app = self.app, BUSY_APP
         try:
             super().on_headers_complete()
@@ -130,7 +145,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             # The app answered before the body ended: uvicorn armed its idle timer then and
             # the body's bytes cancelled it. Arm it again, or the connection idles for ever.
             self._unset_keepalive_if_required()
-            self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
 
     # deadlines ---------------------------------------------------------------------
     def _arm(self, seconds: float, callback: Callable[[], None]) -> None:
@@ -184,6 +201,11 @@ BUSY_APP = error_response(BUSY)
 def _raw_response(err: GatewayError) -> bytes:
     """An error answered by the protocol itself (no request reached the app)."""
     body = error_body(err)
-    head = [STATUS_LINE[err.status], b"content-type: application/json\r\n",
-            b"content-length: %d\r\n" % len(body), b"connection: close\r\n", b"\r\n"]
+    head = [
+        STATUS_LINE[err.status],
+        b"content-type: application/json\r\n",
+        b"content-length: %d\r\n" % len(body),
+        b"connection: close\r\n",
+        b"\r\n",
+    ]
     return b"".join(head) + body

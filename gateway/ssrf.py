@@ -37,9 +37,9 @@ import enum
 import ipaddress
 import re
 import socket
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Awaitable, Callable, Iterable
 from urllib.parse import urlsplit
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -180,7 +180,9 @@ class HookPolicy:
 
     def lists_address(self, ip: IPAddress) -> bool:
         cands = {ip, embedded_v4(ip)}
-        return bool(cands & self.addresses) or any(c in net for c in cands for net in self.networks if net.version == c.version)
+        return bool(cands & self.addresses) or any(
+            c in net for c in cands for net in self.networks if net.version == c.version
+        )
 
     def match_host(self, host: str, ip: IPAddress | None) -> Match:
         if ip is not None:
@@ -250,7 +252,9 @@ def inspect_hook_url(url: str, policy: HookPolicy) -> HookTarget | str:
     if ip is not None:
         problem = address_problem(ip, match, policy)
     elif host == "localhost" or host.endswith(".localhost"):
-        problem = None if match is Match.EXACT else f"localhost is loopback; only an exact {policy.setting} entry allows it"
+        problem = (
+            None if match is Match.EXACT else f"localhost is loopback; only an exact {policy.setting} entry allows it"
+        )
     else:
         problem = None
     if problem:

@@ -16,8 +16,8 @@ import base64
 import hashlib
 import hmac
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import jwt
 import orjson
@@ -66,7 +66,9 @@ class TokenSigner:
         """The claims of a genuine, unexpired token of this use, else None. `exp` is required
         and checked here against the signer's clock (PyJWT would use the wall clock)."""
         try:
-            claims = jwt.decode(token, self._secret, algorithms=[ALGORITHM], options={"require": ["exp"], "verify_exp": False})
+            claims = jwt.decode(
+                token, self._secret, algorithms=[ALGORITHM], options={"require": ["exp"], "verify_exp": False}
+            )
         except jwt.PyJWTError:
             return None
         exp = claims.get("exp")

@@ -26,8 +26,9 @@ import itertools
 import logging
 import math
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any
 from urllib.parse import urljoin
 
 import aiohttp
@@ -59,7 +60,15 @@ class Outcome(enum.Enum):
 
 
 class UpstreamFailure(GatewayError):
-    def __init__(self, status: int, code: str, message: str, outcome: Outcome, upstream_status: int | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        outcome: Outcome,
+        upstream_status: int | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(status, code, message, "api_error", headers=headers or {})
         self.outcome = outcome
         self.upstream_status = upstream_status
@@ -70,7 +79,9 @@ class CircuitBreaker:
     once for `open_seconds`; then half-open lets one request through, whose success
     closes the circuit and whose failure opens it again."""
 
-    def __init__(self, failures: int = CIRCUIT_FAILURES, open_seconds: float = CIRCUIT_OPEN_SECONDS, clock=time.monotonic):
+    def __init__(
+        self, failures: int = CIRCUIT_FAILURES, open_seconds: float = CIRCUIT_OPEN_SECONDS, clock=time.monotonic
+    ):
         self.threshold, self.open_seconds, self.clock = failures, open_seconds, clock
         self.failures = 0
         self.opened_at: float | None = None
@@ -157,7 +168,10 @@ class Upstream:
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=256, keepalive_timeout=30, ttl_dns_cache=60)
         self._session = aiohttp.ClientSession(
-            connector=connector, timeout=self._timeout, json_serialize=lambda o: orjson.dumps(o).decode(), auto_decompress=True
+            connector=connector,
+            timeout=self._timeout,
+            json_serialize=lambda o: orjson.dumps(o).decode(),
+            auto_decompress=True,
         )
 
     async def close(self) -> None:
@@ -169,7 +183,9 @@ class Upstream:
 
     async def create(self, body: dict[str, Any], key_index: int, request_id: str) -> dict[str, Any]:
         """POST /runway/tasks; returns the task object or raises UpstreamFailure."""
-        reply = await self._call("create", "POST", self.config.base_url + "/runway/tasks", key_index, request_id, orjson.dumps(body))
+        reply = await self._call(
+            "create", "POST", self.config.base_url + "/runway/tasks", key_index, request_id, orjson.dumps(body)
+        )
         return self._task_or_fail(reply, "create")
 
     async def status(self, task_id: str, key_index: int, request_id: str) -> dict[str, Any] | None:
@@ -209,7 +225,9 @@ class Upstream:
                 return await resolve_hook(url, self.artifact_policy, self._resolver)
         except (ResolveFailed, TimeoutError) as exc:
             self._count("artifact", start, "error")
-            raise UpstreamFailure(503, "upstream_unavailable", "Could not fetch the video from the upstream.", Outcome.NOT_SENT) from exc
+            raise UpstreamFailure(
+                503, "upstream_unavailable", "Could not fetch the video from the upstream.", Outcome.NOT_SENT
+            ) from exc
         except HookRefused as refused:
             raise self._artifact_refused(refused.reason, request_id, start) from None
 
@@ -219,7 +237,9 @@ class Upstream:
         self._count("artifact", start, "refused")
         log_fields(logger, logging.WARNING, {"event": "artifact_refused", "request_id": request_id, "reason": reason})
         return UpstreamFailure(
-            502, "upstream_error", "The upstream gave a video URL the gateway may not fetch (refused by its artifact URL rules); the gateway's log says why.",
+            502,
+            "upstream_error",
+            "The upstream gave a video URL the gateway may not fetch (refused by its artifact URL rules); the gateway's log says why.",
             Outcome.REJECTED,
         )
 
@@ -229,22 +249,35 @@ class Upstream:
         assert self._session is not None
         try:
             resp = await self._session.get(
-                target.url, headers={"host": target.host_header, "x-request-id": request_id}, allow_redirects=False,
-                server_hostname=target.sni_hostname, timeout=aiohttp.ClientTimeout(total=None, connect=ARTIFACT_CONNECT_SECONDS, sock_read=self.config.timeout_seconds),
+                target.url,
+                headers={"host": target.host_header, "x-request-id": request_id},
+                allow_redirects=False,
+                server_hostname=target.sni_hostname,
+                timeout=aiohttp.ClientTimeout(
+                    total=None, connect=ARTIFACT_CONNECT_SECONDS, sock_read=self.config.timeout_seconds
+                ),
             )
         except Exception as exc:
             self._count("artifact", start, "error")
             self.circuit.failure()
-            raise UpstreamFailure(503, "upstream_unavailable", "Could not fetch the video from the upstream.", Outcome.NOT_SENT) from exc
+            raise UpstreamFailure(
+                503, "upstream_unavailable", "Could not fetch the video from the upstream.", Outcome.NOT_SENT
+            ) from exc
         self.circuit.success()
         return resp
 
-    async def _call(self, operation: str, method: str, url: str, key_index: int, request_id: str, data: bytes | None) -> _Reply:
+    async def _call(
+        self, operation: str, method: str, url: str, key_index: int, request_id: str, data: bytes | None
+    ) -> _Reply:
         assert self._session is not None
         if not self.circuit.allow():
             self.metrics.upstream_requests.labels(operation, "circuit_open").inc()
             raise _circuit_open()
-        headers = {"authorization": f"Bearer {self.config.api_keys[key_index % len(self.config.api_keys)]}", "x-request-id": request_id, "accept": "application/json"}
+        headers = {
+            "authorization": f"Bearer {self.config.api_keys[key_index % len(self.config.api_keys)]}",
+            "x-request-id": request_id,
+            "accept": "application/json",
+        }
         if data is not None:
             headers["content-type"] = "application/json"
         start = time.perf_counter()
@@ -254,13 +287,22 @@ class Upstream:
                 reply = _Reply(resp.status, body, resp.headers.get("retry-after"))
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             self._failed(operation, start, "error")
-            raise UpstreamFailure(503, "upstream_unavailable", "Could not connect to the upstream.", Outcome.NOT_SENT) from exc
-        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            raise UpstreamFailure(
+                503, "upstream_unavailable", "Could not connect to the upstream.", Outcome.NOT_SENT
+            ) from exc
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             self._failed(operation, start, "timeout")
-            raise UpstreamFailure(504, "upstream_timeout", f"The upstream did not answer within {self.config.timeout_seconds:g} s.", Outcome.UNKNOWN) from exc
+            raise UpstreamFailure(
+                504,
+                "upstream_timeout",
+                f"The upstream did not answer within {self.config.timeout_seconds:g} s.",
+                Outcome.UNKNOWN,
+            ) from exc
         except aiohttp.ClientError as exc:
             self._failed(operation, start, "error")
-            raise UpstreamFailure(502, "upstream_error", "The upstream closed the connection without an answer.", Outcome.UNKNOWN) from exc
+            raise UpstreamFailure(
+                502, "upstream_error", "The upstream closed the connection without an answer.", Outcome.UNKNOWN
+            ) from exc
         self.circuit.success()
         self._count(operation, start, str(reply.status))
         self._check_key(key_index, reply.status, operation)
@@ -275,26 +317,50 @@ class Upstream:
         self.metrics.upstream_auth_failures.labels(str(index)).inc()
         refusals = self.keys.refused(index)
         if refusals is not None:
-            log_fields(logger, logging.ERROR, {
-                "event": "upstream_key_refused", "key_index": index, "upstream_status": status, "operation": operation,
-                "refusals": refusals, "message": f"The upstream refuses upstream.api_keys[{index}] ({status}); every call with it fails until it is replaced.",
-            })
+            log_fields(
+                logger,
+                logging.ERROR,
+                {
+                    "event": "upstream_key_refused",
+                    "key_index": index,
+                    "upstream_status": status,
+                    "operation": operation,
+                    "refusals": refusals,
+                    "message": f"The upstream refuses upstream.api_keys[{index}] ({status}); every call with it fails until it is replaced.",
+                },
+            )
 
     def _task_or_fail(self, reply: _Reply, operation: str) -> dict[str, Any]:
         if reply.status == 429:
             seconds = retry_after_seconds(reply.retry_after, time.time())
             raise UpstreamFailure(
-                503, "upstream_rate_limited", f"The upstream is rate limiting the gateway; retry after {seconds} s.",
-                Outcome.REJECTED, reply.status, {"retry-after": str(seconds)},
+                503,
+                "upstream_rate_limited",
+                f"The upstream is rate limiting the gateway; retry after {seconds} s.",
+                Outcome.REJECTED,
+                reply.status,
+                {"retry-after": str(seconds)},
             )
         if reply.status >= 400 or reply.status < 200:
-            raise UpstreamFailure(502, "upstream_error", f"The upstream refused the {operation} ({reply.status}){self._detail(reply.body)}.", Outcome.REJECTED, reply.status)
+            raise UpstreamFailure(
+                502,
+                "upstream_error",
+                f"The upstream refused the {operation} ({reply.status}){self._detail(reply.body)}.",
+                Outcome.REJECTED,
+                reply.status,
+            )
         try:
             task = orjson.loads(reply.body)["task"]
             if not isinstance(task, dict) or not isinstance(task.get("id"), str) or not task["id"]:
                 raise ValueError
         except (ValueError, KeyError, TypeError):
-            raise UpstreamFailure(502, "upstream_error", f"The upstream answered the {operation} with something that is not a task.", Outcome.UNKNOWN, reply.status) from None
+            raise UpstreamFailure(
+                502,
+                "upstream_error",
+                f"The upstream answered the {operation} with something that is not a task.",
+                Outcome.UNKNOWN,
+                reply.status,
+            ) from None
         return task
 
     def _detail(self, body: bytes) -> str:
@@ -338,4 +404,9 @@ def retry_after_seconds(value: str | None, now: float) -> int:
 
 
 def _circuit_open() -> UpstreamFailure:
-    return UpstreamFailure(503, "upstream_unavailable", "The upstream is failing; the gateway is not calling it for a few seconds.", Outcome.NOT_SENT)
+    return UpstreamFailure(
+        503,
+        "upstream_unavailable",
+        "The upstream is failing; the gateway is not calling it for a few seconds.",
+        Outcome.NOT_SENT,
+    )

@@ -28,9 +28,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -51,7 +52,9 @@ def key_hash(key: str) -> str:
     return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05, message: str = "condition") -> Any:
+def wait_until(
+    predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05, message: str = "condition"
+) -> Any:
     """Poll `predicate` until it returns something truthy; fail after `timeout`."""
     deadline = time.monotonic() + timeout
     while True:
@@ -82,11 +85,22 @@ async def eventually(
 
 def gen2_body(prompt: str = "The wind blows hair up.", **gen2: Any) -> dict[str, Any]:
     """A create body in the relay's documented shape."""
-    options = {"mode": "gen2", "interpolate": False, "upscale": False, "watermark": False, "motion_score": 22,
-               "use_motion_score": True, "use_motion_vectors": False, "text_prompt": prompt}
+    options = {
+        "mode": "gen2",
+        "interpolate": False,
+        "upscale": False,
+        "watermark": False,
+        "motion_score": 22,
+        "use_motion_score": True,
+        "use_motion_vectors": False,
+        "text_prompt": prompt,
+    }
     options.update(gen2)
-    return {"taskType": "gen2", "internal": False, "options": {"name": "test", "gen2Options": options,
-            "exploreMode": False, "assetGroupName": "Generative Video"}}
+    return {
+        "taskType": "gen2",
+        "internal": False,
+        "options": {"name": "test", "gen2Options": options, "exploreMode": False, "assetGroupName": "Generative Video"},
+    }
 
 
 # --- processes -----------------------------------------------------------------------
@@ -100,7 +114,9 @@ class Process:
 
     def start(self) -> None:
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.args, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT, start_new_session=True
+        )
         log.close()
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
@@ -137,8 +153,18 @@ class Simulator(Process):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         super().__init__(
-            [sys.executable, "-m", "gateway", "simulate-upstream", "--port", str(self.port),
-             "--seconds-to-finish", str(seconds_to_finish), "--api-key", UPSTREAM_KEY],
+            [
+                sys.executable,
+                "-m",
+                "gateway",
+                "simulate-upstream",
+                "--port",
+                str(self.port),
+                "--seconds-to-finish",
+                str(seconds_to_finish),
+                "--api-key",
+                UPSTREAM_KEY,
+            ],
             tmp / f"sim-{self.port}.log",
         )
 
@@ -174,8 +200,11 @@ class TenantSpec:
 
     def toml(self) -> str:
         lines = [
-            "[[tenants]]", f'id = "{self.id}"', f'keys = ["{key_hash(self.key)}"]',
-            f'webhook_secret = "{self.webhook_secret}"', f"enabled = {str(self.enabled).lower()}",
+            "[[tenants]]",
+            f'id = "{self.id}"',
+            f'keys = ["{key_hash(self.key)}"]',
+            f'webhook_secret = "{self.webhook_secret}"',
+            f"enabled = {str(self.enabled).lower()}",
         ]
         if self.limits:
             lines.append("[tenants.limits]")
@@ -190,10 +219,22 @@ class TenantSpec:
 class GatewayProcess(Process):
     """`runway-gateway serve` with a config written from arguments."""
 
-    def __init__(self, tmp: Path, upstream_url: str, tenants: list[TenantSpec], *, store_url: str | None = None,
-                 callbacks: bool = True, workers: int = 1, extra_toml: str = "", upstream_section: str = "",
-                 port: int | None = None, env: dict[str, str] | None = None, artifact_hosts: tuple[str, ...] = ("127.0.0.1",),
-                 server_toml: str = ""):
+    def __init__(
+        self,
+        tmp: Path,
+        upstream_url: str,
+        tenants: list[TenantSpec],
+        *,
+        store_url: str | None = None,
+        callbacks: bool = True,
+        workers: int = 1,
+        extra_toml: str = "",
+        upstream_section: str = "",
+        port: int | None = None,
+        env: dict[str, str] | None = None,
+        artifact_hosts: tuple[str, ...] = ("127.0.0.1",),
+        server_toml: str = "",
+    ):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.tenants = {t.id: t for t in tenants}
@@ -209,8 +250,20 @@ class GatewayProcess(Process):
             f"{extra_toml}\n" + "\n".join(t.toml() for t in tenants)
         )
         super().__init__(
-            [sys.executable, "-m", "gateway", "serve", "--config", str(self.config_path), "--port", str(self.port), "--workers", str(workers)],
-            tmp / f"{name}.log", env,
+            [
+                sys.executable,
+                "-m",
+                "gateway",
+                "serve",
+                "--config",
+                str(self.config_path),
+                "--port",
+                str(self.port),
+                "--workers",
+                str(workers),
+            ],
+            tmp / f"{name}.log",
+            env,
         )
 
     def start(self) -> None:
@@ -220,10 +273,14 @@ class GatewayProcess(Process):
         _wait_http(self.url + "/readyz", self)
 
     def client(self, tenant: str, **kw: Any) -> httpx.Client:
-        return httpx.Client(base_url=self.url, headers=self.tenants[tenant].headers(), timeout=kw.pop("timeout", 10), **kw)
+        return httpx.Client(
+            base_url=self.url, headers=self.tenants[tenant].headers(), timeout=kw.pop("timeout", 10), **kw
+        )
 
     def usage(self, tenant: str) -> dict[str, int]:
-        resp = httpx.get(f"{self.url}/admin/tenants/{tenant}/usage", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=5)
+        resp = httpx.get(
+            f"{self.url}/admin/tenants/{tenant}/usage", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=5
+        )
         resp.raise_for_status()
         return resp.json()["usage"]
 
@@ -260,7 +317,7 @@ DEFAULT_TENANTS = lambda: [  # noqa: E731 - a fresh list per session
     TenantSpec("team-a"),
     TenantSpec("team-b"),
     TenantSpec("team-off", enabled=False),
-    TenantSpec("team-policy", extra='force = { watermark = true }\ndefaults = { motion_score = 7 }'),
+    TenantSpec("team-policy", extra="force = { watermark = true }\ndefaults = { motion_score = 7 }"),
 ]
 
 
@@ -310,7 +367,20 @@ class RedisServer(Process):
         self.url = f"redis://127.0.0.1:{self.port}/0"
         workdir = tmp / f"redis-{self.port}"
         workdir.mkdir(parents=True, exist_ok=True)
-        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir), *extra]
+        args = [
+            binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+            *extra,
+        ]
         super().__init__(args, tmp / f"redis-{self.port}.log")
 
     def start(self) -> None:

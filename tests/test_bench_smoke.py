@@ -37,11 +37,19 @@ GOALS = [
     "Redis creates / SQLite creates",
     "Redis polls / SQLite polls",
 ]
-MEASURED = re.compile(r"^\| (?P<name>[^|]+?) \| (?P<conns>\d+) \| (?P<rps>[\d,]+) \| (?P<p50>[\d.]+) \| (?P<p99>[\d.]+) \| (?P<cpu>[\d,]+) \|")
+MEASURED = re.compile(
+    r"^\| (?P<name>[^|]+?) \| (?P<conns>\d+) \| (?P<rps>[\d,]+) \| (?P<p50>[\d.]+) \| (?P<p99>[\d.]+) \| (?P<cpu>[\d,]+) \|"
+)
 
 
 def run_bench(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "bench/run.py", "--quick", "--no-save", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "bench/run.py", "--quick", "--no-save", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def table_rows(stdout: str) -> dict[str, str]:

@@ -9,12 +9,12 @@ import re
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import pytest
-
 from conftest import ROOT, Process, _wait_http, free_port, wait_until
 
 KEY_LINE = re.compile(r"export KEY=(sk-gw-\S+)")
@@ -28,8 +28,19 @@ class Demo(Process):
         self.port, self.upstream_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         super().__init__(
-            [sys.executable, "-m", "gateway", "demo", "--port", str(self.port), "--upstream-port", str(self.upstream_port),
-             "--data", str(data), *extra],
+            [
+                sys.executable,
+                "-m",
+                "gateway",
+                "demo",
+                "--port",
+                str(self.port),
+                "--upstream-port",
+                str(self.upstream_port),
+                "--data",
+                str(data),
+                *extra,
+            ],
             tmp / f"demo-{self.port}.log",
         )
         self.key = ""
@@ -74,7 +85,14 @@ def walk_through_commands(readme: str) -> list[str]:
 
 
 def run_sh(command: str, key: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["bash", "-c", command], capture_output=True, text=True, cwd=cwd, timeout=60, env={"PATH": "/usr/bin:/bin", "KEY": key})
+    return subprocess.run(
+        ["bash", "-c", command],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "KEY": key},
+    )
 
 
 def json_answer(proc: subprocess.CompletedProcess[str], command: str) -> dict[str, Any]:
@@ -94,7 +112,9 @@ def test_every_command_of_the_readme_walk_through_works_against_the_demo(tmp_pat
     task_id = ""
     polled = False
     for command in commands:
-        typed = command.replace("localhost:8080", f"localhost:{demo.port}").replace("localhost:8090", f"localhost:{demo.upstream_port}")
+        typed = command.replace("localhost:8080", f"localhost:{demo.port}").replace(
+            "localhost:8090", f"localhost:{demo.upstream_port}"
+        )
         if ID_PLACEHOLDER in typed:
             assert task_id, f"{command}\n needs a task id before any create answered one"
             typed = typed.replace(ID_PLACEHOLDER, task_id)
@@ -107,7 +127,12 @@ def test_every_command_of_the_readme_walk_through_works_against_the_demo(tmp_pat
             task_id = json_answer(run_sh(typed, demo.key, tmp_path), command)["task"]["id"]
         elif not polled and re.search(rf"/runway/tasks/{task_id}\s", typed):
             # the reader repeats the poll until the task is done, as the README says
-            wait_until(lambda: json_answer(run_sh(typed, demo.key, tmp_path), command)["task"]["status"] == "SUCCEEDED", 30, 0.5, "SUCCEEDED")
+            wait_until(
+                lambda: json_answer(run_sh(typed, demo.key, tmp_path), command)["task"]["status"] == "SUCCEEDED",
+                30,
+                0.5,
+                "SUCCEEDED",
+            )
             polled = True
         else:
             answer = json_answer(run_sh(typed, demo.key, tmp_path), command)
@@ -144,8 +169,19 @@ def test_a_busy_port_is_named_before_any_key_is_printed(tmp_path: Path, busy_opt
         holder.bind(("127.0.0.1", ports[busy_option]))
         holder.listen()
         proc = subprocess.run(
-            [sys.executable, "-m", "gateway", "demo", "--data", str(data), *(str(x) for kv in ports.items() for x in kv)],
-            capture_output=True, text=True, cwd=ROOT, timeout=60,
+            [
+                sys.executable,
+                "-m",
+                "gateway",
+                "demo",
+                "--data",
+                str(data),
+                *(str(x) for kv in ports.items() for x in kv),
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=60,
         )
     assert proc.returncode != 0
     said = proc.stdout + proc.stderr
@@ -155,7 +191,9 @@ def test_a_busy_port_is_named_before_any_key_is_printed(tmp_path: Path, busy_opt
 
 
 def test_new_key_prints_a_key_and_its_hash() -> None:
-    out = subprocess.run([sys.executable, "-m", "gateway", "new-key"], capture_output=True, text=True, cwd=ROOT).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway", "new-key"], capture_output=True, text=True, cwd=ROOT
+    ).stdout.split()
     key, hashed = out
     import hashlib
 

@@ -11,12 +11,11 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import pytest
-
 from conftest import ROOT, GatewayProcess, Simulator, TenantSpec, gen2_body, wait_until
 
 TIMEOUT = 1.0
@@ -26,8 +25,15 @@ SLACK = 3.0
 
 @pytest.fixture(scope="module")
 def slow_gw(session_tmp: Path, sim: Simulator) -> Iterator[GatewayProcess]:
-    g = GatewayProcess(session_tmp, sim.url, [TenantSpec("team-a")], callbacks=False, server_toml=(
-        f"header_timeout_seconds = {TIMEOUT}\nbody_timeout_seconds = {TIMEOUT}\nkeepalive_timeout_seconds = {TIMEOUT}\n"))
+    g = GatewayProcess(
+        session_tmp,
+        sim.url,
+        [TenantSpec("team-a")],
+        callbacks=False,
+        server_toml=(
+            f"header_timeout_seconds = {TIMEOUT}\nbody_timeout_seconds = {TIMEOUT}\nkeepalive_timeout_seconds = {TIMEOUT}\n"
+        ),
+    )
     g.start()
     yield g
     g.stop()
@@ -84,7 +90,7 @@ def trickle_until_closed(clients: list[RawClient], data: bytes, timeout: float =
         nonlocal sent
         for c in clients:
             if sent < len(data) and not c.poll():
-                c.send(data[sent:sent + 1])
+                c.send(data[sent : sent + 1])
         sent += 1
         return all(c.poll() for c in clients)
 
@@ -92,7 +98,9 @@ def trickle_until_closed(clients: list[RawClient], data: bytes, timeout: float =
     return time.monotonic() - start
 
 
-SLOW_HEADERS = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"".join(b"X-Pad-%d: %s\r\n" % (i, b"x" * 20) for i in range(200))
+SLOW_HEADERS = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"".join(
+    b"X-Pad-%d: %s\r\n" % (i, b"x" * 20) for i in range(200)
+)
 
 
 def test_slow_headers_get_408_and_are_closed(slow_gw: GatewayProcess) -> None:
@@ -119,8 +127,10 @@ def test_a_connection_that_sends_nothing_is_closed_without_an_answer(slow_gw: Ga
 
 
 def _create_head(tenant: TenantSpec, length: int) -> bytes:
-    return (f"POST /runway/tasks HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {tenant.key}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n").encode()
+    return (
+        f"POST /runway/tasks HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {tenant.key}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+    ).encode()
 
 
 def test_a_stalled_body_gets_408_and_the_connection_closes(slow_gw: GatewayProcess) -> None:
@@ -134,7 +144,9 @@ def test_a_stalled_body_gets_408_and_the_connection_closes(slow_gw: GatewayProce
         assert err["error"]["code"] == "request_timeout"
     finally:
         c.close()
-    line = wait_until(lambda: [r for r in slow_gw.access_log() if r.get("status") == 408], 5, 0.1, "the 408 access log line")
+    line = wait_until(
+        lambda: [r for r in slow_gw.access_log() if r.get("status") == 408], 5, 0.1, "the 408 access log line"
+    )
     assert line[-1]["route"] == "/runway/tasks" and line[-1]["tenant"] == "team-a"
 
 
@@ -178,8 +190,13 @@ def test_keepalive_connection_serves_requests_within_the_limits(slow_gw: Gateway
 
 
 def test_connections_beyond_the_limit_get_503_until_they_close(tmp_path: Path, sim: Simulator) -> None:
-    g = GatewayProcess(tmp_path, sim.url, [TenantSpec("team-a")], callbacks=False,
-                       server_toml="max_connections_per_worker = 4\nheader_timeout_seconds = 30\n")
+    g = GatewayProcess(
+        tmp_path,
+        sim.url,
+        [TenantSpec("team-a")],
+        callbacks=False,
+        server_toml="max_connections_per_worker = 4\nheader_timeout_seconds = 30\n",
+    )
     g.start()
     holders: list[RawClient] = []
     try:
@@ -194,7 +211,9 @@ def test_connections_beyond_the_limit_get_503_until_they_close(tmp_path: Path, s
         assert r.headers["retry-after"] == "1" and r.headers["connection"] == "close"
         for h in holders:
             h.close()
-        wait_until(lambda: httpx.get(g.url + "/healthz", timeout=5).status_code == 200, 10, 0.1, "a 200 once they closed")
+        wait_until(
+            lambda: httpx.get(g.url + "/healthz", timeout=5).status_code == 200, 10, 0.1, "a 200 once they closed"
+        )
     finally:
         for h in holders:
             h.close()
@@ -207,7 +226,9 @@ def test_check_config_refuses_unusable_limits(tmp_path: Path) -> None:
         '[server]\nheader_timeout_seconds = 0\nbody_timeout_seconds = "30"\nkeepalive_timeout_seconds = -1\n'
         'max_connections_per_worker = 1.5\n[upstream]\nbase_url = "http://127.0.0.1:1"\napi_keys = ["k"]\n'
     )
-    out = subprocess.run([sys.executable, "-m", "gateway", "check-config", str(bad)], capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway", "check-config", str(bad)], capture_output=True, text=True, cwd=ROOT
+    )
     assert out.returncode == 2
     problems = out.stderr.strip().splitlines()
     for expected in (

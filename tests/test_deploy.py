@@ -28,16 +28,16 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import pytest
 import yaml
+from conftest import wait_until
 
 from gateway.config import load_config
-
-from conftest import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -240,7 +240,11 @@ def check_expr(where: str, expr: str) -> list[str]:
 def test_promql_reader_understands_its_inputs() -> None:
     expr = 'sum by (tenant) (rate(gateway_requests_total{tenant=~"$tenant", status=~"5.."}[5m])) / on() group_left up{job="x"}'
     assert metric_names(expr) == {"gateway_requests_total", "up"}
-    assert selector_labels(expr) == [("gateway_requests_total", "tenant"), ("gateway_requests_total", "status"), ("up", "job")]
+    assert selector_labels(expr) == [
+        ("gateway_requests_total", "tenant"),
+        ("gateway_requests_total", "status"),
+        ("up", "job"),
+    ]
     assert grouping_labels(expr) == {"tenant"}
     assert check_expr("x", "sum(rate(gateway_nope_total[5m]))")
     assert check_expr("x", "sum(gateway_tasks_active)")
@@ -248,7 +252,10 @@ def test_promql_reader_understands_its_inputs() -> None:
     assert check_expr("x", 'rate(gateway_request_duration_seconds_count{tenant="a"}[1m])')
     assert check_expr("x", "vector(1)")
     assert not check_expr("x", "max by (tenant) (gateway_tasks_active)")
-    assert yaml_block_values("a:\n  - expr: |\n      up\n      == 0\n    for: 1m\n  - expr: 'x'\n", "expr") == ["up\n== 0\n", "x"]
+    assert yaml_block_values("a:\n  - expr: |\n      up\n      == 0\n    for: 1m\n  - expr: 'x'\n", "expr") == [
+        "up\n== 0\n",
+        "x",
+    ]
 
 
 # --- 1. static checks -----------------------------------------------------------------
@@ -299,11 +306,21 @@ def test_dashboard_is_a_provisionable_grafana_dashboard() -> None:
     every = " ".join(e for _, e in dashboard_exprs())
     # issue 6: everything the ops team must see is on the dashboard
     for series in [
-        "gateway_requests_total", "gateway_request_duration_seconds_bucket", "gateway_upstream_requests_total",
-        "gateway_upstream_request_duration_seconds_bucket", "gateway_quota_rejections_total", "gateway_tasks_active",
-        "gateway_tasks_finished_total", "gateway_task_duration_seconds_bucket", "gateway_credits_charged_total",
-        "gateway_credits_refunded_total", "gateway_webhook_pending", "gateway_webhook_deliveries_total",
-        "gateway_callback_lag_seconds_bucket", "gateway_tasks_created_total", "gateway_quota_usage_ratio",
+        "gateway_requests_total",
+        "gateway_request_duration_seconds_bucket",
+        "gateway_upstream_requests_total",
+        "gateway_upstream_request_duration_seconds_bucket",
+        "gateway_quota_rejections_total",
+        "gateway_tasks_active",
+        "gateway_tasks_finished_total",
+        "gateway_task_duration_seconds_bucket",
+        "gateway_credits_charged_total",
+        "gateway_credits_refunded_total",
+        "gateway_webhook_pending",
+        "gateway_webhook_deliveries_total",
+        "gateway_callback_lag_seconds_bucket",
+        "gateway_tasks_created_total",
+        "gateway_quota_usage_ratio",
     ]:
         assert series in every, f"dashboard shows nothing of {series}"
     for q in ("0.5", "0.95", "0.99"):
@@ -379,13 +396,29 @@ def test_kubernetes_manifests() -> None:
     listed = kustomization()["resources"]
     assert sorted(listed) == files, "kustomization.yaml must list every manifest but the example Secret"
     kinds = {re.search(r"^kind: (\w+)$", (K8S / f).read_text(), re.M).group(1) for f in files}
-    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy", "ServiceMonitor"} <= kinds
+    assert {
+        "Deployment",
+        "Service",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "NetworkPolicy",
+        "ServiceMonitor",
+    } <= kinds
 
     deployment = (K8S / "deployment.yaml").read_text(encoding="utf-8")
     for needle in [
-        "path: /readyz", "path: /healthz", "runAsNonRoot: true", "readOnlyRootFilesystem: true",
-        'drop: ["ALL"]', "allowPrivilegeEscalation: false", "mountPath: /tmp", "emptyDir:",
-        "requests:", "limits:", "runAsUser: 10001", "type: RuntimeDefault",
+        "path: /readyz",
+        "path: /healthz",
+        "runAsNonRoot: true",
+        "readOnlyRootFilesystem: true",
+        'drop: ["ALL"]',
+        "allowPrivilegeEscalation: false",
+        "mountPath: /tmp",
+        "emptyDir:",
+        "requests:",
+        "limits:",
+        "runAsUser: 10001",
+        "type: RuntimeDefault",
     ]:
         assert needle in deployment, f"deployment.yaml lacks {needle!r}"
 
@@ -464,9 +497,16 @@ def test_pods_drain_before_they_stop() -> None:
     assert command[0] == "sleep"
     drain = float(command[1])
     assert 3 <= drain <= 15
-    upstream_timeout = load_config(K8S / "gateway.toml", {"UPSTREAM_API_KEY": "k", "GATEWAY_STORE_URL": "redis://r:6379/0",
-                                                           "GATEWAY_SIGNING_SECRET": "s" * 32, "ADMIN_KEY_HASH": "sha256:" + "0" * 64,
-                                                           "SEARCH_TEAM_HOOK_SECRET": "x"}).upstream.timeout_seconds
+    upstream_timeout = load_config(
+        K8S / "gateway.toml",
+        {
+            "UPSTREAM_API_KEY": "k",
+            "GATEWAY_STORE_URL": "redis://r:6379/0",
+            "GATEWAY_SIGNING_SECRET": "s" * 32,
+            "ADMIN_KEY_HASH": "sha256:" + "0" * 64,
+            "SEARCH_TEAM_HOOK_SECRET": "x",
+        },
+    ).upstream.timeout_seconds
     assert spec["terminationGracePeriodSeconds"] >= drain + upstream_timeout + 5
 
 
@@ -497,7 +537,14 @@ def test_kubernetes_manifests_match_the_api_schema() -> None:
         for version in ("1.29.0", kubernetes_validate.latest_version()):
             kubernetes_validate.validate(doc, version, strict=True)
         checked.add(doc["kind"])
-    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy", "Secret"} <= checked
+    assert {
+        "Deployment",
+        "Service",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "NetworkPolicy",
+        "Secret",
+    } <= checked
 
 
 # --- compose ----------------------------------------------------------------------------
@@ -542,7 +589,9 @@ def test_image_base_is_pinned_and_dependencies_come_from_the_lock() -> None:
     installs = [line for line in dockerfile.splitlines() if re.search(r"\bpip install\b", line)]
     assert any("--require-hashes" in line and "-r requirements.lock" in line for line in installs)
     assert all("--no-deps" in line for line in installs), "every install takes exactly what the lock says"
-    assert re.search(r'^CMD \["serve", "--config"', dockerfile, re.M), "the image's command is `serve` (its limits apply)"
+    assert re.search(r'^CMD \["serve", "--config"', dockerfile, re.M), (
+        "the image's command is `serve` (its limits apply)"
+    )
 
 
 def _lock_pins() -> dict[str, str]:
@@ -572,16 +621,24 @@ def test_lock_file_pins_every_dependency_of_pyproject() -> None:
     for req in wanted:
         name = canonicalize_name(req.name)
         assert name in pins, f"{req.name} is not in requirements.lock: regenerate it (command at its top)"
-        assert req.specifier.contains(pins[name], prereleases=True), f"requirements.lock pins {name}=={pins[name]}, pyproject wants {req}"
+        assert req.specifier.contains(pins[name], prereleases=True), (
+            f"requirements.lock pins {name}=={pins[name]}, pyproject wants {req}"
+        )
     assert {"httptools", "uvloop", "cryptography"} <= pins.keys()  # the extras [standard] and [crypto]
 
 
 def test_dockerignore_sends_only_what_the_image_copies() -> None:
-    rules = [line for line in (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines() if line and not line.startswith("#")]
+    rules = [
+        line
+        for line in (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
+        if line and not line.startswith("#")
+    ]
     assert rules[0] == "*", "an allowlist: nothing enters the build context unless named"
     included = {r[1:].rstrip("/") for r in rules if r.startswith("!")}
     dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
-    copied = {src.rstrip("/") for line in re.findall(r"^COPY (?!--from)(.+)$", dockerfile, re.M) for src in line.split()[:-1]}
+    copied = {
+        src.rstrip("/") for line in re.findall(r"^COPY (?!--from)(.+)$", dockerfile, re.M) for src in line.split()[:-1]
+    }
     assert copied == included
     assert "**/__pycache__" in rules
 
@@ -621,7 +678,10 @@ def test_promtool_check_config(promtool: str) -> None:
 
 def test_dashboard_queries_parse(promtool: str, tmp_path: Path) -> None:
     """Every dashboard query, with Grafana's variables filled in, is valid PromQL."""
-    rules = [{"record": f"dashboard:query_{i}", "expr": grafana_to_promql(expr)} for i, (_, expr) in enumerate(dashboard_exprs())]
+    rules = [
+        {"record": f"dashboard:query_{i}", "expr": grafana_to_promql(expr)}
+        for i, (_, expr) in enumerate(dashboard_exprs())
+    ]
     path = tmp_path / "dashboard-rules.yml"
     path.write_text(json.dumps({"groups": [{"name": "dashboard", "rules": rules}]}), encoding="utf-8")  # JSON is YAML
     out = _run([promtool, "check", "rules", str(path)])
@@ -633,65 +693,126 @@ def test_alert_expressions_on_synthetic_series(promtool: str, tmp_path: Path) ->
     rules = dict(alert_rules())
     cases = [
         # (alert, input series, eval time, expected samples)
-        ("RunwayGatewayReplicaDown",
-         [('up{job="runway-gateway", instance="gw-1:8080"}', "1x10"), ('up{job="runway-gateway", instance="gw-2:8080"}', "1 1 0x8")],
-         "5m", [('up{job="runway-gateway", instance="gw-2:8080"}', 0)]),
-        ("RunwayGatewayDown",
-         [('up{job="runway-gateway", instance="gw-1:8080"}', "0x10"), ('up{job="runway-gateway", instance="gw-2:8080"}', "0x10")],
-         "5m", [("{}", 0)]),
-        ("RunwayGatewayNotReady",
-         [('gateway_ready{job="runway-gateway", instance="gw-1:8080"}', "1x10"), ('gateway_ready{job="runway-gateway", instance="gw-2:8080"}', "0x10")],
-         "5m", [('{job="runway-gateway", instance="gw-2:8080"}', 0)]),
-        ("RunwayUpstreamErrorRatioHigh",  # 30 of 60 calls a minute fail
-         [('gateway_upstream_requests_total{operation="create", status="200", instance="gw-1:8080"}', "0+30x20"),
-          ('gateway_upstream_requests_total{operation="create", status="502", instance="gw-1:8080"}', "0+30x20"),
-          ('gateway_upstream_requests_total{operation="status", status="200", instance="gw-1:8080"}', "0+60x20")],
-         "15m", [('{operation="create"}', 0.5)]),
-        ("RunwayUpstreamErrorRatioHigh",  # one failure in very little traffic pages nobody
-         [('gateway_upstream_requests_total{operation="create", status="200"}', "0+0x20"),
-          ('gateway_upstream_requests_total{operation="create", status="502"}', "0 1x20")],
-         "15m", []),
-        ("RunwayUpstreamKeyRefused",  # key 1 refused on two replicas; key 0 fine
-         [('gateway_upstream_auth_failures_total{key_index="0", instance="gw-1:8080"}', "0x10"),
-          ('gateway_upstream_auth_failures_total{key_index="1", instance="gw-1:8080"}', "0+3x10"),
-          ('gateway_upstream_auth_failures_total{key_index="1", instance="gw-2:8080"}', "0+1x10")],
-         "5m", [('{key_index="1"}', 20)]),
-        ("RunwayUpstreamKeyRefused",  # refused once, long ago: quiet again
-         [('gateway_upstream_auth_failures_total{key_index="0", instance="gw-1:8080"}', "0 1x30")],
-         "20m", []),
-        ("RunwayWebhookBacklogGrowing",
-         [('gateway_webhook_pending{instance="gw-1:8080"}', "0+2x60"), ('gateway_webhook_pending{instance="gw-2:8080"}', "0+2x60")],
-         "40m", [("{}", 80)]),
-        ("RunwayWebhookBacklogGrowing",  # large but draining
-         [('gateway_webhook_pending{instance="gw-1:8080"}', "200-2x60")],
-         "40m", []),
-        ("RunwayTenantNearBudget",
-         [('gateway_quota_usage_ratio{tenant="a", limit="credits_per_day", instance="gw-1:8080"}', "0.9x10"),
-          ('gateway_quota_usage_ratio{tenant="a", limit="credits_per_day", instance="gw-2:8080"}', "0.9x10"),
-          ('gateway_quota_usage_ratio{tenant="b", limit="credits_per_day", instance="gw-1:8080"}', "0.5x10"),
-          ('gateway_quota_usage_ratio{tenant="a", limit="max_active_tasks", instance="gw-1:8080"}', "1x10")],
-         "5m", [('{tenant="a", limit="credits_per_day"}', 0.9)]),
-        ("RunwayGatewayTenantErrors",
-         [('gateway_requests_total{tenant="a", route="/runway/tasks", method="POST", status="200"}', "0+60x20"),
-          ('gateway_requests_total{tenant="a", route="/runway/tasks", method="POST", status="503"}', "0+60x20"),
-          ('gateway_requests_total{tenant="b", route="/runway/tasks", method="POST", status="200"}', "0+60x20")],
-         "15m", [('{tenant="a"}', 0.5)]),
+        (
+            "RunwayGatewayReplicaDown",
+            [
+                ('up{job="runway-gateway", instance="gw-1:8080"}', "1x10"),
+                ('up{job="runway-gateway", instance="gw-2:8080"}', "1 1 0x8"),
+            ],
+            "5m",
+            [('up{job="runway-gateway", instance="gw-2:8080"}', 0)],
+        ),
+        (
+            "RunwayGatewayDown",
+            [
+                ('up{job="runway-gateway", instance="gw-1:8080"}', "0x10"),
+                ('up{job="runway-gateway", instance="gw-2:8080"}', "0x10"),
+            ],
+            "5m",
+            [("{}", 0)],
+        ),
+        (
+            "RunwayGatewayNotReady",
+            [
+                ('gateway_ready{job="runway-gateway", instance="gw-1:8080"}', "1x10"),
+                ('gateway_ready{job="runway-gateway", instance="gw-2:8080"}', "0x10"),
+            ],
+            "5m",
+            [('{job="runway-gateway", instance="gw-2:8080"}', 0)],
+        ),
+        (
+            "RunwayUpstreamErrorRatioHigh",  # 30 of 60 calls a minute fail
+            [
+                ('gateway_upstream_requests_total{operation="create", status="200", instance="gw-1:8080"}', "0+30x20"),
+                ('gateway_upstream_requests_total{operation="create", status="502", instance="gw-1:8080"}', "0+30x20"),
+                ('gateway_upstream_requests_total{operation="status", status="200", instance="gw-1:8080"}', "0+60x20"),
+            ],
+            "15m",
+            [('{operation="create"}', 0.5)],
+        ),
+        (
+            "RunwayUpstreamErrorRatioHigh",  # one failure in very little traffic pages nobody
+            [
+                ('gateway_upstream_requests_total{operation="create", status="200"}', "0+0x20"),
+                ('gateway_upstream_requests_total{operation="create", status="502"}', "0 1x20"),
+            ],
+            "15m",
+            [],
+        ),
+        (
+            "RunwayUpstreamKeyRefused",  # key 1 refused on two replicas; key 0 fine
+            [
+                ('gateway_upstream_auth_failures_total{key_index="0", instance="gw-1:8080"}', "0x10"),
+                ('gateway_upstream_auth_failures_total{key_index="1", instance="gw-1:8080"}', "0+3x10"),
+                ('gateway_upstream_auth_failures_total{key_index="1", instance="gw-2:8080"}', "0+1x10"),
+            ],
+            "5m",
+            [('{key_index="1"}', 20)],
+        ),
+        (
+            "RunwayUpstreamKeyRefused",  # refused once, long ago: quiet again
+            [('gateway_upstream_auth_failures_total{key_index="0", instance="gw-1:8080"}', "0 1x30")],
+            "20m",
+            [],
+        ),
+        (
+            "RunwayWebhookBacklogGrowing",
+            [
+                ('gateway_webhook_pending{instance="gw-1:8080"}', "0+2x60"),
+                ('gateway_webhook_pending{instance="gw-2:8080"}', "0+2x60"),
+            ],
+            "40m",
+            [("{}", 80)],
+        ),
+        (
+            "RunwayWebhookBacklogGrowing",  # large but draining
+            [('gateway_webhook_pending{instance="gw-1:8080"}', "200-2x60")],
+            "40m",
+            [],
+        ),
+        (
+            "RunwayTenantNearBudget",
+            [
+                ('gateway_quota_usage_ratio{tenant="a", limit="credits_per_day", instance="gw-1:8080"}', "0.9x10"),
+                ('gateway_quota_usage_ratio{tenant="a", limit="credits_per_day", instance="gw-2:8080"}', "0.9x10"),
+                ('gateway_quota_usage_ratio{tenant="b", limit="credits_per_day", instance="gw-1:8080"}', "0.5x10"),
+                ('gateway_quota_usage_ratio{tenant="a", limit="max_active_tasks", instance="gw-1:8080"}', "1x10"),
+            ],
+            "5m",
+            [('{tenant="a", limit="credits_per_day"}', 0.9)],
+        ),
+        (
+            "RunwayGatewayTenantErrors",
+            [
+                ('gateway_requests_total{tenant="a", route="/runway/tasks", method="POST", status="200"}', "0+60x20"),
+                ('gateway_requests_total{tenant="a", route="/runway/tasks", method="POST", status="503"}', "0+60x20"),
+                ('gateway_requests_total{tenant="b", route="/runway/tasks", method="POST", status="200"}', "0+60x20"),
+            ],
+            "15m",
+            [('{tenant="a"}', 0.5)],
+        ),
     ]
     assert {c[0] for c in cases} <= set(rules)
 
     tests = []
     for alert, series, at, expected in cases:
-        tests.append({
-            "interval": "1m",
-            "input_series": [{"series": s, "values": v} for s, v in series],
-            "promql_expr_test": [{
-                "expr": rules[alert],
-                "eval_time": at,
-                "exp_samples": [{"labels": labels, "value": value} for labels, value in expected],
-            }],
-        })
+        tests.append(
+            {
+                "interval": "1m",
+                "input_series": [{"series": s, "values": v} for s, v in series],
+                "promql_expr_test": [
+                    {
+                        "expr": rules[alert],
+                        "eval_time": at,
+                        "exp_samples": [{"labels": labels, "value": value} for labels, value in expected],
+                    }
+                ],
+            }
+        )
     path = tmp_path / "alerts-test.yml"
-    path.write_text(json.dumps({"rule_files": [str(ALERTS)], "evaluation_interval": "1m", "tests": tests}), encoding="utf-8")
+    path.write_text(
+        json.dumps({"rule_files": [str(ALERTS)], "evaluation_interval": "1m", "tests": tests}), encoding="utf-8"
+    )
     out = _run([promtool, "test", "rules", str(path)])
     assert out.returncode == 0, out.stdout + out.stderr
 
@@ -750,7 +871,9 @@ class Prom:
 def _wait_port(port: int, proc: subprocess.Popen[bytes], log: Path, deadline: float) -> None:
     while True:
         if proc.poll() is not None:
-            pytest.fail(f"port {port}: process exited with {proc.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
+            pytest.fail(
+                f"port {port}: process exited with {proc.returncode}:\n{log.read_text(errors='replace')[-3000:]}"
+            )
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 return
@@ -761,11 +884,26 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], log: Path, deadline: fl
         time.sleep(0.1)
 
 
-CREATE_BODY = {"taskType": "gen2", "internal": False, "options": {
-    "name": "x", "gen2Options": {"mode": "gen2", "seed": 1, "interpolate": False, "upscale": False,
-                                 "watermark": False, "motion_score": 22, "use_motion_score": True,
-                                 "use_motion_vectors": False, "text_prompt": "a cat"},
-    "exploreMode": False, "assetGroupName": "Generative Video"}}
+CREATE_BODY = {
+    "taskType": "gen2",
+    "internal": False,
+    "options": {
+        "name": "x",
+        "gen2Options": {
+            "mode": "gen2",
+            "seed": 1,
+            "interpolate": False,
+            "upscale": False,
+            "watermark": False,
+            "motion_score": 22,
+            "use_motion_score": True,
+            "use_motion_vectors": False,
+            "text_prompt": "a cat",
+        },
+        "exploreMode": False,
+        "assetGroupName": "Generative Video",
+    },
+}
 
 
 class Live:
@@ -795,7 +933,8 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     try:
         sim_port, gw_port, prom_port = _free_port(), _free_port(), _free_port()
         key = "sk-gw-" + secrets.token_urlsafe(32)
-        (tmp / "gateway.toml").write_text(textwrap.dedent(f"""\
+        (tmp / "gateway.toml").write_text(
+            textwrap.dedent(f"""\
             [server]
             public_url = ""
             [upstream]
@@ -810,7 +949,9 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
             [tenants.limits]
             tasks_per_day = 1000
             credits_per_day = 100000
-            """), encoding="utf-8")
+            """),
+            encoding="utf-8",
+        )
         env = {k: v for k, v in os.environ.items() if k not in ("PROMETHEUS_MULTIPROC_DIR", "GATEWAY_CONFIG")}
 
         def start(name: str, cmd: list[str]) -> tuple[subprocess.Popen[bytes], Path]:
@@ -820,17 +961,57 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
             procs.append(proc)
             return proc, log
 
-        sim, sim_log = start("upstream", [sys.executable, "-m", "gateway", "simulate-upstream", "--host", "127.0.0.1",
-                                          "--port", str(sim_port), "--seconds-to-finish", "120"])
-        gw, gw_log = start("gateway", [sys.executable, "-m", "gateway", "serve", "--config", str(tmp / "gateway.toml"),
-                                       "--host", "127.0.0.1", "--port", str(gw_port)])
-        (tmp / "prometheus.yml").write_text(json.dumps({  # JSON is YAML
-            "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
-            "scrape_configs": [{"job_name": "runway-gateway", "static_configs": [{"targets": [f"127.0.0.1:{gw_port}"]}]}],
-        }), encoding="utf-8")
-        prom, prom_log = start("prometheus", [prometheus, f"--config.file={tmp / 'prometheus.yml'}",
-                                              f"--storage.tsdb.path={tmp / 'tsdb'}",
-                                              f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=warn"])
+        sim, sim_log = start(
+            "upstream",
+            [
+                sys.executable,
+                "-m",
+                "gateway",
+                "simulate-upstream",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(sim_port),
+                "--seconds-to-finish",
+                "120",
+            ],
+        )
+        gw, gw_log = start(
+            "gateway",
+            [
+                sys.executable,
+                "-m",
+                "gateway",
+                "serve",
+                "--config",
+                str(tmp / "gateway.toml"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(gw_port),
+            ],
+        )
+        (tmp / "prometheus.yml").write_text(
+            json.dumps(
+                {  # JSON is YAML
+                    "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
+                    "scrape_configs": [
+                        {"job_name": "runway-gateway", "static_configs": [{"targets": [f"127.0.0.1:{gw_port}"]}]}
+                    ],
+                }
+            ),
+            encoding="utf-8",
+        )
+        prom, prom_log = start(
+            "prometheus",
+            [
+                prometheus,
+                f"--config.file={tmp / 'prometheus.yml'}",
+                f"--storage.tsdb.path={tmp / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{prom_port}",
+                "--log.level=warn",
+            ],
+        )
         _wait_port(sim_port, sim, sim_log, deadline)
         _wait_http(f"http://127.0.0.1:{gw_port}/healthz", gw, gw_log, deadline)
         _wait_http(f"http://127.0.0.1:{prom_port}/-/ready", prom, prom_log, deadline)
@@ -838,8 +1019,10 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
         # a scrape before the traffic, so that rates have a baseline
         while not [v for _, v in p.vector('up{job="runway-gateway"}') if v == 1]:
             if time.monotonic() > deadline:
-                pytest.fail(f"Prometheus never scraped the gateway:\n{prom_log.read_text(errors='replace')[-2000:]}\n"
-                            f"gateway:\n{gw_log.read_text(errors='replace')[-2000:]}")
+                pytest.fail(
+                    f"Prometheus never scraped the gateway:\n{prom_log.read_text(errors='replace')[-2000:]}\n"
+                    f"gateway:\n{gw_log.read_text(errors='replace')[-2000:]}"
+                )
             time.sleep(0.2)
         live = Live(p, f"http://127.0.0.1:{gw_port}", key)
         try:
@@ -884,8 +1067,10 @@ def test_prometheus_scrapes_gateway_and_dashboard_queries_return_data(live: Live
                 still.append((title, index, ok, meaning))
         pending = still
         if pending and time.monotonic() > deadline:
-            pytest.fail("dashboard queries without the expected data:\n" + "\n".join(
-                f"- {m}: {last[m][0]} -> {last[m][1]}" for _, _, _, m in pending))
+            pytest.fail(
+                "dashboard queries without the expected data:\n"
+                + "\n".join(f"- {m}: {last[m][0]} -> {last[m][1]}" for _, _, _, m in pending)
+            )
         if pending:
             time.sleep(0.5)
 
@@ -895,7 +1080,9 @@ def test_every_dashboard_and_alert_query_evaluates_on_live_data(live: Live) -> N
     live.traffic()  # series of its own, whether or not the test above ran
 
     def tenants() -> list[str]:
-        r = httpx.get(f"{live.prom.base}/api/v1/label/tenant/values", params={"match[]": "gateway_requests_total"}, timeout=5)
+        r = httpx.get(
+            f"{live.prom.base}/api/v1/label/tenant/values", params={"match[]": "gateway_requests_total"}, timeout=5
+        )
         return r.json()["data"]
 
     # the dashboard's tenant variable lists the configured tenant

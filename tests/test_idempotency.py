@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 import openai
 import pytest
-
 from conftest import UPSTREAM_KEY, GatewayProcess, Simulator, TenantSpec, gen2_body, wait_until
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the SDK marks client.videos deprecated
@@ -46,7 +46,9 @@ def first_answer_or_none(call: Callable[[], Any]) -> Any:
         return None
 
 
-def test_native_retry_after_a_timeout_waits_for_the_task_instead_of_buying_another(own_sim: Simulator, start_gateway) -> None:
+def test_native_retry_after_a_timeout_waits_for_the_task_instead_of_buying_another(
+    own_sim: Simulator, start_gateway
+) -> None:
     g: GatewayProcess = start_gateway(own_sim.url, [TenantSpec("t")])
     hold_the_answer(own_sim)
     body, key = gen2_body("Once, even after a timeout."), {"Idempotency-Key": "order-unknown-1"}
@@ -59,8 +61,10 @@ def test_native_retry_after_a_timeout_waits_for_the_task_instead_of_buying_anoth
         again = c.post("/runway/tasks", json=body, headers=key)
         assert again.status_code == 409, again.text
         assert again.json()["error"] == {
-            "message": again.json()["error"]["message"], "type": "invalid_request_error",
-            "param": "Idempotency-Key", "code": "idempotency_outcome_unknown",
+            "message": again.json()["error"]["message"],
+            "type": "invalid_request_error",
+            "param": "Idempotency-Key",
+            "code": "idempotency_outcome_unknown",
         }
         assert int(again.headers["retry-after"]) >= 1
         assert own_sim.requests()["creates_total"] == 1
@@ -70,7 +74,10 @@ def test_native_retry_after_a_timeout_waits_for_the_task_instead_of_buying_anoth
         own_sim.control(drop_callbacks=False)  # the task's next callback identifies it
         task_id = only_sim_task(own_sim)
         replay: httpx.Response = wait_until(
-            lambda: (r := c.post("/runway/tasks", json=body, headers=key)).status_code != 409 and r, 20, 0.2, "the replay"
+            lambda: (r := c.post("/runway/tasks", json=body, headers=key)).status_code != 409 and r,
+            20,
+            0.2,
+            "the replay",
         )
     assert replay.status_code == 200, replay.text
     assert replay.headers["idempotent-replayed"] == "true"
@@ -117,7 +124,9 @@ def test_an_unknown_outcome_frees_its_slot_after_unknown_outcome_timeout_seconds
 ) -> None:
     store_url = request.getfixturevalue("redis_store_url") if store == "redis" else None
     tenant = TenantSpec("t", limits={"max_active_tasks": 1})
-    g: GatewayProcess = start_gateway(own_sim.url, [tenant], store_url=store_url, upstream_section="unknown_outcome_timeout_seconds = 2")
+    g: GatewayProcess = start_gateway(
+        own_sim.url, [tenant], store_url=store_url, upstream_section="unknown_outcome_timeout_seconds = 2"
+    )
     own_sim.control(garbage=True, drop_callbacks=True)  # 200 text/html: sent, no task to identify
     with g.client("t") as c:
         first = c.post("/runway/tasks", json=gen2_body())
@@ -188,6 +197,7 @@ def test_idempotency_key_freed_after_429(sim: Simulator, start_gateway) -> None:
     g = start_gateway(sim.url, [TenantSpec("t", limits={"requests_per_minute": 30})])
     fresh_keys = (f"after-429-{i}" for i in itertools.count())
     with g.client("t") as c:
+
         def post(key: str) -> httpx.Response:
             return c.post("/runway/tasks", json=gen2_body("after a 429"), headers={"Idempotency-Key": key})
 

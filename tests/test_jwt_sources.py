@@ -5,16 +5,16 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import jwt
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ec
-
 from conftest import GatewayProcess, Simulator, TenantSpec, free_port
+from cryptography.hazmat.primitives.asymmetric import ec
 
 
 @pytest.fixture
@@ -26,7 +26,7 @@ def jwks_server() -> Iterator[tuple[str, ec.EllipticCurvePrivateKey, list[int]]]
     hits = [0]
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             hits[0] += 1
             self.send_response(200)
             self.send_header("content-type", "application/json")
@@ -80,8 +80,16 @@ def test_hs256_secret(tmp_path: Path, sim: Simulator) -> None:
     g.start()
     try:
         assert get(g, jwt.encode(claims(), secret, algorithm="HS256")).status_code == 200
-        assert get(g, jwt.encode(claims(), "wrong-secret-wrong-secret-wrong-secret-wrong-secret-xx", algorithm="HS256")).status_code == 401
+        assert (
+            get(
+                g, jwt.encode(claims(), "wrong-secret-wrong-secret-wrong-secret-wrong-secret-xx", algorithm="HS256")
+            ).status_code
+            == 401
+        )
         assert get(g, jwt.encode(claims(), secret, algorithm="HS384")).status_code == 401  # not in the pinned list
-        assert get(g, jwt.encode({k: v for k, v in claims().items() if k != "exp"}, secret, algorithm="HS256")).status_code == 401
+        assert (
+            get(g, jwt.encode({k: v for k, v in claims().items() if k != "exp"}, secret, algorithm="HS256")).status_code
+            == 401
+        )
     finally:
         g.stop()

@@ -10,15 +10,16 @@ import re
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import pytest
-
 from conftest import GatewayProcess, Simulator, TenantSpec, free_port, gen2_body, wait_until
+
 from gateway.webhooks import verify
 
 
@@ -56,7 +57,7 @@ def receiver() -> Iterator[Receiver]:
     rec = Receiver()
 
     class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+        def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("content-length", 0)))
             with rec.lock:
                 fail = rec.failing or rec.fail_next > 0
@@ -78,7 +79,9 @@ def receiver() -> Iterator[Receiver]:
     server.server_close()
 
 
-def create(g: GatewayProcess, tenant: str, hook: str | None = None, prompt: str = "lifecycle", **kw: Any) -> httpx.Response:
+def create(
+    g: GatewayProcess, tenant: str, hook: str | None = None, prompt: str = "lifecycle", **kw: Any
+) -> httpx.Response:
     body = gen2_body(prompt)
     if hook:
         body["notify_hook"] = hook
@@ -173,7 +176,9 @@ def test_duplicate_and_reversed_callbacks_settle_once(own_sim: Simulator, start_
     own_sim.control(duplicate_callbacks=False, fail_rate=0.0, reverse_callbacks=True)
     task_id = create(g, "t").json()["task"]["id"]
     wait_until(lambda: status_of(g, "t", task_id) == "SUCCEEDED", 15)
-    wait_until(lambda: any(c["task_id"] == task_id and c["status"] == "RUNNING" for c in own_sim.requests()["callbacks"]), 10)
+    wait_until(
+        lambda: any(c["task_id"] == task_id and c["status"] == "RUNNING" for c in own_sim.requests()["callbacks"]), 10
+    )
     assert status_of(g, "t", task_id) == "SUCCEEDED"  # the late RUNNING did not overwrite it
     assert receiver.statuses().count("FAILED") == 1
 
@@ -202,7 +207,9 @@ def test_polling_reaches_succeeded_with_few_upstream_calls(sim: Simulator, start
 
 def test_timed_out_task_frees_its_slot_and_still_updates(own_sim: Simulator, start_gateway) -> None:
     own_sim.control(seconds_to_finish=8)
-    g = start_gateway(own_sim.url, [TenantSpec("t", limits={"max_active_tasks": 1})], upstream_section="task_timeout_seconds = 1")
+    g = start_gateway(
+        own_sim.url, [TenantSpec("t", limits={"max_active_tasks": 1})], upstream_section="task_timeout_seconds = 1"
+    )
     first = create(g, "t").json()["task"]["id"]
     assert create(g, "t").status_code == 429
     wait_until(lambda: create(g, "t").status_code == 200, 10, interval=0.5, message="slot freed by timeout")
@@ -220,6 +227,7 @@ def test_sigkill_during_creates_loses_no_task(tmp_path, own_sim: Simulator) -> N
     g = GatewayProcess(tmp_path, own_sim.url, [TenantSpec("t")], port=port)
     g.start()
     try:
+
         def fire(i: int) -> int:
             try:
                 with g.client("t", timeout=5) as c:

@@ -34,7 +34,9 @@ def test_flushed_updates_equal_direct_prometheus_calls() -> None:
     assert exposition(buffered) != exposition(direct)  # nothing pushed yet
     buffered.flush()
     assert exposition(buffered) == exposition(direct)
-    assert 'gateway_request_duration_seconds_bucket{le="0.001",method="POST",route="/runway/tasks"} 2.0' in exposition(buffered)
+    assert 'gateway_request_duration_seconds_bucket{le="0.001",method="POST",route="/runway/tasks"} 2.0' in exposition(
+        buffered
+    )
     buffered.flush()  # a second flush adds nothing
     assert exposition(buffered) == exposition(direct)
 

@@ -17,12 +17,11 @@ from typing import Any
 import httpx
 import jwt
 import pytest
+from conftest import UPSTREAM_KEY, GatewayProcess, Simulator, TenantSpec, gen2_body, wait_until
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-
 from starlette.testclient import TestClient
 
-from conftest import UPSTREAM_KEY, GatewayProcess, Simulator, TenantSpec, gen2_body, wait_until
 from gateway.app import create_app
 from gateway.config import parse_config
 from gateway.routes.hooks import MAX_CALLBACK_BYTES
@@ -55,7 +54,9 @@ def assert_error(resp: httpx.Response, status: int, code: str, param: Any = "__a
 
 def test_upstream_receives_relay_body_upstream_key_and_gateway_hook(gw: GatewayProcess, sim: Simulator) -> None:
     tenant = gw.tenants["team-a"]
-    body = gen2_body("a lighthouse at dusk", seed=1919715046, image_prompt="https://cdn.example.com/a.jpeg", init_image="")
+    body = gen2_body(
+        "a lighthouse at dusk", seed=1919715046, image_prompt="https://cdn.example.com/a.jpeg", init_image=""
+    )
     body["notify_hook"] = "http://127.0.0.1:9/tenant-hook"
     resp = create(gw, "team-a", body)
     assert resp.status_code == 200, resp.text
@@ -94,7 +95,9 @@ def test_task_reaches_succeeded_through_callbacks_and_lists(gw: GatewayProcess) 
     resp = create(gw, "team-a", gen2_body("callback journey"))
     task_id = resp.json()["task"]["id"]
     with gw.client("team-a") as c:
-        done = wait_until(lambda: (t := c.get(f"/runway/tasks/{task_id}").json()["task"])["status"] == "SUCCEEDED" and t, 15)
+        done = wait_until(
+            lambda: (t := c.get(f"/runway/tasks/{task_id}").json()["task"])["status"] == "SUCCEEDED" and t, 15
+        )
         assert done["artifacts"] and done["artifacts"][0]["url"].endswith(".mp4")
         listed = c.get("/runway/tasks", params={"limit": 100}).json()
         assert task_id in [t["id"] for t in listed["data"]]
@@ -129,7 +132,12 @@ def test_another_tenants_task_is_not_found_exactly_like_a_missing_one(gw: Gatewa
 
 @pytest.mark.parametrize(
     "headers",
-    [{}, {"Authorization": "Basic dXNlcjpwYXNz"}, {"Authorization": "Bearer"}, {"Authorization": "Bearer sk-gw-not-a-real-key"}],
+    [
+        {},
+        {"Authorization": "Basic dXNlcjpwYXNz"},
+        {"Authorization": "Bearer"},
+        {"Authorization": "Bearer sk-gw-not-a-real-key"},
+    ],
     ids=["no-header", "wrong-scheme", "empty-bearer", "unknown-key"],
 )
 def test_bad_credentials_are_401(gw: GatewayProcess, headers: dict[str, str]) -> None:
@@ -165,12 +173,20 @@ def jwt_gateway(tmp_path_factory: pytest.TempPathFactory, sim: Simulator, rsa_ke
 
 def _claims(**over: Any) -> dict[str, Any]:
     now = int(time.time())
-    return {"iss": "https://idp.test", "aud": "runway-gateway", "tenant": "jwt-team", "exp": now + 300, "iat": now, **over}
+    return {
+        "iss": "https://idp.test",
+        "aud": "runway-gateway",
+        "tenant": "jwt-team",
+        "exp": now + 300,
+        "iat": now,
+        **over,
+    }
 
 
 def _hs256_signed_with(key: bytes, claims: dict[str, Any]) -> str:
     """An HS256 token whose secret is `key` (the IdP's public key: algorithm confusion);
     PyJWT refuses to build it itself."""
+
     def b64(raw: bytes) -> str:
         return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
@@ -185,7 +201,10 @@ def _get_with(g: GatewayProcess, token: str) -> httpx.Response:
 def _auth_failures(g: GatewayProcess) -> dict[str, float]:
     """gateway_auth_failures_total by reason, as /metrics shows it."""
     text = httpx.get(g.url + "/metrics").text
-    return {reason: float(value) for reason, value in re.findall(r'^gateway_auth_failures_total\{reason="([^"]*)"\} (\S+)$', text, re.M)}
+    return {
+        reason: float(value)
+        for reason, value in re.findall(r'^gateway_auth_failures_total\{reason="([^"]*)"\} (\S+)$', text, re.M)
+    }
 
 
 def test_valid_jwt_authenticates(jwt_gateway, rsa_key) -> None:
@@ -196,7 +215,19 @@ def test_valid_jwt_authenticates(jwt_gateway, rsa_key) -> None:
     assert resp.json()["data"] == []
 
 
-@pytest.mark.parametrize("case", ["expired", "wrong-aud", "wrong-iss", "alg-none", "hs256-with-public-key", "unknown-tenant", "not-yet-valid", "garbage"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "expired",
+        "wrong-aud",
+        "wrong-iss",
+        "alg-none",
+        "hs256-with-public-key",
+        "unknown-tenant",
+        "not-yet-valid",
+        "garbage",
+    ],
+)
 def test_bad_jwts_are_401(jwt_gateway, rsa_key, case: str) -> None:
     g, pem = jwt_gateway
     now = int(time.time())
@@ -234,7 +265,9 @@ def test_jwt_with_an_algorithm_not_configured_is_refused_for_that_reason(jwt_gat
     err = assert_error(_get_with(g, token), 401, "invalid_api_key")
     after = _auth_failures(g)
     assert "algorithm" in err["message"]
-    assert {reason: n - before.get(reason, 0) for reason, n in after.items() if n != before.get(reason, 0)} == {"jwt_algorithm": 1}
+    assert {reason: n - before.get(reason, 0) for reason, n in after.items() if n != before.get(reason, 0)} == {
+        "jwt_algorithm": 1
+    }
 
 
 def test_disabled_tenant_is_403_with_a_jwt_too(jwt_gateway, rsa_key) -> None:
@@ -262,28 +295,60 @@ def _bad_bodies() -> list[tuple[str, Any, str, str | None]]:
         ("unknown-task-type", {**gen2_body(), "taskType": "gen3"}, "unsupported_task_type", "taskType"),
         ("missing-task-type", {"options": gen2_body()["options"]}, "missing_required_parameter", "taskType"),
         ("missing-options", {"taskType": "gen2"}, "missing_required_parameter", "options"),
-        ("missing-gen2options", {"taskType": "gen2", "options": {"name": "x"}}, "missing_required_parameter", "options.gen2Options"),
+        (
+            "missing-gen2options",
+            {"taskType": "gen2", "options": {"name": "x"}},
+            "missing_required_parameter",
+            "options.gen2Options",
+        ),
         ("seed-string", with_gen2(seed="42"), "invalid_type", "options.gen2Options.seed"),
         ("seed-bool", with_gen2(seed=True), "invalid_type", "options.gen2Options.seed"),
         ("seed-negative", with_gen2(seed=-1), "invalid_value", "options.gen2Options.seed"),
         ("seed-too-big", with_gen2(seed=4294967296), "invalid_value", "options.gen2Options.seed"),
         ("upscale-string", with_gen2(upscale="yes"), "invalid_type", "options.gen2Options.upscale"),
         ("options-not-object", {"taskType": "gen2", "options": "x"}, "invalid_type", "options"),
-        ("http-image", with_gen2(image_prompt="http://cdn.example.com/a.jpg"), "invalid_url", "options.gen2Options.image_prompt"),
+        (
+            "http-image",
+            with_gen2(image_prompt="http://cdn.example.com/a.jpg"),
+            "invalid_url",
+            "options.gen2Options.image_prompt",
+        ),
         ("file-image", with_gen2(init_image="file:///etc/passwd"), "invalid_url", "options.gen2Options.init_image"),
-        ("image-port-too-big", with_gen2(init_image="https://x.example:99999/a.png"), "invalid_url", "options.gen2Options.init_image"),
-        ("image-port-zero", with_gen2(image_prompt="https://x.example:0/a.png"), "invalid_url", "options.gen2Options.image_prompt"),
-        ("image-port-not-a-number", with_gen2(init_image="https://x.example:https/a.png"), "invalid_url", "options.gen2Options.init_image"),
+        (
+            "image-port-too-big",
+            with_gen2(init_image="https://x.example:99999/a.png"),
+            "invalid_url",
+            "options.gen2Options.init_image",
+        ),
+        (
+            "image-port-zero",
+            with_gen2(image_prompt="https://x.example:0/a.png"),
+            "invalid_url",
+            "options.gen2Options.image_prompt",
+        ),
+        (
+            "image-port-not-a-number",
+            with_gen2(init_image="https://x.example:https/a.png"),
+            "invalid_url",
+            "options.gen2Options.init_image",
+        ),
         ("prompt-too-long", with_gen2(text_prompt="x" * 2001), "prompt_too_long", "options.gen2Options.text_prompt"),
         ("unknown-field", with_gen2(turbo=True), "unknown_parameter", "options.gen2Options.turbo"),
         ("seconds-12", with_options(seconds=12), "invalid_value", "options.seconds"),
-        ("hook-loopback-not-listed", {**gen2_body(), "notify_hook": "http://[::1]/hook"}, "invalid_notify_hook", "notify_hook"),
+        (
+            "hook-loopback-not-listed",
+            {**gen2_body(), "notify_hook": "http://[::1]/hook"},
+            "invalid_notify_hook",
+            "notify_hook",
+        ),
         ("hook-file", {**gen2_body(), "notify_hook": "file:///etc/passwd"}, "invalid_notify_hook", "notify_hook"),
     ]
 
 
 @pytest.mark.parametrize("name,body,code,param", _bad_bodies(), ids=[b[0] for b in _bad_bodies()])
-def test_bad_bodies_are_400_and_never_reach_upstream(gw: GatewayProcess, sim: Simulator, name: str, body: Any, code: str, param: str | None) -> None:
+def test_bad_bodies_are_400_and_never_reach_upstream(
+    gw: GatewayProcess, sim: Simulator, name: str, body: Any, code: str, param: str | None
+) -> None:
     before = sim.requests()["creates_total"]
     with gw.client("team-b") as c:
         ids_before = [t["id"] for t in c.get("/runway/tasks", params={"limit": 100}).json()["data"]]
@@ -297,7 +362,11 @@ def test_bad_bodies_are_400_and_never_reach_upstream(gw: GatewayProcess, sim: Si
 def test_invalid_json_is_400(gw: GatewayProcess, sim: Simulator) -> None:
     before = sim.requests()["creates_total"]
     with gw.client("team-b") as c:
-        assert_error(c.post("/runway/tasks", content=b'{"taskType": "gen2",', headers={"content-type": "application/json"}), 400, "invalid_json")
+        assert_error(
+            c.post("/runway/tasks", content=b'{"taskType": "gen2",', headers={"content-type": "application/json"}),
+            400,
+            "invalid_json",
+        )
     assert sim.requests()["creates_total"] == before
 
 
@@ -313,7 +382,11 @@ def test_body_over_limit_is_413(gw: GatewayProcess, sim: Simulator) -> None:
                 yield b"y" * 4096
             yield b'"}'
 
-        assert_error(c.post("/runway/tasks", content=chunks(), headers={"content-type": "application/json"}), 413, "request_too_large")
+        assert_error(
+            c.post("/runway/tasks", content=chunks(), headers={"content-type": "application/json"}),
+            413,
+            "request_too_large",
+        )
     assert sim.requests()["creates_total"] == before
 
 
@@ -328,11 +401,15 @@ def _raw_exchange(gw: GatewayProcess, data: bytes) -> bytes:
     return answer
 
 
-@pytest.mark.parametrize("garbage", [
-    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(40) + b"\r\n\r\n",  # a TLS hello on the plain port
-    b"GET / HTTP/1.1\r\nHost: x\r\nno colon in this header\r\n\r\n",
-    b"NOT HTTP AT ALL\r\n\r\n",
-], ids=["tls-hello", "bad-header", "not-http"])
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(40) + b"\r\n\r\n",  # a TLS hello on the plain port
+        b"GET / HTTP/1.1\r\nHost: x\r\nno colon in this header\r\n\r\n",
+        b"NOT HTTP AT ALL\r\n\r\n",
+    ],
+    ids=["tls-hello", "bad-header", "not-http"],
+)
 def test_protocol_garbage_gets_uvicorns_plain_text_400(gw: GatewayProcess, garbage: bytes) -> None:
     """Bytes that are not HTTP never reach the app, so the answer is the server's own:
     a plain-text 400 and a closed connection (documented in README.md), not OpenAI JSON."""
@@ -403,12 +480,23 @@ def test_no_secret_or_prompt_in_logs_or_errors(gw: GatewayProcess, jwt_gateway, 
     bodies = []
     resp = create(gw, "team-a", gen2_body(secret_prompt), headers={"x-request-id": ids["ok"]})
     assert resp.status_code == 200
-    bodies.append(create(gw, "team-a", gen2_body(secret_prompt, seed=-5), headers={"x-request-id": ids["bad-seed"]}).text)
-    bodies.append(httpx.post(gw.url + "/runway/tasks", headers={"Authorization": f"Bearer {tenant.key}x", "x-request-id": ids["bad-key"]},
-                             json=gen2_body(secret_prompt)).text)
+    bodies.append(
+        create(gw, "team-a", gen2_body(secret_prompt, seed=-5), headers={"x-request-id": ids["bad-seed"]}).text
+    )
+    bodies.append(
+        httpx.post(
+            gw.url + "/runway/tasks",
+            headers={"Authorization": f"Bearer {tenant.key}x", "x-request-id": ids["bad-key"]},
+            json=gen2_body(secret_prompt),
+        ).text
+    )
     g, _ = jwt_gateway
     token = jwt.encode(_claims(exp=int(time.time()) - 5), rsa_key, algorithm="RS256")
-    bodies.append(httpx.get(g.url + "/runway/tasks", headers={"Authorization": f"Bearer {token}", "x-request-id": ids["bad-jwt"]}).text)
+    bodies.append(
+        httpx.get(
+            g.url + "/runway/tasks", headers={"Authorization": f"Bearer {token}", "x-request-id": ids["bad-jwt"]}
+        ).text
+    )
     # every request's line is written (so its neighbours, e.g. a warning, are too)
     wait_until(lambda: all(i in gw.log_text() + g.log_text() for i in ids.values()), 5, message="the access lines")
     logs = gw.log_text() + g.log_text()
@@ -475,7 +563,11 @@ def test_a_callback_body_over_max_callback_bytes_is_413_before_its_token_is_read
 
 
 def bad_token_count(gw: GatewayProcess) -> float:
-    line = next(l for l in httpx.get(gw.url + "/metrics").text.splitlines() if l.startswith('gateway_callbacks_received_total{result="bad_token"}'))
+    line = next(
+        l
+        for l in httpx.get(gw.url + "/metrics").text.splitlines()
+        if l.startswith('gateway_callbacks_received_total{result="bad_token"}')
+    )
     return float(line.rsplit(" ", 1)[1])
 
 
@@ -497,7 +589,9 @@ def test_callback_token_expires_a_day_after_the_task_timeout(gw: GatewayProcess,
     assert_error(expired, 401, "invalid_callback_token")
     wait_until(lambda: bad_token_count(gw) == bad_before + 1, 5)
     with gw.client("team-a") as c:
-        final = wait_until(lambda: (t := c.get(f"/runway/tasks/{task['id']}").json()["task"])["status"] == "SUCCEEDED" and t, 15)
+        final = wait_until(
+            lambda: (t := c.get(f"/runway/tasks/{task['id']}").json()["task"])["status"] == "SUCCEEDED" and t, 15
+        )
     fresh = httpx.post(hook(int(time.time()) + 60), json={"task": final})  # the same token, unexpired: accepted
     assert fresh.status_code == 200 and fresh.json()["result"] in ("duplicate", "stale"), fresh.text
 
@@ -510,6 +604,7 @@ def test_a_callback_token_cannot_move_another_task(own_sim: Simulator, start_gat
     a, b = (create(g, "t", gen2_body(f"task {name}")).json()["task"]["id"] for name in "ab")
     hook_a = sim_create_for(own_sim, a)["body"]["notify_hook"]
     with g.client("t") as c:
+
         def tasks() -> dict[str, Any]:
             return {i: c.get(f"/runway/tasks/{i}").json()["task"] for i in (a, b)}
 

@@ -13,13 +13,13 @@ import secrets
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 import openai
 import pytest
-
 from conftest import ROOT, GatewayProcess, Simulator, TenantSpec, gen2_body, wait_until
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the SDK marks client.videos deprecated
@@ -29,7 +29,9 @@ SAMPLE_MP4 = (ROOT / "gateway" / "devtools" / "assets" / "sample.mp4").read_byte
 
 
 def sdk(gw: GatewayProcess, tenant: str, **kw: Any) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gw.url + "/v1", api_key=gw.tenants[tenant].key, max_retries=kw.pop("max_retries", 0), **kw)
+    return openai.OpenAI(
+        base_url=gw.url + "/v1", api_key=gw.tenants[tenant].key, max_retries=kw.pop("max_retries", 0), **kw
+    )
 
 
 def async_sdk(gw: GatewayProcess, tenant: str) -> openai.AsyncOpenAI:
@@ -45,10 +47,17 @@ def sim_task(sim: Simulator, task_id: str) -> dict[str, Any]:
 
 
 def wait_completed(client: openai.OpenAI, video_id: str, timeout: float = 15) -> Any:
-    return wait_until(lambda: (v := client.videos.retrieve(video_id)).status in ("completed", "failed") and v, timeout, 0.1, "video finished")
+    return wait_until(
+        lambda: (v := client.videos.retrieve(video_id)).status in ("completed", "failed") and v,
+        timeout,
+        0.1,
+        "video finished",
+    )
 
 
-def raises(exc: type[openai.APIStatusError], call: Callable[[], Any], code: str | None = None, param: str | None = "__any__") -> openai.APIStatusError:
+def raises(
+    exc: type[openai.APIStatusError], call: Callable[[], Any], code: str | None = None, param: str | None = "__any__"
+) -> openai.APIStatusError:
     with pytest.raises(exc) as info:
         call()
     err = info.value
@@ -70,7 +79,11 @@ def test_models(gw: GatewayProcess) -> None:
     assert gen2.object == "model" and gen2.owned_by == "runway"
     assert gen2.model_extra["sizes"] == ["1280x768"] and gen2.model_extra["seconds"] == ["4"]
     raises(openai.NotFoundError, lambda: c.models.retrieve("sora-2"), "model_not_found")
-    raises(openai.AuthenticationError, lambda: openai.OpenAI(base_url=gw.url + "/v1", api_key="sk-wrong", max_retries=0).models.list(), "invalid_api_key")
+    raises(
+        openai.AuthenticationError,
+        lambda: openai.OpenAI(base_url=gw.url + "/v1", api_key="sk-wrong", max_retries=0).models.list(),
+        "invalid_api_key",
+    )
 
 
 # --- the whole life of a video ----------------------------------------------------------
@@ -78,8 +91,13 @@ def test_models(gw: GatewayProcess) -> None:
 
 def test_create_retrieve_download_list_delete(gw: GatewayProcess, sim: Simulator) -> None:
     c = sdk(gw, "team-a")
-    video = c.videos.create(model="gen2", prompt="A red fox in the snow", size="1280x768", seconds="4",
-                            extra_body={"seed": 42, "motion_score": 5, "upscale": True, "watermark": False})
+    video = c.videos.create(
+        model="gen2",
+        prompt="A red fox in the snow",
+        size="1280x768",
+        seconds="4",
+        extra_body={"seed": 42, "motion_score": 5, "upscale": True, "watermark": False},
+    )
     assert video.object == "video" and video.model == "gen2" and video.status == "queued"
     assert (video.seconds, video.size, video.prompt, video.progress) == ("4", "1280x768", "A red fox in the snow", 0)
     assert abs(video.created_at - time.time()) < 10 and video.completed_at is None
@@ -87,7 +105,13 @@ def test_create_retrieve_download_list_delete(gw: GatewayProcess, sim: Simulator
     sent = sim_create(sim, video.id)["body"]
     gen2 = sent["options"]["gen2Options"]
     assert sent["taskType"] == "gen2" and sent["options"]["seconds"] == 4
-    assert (gen2["text_prompt"], gen2["seed"], gen2["motion_score"], gen2["upscale"], gen2["watermark"]) == ("A red fox in the snow", 42, 5, True, False)
+    assert (gen2["text_prompt"], gen2["seed"], gen2["motion_score"], gen2["upscale"], gen2["watermark"]) == (
+        "A red fox in the snow",
+        42,
+        5,
+        True,
+        False,
+    )
     assert "image_prompt" not in gen2 and "init_image" not in gen2
 
     try:  # the shared simulator finishes a task 1 s after its create
@@ -107,7 +131,12 @@ def test_create_retrieve_download_list_delete(gw: GatewayProcess, sim: Simulator
     assert content.response.headers["content-length"] == str(len(SAMPLE_MP4))
     thumb = c.videos.download_content(video.id, variant="thumbnail")
     assert thumb.read() == SAMPLE_JPG and thumb.response.headers["content-type"] == "image/jpeg"
-    raises(openai.NotFoundError, lambda: c.videos.download_content(video.id, variant="spritesheet"), "variant_not_available", "variant")
+    raises(
+        openai.NotFoundError,
+        lambda: c.videos.download_content(video.id, variant="spritesheet"),
+        "variant_not_available",
+        "variant",
+    )
 
     assert video.id in [v.id for v in c.videos.list(limit=100).data]
     deleted = c.videos.delete(video.id)
@@ -157,7 +186,9 @@ def test_failed_video_has_error(own_sim: Simulator, start_gateway: Callable[...,
         own_sim.reset()
 
 
-def test_cancelled_video_is_failed_with_its_error(own_sim: Simulator, start_gateway: Callable[..., GatewayProcess]) -> None:
+def test_cancelled_video_is_failed_with_its_error(
+    own_sim: Simulator, start_gateway: Callable[..., GatewayProcess]
+) -> None:
     """The relay may end a task CANCELLED: the SDK sees a final `failed` video whose error
     carries the relay's message, with the code `cancelled` when the relay gives none."""
     own_sim.control(seconds_to_finish=600)  # the relay's own lifecycle stays out of the way
@@ -165,7 +196,11 @@ def test_cancelled_video_is_failed_with_its_error(own_sim: Simulator, start_gate
     client = sdk(g, "t")
     video_id = client.videos.create(prompt="to be cancelled").id
     hook = sim_create(own_sim, video_id)["body"]["notify_hook"]
-    cancelled = {**sim_task(own_sim, video_id), "status": "CANCELLED", "error": {"message": "Cancelled by an operator."}}
+    cancelled = {
+        **sim_task(own_sim, video_id),
+        "status": "CANCELLED",
+        "error": {"message": "Cancelled by an operator."},
+    }
     assert httpx.post(hook, json={"task": cancelled}).json()["result"] == "applied"
     video = client.videos.retrieve(video_id)
     assert video.status == "failed" and video.completed_at is not None
@@ -180,7 +215,13 @@ def test_native_and_openai_routes_share_the_task(gw: GatewayProcess) -> None:
     with gw.client("team-a") as native:
         made = native.post("/runway/tasks", json=gen2_body("Made natively")).json()["task"]
         video = c.videos.retrieve(made["id"])
-        assert (video.id, video.prompt, video.model, video.seconds, video.size) == (made["id"], "Made natively", "gen2", "4", "1280x768")
+        assert (video.id, video.prompt, video.model, video.seconds, video.size) == (
+            made["id"],
+            "Made natively",
+            "gen2",
+            "4",
+            "1280x768",
+        )
 
         via_sdk = c.videos.create(prompt="Made through the SDK")
         task = native.get(f"/runway/tasks/{via_sdk.id}").json()["task"]
@@ -202,7 +243,12 @@ def test_list_pagination(gw: GatewayProcess) -> None:
     assert everything[:3] == made[::-1] and len(everything) == len(set(everything))
     with httpx.Client(base_url=gw.url, headers=gw.tenants["team-b"].headers()) as h:
         page = h.get("/v1/videos", params={"limit": 2}).json()
-        assert page["object"] == "list" and page["first_id"] == made[2] and page["last_id"] == made[1] and page["has_more"] is True
+        assert (
+            page["object"] == "list"
+            and page["first_id"] == made[2]
+            and page["last_id"] == made[1]
+            and page["has_more"] is True
+        )
         assert h.get("/v1/videos", params={"order": "sideways"}).json()["error"]["param"] == "order"
 
 
@@ -212,25 +258,62 @@ def test_list_pagination(gw: GatewayProcess) -> None:
 def test_errors(gw: GatewayProcess) -> None:
     a, b = sdk(gw, "team-a"), sdk(gw, "team-b")
     video = a.videos.create(prompt="Only for team A")
-    for call in (lambda: b.videos.retrieve(video.id), lambda: b.videos.download_content(video.id), lambda: b.videos.delete(video.id)):
+    for call in (
+        lambda: b.videos.retrieve(video.id),
+        lambda: b.videos.download_content(video.id),
+        lambda: b.videos.delete(video.id),
+    ):
         raises(openai.NotFoundError, call, "task_not_found")
     assert a.videos.retrieve(video.id).id == video.id  # B's delete hid nothing
 
     raises(openai.BadRequestError, lambda: a.videos.create(prompt="x", seconds="12"), "invalid_value", "seconds")
     raises(openai.BadRequestError, lambda: a.videos.create(prompt="x", model="sora-2"), "model_not_found", "model")
     raises(openai.BadRequestError, lambda: a.videos.create(prompt="x", size="1280x720"), "invalid_value", "size")
-    raises(openai.BadRequestError, lambda: a.videos.create(prompt="x", extra_body={"seed": "abc"}), "invalid_type", "seed")
-    raises(openai.BadRequestError, lambda: a.videos.create(prompt="x", extra_body={"upscale": "maybe"}), "invalid_type", "upscale")
-    raises(openai.BadRequestError, lambda: a.videos.create(prompt="x", extra_body={"seed": 2**33}), "invalid_value", "seed")
-    raises(openai.BadRequestError, lambda: a.videos.create(prompt="x", extra_body={"style": "noir"}), "unknown_parameter", "style")
+    raises(
+        openai.BadRequestError, lambda: a.videos.create(prompt="x", extra_body={"seed": "abc"}), "invalid_type", "seed"
+    )
+    raises(
+        openai.BadRequestError,
+        lambda: a.videos.create(prompt="x", extra_body={"upscale": "maybe"}),
+        "invalid_type",
+        "upscale",
+    )
+    raises(
+        openai.BadRequestError, lambda: a.videos.create(prompt="x", extra_body={"seed": 2**33}), "invalid_value", "seed"
+    )
+    raises(
+        openai.BadRequestError,
+        lambda: a.videos.create(prompt="x", extra_body={"style": "noir"}),
+        "unknown_parameter",
+        "style",
+    )
     raises(openai.BadRequestError, lambda: a.videos.create(prompt="x" * 2001), "prompt_too_long", "prompt")
-    raises(openai.BadRequestError, lambda: a.videos.create(prompt="x", extra_body={"input_reference": {"image_url": "http://plain.example/a.png"}}),
-           "invalid_url", "input_reference.image_url")
-    raises(openai.BadRequestError, lambda: a.videos.create(prompt="x", extra_body={"input_reference": {"image_url": "https://x.example:99999/a.png"}}),
-           "invalid_url", "input_reference.image_url")
-    raises(openai.BadRequestError, lambda: a.videos.create(prompt="x", extra_body={"input_reference": {"file_id": "file-1"}}),
-           "unsupported_parameter", "input_reference.file_id")
-    raises(openai.AuthenticationError, lambda: openai.OpenAI(base_url=gw.url + "/v1", api_key="sk-nope", max_retries=0).videos.list())
+    raises(
+        openai.BadRequestError,
+        lambda: a.videos.create(
+            prompt="x", extra_body={"input_reference": {"image_url": "http://plain.example/a.png"}}
+        ),
+        "invalid_url",
+        "input_reference.image_url",
+    )
+    raises(
+        openai.BadRequestError,
+        lambda: a.videos.create(
+            prompt="x", extra_body={"input_reference": {"image_url": "https://x.example:99999/a.png"}}
+        ),
+        "invalid_url",
+        "input_reference.image_url",
+    )
+    raises(
+        openai.BadRequestError,
+        lambda: a.videos.create(prompt="x", extra_body={"input_reference": {"file_id": "file-1"}}),
+        "unsupported_parameter",
+        "input_reference.file_id",
+    )
+    raises(
+        openai.AuthenticationError,
+        lambda: openai.OpenAI(base_url=gw.url + "/v1", api_key="sk-nope", max_retries=0).videos.list(),
+    )
     with gw.client("team-off") as off:
         assert off.get("/v1/videos").status_code == 403
 
@@ -238,7 +321,16 @@ def test_errors(gw: GatewayProcess) -> None:
 def test_json_body_and_image_url(gw: GatewayProcess, sim: Simulator) -> None:
     with httpx.Client(base_url=gw.url, headers=gw.tenants["team-a"].headers(), timeout=10) as h:
         url = "https://images.example.com/cat.png"
-        r = h.post("/v1/videos", json={"prompt": "A cat", "seconds": 4, "input_reference": {"image_url": url}, "seed": 7, "interpolate": True})
+        r = h.post(
+            "/v1/videos",
+            json={
+                "prompt": "A cat",
+                "seconds": 4,
+                "input_reference": {"image_url": url},
+                "seed": 7,
+                "interpolate": True,
+            },
+        )
         assert r.status_code == 200, r.text
         video = r.json()
         assert video["object"] == "video" and video["seconds"] == "4"
@@ -264,17 +356,27 @@ def test_idempotent_create(gw: GatewayProcess, sim: Simulator) -> None:
     again = c.videos.with_raw_response.create(prompt="Once only", extra_body={"seed": 1}, extra_headers=key)
     assert again.parse().id == first.parse().id and again.headers.get("idempotent-replayed") == "true"
     assert sim.requests()["creates_total"] == before + 1
-    raises(openai.ConflictError, lambda: c.videos.create(prompt="Another body", extra_headers=key), "idempotency_key_reused")
+    raises(
+        openai.ConflictError,
+        lambda: c.videos.create(prompt="Another body", extra_headers=key),
+        "idempotency_key_reused",
+    )
 
 
 # --- budgets -----------------------------------------------------------------------------
 
 
-def test_exhausted_budget_and_uploads_without_public_url(sim: Simulator, start_gateway: Callable[..., GatewayProcess]) -> None:
+def test_exhausted_budget_and_uploads_without_public_url(
+    sim: Simulator, start_gateway: Callable[..., GatewayProcess]
+) -> None:
     g = start_gateway(sim.url, [TenantSpec("thrifty", limits={"credits_per_day": 10})], callbacks=False)
     c = sdk(g, "thrifty")
-    err = raises(openai.BadRequestError, lambda: c.videos.create(prompt="x", input_reference=("cat.jpg", SAMPLE_JPG, "image/jpeg")),
-                 "upload_not_supported", "input_reference")
+    err = raises(
+        openai.BadRequestError,
+        lambda: c.videos.create(prompt="x", input_reference=("cat.jpg", SAMPLE_JPG, "image/jpeg")),
+        "upload_not_supported",
+        "input_reference",
+    )
     assert "public_url" in err.message
     c.videos.create(prompt="the only one today")
     err = raises(openai.RateLimitError, lambda: c.videos.create(prompt="one too many"), "insufficient_quota")
@@ -282,8 +384,12 @@ def test_exhausted_budget_and_uploads_without_public_url(sim: Simulator, start_g
 
 
 def test_upload_refused_without_https_public_url(gw: GatewayProcess) -> None:
-    err = raises(openai.BadRequestError, lambda: sdk(gw, "team-a").videos.create(prompt="x", input_reference=("cat.jpg", SAMPLE_JPG, "image/jpeg")),
-                 "upload_not_supported", "input_reference")
+    err = raises(
+        openai.BadRequestError,
+        lambda: sdk(gw, "team-a").videos.create(prompt="x", input_reference=("cat.jpg", SAMPLE_JPG, "image/jpeg")),
+        "upload_not_supported",
+        "input_reference",
+    )
     assert "https" in err.message
 
 
@@ -321,7 +427,9 @@ def test_uploaded_image_reaches_upstream_as_expiring_url(upload_gateway: Gateway
     key = {"Idempotency-Key": "upload-" + secrets.token_hex(8)}
     before = sim.requests()["creates_total"]
     before_create = time.monotonic()  # the upload link is issued after this
-    video = c.videos.create(prompt="Animate this", input_reference=("cat.jpg", SAMPLE_JPG, "image/jpeg"), extra_headers=key)
+    video = c.videos.create(
+        prompt="Animate this", input_reference=("cat.jpg", SAMPLE_JPG, "image/jpeg"), extra_headers=key
+    )
     gen2 = sim_create(sim, video.id)["body"]["options"]["gen2Options"]
     url = gen2["image_prompt"]
     assert gen2["init_image"] == url and url.startswith(f"https://127.0.0.1:{g.port}/assets/")
@@ -330,24 +438,50 @@ def test_uploaded_image_reaches_upstream_as_expiring_url(upload_gateway: Gateway
     assert served.headers["content-type"] == "image/jpeg" and served.headers["content-length"] == str(len(SAMPLE_JPG))
 
     # the SDK's retry of the same upload (a fresh multipart boundary) is the same request
-    replay = c.videos.with_raw_response.create(prompt="Animate this", input_reference=("cat.jpg", SAMPLE_JPG, "image/jpeg"), extra_headers=key)
+    replay = c.videos.with_raw_response.create(
+        prompt="Animate this", input_reference=("cat.jpg", SAMPLE_JPG, "image/jpeg"), extra_headers=key
+    )
     assert replay.parse().id == video.id and replay.headers.get("idempotent-replayed") == "true"
     png_like = b"\x89PNG\r\n\x1a\n" + SAMPLE_JPG[8:]
-    raises(openai.ConflictError, lambda: c.videos.create(prompt="Animate this", input_reference=("cat.png", png_like, "image/png"), extra_headers=key))
+    raises(
+        openai.ConflictError,
+        lambda: c.videos.create(
+            prompt="Animate this", input_reference=("cat.png", png_like, "image/png"), extra_headers=key
+        ),
+    )
     assert sim.requests()["creates_total"] == before + 1
 
     # a data URL is an upload too
     data_url = "data:image/jpeg;base64," + base64.b64encode(SAMPLE_JPG).decode()
     other = c.videos.create(prompt="Again", extra_body={"input_reference": {"image_url": data_url}})
     other_url = sim_create(sim, other.id)["body"]["options"]["gen2Options"]["image_prompt"]
-    assert other_url != url and hashlib.sha256(fetch_asset(other_url).content).digest() == hashlib.sha256(SAMPLE_JPG).digest()
+    assert (
+        other_url != url
+        and hashlib.sha256(fetch_asset(other_url).content).digest() == hashlib.sha256(SAMPLE_JPG).digest()
+    )
 
     # type and content checked
-    raises(openai.BadRequestError, lambda: c.videos.create(prompt="x", input_reference=("notes.txt", b"hello", "text/plain")), "unsupported_file_type", "input_reference")
-    raises(openai.BadRequestError, lambda: c.videos.create(prompt="x", input_reference=("cat.png", SAMPLE_JPG, "image/png")), "invalid_file", "input_reference")
-    raises(openai.BadRequestError, lambda: c.videos.create(prompt="x", input_reference=("fake.jpg", b"GIF89a" + bytes(64), "image/jpeg")), "unsupported_file_type")
+    raises(
+        openai.BadRequestError,
+        lambda: c.videos.create(prompt="x", input_reference=("notes.txt", b"hello", "text/plain")),
+        "unsupported_file_type",
+        "input_reference",
+    )
+    raises(
+        openai.BadRequestError,
+        lambda: c.videos.create(prompt="x", input_reference=("cat.png", SAMPLE_JPG, "image/png")),
+        "invalid_file",
+        "input_reference",
+    )
+    raises(
+        openai.BadRequestError,
+        lambda: c.videos.create(prompt="x", input_reference=("fake.jpg", b"GIF89a" + bytes(64), "image/jpeg")),
+        "unsupported_file_type",
+    )
     big = b"\xff\xd8\xff" + bytes(70_000)
-    err = raises(openai.APIStatusError, lambda: c.videos.create(prompt="x", input_reference=("big.jpg", big, "image/jpeg")))
+    err = raises(
+        openai.APIStatusError, lambda: c.videos.create(prompt="x", input_reference=("big.jpg", big, "image/jpeg"))
+    )
     assert err.status_code == 413
 
     # forged and expired links
@@ -378,7 +512,9 @@ def kept_uploads(g: GatewayProcess, store_url: str | None) -> int:
     return sum(1 for _ in redis.Redis.from_url(base).scan_iter(match=prefix + "asset:*", count=1000))
 
 
-def test_nothing_is_stored_for_a_refused_or_failed_upload(tmp_path: Path, own_sim: Simulator, store_url: str | None) -> None:
+def test_nothing_is_stored_for_a_refused_or_failed_upload(
+    tmp_path: Path, own_sim: Simulator, store_url: str | None
+) -> None:
     """An upload is stored only once its create is admitted, and removed when the upstream
     then definitely created nothing; an unknown outcome keeps it (the relay may fetch it)."""
     tenants = [TenantSpec("one-a-minute", limits={"tasks_per_minute": 1}), TenantSpec("unlucky")]
@@ -389,7 +525,9 @@ def test_nothing_is_stored_for_a_refused_or_failed_upload(tmp_path: Path, own_si
         results = []
         for i in range(6):
             try:
-                results.append(c.videos.create(prompt=f"upload {i}", input_reference=("cat.jpg", SAMPLE_JPG, "image/jpeg")).id)
+                results.append(
+                    c.videos.create(prompt=f"upload {i}", input_reference=("cat.jpg", SAMPLE_JPG, "image/jpeg")).id
+                )
             except openai.RateLimitError as err:
                 assert err.code == "rate_limit_exceeded" and err.response.headers["retry-after"]
                 results.append("429")
@@ -398,17 +536,32 @@ def test_nothing_is_stored_for_a_refused_or_failed_upload(tmp_path: Path, own_si
 
         u = sdk(g, "unlucky")
         own_sim.control(create_status=500)
-        raises(openai.InternalServerError, lambda: u.videos.create(prompt="x", input_reference=("cat.jpg", SAMPLE_JPG, "image/jpeg")), "upstream_error")
+        raises(
+            openai.InternalServerError,
+            lambda: u.videos.create(prompt="x", input_reference=("cat.jpg", SAMPLE_JPG, "image/jpeg")),
+            "upstream_error",
+        )
         own_sim.control(create_status=429, retry_after=2)
-        err = raises(openai.InternalServerError, lambda: u.videos.create(prompt="x", input_reference=("cat.jpg", SAMPLE_JPG, "image/jpeg")), "upstream_rate_limited")
+        err = raises(
+            openai.InternalServerError,
+            lambda: u.videos.create(prompt="x", input_reference=("cat.jpg", SAMPLE_JPG, "image/jpeg")),
+            "upstream_rate_limited",
+        )
         assert err.status_code == 503 and err.response.headers["retry-after"] == "2"
         data_url = "data:image/jpeg;base64," + base64.b64encode(SAMPLE_JPG).decode()
-        raises(openai.InternalServerError, lambda: u.videos.create(prompt="x", extra_body={"input_reference": {"image_url": data_url}}), "upstream_rate_limited")
+        raises(
+            openai.InternalServerError,
+            lambda: u.videos.create(prompt="x", extra_body={"input_reference": {"image_url": data_url}}),
+            "upstream_rate_limited",
+        )
         assert kept_uploads(g, store_url) == 1
         assert g.usage("unlucky") == {"active": 0, "tasks_today": 0, "credits_today": 0, "credits_this_month": 0}
 
         own_sim.control(create_status=0, garbage=True)  # sent, answered with garbage: outcome unknown
-        raises(openai.InternalServerError, lambda: u.videos.create(prompt="x", input_reference=("cat.jpg", SAMPLE_JPG, "image/jpeg")))
+        raises(
+            openai.InternalServerError,
+            lambda: u.videos.create(prompt="x", input_reference=("cat.jpg", SAMPLE_JPG, "image/jpeg")),
+        )
         assert kept_uploads(g, store_url) == 2
     finally:
         g.stop()
@@ -424,7 +577,9 @@ def _rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-def test_big_artifact_streams_with_bounded_memory(own_sim: Simulator, start_gateway: Callable[..., GatewayProcess]) -> None:
+def test_big_artifact_streams_with_bounded_memory(
+    own_sim: Simulator, start_gateway: Callable[..., GatewayProcess]
+) -> None:
     size = 200 * 1024 * 1024
     own_sim.control(artifact_bytes=size, seconds_to_finish=0.3)
     try:
@@ -453,7 +608,7 @@ def test_big_artifact_streams_with_bounded_memory(own_sim: Simulator, start_gate
                 assert resp.headers["content-length"] == str(size) and resp.headers["content-type"] == "video/mp4"
                 for chunk in resp.iter_bytes(1 << 20):
                     start = received % 256
-                    assert chunk == pattern[start:start + len(chunk)], f"wrong bytes at offset {received}"
+                    assert chunk == pattern[start : start + len(chunk)], f"wrong bytes at offset {received}"
                     received += len(chunk)
         finally:
             stop.set()

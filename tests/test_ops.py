@@ -5,12 +5,11 @@ from __future__ import annotations
 import re
 import secrets
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import pytest
-
 from conftest import UPSTREAM_KEY, GatewayProcess, RedisServer, Simulator, TenantSpec, gen2_body, wait_until
 
 CONTRACT_SERIES = {
@@ -33,7 +32,7 @@ CONTRACT_SERIES = {
     "gateway_build_info": {"version"},
     "gateway_upstream_auth_failures_total": {"key_index"},  # beyond the contract's table: refused relay keys
 }
-SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$')
+SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
 LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
 
@@ -68,7 +67,14 @@ def test_first_scrape_has_every_series_with_zero_children(tmp_path: Path, sim: S
         if base_name(name) in CONTRACT_SERIES:
             assert set(labels) - {"le"} == CONTRACT_SERIES[base_name(name)], (name, labels)
     limits = {l["limit"] for n, l, _ in samples if n == "gateway_quota_rejections_total" and l["tenant"] == "quiet"}
-    assert limits == {"requests_per_minute", "tasks_per_minute", "max_active_tasks", "tasks_per_day", "credits_per_day", "credits_per_month"}
+    assert limits == {
+        "requests_per_minute",
+        "tasks_per_minute",
+        "max_active_tasks",
+        "tasks_per_day",
+        "credits_per_day",
+        "credits_per_month",
+    }
     assert ("gateway_tasks_active", {"tenant": "quiet"}, 0.0) in samples
 
 
@@ -92,8 +98,19 @@ def test_counts_across_two_workers_and_no_sensitive_labels(tmp_path: Path, sim: 
             assert httpx.get(g.url + "/runway/tasks", headers={"Authorization": "Bearer nope"}).status_code == 401
         wait_until(lambda: metric(g, "gateway_tasks_finished_total", tenant="multi", status="SUCCEEDED") == 3, 15)
         # Request counts are buffered per worker and flushed every second (metrics.FLUSH_SECONDS).
-        counted = {("/runway/tasks", "POST", "200"): 3, ("/runway/tasks", "POST", "429"): 1, ("/runway/tasks/{id}", "GET", "200"): 15, ("/runway/tasks", "GET", "401"): 2}
-        wait_until(lambda: all(metric(g, "gateway_requests_total", route=r, method=m, status=st) == n for (r, m, st), n in counted.items()), 5)
+        counted = {
+            ("/runway/tasks", "POST", "200"): 3,
+            ("/runway/tasks", "POST", "429"): 1,
+            ("/runway/tasks/{id}", "GET", "200"): 15,
+            ("/runway/tasks", "GET", "401"): 2,
+        }
+        wait_until(
+            lambda: all(
+                metric(g, "gateway_requests_total", route=r, method=m, status=st) == n
+                for (r, m, st), n in counted.items()
+            ),
+            5,
+        )
         text = httpx.get(g.url + "/metrics").text
         samples = parse(text)
     finally:
@@ -115,9 +132,14 @@ def test_counts_across_two_workers_and_no_sensitive_labels(tmp_path: Path, sim: 
     assert value("gateway_upstream_requests_total", operation="create", status="200") == 3
     # Two callbacks per task (RUNNING, SUCCEEDED); a background poll may apply a state
     # first, and then its callback counts as duplicate or stale, never as lost.
-    callbacks = {r: value("gateway_callbacks_received_total", result=r) for r in ("applied", "duplicate", "stale", "adopted", "unknown", "invalid", "bad_token")}
+    callbacks = {
+        r: value("gateway_callbacks_received_total", result=r)
+        for r in ("applied", "duplicate", "stale", "adopted", "unknown", "invalid", "bad_token")
+    }
     assert callbacks["applied"] + callbacks["duplicate"] + callbacks["stale"] == 6, callbacks
-    assert callbacks["adopted"] == callbacks["unknown"] == callbacks["invalid"] == callbacks["bad_token"] == 0, callbacks
+    assert callbacks["adopted"] == callbacks["unknown"] == callbacks["invalid"] == callbacks["bad_token"] == 0, (
+        callbacks
+    )
     assert value("gateway_task_duration_seconds_count", task_type="gen2", status="SUCCEEDED") == 3
     assert value("gateway_tasks_active", tenant="multi") == 0
     assert value("gateway_build_info") == 1
@@ -128,11 +150,17 @@ def test_counts_across_two_workers_and_no_sensitive_labels(tmp_path: Path, sim: 
 
 
 def metric(g: GatewayProcess, name: str, **labels: str) -> float:
-    return sum(v for n, l, v in parse(httpx.get(g.url + "/metrics").text) if n == name and all(l.get(k) == val for k, val in labels.items()))
+    return sum(
+        v
+        for n, l, v in parse(httpx.get(g.url + "/metrics").text)
+        if n == name and all(l.get(k) == val for k, val in labels.items())
+    )
 
 
 def test_metrics_bearer_token(tmp_path: Path, sim: Simulator) -> None:
-    g = GatewayProcess(tmp_path, sim.url, [TenantSpec("t")], extra_toml='[metrics]\nbearer_token = "scrape-secret-123"\n')
+    g = GatewayProcess(
+        tmp_path, sim.url, [TenantSpec("t")], extra_toml='[metrics]\nbearer_token = "scrape-secret-123"\n'
+    )
     g.start()
     try:
         assert httpx.get(g.url + "/metrics").status_code == 401
@@ -155,13 +183,19 @@ def test_a_refused_relay_key_is_logged_once_counted_and_reported_by_readyz(tmp_p
     body, never the key itself. Readiness stays 200: the store answers."""
     wrong = "sk-wrong-relay-key-" + secrets.token_hex(8)
     g = GatewayProcess(tmp_path, own_sim.url, [TenantSpec("t")])
-    g.config_path.write_text(g.config_path.read_text().replace(f'api_keys = ["{UPSTREAM_KEY}"]', f'api_keys = ["{UPSTREAM_KEY}", "{wrong}"]', 1))
+    g.config_path.write_text(
+        g.config_path.read_text().replace(
+            f'api_keys = ["{UPSTREAM_KEY}"]', f'api_keys = ["{UPSTREAM_KEY}", "{wrong}"]', 1
+        )
+    )
     g.start()
     try:
         ready = httpx.get(g.url + "/readyz").json()
         assert (ready["upstream_auth"], ready["upstream_auth_failing_keys"]) == ("ok", [])
         assert [metric(g, "gateway_upstream_auth_failures_total", key_index=i) for i in ("0", "1")] == [0, 0]
-        assert 'gateway_upstream_auth_failures_total{key_index="1"} 0.0' in httpx.get(g.url + "/metrics").text  # from the first scrape
+        assert (
+            'gateway_upstream_auth_failures_total{key_index="1"} 0.0' in httpx.get(g.url + "/metrics").text
+        )  # from the first scrape
 
         answers = [create(g, "t") for _ in range(6)]  # the keys take turns: 0, 1, 0, 1...
         assert [r.status_code for r in answers] == [200, 502] * 3
@@ -183,7 +217,10 @@ def test_a_refused_relay_key_is_logged_once_counted_and_reported_by_readyz(tmp_p
         assert httpx.get(g.url + "/readyz").json()["upstream_auth_failing_keys"] == [1]
 
         lines = wait_until(lambda: [e for e in g.access_log() if e.get("event") == "upstream_key_refused"], 5)
-        assert [(e["level"], e["key_index"], e["upstream_status"]) for e in lines] == [("error", 1, 401), ("error", 0, 403)]
+        assert [(e["level"], e["key_index"], e["upstream_status"]) for e in lines] == [
+            ("error", 1, 401),
+            ("error", 0, 403),
+        ]
         assert wrong not in g.log_text() and wrong not in httpx.get(g.url + "/metrics").text
     finally:
         g.stop()

@@ -11,15 +11,14 @@ import itertools
 import math
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator
 
 import httpx
 import pytest
+from conftest import GatewayProcess, Simulator, TenantSpec, free_port, gen2_body, wait_until
 
 from gateway.quotas import format_duration
-
-from conftest import GatewayProcess, Simulator, TenantSpec, free_port, gen2_body, wait_until
 
 N, K = 5, 10
 LIMITED = {
@@ -30,8 +29,14 @@ LIMITED = {
     "cpd": {"credits_per_day": N * 10},
     "cpm": {"credits_per_month": N * 10},
 }
-CODES = {"rpm": "rate_limit_exceeded", "tpm": "rate_limit_exceeded", "active": "concurrency_limit_exceeded",
-         "tpd": "insufficient_quota", "cpd": "insufficient_quota", "cpm": "insufficient_quota"}
+CODES = {
+    "rpm": "rate_limit_exceeded",
+    "tpm": "rate_limit_exceeded",
+    "active": "concurrency_limit_exceeded",
+    "tpd": "insufficient_quota",
+    "cpd": "insufficient_quota",
+    "cpm": "insufficient_quota",
+}
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -113,8 +118,15 @@ def test_rate_limit_headers_are_exact(replicas: list[GatewayProcess]) -> None:
         start = time.monotonic()
         for _ in range(4):
             r = c.get("/runway/tasks")
-            seen.append((r.status_code, r.headers["x-ratelimit-limit-requests"], r.headers["x-ratelimit-remaining-requests"],
-                         r.headers["x-ratelimit-reset-requests"], r.headers.get("retry-after")))
+            seen.append(
+                (
+                    r.status_code,
+                    r.headers["x-ratelimit-limit-requests"],
+                    r.headers["x-ratelimit-remaining-requests"],
+                    r.headers["x-ratelimit-reset-requests"],
+                    r.headers.get("retry-after"),
+                )
+            )
         late = math.ceil(time.monotonic() - start)  # the bucket refills meanwhile: 1 s -> 1 s less
     assert [s[:3] for s in seen] == [(200, "3", "2"), (200, "3", "1"), (200, "3", "0"), (429, "3", "0")]
 
@@ -126,8 +138,13 @@ def test_rate_limit_headers_are_exact(replicas: list[GatewayProcess]) -> None:
     assert seen[1][4] is None and seen[2][4] is None and seen[3][4] in {str(20 - k) for k in range(late + 1)}, seen
 
 
-@pytest.mark.parametrize("misbehaviour,status", [({"create_status": 500}, 502), ({"create_status": 429}, 503), ({"garbage": False, "latency_seconds": 5}, 504)])
-def test_refunds_follow_what_the_upstream_did(replicas: list[GatewayProcess], own_sim: Simulator, misbehaviour: dict, status: int) -> None:
+@pytest.mark.parametrize(
+    "misbehaviour,status",
+    [({"create_status": 500}, 502), ({"create_status": 429}, 503), ({"garbage": False, "latency_seconds": 5}, 504)],
+)
+def test_refunds_follow_what_the_upstream_did(
+    replicas: list[GatewayProcess], own_sim: Simulator, misbehaviour: dict, status: int
+) -> None:
     g = replicas[0]
     own_sim.control(**misbehaviour)
     with g.client("refund") as c:

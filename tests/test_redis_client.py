@@ -11,17 +11,18 @@ import asyncio
 import socket
 import time
 import uuid
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator
+from typing import Any
 
 import pytest
-
 from conftest import RedisServer, eventually, free_port
+from test_webhooks import self_signed
+
 from gateway.config import ConfigError, load_config
 from gateway.store.base import StoreUnavailable
 from gateway.store.redis.client import KEEPALIVE, RedisClient, RedisConnectionError, RedisError, pack
 from gateway.store.redis.url import Address, parse_url
-from test_webhooks import self_signed
 
 
 @pytest.fixture
@@ -112,7 +113,9 @@ async def test_an_error_reply_fails_its_command_only(client: RedisClient, prefix
     assert isinstance(results[1], RedisError) and "not an integer" in str(results[1])
 
 
-async def test_commands_of_one_turn_go_in_one_write_and_replies_keep_their_order(client: RedisClient, prefix: str) -> None:
+async def test_commands_of_one_turn_go_in_one_write_and_replies_keep_their_order(
+    client: RedisClient, prefix: str
+) -> None:
     await client.ping()  # connected
     writes = client.writes
     key = prefix + "counter"
@@ -140,7 +143,9 @@ async def test_a_late_reply_fails_the_waiting_commands_and_the_next_one_reconnec
     try:
         await client.ping()
         started = time.monotonic()
-        blocked = asyncio.gather(client.execute("BLPOP", prefix + "never", 5), client.execute("PING"), return_exceptions=True)
+        blocked = asyncio.gather(
+            client.execute("BLPOP", prefix + "never", 5), client.execute("PING"), return_exceptions=True
+        )
         first, second = await blocked
         assert isinstance(first, RedisConnectionError) and isinstance(second, RedisConnectionError)
         assert "0.3" in str(first) and time.monotonic() - started < 2.0
@@ -149,7 +154,9 @@ async def test_a_late_reply_fails_the_waiting_commands_and_the_next_one_reconnec
         await client.aclose()
 
 
-async def test_a_connection_killed_by_the_server_fails_then_reconnects(client: RedisClient, base_url: str, prefix: str) -> None:
+async def test_a_connection_killed_by_the_server_fails_then_reconnects(
+    client: RedisClient, base_url: str, prefix: str
+) -> None:
     my_id = await client.execute("CLIENT", "ID")
     waiting = asyncio.ensure_future(client.execute("BLPOP", prefix + "never", 5))
     admin = RedisClient(base_url)
@@ -297,8 +304,14 @@ async def test_a_failover_reply_drops_the_connection_and_the_next_command_reconn
         if reply == "MASTERDOWN":
             admin.config_set("replica-serve-stale-data", "no")
         command = ("SET", "k", "v") if reply == "READONLY" else ("GET", "k")
-        refused, queued = await asyncio.gather(client.execute(*command), client.execute("ECHO", "behind"), return_exceptions=True)
-        assert isinstance(refused, RedisConnectionError) and isinstance(refused, StoreUnavailable) and reply in str(refused)
+        refused, queued = await asyncio.gather(
+            client.execute(*command), client.execute("ECHO", "behind"), return_exceptions=True
+        )
+        assert (
+            isinstance(refused, RedisConnectionError)
+            and isinstance(refused, StoreUnavailable)
+            and reply in str(refused)
+        )
         assert queued is refused  # dropped with the connection
         admin.execute_command("REPLICAOF", "NO", "ONE")  # promoted again
         assert await client.execute("SET", "k", "v") == b"OK"
@@ -326,10 +339,21 @@ async def test_rediss_with_a_private_ca_and_a_client_certificate(tmp_path: Path)
     server_cert, server_key = self_signed(tmp_path / "server", "localhost")
     client_cert, client_key = self_signed(tmp_path / "client", "gateway")
     tls_port = free_port()
-    server = RedisServer(tmp_path, extra=(
-        "--tls-port", str(tls_port), "--tls-cert-file", str(server_cert), "--tls-key-file", str(server_key),
-        "--tls-ca-cert-file", str(client_cert), "--tls-auth-clients", "yes",
-    ))
+    server = RedisServer(
+        tmp_path,
+        extra=(
+            "--tls-port",
+            str(tls_port),
+            "--tls-cert-file",
+            str(server_cert),
+            "--tls-key-file",
+            str(server_key),
+            "--tls-ca-cert-file",
+            str(client_cert),
+            "--tls-auth-clients",
+            "yes",
+        ),
+    )
     server.start()
     base = f"rediss://localhost:{tls_port}/0"
     try:

@@ -26,12 +26,12 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import httpx
 import pytest
-
 from conftest import GatewayProcess, RedisServer, Simulator, TenantSpec, gen2_body, wait_until
 
 PRICE = 10  # the default gen2 price: credits per task
@@ -127,7 +127,7 @@ class CreateLoad:
         self.stopping = threading.Event()
         self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
 
-    def __enter__(self) -> "CreateLoad":
+    def __enter__(self) -> CreateLoad:
         for t in self.threads:
             t.start()
         return self
@@ -194,7 +194,11 @@ def test_creates_survive_a_redis_failover_without_500s_or_lost_or_double_charges
             assert refused.status_code == 503 and refused.json()["error"]["code"] == "store_unavailable", refused.text
             # Creates admitted (and charged) on A before the switch get their upstream answer
             # now; recording it on A fails, and the gateway keeps trying until the name moves.
-            wait_until(lambda: len(own_sim.tasks()) > upstream_at_failover, 15, message="an upstream answer during the failover")
+            wait_until(
+                lambda: len(own_sim.tasks()) > upstream_at_failover,
+                15,
+                message="an upstream answer during the failover",
+            )
             name_switch.move_to(b.port)
             wait_until(lambda: _ready(gw) == 200, 15, message="/readyz 200 on the new primary")
             assert "gateway_ready 1.0" in httpx.get(gw.url + "/metrics", timeout=10).text

@@ -38,8 +38,20 @@ FINISH = 0.3  # seconds_to_finish for these tests: quick, yet RUNNING is observa
 ISO_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 IMAGE = "https://d2jqrm6oza8nb6.cloudfront.net/previews/x.jpeg?_jwt=abc"
 TASK_KEYS = {
-    "id", "name", "image", "createdAt", "updatedAt", "taskType", "options", "status", "error",
-    "progressText", "progressRatio", "estimatedTimeToStartSeconds", "artifacts", "sharedAsset",
+    "id",
+    "name",
+    "image",
+    "createdAt",
+    "updatedAt",
+    "taskType",
+    "options",
+    "status",
+    "error",
+    "progressText",
+    "progressRatio",
+    "estimatedTimeToStartSeconds",
+    "artifacts",
+    "sharedAsset",
 }
 
 
@@ -51,10 +63,17 @@ def example_body(**top: Any) -> dict[str, Any]:
         "options": {
             "name": "Gen-2 1919715046",
             "gen2Options": {
-                "mode": "gen2", "seed": 1919715046, "interpolate": True, "upscale": False,
-                "watermark": True, "motion_score": 22, "use_motion_score": True,
-                "use_motion_vectors": False, "text_prompt": "The wind blows hair up.",
-                "image_prompt": IMAGE, "init_image": IMAGE,
+                "mode": "gen2",
+                "seed": 1919715046,
+                "interpolate": True,
+                "upscale": False,
+                "watermark": True,
+                "motion_score": 22,
+                "use_motion_score": True,
+                "use_motion_vectors": False,
+                "text_prompt": "The wind blows hair up.",
+                "image_prompt": IMAGE,
+                "init_image": IMAGE,
             },
             "exploreMode": False,
             "assetGroupName": "Generative Video",
@@ -181,8 +200,9 @@ async def test_second_key_and_client_seconds_are_kept(client: httpx.AsyncClient)
     assert (response.status_code, task["options"]["seconds"], task["name"]) == (200, 8, "Gen-2 1919715046")
 
 
-@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer sk-wrong"}, {"Authorization": KEY},
-                                     {"Authorization": f"Basic {KEY}"}])
+@pytest.mark.parametrize(
+    "headers", [{}, {"Authorization": "Bearer sk-wrong"}, {"Authorization": KEY}, {"Authorization": f"Basic {KEY}"}]
+)
 async def test_bad_key_is_401_with_json_error(client: httpx.AsyncClient, headers: dict[str, str]) -> None:
     response = await client.post("/runway/tasks", headers=headers, json=example_body())
     assert response.status_code == 401
@@ -205,30 +225,33 @@ def _mutate(path: str, value: Any) -> dict[str, Any]:
     return body
 
 
-@pytest.mark.parametrize(("path", "value"), [
-    ("taskType", "gen3"),
-    ("taskType", "DELETE"),
-    ("internal", "no"),
-    ("options", "DELETE"),
-    ("options", []),
-    ("options.gen2Options", "DELETE"),
-    ("options.gen2Options", "x"),
-    ("options.name", 5),
-    ("options.seconds", "4"),
-    ("options.gen2Options.mode", "gen3"),
-    ("options.gen2Options.seed", 4294967296),
-    ("options.gen2Options.seed", -1),
-    ("options.gen2Options.seed", True),
-    ("options.gen2Options.seed", 1.5),
-    ("options.gen2Options.interpolate", "true"),
-    ("options.gen2Options.motion_score", 2.5),
-    ("options.gen2Options.text_prompt", None),
-    ("options.gen2Options.image_prompt", ""),
-    ("options.gen2Options.image_prompt", "http://example.com/a.jpg"),
-    ("options.gen2Options.init_image", "not a url"),
-    ("notify_hook", "ftp://example.com/hook"),
-    ("notify_hook", None),
-])
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        ("taskType", "gen3"),
+        ("taskType", "DELETE"),
+        ("internal", "no"),
+        ("options", "DELETE"),
+        ("options", []),
+        ("options.gen2Options", "DELETE"),
+        ("options.gen2Options", "x"),
+        ("options.name", 5),
+        ("options.seconds", "4"),
+        ("options.gen2Options.mode", "gen3"),
+        ("options.gen2Options.seed", 4294967296),
+        ("options.gen2Options.seed", -1),
+        ("options.gen2Options.seed", True),
+        ("options.gen2Options.seed", 1.5),
+        ("options.gen2Options.interpolate", "true"),
+        ("options.gen2Options.motion_score", 2.5),
+        ("options.gen2Options.text_prompt", None),
+        ("options.gen2Options.image_prompt", ""),
+        ("options.gen2Options.image_prompt", "http://example.com/a.jpg"),
+        ("options.gen2Options.init_image", "not a url"),
+        ("notify_hook", "ftp://example.com/hook"),
+        ("notify_hook", None),
+    ],
+)
 async def test_bad_bodies_are_400(client: httpx.AsyncClient, path: str, value: Any) -> None:
     response = await client.post("/runway/tasks", headers=AUTH, json=_mutate(path, value))
     assert response.status_code == 400, path
@@ -237,8 +260,7 @@ async def test_bad_bodies_are_400(client: httpx.AsyncClient, path: str, value: A
 
 @pytest.mark.parametrize("content", [b"{not json", b"[]", b'"gen2"', b""])
 async def test_non_object_bodies_are_400(client: httpx.AsyncClient, content: bytes) -> None:
-    response = await client.post("/runway/tasks", headers={**AUTH, "content-type": "application/json"},
-                                 content=content)
+    response = await client.post("/runway/tasks", headers={**AUTH, "content-type": "application/json"}, content=content)
     assert response.status_code == 400
     assert "error" in response.json()
 
@@ -426,10 +448,21 @@ async def test_observation_endpoints_and_reset(client: httpx.AsyncClient) -> Non
     assert cleared["status_calls_by_id"] == {task["id"]: 1}  # the 404 call just made
 
 
-@pytest.mark.parametrize("content", [b"nope", b"[]", b'{"bogus": 1}', b'{"garbage": 1}',
-                                     b'{"fail_rate": 2}', b'{"create_status": 200}',
-                                     b'{"artifact_bytes": 1.5}', b'{"latency_seconds": -1}',
-                                     b'{"drop_callbacks": "yes"}', b'{"seconds_to_finish": true}'])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"nope",
+        b"[]",
+        b'{"bogus": 1}',
+        b'{"garbage": 1}',
+        b'{"fail_rate": 2}',
+        b'{"create_status": 200}',
+        b'{"artifact_bytes": 1.5}',
+        b'{"latency_seconds": -1}',
+        b'{"drop_callbacks": "yes"}',
+        b'{"seconds_to_finish": true}',
+    ],
+)
 async def test_bad_control_is_400_and_changes_nothing(client: httpx.AsyncClient, content: bytes) -> None:
     before = (await client.get("/_sim/control")).json()
     response = await client.post("/_sim/control", content=content)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import AsyncIterator
 
 import pytest
 
@@ -55,7 +55,9 @@ async def admit(store: SQLiteStore, rec: TaskRecord, limits: Limits = Limits()) 
 async def test_operations_of_one_turn_share_one_commit(store: SQLiteStore) -> None:
     await store.take_request(TENANT, Limits(requests_per_minute=100), T0)  # the quota row exists
     seen = statements(store)
-    results = await asyncio.gather(*(store.take_request(TENANT, Limits(requests_per_minute=100), T0) for _ in range(20)))
+    results = await asyncio.gather(
+        *(store.take_request(TENANT, Limits(requests_per_minute=100), T0) for _ in range(20))
+    )
     assert [r.rate.remaining for r in results if r.rate] == list(range(98, 78, -1))
     assert seen.count("BEGIN IMMEDIATE") == 1 and seen.count("COMMIT") == 1
     assert seen.count("SAVEPOINT op") == 20 and seen.count("RELEASE op") == 20
@@ -126,7 +128,9 @@ async def test_a_failing_operation_rolls_back_only_its_own_writes(store: SQLiteS
     dup = f"req_{uuid.uuid4().hex}"
     limits = Limits(tasks_per_day=10, credits_per_day=100)
     outcomes = await asyncio.gather(
-        admit(store, reservation(dup), limits), admit(store, reservation(dup), limits), admit(store, reservation(), limits),
+        admit(store, reservation(dup), limits),
+        admit(store, reservation(dup), limits),
+        admit(store, reservation(), limits),
         return_exceptions=True,
     )
     assert outcomes[0] is True and outcomes[2] is True
@@ -139,6 +143,7 @@ async def test_a_failing_operation_rolls_back_only_its_own_writes(store: SQLiteS
 async def test_no_caller_resumes_before_its_writes_are_committed(store: SQLiteStore) -> None:
     other = sqlite3.connect(store.path)  # another worker's view: committed data only
     try:
+
         async def create_and_look() -> int:
             rec = reservation()
             assert await admit(store, rec)

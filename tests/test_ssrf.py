@@ -7,22 +7,31 @@ import contextlib
 import ipaddress
 import ssl
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import httpx
 import openai
 import pytest
-from prometheus_client import CollectorRegistry
-
 from conftest import GatewayProcess, Simulator, TenantSpec, gen2_body
+from prometheus_client import CollectorRegistry
+from test_webhooks import self_signed
+
 from gateway.config import UpstreamConfig
 from gateway.metrics import Metrics
-from gateway.ssrf import HookPolicy, HookRefused, check_hook_url, classify, normalise_host, resolve_hook, system_resolver
+from gateway.ssrf import (
+    HookPolicy,
+    HookRefused,
+    check_hook_url,
+    classify,
+    normalise_host,
+    resolve_hook,
+    system_resolver,
+)
 from gateway.upstream import Upstream, UpstreamFailure
-from test_webhooks import self_signed
 
 OPEN = HookPolicy.from_hosts([])
 
@@ -180,7 +189,9 @@ async def test_real_resolver_localhost_is_loopback() -> None:
 
 async def test_resolved_hook_connects_to_address_and_keeps_name() -> None:
     policy = HookPolicy.from_hosts(["*.svc.internal"])
-    hook = await resolve_hook("https://a.svc.internal:8443/p?q=1#frag", policy, fake_resolver({"a.svc.internal": ["10.0.0.8"]}))
+    hook = await resolve_hook(
+        "https://a.svc.internal:8443/p?q=1#frag", policy, fake_resolver({"a.svc.internal": ["10.0.0.8"]})
+    )
     assert hook.url == "https://10.0.0.8:8443/p?q=1"
     assert hook.host_header == "a.svc.internal:8443"
     assert hook.sni_hostname == "a.svc.internal"
@@ -192,8 +203,16 @@ async def test_resolved_hook_connects_to_address_and_keeps_name() -> None:
 
 @pytest.mark.parametrize(
     "raw,canonical",
-    [("2130706433", "127.0.0.1"), ("0x7f.1", "127.0.0.1"), ("0177.0.0.1", "127.0.0.1"), ("127.1", "127.0.0.1"),
-     ("0x7f000001", "127.0.0.1"), ("0", "0.0.0.0"), ("::FFFF:127.0.0.1", "::ffff:7f00:1"), ("Example.COM.", "example.com")],
+    [
+        ("2130706433", "127.0.0.1"),
+        ("0x7f.1", "127.0.0.1"),
+        ("0177.0.0.1", "127.0.0.1"),
+        ("127.1", "127.0.0.1"),
+        ("0x7f000001", "127.0.0.1"),
+        ("0", "0.0.0.0"),
+        ("::FFFF:127.0.0.1", "::ffff:7f00:1"),
+        ("Example.COM.", "example.com"),
+    ],
 )
 def test_normalise_host(raw: str, canonical: str) -> None:
     assert normalise_host(raw.lower())[0] == canonical
@@ -280,13 +299,15 @@ def internal() -> Iterator[Recorder]:
 def cdn(internal: Recorder) -> Iterator[Recorder]:
     """The allowed artifact host: redirects to the internal server, to itself, and in a loop."""
     with recorder("127.0.0.2") as rec:
-        rec.routes.update({
-            "/to-internal": (302, {"location": internal.url("/internal")}, b""),
-            "/to-internal-by-name": (307, {"location": f"http://localhost:{internal.port}/internal"}, b""),
-            "/to-video": (302, {"location": "/video.mp4"}, b""),
-            "/video.mp4": (200, {"content-type": "video/mp4"}, VIDEO_BYTES),
-            "/loop": (302, {"location": "/loop"}, b""),
-        })
+        rec.routes.update(
+            {
+                "/to-internal": (302, {"location": internal.url("/internal")}, b""),
+                "/to-internal-by-name": (307, {"location": f"http://localhost:{internal.port}/internal"}, b""),
+                "/to-video": (302, {"location": "/video.mp4"}, b""),
+                "/video.mp4": (200, {"content-type": "video/mp4"}, VIDEO_BYTES),
+                "/loop": (302, {"location": "/loop"}, b""),
+            }
+        )
         yield rec
 
 
@@ -301,7 +322,9 @@ def slow_sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Simulator]:
 
 @pytest.fixture(scope="module")
 def artifact_gw(tmp_path_factory: pytest.TempPathFactory, slow_sim: Simulator) -> Iterator[GatewayProcess]:
-    g = GatewayProcess(tmp_path_factory.mktemp("artifact-gw"), slow_sim.url, [TenantSpec("ssrf")], artifact_hosts=("127.0.0.2",))
+    g = GatewayProcess(
+        tmp_path_factory.mktemp("artifact-gw"), slow_sim.url, [TenantSpec("ssrf")], artifact_hosts=("127.0.0.2",)
+    )
     g.start()
     yield g
     g.stop()
@@ -335,7 +358,9 @@ def assert_refused(g: GatewayProcess, video_id: str, variant: str = "video") -> 
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
-def test_artifact_on_internal_address_is_refused_and_never_fetched(artifact_gw: GatewayProcess, slow_sim: Simulator, internal: Recorder) -> None:
+def test_artifact_on_internal_address_is_refused_and_never_fetched(
+    artifact_gw: GatewayProcess, slow_sim: Simulator, internal: Recorder
+) -> None:
     spellings = [
         internal.url("/internal"),
         f"http://localhost:{internal.port}/internal",
@@ -349,12 +374,16 @@ def test_artifact_on_internal_address_is_refused_and_never_fetched(artifact_gw: 
         assert_refused(artifact_gw, video_id, "thumbnail")
     assert internal.seen == []
     warnings = [l for l in artifact_gw.access_log() if l.get("event") == "artifact_refused"]
-    assert len(warnings) == 2 * len(spellings) and all(w["level"] == "warning" and ("artifact_hosts" in w["reason"] or "metadata" in w["reason"]) for w in warnings)
+    assert len(warnings) == 2 * len(spellings) and all(
+        w["level"] == "warning" and ("artifact_hosts" in w["reason"] or "metadata" in w["reason"]) for w in warnings
+    )
     assert all("/internal" not in w["reason"] for w in warnings)  # the reason, never the URL
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
-def test_redirects_are_followed_by_hand_each_hop_checked(artifact_gw: GatewayProcess, slow_sim: Simulator, internal: Recorder, cdn: Recorder) -> None:
+def test_redirects_are_followed_by_hand_each_hop_checked(
+    artifact_gw: GatewayProcess, slow_sim: Simulator, internal: Recorder, cdn: Recorder
+) -> None:
     """An allowed host may redirect within the rules; to an internal address (by IP or by
     name) or in a loop it is refused, and the internal server never sees a request."""
     video_id = video_with_artifact(artifact_gw, slow_sim, cdn.url("/to-video"))
@@ -371,11 +400,20 @@ async def test_artifact_connects_to_checked_address_with_the_name_as_host(cdn: R
     """`cdn.test` exists only in the injected resolver: the bytes can only come through the
     checked address, and the server still sees the name. A wildcard entry is not enough
     for loopback, and a name that resolves to loopback is refused after DNS."""
+
     async def dns(host: str, port: int) -> list[str]:
         return {"cdn.test": ["127.0.0.2"], "rebind.cdn.test": ["127.0.0.1"]}[host]
 
-    exact = Upstream(UpstreamConfig(api_keys=("k",), artifact_hosts=("cdn.test",)), Metrics([], registry=CollectorRegistry()), resolver=dns)
-    wildcard = Upstream(UpstreamConfig(api_keys=("k",), artifact_hosts=("*.cdn.test",)), Metrics([], registry=CollectorRegistry()), resolver=dns)
+    exact = Upstream(
+        UpstreamConfig(api_keys=("k",), artifact_hosts=("cdn.test",)),
+        Metrics([], registry=CollectorRegistry()),
+        resolver=dns,
+    )
+    wildcard = Upstream(
+        UpstreamConfig(api_keys=("k",), artifact_hosts=("*.cdn.test",)),
+        Metrics([], registry=CollectorRegistry()),
+        resolver=dns,
+    )
     await exact.start()
     await wildcard.start()
     try:
@@ -397,7 +435,9 @@ async def test_artifact_connects_to_checked_address_with_the_name_as_host(cdn: R
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
-def test_https_artifact_is_verified_against_its_host_name(tmp_path: Path, slow_sim: Simulator, start_gateway: Callable[..., GatewayProcess]) -> None:
+def test_https_artifact_is_verified_against_its_host_name(
+    tmp_path: Path, slow_sim: Simulator, start_gateway: Callable[..., GatewayProcess]
+) -> None:
     """Connected to the checked address (127.0.0.1), TLS still sends and verifies the URL's
     name: a certificate for `localhost` passes, one for another name fails before any
     request. The gateway trusts the test's self-signed certificates through SSL_CERT_FILE."""
@@ -411,7 +451,9 @@ def test_https_artifact_is_verified_against_its_host_name(tmp_path: Path, slow_s
         certs.append(cert.read_bytes())
     bundle = tmp_path / "ca.pem"
     bundle.write_bytes(b"".join(certs))  # both trusted: only the name can fail
-    g = start_gateway(slow_sim.url, [TenantSpec("ssrf")], artifact_hosts=("localhost",), env={"SSL_CERT_FILE": str(bundle)})
+    g = start_gateway(
+        slow_sim.url, [TenantSpec("ssrf")], artifact_hosts=("localhost",), env={"SSL_CERT_FILE": str(bundle)}
+    )
     with recorder("127.0.0.1", contexts[0]) as good, recorder("127.0.0.1", contexts[1]) as bad:
         good.routes["/video.mp4"] = (200, {"content-type": "video/mp4"}, VIDEO_BYTES)
         video_id = video_with_artifact(g, slow_sim, f"https://localhost:{good.port}/video.mp4")

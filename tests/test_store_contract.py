@@ -19,10 +19,11 @@ import os
 import sys
 import time
 import uuid
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator
+from typing import Any
 
 import orjson
 import pytest
@@ -49,7 +50,7 @@ from gateway.store.rules import (
     seconds_to_next_month,
 )
 
-T0 = datetime(2026, 1, 15, 12, 0, 0, tzinfo=timezone.utc).timestamp()
+T0 = datetime(2026, 1, 15, 12, 0, 0, tzinfo=UTC).timestamp()
 TENANT = "acme"
 OTHER = "globex"
 PRICE = 10
@@ -94,7 +95,9 @@ def host_zone(request: pytest.FixtureRequest) -> Iterator[str]:
     time.tzset()
     _day_key.cache_clear()  # a label cached under the previous test's zone would hide this one's
     try:
-        assert time.localtime(T0).tm_gmtoff == HOST_ZONES[zone], f"no timezone data for {zone}: the test would run in UTC"
+        assert time.localtime(T0).tm_gmtoff == HOST_ZONES[zone], (
+            f"no timezone data for {zone}: the test would run in UTC"
+        )
         yield zone
     finally:
         if saved is None:
@@ -145,9 +148,18 @@ def new_rid() -> str:
     return f"req_{uuid.uuid4().hex}"
 
 
-def reservation(rid: str | None = None, *, tenant: str = TENANT, now: float = T0, hook: str = "", credits: int = PRICE) -> TaskRecord:
+def reservation(
+    rid: str | None = None, *, tenant: str = TENANT, now: float = T0, hook: str = "", credits: int = PRICE
+) -> TaskRecord:
     return TaskRecord(
-        rid=rid or new_rid(), tenant_id=tenant, hook=hook, credits=credits, created_at=now, updated_at=now, next_poll_at=now + 5, meta={"model": "gen2"}
+        rid=rid or new_rid(),
+        tenant_id=tenant,
+        hook=hook,
+        credits=credits,
+        created_at=now,
+        updated_at=now,
+        next_poll_at=now + 5,
+        meta={"model": "gen2"},
     )
 
 
@@ -156,7 +168,14 @@ def task_obj(task_id: str, status: str, updated: str = "2026-01-15T12:00:00Z", *
 
 
 async def admit(
-    store: Store, limits: Limits, *, now: float = T0, tenant: str = TENANT, credits: int = PRICE, hook: str = "", rid: str | None = None
+    store: Store,
+    limits: Limits,
+    *,
+    now: float = T0,
+    tenant: str = TENANT,
+    credits: int = PRICE,
+    hook: str = "",
+    rid: str | None = None,
 ) -> tuple[Admission, TaskRecord]:
     rec = reservation(rid, tenant=tenant, now=now, hook=hook, credits=credits)
     adm = await store.admit_create(tenant, limits, Charge(credits, day_key(now), month_key(now)), rec, now)
@@ -164,7 +183,14 @@ async def admit(
 
 
 async def create(
-    store: Store, *, limits: Limits = Limits(), now: float = T0, tenant: str = TENANT, hook: str = "", credits: int = PRICE, rid: str | None = None
+    store: Store,
+    *,
+    limits: Limits = Limits(),
+    now: float = T0,
+    tenant: str = TENANT,
+    hook: str = "",
+    credits: int = PRICE,
+    rid: str | None = None,
 ) -> tuple[TaskRecord, str]:
     """Admit and record the upstream's PENDING answer, as POST /runway/tasks does."""
     adm, rec = await admit(store, limits, now=now, tenant=tenant, credits=credits, hook=hook, rid=rid)
@@ -251,13 +277,29 @@ async def test_create_draws_both_buckets_and_reports_the_tightest(store: Store) 
     tight = Limits(requests_per_minute=1, tasks_per_minute=5)
     assert (await admit(store, tight, tenant=OTHER))[0].ok
     refused, _ = await admit(store, tight, tenant=OTHER)
-    assert refused.limit == "requests_per_minute" and refused.retry_after == 60.0 and refused.rate == RateInfo(1, 0, 60.0)
+    assert (
+        refused.limit == "requests_per_minute" and refused.retry_after == 60.0 and refused.rate == RateInfo(1, 0, 60.0)
+    )
 
 
 # --- all-or-nothing admission -----------------------------------------------------------
 
-GENEROUS = dict(requests_per_minute=100, tasks_per_minute=50, max_active_tasks=40, tasks_per_day=30, credits_per_day=1000, credits_per_month=2000)
-TIGHT = dict(requests_per_minute=3, tasks_per_minute=3, max_active_tasks=3, tasks_per_day=3, credits_per_day=35, credits_per_month=35)
+GENEROUS = dict(
+    requests_per_minute=100,
+    tasks_per_minute=50,
+    max_active_tasks=40,
+    tasks_per_day=30,
+    credits_per_day=1000,
+    credits_per_month=2000,
+)
+TIGHT = dict(
+    requests_per_minute=3,
+    tasks_per_minute=3,
+    max_active_tasks=3,
+    tasks_per_day=3,
+    credits_per_day=35,
+    credits_per_month=35,
+)
 
 
 async def _history(store: Store, tenant: str, limits: Limits, n: int) -> None:
@@ -334,7 +376,9 @@ async def test_expired_tasks_free_their_slot_and_keep_the_charge(store: Store) -
     assert await nonzero_active(store) == {}
     assert (await admit(store, limits, now=T0 + 3600))[0].ok
     # A later terminal update still applies, does not free the slot twice, and refunds.
-    res = await store.apply_update(old.rid, TENANT, task_obj(old.task_id or "", "FAILED"), T0 + 3700, refund_failed=True)
+    res = await store.apply_update(
+        old.rid, TENANT, task_obj(old.task_id or "", "FAILED"), T0 + 3700, refund_failed=True
+    )
     assert res.applied and res.finished and res.refunded_credits == PRICE
     assert (await store.usage(TENANT, T0 + 3700)).active == 1
 
@@ -348,7 +392,9 @@ async def test_unknown_outcomes_free_their_slot_after_the_unknown_timeout(store:
     assert not (await admit(store, limits, now=T0 + 40))[0].ok
     assert await store.expire_tasks(T0 + 299, 3600, 300) == []
     expired = await store.expire_tasks(T0 + 300, 3600, 300)
-    assert [(r.rid, r.status, r.timed_out, r.active, r.settled) for r in expired] == [(unknown.rid, "UNKNOWN", True, False, False)]
+    assert [(r.rid, r.status, r.timed_out, r.active, r.settled) for r in expired] == [
+        (unknown.rid, "UNKNOWN", True, False, False)
+    ]
     assert await store.expire_tasks(T0 + 400, 3600, 300) == []
     usage = await store.usage(TENANT, T0 + 400)  # slot freed, charge kept
     assert usage == Usage(active=2, tasks_today=3, credits_today=3 * PRICE, credits_this_month=3 * PRICE)
@@ -378,7 +424,7 @@ async def test_an_unknown_outcome_identified_in_time_is_not_expired_as_unknown(s
 
 @pytest.mark.parametrize("host_zone", list(HOST_ZONES), indirect=True)
 async def test_day_and_month_budgets_roll_over_at_utc_midnight(store: Store, host_zone: str) -> None:
-    eve = datetime(2026, 1, 31, 23, 59, 59, tzinfo=timezone.utc).timestamp()
+    eve = datetime(2026, 1, 31, 23, 59, 59, tzinfo=UTC).timestamp()
     after = eve + 2
     local_days = [datetime.fromtimestamp(t).strftime("%Y-%m-%d") for t in (eve, after)]
     assert local_days != ["2026-01-31", "2026-02-01"], f"in {host_zone} local days are UTC days: nothing is tested"
@@ -392,10 +438,14 @@ async def test_day_and_month_budgets_roll_over_at_utc_midnight(store: Store, hos
     assert await store.usage(TENANT, after) == Usage(active=1)
     adm, fresh = await admit(store, limits, now=after)
     assert adm.ok and fresh.charge_day == "2026-02-01" and fresh.charge_month == "2026-02"
-    assert await store.usage(TENANT, after) == Usage(active=2, tasks_today=1, credits_today=PRICE, credits_this_month=PRICE)
+    assert await store.usage(TENANT, after) == Usage(
+        active=2, tasks_today=1, credits_today=PRICE, credits_this_month=PRICE
+    )
     # Settling yesterday's reservation gives back its slot, not today's budget.
     assert await store.settle_not_created(late.rid, after)
-    assert await store.usage(TENANT, after) == Usage(active=1, tasks_today=1, credits_today=PRICE, credits_this_month=PRICE)
+    assert await store.usage(TENANT, after) == Usage(
+        active=1, tasks_today=1, credits_today=PRICE, credits_this_month=PRICE
+    )
 
 
 # --- settlement ---------------------------------------------------------------------------
@@ -445,7 +495,9 @@ async def test_stale_out_of_order_and_duplicate_updates_are_no_ops(store: Store)
     assert (res.applied, res.status_changed, res.previous_status, res.finished) == (True, True, "PENDING", False)
     assert res.event_id is not None and res.record is not None and res.record.task == running
     # An earlier state after a later one: no-op.
-    res = await store.apply_update(rec.rid, TENANT, task_obj(tid, "PENDING", "2026-01-15T12:00:05Z"), T0 + 11, refund_failed=True)
+    res = await store.apply_update(
+        rec.rid, TENANT, task_obj(tid, "PENDING", "2026-01-15T12:00:05Z"), T0 + 11, refund_failed=True
+    )
     assert not res.applied and res.event_id is None and res.record is not None and res.record.status == "RUNNING"
     # Progress within a status: replaced, no event.
     progress = task_obj(tid, "RUNNING", "2026-01-15T12:00:20Z", progress=0.6)
@@ -490,7 +542,9 @@ async def test_concurrent_failed_updates_refund_and_notify_exactly_once(store: S
     assert again.refunded_credits == 0 and await store.usage(TENANT, T0 + 301) == Usage(0, 1, 0, 0)
 
 
-@pytest.mark.parametrize("status,refund,expected", [("FAILED", False, 0), ("CANCELLED", True, PRICE), ("SUCCEEDED", True, 0)])
+@pytest.mark.parametrize(
+    "status,refund,expected", [("FAILED", False, 0), ("CANCELLED", True, PRICE), ("SUCCEEDED", True, 0)]
+)
 async def test_refund_depends_on_status_and_setting(store: Store, status: str, refund: bool, expected: int) -> None:
     rec, tid = await create(store)
     res = await store.apply_update(rec.rid, TENANT, task_obj(tid, status), T0 + 5, refund_failed=refund)
@@ -500,7 +554,9 @@ async def test_refund_depends_on_status_and_setting(store: Store, status: str, r
 
 async def test_adoption_of_an_unknown_rid_charges_once(store: Store) -> None:
     rid = new_rid()
-    adopt = TaskRecord(rid=rid, tenant_id=TENANT, credits=PRICE, hook=HOOK, created_at=T0, updated_at=T0, next_poll_at=T0 + 5)
+    adopt = TaskRecord(
+        rid=rid, tenant_id=TENANT, credits=PRICE, hook=HOOK, created_at=T0, updated_at=T0, next_poll_at=T0 + 5
+    )
     running = task_obj("t-adopted", "RUNNING")
     results = await asyncio.gather(
         *(store.apply_update(rid, TENANT, running, T0, refund_failed=True, adopt=adopt) for _ in range(5))
@@ -510,7 +566,9 @@ async def test_adoption_of_an_unknown_rid_charges_once(store: Store) -> None:
     got = await store.get_by_task_id(TENANT, "t-adopted")
     assert got is not None and got.rid == rid and got.status == "RUNNING" and got.active
     assert len([r for r in results if r.event_id]) == 1  # SUBMITTING -> RUNNING is news for the tenant
-    done = await store.apply_update(rid, TENANT, task_obj("t-adopted", "SUCCEEDED"), T0 + 9, refund_failed=True, adopt=adopt)
+    done = await store.apply_update(
+        rid, TENANT, task_obj("t-adopted", "SUCCEEDED"), T0 + 9, refund_failed=True, adopt=adopt
+    )
     assert done.finished and not done.adopted
     assert await store.usage(TENANT, T0 + 9) == Usage(0, 1, PRICE, PRICE)
 
@@ -830,11 +888,15 @@ def race_child_main(argv: list[str]) -> None:
     print(json.dumps(asyncio.run(_race_child(spec, limits, n, start_at))))
 
 
-CHILD_CODE = "import sys; sys.path.insert(0, sys.argv[1]); import test_store_contract as t; t.race_child_main(sys.argv[2:])"
+CHILD_CODE = (
+    "import sys; sys.path.insert(0, sys.argv[1]); import test_store_contract as t; t.race_child_main(sys.argv[2:])"
+)
 
 
 @pytest.mark.parametrize("limit", list(RACE_LIMITS))
-async def test_creates_from_two_processes_admit_exactly_the_limit(store: Store, store_spec: StoreSpec, limit: str) -> None:
+async def test_creates_from_two_processes_admit_exactly_the_limit(
+    store: Store, store_spec: StoreSpec, limit: str
+) -> None:
     limits = RACE_LIMITS[limit]
     payload = json.dumps(
         [
@@ -846,8 +908,13 @@ async def test_creates_from_two_processes_admit_exactly_the_limit(store: Store, 
     )
     procs = [
         await asyncio.create_subprocess_exec(
-            sys.executable, "-c", CHILD_CODE, str(Path(__file__).parent), payload,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            sys.executable,
+            "-c",
+            CHILD_CODE,
+            str(Path(__file__).parent),
+            payload,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         for _ in range(2)
     ]

@@ -50,7 +50,11 @@ def test_expiry_is_signed_and_required() -> None:
     signer = TokenSigner(SECRET, clock)
     token = signer.callback_token("team-a", "gwr_1", int(clock.now) + 10)
     header, _, signature = token.split(".")
-    later = base64.urlsafe_b64encode(orjson.dumps({**claims_of(token), "exp": int(clock.now) + 10**6})).rstrip(b"=").decode()
+    later = (
+        base64.urlsafe_b64encode(orjson.dumps({**claims_of(token), "exp": int(clock.now) + 10**6}))
+        .rstrip(b"=")
+        .decode()
+    )
     assert signer.read_callback_token(f"{header}.{later}.{signature}") is None  # a moved expiry breaks the signature
     forever = jwt.encode({"use": "cb", "t": "team-a", "r": "gwr_1"}, SECRET, algorithm="HS256")
     assert signer.read_callback_token(forever) is None  # no expiry, no entry

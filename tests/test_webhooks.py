@@ -15,8 +15,8 @@ import httpx
 import pytest
 
 from gateway.config import Policy, Tenant, WebhookConfig
-from gateway.store.base import WebhookEvent
 from gateway.logs import JSONFormatter
+from gateway.store.base import WebhookEvent
 from gateway.webhooks import USER_AGENT, WebhookDispatcher, sign, verify
 
 SECRET = "whsec_test_0123456789"
@@ -86,7 +86,9 @@ class FakeOutbox:
         self.finished.append({"event_id": event_id, "delivered": delivered, "attempts": attempts, "next_at": next_at})
         self.leased_until.pop(event_id, None)
         ev = self.events[event_id]
-        self.events[event_id] = WebhookEvent(ev.event_id, ev.rid, ev.tenant_id, ev.seq, ev.url, ev.body, attempts, ev.created_at)
+        self.events[event_id] = WebhookEvent(
+            ev.event_id, ev.rid, ev.tenant_id, ev.seq, ev.url, ev.body, attempts, ev.created_at
+        )
         if delivered or next_at is None:
             self.due.pop(event_id)
         else:
@@ -155,7 +157,9 @@ async def test_retries_with_backoff_then_delivers(receiver) -> None:
     clock, outbox, results = Clock(), FakeOutbox(), []
     config = WebhookConfig(max_attempts=5, initial_backoff_seconds=2, max_backoff_seconds=3600)
     outbox.add(event(f"http://127.0.0.1:{rx.port}/hooks/runway?x=1"), clock.now)
-    d = WebhookDispatcher(outbox, {"search-team": tenant(["127.0.0.1"])}, config, None, lambda t, r: results.append((t, r)), clock)
+    d = WebhookDispatcher(
+        outbox, {"search-team": tenant(["127.0.0.1"])}, config, None, lambda t, r: results.append((t, r)), clock
+    )
     start = clock.now
 
     assert await d.run_once() == 1
@@ -189,7 +193,9 @@ async def test_gives_up_after_max_attempts(receiver, caplog) -> None:
     clock, outbox, results = Clock(), FakeOutbox(), []
     config = WebhookConfig(max_attempts=3, initial_backoff_seconds=1, max_backoff_seconds=1.5)
     outbox.add(event(f"http://127.0.0.1:{rx.port}/"), clock.now)
-    d = WebhookDispatcher(outbox, {"search-team": tenant(["127.0.0.1"])}, config, None, lambda t, r: results.append((t, r)), clock)
+    d = WebhookDispatcher(
+        outbox, {"search-team": tenant(["127.0.0.1"])}, config, None, lambda t, r: results.append((t, r)), clock
+    )
     with caplog.at_level(logging.WARNING, logger="gateway.webhooks"):
         for _ in range(3):
             assert await d.run_once() == 1
@@ -211,7 +217,9 @@ async def test_no_signature_without_secret_and_concurrent_batch(receiver) -> Non
     clock, outbox = Clock(), FakeOutbox()
     for i in range(7):
         outbox.add(event(f"http://127.0.0.1:{rx.port}/", eid=f"evt_{i}"), clock.now)
-    d = WebhookDispatcher(outbox, {"search-team": tenant(["127.0.0.1"], secret="")}, WebhookConfig(), None, None, clock, batch=5)
+    d = WebhookDispatcher(
+        outbox, {"search-team": tenant(["127.0.0.1"], secret="")}, WebhookConfig(), None, None, clock, batch=5
+    )
     assert await d.run_once() == 5
     assert await d.run_once() == 2
     await d.aclose()
@@ -228,11 +236,15 @@ async def test_no_signature_without_secret_and_concurrent_batch(receiver) -> Non
         ("file:///etc/passwd", []),
     ],
 )
-async def test_refused_hook_is_a_failed_attempt_and_never_contacted(receiver, url_template: str, hook_hosts: list[str]) -> None:
+async def test_refused_hook_is_a_failed_attempt_and_never_contacted(
+    receiver, url_template: str, hook_hosts: list[str]
+) -> None:
     rx = await receiver([200])
     clock, outbox, results = Clock(), FakeOutbox(), []
     outbox.add(event(url_template.format(port=rx.port)), clock.now)
-    d = WebhookDispatcher(outbox, {"search-team": tenant(hook_hosts)}, WebhookConfig(), None, lambda t, r: results.append(r), clock)
+    d = WebhookDispatcher(
+        outbox, {"search-team": tenant(hook_hosts)}, WebhookConfig(), None, lambda t, r: results.append(r), clock
+    )
     assert await d.run_once() == 1
     await d.aclose()
     assert rx.requests == []
@@ -268,18 +280,33 @@ async def test_connects_to_checked_address_with_host_and_sni() -> None:
 
     def handler(request: httpx.Request) -> httpx.Response:
         seen.append(request)
-        return httpx.Response(302, headers={"location": "http://169.254.169.254/"}) if len(seen) == 1 else httpx.Response(200)
+        return (
+            httpx.Response(302, headers={"location": "http://169.254.169.254/"})
+            if len(seen) == 1
+            else httpx.Response(200)
+        )
 
     async def dns(host: str, port: int) -> list[str]:
         return {"a.svc.internal": ["10.0.0.8"]}[host]
 
     # A shared client with redirects on and an upstream credential: neither may leak into a delivery.
     client = httpx.AsyncClient(
-        transport=httpx.MockTransport(handler), follow_redirects=True, headers={"authorization": "Bearer upstream-key"}, cookies={"c": "1"}
+        transport=httpx.MockTransport(handler),
+        follow_redirects=True,
+        headers={"authorization": "Bearer upstream-key"},
+        cookies={"c": "1"},
     )
     clock, outbox, results = Clock(), FakeOutbox(), []
     outbox.add(event("https://a.svc.internal/hook?q=1"), clock.now)
-    d = WebhookDispatcher(outbox, {"search-team": tenant(["*.svc.internal"])}, WebhookConfig(), client, lambda t, r: results.append(r), clock, resolver=dns)
+    d = WebhookDispatcher(
+        outbox,
+        {"search-team": tenant(["*.svc.internal"])},
+        WebhookConfig(),
+        client,
+        lambda t, r: results.append(r),
+        clock,
+        resolver=dns,
+    )
     assert await d.run_once() == 1  # 302: a failure, and the redirect is not followed
     clock.now += 2
     assert await d.run_once() == 1
@@ -300,10 +327,14 @@ def self_signed(tmp_path: Path, name: str) -> tuple[Path, Path]:
 
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cert = (
-        x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(hours=1))
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
@@ -312,12 +343,16 @@ def self_signed(tmp_path: Path, name: str) -> tuple[Path, Path]:
     )
     cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
     cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return cert_file, key_file
 
 
 @pytest.mark.parametrize("hook_name,delivered", [("hooks.test", True), ("other.test", False)])
-async def test_https_verifies_certificate_against_hook_name(receiver, tmp_path: Path, hook_name: str, delivered: bool) -> None:
+async def test_https_verifies_certificate_against_hook_name(
+    receiver, tmp_path: Path, hook_name: str, delivered: bool
+) -> None:
     """Connected to 127.0.0.1, TLS still checks the certificate against the hook's host name."""
     cert_file, key_file = self_signed(tmp_path, "hooks.test")
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -327,10 +362,14 @@ async def test_https_verifies_certificate_against_hook_name(receiver, tmp_path: 
     async def dns(host: str, port: int) -> list[str]:
         return ["127.0.0.1"]
 
-    client = httpx.AsyncClient(verify=ssl.create_default_context(cafile=str(cert_file)), limits=httpx.Limits(max_keepalive_connections=0))
+    client = httpx.AsyncClient(
+        verify=ssl.create_default_context(cafile=str(cert_file)), limits=httpx.Limits(max_keepalive_connections=0)
+    )
     clock, outbox = Clock(), FakeOutbox()
     outbox.add(event(f"https://{hook_name}:{rx.port}/hook"), clock.now)
-    d = WebhookDispatcher(outbox, {"search-team": tenant([hook_name])}, WebhookConfig(), client, None, clock, resolver=dns)
+    d = WebhookDispatcher(
+        outbox, {"search-team": tenant([hook_name])}, WebhookConfig(), client, None, clock, resolver=dns
+    )
     assert await d.run_once() == 1
     await client.aclose()
     assert outbox.finished[0]["delivered"] is delivered
