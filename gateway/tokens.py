@@ -18,6 +18,8 @@ import hmac
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
+from typing import Any
 
 import jwt
 import orjson
@@ -62,7 +64,7 @@ class TokenSigner:
         asset = claims.get("a") if claims else None
         return asset if isinstance(asset, str) else None
 
-    def _decode(self, token: str, use: str) -> dict | None:
+    def _decode(self, token: str, use: str) -> dict[str, Any] | None:
         """The claims of a genuine, unexpired token of this use, else None. `exp` is required
         and checked here against the signer's clock (PyJWT would use the wall clock)."""
         try:

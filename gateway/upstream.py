@@ -26,7 +26,7 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urljoin
@@ -80,8 +80,11 @@ class CircuitBreaker:
     closes the circuit and whose failure opens it again."""
 
     def __init__(
-        self, failures: int = CIRCUIT_FAILURES, open_seconds: float = CIRCUIT_OPEN_SECONDS, clock=time.monotonic
-    ):
+        self,
+        failures: int = CIRCUIT_FAILURES,
+        open_seconds: float = CIRCUIT_OPEN_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.threshold, self.open_seconds, self.clock = failures, open_seconds, clock
         self.failures = 0
         self.opened_at: float | None = None
@@ -118,7 +121,9 @@ class KeyHealth:
     but once per interval, not once per request. A key counts as failing from a refusal
     until the relay next accepts it (any other answer to a call made with it)."""
 
-    def __init__(self, interval: float = AUTH_LOG_INTERVAL_SECONDS, clock=time.monotonic):
+    def __init__(
+        self, interval: float = AUTH_LOG_INTERVAL_SECONDS, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.interval, self.clock = interval, clock
         self.failing: set[int] = set()
         self._logged_at: dict[int, float] = {}
@@ -239,7 +244,8 @@ class Upstream:
         return UpstreamFailure(
             502,
             "upstream_error",
-            "The upstream gave a video URL the gateway may not fetch (refused by its artifact URL rules); the gateway's log says why.",
+            "The upstream gave a video URL the gateway may not fetch (refused by its artifact URL rules);"
+            " the gateway's log says why.",
             Outcome.REJECTED,
         )
 
@@ -326,7 +332,8 @@ class Upstream:
                     "upstream_status": status,
                     "operation": operation,
                     "refusals": refusals,
-                    "message": f"The upstream refuses upstream.api_keys[{index}] ({status}); every call with it fails until it is replaced.",
+                    "message": f"The upstream refuses upstream.api_keys[{index}] ({status});"
+                    " every call with it fails until it is replaced.",
                 },
             )
 
