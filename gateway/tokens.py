@@ -19,7 +19,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from typing import Any
 
 import jwt
 import orjson
