@@ -128,7 +128,9 @@ def test_every_command_of_the_readme_walk_through_works_against_the_demo(tmp_pat
         elif not polled and re.search(rf"/runway/tasks/{task_id}\s", typed):
             # the reader repeats the poll until the task is done, as the README says
             wait_until(
-                lambda: json_answer(run_sh(typed, demo.key, tmp_path), command)["task"]["status"] == "SUCCEEDED",
+                lambda typed=typed, command=command: (
+                    json_answer(run_sh(typed, demo.key, tmp_path), command)["task"]["status"] == "SUCCEEDED"
+                ),
                 30,
                 0.5,
                 "SUCCEEDED",

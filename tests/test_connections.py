@@ -183,7 +183,12 @@ def test_keepalive_connection_serves_requests_within_the_limits(slow_gw: Gateway
         while time.monotonic() - start < TIMEOUT * 2.5:
             c.send(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             answers += 1
-            wait_until(lambda: c.poll() or c.received.count(b"HTTP/1.1 200 ") == answers, 5, 0.01, f"answer {answers}")
+            wait_until(
+                lambda answers=answers: c.poll() or c.received.count(b"HTTP/1.1 200 ") == answers,
+                5,
+                0.01,
+                f"answer {answers}",
+            )
             assert not c.closed, c.received[-500:]
     finally:
         c.close()

@@ -176,7 +176,7 @@ def alert_rules() -> list[tuple[str, str]]:
     exprs = yaml_block_values(text, "expr")
     assert "record:" not in text, "alerts.yml holds alerts only; update this test for recording rules"
     assert len(names) == len(exprs) and names, f"{len(names)} alerts but {len(exprs)} exprs in {ALERTS}"
-    return list(zip(names, exprs))
+    return list(zip(names, exprs, strict=True))
 
 
 # --- a small PromQL reader ------------------------------------------------------------

@@ -514,7 +514,7 @@ def test_access_log_lines_are_json_with_request_fields(gw: GatewayProcess) -> No
     assert evil.headers["x-request-id"].startswith("req_")
 
     def line() -> dict[str, Any] | None:
-        return next((l for l in gw.access_log() if l.get("request_id") == "trace-abc.123"), None)
+        return next((line for line in gw.access_log() if line.get("request_id") == "trace-abc.123"), None)
 
     entry = wait_until(line, 5)
     assert entry["tenant"] == "team-a" and entry["route"] == "/runway/tasks" and entry["status"] == 200
@@ -564,9 +564,9 @@ def test_a_callback_body_over_max_callback_bytes_is_413_before_its_token_is_read
 
 def bad_token_count(gw: GatewayProcess) -> float:
     line = next(
-        l
-        for l in httpx.get(gw.url + "/metrics").text.splitlines()
-        if l.startswith('gateway_callbacks_received_total{result="bad_token"}')
+        text
+        for text in httpx.get(gw.url + "/metrics").text.splitlines()
+        if text.startswith('gateway_callbacks_received_total{result="bad_token"}')
     )
     return float(line.rsplit(" ", 1)[1])
 

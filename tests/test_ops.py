@@ -66,7 +66,9 @@ def test_first_scrape_has_every_series_with_zero_children(tmp_path: Path, sim: S
     for name, labels, _ in samples:
         if base_name(name) in CONTRACT_SERIES:
             assert set(labels) - {"le"} == CONTRACT_SERIES[base_name(name)], (name, labels)
-    limits = {l["limit"] for n, l, _ in samples if n == "gateway_quota_rejections_total" and l["tenant"] == "quiet"}
+    limits = {
+        lbl["limit"] for n, lbl, _ in samples if n == "gateway_quota_rejections_total" and lbl["tenant"] == "quiet"
+    }
     assert limits == {
         "requests_per_minute",
         "tasks_per_minute",
@@ -85,7 +87,7 @@ def test_counts_across_two_workers_and_no_sensitive_labels(tmp_path: Path, sim: 
     prompt = "orchid-metrics-prompt-5521"
     try:
         task_ids = []
-        for i in range(4):  # fresh connections so both workers serve some
+        for _ in range(4):  # fresh connections so both workers serve some
             with g.client("multi") as c:
                 r = c.post("/runway/tasks", json=gen2_body(prompt))
                 if r.status_code == 200:
@@ -118,7 +120,7 @@ def test_counts_across_two_workers_and_no_sensitive_labels(tmp_path: Path, sim: 
     assert len(task_ids) == 3
 
     def value(name: str, **labels: str) -> float:
-        return sum(v for n, l, v in samples if n == name and all(l.get(k) == val for k, val in labels.items()))
+        return sum(v for n, lbl, v in samples if n == name and all(lbl.get(k) == val for k, val in labels.items()))
 
     assert value("gateway_requests_total", tenant="multi", route="/runway/tasks", method="POST", status="200") == 3
     assert value("gateway_requests_total", tenant="multi", route="/runway/tasks", method="POST", status="429") == 1
@@ -143,7 +145,7 @@ def test_counts_across_two_workers_and_no_sensitive_labels(tmp_path: Path, sim: 
     assert value("gateway_task_duration_seconds_count", task_type="gen2", status="SUCCEEDED") == 3
     assert value("gateway_tasks_active", tenant="multi") == 0
     assert value("gateway_build_info") == 1
-    label_values = {v for _, l, _ in samples for v in l.values()}
+    label_values = {v for _, lbl, _ in samples for v in lbl.values()}
     for secret in [*task_ids, tenant.key, prompt]:
         assert secret not in text
     assert not any(v.startswith("/runway/tasks/") and v != "/runway/tasks/{id}" for v in label_values)
@@ -152,8 +154,8 @@ def test_counts_across_two_workers_and_no_sensitive_labels(tmp_path: Path, sim: 
 def metric(g: GatewayProcess, name: str, **labels: str) -> float:
     return sum(
         v
-        for n, l, v in parse(httpx.get(g.url + "/metrics").text)
-        if n == name and all(l.get(k) == val for k, val in labels.items())
+        for n, lbl, v in parse(httpx.get(g.url + "/metrics").text)
+        if n == name and all(lbl.get(k) == val for k, val in labels.items())
     )
 
 

@@ -197,7 +197,7 @@ def test_on_uvloop_as_the_server_runs_it(base_url: str) -> None:
             writes = c.writes - writes
             with pytest.raises(RedisConnectionError):
                 await c.execute("BLPOP", f"rctest:{uuid.uuid4().hex}", 2)
-            return replies + [await c.execute("ECHO", "again")], writes
+            return [*replies, await c.execute("ECHO", "again")], writes
         finally:
             await c.aclose()
 

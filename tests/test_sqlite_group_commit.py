@@ -47,8 +47,8 @@ def reservation(rid: str | None = None) -> TaskRecord:
     return TaskRecord(rid=rid or f"req_{uuid.uuid4().hex}", tenant_id=TENANT, credits=5, created_at=T0, updated_at=T0)
 
 
-async def admit(store: SQLiteStore, rec: TaskRecord, limits: Limits = Limits()) -> bool:
-    adm = await store.admit_create(TENANT, limits, Charge(5, day_key(T0), month_key(T0)), rec, T0)
+async def admit(store: SQLiteStore, rec: TaskRecord, limits: Limits | None = None) -> bool:
+    adm = await store.admit_create(TENANT, limits or Limits(), Charge(5, day_key(T0), month_key(T0)), rec, T0)
     return adm.ok
 
 

@@ -56,7 +56,7 @@ REFUSED_ON_SUBMIT = [
     ("http://0177.0.0.1/", []),
     ("http://127.1/", []),
     ("http://127.0.0.1./", []),
-    ("http://１２７．０．０．１/", []),  # full-width digits, IDNA-mapped
+    ("http://１２７．０．０．１/", []),  # noqa: RUF001 - full-width digits, IDNA-mapped
     ("http://[::ffff:127.0.0.1]/", []),
     ("http://[::ffff:a9fe:a9fe]/", ["::ffff:169.254.169.254"]),
     ("http://[64:ff9b::7f00:1]/", []),  # NAT64 of 127.0.0.1
@@ -373,7 +373,7 @@ def test_artifact_on_internal_address_is_refused_and_never_fetched(
         assert_refused(artifact_gw, video_id)
         assert_refused(artifact_gw, video_id, "thumbnail")
     assert internal.seen == []
-    warnings = [l for l in artifact_gw.access_log() if l.get("event") == "artifact_refused"]
+    warnings = [line for line in artifact_gw.access_log() if line.get("event") == "artifact_refused"]
     assert len(warnings) == 2 * len(spellings) and all(
         w["level"] == "warning" and ("artifact_hosts" in w["reason"] or "metadata" in w["reason"]) for w in warnings
     )

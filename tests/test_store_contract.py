@@ -50,6 +50,7 @@ from gateway.store.rules import (
     seconds_to_next_month,
 )
 
+NO_LIMITS = Limits()
 T0 = datetime(2026, 1, 15, 12, 0, 0, tzinfo=UTC).timestamp()
 TENANT = "acme"
 OTHER = "globex"
@@ -185,7 +186,7 @@ async def admit(
 async def create(
     store: Store,
     *,
-    limits: Limits = Limits(),
+    limits: Limits = NO_LIMITS,
     now: float = T0,
     tenant: str = TENANT,
     hook: str = "",
@@ -465,7 +466,7 @@ async def test_settle_not_created_refunds_in_full_exactly_once(store: Store) -> 
 
 
 async def test_mark_unknown_keeps_the_charge_until_settled(store: Store) -> None:
-    adm, rec = await admit(store, Limits())
+    _, rec = await admit(store, Limits())
     await store.mark_unknown(rec.rid, T0 + 30)
     got = await store.get_by_rid(rec.rid)
     assert got is not None and got.status == "UNKNOWN" and got.active and not got.settled
@@ -741,7 +742,7 @@ async def test_list_tasks_order_pagination_filter_and_hidden(store: Store) -> No
     made.append(await create(store, now=T0 + 10, rid="req_tie_b"))
     await admit(store, Limits(), now=T0 + 20)  # no upstream id yet: not listed
     await create(store, now=T0 + 3, tenant=OTHER)
-    hidden_rec, hidden_tid = made[2]
+    _, hidden_tid = made[2]
     assert await store.hide_task(TENANT, hidden_tid)
     await store.apply_update(made[1][0].rid, TENANT, task_obj(made[1][1], "RUNNING"), T0 + 30, refund_failed=True)
     visible = [tid for rec, tid in made if tid != hidden_tid]
@@ -915,11 +916,11 @@ async def test_creates_from_two_processes_admit_exactly_the_limit(
             payload,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
+        )
         for _ in range(2)
     ]
     outputs = await asyncio.wait_for(asyncio.gather(*(p.communicate() for p in procs)), timeout=120)
-    for proc, (out, err) in zip(procs, outputs):
+    for proc, (_, err) in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, err.decode()
     counts = [int(out) for out, _ in outputs]
     assert sum(counts) == 7, counts

@@ -178,7 +178,7 @@ async def test_retries_with_backoff_then_delivers(receiver) -> None:
 
     assert [r["headers"]["x-gateway-delivery-attempt"] for r in rx.requests] == ["1", "2", "3"]
     assert {r["headers"]["x-gateway-event-id"] for r in rx.requests} == {"evt_1"}
-    for r, at in zip(rx.requests, [start, start + 2, start + 6]):
+    for r, at in zip(rx.requests, [start, start + 2, start + 6], strict=False):
         assert r["method"] == "POST" and r["target"] == "/hooks/runway?x=1" and r["body"] == BODY
         assert r["headers"]["host"] == f"127.0.0.1:{rx.port}"
         assert r["headers"]["content-type"] == "application/json"
