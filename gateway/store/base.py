@@ -201,6 +201,72 @@ class Charge:
     month: str
 
 
+# --- tenants, keys and the audit trail (the directory) ---------------------------------
+
+
+@dataclass
+class TenantRecord:
+    """A tenant created through the admin API ("source": "api"). Config tenants never live
+    in the store; the runtime directory merges both. `policy` is the JSON of a tenant's
+    policy (`force`, `defaults`, `hook_hosts`): the store keeps it without reading it."""
+
+    id: str
+    name: str = ""
+    enabled: bool = True
+    limits: Limits = field(default_factory=Limits)
+    policy: dict[str, Any] = field(default_factory=dict)
+    webhook_secret: str = ""
+    # during a webhook secret rotation's grace period deliveries are signed with both
+    previous_webhook_secret: str = ""
+    previous_webhook_secret_expires_at: float | None = None
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+
+@dataclass
+class KeyRecord:
+    """An API key minted through the admin API (for an API or a config tenant). Only the
+    SHA-256 of its secret is kept (`sha256:<hex>`, the config form); during a rotation's
+    grace period the previous secret's hash is kept too, until `previous_expires_at`."""
+
+    id: str  # key_<hex>
+    tenant_id: str
+    name: str
+    prefix: str  # the secret's first 10 characters, to recognise it in lists
+    secret_hash: str
+    previous_hash: str = ""
+    previous_expires_at: float | None = None
+    created_at: float = 0.0
+    expires_at: float | None = None
+    last_used_at: float | None = None
+    revoked_at: float | None = None
+
+
+@dataclass
+class AuditEntry:
+    """One append-only record of an admin change. Never carries a secret or a hash."""
+
+    id: str  # aud_<ms hex><random>: sorts by time
+    time: float
+    actor_type: str  # admin_key | jwt | config
+    actor_id: str
+    action: str  # tenant.create, key.rotate, config.reload, ...
+    tenant: str | None = None
+    key_id: str | None = None
+    changes: dict[str, Any] = field(default_factory=dict)
+    request_id: str | None = None
+    ip: str | None = None
+
+
+@dataclass
+class DirectorySnapshot:
+    """Every API tenant and key at one `version` of the directory."""
+
+    version: int
+    tenants: list[TenantRecord]
+    keys: list[KeyRecord]
+
+
 class Store(abc.ABC):
     """The gateway's shared state. Implementations: store/sqlite/, store/redis/ (open_store picks one)."""
 
@@ -370,3 +436,70 @@ class Store(abc.ABC):
         """The attempt holding the key (still pending) was sent upstream without a usable
         answer: bind the key to its reservation `rid` for `ttl` seconds, so that repeats
         (state "unknown") never create a second task."""
+
+    # the directory: tenants, keys, audit --------------------------------------------
+    @abc.abstractmethod
+    async def directory_version(self) -> int:
+        """A counter every tenant or key change increments (in the same atomic step). A
+        process compares it with the version of its in-memory directory, every few hundred
+        ms, and reloads when it moved: no store round trip per request."""
+
+    @abc.abstractmethod
+    async def load_directory(self) -> DirectorySnapshot:
+        """Every API tenant and key, and the version they are at, read consistently."""
+
+    @abc.abstractmethod
+    async def create_tenant(self, tenant: TenantRecord, audit: AuditEntry) -> bool:
+        """Insert `tenant`, append `audit` and bump the version, atomically. False (and
+        nothing written) when a tenant with that id exists."""
+
+    @abc.abstractmethod
+    async def update_tenant(
+        self, tenant_id: str, changes: dict[str, Any], now: float, audit: AuditEntry
+    ) -> TenantRecord | None:
+        """Apply `changes` to a stored tenant, append `audit` and bump the version,
+        atomically; returns the tenant as stored, or None (nothing written) when unknown.
+        Keys of `changes`: name, enabled, policy (replaces it), limits (a dict merged limit
+        by limit: a None value removes that limit), webhook_secret,
+        previous_webhook_secret, previous_webhook_secret_expires_at. `updated_at` = now."""
+
+    @abc.abstractmethod
+    async def get_tenant(self, tenant_id: str) -> TenantRecord | None: ...
+
+    @abc.abstractmethod
+    async def create_key(self, key: KeyRecord, audit: AuditEntry) -> None:
+        """Insert `key`, append `audit` and bump the version, atomically."""
+
+    @abc.abstractmethod
+    async def update_key(self, key_id: str, changes: dict[str, Any], audit: AuditEntry) -> KeyRecord | None:
+        """Apply `changes` to a key, append `audit` and bump the version, atomically;
+        returns the key as stored, or None (nothing written) when unknown. Keys of
+        `changes`: name, expires_at, secret_hash, prefix, previous_hash,
+        previous_expires_at (a rotation sets the four together), revoked_at."""
+
+    @abc.abstractmethod
+    async def get_key(self, key_id: str) -> KeyRecord | None: ...
+
+    @abc.abstractmethod
+    async def list_keys(self, tenant_id: str) -> list[KeyRecord]:
+        """A tenant's API keys, newest first (revoked ones included)."""
+
+    @abc.abstractmethod
+    async def touch_keys(self, last_used: dict[str, float]) -> None:
+        """Raise each key's `last_used_at` to the given time (never lower it), batched by
+        the caller; does not bump the directory version (it changes no authentication)."""
+
+    @abc.abstractmethod
+    async def append_audit(self, entry: AuditEntry) -> None:
+        """An audit entry not tied to a directory change (config.reload, webhook.redeliver)."""
+
+    @abc.abstractmethod
+    async def list_audit(
+        self, *, limit: int, after: str | None = None, tenant: str | None = None, action: str | None = None
+    ) -> tuple[list[AuditEntry], bool]:
+        """Entries newest first, after the entry `after`, filtered by `target.tenant` and
+        `action`; returns (page, has_more)."""
+
+    @abc.abstractmethod
+    async def prune_audit(self, before: float) -> int:
+        """Delete entries older than `before` (the retention); returns how many."""
