@@ -236,24 +236,30 @@ def within_a_second(gateways: list[GatewayProcess], secret: str, expected: int, 
     return elapsed
 
 
-@pytest.fixture
-def two_on_redis(tmp_path: Path, sim: Simulator, redis_store_url: str) -> Iterator[list[GatewayProcess]]:
+@pytest.fixture(params=["redis", "sqlite"])
+def two_replicas(
+    request: pytest.FixtureRequest, tmp_path: Path, sim: Simulator
+) -> Iterator[tuple[str, list[GatewayProcess]]]:
+    """Two gateway processes on one store: a private Redis, or one SQLite file."""
+    url = (
+        request.getfixturevalue("redis_store_url")
+        if request.param == "redis"
+        else f"sqlite:///{tmp_path / 'shared.db'}"
+    )
     env = {"GATEWAY_LAST_USED_FLUSH_SECONDS": "0.5"}
-    pair = [
-        GatewayProcess(tmp_path, sim.url, [TenantSpec("cfg-team")], store_url=redis_store_url, env=env) for _ in "ab"
-    ]
+    config_tenant = TenantSpec("cfg-team")  # the same file on both
+    pair = [GatewayProcess(tmp_path, sim.url, [config_tenant], store_url=url, env=env) for _ in "ab"]
     for gw in pair:
         gw.start()
-    yield pair
+    yield url, pair
     for gw in pair:
         gw.stop()
 
 
 def test_store_changes_reach_every_replica_within_a_second_and_survive_a_restart(
-    two_on_redis: list[GatewayProcess], redis_store_url: str
+    two_replicas: tuple[str, list[GatewayProcess]],
 ) -> None:
-    a, b = two_on_redis
-    url = redis_store_url
+    url, (a, b) = two_replicas
     tenant = TenantRecord("api-team", webhook_secret="whsec", limits=Limits(requests_per_minute=1000))
     in_store(url, lambda s: s.create_tenant(tenant, audit("tenant.create", "api-team")))
     key = api_key(f"key_{secrets.token_hex(8)}", "api-team", NEW_SECRET, created_at=time.time())
