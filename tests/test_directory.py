@@ -266,6 +266,8 @@ def test_store_changes_reach_every_replica_within_a_second_and_survive_a_restart
     since = time.monotonic()
     in_store(url, lambda s: s.create_key(key, audit("key.create", "api-team")))
     within_a_second([a, b], NEW_SECRET, 200, since)
+    scrape = httpx.get(f"{b.url}/metrics", timeout=5).text  # the new tenant's series, at zero
+    assert 'gateway_credits_charged_total{tenant="api-team"} 0.0' in scrape
 
     # key_id in the access log line, last_used_at written within the (shortened) flush interval
     wait_until(lambda: any(line.get("key_id") == key.id for line in b.access_log()), 5, 0.05, "key_id logged")
