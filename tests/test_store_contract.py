@@ -1289,3 +1289,31 @@ async def test_concurrent_tenant_updates_each_bump_the_version(store: Store) -> 
     for name in ALL_LIMITS:  # every merge kept the others' limits: the last write of each name won
         assert getattr(final.limits, name) == max(i for i in range(n) if ALL_LIMITS[i % 6] == name)
     assert len(await audit_actions(store)) == n + 1
+
+
+async def test_sqlite_file_from_before_the_directory_gains_its_tables(tmp_path: Path) -> None:
+    """A file written by a gateway without the directory (no tenants, api_keys, audit or
+    directory tables) opens and works: CREATE TABLE IF NOT EXISTS adds them at version 0."""
+    import sqlite3
+
+    from gateway.store.sqlite import SQLiteStore
+
+    path = str(tmp_path / "old.db")
+    old = SQLiteStore(path)
+    await old.open()
+    await old.secret("kept", "value")
+    await old.close()
+    db = sqlite3.connect(path)
+    for table in ("tenants", "api_keys", "audit", "directory"):
+        db.execute(f"DROP TABLE {table}")
+    db.commit()
+    db.close()
+    store = SQLiteStore(path)
+    await store.open()
+    try:
+        assert await store.secret("kept", "other") == "value"
+        assert await store.directory_version() == 0
+        assert await store.create_tenant(tenant_record(), audit_entry("tenant.create"))
+        assert await store.load_directory() == DirectorySnapshot(1, [tenant_record()], [])
+    finally:
+        await store.close()
