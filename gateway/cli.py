@@ -22,14 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from gateway.config import Config, ConfigError, config_warnings, load_config, read_env_file
-
-BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-
-
-def new_key(prefix: str = "sk-gw-") -> str:
-    """43 base62 characters: ~256 bits from the OS's CSPRNG."""
-    return prefix + "".join(secrets.choice(BASE62) for _ in range(43))
-
+from gateway.keygen import new_key
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
