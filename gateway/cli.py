@@ -24,6 +24,7 @@ from pathlib import Path
 from gateway.config import Config, ConfigError, config_warnings, load_config, read_env_file
 from gateway.keygen import new_key
 
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="runway-gateway", description="A key-managed, quota-enforcing gateway for a Runway gen2 relay."
