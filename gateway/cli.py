@@ -1,5 +1,5 @@
 """`runway-gateway` (also `python -m gateway`): serve, check-config, new-key,
-simulate-upstream, demo.
+simulate-upstream, demo, admin.
 
 Imports of the server stack happen inside the commands: `serve` must set
 PROMETHEUS_MULTIPROC_DIR before prometheus_client is first imported.
@@ -61,7 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--data", default="data/demo", help="the demo's config, key and database")
     demo.add_argument("--new-key", action="store_true", help="replace the kept demo key (the old one stops working)")
 
+    from gateway import admin_cli
+
+    admin_cli.add_parser(sub)
+
     args = parser.parse_args(argv)
+    if args.command == "admin":
+        return admin_cli.run(args)
     if args.command == "serve":
         return _serve(args.config, args.host, args.port, args.workers)
     if args.command == "check-config":
