@@ -49,6 +49,13 @@ def duration(text: str) -> int:
     return int(m.group(1)) * UNITS[m.group(2) or "s"]
 
 
+def page_size(text: str) -> int:
+    """`--limit` of a list: 1 to 1000, as the API takes it."""
+    if not text.isdigit() or not 1 <= int(text) <= 1000:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be an integer from 1 to 1000")
+    return int(text)
+
+
 def limit_setting(text: str) -> tuple[str, int | None]:
     """`NAME=VALUE` or `NAME=none` (no limit)."""
     name, sep, value = text.partition("=")
@@ -115,7 +122,7 @@ def add_parser(sub: Any) -> None:
     krevoke.set_defaults(run=keys_revoke)
 
     audit = groups.add_parser("audit", help="the audit trail, newest first")
-    audit.add_argument("--limit", type=int, default=20, help="how many entries (20)")
+    audit.add_argument("--limit", type=page_size, default=20, help="how many entries (20)")
     audit.add_argument("--tenant")
     audit.add_argument("--action", help="e.g. key.revoke")
     audit.set_defaults(run=audit_list)
@@ -229,8 +236,6 @@ def keys_revoke(c: Client, a: argparse.Namespace) -> Any:
 
 
 def audit_list(c: Client, a: argparse.Namespace) -> Any:
-    if not 1 <= a.limit <= 1000:
-        raise ApiError("--limit must be between 1 and 1000")
     return c.call("GET", f"{V1}/audit", limit=a.limit, tenant=a.tenant, action=a.action)
 
 
