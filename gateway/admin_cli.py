@@ -267,18 +267,27 @@ def key_status(k: dict[str, Any]) -> str:
     return "active"
 
 
+def cell(name: str, value: Any) -> str:
+    """A value for people: times in UTC, `-` for none, yes/no, JSON for the rest."""
+    if name.endswith("_at") and isinstance(value, int):
+        return when(value)
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return value if isinstance(value, str) else json.dumps(value)
+
+
 def details(obj: dict[str, Any]) -> str:
-    """One object as `field: value` lines; times in UTC, nested objects flattened."""
+    """One object as `field: value` lines, nested objects flattened (`limits.max_active_tasks`)."""
     lines: list[str] = []
     for name, value in obj.items():
         if name == "object":
             continue
         if isinstance(value, dict):
-            lines += [f"{name}.{k}: {json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in value.items()]
-        elif name.endswith("_at") and (value is None or isinstance(value, int)):
-            lines.append(f"{name}: {when(value)}")
+            lines += [f"{name}.{k}: {cell(k, v)}" for k, v in value.items()]
         else:
-            lines.append(f"{name}: {value}")
+            lines.append(f"{name}: {cell(name, value)}")
     return "\n".join(lines)
 
 
