@@ -24,8 +24,6 @@ MAX_LIMIT = 2**63 - 1  # a limit is a signed 64-bit integer in both stores
 MAX_NAME = 200
 DEFAULT_GRACE_SECONDS = 86400
 MAX_SECONDS = 100 * 365 * 86400  # grace periods and key lifetimes: at most a century
-DEFAULT_JWT_CLAIM = "roles"
-DEFAULT_JWT_ROLE = "runway-gateway-admin"
 ACTIONS = (
     "tenant.create",
     "tenant.update",
@@ -60,10 +58,9 @@ class AdminAuth:
     recognised (by the tenant authenticator) to answer 403 rather than 401."""
 
     def __init__(self, config: Config):
-        self._hashes = config.admin_keys
+        self._hashes = config.admin.keys
         self._jwt = _JWTVerifier(config.jwt) if config.jwt else None
-        self._claim = str(getattr(config, "admin_jwt_claim", DEFAULT_JWT_CLAIM))
-        self._role = str(getattr(config, "admin_jwt_role", DEFAULT_JWT_ROLE))
+        self._claim, self._role = config.admin.jwt_claim, config.admin.jwt_role
 
     def authenticate(self, authorization: str | None, tenants: Authenticator) -> Actor:
         credential = bearer_credential(authorization)

@@ -116,6 +116,26 @@ def test_an_admin_jwt_role_is_an_admin_named_by_its_sub(admin_gw: GatewayProcess
         assert entry["actor"] == {"type": "jwt", "id": "alice@example.com"}
 
 
+def test_the_admin_claim_and_role_are_configurable(tmp_path: Path) -> None:
+    sim = Simulator(tmp_path)
+    sim.start()
+    jwt_toml = f'[auth.jwt]\nalgorithms = ["HS256"]\nsecret = "{JWT_SECRET}"\n'
+    admin_toml = 'jwt_claim = "groups"\njwt_role = "platform-ops"\n'
+    g = GatewayProcess(tmp_path, sim.url, [TenantSpec("cfg-z")], extra_toml=jwt_toml)
+    g.config_path.write_text(g.config_path.read_text().replace("[admin]\n", "[admin]\n" + admin_toml))
+    try:
+        g.start()
+        url = g.url + V1 + "/tenants"
+        ops = httpx.get(url, headers={"Authorization": f"Bearer {token(sub='ops', groups='staff platform-ops')}"})
+        assert ops.status_code == 200, ops.text
+        default = httpx.get(url, headers={"Authorization": f"Bearer {token(sub='x', roles=['runway-gateway-admin'])}"})
+        assert default.status_code == 401 and default.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(url, headers=ADMIN).status_code == 200
+    finally:
+        g.stop()
+        sim.stop()
+
+
 # --- tenants -----------------------------------------------------------------------------
 
 
