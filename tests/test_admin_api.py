@@ -340,6 +340,28 @@ def test_mint_list_show_update_rotate_and_revoke_a_key(api: httpx.Client) -> Non
     assert len(audit_of(api, tenant, action="key.revoke")) == 1
 
 
+def test_the_admin_api_on_redis(tmp_path: Path, redis_store_url: str) -> None:
+    """The same routes over the Redis store: a tenant, a key's life, the audit trail."""
+    sim = Simulator(tmp_path)
+    sim.start()
+    g = GatewayProcess(tmp_path, sim.url, [TenantSpec("cfg-r")], store_url=redis_store_url)
+    try:
+        g.start()
+        with httpx.Client(base_url=g.url + V1, headers=ADMIN, timeout=10) as api:
+            tenant = make_tenant(api, limits={"max_active_tasks": 3})["id"]
+            assert [t["id"] for t in api.get("/tenants").json()["data"]] == sorted(["cfg-r", tenant])
+            key = mint(api, tenant)["id"]
+            assert api.post(f"/keys/{key}/rotate", json={"grace_seconds": 60}).json()["id"] == key
+            assert api.delete(f"/keys/{key}").json()["revoked_at"] is not None
+            assert [k["id"] for k in api.get(f"/tenants/{tenant}/keys").json()["data"]] == [key]
+            actions = [e["action"] for e in audit_of(api, tenant)]
+            assert actions == ["key.revoke", "key.rotate", "key.create", "tenant.create"]
+            error_of(api.post("/tenants", json={"id": tenant}), 409, "tenant_exists", "id")
+    finally:
+        g.stop()
+        sim.stop()
+
+
 def test_config_keys_are_listed_after_api_keys_and_are_read_only(admin_gw: GatewayProcess, api: httpx.Client) -> None:
     minted = mint(api, "cfg-a", "for-a-config-tenant")
     listed = api.get("/tenants/cfg-a/keys").json()["data"]
