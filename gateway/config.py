@@ -293,32 +293,17 @@ class WebhookConfig:
 
 
 @dataclass(frozen=True)
-class AdminConfig:
-    """[admin]: who may use the admin API. An admin key's hash, or a JWT accepted by
-    [auth.jwt] whose claim `jwt_claim` (a list, or a space-separated string) holds `jwt_role`."""
-
-    keys: tuple[str, ...] = _setting((), _key_hashes)
-    jwt_claim: str = _setting("roles", _non_empty_string)
-    jwt_role: str = _setting("runway-gateway-admin", _non_empty_string)
-
-
-@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     pricing: PricingConfig = field(default_factory=PricingConfig)
-    admin: AdminConfig = field(default_factory=AdminConfig)
+    admin_keys: tuple[str, ...] = _setting((), _key_hashes)  # [admin] keys
     metrics_bearer_token: str = _setting("", _string)  # [metrics] bearer_token
     jwt: JWTConfig | None = None  # [auth.jwt]
     tenants: tuple[Tenant, ...] = ()
     webhooks: WebhookConfig = field(default_factory=WebhookConfig)
     base_dir: Path = Path(".")
-
-    @property
-    def admin_keys(self) -> tuple[str, ...]:
-        """[admin] keys: the hashes of the admin keys."""
-        return self.admin.keys
 
     def tenant(self, tenant_id: str) -> Tenant | None:
         for t in self.tenants:
@@ -503,7 +488,7 @@ class _Validator:
 
     # sections -----------------------------------------------------------------------
     def config(self, data: dict[str, Any], base_dir: Path) -> Config:
-        # The file's tables; [metrics] and [auth] each hold one field of Config.
+        # The file's tables; [admin], [metrics] and [auth] each hold one field of Config.
         self.known_keys(
             data, "", {"server", "upstream", "store", "pricing", "admin", "metrics", "auth", "tenants", "webhooks"}
         )
@@ -511,13 +496,13 @@ class _Validator:
         upstream = self.upstream(self.table(data, "upstream", "", _keys(UpstreamConfig)))
         store = StoreConfig(**self.section(data, "store", StoreConfig))
         pricing = PricingConfig(**self.section(data, "pricing", PricingConfig))
-        admin = AdminConfig(**self.section(data, "admin", AdminConfig))
+        admin_keys = self.one_field(data, "admin", "keys", "admin_keys")
         metrics_token = self.one_field(data, "metrics", "bearer_token", "metrics_bearer_token")
         auth_t = self.table(data, "auth", "", {"jwt"})
         jwt_cfg = self.jwt(auth_t["jwt"], base_dir) if "jwt" in auth_t else None
         tenants = self.tenants(data.get("tenants", []))
         webhooks = self.webhooks(self.section(data, "webhooks", WebhookConfig))
-        return Config(server, upstream, store, pricing, admin, metrics_token, jwt_cfg, tenants, webhooks, base_dir)
+        return Config(server, upstream, store, pricing, admin_keys, metrics_token, jwt_cfg, tenants, webhooks, base_dir)
 
     def one_field(self, data: dict[str, Any], section: str, key: str, name: str) -> Any:
         """`[section] key`, a table of one key that is Config's `_setting` field `name`."""
