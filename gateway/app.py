@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -26,8 +28,9 @@ from gateway.errors import GatewayError, error_response
 from gateway.logs import AccessLog
 from gateway.metrics import FLUSH_SECONDS, Metrics
 from gateway.middleware import GatewayMiddleware
+from gateway.reload import reload_config
 from gateway.routes import admin, hooks, native, openai, ops
-from gateway.services import Services, build_services
+from gateway.services import LAST_USED_FLUSH_SECONDS, Services, build_services
 from gateway.store import open_store
 from gateway.store.base import StoreUnavailable
 from gateway.webhooks import WebhookDispatcher
@@ -35,6 +38,7 @@ from gateway.webhooks import WebhookDispatcher
 logger = logging.getLogger("gateway")
 POLL_EVERY = 1.0
 EXPIRE_EVERY = 5.0
+AUDIT_PRUNE_EVERY = 3600.0
 MAINTAIN_EVERY = 5.0  # keeps the SQLite WAL short (docs/benchmarks.md, Soak)
 Worker = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
 
@@ -42,10 +46,10 @@ Worker = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
 def workers(services: Services) -> list[Worker]:
     """The background loops every process runs until its lifespan ends."""
     metrics, store, tasks, clock = services.metrics, services.store, services.tasks, services.clock
+    directory = services.directory
     dispatcher = WebhookDispatcher(
         store,
-        {t.id: t for t in services.config.tenants},
-        services.config.webhooks,
+        lambda: directory.current,
         on_result=lambda tenant, result: metrics.count(metrics.webhook_deliveries, (tenant, result)),
         clock=clock,
     )
@@ -53,7 +57,13 @@ def workers(services: Services) -> list[Worker]:
     async def flush_metrics() -> None:
         metrics.flush()
 
+    async def prune_audit() -> None:
+        await store.prune_audit(clock() - directory.current.config.audit_retention_days * 86400)
+
     return [
+        directory.run_forever,
+        _every(services.last_used.interval, services.last_used.flush),
+        _every(AUDIT_PRUNE_EVERY, prune_audit),
         dispatcher.run_forever,
         _every(POLL_EVERY, tasks.poll_due),
         _every(EXPIRE_EVERY, tasks.expire),
@@ -75,6 +85,29 @@ def _every(seconds: float, job: Callable[[], Awaitable[object]]) -> Worker:
                 await asyncio.wait_for(stop.wait(), seconds)
 
     return loop
+
+
+def _last_used_interval() -> float:
+    """How often `last_used_at` is written: 30 s (tests shorten it through the environment)."""
+    return float(os.environ.get("GATEWAY_LAST_USED_FLUSH_SECONDS", LAST_USED_FLUSH_SECONDS))
+
+
+def _reload_on_sighup(services: Services, path: str) -> Callable[[], None]:
+    """Install this worker's SIGHUP handler; returns what removes it. Each signal starts
+    one reload task (kept referenced until done)."""
+    loop = asyncio.get_running_loop()
+    running: set[asyncio.Task[bool]] = set()
+
+    def start() -> None:
+        task = loop.create_task(reload_config(services, path))
+        running.add(task)
+        task.add_done_callback(running.discard)
+
+    def remove() -> None:
+        loop.remove_signal_handler(signal.SIGHUP)
+
+    loop.add_signal_handler(signal.SIGHUP, start)
+    return remove
 
 
 async def _gateway_error(request: Request, exc: Exception) -> Response:
@@ -112,22 +145,33 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 
 
 def create_app(
-    config: Config, *, metrics: Metrics | None = None, clock: Callable[[], float] = time.time, background: bool = True
+    config: Config,
+    *,
+    metrics: Metrics | None = None,
+    clock: Callable[[], float] = time.time,
+    background: bool = True,
+    config_path: str | None = None,
 ) -> Starlette:
     """The app for `config`. Its services exist from startup to shutdown of its lifespan
-    (`app.state.services`); `background=False` runs no workers (tests drive them)."""
+    (`app.state.services`); `background=False` runs no workers (tests drive them). With
+    `config_path`, SIGHUP re-reads that file (`gateway.reload`)."""
     metrics = metrics or Metrics([t.id for t in config.tenants], upstream_keys=len(config.upstream.api_keys))
     access_log = AccessLog(sys.stdout)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        services = await build_services(config, open_store(config.store.url), metrics, clock)
+        services = await build_services(
+            config, open_store(config.store.url), metrics, clock, last_used_interval=_last_used_interval()
+        )
         app.state.services = services
         stop = asyncio.Event()
         jobs = [asyncio.create_task(run(stop)) for run in workers(services)] if background else []
+        reloading = _reload_on_sighup(services, config_path) if config_path else None
         try:
             yield
         finally:
+            if reloading is not None:
+                reloading()
             stop.set()
             await asyncio.gather(*jobs, return_exceptions=True)
             await services.close()

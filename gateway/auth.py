@@ -1,7 +1,9 @@
 """Who is calling: a tenant's API key or a JWT from the company's IdP.
 
-Keys are looked up by their SHA-256 in a dict built at start: hashing first means the
-lookup never compares secret bytes, so its timing leaks nothing about stored keys. JWTs
+Keys are looked up by their SHA-256 in the in-memory directory (`gateway.directory`, kept
+fresh by a background worker: no store round trip per request): hashing first means the
+lookup never compares secret bytes, so its timing leaks nothing about stored keys. A key's
+expiry and rotation grace are checked against the clock here, on every request. JWTs
 are verified with PyJWT against the configured algorithms only (never `none`, never an
 HS* algorithm with a public key), with `exp`, `nbf`, `iss` and `aud` checked.
 """
@@ -9,12 +11,14 @@ HS* algorithm with a public key), with `exp`, `nbf`, `iss` and `aud` checked.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import jwt
 
-from gateway.config import Config, JWTConfig, Tenant
+from gateway.config import JWTConfig, Tenant
+from gateway.directory import Directory
 from gateway.errors import GatewayError
 
 JWKS_CACHE_SECONDS = 300
@@ -24,6 +28,7 @@ JWKS_CACHE_SECONDS = 300
 class Principal:
     tenant: Tenant
     method: str  # "key" | "jwt"
+    key_id: str | None = None  # the API key's id (None for a JWT)
 
 
 def key_hash(key: str) -> str:
@@ -51,10 +56,12 @@ class AuthFailure(GatewayError):
 
 
 class Authenticator:
-    def __init__(self, config: Config):
-        self._by_hash = {h: t for t in config.tenants for h in t.keys}
-        self._by_id = {t.id: t for t in config.tenants}
-        self._jwt = _JWTVerifier(config.jwt) if config.jwt else None
+    """Reads the current directory once per request (`directory()`), so a refresh or a
+    config reload swapping it mid-request never mixes two views."""
+
+    def __init__(self, directory: Callable[[], Directory], clock: Callable[[], float]):
+        self._directory = directory
+        self._clock = clock
 
     def authenticate(self, authorization: str | None) -> Principal:
         if not authorization:
@@ -62,28 +69,34 @@ class Authenticator:
         credential = bearer_credential(authorization)
         if credential is None:
             raise AuthFailure("malformed", "Malformed Authorization header: expected `Bearer <api key>`.")
-        tenant = self._by_hash.get(key_hash(credential))
-        method = "key"
-        if tenant is None:
-            if self._jwt is None or credential.count(".") != 2:
-                raise AuthFailure("unknown_key", "Incorrect API key provided.")
-            tenant = self._tenant_from_jwt(credential)
-            method = "jwt"
-        if not tenant.enabled:
+        directory = self._directory()
+        entry = directory.key(key_hash(credential), self._clock())
+        if entry is not None:
+            principal = Principal(directory.tenants[entry.tenant_id], "key", entry.key_id)
+        elif directory.jwt is not None and credential.count(".") == 2:
+            principal = Principal(self._tenant_from_jwt(directory, directory.jwt, credential), "jwt")
+        else:
+            raise AuthFailure("unknown_key", "Incorrect API key provided.")
+        if not principal.tenant.enabled:
             raise GatewayError(403, "tenant_disabled", "This tenant is disabled.", "permission_error")
-        return Principal(tenant, method)
+        return principal
 
-    def _tenant_from_jwt(self, token: str) -> Tenant:
-        assert self._jwt is not None
-        claims = self._jwt.verify(token)
-        tenant_id = claims.get(self._jwt.config.tenant_claim)
-        tenant = self._by_id.get(tenant_id) if isinstance(tenant_id, str) else None
+    @staticmethod
+    def _tenant_from_jwt(directory: Directory, verifier: JWTVerifier, token: str) -> Tenant:
+        claims = verifier.verify(token)
+        tenant_id = claims.get(verifier.config.tenant_claim)
+        tenant = directory.tenants.get(tenant_id) if isinstance(tenant_id, str) else None
         if tenant is None:
             raise AuthFailure("unknown_tenant", "The token does not name a known tenant.")
         return tenant
 
 
-class _JWTVerifier:
+def jwt_verifier(config: JWTConfig | None) -> JWTVerifier | None:
+    """The verifier of `[auth.jwt]`, None without one (reads a public key file now)."""
+    return JWTVerifier(config) if config else None
+
+
+class JWTVerifier:
     def __init__(self, config: JWTConfig):
         self.config = config
         self._key: Any = None
@@ -123,3 +136,6 @@ class _JWTVerifier:
             raise AuthFailure("jwt_issuer", "The token's issuer is not trusted.") from None
         except (jwt.PyJWTError, ValueError, TypeError):
             raise AuthFailure("jwt_invalid", "The token could not be verified.") from None
+
+
+_JWTVerifier = JWTVerifier  # the name gateway/admin.py imports

@@ -20,6 +20,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from gateway.config import Config, ConfigError, config_warnings, load_config, read_env_file
 from gateway.keygen import new_key
@@ -117,23 +118,46 @@ def _serve(config_path: str | None, host: str, port: int, workers: int) -> int:
 
     from gateway.connections import uvicorn_options
 
+    options = uvicorn_options(server)  # header/body/idle timeouts and the connection limit
     try:
-        uvicorn.run(
-            "gateway.cli:app_from_env",
-            factory=True,
-            host=host,
-            port=port,
-            workers=workers,
-            log_config=None,
-            access_log=False,
-            proxy_headers=False,
-            server_header=False,
-            date_header=False,
-            **uvicorn_options(server),  # header/body/idle timeouts and the connection limit
-        )
+        if workers > 1:
+            _run_workers(host, port, workers, options)
+        else:
+            uvicorn.run("gateway.cli:app_from_env", host=host, port=port, **UVICORN_SETTINGS, **options)
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
+
+
+UVICORN_SETTINGS: dict[str, Any] = {
+    "factory": True,
+    "log_config": None,
+    "access_log": False,
+    "proxy_headers": False,
+    "server_header": False,
+    "date_header": False,
+}
+
+
+def _run_workers(host: str, port: int, workers: int, options: dict[str, Any]) -> None:
+    """uvicorn's multiprocess supervisor, except that SIGHUP reloads the config in every
+    worker (each has its own handler, `gateway.reload`) instead of replacing the workers."""
+    import signal
+
+    import uvicorn
+    from uvicorn.supervisors.multiprocess import Multiprocess
+
+    class ReloadingMultiprocess(Multiprocess):
+        def handle_hup(self) -> None:
+            logging.getLogger("uvicorn.error").info("Received SIGHUP, reloading the config in every worker.")
+            for process in self.processes:
+                if process.pid is not None and process.exitcode is None:
+                    os.kill(process.pid, signal.SIGHUP)
+
+    config = uvicorn.Config(
+        "gateway.cli:app_from_env", host=host, port=port, workers=workers, **UVICORN_SETTINGS, **options
+    )
+    ReloadingMultiprocess(config, sockets=[config.bind_socket()]).run()
 
 
 METRICS_DIR_PREFIX = "runway-gateway-metrics-"
@@ -181,7 +205,7 @@ def app_from_env():  # type: ignore[no-untyped-def]
     setup_logging(os.environ.get("GATEWAY_LOG_LEVEL", config.server.log_level))
     for warning in config_warnings(config):
         logging.getLogger("gateway.config").warning(warning)
-    return create_app(config)
+    return create_app(config, config_path=os.environ["GATEWAY_CONFIG"])
 
 
 def _simulate(args: argparse.Namespace) -> int:

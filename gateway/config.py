@@ -52,6 +52,14 @@ GEN2_OPTION_TYPES: dict[str, type] = {
     "init_image": str,
 }
 
+# [admin] key -> Config field
+ADMIN_KEYS = {
+    "keys": "admin_keys",
+    "jwt_claim": "admin_jwt_claim",
+    "jwt_role": "admin_jwt_role",
+    "audit_retention_days": "audit_retention_days",
+}
+
 Check = Callable[[Any], str | None]  # a value's problem, or None when it is fine
 
 
@@ -304,6 +312,10 @@ class Config:
     tenants: tuple[Tenant, ...] = ()
     webhooks: WebhookConfig = field(default_factory=WebhookConfig)
     base_dir: Path = Path(".")
+    # [admin]: a JWT is an admin's when its claim `jwt_claim` holds `jwt_role`
+    admin_jwt_claim: str = _setting("roles", _non_empty_string)
+    admin_jwt_role: str = _setting("runway-gateway-admin", _non_empty_string)
+    audit_retention_days: int = _setting(400, _positive_int)
 
     def tenant(self, tenant_id: str) -> Tenant | None:
         for t in self.tenants:
@@ -496,13 +508,29 @@ class _Validator:
         upstream = self.upstream(self.table(data, "upstream", "", _keys(UpstreamConfig)))
         store = StoreConfig(**self.section(data, "store", StoreConfig))
         pricing = PricingConfig(**self.section(data, "pricing", PricingConfig))
-        admin_keys = self.one_field(data, "admin", "keys", "admin_keys")
+        admin = self.admin(self.table(data, "admin", "", set(ADMIN_KEYS)))
         metrics_token = self.one_field(data, "metrics", "bearer_token", "metrics_bearer_token")
         auth_t = self.table(data, "auth", "", {"jwt"})
         jwt_cfg = self.jwt(auth_t["jwt"], base_dir) if "jwt" in auth_t else None
         tenants = self.tenants(data.get("tenants", []))
         webhooks = self.webhooks(self.section(data, "webhooks", WebhookConfig))
-        return Config(server, upstream, store, pricing, admin_keys, metrics_token, jwt_cfg, tenants, webhooks, base_dir)
+        return Config(
+            server,
+            upstream,
+            store,
+            pricing,
+            metrics_bearer_token=metrics_token,
+            jwt=jwt_cfg,
+            tenants=tenants,
+            webhooks=webhooks,
+            base_dir=base_dir,
+            **admin,
+        )
+
+    def admin(self, t: dict[str, Any]) -> dict[str, Any]:
+        """`[admin]`: each key is a Config field of its own (ADMIN_KEYS names which)."""
+        fields = {f.name: f for f in dataclasses.fields(Config)}
+        return {name: self.setting(fields[name], t, "admin", key) for key, name in ADMIN_KEYS.items()}
 
     def one_field(self, data: dict[str, Any], section: str, key: str, name: str) -> Any:
         """`[section] key`, a table of one key that is Config's `_setting` field `name`."""

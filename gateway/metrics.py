@@ -134,6 +134,9 @@ class Metrics:
         self.callback_lag = Histogram(
             "gateway_callback_lag_seconds", "Upstream updatedAt to callback receipt.", buckets=LAG_BUCKETS, registry=r
         )
+        self.config_reloads = Counter(
+            "gateway_config_reloads_total", "Config file reloads (SIGHUP), by result.", ["result"], registry=r
+        )
         self.build_info = Gauge(
             "gateway_build_info", "Build information.", ["version"], multiprocess_mode="max", registry=r
         )
@@ -144,6 +147,14 @@ class Metrics:
         self._counts: dict[tuple[Counter, tuple[str, ...]], float] = {}
         self._observed: dict[tuple[Histogram, tuple[str, ...]], list[float]] = {}  # the values, in order
         self._zero_children()
+
+    def add_tenants(self, tenant_ids: Iterable[str]) -> None:
+        """Tenants that appeared since start (the store's directory, a reloaded config):
+        their series exist at zero from now on, and the store gauges cover them."""
+        new = [t for t in tenant_ids if t not in self._tenant_ids]
+        if new:
+            self._tenant_ids = (*self._tenant_ids, *new)
+            self._zero_tenants(new)
 
     def child(self, metric: Any, *labels: str) -> Any:
         """`metric.labels(*labels)`, memoised: labels() takes a lock and rebuilds the label
@@ -185,7 +196,13 @@ class Metrics:
                 observe(value)
 
     def _zero_children(self) -> None:
-        for tenant in self._tenant_ids:
+        self._zero_tenants(self._tenant_ids)
+        for result in ("ok", "error"):
+            self.config_reloads.labels(result)
+        self._zero_fixed()
+
+    def _zero_tenants(self, tenant_ids: Iterable[str]) -> None:
+        for tenant in tenant_ids:
             for limit in ALL_LIMITS:
                 self.quota_rejections.labels(tenant, limit)
             self.tasks_created.labels(tenant, "gen2")
@@ -195,6 +212,8 @@ class Metrics:
             self.credits_refunded.labels(tenant)
             for result in WEBHOOK_RESULTS:
                 self.webhook_deliveries.labels(tenant, result)
+
+    def _zero_fixed(self) -> None:
         for result in CALLBACK_RESULTS:
             self.callbacks.labels(result)
         for reason in AUTH_REASONS:

@@ -39,7 +39,7 @@ class RequestContext:
 
     request_id: str
     tenant: str | None = None  # the authenticated tenant: the metric label and log field
-    key_id: str | None = None  # which of the tenant's keys (once keys have ids)
+    key_id: str | None = None  # which of the tenant's keys (None for a JWT): logged, never the key
     rate: RateInfo | None = None  # the requests_per_minute bucket, for the x-ratelimit headers
     upstream_ms: float | None = None  # time the upstream took on a create
     task_id: str | None = None  # the task the request created, read or deleted
@@ -137,6 +137,8 @@ class GatewayMiddleware:
             "status": status,
             "duration_ms": round(seconds * 1000, 2),
         }
+        if context.key_id is not None:
+            fields["key_id"] = context.key_id
         if context.upstream_ms is not None:
             fields["upstream_ms"] = round(context.upstream_ms, 2)
         if context.task_id is not None:

@@ -32,20 +32,24 @@ from collections.abc import Callable, Mapping
 
 import httpx
 
-from gateway.config import Tenant, WebhookConfig
+from gateway.config import Config, Tenant, WebhookConfig
+from gateway.directory import Directory
 from gateway.logs import log_fields
-from gateway.ssrf import HookPolicy, HookRefused, Resolver, resolve_hook
+from gateway.ssrf import HookRefused, Resolver, resolve_hook
 from gateway.store.base import Store, WebhookEvent
 
 USER_AGENT = "runway-gateway-webhooks/1"
 log = logging.getLogger("gateway.webhooks")
 
 
-def sign(secret: str, body: bytes, timestamp: int) -> str:
+def sign(secret: str, body: bytes, timestamp: int, *older: str) -> str:
     """`t=<unix>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`: the timestamp is signed too,
-    so a captured delivery cannot be replayed later with a fresh time."""
-    mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
-    return f"t={timestamp},v1={mac}"
+    so a captured delivery cannot be replayed later with a fresh time. During a secret
+    rotation's grace period each `older` secret adds its own `v1=`, so a receiver still
+    holding the previous secret keeps verifying."""
+    payload = f"{timestamp}.".encode() + body
+    macs = [hmac.new(s.encode(), payload, hashlib.sha256).hexdigest() for s in (secret, *older)]
+    return f"t={timestamp}," + ",".join(f"v1={mac}" for mac in macs)
 
 
 def verify(secret: str, body: bytes, header: str, tolerance: float = 300, now: float | None = None) -> bool:
@@ -73,8 +77,8 @@ class WebhookDispatcher:
     def __init__(
         self,
         store: Store,
-        tenants: Mapping[str, Tenant],
-        config: WebhookConfig,
+        tenants: Mapping[str, Tenant] | Callable[[], Directory],
+        config: WebhookConfig | None = None,
         client: httpx.AsyncClient | None = None,
         on_result: Callable[[str, str], None] | None = None,
         clock: Callable[[], float] = time.time,
@@ -90,9 +94,11 @@ class WebhookDispatcher:
                 "timeout must be shorter than the lease, or another worker could take the event mid-delivery"
             )
         self._store = store
-        self._tenants = dict(tenants)
-        self._policies = {tid: HookPolicy.from_hosts(t.policy.hook_hosts) for tid, t in tenants.items()}
-        self._config = config
+        if isinstance(tenants, Mapping):  # fixed tenants and settings (tests): a directory of them
+            fixed = Directory.build(Config(tenants=tuple(tenants.values()), webhooks=config or WebhookConfig()), None)
+            self._directory: Callable[[], Directory] = lambda: fixed
+        else:  # read per event: tenants, secrets and retry settings as a refresh or reload left them
+            self._directory = tenants
         self._client = client
         self._owns_client = client is None
         self._on_result = on_result
@@ -160,18 +166,18 @@ class WebhookDispatcher:
 
     async def _process(self, event: WebhookEvent) -> None:
         attempt = event.attempts + 1
-        tenant = self._tenants.get(event.tenant_id)
-        if tenant is None:  # removed from the config: nobody to sign for or deliver to
+        directory = self._directory()
+        if event.tenant_id not in directory.tenants:  # removed: nobody to sign for or deliver to
             await self._give_up(event, attempt, "tenant no longer configured")
             return
-        error = await self._attempt(event, tenant, attempt)
+        error = await self._attempt(event, directory, attempt)
         if error is None:
             await self._store.finish_webhook(event.event_id, delivered=True, attempts=attempt, next_at=None)
             self._report(event.tenant_id, "delivered")
-        elif attempt >= self._config.max_attempts:
+        elif attempt >= directory.config.webhooks.max_attempts:
             await self._give_up(event, attempt, error)
         else:
-            next_at = self._clock() + self._config.backoff(attempt)
+            next_at = self._clock() + directory.config.webhooks.backoff(attempt)
             await self._store.finish_webhook(event.event_id, delivered=False, attempts=attempt, next_at=next_at)
             self._report(event.tenant_id, "failed")
             log_fields(
@@ -205,11 +211,11 @@ class WebhookDispatcher:
         if self._on_result is not None:
             self._on_result(tenant_id, result)
 
-    async def _attempt(self, event: WebhookEvent, tenant: Tenant, attempt: int) -> str | None:
+    async def _attempt(self, event: WebhookEvent, directory: Directory, attempt: int) -> str | None:
         """One delivery; None on a 2xx, else a short reason fit for logs (no URL, body or secret)."""
         try:
             async with asyncio.timeout(self._timeout):
-                hook = await resolve_hook(event.url, self._policies[event.tenant_id], self._resolver)
+                hook = await resolve_hook(event.url, directory.hook_policies[event.tenant_id], self._resolver)
                 headers = {
                     "host": hook.host_header,
                     "content-type": "application/json",
@@ -217,8 +223,10 @@ class WebhookDispatcher:
                     "x-gateway-event-id": event.event_id,
                     "x-gateway-delivery-attempt": str(attempt),
                 }
-                if tenant.webhook_secret:  # a signature with an empty key proves nothing
-                    headers["x-gateway-signature"] = sign(tenant.webhook_secret, event.body, int(self._clock()))
+                now = self._clock()
+                secrets = directory.webhook_secrets(event.tenant_id, now)
+                if secrets:  # a signature with an empty key proves nothing
+                    headers["x-gateway-signature"] = sign(secrets[0], event.body, int(now), *secrets[1:])
                 extensions: dict[str, object] = {"timeout": httpx.Timeout(self._timeout).as_dict()}
                 if hook.sni_hostname:
                     extensions["sni_hostname"] = hook.sni_hostname

@@ -15,9 +15,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from inprocess import AUTH, Running, gateway_config, running
+from inprocess import AUTH, KEY, Running, gateway_config, running
 
+from gateway.auth import key_hash
 from gateway.config import Config
+from gateway.directory import config_key_id
 
 MAX_BODY = 1024
 
@@ -163,6 +165,7 @@ async def test_the_access_line_has_the_request_fields(tmp_path: Path) -> None:
             "request_id": "line-1",
             "client": "192.0.2.44",
             "tenant": "team-a",
+            "key_id": config_key_id(key_hash(KEY)),  # which key, never the key
             "method": "GET",
             "route": "/runway/tasks/{id}",
             "status": 404,

@@ -14,9 +14,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway.config import Policy, Tenant, WebhookConfig
+from gateway.config import Config, Policy, Tenant, WebhookConfig
+from gateway.directory import Directory
 from gateway.logs import JSONFormatter
-from gateway.store.base import WebhookEvent
+from gateway.store.base import DirectorySnapshot, TenantRecord, WebhookEvent
 from gateway.webhooks import USER_AGENT, WebhookDispatcher, sign, verify
 
 SECRET = "whsec_test_0123456789"
@@ -186,6 +187,32 @@ async def test_retries_with_backoff_then_delivers(receiver) -> None:
         assert r["headers"]["x-gateway-signature"].startswith(f"t={int(at)},")
         assert verify(SECRET, r["body"], r["headers"]["x-gateway-signature"], now=at)
     assert results == [("search-team", "failed"), ("search-team", "failed"), ("search-team", "delivered")]
+
+
+async def test_a_rotated_secret_signs_with_both_during_its_grace_period(receiver) -> None:
+    """A store tenant's webhook secret rotation: deliveries carry `v1=<new>,v1=<old>` until
+    the grace period ends, then only the new one; read from the directory at each delivery."""
+    rx = await receiver([200, 200])
+    clock, outbox = Clock(), FakeOutbox()
+    record = TenantRecord(
+        "search-team",
+        webhook_secret="whsec_new",
+        policy={"hook_hosts": ["127.0.0.1"]},
+        previous_webhook_secret="whsec_old",
+        previous_webhook_secret_expires_at=clock.now + 60,
+    )
+    directory = Directory.build(Config(), DirectorySnapshot(1, [record], []))
+    d = WebhookDispatcher(outbox, lambda: directory, clock=clock)
+    outbox.add(event(f"http://127.0.0.1:{rx.port}/"), clock.now)
+    assert await d.run_once() == 1
+    clock.now += 60
+    outbox.add(event(f"http://127.0.0.1:{rx.port}/", eid="evt_2"), clock.now)
+    assert await d.run_once() == 1
+    await d.aclose()
+    during, after = (r["headers"]["x-gateway-signature"] for r in rx.requests)
+    assert during.count("v1=") == 2 and after.count("v1=") == 1
+    assert verify("whsec_old", BODY, during, now=clock.now) and verify("whsec_new", BODY, during, now=clock.now)
+    assert verify("whsec_new", BODY, after, now=clock.now) and not verify("whsec_old", BODY, after, now=clock.now)
 
 
 async def test_gives_up_after_max_attempts(receiver, caplog) -> None:

@@ -43,7 +43,10 @@ def authenticate(request: Request) -> Principal:
     except GatewayError:
         s.metrics.count(s.metrics.auth_failures, ("tenant_disabled",))
         raise
-    context(request).tenant = principal.tenant.id
+    record = context(request)
+    record.tenant, record.key_id = principal.tenant.id, principal.key_id
+    if principal.key_id is not None:
+        s.last_used.note(principal.key_id, s.clock())
     return principal
 
 

@@ -1,0 +1,113 @@
+"""SIGHUP re-reads the config file in every worker, without a restart and without dropping a
+request; a broken file changes nothing; gateway_config_reloads_total counts both."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import threading
+from pathlib import Path
+
+import httpx
+from conftest import GatewayProcess, Simulator, TenantSpec, wait_until
+
+from gateway.store import open_store
+from gateway.store.base import AuditEntry
+
+
+def reloads(gw: GatewayProcess, result: str) -> float:
+    text = httpx.get(f"{gw.url}/metrics", timeout=5).text
+    found = re.search(rf'^gateway_config_reloads_total\{{result="{result}"\}} (\S+)$', text, re.M)
+    assert found, f"no {result} series"
+    return float(found.group(1))
+
+
+def status(gw: GatewayProcess, key: str) -> int:
+    return httpx.get(f"{gw.url}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=5).status_code
+
+
+def every_worker(gw: GatewayProcess, key: str, expected: int) -> bool:
+    """Four answers running, each on a new connection (either worker may take it)."""
+    return all(status(gw, key) == expected for _ in range(4))
+
+
+def hangup(gw: GatewayProcess) -> None:
+    assert gw.proc is not None
+    gw.proc.send_signal(signal.SIGHUP)  # the `serve` process a supervisor started
+
+
+def reload_audit(store_url: str) -> list[AuditEntry]:
+    async def read() -> list[AuditEntry]:
+        store = open_store(store_url)
+        await store.open()
+        try:
+            return (await store.list_audit(limit=100, action="config.reload"))[0]
+        finally:
+            await store.close()
+
+    return asyncio.run(read())
+
+
+def test_sighup_reloads_every_worker_and_refuses_a_broken_file(tmp_path: Path, sim: Simulator) -> None:
+    old, new = TenantSpec("team-old"), TenantSpec("team-new")
+    gw = GatewayProcess(tmp_path, sim.url, [old], workers=2)
+    gw.start()
+    try:
+        assert reloads(gw, "ok") == 0 and reloads(gw, "error") == 0  # exported from the first scrape
+        assert status(gw, new.key) == 401
+
+        # requests keep flowing through the reload: none is dropped
+        failures: list[str] = []
+        stop = threading.Event()
+
+        def traffic() -> None:
+            while not stop.is_set():
+                try:
+                    code = status(gw, old.key)
+                except httpx.HTTPError as exc:
+                    failures.append(repr(exc))
+                else:
+                    if code != 200:
+                        failures.append(str(code))
+
+        runner = threading.Thread(target=traffic)
+        runner.start()
+        text = gw.config_path.read_text().replace("max_body_bytes = 65536", "max_body_bytes = 65537")
+        gw.config_path.write_text(text + new.toml())
+        hangup(gw)
+        wait_until(lambda: every_worker(gw, new.key, 200), 10, 0.05, "the added key on every worker")
+        wait_until(lambda: reloads(gw, "ok") >= 2, 10, 0.1, "one ok reload per worker")
+        stop.set()
+        runner.join()
+        assert failures == []
+        assert gw.log_text().count("server.max_body_bytes changed but takes effect only at the next restart") == 2
+
+        # a broken file: refused whole, every key as before, the process keeps serving
+        broken = gw.config_path.read_text().replace("max_body_bytes = 65537", "max_body_bytes = -1")
+        gw.config_path.write_text(broken.replace(new.toml(), ""))  # and team-new's key gone: not applied
+        hangup(gw)
+        wait_until(lambda: reloads(gw, "error") >= 2, 10, 0.1, "one error reload per worker")
+        assert "config reload refused: server.max_body_bytes: must be a positive integer" in gw.log_text()
+        assert every_worker(gw, old.key, 200) and every_worker(gw, new.key, 200)
+        assert reloads(gw, "ok") == 2
+
+        results = [entry.changes["result"] for entry in reload_audit(f"sqlite:///{tmp_path / f'gw-{gw.port}.db'}")]
+        assert sorted(results) == ["error", "error", "ok", "ok"]
+        assert all(entry.actor_type == "config" for entry in reload_audit(f"sqlite:///{tmp_path / f'gw-{gw.port}.db'}"))
+    finally:
+        gw.stop()
+
+
+def test_sighup_removes_a_key_from_a_single_process(tmp_path: Path, sim: Simulator) -> None:
+    kept, dropped = TenantSpec("team-kept"), TenantSpec("team-dropped")
+    gw = GatewayProcess(tmp_path, sim.url, [kept, dropped])
+    gw.start()
+    try:
+        assert status(gw, dropped.key) == 200
+        gw.config_path.write_text(gw.config_path.read_text().replace(dropped.toml(), ""))
+        hangup(gw)
+        wait_until(lambda: status(gw, dropped.key) == 401, 10, 0.05, "the removed key refused")
+        assert status(gw, kept.key) == 200 and reloads(gw, "ok") == 1
+    finally:
+        gw.stop()
