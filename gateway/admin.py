@@ -13,11 +13,12 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from gateway.auth import Authenticator, AuthFailure, _JWTVerifier, bearer_credential, key_hash
+from gateway.auth import Authenticator, AuthFailure, bearer_credential, key_hash
 from gateway.config import TENANT_ID_RE, Config, ConfigError, Tenant, parse_policy
+from gateway.directory import Directory, config_key_id
 from gateway.errors import GatewayError, bad_request, not_found
 from gateway.jsontypes import is_type
-from gateway.keygen import admin_actor_id, config_key_id, new_audit_id
+from gateway.keygen import admin_actor_id, new_audit_id
 from gateway.store.base import ALL_LIMITS, AuditEntry, KeyRecord, Limits, Store, TenantRecord
 
 MAX_LIMIT = 2**63 - 1  # a limit is a signed 64-bit integer in both stores
@@ -52,40 +53,36 @@ def unauthenticated(message: str) -> GatewayError:
     return GatewayError(401, "invalid_api_key", message, "authentication_error", None, {"www-authenticate": "Bearer"})
 
 
-class AdminAuth:
-    """Admin credentials: a key whose hash is in `[admin] keys`, or a JWT accepted by
-    `[auth.jwt]` whose `jwt_claim` claim holds `jwt_role`. A tenant's valid credential is
-    recognised (by the tenant authenticator) to answer 403 rather than 401."""
+def authenticate_admin(directory: Directory, authorization: str | None, tenants: Authenticator) -> Actor:
+    """An admin: a key whose hash is in `[admin] keys`, or a JWT accepted by `[auth.jwt]`
+    whose claim `[admin] jwt_claim` holds `[admin] jwt_role`. A tenant's valid credential
+    (recognised by the tenant authenticator) is 403, anything else 401."""
+    config = directory.config
+    credential = bearer_credential(authorization)
+    if credential is None:
+        raise unauthenticated("An admin key is required: send `Authorization: Bearer <admin key>`.")
+    hashed = key_hash(credential)
+    for configured in config.admin_keys:
+        if hmac.compare_digest(hashed, configured):
+            return Actor("admin_key", admin_actor_id(configured))
+    if directory.jwt is not None and credential.count(".") == 2:
+        claims = directory.jwt.verify(credential)  # AuthFailure: 401
+        if _has_role(claims.get(config.admin_jwt_claim), config.admin_jwt_role):
+            return Actor("jwt", str(claims.get("sub") or ""))
+    try:
+        tenants.authenticate(authorization)
+    except AuthFailure:
+        raise unauthenticated("Incorrect admin key provided.") from None
+    except GatewayError:
+        pass  # a disabled tenant's credential: still a tenant's, not an admin's
+    raise GatewayError(403, "permission_denied", "This credential is not an admin's.", "permission_error")
 
-    def __init__(self, config: Config):
-        self._hashes = config.admin.keys
-        self._jwt = _JWTVerifier(config.jwt) if config.jwt else None
-        self._claim, self._role = config.admin.jwt_claim, config.admin.jwt_role
 
-    def authenticate(self, authorization: str | None, tenants: Authenticator) -> Actor:
-        credential = bearer_credential(authorization)
-        if credential is None:
-            raise unauthenticated("An admin key is required: send `Authorization: Bearer <admin key>`.")
-        hashed = key_hash(credential)
-        for configured in self._hashes:
-            if hmac.compare_digest(hashed, configured):
-                return Actor("admin_key", admin_actor_id(configured))
-        if self._jwt is not None and credential.count(".") == 2:
-            claims = self._jwt.verify(credential)  # AuthFailure: 401
-            if self._has_role(claims.get(self._claim)):
-                return Actor("jwt", str(claims.get("sub") or ""))
-        try:
-            tenants.authenticate(authorization)
-        except AuthFailure:
-            raise unauthenticated("Incorrect admin key provided.") from None
-        except GatewayError:
-            pass  # a disabled tenant's credential: still a tenant's, not an admin's
-        raise GatewayError(403, "permission_denied", "This credential is not an admin's.", "permission_error")
-
-    def _has_role(self, value: Any) -> bool:
-        if isinstance(value, str):
-            return self._role in value.split()
-        return isinstance(value, list) and self._role in value
+def _has_role(value: Any, role: str) -> bool:
+    """The role claim as a list of roles or a space-separated string of them."""
+    if isinstance(value, str):
+        return role in value.split()
+    return isinstance(value, list) and role in value
 
 
 # --- the objects -----------------------------------------------------------------------
@@ -211,8 +208,9 @@ def after_index(ids: list[str], after: str | None) -> int:
 
 
 @dataclass
-class Directory:
-    """Config tenants and keys merged with the store's, read for one admin request."""
+class AdminView:
+    """Config tenants and keys merged with the store's, read from the store for one admin
+    request (not from the in-memory directory: an admin reads its own writes at once)."""
 
     config: Config
     store: Store

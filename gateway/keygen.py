@@ -3,7 +3,6 @@ and the admin API (which mints keys and webhook secrets)."""
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 
 BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -23,12 +22,6 @@ def new_webhook_secret() -> str:
 def new_key_id() -> str:
     """An API key's id: random, so it says nothing about the secret."""
     return "key_" + secrets.token_hex(12)
-
-
-def config_key_id(configured_hash: str) -> str:
-    """The id of a key listed in the config as `sha256:<hex>`: derived from that string, so
-    every replica and restart names it the same, and the hash itself is never shown."""
-    return "key_cfg_" + hashlib.sha256(configured_hash.encode()).hexdigest()[:12]
 
 
 def admin_actor_id(configured_hash: str) -> str:

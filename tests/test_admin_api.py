@@ -510,7 +510,9 @@ def test_the_usage_route_still_answers_for_config_and_api_tenants(admin_gw: Gate
     assert admin_gw.usage(tenant) == {"active": 0, "tasks_today": 0, "credits_today": 0, "credits_this_month": 0}
 
 
-def test_a_minted_key_works_on_the_tenant_api(admin_gw: GatewayProcess, api: httpx.Client, tmp_path: Path) -> None:
+def test_a_minted_key_works_on_the_tenant_api_until_rotated_out_or_revoked(
+    admin_gw: GatewayProcess, api: httpx.Client
+) -> None:
     tenant = make_tenant(api, limits={"max_active_tasks": 5})["id"]
     key = mint(api, tenant)
     headers = {"Authorization": f"Bearer {key['secret']}"}
@@ -520,11 +522,19 @@ def test_a_minted_key_works_on_the_tenant_api(admin_gw: GatewayProcess, api: htt
         return resp if resp.status_code == 200 else None
 
     resp = wait_until(created, timeout=5, message="the minted key to authenticate")
-    assert resp.json()["id"]
+    task_id = resp.json()["task"]["id"]
+    request_id = resp.headers["x-request-id"]
+    line = wait_until(
+        lambda: [x for x in admin_gw.access_log() if x.get("request_id") == request_id], message="the access line"
+    )
+    assert (line[0]["tenant"], line[0]["key_id"], line[0]["task_id"]) == (tenant, key["id"], task_id)
+    assert api.get(f"/tenants/{tenant}").json()["usage"]["tasks_today"] == 1
+
+    def status(secret: str) -> int:
+        auth = {"Authorization": f"Bearer {secret}"}
+        return httpx.get(admin_gw.url + "/v1/models", headers=auth, timeout=5).status_code
+
+    rotated = api.post(f"/keys/{key['id']}/rotate", json={"grace_seconds": 0}).json()["secret"]
+    wait_until(lambda: status(rotated) == 200 and status(key["secret"]) == 401, 5, message="the rotation")
     api.delete(f"/keys/{key['id']}")
-
-    def refused() -> bool:
-        resp = httpx.get(admin_gw.url + "/v1/models", headers=headers, timeout=5)
-        return resp.status_code == 401
-
-    wait_until(refused, timeout=5, message="the revoked key to be refused")
+    wait_until(lambda: status(rotated) == 401, timeout=5, message="the revoked key to be refused")

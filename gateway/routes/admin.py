@@ -11,7 +11,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway import admin
-from gateway.admin import ACTIONS, AdminAuth, AdminKey, AdminTenant, AuditContext, Directory, page
+from gateway.admin import ACTIONS, AdminKey, AdminTenant, AdminView, AuditContext, page
 from gateway.auth import AuthFailure, key_hash
 from gateway.errors import GatewayError, bad_request, not_found
 from gateway.keygen import new_key, new_key_id, new_webhook_secret
@@ -22,22 +22,12 @@ from gateway.store.base import KeyRecord
 PAGE_DEFAULT, PAGE_MAX = 100, 1000
 
 
-def _admin_auth(request: Request) -> AdminAuth:
-    """One AdminAuth per config (a JWKS client caches keys across requests)."""
-    config = services(request).config
-    cached: tuple[object, AdminAuth] | None = getattr(request.app.state, "admin_auth", None)
-    if cached is None or cached[0] is not config:
-        cached = (config, AdminAuth(config))
-        request.app.state.admin_auth = cached
-    return cached[1]
-
-
 def _require_admin(request: Request) -> AuditContext:
     """The caller, if an admin (401 without a credential or with an unknown one, 403 with a
     tenant's), and what the audit entries of its changes record."""
     s = services(request)
     try:
-        actor = _admin_auth(request).authenticate(request.headers.get("authorization"), s.auth)
+        actor = admin.authenticate_admin(s.directory.current, request.headers.get("authorization"), s.auth)
     except AuthFailure as failure:
         s.metrics.count(s.metrics.auth_failures, (failure.reason,))
         raise admin.unauthenticated(failure.message) from None
@@ -47,9 +37,9 @@ def _require_admin(request: Request) -> AuditContext:
     return AuditContext(actor, context(request).request_id, client_ip(request.scope, s.config.server.trusted_proxies))
 
 
-def _directory(request: Request) -> Directory:
+def _directory(request: Request) -> AdminView:
     s = services(request)
-    return Directory(s.config, s.store)
+    return AdminView(s.config, s.store)
 
 
 async def _body(request: Request) -> Any:
