@@ -14,6 +14,7 @@ given). Each test uses its own key prefix and deletes only its own keys.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import sys
@@ -29,14 +30,19 @@ import orjson
 import pytest
 
 from gateway.store.base import (
+    ALL_LIMITS,
     Admission,
+    AuditEntry,
     Charge,
+    DirectorySnapshot,
+    KeyRecord,
     Limits,
     RateInfo,
     Store,
     StoredResponse,
     StoreUnavailable,
     TaskRecord,
+    TenantRecord,
     Usage,
 )
 from gateway.store.rules import (
@@ -1001,3 +1007,313 @@ async def test_a_deleted_asset_is_gone_and_deleting_an_unknown_one_is_harmless(s
     await store.delete_asset("e" * 32 + ".jpg")
     assert await store.get_asset("c" * 32 + ".jpg", T0 + 1) is None
     assert await store.get_asset("d" * 32 + ".jpg", T0 + 1) == ("image/jpeg", b"\xff\xd8\xff")
+
+
+# --- the directory: tenants, keys, audit ------------------------------------------------
+
+
+AUDIT_SEQ = itertools.count()
+
+
+def audit_entry(action: str, *, tenant: str | None = TENANT, key_id: str | None = None, at: float = T0) -> AuditEntry:
+    return AuditEntry(
+        id=f"aud_{int(at * 1000):012x}{next(AUDIT_SEQ):08x}",  # same time: in the order made
+        time=at,
+        actor_type="admin_key",
+        actor_id="adm_0123456789ab",
+        action=action,
+        tenant=tenant,
+        key_id=key_id,
+        changes={"note": TRICKY},
+        request_id="req_1",
+        ip="10.0.0.1",
+    )
+
+
+def tenant_record(tenant_id: str = TENANT, **kw: Any) -> TenantRecord:
+    return TenantRecord(id=tenant_id, **{"created_at": T0, "updated_at": T0, **kw})
+
+
+def key_record(key_id: str | None = None, *, tenant: str = TENANT, at: float = T0, **kw: Any) -> KeyRecord:
+    fields = {"name": "billing-svc", "prefix": "sk-gw-AbCd", "secret_hash": "sha256:" + "a" * 64, **kw}
+    return KeyRecord(id=key_id or f"key_{uuid.uuid4().hex}", tenant_id=tenant, created_at=at, **fields)
+
+
+async def audit_actions(store: Store) -> list[str]:
+    page, _ = await store.list_audit(limit=1000)
+    return [e.action for e in page]
+
+
+async def test_tenant_and_key_records_round_trip(store: Store) -> None:
+    full = tenant_record(
+        "search-team",
+        name=TRICKY,
+        enabled=False,
+        limits=Limits(requests_per_minute=600, max_active_tasks=0, credits_per_month=2**40),
+        policy={"force": {"watermark": False}, "defaults": {"ratio": "1280:768"}, "hook_hosts": []},
+        webhook_secret="whsec_new",
+        previous_webhook_secret="whsec_old",
+        previous_webhook_secret_expires_at=T0 + 0.123456789,
+        created_at=T0 + 0.1,
+        updated_at=T0 + 0.2,
+    )
+    bare = tenant_record("bare")  # every limit None (unlimited), empty policy and secrets
+    assert await store.create_tenant(full, audit_entry("tenant.create", tenant=full.id))
+    assert await store.create_tenant(bare, audit_entry("tenant.create", tenant=bare.id))
+    assert await store.get_tenant("search-team") == full
+    assert await store.get_tenant("bare") == bare and bare.limits == Limits()
+    assert await store.get_tenant("nobody") is None
+
+    key = key_record(
+        "key_full",
+        tenant="search-team",
+        previous_hash="sha256:" + "b" * 64,
+        previous_expires_at=T0 + 86400.5,
+        expires_at=T0 + 3600.25,
+        last_used_at=T0 + 1.5,
+        revoked_at=T0 + 2.75,
+    )
+    plain = key_record("key_plain", tenant="bare")  # every optional time None
+    await store.create_key(key, audit_entry("key.create", tenant="search-team", key_id=key.id))
+    await store.create_key(plain, audit_entry("key.create", tenant="bare", key_id=plain.id))
+    assert await store.get_key("key_full") == key
+    assert await store.get_key("key_plain") == plain
+    assert await store.get_key("key_missing") is None
+
+    entries, more = await store.list_audit(limit=10)
+    assert not more and [e.action for e in entries] == ["key.create", "key.create", "tenant.create", "tenant.create"]
+    first = audit_entry("tenant.create", tenant=full.id)
+    await store.append_audit(first)
+    got, _ = await store.list_audit(limit=1, action="tenant.create", tenant=full.id)
+    assert got[0].changes == {"note": TRICKY} and got[0].request_id == "req_1" and got[0].ip == "10.0.0.1"
+
+
+async def test_create_tenant_twice_writes_nothing_the_second_time(store: Store) -> None:
+    assert await store.create_tenant(tenant_record(name="first"), audit_entry("tenant.create"))
+    version = await store.directory_version()
+    assert not await store.create_tenant(tenant_record(name="second"), audit_entry("tenant.create"))
+    assert await store.directory_version() == version
+    assert (await store.get_tenant(TENANT)).name == "first"  # type: ignore[union-attr]
+    assert await audit_actions(store) == ["tenant.create"]
+
+
+async def test_update_tenant_merges_limits_and_replaces_policy(store: Store) -> None:
+    limits = Limits(requests_per_minute=60, tasks_per_day=100, credits_per_day=500)
+    policy = {"force": {"a": 1}, "defaults": {"b": 2}, "hook_hosts": ["hooks.acme.example"]}
+    assert await store.create_tenant(tenant_record(limits=limits, policy=policy), audit_entry("tenant.create"))
+    changes = {
+        "limits": {"requests_per_minute": 120, "tasks_per_day": None, "max_active_tasks": 3},
+        "policy": {"hook_hosts": []},
+        "name": "Acme",
+        "enabled": False,
+    }
+    updated = await store.update_tenant(TENANT, changes, T0 + 10, audit_entry("tenant.update", at=T0 + 10))
+    expected = tenant_record(
+        name="Acme",
+        enabled=False,
+        limits=Limits(requests_per_minute=120, max_active_tasks=3, credits_per_day=500),
+        policy={"hook_hosts": []},
+        updated_at=T0 + 10,
+    )
+    assert updated == expected and await store.get_tenant(TENANT) == expected
+    rotated = await store.update_tenant(
+        TENANT,
+        {"webhook_secret": "new", "previous_webhook_secret": "old", "previous_webhook_secret_expires_at": T0 + 99.5},
+        T0 + 11,
+        audit_entry("tenant.webhook_secret.rotate", at=T0 + 11),
+    )
+    assert rotated is not None and rotated.limits == expected.limits and rotated.policy == {"hook_hosts": []}
+    assert (rotated.webhook_secret, rotated.previous_webhook_secret) == ("new", "old")
+    assert rotated.previous_webhook_secret_expires_at == T0 + 99.5 and rotated.updated_at == T0 + 11
+    cleared = await store.update_tenant(
+        TENANT, {"previous_webhook_secret_expires_at": None}, T0 + 12, audit_entry("tenant.update", at=T0 + 12)
+    )
+    assert cleared is not None and cleared.previous_webhook_secret_expires_at is None
+
+
+async def test_update_of_an_unknown_tenant_or_key_writes_nothing(store: Store) -> None:
+    version = await store.directory_version()
+    assert await store.update_tenant("nobody", {"name": "x"}, T0, audit_entry("tenant.update")) is None
+    assert await store.update_key("key_nobody", {"name": "x"}, audit_entry("key.update")) is None
+    assert await store.directory_version() == version
+    assert await audit_actions(store) == []
+    assert await store.get_tenant("nobody") is None and await store.get_key("key_nobody") is None
+
+
+async def test_update_key_sets_fields_and_rotation_fields(store: Store) -> None:
+    key = key_record("key_rot", expires_at=T0 + 100)
+    await store.create_key(key, audit_entry("key.create", key_id=key.id))
+    renamed = await store.update_key(key.id, {"name": "renamed", "expires_at": None}, audit_entry("key.update"))
+    assert renamed == key_record("key_rot", name="renamed") and await store.get_key(key.id) == renamed
+    rotation = {
+        "secret_hash": "sha256:" + "c" * 64,
+        "prefix": "sk-gw-NeWw",
+        "previous_hash": key.secret_hash,
+        "previous_expires_at": T0 + 86400,
+    }
+    rotated = await store.update_key(key.id, rotation, audit_entry("key.rotate", key_id=key.id))
+    assert rotated is not None and rotated.id == key.id and rotated.name == "renamed"
+    assert (rotated.secret_hash, rotated.prefix, rotated.previous_hash) == (
+        "sha256:" + "c" * 64,
+        "sk-gw-NeWw",
+        key.secret_hash,
+    )
+    assert rotated.previous_expires_at == T0 + 86400.0
+    revoked = await store.update_key(key.id, {"revoked_at": T0 + 5.5}, audit_entry("key.revoke", key_id=key.id))
+    assert revoked is not None and revoked.revoked_at == T0 + 5.5 and revoked.secret_hash == rotated.secret_hash
+    assert await audit_actions(store) == ["key.revoke", "key.rotate", "key.update", "key.create"]
+
+
+async def test_every_change_bumps_the_version_once_and_touch_keys_never(store: Store) -> None:
+    assert await store.directory_version() == 0
+    assert await store.create_tenant(tenant_record(), audit_entry("tenant.create"))
+    assert await store.directory_version() == 1
+    await store.update_tenant(TENANT, {"enabled": False}, T0, audit_entry("tenant.update"))
+    assert await store.directory_version() == 2
+    key = key_record()
+    await store.create_key(key, audit_entry("key.create"))
+    assert await store.directory_version() == 3
+    await store.update_key(key.id, {"name": "n"}, audit_entry("key.update"))
+    assert await store.directory_version() == 4
+    await store.touch_keys({key.id: T0 + 1})
+    await store.append_audit(audit_entry("config.reload", tenant=None))
+    assert await store.directory_version() == 4
+    assert (await store.load_directory()).version == 4
+
+
+async def test_touch_keys_never_lowers_last_used(store: Store) -> None:
+    a, b = key_record("key_a"), key_record("key_b", last_used_at=T0 + 50)
+    for k in (a, b):
+        await store.create_key(k, audit_entry("key.create", key_id=k.id))
+    await store.touch_keys({"key_a": T0 + 10, "key_b": T0 + 20, "key_unknown": T0})
+    assert (await store.get_key("key_a")).last_used_at == T0 + 10  # type: ignore[union-attr]
+    assert (await store.get_key("key_b")).last_used_at == T0 + 50  # type: ignore[union-attr]
+    await store.touch_keys({"key_a": T0 + 5})
+    assert (await store.get_key("key_a")).last_used_at == T0 + 10  # type: ignore[union-attr]
+    await store.touch_keys({"key_a": T0 + 10.25, "key_b": T0 + 60})
+    assert (await store.get_key("key_a")).last_used_at == T0 + 10.25  # type: ignore[union-attr]
+    assert (await store.get_key("key_b")).last_used_at == T0 + 60  # type: ignore[union-attr]
+    assert await store.get_key("key_unknown") is None  # a touch creates nothing
+
+
+async def test_load_directory_and_list_keys_newest_first(store: Store) -> None:
+    empty = await store.load_directory()
+    assert empty == DirectorySnapshot(0, [], [])
+    tenants = [tenant_record("t1", limits=Limits(tasks_per_day=5)), tenant_record("t2")]
+    for t in tenants:
+        assert await store.create_tenant(t, audit_entry("tenant.create", tenant=t.id))
+    keys = [key_record(f"key_{i}", tenant="t1", at=T0 + i) for i in range(3)] + [key_record("key_x", tenant="t2")]
+    for k in keys:
+        await store.create_key(k, audit_entry("key.create", tenant=k.tenant_id, key_id=k.id))
+    await store.touch_keys({"key_1": T0 + 30})
+    keys[1].last_used_at = T0 + 30
+    snap = await store.load_directory()
+    assert snap.version == 6
+    assert sorted(snap.tenants, key=lambda t: t.id) == tenants
+    assert sorted(snap.keys, key=lambda k: k.id) == sorted(keys, key=lambda k: k.id)
+    assert [k.id for k in await store.list_keys("t1")] == ["key_2", "key_1", "key_0"]
+    assert await store.list_keys("t2") == [keys[3]]
+    assert await store.list_keys("nobody") == []
+
+
+async def test_list_audit_pages_newest_first_with_filters(store: Store) -> None:
+    entries = [
+        audit_entry(action, tenant=tenant, at=T0 + i)
+        for i, (action, tenant) in enumerate(
+            [("tenant.create", "a"), ("key.create", "a"), ("tenant.create", "b"), ("config.reload", None)] * 3
+        )
+    ]
+    same_time = [audit_entry("key.revoke", tenant="a", at=T0 + 100) for _ in range(3)]  # ties: by id
+    for e in entries + same_time:
+        await store.append_audit(e)
+    newest_first = sorted(entries + same_time, key=lambda e: (e.time, e.id), reverse=True)
+
+    async def walk(**filters: Any) -> list[str]:
+        ids: list[str] = []
+        after = None
+        while True:
+            page, more = await store.list_audit(limit=2, after=after, **filters)
+            ids += [e.id for e in page]
+            if not more:
+                return ids
+            assert len(page) == 2
+            after = page[-1].id
+
+    assert await walk() == [e.id for e in newest_first]
+    assert await walk(tenant="a") == [e.id for e in newest_first if e.tenant == "a"]
+    assert await walk(action="tenant.create") == [e.id for e in newest_first if e.action == "tenant.create"]
+    assert await walk(tenant="b", action="tenant.create") == [
+        e.id for e in newest_first if e.tenant == "b" and e.action == "tenant.create"
+    ]
+    assert await walk(tenant="nobody") == []
+    assert await store.list_audit(limit=5, after="aud_unknown") == ([], False)
+    page, more = await store.list_audit(limit=len(newest_first))
+    assert len(page) == len(newest_first) and not more
+    assert page[0] == newest_first[0]  # every field round-trips
+
+
+async def test_prune_audit_deletes_older_entries(store: Store) -> None:
+    for i in range(6):
+        await store.append_audit(audit_entry("key.update", tenant="a" if i % 2 else "b", at=T0 + i))
+    assert await store.prune_audit(T0 + 3) == 3
+    page, _ = await store.list_audit(limit=100)
+    assert [e.time for e in page] == [T0 + 5, T0 + 4, T0 + 3]
+    assert [e.time for e in (await store.list_audit(limit=100, tenant="b"))[0]] == [T0 + 4]
+    assert [e.time for e in (await store.list_audit(limit=100, action="key.update"))[0]] == [T0 + 5, T0 + 4, T0 + 3]
+    assert await store.prune_audit(T0 + 3) == 0
+
+
+async def test_concurrent_creates_of_one_tenant_have_one_winner(store: Store) -> None:
+    results = await asyncio.gather(
+        *(store.create_tenant(tenant_record(name=f"n{i}"), audit_entry("tenant.create")) for i in range(20))
+    )
+    assert results.count(True) == 1
+    assert await audit_actions(store) == ["tenant.create"]
+    assert await store.directory_version() == 1
+
+
+async def test_concurrent_tenant_updates_each_bump_the_version(store: Store) -> None:
+    assert await store.create_tenant(tenant_record(), audit_entry("tenant.create"))
+    before = await store.directory_version()
+    n = 20
+    results = await asyncio.gather(
+        *(
+            store.update_tenant(TENANT, {"limits": {f"{ALL_LIMITS[i % 6]}": i}}, T0 + i, audit_entry("tenant.update"))
+            for i in range(n)
+        )
+    )
+    assert all(r is not None for r in results)
+    assert await store.directory_version() == before + n
+    final = await store.get_tenant(TENANT)
+    assert final is not None
+    for name in ALL_LIMITS:  # every merge kept the others' limits: the last write of each name won
+        assert getattr(final.limits, name) == max(i for i in range(n) if ALL_LIMITS[i % 6] == name)
+    assert len(await audit_actions(store)) == n + 1
+
+
+async def test_sqlite_file_from_before_the_directory_gains_its_tables(tmp_path: Path) -> None:
+    """A file written by a gateway without the directory (no tenants, api_keys, audit or
+    directory tables) opens and works: CREATE TABLE IF NOT EXISTS adds them at version 0."""
+    import sqlite3
+
+    from gateway.store.sqlite import SQLiteStore
+
+    path = str(tmp_path / "old.db")
+    old = SQLiteStore(path)
+    await old.open()
+    await old.secret("kept", "value")
+    await old.close()
+    db = sqlite3.connect(path)
+    for table in ("tenants", "api_keys", "audit", "directory"):
+        db.execute(f"DROP TABLE {table}")
+    db.commit()
+    db.close()
+    store = SQLiteStore(path)
+    await store.open()
+    try:
+        assert await store.secret("kept", "other") == "value"
+        assert await store.directory_version() == 0
+        assert await store.create_tenant(tenant_record(), audit_entry("tenant.create"))
+        assert await store.load_directory() == DirectorySnapshot(1, [tenant_record()], [])
+    finally:
+        await store.close()

@@ -32,6 +32,25 @@ Key layout (every key starts with `prefix`, "gw:" by default):
     {p}secret:{name}   string shared secrets (first writer wins)
     {p}ready           string the readiness probe's write (expires after 60 s)
 
+The directory (tenants and keys created through the admin API, and the audit trail); a
+record is a hash of strings, encoded by store/directory.py (the same field map SQLite
+keeps as JSON):
+
+    {p}ten:{id}        hash   one TenantRecord (limits as `limit.<name>`, policy JSON)
+    {p}tens            set    every tenant id
+    {p}key:{id}        hash   one KeyRecord (secret hashes only, never a secret)
+    {p}keys            set    every key id
+    {p}tkeys:{tenant}  zset   created_at -> key id: a tenant's keys (list_keys)
+    {p}dirv            string the directory version, INCR'd by every tenant or key change
+    {p}aud:{id}        hash   one audit entry: j (its JSON), t (time), ten (tenant), a (action)
+    {p}audz            zset   time -> entry id: every entry (listing, prune_audit)
+    {p}audt:{tenant}   zset   time -> entry id: entries naming the tenant (?tenant=)
+    {p}auda:{action}   zset   time -> entry id: entries of one action (?action=)
+
+Audit listings walk the narrowest index (the tenant's when both filters are given,
+checking the action entry by entry); entries at the same time are ordered by id, as in
+SQLite.
+
 Retention: a task's hash and its `tid` key get a Redis TTL (`terminal_ttl`, 30 days by
 default, 0 = keep forever) once the task is terminal or timed out (a later update renews
 it); stale `tt`/`polls` entries are pruned when a listing or a poll claim meets them. A
@@ -59,17 +78,21 @@ from typing import Any
 
 import orjson
 
-from gateway.store import rules
+from gateway.store import directory, rules
 from gateway.store.base import (
     ALL_LIMITS,
     SUBMITTING,
     Admission,
+    AuditEntry,
     Charge,
+    DirectorySnapshot,
     IdempotencyResult,
+    KeyRecord,
     Limits,
     Store,
     StoredResponse,
     TaskRecord,
+    TenantRecord,
     UpdateResult,
     Usage,
     WebhookEvent,
@@ -183,6 +206,21 @@ def _record_from_map(h: dict[str, str]) -> TaskRecord | None:
     )
 
 
+def _fields_blob(fields: dict[str, str]) -> bytes:
+    """A directory record's field map as the JSON array of pairs hset_flat (lib.lua) writes."""
+    return orjson.dumps([x for pair in fields.items() for x in pair])
+
+
+def _fields(blob: bytes | str) -> dict[str, str] | None:
+    """A directory record's field map from a script's JSON pairs (None: '', no record)."""
+    return {str(k): str(v) for k, v in _pairs(orjson.loads(blob)).items()} if blob else None
+
+
+def _audit_args(e: AuditEntry) -> list[str | bytes]:
+    """The five arguments of append_audit (lib.lua)."""
+    return [e.id, _num(e.time), e.tenant or "", e.action, directory.audit_json(e)]
+
+
 def _records(replies: list[Any]) -> list[TaskRecord]:
     return [r for r in (_record(x) for x in replies) if r is not None]
 
@@ -246,6 +284,16 @@ class RedisStore(Store):
         self._idem_finish = self._script("idem_finish")
         self._idem_bind = self._script("idem_bind")
         self._secret = self._script("secret")
+        self._load_directory = self._script("load_directory")
+        self._create_tenant = self._script("create_tenant")
+        self._update_tenant = self._script("update_tenant")
+        self._create_key = self._script("create_key")
+        self._update_key = self._script("update_key")
+        self._list_keys = self._script("list_keys")
+        self._touch_keys = self._script("touch_keys")
+        self._append_audit = self._script("append_audit")
+        self._list_audit = self._script("list_audit")
+        self._prune_audit = self._script("prune_audit")
 
     def _script(self, name: str) -> Script:
         return self._r.register_script(script_source(name))
@@ -510,3 +558,79 @@ class RedisStore(Store):
 
     async def idem_bind(self, tenant_id: str, key: str, rid: str, now: float, ttl: float) -> None:
         await self._idem_bind(keys=[self._idem_key(tenant_id, key)], args=[self.prefix, _num(now), _num(ttl), rid])
+
+    # the directory: tenants, keys, audit -----------------------------------------------
+    async def directory_version(self) -> int:
+        return int(await self._r.execute("GET", self._k("dirv")) or 0)
+
+    async def load_directory(self) -> DirectorySnapshot:
+        version, tenants, keys = await self._load_directory(args=[self.prefix])
+        return DirectorySnapshot(
+            int(version),
+            [directory.tenant_from_fields(f) for f in map(_fields, tenants) if f is not None],
+            [directory.key_from_fields(f) for f in map(_fields, keys) if f is not None],
+        )
+
+    async def create_tenant(self, tenant: TenantRecord, audit: AuditEntry) -> bool:
+        args = [self.prefix, tenant.id, _fields_blob(directory.tenant_fields(tenant)), *_audit_args(audit)]
+        return bool(await self._create_tenant(keys=[self._k("ten", tenant.id)], args=args))
+
+    async def update_tenant(
+        self, tenant_id: str, changes: dict[str, Any], now: float, audit: AuditEntry
+    ) -> TenantRecord | None:
+        put, drop = directory.tenant_changes(changes, now)
+        args = [self.prefix, _fields_blob(put), orjson.dumps(drop), *_audit_args(audit)]
+        fields = _fields(await self._update_tenant(keys=[self._k("ten", tenant_id)], args=args))
+        return directory.tenant_from_fields(fields) if fields is not None else None
+
+    async def get_tenant(self, tenant_id: str) -> TenantRecord | None:
+        fields = await self._hash(self._k("ten", tenant_id))
+        return directory.tenant_from_fields(fields) if fields else None
+
+    async def create_key(self, key: KeyRecord, audit: AuditEntry) -> None:
+        args = [
+            self.prefix, key.id, key.tenant_id, _num(key.created_at),
+            _fields_blob(directory.key_fields(key)), *_audit_args(audit),
+        ]  # fmt: skip
+        await self._create_key(keys=[self._k("key", key.id)], args=args)
+
+    async def update_key(self, key_id: str, changes: dict[str, Any], audit: AuditEntry) -> KeyRecord | None:
+        put, drop = directory.key_changes(changes)
+        args = [self.prefix, _fields_blob(put), orjson.dumps(drop), *_audit_args(audit)]
+        fields = _fields(await self._update_key(keys=[self._k("key", key_id)], args=args))
+        return directory.key_from_fields(fields) if fields is not None else None
+
+    async def get_key(self, key_id: str) -> KeyRecord | None:
+        fields = await self._hash(self._k("key", key_id))
+        return directory.key_from_fields(fields) if fields else None
+
+    async def list_keys(self, tenant_id: str) -> list[KeyRecord]:
+        blobs = await self._list_keys(keys=[self._k("tkeys", tenant_id)], args=[self.prefix])
+        return [directory.key_from_fields(f) for f in map(_fields, blobs) if f is not None]
+
+    async def touch_keys(self, last_used: dict[str, float]) -> None:
+        if not last_used:
+            return
+        args = [self.prefix, *(x for key_id, at in last_used.items() for x in (key_id, _num(at)))]
+        await self._touch_keys(args=args)
+
+    async def append_audit(self, entry: AuditEntry) -> None:
+        await self._append_audit(args=[self.prefix, *_audit_args(entry)])
+
+    async def list_audit(
+        self, *, limit: int, after: str | None = None, tenant: str | None = None, action: str | None = None
+    ) -> tuple[list[AuditEntry], bool]:
+        index = self._k("audz")  # walk the narrowest index; the script checks both filters
+        if tenant is not None:
+            index = self._k("audt", tenant)
+        elif action is not None:
+            index = self._k("auda", action)
+        args = [self.prefix, str(max(0, limit)), after or "", tenant or "", action or ""]
+        reply = await self._list_audit(keys=[index], args=args)
+        return [directory.audit_from_json(bytes(b)) for b in reply[1:]], bool(reply[0])
+
+    async def prune_audit(self, before: float) -> int:
+        return int(await self._prune_audit(args=[self.prefix, _num(before)]))
+
+    async def _hash(self, key: str) -> dict[str, str]:
+        return {_s(k): _s(v) for k, v in _pairs(await self._r.execute("HGETALL", key)).items()}

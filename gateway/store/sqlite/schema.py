@@ -79,6 +79,28 @@ CREATE TABLE IF NOT EXISTS assets (
     data BLOB NOT NULL,
     expires_at REAL NOT NULL
 );
+-- the directory (store/directory.py): `data` is the JSON of a record's field map
+CREATE TABLE IF NOT EXISTS tenants (id TEXT PRIMARY KEY, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS api_keys (
+    id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    data TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS api_keys_by_tenant ON api_keys (tenant, created_at);
+CREATE TABLE IF NOT EXISTS audit (
+    id TEXT PRIMARY KEY,
+    time REAL NOT NULL,
+    tenant TEXT,
+    action TEXT NOT NULL,
+    data TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_by_time ON audit (time, id);
+CREATE INDEX IF NOT EXISTS audit_by_tenant ON audit (tenant, time, id);
+CREATE INDEX IF NOT EXISTS audit_by_action ON audit (action, time, id);
+-- one row: the directory's version, bumped by every tenant or key change
+CREATE TABLE IF NOT EXISTS directory (id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL);
+INSERT OR IGNORE INTO directory (id, version) VALUES (1, 0);
 """
 
 

@@ -24,17 +24,21 @@ from typing import Any
 
 import orjson
 
-from gateway.store import rules
+from gateway.store import directory, rules
 from gateway.store.base import (
     SUBMITTING,
     UNKNOWN,
     Admission,
+    AuditEntry,
     Charge,
+    DirectorySnapshot,
     IdempotencyResult,
+    KeyRecord,
     Limits,
     Store,
     StoredResponse,
     TaskRecord,
+    TenantRecord,
     UpdateResult,
     Usage,
     WebhookEvent,
@@ -410,6 +414,130 @@ class SQLiteStore(Store):
                 (rid, now + ttl, tenant_id, key),
             )
 
+    # the directory: tenants, keys, audit --------------------------------------------
+    async def directory_version(self) -> int:
+        with OUTAGE:
+            return int(self.reader.execute("SELECT version FROM directory WHERE id = 1").fetchone()[0])
+
+    async def load_directory(self) -> DirectorySnapshot:
+        """One read transaction on the reader: the version and the rows it counts."""
+        with OUTAGE:
+            db = self.reader
+            own = not db.in_transaction  # ":memory:" shares the writer, maybe inside a group
+            if own:
+                db.execute("BEGIN")
+            try:
+                version = int(db.execute("SELECT version FROM directory WHERE id = 1").fetchone()[0])
+                tenants = [_tenant(r) for r in db.execute("SELECT data FROM tenants ORDER BY id")]
+                keys = [_key(r) for r in db.execute("SELECT data FROM api_keys ORDER BY created_at DESC, id DESC")]
+            finally:
+                if own:
+                    db.execute("COMMIT")
+        return DirectorySnapshot(version, tenants, keys)
+
+    async def create_tenant(self, tenant: TenantRecord, audit: AuditEntry) -> bool:
+        data = orjson.dumps(directory.tenant_fields(tenant)).decode()
+        async with self._tx:
+            cur = self.db.execute("INSERT OR IGNORE INTO tenants (id, data) VALUES (?, ?)", (tenant.id, data))
+            if cur.rowcount != 1:
+                return False
+            self._directory_changed(audit)
+        return True
+
+    async def update_tenant(
+        self, tenant_id: str, changes: dict[str, Any], now: float, audit: AuditEntry
+    ) -> TenantRecord | None:
+        put, drop = directory.tenant_changes(changes, now)
+        async with self._tx:
+            fields = self._update_fields("tenants", tenant_id, put, drop)
+            if fields is None:
+                return None
+            self._directory_changed(audit)
+        return directory.tenant_from_fields(fields)
+
+    async def get_tenant(self, tenant_id: str) -> TenantRecord | None:
+        with OUTAGE:
+            row = self.reader.execute("SELECT data FROM tenants WHERE id = ?", (tenant_id,)).fetchone()
+        return _tenant(row) if row else None
+
+    async def create_key(self, key: KeyRecord, audit: AuditEntry) -> None:
+        data = orjson.dumps(directory.key_fields(key)).decode()
+        async with self._tx:
+            self.db.execute(
+                "INSERT INTO api_keys (id, tenant, created_at, data) VALUES (?, ?, ?, ?)",
+                (key.id, key.tenant_id, key.created_at, data),
+            )
+            self._directory_changed(audit)
+
+    async def update_key(self, key_id: str, changes: dict[str, Any], audit: AuditEntry) -> KeyRecord | None:
+        put, drop = directory.key_changes(changes)
+        async with self._tx:
+            fields = self._update_fields("api_keys", key_id, put, drop)
+            if fields is None:
+                return None
+            self._directory_changed(audit)
+        return directory.key_from_fields(fields)
+
+    async def get_key(self, key_id: str) -> KeyRecord | None:
+        with OUTAGE:
+            row = self.reader.execute("SELECT data FROM api_keys WHERE id = ?", (key_id,)).fetchone()
+        return _key(row) if row else None
+
+    async def list_keys(self, tenant_id: str) -> list[KeyRecord]:
+        with OUTAGE:
+            rows = self.reader.execute(
+                "SELECT data FROM api_keys WHERE tenant = ? ORDER BY created_at DESC, id DESC", (tenant_id,)
+            ).fetchall()
+        return [_key(r) for r in rows]
+
+    async def touch_keys(self, last_used: dict[str, float]) -> None:
+        if not last_used:
+            return
+        async with self._tx:
+            for key_id, used_at in last_used.items():
+                row = self.db.execute("SELECT data FROM api_keys WHERE id = ?", (key_id,)).fetchone()
+                if row is None:
+                    continue
+                fields = orjson.loads(row["data"])
+                later = directory.later_use(fields, used_at)
+                if later is not None:
+                    fields["last_used_at"] = later
+                    self.db.execute(
+                        "UPDATE api_keys SET data = ? WHERE id = ?", (orjson.dumps(fields).decode(), key_id)
+                    )
+
+    async def append_audit(self, entry: AuditEntry) -> None:
+        async with self._tx:
+            self._append_audit(entry)
+
+    async def list_audit(
+        self, *, limit: int, after: str | None = None, tenant: str | None = None, action: str | None = None
+    ) -> tuple[list[AuditEntry], bool]:
+        sql = ["SELECT data FROM audit WHERE 1 = 1"]
+        args: list[Any] = []
+        if tenant is not None:
+            sql.append("AND tenant = ?")
+            args.append(tenant)
+        if action is not None:
+            sql.append("AND action = ?")
+            args.append(action)
+        with OUTAGE:
+            if after:
+                cursor = self.reader.execute("SELECT time FROM audit WHERE id = ?", (after,)).fetchone()
+                if cursor is None:
+                    return [], False
+                sql.append("AND (time < ? OR (time = ? AND id < ?))")
+                args += [cursor["time"], cursor["time"], after]
+            sql.append("ORDER BY time DESC, id DESC LIMIT ?")
+            args.append(max(0, limit) + 1)
+            rows = self.reader.execute(" ".join(sql), args).fetchall()
+        return [directory.audit_from_json(r["data"]) for r in rows[:limit]], len(rows) > limit
+
+    async def prune_audit(self, before: float) -> int:
+        async with self._tx:
+            cur = self.db.execute("DELETE FROM audit WHERE time < ?", (before,))
+        return int(cur.rowcount)
+
     # internals (each runs inside the caller's transaction) --------------------------
     def _quota(self, tenant_id: str, now: float) -> Quota:
         """The tenant's quota row (created when new), rolled to `now`."""
@@ -441,6 +569,26 @@ class SQLiteStore(Store):
                 q.month_credits,
                 tenant_id,
             ),
+        )
+
+    def _update_fields(self, table: str, row_id: str, put: dict[str, str], drop: list[str]) -> dict[str, str] | None:
+        """Set and delete fields of a directory record's map; None when there is no such row."""
+        row = self.db.execute(f"SELECT data FROM {table} WHERE id = ?", (row_id,)).fetchone()
+        if row is None:
+            return None
+        fields = directory.merged(orjson.loads(row["data"]), put, drop)
+        self.db.execute(f"UPDATE {table} SET data = ? WHERE id = ?", (orjson.dumps(fields).decode(), row_id))
+        return fields
+
+    def _directory_changed(self, audit: AuditEntry) -> None:
+        """The version bump and audit entry every tenant or key change makes with it."""
+        self.db.execute("UPDATE directory SET version = version + 1 WHERE id = 1")
+        self._append_audit(audit)
+
+    def _append_audit(self, e: AuditEntry) -> None:
+        self.db.execute(
+            "INSERT INTO audit (id, time, tenant, action, data) VALUES (?, ?, ?, ?, ?)",
+            (e.id, e.time, e.tenant, e.action, directory.audit_json(e).decode()),
         )
 
     def _get(self, rid: str, db: sqlite3.Connection | None = None) -> TaskRecord | None:
@@ -499,6 +647,14 @@ class SQLiteStore(Store):
             (event_id, rec.rid, rec.tenant_id, seq, rec.hook, orjson.dumps({"task": rec.task}), now, now),
         )
         return event_id
+
+
+def _tenant(row: sqlite3.Row) -> TenantRecord:
+    return directory.tenant_from_fields(orjson.loads(row["data"]))
+
+
+def _key(row: sqlite3.Row) -> KeyRecord:
+    return directory.key_from_fields(orjson.loads(row["data"]))
 
 
 def _record(row: sqlite3.Row) -> TaskRecord:

@@ -121,3 +121,36 @@ local function promote_head(rid)
     redis.call('ZADD', P .. 'whdue', at or '0', head)
   end
 end
+
+-- The directory (tenants, keys, audit). A record is a hash of strings written from a JSON
+-- array of field/value pairs (store/directory.py); an audit entry's 5 arguments are its
+-- id, time, tenant ('' = none), action and JSON.
+local function hset_flat(key, blob)
+  local kv = cjson.decode(blob)
+  if #kv > 0 then redis.call('HSET', key, unpack(kv)) end
+end
+
+local function append_audit(i)
+  local id, time, tenant, action = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  redis.call('HSET', P .. 'aud:' .. id, 'j', ARGV[i + 4], 't', time, 'ten', tenant, 'a', action)
+  redis.call('ZADD', P .. 'audz', time, id)
+  if tenant ~= '' then redis.call('ZADD', P .. 'audt:' .. tenant, time, id) end
+  redis.call('ZADD', P .. 'auda:' .. action, time, id)
+end
+
+-- Every tenant or key change bumps the version and appends its audit entry (ARGV[i..i+4]).
+local function directory_changed(i)
+  redis.call('INCR', P .. 'dirv')
+  append_audit(i)
+end
+
+-- update_tenant / update_key: ARGV P, fields to set (JSON pairs), fields to delete (JSON
+-- array), audit (5) -> the record's fields as JSON, or '' (nothing written) when unknown.
+local function update_record(key)
+  if redis.call('EXISTS', key) == 0 then return '' end
+  hset_flat(key, ARGV[2])
+  local drop = cjson.decode(ARGV[3])
+  if #drop > 0 then redis.call('HDEL', key, unpack(drop)) end
+  directory_changed(4)
+  return cjson.encode(redis.call('HGETALL', key))
+end
