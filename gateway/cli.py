@@ -1,5 +1,5 @@
 """`runway-gateway` (also `python -m gateway`): serve, check-config, new-key,
-simulate-upstream, demo.
+simulate-upstream, demo, admin.
 
 Imports of the server stack happen inside the commands: `serve` must set
 PROMETHEUS_MULTIPROC_DIR before prometheus_client is first imported.
@@ -23,13 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config import Config, ConfigError, config_warnings, load_config, read_env_file
-
-BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-
-
-def new_key(prefix: str = "sk-gw-") -> str:
-    """43 base62 characters: ~256 bits from the OS's CSPRNG."""
-    return prefix + "".join(secrets.choice(BASE62) for _ in range(43))
+from gateway.keygen import new_key
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,7 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--data", default="data/demo", help="the demo's config, key and database")
     demo.add_argument("--new-key", action="store_true", help="replace the kept demo key (the old one stops working)")
 
+    from gateway import admin_cli
+
+    admin_cli.add_parser(sub)
+
     args = parser.parse_args(argv)
+    if args.command == "admin":
+        return admin_cli.run(args)
     if args.command == "serve":
         return _serve(args.config, args.host, args.port, args.workers)
     if args.command == "check-config":

@@ -348,6 +348,20 @@ def parse_config(raw: dict[str, Any], environ: dict[str, str], base_dir: Path = 
     return cfg
 
 
+def parse_policy(raw: Any, path: str = "policy") -> Policy:
+    """A tenant's `policy` table checked as the config file's is (gen2Options fields in
+    `force` and `defaults`, `hook_hosts` entries), for a policy set through the admin API;
+    raise ConfigError listing every problem as `<path>.<key>: <problem>`."""
+    v = _Validator({})
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{path}: must be an object"])
+    v.known_keys(raw, path, _keys(Policy))
+    policy = v.policy(raw, path)
+    if v.problems:
+        raise ConfigError(v.problems)
+    return policy
+
+
 def config_warnings(config: Config) -> list[str]:
     """Settings that load but are surely not meant: check-config prints them, serve logs them.
 

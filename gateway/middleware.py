@@ -130,7 +130,7 @@ class GatewayMiddleware:
         self.metrics.observe(self.metrics.request_duration, (template, method), seconds)
         fields: dict[str, Any] = {
             "request_id": context.request_id,
-            "client": self._client_ip(scope),
+            "client": client_ip(scope, self.trusted_proxies),
             "tenant": context.tenant,
             "method": method,
             "route": template,
@@ -145,26 +145,29 @@ class GatewayMiddleware:
             fields["task_id"] = context.task_id
         self.access_log.write(fields)
 
-    def _client_ip(self, scope: Scope) -> str | None:
-        """The peer, or, behind a trusted proxy, the nearest X-Forwarded-For hop not trusted."""
-        peer = scope.get("client")
-        ip: str | None = peer[0] if peer else None
-        if not ip or not self.trusted_proxies or not self._trusted(ip):
-            return ip
-        for name, value in scope["headers"]:
-            if name == b"x-forwarded-for":
-                hops: list[str] = [h.strip() for h in value.decode("latin-1").split(",")]
-                for hop in reversed(hops):
-                    if not self._trusted(hop):
-                        return hop
-        return ip
 
-    def _trusted(self, ip: str) -> bool:
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        return any(addr in net for net in self.trusted_proxies)
+def client_ip(scope: Scope, trusted_proxies: tuple[Network, ...]) -> str | None:
+    """The peer, or, behind a trusted proxy, the nearest X-Forwarded-For hop not trusted
+    (the access log's `client` and the audit trail's `ip`)."""
+    peer = scope.get("client")
+    ip: str | None = peer[0] if peer else None
+    if not ip or not trusted_proxies or not _trusted(ip, trusted_proxies):
+        return ip
+    for name, value in scope["headers"]:
+        if name == b"x-forwarded-for":
+            hops: list[str] = [h.strip() for h in value.decode("latin-1").split(",")]
+            for hop in reversed(hops):
+                if not _trusted(hop, trusted_proxies):
+                    return hop
+    return ip
+
+
+def _trusted(ip: str, trusted_proxies: tuple[Network, ...]) -> bool:
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(addr in net for net in trusted_proxies)
 
 
 def _request_id(scope: Scope) -> str:

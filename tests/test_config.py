@@ -17,6 +17,7 @@ import pytest
 from conftest import ROOT, GatewayProcess, Simulator, TenantSpec, free_port, wait_until
 
 from gateway.config import (
+    ADMIN_KEYS,
     Config,
     ConfigError,
     JWTConfig,
@@ -223,7 +224,7 @@ def _documented(cfg: Config, key: str) -> Any:
         "auth": cfg,
     }.get(section)
     if section == "admin":
-        return cfg.admin_keys
+        return getattr(cfg, ADMIN_KEYS[name])
     if section == "metrics":
         return cfg.metrics_bearer_token
     for part in name.split("."):

@@ -1,46 +1,269 @@
-"""Operator routes under /admin, for the keys in `[admin] keys` (hashes, like tenants')."""
+"""Operator routes under /admin: the admin API v1 (tenants, keys, audit trail) and the
+older usage read. Every change is one store operation that also appends its audit entry."""
 
 from __future__ import annotations
 
-import hmac
 from dataclasses import asdict
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.auth import bearer_credential, key_hash
-from gateway.errors import GatewayError, not_found
-from gateway.routes.common import json_response, services
+from gateway import admin
+from gateway.admin import ACTIONS, AdminKey, AdminTenant, AdminView, AuditContext, page
+from gateway.auth import AuthFailure, key_hash
+from gateway.errors import GatewayError, bad_request, not_found
+from gateway.keygen import new_key, new_key_id, new_webhook_secret
+from gateway.middleware import client_ip
+from gateway.routes.common import context, json_response, page_limit, read_json, services
+from gateway.store.base import KeyRecord
+
+PAGE_DEFAULT, PAGE_MAX = 100, 1000
 
 
-def _require_admin(request: Request) -> None:
+def _require_admin(request: Request) -> AuditContext:
+    """The caller, if an admin (401 without a credential or with an unknown one, 403 with a
+    tenant's), and what the audit entries of its changes record."""
     s = services(request)
-    credential = bearer_credential(request.headers.get("authorization"))
-    hashed = key_hash(credential) if credential else ""
-    if not any(hmac.compare_digest(hashed, k) for k in s.config.admin_keys):
-        s.metrics.count(s.metrics.auth_failures, ("unknown_key",))
-        raise GatewayError(
-            401,
-            "invalid_api_key",
-            "An admin key is required.",
-            "authentication_error",
-            None,
-            {"www-authenticate": "Bearer"},
-        )
+    try:
+        actor = admin.authenticate_admin(s.directory.current, request.headers.get("authorization"), s.auth)
+    except AuthFailure as failure:
+        s.metrics.count(s.metrics.auth_failures, (failure.reason,))
+        raise admin.unauthenticated(failure.message) from None
+    except GatewayError as err:
+        s.metrics.count(s.metrics.auth_failures, ("not_admin" if err.status == 403 else "unknown_key",))
+        raise
+    return AuditContext(actor, context(request).request_id, client_ip(request.scope, s.config.server.trusted_proxies))
+
+
+def _directory(request: Request) -> AdminView:
+    s = services(request)
+    return AdminView(s.config, s.store)
+
+
+async def _body(request: Request) -> Any:
+    """The JSON body; an empty one is `{}` (a rotation's fields are all optional)."""
+    if not await request.body():
+        return {}
+    return await read_json(request)
+
+
+def _limit(request: Request) -> int:
+    return page_limit(request, PAGE_DEFAULT, PAGE_MAX)
+
+
+# --- tenants ---------------------------------------------------------------------------
+
+
+async def list_tenants(request: Request) -> Response:
+    _require_admin(request)
+    limit, after = _limit(request), request.query_params.get("after")
+    tenants = [t for t in await _directory(request).tenants() if after is None or t.id > after]
+    return json_response(page([t.to_json() for t in tenants[: limit + 1]], limit))
+
+
+async def create_tenant(request: Request) -> Response:
+    audit = _require_admin(request)
+    s = services(request)
+    now = s.clock()
+    record = admin.tenant_create(await _body(request), now)
+    conflict = GatewayError(409, "tenant_exists", f"A tenant with id {record.id!r} exists.", param="id")
+    if s.config.tenant(record.id) is not None:
+        raise conflict
+    record.webhook_secret = new_webhook_secret()
+    created = AdminTenant.from_record(record)
+    changes = {k: v for k, v in created.to_json().items() if k in ("name", "enabled", "limits", "policy")}
+    if not await s.store.create_tenant(record, audit.entry("tenant.create", now, record.id, changes=changes)):
+        raise conflict
+    return json_response({**created.to_json(), "webhook_secret": record.webhook_secret}, 201)
+
+
+async def show_tenant(request: Request) -> Response:
+    _require_admin(request)
+    s = services(request)
+    tenant = await _directory(request).tenant(request.path_params["id"])
+    usage = await s.store.usage(tenant.id, s.clock())
+    return json_response({**tenant.to_json(), "usage": asdict(usage)})
+
+
+async def update_tenant(request: Request) -> Response:
+    audit = _require_admin(request)
+    s = services(request)
+    tenant = await _directory(request).api_tenant(request.path_params["id"])
+    changes = admin.tenant_changes(await _body(request))
+    if not changes:
+        return json_response(tenant.to_json())
+    now = s.clock()
+    record = await s.store.update_tenant(
+        tenant.id, changes, now, audit.entry("tenant.update", now, tenant.id, changes=changes)
+    )
+    if record is None:
+        raise not_found(f"No tenant with id {tenant.id!r}.", "tenant_not_found", "id")
+    return json_response(AdminTenant.from_record(record).to_json())
+
+
+async def rotate_webhook_secret(request: Request) -> Response:
+    """A new webhook secret; the old one still signs deliveries for `grace_seconds`."""
+    audit = _require_admin(request)
+    s = services(request)
+    directory = _directory(request)
+    tenant = await directory.api_tenant(request.path_params["id"])
+    grace = admin.grace_seconds(await _body(request))
+    stored = await s.store.get_tenant(tenant.id)
+    if stored is None:
+        raise not_found(f"No tenant with id {tenant.id!r}.", "tenant_not_found", "id")
+    now, secret = s.clock(), new_webhook_secret()
+    changes: dict[str, Any] = {
+        "webhook_secret": secret,
+        "previous_webhook_secret": stored.webhook_secret if grace else "",
+        "previous_webhook_secret_expires_at": now + grace if grace else None,
+    }
+    entry = audit.entry("tenant.webhook_secret.rotate", now, tenant.id, changes={"grace_seconds": grace})
+    record = await s.store.update_tenant(tenant.id, changes, now, entry)
+    if record is None:
+        raise not_found(f"No tenant with id {tenant.id!r}.", "tenant_not_found", "id")
+    return json_response({**AdminTenant.from_record(record).to_json(), "webhook_secret": secret})
+
+
+# --- keys ------------------------------------------------------------------------------
+
+
+async def list_tenant_keys(request: Request) -> Response:
+    _require_admin(request)
+    limit = _limit(request)
+    keys = await _directory(request).keys(request.path_params["id"])
+    start = admin.after_index([k.id for k in keys], request.query_params.get("after"))
+    return json_response(page([k.to_json() for k in keys[start : start + limit + 1]], limit))
+
+
+async def create_key(request: Request) -> Response:
+    """Mint a key: its secret is in this answer and nowhere else (the store keeps its hash)."""
+    audit = _require_admin(request)
+    s = services(request)
+    tenant = await _directory(request).tenant(request.path_params["id"])
+    now = s.clock()
+    name, expires_at = admin.key_create(await _body(request), now)
+    secret = new_key()
+    record = KeyRecord(
+        id=new_key_id(),
+        tenant_id=tenant.id,
+        name=name,
+        prefix=secret[:10],
+        secret_hash=key_hash(secret),
+        created_at=now,
+        expires_at=expires_at,
+    )
+    changes = {"name": name, "expires_at": expires_at}
+    await s.store.create_key(record, audit.entry("key.create", now, tenant.id, record.id, changes))
+    return json_response({**AdminKey.from_record(record).to_json(), "secret": secret}, 201)
+
+
+async def show_key(request: Request) -> Response:
+    _require_admin(request)
+    return json_response((await _directory(request).key(request.path_params["key_id"])).to_json())
+
+
+async def update_key(request: Request) -> Response:
+    audit = _require_admin(request)
+    s = services(request)
+    key = await _directory(request).api_key(request.path_params["key_id"])
+    now = s.clock()
+    changes = admin.key_changes(await _body(request), now)
+    if not changes:
+        return json_response(AdminKey.from_record(key).to_json())
+    return await _change_key(request, key, changes, audit.entry("key.update", now, key.tenant_id, key.id, changes))
+
+
+async def rotate_key(request: Request) -> Response:
+    """A new secret for the same key id; the old one works for `grace_seconds` more."""
+    audit = _require_admin(request)
+    s = services(request)
+    key = await _directory(request).api_key(request.path_params["key_id"])
+    grace = admin.grace_seconds(await _body(request))
+    if key.revoked_at is not None:
+        raise GatewayError(409, "key_revoked", f"Key {key.id!r} is revoked: mint a new one.", param="key_id")
+    now, secret = s.clock(), new_key()
+    previous_expires_at = now + grace if grace else None
+    changes: dict[str, Any] = {
+        "secret_hash": key_hash(secret),
+        "prefix": secret[:10],
+        "previous_hash": key.secret_hash if grace else "",
+        "previous_expires_at": previous_expires_at,
+    }
+    logged = {"grace_seconds": grace, "previous_secret_expires_at": admin.unix_time(previous_expires_at)}
+    entry = audit.entry("key.rotate", now, key.tenant_id, key.id, logged)
+    return await _change_key(request, key, changes, entry, secret)
+
+
+async def revoke_key(request: Request) -> Response:
+    """Revoke (idempotent): a key already revoked is answered as it is, with no new entry."""
+    audit = _require_admin(request)
+    s = services(request)
+    key = await _directory(request).api_key(request.path_params["key_id"])
+    if key.revoked_at is not None:
+        return json_response(AdminKey.from_record(key).to_json())
+    now = s.clock()
+    entry = audit.entry("key.revoke", now, key.tenant_id, key.id, {"revoked_at": admin.unix_time(now)})
+    return await _change_key(request, key, {"revoked_at": now}, entry)
+
+
+async def _change_key(
+    request: Request, key: KeyRecord, changes: dict[str, Any], entry: Any, secret: str | None = None
+) -> Response:
+    record = await services(request).store.update_key(key.id, changes, entry)
+    if record is None:
+        raise not_found(f"No key with id {key.id!r}.", "key_not_found", "key_id")
+    body = AdminKey.from_record(record).to_json()
+    return json_response({**body, "secret": secret} if secret else body)
+
+
+# --- audit trail -----------------------------------------------------------------------
+
+
+async def list_audit(request: Request) -> Response:
+    _require_admin(request)
+    q = request.query_params
+    action = q.get("action")
+    if action is not None and action not in ACTIONS:
+        raise bad_request("invalid_value", f"`action` must be one of {', '.join(ACTIONS)}.", "action")
+    limit = _limit(request)
+    entries, has_more = await services(request).store.list_audit(
+        limit=limit, after=q.get("after"), tenant=q.get("tenant"), action=action
+    )
+    return json_response({"object": "list", "data": [admin.audit_json(e) for e in entries], "has_more": has_more})
+
+
+# --- the older usage read --------------------------------------------------------------
 
 
 async def tenant_usage(request: Request) -> Response:
     """Limits and current usage of one tenant (UTC day and month)."""
     _require_admin(request)
     s = services(request)
-    tenant = s.config.tenant(request.path_params["tenant"])
-    if tenant is None:
-        raise not_found("No such tenant.", "tenant_not_found", "tenant")
+    try:
+        tenant = await _directory(request).tenant(request.path_params["tenant"])
+    except GatewayError:
+        raise not_found("No such tenant.", "tenant_not_found", "tenant") from None
     usage = await s.store.usage(tenant.id, s.clock())
     return json_response(
         {"tenant": tenant.id, "enabled": tenant.enabled, "limits": asdict(tenant.limits), "usage": asdict(usage)}
     )
 
 
-routes = [Route("/admin/tenants/{tenant}/usage", tenant_usage, methods=["GET"])]
+V1 = "/admin/v1"
+routes = [
+    Route("/admin/tenants/{tenant}/usage", tenant_usage, methods=["GET"]),
+    Route(f"{V1}/tenants", list_tenants, methods=["GET"]),
+    Route(f"{V1}/tenants", create_tenant, methods=["POST"]),
+    Route(f"{V1}/tenants/{{id}}", show_tenant, methods=["GET"]),
+    Route(f"{V1}/tenants/{{id}}", update_tenant, methods=["PATCH"]),
+    Route(f"{V1}/tenants/{{id}}/webhook-secret", rotate_webhook_secret, methods=["POST"]),
+    Route(f"{V1}/tenants/{{id}}/keys", list_tenant_keys, methods=["GET"]),
+    Route(f"{V1}/tenants/{{id}}/keys", create_key, methods=["POST"]),
+    Route(f"{V1}/keys/{{key_id}}", show_key, methods=["GET"]),
+    Route(f"{V1}/keys/{{key_id}}", update_key, methods=["PATCH"]),
+    Route(f"{V1}/keys/{{key_id}}", revoke_key, methods=["DELETE"]),
+    Route(f"{V1}/keys/{{key_id}}/rotate", rotate_key, methods=["POST"]),
+    Route(f"{V1}/audit", list_audit, methods=["GET"]),
+]

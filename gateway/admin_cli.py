@@ -1,0 +1,333 @@
+"""`runway-gateway admin ...`: the admin API from a shell, for operators and scripts.
+
+Tables for people, `--json` for scripts (the API's own JSON). Exit 0 on success, 1 when
+the gateway answered an error (its message on stderr) or could not be reached, 2 for a
+usage error (argparse's own exit code). The URL and admin key come from flags or from
+RUNWAY_GATEWAY_URL and RUNWAY_GATEWAY_ADMIN_KEY, so the key need not be on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+
+URL_ENV, KEY_ENV = "RUNWAY_GATEWAY_URL", "RUNWAY_GATEWAY_ADMIN_KEY"
+DEFAULT_URL = "http://127.0.0.1:8080"
+UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+DURATION_RE = re.compile(r"^(\d+)([smhdw]?)$")
+LIMIT_NAMES = (
+    "requests_per_minute",
+    "tasks_per_minute",
+    "max_active_tasks",
+    "tasks_per_day",
+    "credits_per_day",
+    "credits_per_month",
+)
+V1 = "/admin/v1"
+
+
+class ApiError(Exception):
+    """The gateway answered an error, or could not be reached: exit 1."""
+
+
+# --- argument types --------------------------------------------------------------------
+
+
+def duration(text: str) -> int:
+    """`30d`, `1h`, `15m`, `45s`, `2w` or plain seconds, as whole seconds."""
+    m = DURATION_RE.match(text.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (like 30d, 12h, 15m, 45s or seconds)")
+    return int(m.group(1)) * UNITS[m.group(2) or "s"]
+
+
+def page_size(text: str) -> int:
+    """`--limit` of a list: 1 to 1000, as the API takes it."""
+    if not text.isdigit() or not 1 <= int(text) <= 1000:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be an integer from 1 to 1000")
+    return int(text)
+
+
+def limit_setting(text: str) -> tuple[str, int | None]:
+    """`NAME=VALUE` or `NAME=none` (no limit)."""
+    name, sep, value = text.partition("=")
+    if not sep or name not in LIMIT_NAMES:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=VALUE with NAME one of {', '.join(LIMIT_NAMES)}")
+    if value.lower() == "none":
+        return name, None
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: VALUE must be a positive integer or none")
+    return name, int(value)
+
+
+# --- the parser --------------------------------------------------------------------------
+
+
+def add_parser(sub: Any) -> None:
+    """`admin` under `runway-gateway`'s subcommands."""
+    p = sub.add_parser("admin", help="manage tenants, keys and the audit trail of a running gateway")
+    p.add_argument("--url", default=os.environ.get(URL_ENV, DEFAULT_URL), help=f"the gateway (or {URL_ENV})")
+    p.add_argument("--admin-key", default=os.environ.get(KEY_ENV), help=f"an admin key (or {KEY_ENV})")
+    p.add_argument("--json", action="store_true", help="print the API's JSON instead of tables")
+    groups = p.add_subparsers(dest="group", required=True, metavar="GROUP")
+
+    tenants = groups.add_parser("tenants", help="list, show, create and update tenants")
+    tv = tenants.add_subparsers(dest="verb", required=True, metavar="VERB")
+    tv.add_parser("list", help="every tenant (config and API)").set_defaults(run=tenants_list)
+    show = tv.add_parser("show", help="one tenant, with its usage today and this month")
+    show.add_argument("id")
+    show.set_defaults(run=tenants_show)
+    create = tv.add_parser("create", help="a new tenant; prints its webhook secret once")
+    create.add_argument("id")
+    create.add_argument("--name")
+    create.add_argument("--limit", type=limit_setting, action="append", default=[], metavar="NAME=VALUE")
+    create.add_argument("--disabled", action="store_true", help="create it disabled")
+    create.set_defaults(run=tenants_create)
+    update = tv.add_parser("update", help="change a tenant's name, limits or state")
+    update.add_argument("id")
+    update.add_argument("--name")
+    update.add_argument("--limit", type=limit_setting, action="append", default=[], metavar="NAME=VALUE|NAME=none")
+    state = update.add_mutually_exclusive_group()
+    state.add_argument("--enable", dest="enabled", action="store_const", const=True)
+    state.add_argument("--disable", dest="enabled", action="store_const", const=False)
+    update.set_defaults(run=tenants_update)
+
+    keys = groups.add_parser("keys", help="mint, list, show, rotate and revoke API keys")
+    kv = keys.add_subparsers(dest="verb", required=True, metavar="VERB")
+    klist = kv.add_parser("list", help="a tenant's keys (config ones included)")
+    klist.add_argument("tenant")
+    klist.set_defaults(run=keys_list)
+    kcreate = kv.add_parser("create", help="mint a key; prints its secret once")
+    kcreate.add_argument("tenant")
+    kcreate.add_argument("--name", required=True)
+    kcreate.add_argument("--expires-in", type=duration, metavar="DURATION", help="e.g. 30d, 12h")
+    kcreate.set_defaults(run=keys_create)
+    kshow = kv.add_parser("show", help="one key")
+    kshow.add_argument("key_id")
+    kshow.set_defaults(run=keys_show)
+    krotate = kv.add_parser("rotate", help="a new secret for the same key id; prints it once")
+    krotate.add_argument("key_id")
+    krotate.add_argument("--grace", type=duration, metavar="DURATION", help="the old secret works this long (1d)")
+    krotate.set_defaults(run=keys_rotate)
+    krevoke = kv.add_parser("revoke", help="revoke a key (at once, on every replica)")
+    krevoke.add_argument("key_id")
+    krevoke.set_defaults(run=keys_revoke)
+
+    audit = groups.add_parser("audit", help="the audit trail, newest first")
+    audit.add_argument("--limit", type=page_size, default=20, help="how many entries (20)")
+    audit.add_argument("--tenant")
+    audit.add_argument("--action", help="e.g. key.revoke")
+    audit.set_defaults(run=audit_list)
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.admin_key:
+        print(f"admin: give --admin-key KEY or set {KEY_ENV}", file=sys.stderr)
+        return 2
+    client = Client(args.url, args.admin_key)
+    command: Callable[[Client, argparse.Namespace], Any] = args.run
+    try:
+        data = command(client, args)
+    except ApiError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        print(render(args, data))
+    return 0
+
+
+# --- talking to the gateway --------------------------------------------------------------
+
+
+class Client:
+    def __init__(self, url: str, admin_key: str):
+        self._http = httpx.Client(
+            base_url=url.rstrip("/"), headers={"Authorization": f"Bearer {admin_key}"}, timeout=15
+        )
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None, **params: Any) -> Any:
+        query = {k: v for k, v in params.items() if v is not None}
+        try:
+            resp = self._http.request(method, path, json=body, params=query)
+        except httpx.HTTPError as exc:
+            raise ApiError(f"cannot reach the gateway at {self._http.base_url}: {exc}") from None
+        try:
+            data = resp.json()
+        except ValueError:
+            raise ApiError(f"HTTP {resp.status_code} from {path}: not JSON") from None
+        if resp.status_code >= 400:
+            error = data.get("error", {}) if isinstance(data, dict) else {}
+            param = f" (param: {error['param']})" if error.get("param") else ""
+            raise ApiError(f"{error.get('message', 'HTTP ' + str(resp.status_code))}{param} [{error.get('code')}]")
+        return data
+
+    def all_pages(self, path: str) -> dict[str, Any]:
+        """Every item of a list, following `has_more` with `after`."""
+        items: list[Any] = []
+        after = None
+        while True:
+            page = self.call("GET", path, limit=1000, after=after)
+            items += page["data"]
+            if not page["has_more"] or not page["data"]:
+                return {"object": "list", "data": items, "has_more": False}
+            after = page["data"][-1]["id"]
+
+
+def tenants_list(c: Client, a: argparse.Namespace) -> Any:
+    return c.all_pages(f"{V1}/tenants")
+
+
+def tenants_show(c: Client, a: argparse.Namespace) -> Any:
+    return c.call("GET", f"{V1}/tenants/{a.id}")
+
+
+def tenants_create(c: Client, a: argparse.Namespace) -> Any:
+    body: dict[str, Any] = {"id": a.id, "limits": dict(a.limit)}
+    if a.name is not None:
+        body["name"] = a.name
+    if a.disabled:
+        body["enabled"] = False
+    return c.call("POST", f"{V1}/tenants", body)
+
+
+def tenants_update(c: Client, a: argparse.Namespace) -> Any:
+    body: dict[str, Any] = {}
+    if a.name is not None:
+        body["name"] = a.name
+    if a.limit:
+        body["limits"] = dict(a.limit)
+    if a.enabled is not None:
+        body["enabled"] = a.enabled
+    return c.call("PATCH", f"{V1}/tenants/{a.id}", body)
+
+
+def keys_list(c: Client, a: argparse.Namespace) -> Any:
+    return c.all_pages(f"{V1}/tenants/{a.tenant}/keys")
+
+
+def keys_create(c: Client, a: argparse.Namespace) -> Any:
+    body: dict[str, Any] = {"name": a.name}
+    if a.expires_in is not None:
+        body["expires_in_seconds"] = a.expires_in
+    return c.call("POST", f"{V1}/tenants/{a.tenant}/keys", body)
+
+
+def keys_show(c: Client, a: argparse.Namespace) -> Any:
+    return c.call("GET", f"{V1}/keys/{a.key_id}")
+
+
+def keys_rotate(c: Client, a: argparse.Namespace) -> Any:
+    body = {} if a.grace is None else {"grace_seconds": a.grace}
+    return c.call("POST", f"{V1}/keys/{a.key_id}/rotate", body)
+
+
+def keys_revoke(c: Client, a: argparse.Namespace) -> Any:
+    return c.call("DELETE", f"{V1}/keys/{a.key_id}")
+
+
+def audit_list(c: Client, a: argparse.Namespace) -> Any:
+    return c.call("GET", f"{V1}/audit", limit=a.limit, tenant=a.tenant, action=a.action)
+
+
+# --- tables ------------------------------------------------------------------------------
+
+
+def when(t: int | None) -> str:
+    return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(t))
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows, strict=False)]
+    lines = [headers, *rows]
+    return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=False)).rstrip() for line in lines)
+
+
+def limits_text(limits: dict[str, int | None]) -> str:
+    return " ".join(f"{k}={v}" for k, v in limits.items() if v is not None) or "none"
+
+
+def key_status(k: dict[str, Any]) -> str:
+    now = time.time()
+    if k.get("revoked_at") is not None:
+        return "revoked"
+    if k.get("expires_at") is not None and k["expires_at"] <= now:
+        return "expired"
+    if k.get("previous_secret_expires_at") is not None and k["previous_secret_expires_at"] > now:
+        return "rotating"
+    return "active"
+
+
+def cell(name: str, value: Any) -> str:
+    """A value for people: times in UTC, `-` for none, yes/no, JSON for the rest."""
+    if name.endswith("_at") and isinstance(value, int):
+        return when(value)
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def details(obj: dict[str, Any]) -> str:
+    """One object as `field: value` lines, nested objects flattened (`limits.max_active_tasks`)."""
+    lines: list[str] = []
+    for name, value in obj.items():
+        if name == "object":
+            continue
+        if isinstance(value, dict):
+            lines += [f"{name}.{k}: {cell(k, v)}" for k, v in value.items()]
+        else:
+            lines.append(f"{name}: {cell(name, value)}")
+    return "\n".join(lines)
+
+
+def render(a: argparse.Namespace, data: Any) -> str:
+    if a.group == "tenants" and a.verb == "list":
+        rows = [
+            [t["id"], t["name"], t["source"], "yes" if t["enabled"] else "no", limits_text(t["limits"])]
+            for t in data["data"]
+        ]
+        return table(["ID", "NAME", "SOURCE", "ENABLED", "LIMITS"], rows)
+    if a.group == "keys" and a.verb == "list":
+        rows = [
+            [
+                k["id"],
+                k["name"] or "-",
+                k["prefix"] or "-",
+                k["source"],
+                key_status(k),
+                when(k["created_at"]),
+                when(k["expires_at"]),
+                when(k["last_used_at"]),
+            ]
+            for k in data["data"]
+        ]
+        return table(["ID", "NAME", "PREFIX", "SOURCE", "STATUS", "CREATED", "EXPIRES", "LAST USED"], rows)
+    if a.group == "audit":
+        rows = [
+            [
+                when(e["time"]),
+                f"{e['actor']['type']}:{e['actor']['id']}",
+                e["action"],
+                e["target"].get("tenant", "-"),
+                e["target"].get("key_id", "-"),
+                json.dumps(e["changes"]),
+            ]
+            for e in data["data"]
+        ]
+        return table(["TIME", "ACTOR", "ACTION", "TENANT", "KEY", "CHANGES"], rows)
+    text = details(data)
+    for shown_once in ("secret", "webhook_secret"):
+        if shown_once in data:
+            text += f"\n\n{shown_once} is shown only now: store it safely."
+    return text

@@ -1,0 +1,189 @@
+"""`runway-gateway admin ...` as a subprocess against a live gateway: every verb, tables and
+--json, the URL and key from flags or the environment, exit codes 0/1/2, --help everywhere."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from conftest import ADMIN_KEY, ROOT, GatewayProcess, Simulator, TenantSpec
+
+VERBS = [
+    ["tenants", "list"],
+    ["tenants", "show"],
+    ["tenants", "create"],
+    ["tenants", "update"],
+    ["keys", "list"],
+    ["keys", "create"],
+    ["keys", "show"],
+    ["keys", "rotate"],
+    ["keys", "revoke"],
+    ["audit"],
+]
+
+
+@pytest.fixture(scope="module")
+def cli_gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    tmp = tmp_path_factory.mktemp("admin-cli")
+    sim = Simulator(tmp)
+    sim.start()
+    g = GatewayProcess(tmp, sim.url, [TenantSpec("cfg-cli", limits={"max_active_tasks": 4})])
+    g.start()
+    yield g
+    g.stop()
+    sim.stop()
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RUNWAY_GATEWAY_")}
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", "admin", *args],
+        capture_output=True,
+        text=True,
+        env={**base, **(env or {})},
+        cwd=ROOT,
+        timeout=60,
+    )
+
+
+class Cli:
+    """The admin command pointed at one gateway, by flags."""
+
+    def __init__(self, gw: GatewayProcess):
+        self.flags = ["--url", gw.url, "--admin-key", ADMIN_KEY]
+
+    def ok(self, *args: str) -> str:
+        done = run(*self.flags, *args)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self.ok("--json", *args))
+
+    def fails(self, *args: str) -> str:
+        done = run(*self.flags, *args)
+        assert done.returncode == 1, (done.stdout, done.stderr)
+        assert done.stdout == ""
+        return done.stderr
+
+
+@pytest.fixture
+def cli(cli_gw: GatewayProcess) -> Cli:
+    return Cli(cli_gw)
+
+
+def test_every_verb_has_help() -> None:
+    for verb in [[], ["tenants"], ["keys"], *VERBS]:
+        done = run(*verb, "--help")
+        assert done.returncode == 0 and "usage: runway-gateway admin" in done.stdout, (verb, done.stderr)
+
+
+def test_tenants_create_list_show_update(cli: Cli) -> None:
+    tenant = f"cli-{secrets.token_hex(3)}"
+    created = cli.ok("tenants", "create", tenant, "--name", "Search", "--limit", "max_active_tasks=3")
+    assert f"id: {tenant}" in created and "limits.max_active_tasks: 3" in created
+    assert "webhook_secret: whsec_" in created and "shown only now" in created
+
+    table = cli.ok("tenants", "list").splitlines()
+    assert table[0].split() == ["ID", "NAME", "SOURCE", "ENABLED", "LIMITS"]
+    row = next(line for line in table if line.startswith(tenant + " "))
+    assert row.split() == [tenant, "Search", "api", "yes", "max_active_tasks=3"]
+    assert any(line.split()[:3] == ["cfg-cli", "cfg-cli", "config"] for line in table)
+    listed = cli.json("tenants", "list")
+    assert listed["object"] == "list" and tenant in [t["id"] for t in listed["data"]]
+
+    shown = cli.ok("tenants", "show", tenant)
+    assert "usage.active: 0" in shown and "source: api" in shown and "webhook_secret" not in shown
+    updated = cli.json(
+        "tenants", "update", tenant, "--disable", "--limit", "max_active_tasks=none", "--limit", "tasks_per_day=9"
+    )
+    assert updated["enabled"] is False
+    assert (updated["limits"]["max_active_tasks"], updated["limits"]["tasks_per_day"]) == (None, 9)
+    assert cli.json("tenants", "update", tenant, "--enable", "--name", "Search 2")["enabled"] is True
+    assert cli.json("tenants", "show", tenant)["name"] == "Search 2"
+
+
+def test_keys_create_list_show_rotate_revoke(cli: Cli) -> None:
+    tenant = cli.json("tenants", "create", f"cli-{secrets.token_hex(3)}")["id"]
+    minted = cli.ok("keys", "create", tenant, "--name", "billing-svc", "--expires-in", "30d")
+    lines = dict(line.split(": ", 1) for line in minted.splitlines() if ": " in line)
+    key_id, secret = lines["id"], lines["secret"]
+    assert key_id.startswith("key_") and secret.startswith("sk-gw-") and "shown only now" in minted
+    key = cli.json("keys", "show", key_id)
+    assert key["name"] == "billing-svc" and abs(key["expires_at"] - (time.time() + 30 * 86400)) < 120
+
+    table = cli.ok("keys", "list", tenant).splitlines()
+    assert table[0].split()[:5] == ["ID", "NAME", "PREFIX", "SOURCE", "STATUS"]
+    assert table[1].split()[:5] == [key_id, "billing-svc", secret[:10], "api", "active"]
+    assert secret not in "\n".join(table)
+    config_keys = cli.json("keys", "list", "cfg-cli")["data"]
+    assert [k["source"] for k in config_keys] == ["config"]
+
+    rotated = cli.json("keys", "rotate", key_id, "--grace", "1h")
+    assert rotated["id"] == key_id and rotated["secret"] != secret
+    assert abs(rotated["previous_secret_expires_at"] - (time.time() + 3600)) < 120
+    assert "rotating" in cli.ok("keys", "list", tenant)
+    revoked = cli.ok("keys", "revoke", key_id)
+    assert "revoked_at: 20" in revoked
+    assert cli.ok("keys", "list", tenant).splitlines()[1].split()[4] == "revoked"
+
+
+def test_audit_lists_the_changes(cli: Cli) -> None:
+    tenant = cli.json("tenants", "create", f"cli-{secrets.token_hex(3)}")["id"]
+    key_id = cli.json("keys", "create", tenant, "--name", "a")["id"]
+    cli.ok("keys", "revoke", key_id)
+    table = cli.ok("audit", "--tenant", tenant).splitlines()
+    assert table[0].split() == ["TIME", "ACTOR", "ACTION", "TENANT", "KEY", "CHANGES"]
+    assert [line.split()[3] for line in table[1:]] == ["key.revoke", "key.create", "tenant.create"]
+    entries = cli.json("audit", "--tenant", tenant, "--limit", "1")
+    assert [e["action"] for e in entries["data"]] == ["key.revoke"] and entries["has_more"] is True
+    only = cli.json("audit", "--tenant", tenant, "--action", "key.create")["data"]
+    assert [e["target"]["key_id"] for e in only] == [key_id]
+
+
+def test_api_errors_exit_1_with_the_message_on_stderr(cli: Cli) -> None:
+    assert "No tenant with id 'nobody'" in cli.fails("tenants", "show", "nobody")
+    assert "tenant_exists" in cli.fails("tenants", "create", "cfg-cli")
+    assert "tenant_managed_by_config" in cli.fails("tenants", "update", "cfg-cli", "--disable")
+    assert "param: id" in cli.fails("tenants", "create", "Not_Valid")
+    assert "key_not_found" in cli.fails("keys", "revoke", "key_0000")
+
+
+def test_url_and_key_from_the_environment_and_bad_credentials(cli_gw: GatewayProcess) -> None:
+    env = {"RUNWAY_GATEWAY_URL": cli_gw.url, "RUNWAY_GATEWAY_ADMIN_KEY": ADMIN_KEY}
+    done = run("--json", "tenants", "show", "cfg-cli", env=env)
+    assert done.returncode == 0 and json.loads(done.stdout)["id"] == "cfg-cli"
+    wrong = run("tenants", "list", env={**env, "RUNWAY_GATEWAY_ADMIN_KEY": "sk-gw-wrong"})
+    assert wrong.returncode == 1 and "invalid_api_key" in wrong.stderr
+    tenant_key = run("--admin-key", cli_gw.tenants["cfg-cli"].key, "--url", cli_gw.url, "tenants", "list")
+    assert tenant_key.returncode == 1 and "permission_denied" in tenant_key.stderr
+    unreachable = run("--url", "http://127.0.0.1:9", "--admin-key", ADMIN_KEY, "tenants", "list")
+    assert unreachable.returncode == 1 and "cannot reach" in unreachable.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["tenants", "list"],  # no admin key
+        ["--admin-key", "k", "tenants"],
+        ["--admin-key", "k", "tenants", "explode"],
+        ["--admin-key", "k", "keys", "create", "t"],  # --name is required
+        ["--admin-key", "k", "keys", "create", "t", "--name", "n", "--expires-in", "soon"],
+        ["--admin-key", "k", "keys", "rotate", "key_1", "--grace", "1y"],
+        ["--admin-key", "k", "tenants", "create", "t", "--limit", "max_active_tasks"],
+        ["--admin-key", "k", "tenants", "update", "t", "--limit", "speed=3"],
+        ["--admin-key", "k", "tenants", "update", "t", "--enable", "--disable"],
+        ["--admin-key", "k", "audit", "--limit", "5000"],
+    ],
+)
+def test_usage_errors_exit_2(args: list[str]) -> None:
+    done = run(*args)
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert done.stderr
