@@ -136,6 +136,3 @@ class JWTVerifier:
             raise AuthFailure("jwt_issuer", "The token's issuer is not trusted.") from None
         except (jwt.PyJWTError, ValueError, TypeError):
             raise AuthFailure("jwt_invalid", "The token could not be verified.") from None
-
-
-_JWTVerifier = JWTVerifier  # the name gateway/admin.py imports

@@ -74,7 +74,7 @@ class Services:
         jwt = jwt_verifier(config.jwt)
         self.directory.reconfigure(config, jwt)
         self.tasks.config = config
-        self.upstream.config = config.upstream
+        self.upstream.reconfigure(config.upstream)
 
     async def close(self) -> None:
         try:

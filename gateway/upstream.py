@@ -160,14 +160,19 @@ class _Reply:
 
 class Upstream:
     def __init__(self, config: UpstreamConfig, metrics: Metrics, resolver: Resolver | None = None):
-        self.config = config
         self.metrics = metrics
         self.circuit = CircuitBreaker()
-        self.artifact_policy = HookPolicy.from_hosts(config.artifact_hosts, setting="artifact_hosts")
         self._resolver = resolver  # None: the system's; tests inject one
         self.keys = KeyHealth()
-        self._keys = itertools.cycle(range(len(config.api_keys)))
+        self._turn = itertools.count()
         self._session: aiohttp.ClientSession | None = None
+        self.reconfigure(config)
+
+    def reconfigure(self, config: UpstreamConfig) -> None:
+        """Take (re)loaded settings: keys, URLs, the artifact allow-list, the timeout. The
+        pooled session stays; a request uses the timeout current when it starts."""
+        self.config = config
+        self.artifact_policy = HookPolicy.from_hosts(config.artifact_hosts, setting="artifact_hosts")
         self._timeout = aiohttp.ClientTimeout(total=config.timeout_seconds, connect=min(5.0, config.timeout_seconds))
 
     async def start(self) -> None:
@@ -184,7 +189,8 @@ class Upstream:
             await self._session.close()
 
     def next_key_index(self) -> int:
-        return next(self._keys)
+        """New tasks take the configured keys in turn (however many a reload left)."""
+        return next(self._turn) % len(self.config.api_keys)
 
     async def create(self, body: dict[str, Any], key_index: int, request_id: str) -> dict[str, Any]:
         """POST /runway/tasks; returns the task object or raises UpstreamFailure."""
@@ -288,7 +294,7 @@ class Upstream:
             headers["content-type"] = "application/json"
         start = time.perf_counter()
         try:
-            async with self._session.request(method, url, data=data, headers=headers) as resp:
+            async with self._session.request(method, url, data=data, headers=headers, timeout=self._timeout) as resp:
                 body = await resp.content.read(MAX_REPLY_BYTES)
                 reply = _Reply(resp.status, body, resp.headers.get("retry-after"))
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
