@@ -44,6 +44,7 @@ logger = logging.getLogger("gateway.upstream")
 MAX_REPLY_BYTES = 2 * 1024 * 1024
 CIRCUIT_FAILURES = 5
 CIRCUIT_OPEN_SECONDS = 10.0
+KEEPALIVE_SECONDS = 4.0
 MAX_ARTIFACT_REDIRECTS = 5
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 ARTIFACT_CONNECT_SECONDS = 5.0  # DNS, then connect: each bounded by this
@@ -176,7 +177,9 @@ class Upstream:
         self._timeout = aiohttp.ClientTimeout(total=config.timeout_seconds, connect=min(5.0, config.timeout_seconds))
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=256, keepalive_timeout=30, ttl_dns_cache=60)
+        # An idle pooled connection is dropped before common servers drop it (uvicorn: 5 s):
+        # a create sent on a connection the relay is closing fails with an unknown outcome.
+        connector = aiohttp.TCPConnector(limit=256, keepalive_timeout=KEEPALIVE_SECONDS, ttl_dns_cache=60)
         self._session = aiohttp.ClientSession(
             connector=connector,
             timeout=self._timeout,
