@@ -2,7 +2,8 @@
 
     .venv/bin/python -m bench  |  .venv/bin/python bench/run.py [--duration S] [--connections C] [--quick]
                                             [--only upstream,floors,sqlite,redis] [--profile]
-    .venv/bin/python bench/run.py --soak 300 [--store sqlite|redis] [--soak-callbacks]
+                                            [--tenants config|store]
+    .venv/bin/python bench/run.py --soak 300 [--store sqlite|redis] [--soak-callbacks] [--tenants config|store]
 
 Starts the upstream simulator in a fast mode (tasks take a day to finish, so no lifecycle
 step and no callback happens during a run), then, one at a time, each target:
@@ -34,8 +35,14 @@ callbacks unless `--soak-callbacks`: its callback client (httpx) is costly enoug
 callback to make the simulator, not the gateway, the bottleneck.
 
 The gateway's tenant has every limit set, generously: admission does all its work and never
-refuses. Callbacks are on (`public_url` set, as in production: each create signs a callback
-token); the background poller never calls the upstream during a run (poll interval 1 h).
+refuses. `--tenants config` (the default) puts that tenant and its key in the config file's
+[[tenants]]; `--tenants store` starts each gateway with only an admin key, creates the tenant
+(the same limits and policy) and mints its key through the admin API, in that gateway's
+store (SQLite or Redis), and drives the load with the minted key: it measures
+authentication through the store-backed directory. The header says which.
+
+Callbacks are on (`public_url` set, as in production: each create signs a callback token);
+the background poller never calls the upstream during a run (poll interval 1 h).
 """
 
 from __future__ import annotations
@@ -367,26 +374,56 @@ artifact_hosts = ["127.0.0.1"]
 
 [store]
 url = "{store}"
+{bench_tenant}{idle_tenants}"""
 
+# The bench tenant's limits and policy, the same whether it is in the config file or created
+# through the admin API (`--tenants store`).
+BENCH_LIMITS = {
+    name: 1_000_000_000
+    for name in (
+        "requests_per_minute",
+        "tasks_per_minute",
+        "max_active_tasks",
+        "tasks_per_day",
+        "credits_per_day",
+        "credits_per_month",
+    )
+}
+BENCH_POLICY: dict[str, Any] = {"hook_hosts": ["127.0.0.1"], "defaults": {"watermark": False}}
+
+CONFIG_TENANT = """
 [[tenants]]
 id = "bench"
 keys = ["{key_hash}"]
 webhook_secret = "{hook_secret}"
 [tenants.limits]
-requests_per_minute = 1000000000
-tasks_per_minute = 1000000000
-max_active_tasks = 1000000000
-tasks_per_day = 1000000000
-credits_per_day = 1000000000
-credits_per_month = 1000000000
+{limits}
 [tenants.policy]
 hook_hosts = ["127.0.0.1"]
 defaults = {{ watermark = false }}
-{idle_tenants}"""
+"""
+
+ADMIN_ONLY = """
+[admin]
+keys = ["{key_hash}"]
+"""
 
 
-def gateway_server(name: str, workdir: Path, upstream: str, store: str, key: str, callbacks: bool = True) -> Server:
+def gateway_server(
+    name: str, workdir: Path, upstream: str, store: str, key: str, tenants: str, callbacks: bool = True
+) -> Server:
+    """A gateway whose bench tenant has `key` in its [[tenants]] entry (`tenants` "config"), or
+    with no bench tenant and `key` as its admin key (`tenants` "store": `tenant_key` then
+    creates the tenant and mints its key through the admin API)."""
     port = free_port()
+    if tenants == "config":
+        bench_tenant = CONFIG_TENANT.format(
+            key_hash=key_hash(key),
+            hook_secret=secrets.token_urlsafe(24),
+            limits="\n".join(f"{k} = {v}" for k, v in BENCH_LIMITS.items()),
+        )
+    else:
+        bench_tenant = ADMIN_ONLY.format(key_hash=key_hash(key))
     idle = "".join(
         f'\n[[tenants]]\nid = "idle-{i}"\nkeys = ["{key_hash(secrets.token_hex(16))}"]\n'
         f'webhook_secret = "{secrets.token_hex(16)}"\n'
@@ -399,8 +436,7 @@ def gateway_server(name: str, workdir: Path, upstream: str, store: str, key: str
             upstream=upstream,
             upstream_key=UPSTREAM_KEY,
             store=store,
-            key_hash=key_hash(key),
-            hook_secret=secrets.token_urlsafe(24),
+            bench_tenant=bench_tenant,
             idle_tenants=idle,
         )
     )
@@ -429,6 +465,43 @@ def simulator(workdir: Path, seconds_to_finish: float) -> Server:
         port,
         "/_sim/control",
     )
+
+
+def tenant_key(gw: Server, tenants: str, key: str, timeout: float = 10.0) -> str:
+    """The key the load carries. Config tenants: `key` itself. Store tenants: with `key` as
+    the admin key, create the bench tenant and mint its key through the admin API, then poll
+    until the gateway accepts that key (its directory picks store changes up within a moment)."""
+    if tenants == "config":
+        return key
+    admin = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    tenant = {"id": "bench", "limits": BENCH_LIMITS, "policy": BENCH_POLICY}
+    admin_call(gw.url + "/admin/v1/tenants", tenant, admin)
+    minted = admin_call(gw.url + "/admin/v1/tenants/bench/keys", {"name": "bench-load"}, admin)
+    secret = str(minted["secret"])
+    deadline = time.monotonic() + timeout
+    while True:
+        status, body = http_request(gw.url + "/runway/tasks", headers={"Authorization": f"Bearer {secret}"})
+        if status == 200:
+            return secret
+        if status != 401 or time.monotonic() > deadline:
+            raise RuntimeError(f"the minted key was not accepted ({status}): {body[:300]!r}")
+        time.sleep(0.02)
+
+
+def admin_call(url: str, payload: dict[str, Any], headers: dict[str, str]) -> dict[str, Any]:
+    """POST to the admin API; the answer's JSON, or RuntimeError unless 201."""
+    status, body = http_request(url, "POST", json.dumps(payload).encode(), headers)
+    if status != 201:
+        raise RuntimeError(f"admin API {url.split('/admin/', 1)[1]} answered {status}: {body[:300]!r}")
+    answer: dict[str, Any] = json.loads(body)
+    return answer
+
+
+def tenants_text(tenants: str) -> str:
+    """Where the bench tenant and its key came from, for the table's header."""
+    if tenants == "store":
+        return "bench tenant and key from the store (created through the admin API; no [[tenants]] entry)"
+    return "bench tenant and key from the config file ([[tenants]])"
 
 
 def reset_simulator(sim: Server) -> None:
@@ -545,12 +618,14 @@ def run_gateway(
     store: str,
     warmup: int,
     profile: bool,
+    tenants: str,
 ) -> None:
     key = "sk-gw-bench-" + secrets.token_urlsafe(24)
-    gw = gateway_server(f"gateway-{label.lower()}", workdir, sim.url, store, key)
+    gw = gateway_server(f"gateway-{label.lower()}", workdir, sim.url, store, key, tenants)
     names = (f"gateway {label}: create", f"gateway {label}: poll", f"gateway {label}: create, 1 conn")
     try:
         gw.start()
+        key = tenant_key(gw, tenants, key)
         task_id = create_one(gw.url, key)
     except (RuntimeError, OSError, KeyError, ValueError) as exc:
         print(f"  gateway {label} not measured: {exc}", file=sys.stderr)
@@ -755,12 +830,15 @@ def generator_text(load: Load) -> str:
     return f"bench/loadgen.py (fallback: wrk not found), {load.duration} s per target"
 
 
-def render(rows: list[Row], lat_rows: list[Row], load: Load, command: str, started: dt.datetime, warmup: int) -> str:
+def render(
+    rows: list[Row], lat_rows: list[Row], load: Load, command: str, started: dt.datetime, warmup: int, tenants: str
+) -> str:
     lines = [
         f"Command: `{command}`  ",
         f"Date: {started.strftime('%Y-%m-%d %H:%M UTC')}  ",
         f"Machine: {machine()}  ",
-        f"Servers: {stack()}; simulator tasks finish after {FAST_SECONDS_TO_FINISH} s (no callbacks during a run)  ",
+        f"Servers: {stack()}; {tenants_text(tenants)}; "
+        f"simulator tasks finish after {FAST_SECONDS_TO_FINISH} s (no callbacks during a run)  ",
         f"Load: {generator_text(load)} (+{warmup} s warm-up), {load.connections} connections unless the row says 1",
         "",
         "| target | conns | req/s | p50 ms | p99 ms | server CPU µs/req | upstream CPU µs/req | load gen CPU µs/req "
@@ -784,12 +862,17 @@ def render(rows: list[Row], lat_rows: list[Row], load: Load, command: str, start
 
 
 def render_rounds(
-    results: list[tuple[list[Row], list[Row]]], load: Load, command: str, started: dt.datetime, warmup: int
+    results: list[tuple[list[Row], list[Row]]],
+    load: Load,
+    command: str,
+    started: dt.datetime,
+    warmup: int,
+    tenants: str,
 ) -> str:
     """Each round's table, then the goals over the rounds (median decides)."""
     parts = []
     for i, (rows, lat_rows) in enumerate(results):
-        table = render(rows, lat_rows, load, command, started, warmup)
+        table = render(rows, lat_rows, load, command, started, warmup, tenants)
         if i:
             table = table.split("\n\n", 1)[1]  # the header once
         parts.append(
@@ -843,9 +926,9 @@ def bench(args: argparse.Namespace, load: Load, command: str) -> int:
         else:
             print(f"logs and configs kept in {workdir}", file=sys.stderr)
     if len(results) == 1:
-        table = render(*results[0], load, command, started, warmup)
+        table = render(*results[0], load, command, started, warmup, args.tenants)
     else:
-        table = render_rounds(results, load, command, started, warmup)
+        table = render_rounds(results, load, command, started, warmup, args.tenants)
     print(table, flush=True)
     if not args.no_save:
         RESULTS.mkdir(parents=True, exist_ok=True)
@@ -856,6 +939,7 @@ def bench(args: argparse.Namespace, load: Load, command: str) -> int:
                     "date": started.isoformat(),
                     "command": command,
                     "machine": machine(),
+                    "tenants": args.tenants,
                     "rounds": [[asdict(r) for r in rows + lat] for rows, lat in results],
                 },
                 indent=2,
@@ -939,9 +1023,8 @@ def bench_round(
             finally:
                 floor.stop()
     if "sqlite" in groups:
-        run_gateway(
-            load, rows, lat_rows, "SQLite", workdir, sim, f"sqlite:///{workdir / 'gateway.db'}", warmup, args.profile
-        )
+        store = f"sqlite:///{workdir / 'gateway.db'}"
+        run_gateway(load, rows, lat_rows, "SQLite", workdir, sim, store, warmup, args.profile, args.tenants)
     if "redis" in groups:
         if redis.problem:
             note = f"pending: Redis {redis.url or '(private redis-server)'} not usable ({redis.problem[:80]})"
@@ -954,7 +1037,7 @@ def bench_round(
         else:
             store, prefix = redis.store_url()
             try:
-                run_gateway(load, rows, lat_rows, "Redis", workdir, sim, store, warmup, args.profile)
+                run_gateway(load, rows, lat_rows, "Redis", workdir, sim, store, warmup, args.profile, args.tenants)
             finally:
                 redis.forget(prefix)
 
@@ -977,7 +1060,7 @@ def soak(args: argparse.Namespace, load: Load, command: str) -> int:
         store, prefix = redis.store_url()
     else:
         store = f"sqlite:///{workdir / 'gateway.db'}"
-    gw = gateway_server("gateway-soak", workdir, sim.url, store, key)
+    gw = gateway_server("gateway-soak", workdir, sim.url, store, key, args.tenants)
     ok = False
     try:
         sim.start()
@@ -986,6 +1069,7 @@ def soak(args: argparse.Namespace, load: Load, command: str) -> int:
                 sim.url + "/_sim/control", "POST", b'{"drop_callbacks": true}', {"Content-Type": "application/json"}
             )
         gw.start()
+        key = tenant_key(gw, args.tenants, key)
         task_id = create_one(gw.url, key)
         warm = 0 if args.quick else args.soak_warmup
         if warm:
@@ -1026,7 +1110,8 @@ def soak(args: argparse.Namespace, load: Load, command: str) -> int:
                 f"Command: `{command}`  ",
                 f"Date: {started.strftime('%Y-%m-%d %H:%M UTC')}  ",
                 f"Machine: {machine()}  ",
-                f"Servers: {stack()}; store {args.store}; simulator tasks finish after {SOAK_SECONDS_TO_FINISH} s, "
+                f"Servers: {stack()}; store {args.store}; {tenants_text(args.tenants)}; "
+                f"simulator tasks finish after {SOAK_SECONDS_TO_FINISH} s, "
                 f"{'callbacks on (tasks settle)' if args.soak_callbacks else 'callbacks dropped by the simulator'}  ",
                 f"Load: {generator_text(load).rsplit(',', 1)[0]}, mixed (1 create : 3 polls), "
                 f"{load.connections} connections, "
@@ -1099,6 +1184,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="let the simulator post its callbacks, so tasks settle during the soak (the simulator's httpx "
         "callback client then limits the rate; docs/benchmarks.md)",
+    )
+    p.add_argument(
+        "--tenants",
+        choices=("config", "store"),
+        default="config",
+        help="where each gateway's bench tenant and its key come from: config, a [[tenants]] entry (default); "
+        "store, created and minted through the admin API once the gateway runs (in SQLite or Redis)",
     )
     p.add_argument("--keep", action="store_true", help="keep the work directory (configs, server logs)")
     p.add_argument("--no-save", action="store_true", help="do not write bench/results/")

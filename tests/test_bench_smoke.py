@@ -82,3 +82,19 @@ def test_bench_runs_with_the_python_load_generator() -> None:
     assert MEASURED.match(rows["upstream alone"]), proc.stdout
     assert "bench/loadgen.py" in proc.stdout
     assert "| SQLite creates / aiohttp floor | pending |" in proc.stdout
+
+
+@pytest.mark.timeout(90)
+def test_bench_gateway_rows_run_with_a_store_tenant() -> None:
+    """`--tenants store`: the bench tenant and its key are created through the admin API (no
+    [[tenants]] entry for it), and the load authenticates with the minted key."""
+    proc = run_bench("--only", "sqlite", "--tenants", "store", timeout=90)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "bench tenant and key from the store (created through the admin API" in proc.stdout
+    rows = table_rows(proc.stdout)
+    for name in ("gateway SQLite: create", "gateway SQLite: poll", "gateway SQLite: create, 1 conn"):
+        assert name in rows, f"row {name!r} missing from:\n{proc.stdout}\n{proc.stderr[-3000:]}"
+        m = MEASURED.match(rows[name])
+        assert m is not None, rows[name]
+        assert int(m["rps"].replace(",", "")) > 0, rows[name]
+        assert rows[name].rstrip(" |").endswith("| 0"), f"errors during {name}: {rows[name]}"
