@@ -475,7 +475,7 @@ def tenant_key(gw: Server, tenants: str, key: str, timeout: float = 10.0) -> str
         return key
     admin = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
     tenant = {"id": "bench", "limits": BENCH_LIMITS, "policy": BENCH_POLICY}
-    admin_call(gw.url + "/admin/v1/tenants", tenant, admin)
+    admin_call(gw.url + "/admin/v1/tenants", tenant, admin, ok=(201, 409))  # 409: an earlier target's store
     minted = admin_call(gw.url + "/admin/v1/tenants/bench/keys", {"name": "bench-load"}, admin)
     secret = str(minted["secret"])
     deadline = time.monotonic() + timeout
@@ -488,10 +488,12 @@ def tenant_key(gw: Server, tenants: str, key: str, timeout: float = 10.0) -> str
         time.sleep(0.02)
 
 
-def admin_call(url: str, payload: dict[str, Any], headers: dict[str, str]) -> dict[str, Any]:
-    """POST to the admin API; the answer's JSON, or RuntimeError unless 201."""
+def admin_call(
+    url: str, payload: dict[str, Any], headers: dict[str, str], ok: tuple[int, ...] = (201,)
+) -> dict[str, Any]:
+    """POST to the admin API; the answer's JSON, or RuntimeError unless its status is `ok`."""
     status, body = http_request(url, "POST", json.dumps(payload).encode(), headers)
-    if status != 201:
+    if status not in ok:
         raise RuntimeError(f"admin API {url.split('/admin/', 1)[1]} answered {status}: {body[:300]!r}")
     answer: dict[str, Any] = json.loads(body)
     return answer
