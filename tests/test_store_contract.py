@@ -1317,3 +1317,87 @@ async def test_sqlite_file_from_before_the_directory_gains_its_tables(tmp_path: 
         assert await store.load_directory() == DirectorySnapshot(1, [tenant_record()], [])
     finally:
         await store.close()
+
+
+def new_hash(n: int) -> str:
+    return f"sha256:{n:064x}"
+
+
+async def test_rotate_key_keeps_the_old_hash_for_the_grace_period_or_drops_it(store: Store) -> None:
+    key = key_record("key_rot", expires_at=T0 + 500)
+    await store.create_key(key, audit_entry("key.create", key_id=key.id))
+    graced = await store.rotate_key(key.id, new_hash(1), "sk-gw-One1", T0 + 60, T0, audit_entry("key.rotate"))
+    assert graced == key_record(
+        "key_rot",
+        expires_at=T0 + 500,
+        secret_hash=new_hash(1),
+        prefix="sk-gw-One1",
+        previous_hash=key.secret_hash,
+        previous_expires_at=T0 + 60,
+    )
+    assert await store.get_key(key.id) == graced
+    for grace_until in (None, T0 + 1):  # none, or one already over at `now`
+        dropped = await store.rotate_key(
+            key.id, new_hash(2), "sk-gw-Two2", grace_until, T0 + 1, audit_entry("key.rotate")
+        )
+        assert dropped == key_record("key_rot", expires_at=T0 + 500, secret_hash=new_hash(2), prefix="sk-gw-Two2")
+        assert await store.get_key(key.id) == dropped
+    assert await audit_actions(store) == ["key.rotate"] * 3 + ["key.create"]
+    assert await store.directory_version() == 4
+
+
+async def test_rotate_webhook_secret_keeps_the_old_secret_for_the_grace_period_or_drops_it(store: Store) -> None:
+    tenant = tenant_record(name="n", webhook_secret="whsec_old")
+    assert await store.create_tenant(tenant, audit_entry("tenant.create"))
+    graced = await store.rotate_webhook_secret(TENANT, "whsec_new", T0 + 60, T0 + 5, audit_entry("tenant.rotate"))
+    assert graced == tenant_record(
+        name="n",
+        webhook_secret="whsec_new",
+        previous_webhook_secret="whsec_old",
+        previous_webhook_secret_expires_at=T0 + 60,
+        updated_at=T0 + 5,
+    )
+    assert await store.get_tenant(TENANT) == graced
+    dropped = await store.rotate_webhook_secret(TENANT, "whsec_3rd", None, T0 + 6, audit_entry("tenant.rotate"))
+    assert dropped == tenant_record(name="n", webhook_secret="whsec_3rd", updated_at=T0 + 6)
+    assert await store.get_tenant(TENANT) == dropped
+    assert await store.directory_version() == 3
+
+
+async def test_rotating_an_unknown_or_revoked_key_or_unknown_tenant_writes_nothing(store: Store) -> None:
+    key = key_record("key_gone", revoked_at=T0 + 1)
+    await store.create_key(key, audit_entry("key.create", key_id=key.id))
+    version = await store.directory_version()
+    assert (
+        await store.rotate_key("key_nobody", new_hash(1), "sk-gw-One1", T0 + 60, T0, audit_entry("key.rotate")) is None
+    )
+    assert await store.rotate_webhook_secret("nobody", "whsec_x", T0 + 60, T0, audit_entry("tenant.rotate")) is None
+    refused = await store.rotate_key(key.id, new_hash(1), "sk-gw-One1", T0 + 60, T0 + 2, audit_entry("key.rotate"))
+    assert refused == key and await store.get_key(key.id) == key  # returned as stored: revoked_at set
+    assert await store.directory_version() == version
+    assert await audit_actions(store) == ["key.create"]
+    assert await store.get_key("key_nobody") is None and await store.get_tenant("nobody") is None
+
+
+async def test_concurrent_rotations_of_one_key_chain(store: Store) -> None:
+    """Each rotation moves the hash current at that moment to previous_hash: 20 at once
+    replace each hash exactly once (a read-then-write would let two replace the same one,
+    and leave a caller's new secret neither current nor previous)."""
+    key = key_record("key_race")
+    await store.create_key(key, audit_entry("key.create", key_id=key.id))
+    before, n = await store.directory_version(), 20
+    results = await asyncio.gather(
+        *(
+            store.rotate_key(key.id, new_hash(i), f"sk-gw-{i:04d}", T0 + 60, T0, audit_entry("key.rotate"))
+            for i in range(n)
+        )
+    )
+    assert all(r is not None and r.secret_hash == new_hash(i) for i, r in enumerate(results))
+    assert await store.directory_version() == before + n
+    assert len(await audit_actions(store)) == n + 1
+    final = await store.get_key(key.id)
+    assert final is not None and final.secret_hash in {new_hash(i) for i in range(n)}
+    replaced = [r.previous_hash for r in results if r is not None]
+    assert sorted(replaced) == sorted({key.secret_hash, *(new_hash(i) for i in range(n))} - {final.secret_hash})
+    last = next(r for r in results if r is not None and r.secret_hash == final.secret_hash)
+    assert final == last  # the previous hash is the one current just before the last rotation

@@ -110,17 +110,9 @@ async def rotate_webhook_secret(request: Request) -> Response:
     directory = _directory(request)
     tenant = await directory.api_tenant(request.path_params["id"])
     grace = admin.grace_seconds(await _body(request))
-    stored = await s.store.get_tenant(tenant.id)
-    if stored is None:
-        raise not_found(f"No tenant with id {tenant.id!r}.", "tenant_not_found", "id")
     now, secret = s.clock(), new_webhook_secret()
-    changes: dict[str, Any] = {
-        "webhook_secret": secret,
-        "previous_webhook_secret": stored.webhook_secret if grace else "",
-        "previous_webhook_secret_expires_at": now + grace if grace else None,
-    }
     entry = audit.entry("tenant.webhook_secret.rotate", now, tenant.id, changes={"grace_seconds": grace})
-    record = await s.store.update_tenant(tenant.id, changes, now, entry)
+    record = await s.store.rotate_webhook_secret(tenant.id, secret, now + grace if grace else None, now, entry)
     if record is None:
         raise not_found(f"No tenant with id {tenant.id!r}.", "tenant_not_found", "id")
     return json_response({**AdminTenant.from_record(record).to_json(), "webhook_secret": secret})
@@ -181,19 +173,14 @@ async def rotate_key(request: Request) -> Response:
     s = services(request)
     key = await _directory(request).api_key(request.path_params["key_id"])
     grace = admin.grace_seconds(await _body(request))
-    if key.revoked_at is not None:
-        raise GatewayError(409, "key_revoked", f"Key {key.id!r} is revoked: mint a new one.", param="key_id")
     now, secret = s.clock(), new_key()
-    previous_expires_at = now + grace if grace else None
-    changes: dict[str, Any] = {
-        "secret_hash": key_hash(secret),
-        "prefix": secret[:10],
-        "previous_hash": key.secret_hash if grace else "",
-        "previous_expires_at": previous_expires_at,
-    }
-    logged = {"grace_seconds": grace, "previous_secret_expires_at": admin.unix_time(previous_expires_at)}
+    grace_until = now + grace if grace else None
+    logged = {"grace_seconds": grace, "previous_secret_expires_at": admin.unix_time(grace_until)}
     entry = audit.entry("key.rotate", now, key.tenant_id, key.id, logged)
-    return await _change_key(request, key, changes, entry, secret)
+    record = await s.store.rotate_key(key.id, key_hash(secret), secret[:10], grace_until, now, entry)
+    if record is not None and record.revoked_at is not None:  # refused, nothing written
+        raise GatewayError(409, "key_revoked", f"Key {key.id!r} is revoked: mint a new one.", param="key_id")
+    return _key_response(key.id, record, secret)
 
 
 async def revoke_key(request: Request) -> Response:
@@ -208,12 +195,15 @@ async def revoke_key(request: Request) -> Response:
     return await _change_key(request, key, {"revoked_at": now}, entry)
 
 
-async def _change_key(
-    request: Request, key: KeyRecord, changes: dict[str, Any], entry: Any, secret: str | None = None
-) -> Response:
-    record = await services(request).store.update_key(key.id, changes, entry)
+async def _change_key(request: Request, key: KeyRecord, changes: dict[str, Any], entry: Any) -> Response:
+    return _key_response(key.id, await services(request).store.update_key(key.id, changes, entry))
+
+
+def _key_response(key_id: str, record: KeyRecord | None, secret: str | None = None) -> Response:
+    """The key as stored after a change (with its new secret after a rotation); 404 when
+    it is gone."""
     if record is None:
-        raise not_found(f"No key with id {key.id!r}.", "key_not_found", "key_id")
+        raise not_found(f"No key with id {key_id!r}.", "key_not_found", "key_id")
     body = AdminKey.from_record(record).to_json()
     return json_response({**body, "secret": secret} if secret else body)
 

@@ -464,6 +464,17 @@ class Store(abc.ABC):
         previous_webhook_secret, previous_webhook_secret_expires_at. `updated_at` = now."""
 
     @abc.abstractmethod
+    async def rotate_webhook_secret(
+        self, tenant_id: str, new_secret: str, grace_until: float | None, now: float, audit: AuditEntry
+    ) -> TenantRecord | None:
+        """Make `new_secret` the tenant's webhook secret, append `audit` and bump the
+        version, in one atomic step: the secret stored at that moment (not one read
+        earlier, so concurrent rotations chain) becomes the previous one until
+        `grace_until`, or is dropped when `grace_until` is None or not after `now`.
+        `updated_at` = now. Returns the tenant as stored, or None (nothing written) when
+        unknown."""
+
+    @abc.abstractmethod
     async def get_tenant(self, tenant_id: str) -> TenantRecord | None: ...
 
     @abc.abstractmethod
@@ -476,6 +487,17 @@ class Store(abc.ABC):
         returns the key as stored, or None (nothing written) when unknown. Keys of
         `changes`: name, expires_at, secret_hash, prefix, previous_hash,
         previous_expires_at (a rotation sets the four together), revoked_at."""
+
+    @abc.abstractmethod
+    async def rotate_key(
+        self, key_id: str, new_hash: str, new_prefix: str, grace_until: float | None, now: float, audit: AuditEntry
+    ) -> KeyRecord | None:
+        """Make `new_hash` (and `new_prefix`) the key's secret, append `audit` and bump the
+        version, in one atomic step: the hash stored at that moment (not one read earlier,
+        so concurrent rotations chain) becomes `previous_hash` until `grace_until`, or is
+        dropped when `grace_until` is None or not after `now`. Returns the key as stored;
+        None (nothing written) when unknown; a revoked key is refused: returned as stored,
+        `revoked_at` set, with nothing written."""
 
     @abc.abstractmethod
     async def get_key(self, key_id: str) -> KeyRecord | None: ...

@@ -142,6 +142,29 @@ def key_changes(changes: Mapping[str, Any]) -> tuple[Fields, list[str]]:
     return _changes(changes, KEY_CHANGES, KEY_KINDS)
 
 
+# A rotation's slots: the field holding the secret (or its hash), the previous one's, and
+# when the previous one stops working.
+KEY_SECRET = ("secret_hash", "previous_hash", "previous_expires_at")
+TENANT_SECRET = ("webhook_secret", "previous_webhook_secret", "previous_webhook_secret_expires_at")
+
+
+def grace_field(grace_until: float | None, now: float) -> str:
+    """The stored end of a rotation's grace period; '' when there is none (None or not
+    after `now`): the old secret is dropped at once. Decided here, before the atomic step,
+    so that the Redis scripts only copy fields."""
+    return _encode("time", grace_until) if grace_until is not None and grace_until > now else ""
+
+
+def rotated(h: Mapping[str, str], slots: tuple[str, str, str], put: Fields, grace: str) -> tuple[Fields, list[str]]:
+    """(set, delete) for a rotation of the stored record `h` (mirrored by rotate_secret in
+    lib.lua): `put` holds the new secret; the one stored now moves to the previous slot
+    until `grace` (grace_field), or the previous slot is emptied when `grace` is ''."""
+    current, previous, expires = slots
+    if not grace:
+        return put, [previous, expires]
+    return {**put, previous: h.get(current, ""), expires: grace}, []
+
+
 def merged(h: Mapping[str, str], put: Fields, drop: list[str]) -> Fields:
     """What the Redis scripts do with HSET/HDEL, for SQLite's JSON column."""
     out = {k: v for k, v in h.items() if k not in drop}

@@ -287,8 +287,10 @@ class RedisStore(Store):
         self._load_directory = self._script("load_directory")
         self._create_tenant = self._script("create_tenant")
         self._update_tenant = self._script("update_tenant")
+        self._rotate_webhook_secret = self._script("rotate_webhook_secret")
         self._create_key = self._script("create_key")
         self._update_key = self._script("update_key")
+        self._rotate_key = self._script("rotate_key")
         self._list_keys = self._script("list_keys")
         self._touch_keys = self._script("touch_keys")
         self._append_audit = self._script("append_audit")
@@ -583,6 +585,14 @@ class RedisStore(Store):
         fields = _fields(await self._update_tenant(keys=[self._k("ten", tenant_id)], args=args))
         return directory.tenant_from_fields(fields) if fields is not None else None
 
+    async def rotate_webhook_secret(
+        self, tenant_id: str, new_secret: str, grace_until: float | None, now: float, audit: AuditEntry
+    ) -> TenantRecord | None:
+        put, _ = directory.tenant_changes({"webhook_secret": new_secret}, now)
+        args = [self.prefix, _fields_blob(put), directory.grace_field(grace_until, now), *_audit_args(audit)]
+        fields = _fields(await self._rotate_webhook_secret(keys=[self._k("ten", tenant_id)], args=args))
+        return directory.tenant_from_fields(fields) if fields is not None else None
+
     async def get_tenant(self, tenant_id: str) -> TenantRecord | None:
         fields = await self._hash(self._k("ten", tenant_id))
         return directory.tenant_from_fields(fields) if fields else None
@@ -598,6 +608,14 @@ class RedisStore(Store):
         put, drop = directory.key_changes(changes)
         args = [self.prefix, _fields_blob(put), orjson.dumps(drop), *_audit_args(audit)]
         fields = _fields(await self._update_key(keys=[self._k("key", key_id)], args=args))
+        return directory.key_from_fields(fields) if fields is not None else None
+
+    async def rotate_key(
+        self, key_id: str, new_hash: str, new_prefix: str, grace_until: float | None, now: float, audit: AuditEntry
+    ) -> KeyRecord | None:
+        put, _ = directory.key_changes({"secret_hash": new_hash, "prefix": new_prefix})
+        args = [self.prefix, _fields_blob(put), directory.grace_field(grace_until, now), *_audit_args(audit)]
+        fields = _fields(await self._rotate_key(keys=[self._k("key", key_id)], args=args))
         return directory.key_from_fields(fields) if fields is not None else None
 
     async def get_key(self, key_id: str) -> KeyRecord | None:

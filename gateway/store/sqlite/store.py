@@ -455,6 +455,17 @@ class SQLiteStore(Store):
             self._directory_changed(audit)
         return directory.tenant_from_fields(fields)
 
+    async def rotate_webhook_secret(
+        self, tenant_id: str, new_secret: str, grace_until: float | None, now: float, audit: AuditEntry
+    ) -> TenantRecord | None:
+        put, _ = directory.tenant_changes({"webhook_secret": new_secret}, now)
+        async with self._tx:
+            fields = self._rotate("tenants", tenant_id, directory.TENANT_SECRET, put, grace_until, now)
+            if fields is None:
+                return None
+            self._directory_changed(audit)
+        return directory.tenant_from_fields(fields)
+
     async def get_tenant(self, tenant_id: str) -> TenantRecord | None:
         with OUTAGE:
             row = self.reader.execute("SELECT data FROM tenants WHERE id = ?", (tenant_id,)).fetchone()
@@ -475,6 +486,21 @@ class SQLiteStore(Store):
             fields = self._update_fields("api_keys", key_id, put, drop)
             if fields is None:
                 return None
+            self._directory_changed(audit)
+        return directory.key_from_fields(fields)
+
+    async def rotate_key(
+        self, key_id: str, new_hash: str, new_prefix: str, grace_until: float | None, now: float, audit: AuditEntry
+    ) -> KeyRecord | None:
+        put, _ = directory.key_changes({"secret_hash": new_hash, "prefix": new_prefix})
+        async with self._tx:
+            row = self.db.execute("SELECT data FROM api_keys WHERE id = ?", (key_id,)).fetchone()
+            if row is None:
+                return None
+            if "revoked_at" in orjson.loads(row["data"]):
+                return _key(row)
+            fields = self._rotate("api_keys", key_id, directory.KEY_SECRET, put, grace_until, now)
+            assert fields is not None  # the row was just read in this transaction
             self._directory_changed(audit)
         return directory.key_from_fields(fields)
 
@@ -579,6 +605,23 @@ class SQLiteStore(Store):
         fields = directory.merged(orjson.loads(row["data"]), put, drop)
         self.db.execute(f"UPDATE {table} SET data = ? WHERE id = ?", (orjson.dumps(fields).decode(), row_id))
         return fields
+
+    def _rotate(
+        self,
+        table: str,
+        row_id: str,
+        slots: tuple[str, str, str],
+        put: dict[str, str],
+        grace_until: float | None,
+        now: float,
+    ) -> dict[str, str] | None:
+        """A rotation of a directory record's secret, from its map as stored in this
+        transaction (directory.rotated); None when there is no such row."""
+        row = self.db.execute(f"SELECT data FROM {table} WHERE id = ?", (row_id,)).fetchone()
+        if row is None:
+            return None
+        put, drop = directory.rotated(orjson.loads(row["data"]), slots, put, directory.grace_field(grace_until, now))
+        return self._update_fields(table, row_id, put, drop)
 
     def _directory_changed(self, audit: AuditEntry) -> None:
         """The version bump and audit entry every tenant or key change makes with it."""

@@ -154,3 +154,20 @@ local function update_record(key)
   directory_changed(4)
   return cjson.encode(redis.call('HGETALL', key))
 end
+
+-- rotate_key / rotate_webhook_secret (directory.rotated): ARGV P, fields to set (JSON pairs,
+-- the new secret), grace end ('' = none), audit (5). The secret in the `current` field now
+-- moves to `previous` until the grace end, or `previous` and `expires` are deleted ->
+-- the record's fields as JSON, or '' (nothing written) when unknown.
+local function rotate_secret(key, current, previous, expires)
+  if redis.call('EXISTS', key) == 0 then return '' end
+  local grace = ARGV[3]
+  if grace == '' then
+    redis.call('HDEL', key, previous, expires)
+  else
+    redis.call('HSET', key, previous, redis.call('HGET', key, current) or '', expires, grace)
+  end
+  hset_flat(key, ARGV[2])
+  directory_changed(4)
+  return cjson.encode(redis.call('HGETALL', key))
+end
