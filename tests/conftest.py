@@ -39,6 +39,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 UPSTREAM_KEY = "sk-sim-upstream-test-7f3a9c"
 ADMIN_KEY = "sk-gw-admin-test-1c9e44"
+STARTUP_LINE = "Application startup complete"  # uvicorn logs it once per worker, after the lifespan
 REDIS_ENV = "GATEWAY_TEST_REDIS_URL"
 
 
@@ -237,6 +238,7 @@ class GatewayProcess(Process):
     ):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.workers = workers
         self.tenants = {t.id: t for t in tenants}
         name = f"gw-{self.port}"
         self.config_path = tmp / f"{name}.toml"
@@ -267,10 +269,14 @@ class GatewayProcess(Process):
         )
 
     def start(self) -> None:
+        started = self.log_text().count(STARTUP_LINE)  # the log file is kept across restarts
         super().start()
         _wait_http(self.url + "/healthz", self)
-        # --workers N: wait until every worker answers readiness
         _wait_http(self.url + "/readyz", self)
+        # /readyz reached one worker: with --workers N wait until each has run its startup
+        wait_until(
+            lambda: self.log_text().count(STARTUP_LINE) >= started + self.workers, 30, 0.05, "every worker started"
+        )
 
     def client(self, tenant: str, **kw: Any) -> httpx.Client:
         return httpx.Client(

@@ -54,6 +54,9 @@ def test_sighup_reloads_every_worker_and_refuses_a_broken_file(tmp_path: Path, s
     gw = GatewayProcess(tmp_path, sim.url, [old], workers=2)
     gw.start()
     try:
+        # /readyz answered from one worker; the other may still be starting and would read
+        # the file as the test is about to change it: wait for both to have started
+        wait_until(lambda: gw.log_text().count("Application startup complete") >= 2, 30, 0.05, "both workers started")
         assert reloads(gw, "ok") == 0 and reloads(gw, "error") == 0  # exported from the first scrape
         assert status(gw, new.key) == 401
 
