@@ -13,9 +13,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import secrets
 
 from gateway.config import Config, ConfigError, config_warnings, load_config
+from gateway.keygen import new_audit_id
 from gateway.services import Services
 from gateway.store.base import AuditEntry
 
@@ -68,7 +68,7 @@ async def _audit(services: Services, result: str, problems: int) -> None:
     """One entry per worker that reloaded (they reload independently)."""
     now = services.clock()
     entry = AuditEntry(
-        id=f"aud_{int(now * 1000):012x}{secrets.token_hex(4)}",
+        id=new_audit_id(now),
         time=now,
         actor_type="config",
         actor_id="sighup",
