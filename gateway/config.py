@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from gateway.jsontypes import a_type_name, is_type
+from gateway.ssrf import HookPolicy
 from gateway.store.base import Limits  # re-exported: a tenant's limits are the store's input
 from gateway.store.redis.url import parse_url, split_prefix, tls_context
 
@@ -192,16 +193,17 @@ def _store_url(v: Any) -> str | None:
 
 
 def _hook_host(v: Any) -> str | None:
+    """Checked by the parser the SSRF rules use (ssrf.HookPolicy), so an entry accepted
+    here is one the gateway can start with."""
     if not isinstance(v, str) or not v:
         return "must be a host name, *.suffix, IP address or CIDR"
-    if v.startswith("*."):
-        return None if len(v) > 2 else "wildcard needs a suffix"
+    if v == "*.":
+        return "wildcard needs a suffix"
     try:
-        ipaddress.ip_network(v, strict=False)
-        return None
-    except ValueError:
-        pass
-    return None if re.match(r"^[A-Za-z0-9.-]+$", v) else "must be a host name, *.suffix, IP address or CIDR"
+        HookPolicy.from_hosts([v])
+    except ValueError as e:
+        return f"must be a host name, *.suffix, IP address or CIDR ({e})"
+    return None
 
 
 # --- the schema ---------------------------------------------------------------------
@@ -442,10 +444,11 @@ class _Validator:
     def _sub_str(self, s: str, path: str) -> str:
         def repl(m: re.Match[str]) -> str:
             name, default = m.group(1), m.group(2)
-            if name in self.environ:
-                return self.environ[name]
-            if default is not None:
-                return default
+            value = self.environ.get(name)
+            if default is not None and not value:
+                return default  # as in a shell, ":-" also replaces an empty value
+            if value is not None:
+                return value
             # each missing variable has its line, even beside another in the same string
             self.problems.append(f"{path}: environment variable {name} is not set and has no default")
             self.unset_paths.append(path)
@@ -549,7 +552,7 @@ class _Validator:
 
     def upstream(self, t: dict[str, Any]) -> UpstreamConfig:
         values = self.settings(UpstreamConfig, t, "upstream")
-        if not values["api_keys"]:
+        if not values["api_keys"] and not t.get("api_keys"):  # a bad list was reported already
             self.fail("upstream.api_keys", "must list at least one upstream API key")
         if "base_url" not in t:
             self.fail("upstream.base_url", "required: the relay's URL (no default: the relay keys are sent there)")
@@ -566,7 +569,7 @@ class _Validator:
             return None
         self.known_keys(t, path, _keys(JWTConfig))
         algs = self.get(t, "algorithms", path, [], _algorithms)
-        if not algs:
+        if not algs and not t.get("algorithms"):  # a bad list was reported already
             self.fail(f"{path}.algorithms", "must list at least one algorithm")
         sources = [k for k in ("public_key_file", "jwks_url", "secret") if t.get(k)]
         if len(sources) != 1:

@@ -148,7 +148,8 @@ class GatewayMiddleware:
 
 def client_ip(scope: Scope, trusted_proxies: tuple[Network, ...]) -> str | None:
     """The peer, or, behind a trusted proxy, the nearest X-Forwarded-For hop not trusted
-    (the access log's `client` and the audit trail's `ip`)."""
+    (the access log's `client` and the audit trail's `ip`). A hop that is not an IP
+    address stops the walk at the peer: what lies beyond it cannot be placed."""
     peer = scope.get("client")
     ip: str | None = peer[0] if peer else None
     if not ip or not trusted_proxies or not _trusted(ip, trusted_proxies):
@@ -157,9 +158,19 @@ def client_ip(scope: Scope, trusted_proxies: tuple[Network, ...]) -> str | None:
         if name == b"x-forwarded-for":
             hops: list[str] = [h.strip() for h in value.decode("latin-1").split(",")]
             for hop in reversed(hops):
+                if not _is_ip(hop):
+                    return ip  # a hop that is no address ("unknown", "host:port"): only the peer is known
                 if not _trusted(hop, trusted_proxies):
                     return hop
     return ip
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _trusted(ip: str, trusted_proxies: tuple[Network, ...]) -> bool:

@@ -371,7 +371,9 @@ def test_variables_are_substituted_in_every_string_before_validation() -> None:
         upstream={"api_keys": ["${RELAY_KEY}", "${SECOND:-sk-fallback}"], "base_url": "${RELAY:-http://127.0.0.1:9}"},
         tenants=[{"id": "${TEAM}", "keys": ["sha256:${HASH}"], "webhook_secret": "${EMPTY:-}"}],
     )
-    cfg = parse(raw, {"HOST": "gw.example", "RELAY_KEY": "sk-from-env", "TEAM": "team-env", "HASH": "c" * 64})
+    # as in a shell, `${NAME:-default}` takes the default when NAME is set but empty
+    env = {"HOST": "gw.example", "RELAY_KEY": "sk-from-env", "TEAM": "team-env", "HASH": "c" * 64, "PORT": ""}
+    cfg = parse(raw, env)
     assert cfg.server.public_url == "https://gw.example:8443"
     assert cfg.upstream.api_keys == ("sk-from-env", "sk-fallback") and cfg.upstream.base_url == "http://127.0.0.1:9"
     assert cfg.tenants[0] == Tenant("team-env", ("sha256:" + "c" * 64,), "")
@@ -468,7 +470,14 @@ def test_unknown_keys_are_named_at_every_level() -> None:
         ),
         (
             with_base(tenants=[{"id": "t", "policy": {"hook_hosts": ["a b"]}}]),
-            "tenants[0].policy.hook_hosts: item 0 must be a host name, *.suffix, IP address or CIDR",
+            "tenants[0].policy.hook_hosts: item 0 must be a host name, *.suffix, IP address or CIDR"
+            " (host contains characters a host name cannot have)",
+        ),
+        (
+            # what the SSRF rules cannot read is refused here, not at start
+            with_base(upstream={"artifact_hosts": ["ok.example", "a..b"]}),
+            "upstream.artifact_hosts: item 1 must be a host name, *.suffix, IP address or CIDR"
+            " (host contains characters a host name cannot have)",
         ),
         (
             with_base(webhooks={"initial_backoff_seconds": 10, "max_backoff_seconds": 5}),
@@ -534,6 +543,15 @@ def test_every_problem_of_a_file_is_reported_at_once() -> None:
         "auth.jwt.secret: environment variable NOT_SET_ANYWHERE_XYZ is not set",
     ):
         assert sum(p.startswith(expected) for p in found) == 1, (expected, found)
+
+
+def test_a_bad_list_item_is_one_problem_without_a_follow_on() -> None:
+    """A list with a bad item is reported by that item alone, not also as empty."""
+    assert problems(with_base(upstream={"api_keys": [3]})) == ["upstream.api_keys: item 0 must be a non-empty string"]
+    jwt = {"algorithms": ["none"], "secret": "s" * 32}
+    assert problems(with_base(auth={"jwt": jwt})) == [
+        "auth.jwt.algorithms: unsupported algorithm(s) none (never 'none')"
+    ]
 
 
 def test_a_relative_public_key_file_is_read_from_the_configs_directory(tmp_path: Path) -> None:

@@ -133,6 +133,9 @@ async def client_ip(run: Running, peer: str, forwarded: str | None) -> str | Non
         ("10.0.0.5", None, "10.0.0.5"),  # a trusted peer without the header
         ("192.0.2.1", "203.0.113.7", "192.0.2.1"),  # an untrusted peer's header is ignored
         ("2001:db8::1", "203.0.113.7", "203.0.113.7"),  # IPv6 networks too
+        ("10.0.0.5", "203.0.113.7, unknown", "10.0.0.5"),  # a hop that is no address: the peer
+        ("10.0.0.5", "evil.example", "10.0.0.5"),
+        ("10.0.0.5", "203.0.113.7:443", "10.0.0.5"),
     ],
 )
 async def test_the_client_is_the_nearest_untrusted_hop(
