@@ -15,7 +15,7 @@ from typing import Any
 
 from gateway.auth import Authenticator, AuthFailure, bearer_credential, key_hash
 from gateway.config import TENANT_ID_RE, Config, ConfigError, Tenant, parse_policy
-from gateway.directory import Directory, config_key_id
+from gateway.directory import Directory, config_key_id, merge_tenants
 from gateway.errors import GatewayError, bad_request, not_found
 from gateway.jsontypes import is_type
 from gateway.keygen import admin_actor_id, new_audit_id
@@ -217,19 +217,15 @@ class AdminView:
 
     async def tenants(self) -> list[AdminTenant]:
         """Every tenant by id ascending; a config tenant hides a stored one of the same id."""
-        merged = {t.id: AdminTenant.from_config(t) for t in self.config.tenants}
-        for record in (await self.store.load_directory()).tenants:
-            merged.setdefault(record.id, AdminTenant.from_record(record))
-        return [merged[k] for k in sorted(merged)]
+        merged = merge_tenants(self.config, (await self.store.load_directory()).tenants)
+        return [_admin_tenant(merged[k]) for k in sorted(merged)]
 
     async def tenant(self, tenant_id: str) -> AdminTenant:
-        configured = self.config.tenant(tenant_id)
-        if configured is not None:
-            return AdminTenant.from_config(configured)
         record = await self.store.get_tenant(tenant_id) if TENANT_ID_RE.match(tenant_id) else None
-        if record is None:
+        tenant = merge_tenants(self.config, [record] if record else []).get(tenant_id)
+        if tenant is None:
             raise not_found(f"No tenant with id {tenant_id!r}.", "tenant_not_found", "id")
-        return AdminTenant.from_record(record)
+        return _admin_tenant(tenant)
 
     async def api_tenant(self, tenant_id: str) -> AdminTenant:
         """A tenant the API may change: 409 for a config one, 404 for an unknown one."""
@@ -274,6 +270,10 @@ class AdminView:
         if record is None:
             raise not_found(f"No key with id {key_id!r}.", "key_not_found", "key_id")
         return record
+
+
+def _admin_tenant(t: Tenant | TenantRecord) -> AdminTenant:
+    return AdminTenant.from_config(t) if isinstance(t, Tenant) else AdminTenant.from_record(t)
 
 
 # --- what a caller may send ------------------------------------------------------------

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -75,16 +75,17 @@ class Directory:
     @classmethod
     def build(cls, config: Config, snapshot: DirectorySnapshot | None, jwt: JWTVerifier | None = None) -> Directory:
         """Config tenants first ("source": "config", they win an id clash), then the store's."""
-        tenants: dict[str, Tenant] = {t.id: t for t in config.tenants}
-        sources = dict.fromkeys(tenants, "config")
-        keys = {h: KeyEntry(config_key_id(h), t.id) for t in config.tenants for h in t.keys}
+        tenants: dict[str, Tenant] = {}
+        sources: dict[str, str] = {}
         previous: dict[str, tuple[str, float]] = {}
-        for record in snapshot.tenants if snapshot else []:
-            if record.id not in tenants:
-                tenants[record.id] = runtime_tenant(record)
-                sources[record.id] = "api"
-                if record.previous_webhook_secret and record.previous_webhook_secret_expires_at:
-                    previous[record.id] = (record.previous_webhook_secret, record.previous_webhook_secret_expires_at)
+        for tenant_id, t in merge_tenants(config, snapshot.tenants if snapshot else ()).items():
+            if isinstance(t, Tenant):
+                tenants[tenant_id], sources[tenant_id] = t, "config"
+                continue
+            tenants[tenant_id], sources[tenant_id] = runtime_tenant(t), "api"
+            if t.previous_webhook_secret and t.previous_webhook_secret_expires_at:
+                previous[tenant_id] = (t.previous_webhook_secret, t.previous_webhook_secret_expires_at)
+        keys = {h: KeyEntry(config_key_id(h), t.id) for t in config.tenants for h in t.keys}
         for key in snapshot.keys if snapshot else []:
             if key.tenant_id in tenants:
                 keys.update(key_entries(key))
@@ -119,6 +120,16 @@ class Directory:
 
     def tenant_limits(self) -> dict[str, dict[str, int | None]]:
         return {tid: vars(t.limits) for tid, t in self.tenants.items()}
+
+
+def merge_tenants(config: Config, records: Iterable[TenantRecord]) -> dict[str, Tenant | TenantRecord]:
+    """The one rule for merging the two sources of tenants, for requests (Directory.build)
+    and the admin API alike: config tenants first, and a stored tenant with a config
+    tenant's id stays hidden (the file wins, so an operator's edit is never shadowed)."""
+    merged: dict[str, Tenant | TenantRecord] = {t.id: t for t in config.tenants}
+    for record in records:
+        merged.setdefault(record.id, record)
+    return merged
 
 
 def runtime_tenant(record: TenantRecord) -> Tenant:
