@@ -1561,3 +1561,37 @@ async def test_a_dead_event_is_kept_for_its_retention_then_frees_its_task(store:
     assert await deliver_all(store, after_end) == [e2, e3]
     assert await store.list_webhooks(limit=10) == ([], False)
     assert await store.redeliver_webhook(e1, after_end, audit_entry("webhook.redeliver")) is None
+
+
+# --- revocation ---------------------------------------------------------------------------
+
+
+async def test_revoke_key_once_then_answer_it_as_stored(store: Store) -> None:
+    key = key_record("key_revoke")
+    await store.create_key(key, audit_entry("key.create", key_id=key.id))
+    version = await store.directory_version()
+    assert await store.revoke_key("key_nobody", T0 + 1, audit_entry("key.revoke")) is None
+    revoked = await store.revoke_key(key.id, T0 + 5, audit_entry("key.revoke", key_id=key.id))
+    assert revoked is not None and revoked.revoked_at == T0 + 5 and revoked.secret_hash == key.secret_hash
+    assert await store.get_key(key.id) == revoked and await store.directory_version() == version + 1
+    again = await store.revoke_key(key.id, T0 + 9, audit_entry("key.revoke", key_id=key.id))
+    assert again == revoked  # the first revoked_at, nothing written
+    assert await store.directory_version() == version + 1
+    assert await audit_actions(store) == ["key.revoke", "key.create"]
+
+
+async def test_concurrent_revocations_write_one_entry_and_one_revoked_at(store: Store) -> None:
+    """A read-then-write revoke would let each of 20 racing callers see the key unrevoked,
+    write an entry each and leave the last one's time."""
+    key = key_record("key_revoke_race")
+    await store.create_key(key, audit_entry("key.create", key_id=key.id))
+    version, n = await store.directory_version(), 20
+    results = await asyncio.gather(
+        *(store.revoke_key(key.id, T0 + i, audit_entry("key.revoke", key_id=key.id, at=T0 + i)) for i in range(n))
+    )
+    stored = await store.get_key(key.id)
+    assert stored is not None and stored.revoked_at is not None
+    assert all(r == stored for r in results)  # every caller is answered the one revocation
+    assert await store.directory_version() == version + 1
+    revokes, _ = await store.list_audit(limit=100, action="key.revoke")
+    assert [e.time for e in revokes] == [stored.revoked_at]

@@ -185,15 +185,14 @@ async def rotate_key(request: Request) -> Response:
 
 
 async def revoke_key(request: Request) -> Response:
-    """Revoke (idempotent): a key already revoked is answered as it is, with no new entry."""
+    """Revoke (idempotent): a key already revoked is answered as it is, with no new entry.
+    The store decides, in one step, so simultaneous revocations write one entry."""
     audit = _require_admin(request)
     s = services(request)
     key = await _directory(request).api_key(request.path_params["key_id"])
-    if key.revoked_at is not None:
-        return json_response(AdminKey.from_record(key).to_json())
     now = s.clock()
     entry = audit.entry("key.revoke", now, key.tenant_id, key.id, {"revoked_at": admin.unix_time(now)})
-    return await _change_key(request, key, {"revoked_at": now}, entry)
+    return _key_response(key.id, await s.store.revoke_key(key.id, now, entry))
 
 
 async def _change_key(request: Request, key: KeyRecord, changes: dict[str, Any], entry: Any) -> Response:

@@ -562,6 +562,13 @@ class Store(abc.ABC):
         `revoked_at` set, with nothing written."""
 
     @abc.abstractmethod
+    async def revoke_key(self, key_id: str, now: float, audit: AuditEntry) -> KeyRecord | None:
+        """Revoke a key at `now`, append `audit` and bump the version, in one atomic step;
+        returns the key as stored, or None (nothing written) when unknown. Idempotent: a
+        key already revoked is returned as stored (its first `revoked_at`) with nothing
+        written, so racing revocations write one audit entry between them."""
+
+    @abc.abstractmethod
     async def get_key(self, key_id: str) -> KeyRecord | None: ...
 
     @abc.abstractmethod

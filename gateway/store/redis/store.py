@@ -319,6 +319,7 @@ class RedisStore(Store):
         self._create_key = self._script("create_key")
         self._update_key = self._script("update_key")
         self._rotate_key = self._script("rotate_key")
+        self._revoke_key = self._script("revoke_key")
         self._list_keys = self._script("list_keys")
         self._touch_keys = self._script("touch_keys")
         self._append_audit = self._script("append_audit")
@@ -678,6 +679,12 @@ class RedisStore(Store):
         put, _ = directory.key_changes({"secret_hash": new_hash, "prefix": new_prefix})
         args = [self.prefix, _fields_blob(put), directory.grace_field(grace_until, now), *_audit_args(audit)]
         fields = _fields(await self._rotate_key(keys=[self._k("key", key_id)], args=args))
+        return directory.key_from_fields(fields) if fields is not None else None
+
+    async def revoke_key(self, key_id: str, now: float, audit: AuditEntry) -> KeyRecord | None:
+        put, _ = directory.key_changes({"revoked_at": now})
+        args = [self.prefix, _fields_blob(put), *_audit_args(audit)]
+        fields = _fields(await self._revoke_key(keys=[self._k("key", key_id)], args=args))
         return directory.key_from_fields(fields) if fields is not None else None
 
     async def get_key(self, key_id: str) -> KeyRecord | None:

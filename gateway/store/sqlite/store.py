@@ -560,6 +560,19 @@ class SQLiteStore(Store):
             self._directory_changed(audit)
         return directory.key_from_fields(fields)
 
+    async def revoke_key(self, key_id: str, now: float, audit: AuditEntry) -> KeyRecord | None:
+        put, _ = directory.key_changes({"revoked_at": now})
+        async with self._tx:
+            row = self.db.execute("SELECT data FROM api_keys WHERE id = ?", (key_id,)).fetchone()
+            if row is None:
+                return None
+            if "revoked_at" in orjson.loads(row["data"]):
+                return _key(row)
+            fields = self._update_fields("api_keys", key_id, put, [])
+            assert fields is not None  # the row was just read in this transaction
+            self._directory_changed(audit)
+        return directory.key_from_fields(fields)
+
     async def get_key(self, key_id: str) -> KeyRecord | None:
         with OUTAGE:
             row = self.reader.execute("SELECT data FROM api_keys WHERE id = ?", (key_id,)).fetchone()
