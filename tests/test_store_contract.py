@@ -1595,3 +1595,13 @@ async def test_concurrent_revocations_write_one_entry_and_one_revoked_at(store: 
     assert await store.directory_version() == version + 1
     revokes, _ = await store.list_audit(limit=100, action="key.revoke")
     assert [e.time for e in revokes] == [stored.revoked_at]
+
+
+async def test_append_audit_is_idempotent_by_id(store: Store) -> None:
+    """The workers of one reload each write its entry under one id: the store keeps one."""
+    first = audit_entry("config.reload", tenant=None, at=T0)
+    first.changes = {"result": "ok", "problems": 0}
+    same_id = AuditEntry(**{**first.__dict__, "time": T0 + 1, "changes": {"result": "error", "problems": 1}})
+    results = await asyncio.gather(store.append_audit(first), *(store.append_audit(same_id) for _ in range(5)))
+    assert results == [True] + [False] * 5
+    assert await store.list_audit(limit=10) == ([first], False)

@@ -581,8 +581,10 @@ class Store(abc.ABC):
         the caller; does not bump the directory version (it changes no authentication)."""
 
     @abc.abstractmethod
-    async def append_audit(self, entry: AuditEntry) -> None:
-        """An audit entry not tied to a directory change (config.reload, webhook.redeliver)."""
+    async def append_audit(self, entry: AuditEntry) -> bool:
+        """An audit entry not tied to a directory change (config.reload). Idempotent by id,
+        atomically: an entry whose id is already stored is not written again (False), so
+        several writers of one event (the workers of one reload) leave one entry."""
 
     @abc.abstractmethod
     async def list_audit(

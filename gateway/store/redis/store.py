@@ -701,8 +701,8 @@ class RedisStore(Store):
         args = [self.prefix, *(x for key_id, at in last_used.items() for x in (key_id, _num(at)))]
         await self._touch_keys(args=args)
 
-    async def append_audit(self, entry: AuditEntry) -> None:
-        await self._append_audit(args=[self.prefix, *_audit_args(entry)])
+    async def append_audit(self, entry: AuditEntry) -> bool:
+        return bool(await self._append_audit(args=[self.prefix, *_audit_args(entry)]))
 
     async def list_audit(
         self, *, limit: int, after: str | None = None, tenant: str | None = None, action: str | None = None

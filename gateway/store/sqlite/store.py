@@ -601,9 +601,12 @@ class SQLiteStore(Store):
                         "UPDATE api_keys SET data = ? WHERE id = ?", (orjson.dumps(fields).decode(), key_id)
                     )
 
-    async def append_audit(self, entry: AuditEntry) -> None:
+    async def append_audit(self, entry: AuditEntry) -> bool:
         async with self._tx:
+            if self.db.execute("SELECT 1 FROM audit WHERE id = ?", (entry.id,)).fetchone() is not None:
+                return False
             self._append_audit(entry)
+        return True
 
     async def list_audit(
         self, *, limit: int, after: str | None = None, tenant: str | None = None, action: str | None = None
