@@ -1605,3 +1605,38 @@ async def test_append_audit_is_idempotent_by_id(store: Store) -> None:
     results = await asyncio.gather(store.append_audit(first), *(store.append_audit(same_id) for _ in range(5)))
     assert results == [True] + [False] * 5
     assert await store.list_audit(limit=10) == ([first], False)
+
+
+async def test_redis_redelivers_a_dead_event_left_by_an_older_gateway(redis_url: str) -> None:
+    """Before dead events held their task back, Redis took a dead event out of its task's
+    queue, gave it a TTL and let the later events go. Redelivered, it goes back to the head
+    of the queue: before the task's events still queued, and kept (no TTL) until delivered."""
+    from gateway.store.redis import RedisStore
+
+    prefix = f"gwtest:{uuid.uuid4().hex[:8]}:"
+    store = RedisStore(redis_url, prefix=prefix)
+    await store.open()
+    r = store._r.execute
+    try:
+        rec, _, (e1, e2, e3) = await three_events(store)
+        assert [e.event_id for e in await store.claim_webhooks(T0 + 10, 10, lease=20)] == [e1]
+        # what finish_webhook did then: out of the queue and the schedule, next one up
+        await r("HSET", f"{prefix}wh:{e1}", "state", "dead", "attempts", "20")
+        await r("PEXPIRE", f"{prefix}wh:{e1}", 7 * 86400 * 1000)
+        await r("LREM", f"{prefix}whq:{rec.rid}", 1, e1)
+        await r("ZREM", f"{prefix}whdue", e1)
+        await r("ZADD", f"{prefix}whdue", T0 + 2, e2)
+        await r("DECR", f"{prefix}whn")
+        for index in ("whl", f"whlt:{TENANT}"):  # older gateways kept no listing index
+            await r("ZREM", f"{prefix}{index}", e1)
+        [second] = await store.claim_webhooks(T0 + 11, 10, lease=20)  # the later events went on
+        assert second.event_id == e2
+        await store.finish_webhook(e2, delivered=True, attempts=1, next_at=None, now=T0 + 11)
+        redelivered = await store.redeliver_webhook(e1, T0 + 20, audit_entry("webhook.redeliver", at=T0 + 20))
+        assert redelivered is not None and redelivered[1] and await r("TTL", f"{prefix}wh:{e1}") == -1
+        assert [e.event_id for e in (await store.list_webhooks(limit=10))[0]] == [e3, e1]
+        assert await store.webhook_pending() == 2
+        assert await deliver_all(store, T0 + 20) == [e1, e3]
+    finally:
+        await store.close()
+        await _delete_prefix(redis_url, prefix)
