@@ -8,7 +8,9 @@ every attempt.
 
 Retries: any non-2xx answer (a 3xx too: redirects are never followed, they could lead
 anywhere), a network error, a timeout, or a hook the SSRF rules refuse is a failed attempt,
-retried after `WebhookConfig.backoff(attempt)` until `max_attempts`, then given up. A
+retried after `WebhookConfig.backoff(attempt)` until `max_attempts`, then given up: the
+store keeps the event dead for 7 days, its task's later events waiting behind it, for an
+operator to list and redeliver (admin API, `Store.redeliver_webhook`). A
 refused hook is retried rather than dropped because what refuses it can change: DNS
 answers move, and an operator may widen `hook_hosts` and restart. The whole attempt
 (DNS, connect, answer) is bounded by `timeout`, kept below the claim's lease.
