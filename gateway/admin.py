@@ -19,7 +19,7 @@ from gateway.directory import Directory, config_key_id, merge_tenants
 from gateway.errors import GatewayError, bad_request, not_found
 from gateway.jsontypes import is_type
 from gateway.keygen import admin_actor_id, new_audit_id
-from gateway.store.base import ALL_LIMITS, AuditEntry, KeyRecord, Limits, Store, TenantRecord
+from gateway.store.base import ALL_LIMITS, AuditEntry, KeyRecord, Limits, OutboxEntry, Store, TenantRecord
 
 MAX_LIMIT = 2**63 - 1  # a limit is a signed 64-bit integer in both stores
 MAX_NAME = 200
@@ -172,6 +172,22 @@ class AdminKey:
             value = getattr(self, f.name)
             body[f.name] = unix_time(value) if f.name in times else value
         return body
+
+
+def webhook_event_json(e: OutboxEntry) -> dict[str, Any]:
+    """A webhook event as the admin API shows it (contract §10): where its delivery stands,
+    never its URL or body."""
+    return {
+        "object": "webhook_event",
+        "id": e.event_id,
+        "tenant": e.tenant_id,
+        "task_id": e.task_id,
+        "status": e.state,
+        "attempts": e.attempts,
+        "next_attempt_at": unix_time(e.next_at),
+        "last_error": e.last_error,
+        "created_at": unix_time(e.created_at),
+    }
 
 
 def audit_json(e: AuditEntry) -> dict[str, Any]:
@@ -435,7 +451,12 @@ class AuditContext:
     ip: str | None
 
     def entry(
-        self, action: str, now: float, tenant: str, key_id: str | None = None, changes: dict[str, Any] | None = None
+        self,
+        action: str,
+        now: float,
+        tenant: str | None,
+        key_id: str | None = None,
+        changes: dict[str, Any] | None = None,
     ) -> AuditEntry:
         return AuditEntry(
             id=new_audit_id(now),

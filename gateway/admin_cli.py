@@ -32,6 +32,7 @@ LIMIT_NAMES = (
     "credits_per_month",
 )
 V1 = "/admin/v1"
+WEBHOOK_STATUSES = ("pending", "dead")
 
 
 class ApiError(Exception):
@@ -73,7 +74,9 @@ def limit_setting(text: str) -> tuple[str, int | None]:
 
 def add_parser(sub: Any) -> None:
     """`admin` under `runway-gateway`'s subcommands."""
-    p = sub.add_parser("admin", help="manage tenants, keys and the audit trail of a running gateway")
+    p = sub.add_parser(
+        "admin", help="manage tenants, keys, the audit trail and webhook deliveries of a running gateway"
+    )
     p.add_argument("--url", default=os.environ.get(URL_ENV, DEFAULT_URL), help=f"the gateway (or {URL_ENV})")
     p.add_argument("--admin-key", default=os.environ.get(KEY_ENV), help=f"an admin key (or {KEY_ENV})")
     p.add_argument("--json", action="store_true", help="print the API's JSON instead of tables")
@@ -126,6 +129,17 @@ def add_parser(sub: Any) -> None:
     audit.add_argument("--tenant")
     audit.add_argument("--action", help="e.g. key.revoke")
     audit.set_defaults(run=audit_list)
+
+    webhooks = groups.add_parser("webhooks", help="undelivered webhook events; redeliver dead ones")
+    wv = webhooks.add_subparsers(dest="verb", required=True, metavar="VERB")
+    wlist = wv.add_parser("list", help="pending and dead events, newest first")
+    wlist.add_argument("--tenant")
+    wlist.add_argument("--status", choices=WEBHOOK_STATUSES, help="only pending or only dead events")
+    wlist.add_argument("--limit", type=page_size, default=100, help="how many events (100)")
+    wlist.set_defaults(run=webhooks_list)
+    wredeliver = wv.add_parser("redeliver", help="queue a dead event again (before its task's later events)")
+    wredeliver.add_argument("event_id")
+    wredeliver.set_defaults(run=webhooks_redeliver)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -239,6 +253,14 @@ def audit_list(c: Client, a: argparse.Namespace) -> Any:
     return c.call("GET", f"{V1}/audit", limit=a.limit, tenant=a.tenant, action=a.action)
 
 
+def webhooks_list(c: Client, a: argparse.Namespace) -> Any:
+    return c.call("GET", f"{V1}/webhooks", limit=a.limit, tenant=a.tenant, status=a.status)
+
+
+def webhooks_redeliver(c: Client, a: argparse.Namespace) -> Any:
+    return c.call("POST", f"{V1}/webhooks/{a.event_id}/redeliver")
+
+
 # --- tables ------------------------------------------------------------------------------
 
 
@@ -326,6 +348,21 @@ def render(a: argparse.Namespace, data: Any) -> str:
             for e in data["data"]
         ]
         return table(["TIME", "ACTOR", "ACTION", "TENANT", "KEY", "CHANGES"], rows)
+    if a.group == "webhooks" and a.verb == "list":
+        rows = [
+            [
+                e["id"],
+                e["tenant"],
+                e["task_id"] or "-",
+                e["status"],
+                str(e["attempts"]),
+                when(e["next_attempt_at"]),
+                e["last_error"] or "-",
+                when(e["created_at"]),
+            ]
+            for e in data["data"]
+        ]
+        return table(["ID", "TENANT", "TASK", "STATUS", "ATTEMPTS", "NEXT ATTEMPT", "LAST ERROR", "CREATED"], rows)
     text = details(data)
     for shown_once in ("secret", "webhook_secret"):
         if shown_once in data:

@@ -28,7 +28,7 @@ from gateway.errors import GatewayError, error_response
 from gateway.logs import AccessLog
 from gateway.metrics import FLUSH_SECONDS, Metrics
 from gateway.middleware import GatewayMiddleware
-from gateway.reload import reload_config
+from gateway.reload import ReloadIds, reload_config
 from gateway.routes import admin, hooks, native, openai, ops
 from gateway.services import LAST_USED_FLUSH_SECONDS, Services, build_services
 from gateway.store import open_store
@@ -97,9 +97,10 @@ def _reload_on_sighup(services: Services, path: str) -> Callable[[], None]:
     one reload task (kept referenced until done)."""
     loop = asyncio.get_running_loop()
     running: set[asyncio.Task[bool]] = set()
+    ids = ReloadIds.from_env()  # the audit id a supervisor announced for each reload
 
     def start() -> None:
-        task = loop.create_task(reload_config(services, path))
+        task = loop.create_task(reload_config(services, path, ids.next(services.clock())))
         running.add(task)
         task.add_done_callback(running.discard)
 

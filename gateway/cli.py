@@ -117,12 +117,16 @@ def _serve(config_path: str | None, host: str, port: int, workers: int) -> int:
     import uvicorn
 
     from gateway.connections import uvicorn_options
+    from gateway.reload import RELOAD_ID_ENV
 
     options = uvicorn_options(server)  # header/body/idle timeouts and the connection limit
     try:
         if workers > 1:
+            # where the supervisor names each reload for its workers (gateway.reload)
+            os.environ[RELOAD_ID_ENV] = str(Path(metrics_dir) / "reload-id")
             _run_workers(host, port, workers, options)
         else:
+            os.environ.pop(RELOAD_ID_ENV, None)  # no supervisor: each signal its own entry
             uvicorn.run("gateway.cli:app_from_env", host=host, port=port, **UVICORN_SETTINGS, **options)
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
@@ -141,15 +145,22 @@ UVICORN_SETTINGS: dict[str, Any] = {
 
 def _run_workers(host: str, port: int, workers: int, options: dict[str, Any]) -> None:
     """uvicorn's multiprocess supervisor, except that SIGHUP reloads the config in every
-    worker (each has its own handler, `gateway.reload`) instead of replacing the workers."""
+    worker (each has its own handler, `gateway.reload`) instead of replacing the workers,
+    under one audit id announced first (one entry per reload)."""
     import signal
 
     import uvicorn
     from uvicorn.supervisors.multiprocess import Multiprocess
 
+    from gateway.reload import RELOAD_ID_ENV, announce_reload
+
     class ReloadingMultiprocess(Multiprocess):
         def handle_hup(self) -> None:
             logging.getLogger("uvicorn.error").info("Received SIGHUP, reloading the config in every worker.")
+            try:
+                announce_reload(os.environ[RELOAD_ID_ENV], time.time())
+            except OSError as exc:  # the workers still reload, with an audit entry each
+                logging.getLogger("uvicorn.error").warning("reload id not written: %s", exc)
             for process in self.processes:
                 if process.pid is not None and process.exitcode is None:
                     os.kill(process.pid, signal.SIGHUP)

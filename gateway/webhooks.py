@@ -8,7 +8,9 @@ every attempt.
 
 Retries: any non-2xx answer (a 3xx too: redirects are never followed, they could lead
 anywhere), a network error, a timeout, or a hook the SSRF rules refuse is a failed attempt,
-retried after `WebhookConfig.backoff(attempt)` until `max_attempts`, then given up. A
+retried after `WebhookConfig.backoff(attempt)` until `max_attempts`, then given up: the
+store keeps the event dead for 7 days, its task's later events waiting behind it, for an
+operator to list and redeliver (admin API, `Store.redeliver_webhook`). A
 refused hook is retried rather than dropped because what refuses it can change: DNS
 answers move, and an operator may widen `hook_hosts` and restart. The whole attempt
 (DNS, connect, answer) is bounded by `timeout`, kept below the claim's lease.
@@ -172,13 +174,18 @@ class WebhookDispatcher:
             return
         error = await self._attempt(event, directory, attempt)
         if error is None:
-            await self._store.finish_webhook(event.event_id, delivered=True, attempts=attempt, next_at=None)
+            await self._store.finish_webhook(
+                event.event_id, delivered=True, attempts=attempt, next_at=None, now=self._clock()
+            )
             self._report(event.tenant_id, "delivered")
         elif attempt >= directory.config.webhooks.max_attempts:
             await self._give_up(event, attempt, error)
         else:
-            next_at = self._clock() + directory.config.webhooks.backoff(attempt)
-            await self._store.finish_webhook(event.event_id, delivered=False, attempts=attempt, next_at=next_at)
+            now = self._clock()
+            next_at = now + directory.config.webhooks.backoff(attempt)
+            await self._store.finish_webhook(
+                event.event_id, delivered=False, attempts=attempt, next_at=next_at, now=now, error=error
+            )
             self._report(event.tenant_id, "failed")
             log_fields(
                 log,
@@ -193,7 +200,9 @@ class WebhookDispatcher:
             )
 
     async def _give_up(self, event: WebhookEvent, attempts: int, error: str) -> None:
-        await self._store.finish_webhook(event.event_id, delivered=False, attempts=attempts, next_at=None)
+        await self._store.finish_webhook(
+            event.event_id, delivered=False, attempts=attempts, next_at=None, now=self._clock(), error=error
+        )
         self._report(event.tenant_id, "gave_up")
         log_fields(
             log,
@@ -212,7 +221,9 @@ class WebhookDispatcher:
             self._on_result(tenant_id, result)
 
     async def _attempt(self, event: WebhookEvent, directory: Directory, attempt: int) -> str | None:
-        """One delivery; None on a 2xx, else a short reason fit for logs (no URL, body or secret)."""
+        """One delivery; None on a 2xx, else a short reason fit for logs and the event's
+        `last_error` (no URL, body or secret): `http 500`, `timeout`, `ConnectError`,
+        `refused: <rule>`."""
         try:
             async with asyncio.timeout(self._timeout):
                 hook = await resolve_hook(event.url, directory.hook_policies[event.tenant_id], self._resolver)

@@ -3,6 +3,7 @@ authentication, every refusal with its `param`, and no secret or hash ever shown
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import secrets
 import time
@@ -538,3 +539,30 @@ def test_a_minted_key_works_on_the_tenant_api_until_rotated_out_or_revoked(
     wait_until(lambda: status(rotated) == 200 and status(key["secret"]) == 401, 5, message="the rotation")
     api.delete(f"/keys/{key['id']}")
     wait_until(lambda: status(rotated) == 401, timeout=5, message="the revoked key to be refused")
+
+
+@pytest.mark.parametrize("workers", [2])
+def test_simultaneous_revocations_write_one_entry(tmp_path: Path, redis_store_url: str, workers: int) -> None:
+    """20 DELETEs of one key at once, over real connections to two workers on one Redis:
+    one revoked_at for all of them and one audit entry (the store revokes in one step; a
+    route reading the key then writing let several see it unrevoked)."""
+    sim = Simulator(tmp_path)
+    sim.start()
+    gw = GatewayProcess(tmp_path, sim.url, [], store_url=redis_store_url, workers=2)
+    gw.start()
+    try:
+        with httpx.Client(base_url=gw.url + V1, headers=ADMIN, timeout=10) as api:
+            tenant = make_tenant(api)["id"]
+            key_id = mint(api, tenant)["id"]
+
+            async def race() -> list[httpx.Response]:
+                async with httpx.AsyncClient(base_url=gw.url + V1, headers=ADMIN, timeout=10) as c:
+                    return list(await asyncio.gather(*(c.delete(f"/keys/{key_id}") for _ in range(20))))
+
+            answers = asyncio.run(race())
+            assert {r.status_code for r in answers} == {200}
+            assert len({r.json()["revoked_at"] for r in answers}) == 1
+            assert len(audit_of(api, tenant, action="key.revoke")) == 1
+    finally:
+        gw.stop()
+        sim.stop()

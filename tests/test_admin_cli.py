@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import ADMIN_KEY, ROOT, GatewayProcess, Simulator, TenantSpec
+from conftest import ADMIN_KEY, ROOT, GatewayProcess, Simulator, TenantSpec, free_port, gen2_body, wait_until
 
 VERBS = [
     ["tenants", "list"],
@@ -26,6 +26,8 @@ VERBS = [
     ["keys", "rotate"],
     ["keys", "revoke"],
     ["audit"],
+    ["webhooks", "list"],
+    ["webhooks", "redeliver"],
 ]
 
 
@@ -34,7 +36,11 @@ def cli_gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]
     tmp = tmp_path_factory.mktemp("admin-cli")
     sim = Simulator(tmp)
     sim.start()
-    g = GatewayProcess(tmp, sim.url, [TenantSpec("cfg-cli", limits={"max_active_tasks": 4})])
+    # max_attempts lands in GatewayProcess's [webhooks] (written just before extra_toml):
+    # an event whose hook is closed dies at its first attempt.
+    g = GatewayProcess(
+        tmp, sim.url, [TenantSpec("cfg-cli", limits={"max_active_tasks": 4})], extra_toml="max_attempts = 1\n"
+    )
     g.start()
     yield g
     g.stop()
@@ -80,7 +86,7 @@ def cli(cli_gw: GatewayProcess) -> Cli:
 
 
 def test_every_verb_has_help() -> None:
-    for verb in [[], ["tenants"], ["keys"], *VERBS]:
+    for verb in [[], ["tenants"], ["keys"], ["webhooks"], *VERBS]:
         done = run(*verb, "--help")
         assert done.returncode == 0 and "usage: runway-gateway admin" in done.stdout, (verb, done.stderr)
 
@@ -148,6 +154,41 @@ def test_audit_lists_the_changes(cli: Cli) -> None:
     assert [e["target"]["key_id"] for e in only] == [key_id]
 
 
+def test_webhooks_list_and_redeliver(cli: Cli, cli_gw: GatewayProcess) -> None:
+    port = free_port()  # closed: the task's first event dies, the next waits behind it
+    with cli_gw.client("cfg-cli") as c:
+        body = {**gen2_body("cli hook"), "notify_hook": f"http://127.0.0.1:{port}/h"}
+        task_id = c.post("/runway/tasks", json=body).json()["task"]["id"]
+
+    def of_task(*args: str) -> list[dict[str, Any]]:
+        return [e for e in cli.json("webhooks", "list", *args)["data"] if e["task_id"] == task_id]
+
+    [dead] = wait_until(lambda: of_task("--status", "dead", "--tenant", "cfg-cli"), 30, message="a dead event")
+    assert (dead["status"], dead["attempts"], dead["last_error"]) == ("dead", 1, "ConnectError")
+    [waiting] = wait_until(lambda: of_task("--status", "pending"), 30, message="the next event")
+    table = cli.ok("webhooks", "list", "--tenant", "cfg-cli").splitlines()
+    assert table[0].split() == [
+        "ID",
+        "TENANT",
+        "TASK",
+        "STATUS",
+        "ATTEMPTS",
+        "NEXT",
+        "ATTEMPT",
+        "LAST",
+        "ERROR",
+        "CREATED",
+    ]
+    row = next(line.split() for line in table if line.startswith(dead["id"]))
+    assert row[:5] == [dead["id"], "cfg-cli", task_id, "dead", "1"] and row[5] == "-" and row[6] == "ConnectError"
+    assert "webhook_event_not_dead" in cli.fails("webhooks", "redeliver", waiting["id"])
+    assert "webhook_event_not_found" in cli.fails("webhooks", "redeliver", "evt_nobody")
+    redelivered = cli.ok("webhooks", "redeliver", dead["id"])
+    assert f"id: {dead['id']}" in redelivered and "status: pending" in redelivered and "attempts: 0" in redelivered
+    [entry] = cli.json("audit", "--tenant", "cfg-cli", "--action", "webhook.redeliver")["data"]
+    assert entry["changes"] == {"event_id": dead["id"]}
+
+
 def test_api_errors_exit_1_with_the_message_on_stderr(cli: Cli) -> None:
     assert "No tenant with id 'nobody'" in cli.fails("tenants", "show", "nobody")
     assert "tenant_exists" in cli.fails("tenants", "create", "cfg-cli")
@@ -181,6 +222,8 @@ def test_url_and_key_from_the_environment_and_bad_credentials(cli_gw: GatewayPro
         ["--admin-key", "k", "tenants", "update", "t", "--limit", "speed=3"],
         ["--admin-key", "k", "tenants", "update", "t", "--enable", "--disable"],
         ["--admin-key", "k", "audit", "--limit", "5000"],
+        ["--admin-key", "k", "webhooks", "list", "--status", "delivered"],
+        ["--admin-key", "k", "webhooks", "redeliver"],
     ],
 )
 def test_usage_errors_exit_2(args: list[str]) -> None:

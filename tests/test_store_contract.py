@@ -31,6 +31,8 @@ import pytest
 
 from gateway.store.base import (
     ALL_LIMITS,
+    DEAD_EVENT_RETENTION,
+    LAST_ERROR_MAX,
     Admission,
     AuditEntry,
     Charge,
@@ -608,16 +610,16 @@ async def test_webhook_events_of_one_task_go_in_order_under_a_lease(store: Store
     assert await store.claim_webhooks(now + 19, 10, lease=20) == []  # leased
     again = await store.claim_webhooks(now + 20, 10, lease=20)  # lease over: re-claimed
     assert [e.event_id for e in again] == [e1]
-    await store.finish_webhook(e1, delivered=False, attempts=1, next_at=now + 100)
+    await store.finish_webhook(e1, delivered=False, attempts=1, next_at=now + 100, now=now)
     assert await store.claim_webhooks(now + 99, 10, lease=20) == []  # backoff, and e2 still waits
     retried = await store.claim_webhooks(now + 100, 10, lease=20)
     assert [(e.event_id, e.attempts) for e in retried] == [(e1, 1)]
-    await store.finish_webhook(e1, delivered=True, attempts=2, next_at=None)
+    await store.finish_webhook(e1, delivered=True, attempts=2, next_at=None, now=now + 100)
     assert await store.webhook_pending() == 1
     second = await store.claim_webhooks(now + 100, 10, lease=20)
     assert [e.event_id for e in second] == [e2] and second[0].seq > ev.seq
     assert orjson.loads(second[0].body) == {"task": done}
-    await store.finish_webhook(e2, delivered=False, attempts=20, next_at=None)  # gave up: dead
+    await store.finish_webhook(e2, delivered=False, attempts=20, next_at=None, now=now + 100)  # gave up: dead
     assert await store.webhook_pending() == 0
     assert await store.claim_webhooks(now + 10_000, 10, lease=20) == []
 
@@ -636,7 +638,7 @@ async def test_webhooks_of_different_tasks_do_not_wait_for_each_other(store: Sto
     assert {e.rid for e in first + rest} == {a.rid, b.rid} and len(rest) == 1
     # Concurrent claimers never share an event.
     for e in first + rest:
-        await store.finish_webhook(e.event_id, delivered=True, attempts=1, next_at=None)
+        await store.finish_webhook(e.event_id, delivered=True, attempts=1, next_at=None, now=T0 + 3)
     batches = await asyncio.gather(*(store.claim_webhooks(T0 + 4, 10, lease=20) for _ in range(10)))
     ids = [e.event_id for batch in batches for e in batch]
     assert len(ids) == len(set(ids)) == 2
@@ -1401,3 +1403,240 @@ async def test_concurrent_rotations_of_one_key_chain(store: Store) -> None:
     assert sorted(replaced) == sorted({key.secret_hash, *(new_hash(i) for i in range(n))} - {final.secret_hash})
     last = next(r for r in results if r is not None and r.secret_hash == final.secret_hash)
     assert final == last  # the previous hash is the one current just before the last rotation
+
+
+# --- webhook deliveries an operator can see and redeliver ----------------------------------
+
+
+async def three_events(store: Store, *, tenant: str = TENANT, at: float = T0) -> tuple[TaskRecord, str, list[str]]:
+    """A hooked task that went THROTTLED, RUNNING, SUCCEEDED: three events, in that order."""
+    rec, tid = await create(store, hook=HOOK, tenant=tenant, now=at)
+    events = []
+    for i, status in enumerate(("THROTTLED", "RUNNING", "SUCCEEDED"), start=1):
+        task = task_obj(tid, status, f"2026-01-15T12:00:{i:02d}Z")
+        res = await store.apply_update(rec.rid, tenant, task, at + i, refund_failed=True)
+        assert res.event_id is not None
+        events.append(res.event_id)
+    return rec, tid, events
+
+
+async def kill(store: Store, event_id: str, now: float, attempts: int = 3, error: str = "http 500") -> None:
+    """Claim `event_id` (its task's head) and give it up, as the dispatcher does."""
+    claimed = await store.claim_webhooks(now, 1000, lease=20)
+    assert event_id in [e.event_id for e in claimed]
+    await store.finish_webhook(event_id, delivered=False, attempts=attempts, next_at=None, now=now, error=error)
+
+
+async def deliver_all(store: Store, now: float) -> list[str]:
+    """Deliver everything claimable, round after round; the ids in delivery order."""
+    order: list[str] = []
+    while batch := await store.claim_webhooks(now, 1000, lease=20):
+        for e in batch:
+            await store.finish_webhook(e.event_id, delivered=True, attempts=e.attempts + 1, next_at=None, now=now)
+            order.append(e.event_id)
+    return order
+
+
+async def test_a_dead_event_holds_its_task_back_and_a_redelivery_keeps_its_place(store: Store) -> None:
+    rec, tid, (e1, e2, e3) = await three_events(store)
+    other, _, others = await three_events(store, at=T0 + 1)
+    now = T0 + 60
+    claimed = await store.claim_webhooks(now, 10, lease=20)
+    assert sorted(e.event_id for e in claimed) == sorted([e1, others[0]])
+    await store.finish_webhook(e1, delivered=False, attempts=1, next_at=now + 5, now=now, error="ConnectError")
+    [retrying] = (await store.list_webhooks(limit=10, state="pending", tenant=TENANT))[0][-1:]
+    assert (retrying.event_id, retrying.attempts, retrying.next_at, retrying.last_error) == (
+        e1,
+        1,
+        now + 5,
+        "ConnectError",
+    )
+    await store.finish_webhook(others[0], delivered=True, attempts=1, next_at=None, now=now)
+    await kill(store, e1, now + 5, attempts=2, error="x" * 500)
+    assert await store.webhook_pending() == 4  # e2, e3 and the other task's two
+
+    # The other task is not held back; this one's later events wait behind the dead one.
+    assert await deliver_all(store, now + 10**5) == others[1:]
+    dead, more = await store.list_webhooks(limit=10, state="dead")
+    assert not more and [d.event_id for d in dead] == [e1]
+    d = dead[0]
+    assert (d.tenant_id, d.rid, d.task_id, d.state, d.attempts, d.next_at) == (TENANT, rec.rid, tid, "dead", 2, None)
+    assert d.last_error == "x" * LAST_ERROR_MAX and d.created_at == T0 + 1
+    assert [p.event_id for p in (await store.list_webhooks(limit=10, state="pending"))[0]] == [e3, e2]
+
+    later = now + 10**5 + 1
+    redelivered = await store.redeliver_webhook(e1, later, audit_entry("webhook.redeliver", tenant=None, at=later))
+    assert redelivered is not None
+    entry, done = redelivered
+    assert done and (entry.event_id, entry.state, entry.attempts, entry.next_at, entry.last_error) == (
+        e1, "pending", 0, later, None
+    )  # fmt: skip
+    assert entry.seq < min((await store.list_webhooks(limit=10, state="pending"))[0][0].seq, 99)
+    [audit], _ = await store.list_audit(limit=10, action="webhook.redeliver")
+    assert audit.tenant == TENANT and audit.time == later  # named by the store, from the event
+    assert await store.webhook_pending() == 3
+    # First the redelivered event, then the ones that waited, one at a time in seq order.
+    first = await store.claim_webhooks(later, 10, lease=20)
+    assert [(e.event_id, e.attempts) for e in first] == [(e1, 0)]
+    await store.finish_webhook(e1, delivered=True, attempts=1, next_at=None, now=later)
+    assert await deliver_all(store, later) == [e2, e3]
+    assert await store.list_webhooks(limit=10) == ([], False)
+    assert await store.webhook_pending() == 0
+    assert other.rid != rec.rid
+
+
+async def test_list_webhooks_filters_and_pages_newest_first(store: Store) -> None:
+    made: list[tuple[str, str]] = []  # (event id, tenant)
+    for i, tenant in enumerate([TENANT, OTHER, TENANT, OTHER]):
+        _, _, events = await three_events(store, tenant=tenant, at=T0 + 10 * i)
+        made += [(e, tenant) for e in events]
+    now = T0 + 100
+    heads = await store.claim_webhooks(now, 100, lease=20)
+    assert len(heads) == 4
+    for e in heads[:3]:  # three tasks' first events die
+        await store.finish_webhook(e.event_id, delivered=False, attempts=7, next_at=None, now=now, error="timeout")
+    dead_ids = {e.event_id for e in heads[:3]}
+    newest_first = sorted(made, reverse=True)
+
+    async def walk(**filters: Any) -> list[str]:
+        ids: list[str] = []
+        after = None
+        while True:
+            page, more = await store.list_webhooks(limit=2, after=after, **filters)
+            ids += [e.event_id for e in page]
+            if not more:
+                return ids
+            assert len(page) == 2
+            after = page[-1].event_id
+
+    assert await walk() == [e for e, _ in newest_first]
+    assert await walk(state="dead") == [e for e, _ in newest_first if e in dead_ids]
+    assert await walk(state="pending") == [e for e, _ in newest_first if e not in dead_ids]
+    assert await walk(tenant=OTHER) == [e for e, t in newest_first if t == OTHER]
+    assert await walk(tenant=TENANT, state="dead") == [e for e, t in newest_first if t == TENANT and e in dead_ids]
+    assert await walk(tenant="nobody") == []
+    # A page's last event may be delivered before the next page is asked for.
+    page, _ = await store.list_webhooks(limit=1, state="pending")
+    last_head = heads[3].event_id
+    await store.finish_webhook(last_head, delivered=True, attempts=1, next_at=None, now=now)
+    after_gone, _ = await store.list_webhooks(limit=100, after=last_head)
+    assert [e.event_id for e in after_gone] == [e for e, _ in newest_first if e < last_head]
+    assert page[0].event_id == newest_first[0][0]
+
+
+async def test_redelivering_an_unknown_or_undead_event_writes_nothing(store: Store) -> None:
+    _, _, (e1, e2, _) = await three_events(store)
+    assert await store.redeliver_webhook("evt_nobody", T0, audit_entry("webhook.redeliver")) is None
+    refused = await store.redeliver_webhook(e2, T0 + 50, audit_entry("webhook.redeliver"))  # pending
+    assert refused is not None and refused[1] is False and refused[0].state == "pending"
+    assert refused[0].event_id == e2 and refused[0].next_at == T0 + 2
+    await store.claim_webhooks(T0 + 50, 10, lease=20)
+    await store.finish_webhook(e1, delivered=True, attempts=1, next_at=None, now=T0 + 50)
+    assert await store.redeliver_webhook(e1, T0 + 51, audit_entry("webhook.redeliver")) is None  # delivered: gone
+    assert await store.list_audit(limit=10) == ([], False)
+    assert await store.webhook_pending() == 2
+
+
+async def test_concurrent_redeliveries_of_one_event_write_one_entry(store: Store) -> None:
+    _, _, (e1, _, _) = await three_events(store)
+    await kill(store, e1, T0 + 10)
+    results = await asyncio.gather(
+        *(store.redeliver_webhook(e1, T0 + 20, audit_entry("webhook.redeliver", at=T0 + 20)) for _ in range(20))
+    )
+    assert sorted(r[1] for r in results if r is not None) == [False] * 19 + [True]
+    assert await audit_actions(store) == ["webhook.redeliver"]
+    assert await store.webhook_pending() == 3
+
+
+async def test_a_dead_event_is_kept_for_its_retention_then_frees_its_task(store: Store) -> None:
+    _, _, (e1, e2, e3) = await three_events(store)
+    died = T0 + 10
+    await kill(store, e1, died)
+    before_end = died + DEAD_EVENT_RETENTION - 1
+    await store.maintain(before_end)
+    assert await deliver_all(store, before_end) == []
+    assert [e.event_id for e in (await store.list_webhooks(limit=10, state="dead"))[0]] == [e1]
+    after_end = died + DEAD_EVENT_RETENTION
+    await store.maintain(after_end)
+    assert await deliver_all(store, after_end) == [e2, e3]
+    assert await store.list_webhooks(limit=10) == ([], False)
+    assert await store.redeliver_webhook(e1, after_end, audit_entry("webhook.redeliver")) is None
+
+
+# --- revocation ---------------------------------------------------------------------------
+
+
+async def test_revoke_key_once_then_answer_it_as_stored(store: Store) -> None:
+    key = key_record("key_revoke")
+    await store.create_key(key, audit_entry("key.create", key_id=key.id))
+    version = await store.directory_version()
+    assert await store.revoke_key("key_nobody", T0 + 1, audit_entry("key.revoke")) is None
+    revoked = await store.revoke_key(key.id, T0 + 5, audit_entry("key.revoke", key_id=key.id))
+    assert revoked is not None and revoked.revoked_at == T0 + 5 and revoked.secret_hash == key.secret_hash
+    assert await store.get_key(key.id) == revoked and await store.directory_version() == version + 1
+    again = await store.revoke_key(key.id, T0 + 9, audit_entry("key.revoke", key_id=key.id))
+    assert again == revoked  # the first revoked_at, nothing written
+    assert await store.directory_version() == version + 1
+    assert await audit_actions(store) == ["key.revoke", "key.create"]
+
+
+async def test_concurrent_revocations_write_one_entry_and_one_revoked_at(store: Store) -> None:
+    """A read-then-write revoke would let each of 20 racing callers see the key unrevoked,
+    write an entry each and leave the last one's time."""
+    key = key_record("key_revoke_race")
+    await store.create_key(key, audit_entry("key.create", key_id=key.id))
+    version, n = await store.directory_version(), 20
+    results = await asyncio.gather(
+        *(store.revoke_key(key.id, T0 + i, audit_entry("key.revoke", key_id=key.id, at=T0 + i)) for i in range(n))
+    )
+    stored = await store.get_key(key.id)
+    assert stored is not None and stored.revoked_at is not None
+    assert all(r == stored for r in results)  # every caller is answered the one revocation
+    assert await store.directory_version() == version + 1
+    revokes, _ = await store.list_audit(limit=100, action="key.revoke")
+    assert [e.time for e in revokes] == [stored.revoked_at]
+
+
+async def test_append_audit_is_idempotent_by_id(store: Store) -> None:
+    """The workers of one reload each write its entry under one id: the store keeps one."""
+    first = audit_entry("config.reload", tenant=None, at=T0)
+    first.changes = {"result": "ok", "problems": 0}
+    same_id = AuditEntry(**{**first.__dict__, "time": T0 + 1, "changes": {"result": "error", "problems": 1}})
+    results = await asyncio.gather(store.append_audit(first), *(store.append_audit(same_id) for _ in range(5)))
+    assert results == [True] + [False] * 5
+    assert await store.list_audit(limit=10) == ([first], False)
+
+
+async def test_redis_redelivers_a_dead_event_left_by_an_older_gateway(redis_url: str) -> None:
+    """Before dead events held their task back, Redis took a dead event out of its task's
+    queue, gave it a TTL and let the later events go. Redelivered, it goes back to the head
+    of the queue: before the task's events still queued, and kept (no TTL) until delivered."""
+    from gateway.store.redis import RedisStore
+
+    prefix = f"gwtest:{uuid.uuid4().hex[:8]}:"
+    store = RedisStore(redis_url, prefix=prefix)
+    await store.open()
+    r = store._r.execute
+    try:
+        rec, _, (e1, e2, e3) = await three_events(store)
+        assert [e.event_id for e in await store.claim_webhooks(T0 + 10, 10, lease=20)] == [e1]
+        # what finish_webhook did then: out of the queue and the schedule, next one up
+        await r("HSET", f"{prefix}wh:{e1}", "state", "dead", "attempts", "20")
+        await r("PEXPIRE", f"{prefix}wh:{e1}", 7 * 86400 * 1000)
+        await r("LREM", f"{prefix}whq:{rec.rid}", 1, e1)
+        await r("ZREM", f"{prefix}whdue", e1)
+        await r("ZADD", f"{prefix}whdue", T0 + 2, e2)
+        await r("DECR", f"{prefix}whn")
+        for index in ("whl", f"whlt:{TENANT}"):  # older gateways kept no listing index
+            await r("ZREM", f"{prefix}{index}", e1)
+        [second] = await store.claim_webhooks(T0 + 11, 10, lease=20)  # the later events went on
+        assert second.event_id == e2
+        await store.finish_webhook(e2, delivered=True, attempts=1, next_at=None, now=T0 + 11)
+        redelivered = await store.redeliver_webhook(e1, T0 + 20, audit_entry("webhook.redeliver", at=T0 + 20))
+        assert redelivered is not None and redelivered[1] and await r("TTL", f"{prefix}wh:{e1}") == -1
+        assert [e.event_id for e in (await store.list_webhooks(limit=10))[0]] == [e3, e1]
+        assert await store.webhook_pending() == 2
+        assert await deliver_all(store, T0 + 20) == [e1, e3]
+    finally:
+        await store.close()
+        await _delete_prefix(redis_url, prefix)

@@ -83,8 +83,19 @@ class FakeOutbox:
             self.leased_until[i] = now + lease
         return [self.events[i] for i in ids]
 
-    async def finish_webhook(self, event_id: str, *, delivered: bool, attempts: int, next_at: float | None) -> None:
-        self.finished.append({"event_id": event_id, "delivered": delivered, "attempts": attempts, "next_at": next_at})
+    async def finish_webhook(
+        self,
+        event_id: str,
+        *,
+        delivered: bool,
+        attempts: int,
+        next_at: float | None,
+        now: float,
+        error: str | None = None,
+    ) -> None:
+        self.finished.append(
+            {"event_id": event_id, "delivered": delivered, "attempts": attempts, "next_at": next_at, "error": error}
+        )
         self.leased_until.pop(event_id, None)
         ev = self.events[event_id]
         self.events[event_id] = WebhookEvent(
@@ -164,15 +175,33 @@ async def test_retries_with_backoff_then_delivers(receiver) -> None:
     start = clock.now
 
     assert await d.run_once() == 1
-    assert outbox.finished[-1] == {"event_id": "evt_1", "delivered": False, "attempts": 1, "next_at": start + 2}
+    assert outbox.finished[-1] == {
+        "event_id": "evt_1",
+        "delivered": False,
+        "attempts": 1,
+        "next_at": start + 2,
+        "error": "http 500",
+    }
     clock.now = start + 1.9
     assert await d.run_once() == 0  # not due yet
     clock.now = start + 2
     assert await d.run_once() == 1
-    assert outbox.finished[-1] == {"event_id": "evt_1", "delivered": False, "attempts": 2, "next_at": start + 2 + 4}
+    assert outbox.finished[-1] == {
+        "event_id": "evt_1",
+        "delivered": False,
+        "attempts": 2,
+        "next_at": start + 2 + 4,
+        "error": "http 500",
+    }
     clock.now = start + 6
     assert await d.run_once() == 1
-    assert outbox.finished[-1] == {"event_id": "evt_1", "delivered": True, "attempts": 3, "next_at": None}
+    assert outbox.finished[-1] == {
+        "event_id": "evt_1",
+        "delivered": True,
+        "attempts": 3,
+        "next_at": None,
+        "error": None,
+    }
     clock.now = start + 10_000
     assert await d.run_once() == 0
     await d.aclose()
@@ -275,7 +304,11 @@ async def test_refused_hook_is_a_failed_attempt_and_never_contacted(
     assert await d.run_once() == 1
     await d.aclose()
     assert rx.requests == []
-    assert outbox.finished == [{"event_id": "evt_1", "delivered": False, "attempts": 1, "next_at": clock.now + 2}]
+    [finished] = outbox.finished
+    assert finished["error"].startswith("refused: ")  # the rule, in the event's last_error
+    assert finished == {"event_id": "evt_1", "delivered": False, "attempts": 1, "next_at": clock.now + 2} | {
+        "error": finished["error"]
+    }
     assert results == ["failed"]
 
 

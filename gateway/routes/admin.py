@@ -1,5 +1,6 @@
-"""Operator routes under /admin: the admin API v1 (tenants, keys, audit trail) and the
-older usage read. Every change is one store operation that also appends its audit entry."""
+"""Operator routes under /admin: the admin API v1 (tenants, keys, audit trail, webhook
+deliveries) and the older usage read. Every change is one store operation that also
+appends its audit entry."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from gateway.errors import GatewayError, bad_request, not_found
 from gateway.keygen import new_key, new_key_id, new_webhook_secret
 from gateway.middleware import client_ip
 from gateway.routes.common import context, json_response, page_limit, read_json, services
-from gateway.store.base import KeyRecord
+from gateway.store.base import WEBHOOK_STATES, KeyRecord
 
 PAGE_DEFAULT, PAGE_MAX = 100, 1000
 
@@ -184,15 +185,14 @@ async def rotate_key(request: Request) -> Response:
 
 
 async def revoke_key(request: Request) -> Response:
-    """Revoke (idempotent): a key already revoked is answered as it is, with no new entry."""
+    """Revoke (idempotent): a key already revoked is answered as it is, with no new entry.
+    The store decides, in one step, so simultaneous revocations write one entry."""
     audit = _require_admin(request)
     s = services(request)
     key = await _directory(request).api_key(request.path_params["key_id"])
-    if key.revoked_at is not None:
-        return json_response(AdminKey.from_record(key).to_json())
     now = s.clock()
     entry = audit.entry("key.revoke", now, key.tenant_id, key.id, {"revoked_at": admin.unix_time(now)})
-    return await _change_key(request, key, {"revoked_at": now}, entry)
+    return _key_response(key.id, await s.store.revoke_key(key.id, now, entry))
 
 
 async def _change_key(request: Request, key: KeyRecord, changes: dict[str, Any], entry: Any) -> Response:
@@ -222,6 +222,46 @@ async def list_audit(request: Request) -> Response:
         limit=limit, after=q.get("after"), tenant=q.get("tenant"), action=action
     )
     return json_response({"object": "list", "data": [admin.audit_json(e) for e in entries], "has_more": has_more})
+
+
+# --- webhook deliveries ----------------------------------------------------------------
+
+
+async def list_webhooks(request: Request) -> Response:
+    """Undelivered events (pending and dead), newest first: what an operator redelivers."""
+    _require_admin(request)
+    q = request.query_params
+    state = q.get("status")
+    if state is not None and state not in WEBHOOK_STATES:
+        raise bad_request("invalid_value", f"`status` must be one of {', '.join(WEBHOOK_STATES)}.", "status")
+    limit = _limit(request)
+    events, has_more = await services(request).store.list_webhooks(
+        limit=limit, after=q.get("after"), state=state, tenant=q.get("tenant")
+    )
+    return json_response(
+        {"object": "list", "data": [admin.webhook_event_json(e) for e in events], "has_more": has_more}
+    )
+
+
+async def redeliver_webhook(request: Request) -> Response:
+    """Queue a dead event again (attempts reset, before its task's later events) -> 202.
+    The store names the event's tenant in the audit entry, in the same step."""
+    audit = _require_admin(request)
+    s = services(request)
+    event_id, now = request.path_params["event_id"], s.clock()
+    entry = audit.entry("webhook.redeliver", now, None, changes={"event_id": event_id})
+    result = await s.store.redeliver_webhook(event_id, now, entry)
+    if result is None:
+        raise not_found(f"No undelivered webhook event with id {event_id!r}.", "webhook_event_not_found", "event_id")
+    event, redelivered = result
+    if not redelivered:
+        raise GatewayError(
+            409,
+            "webhook_event_not_dead",
+            f"Webhook event {event_id!r} is {event.state}, not dead: it is still being delivered.",
+            param="event_id",
+        )
+    return json_response(admin.webhook_event_json(event), 202)
 
 
 # --- the older usage read --------------------------------------------------------------
@@ -256,4 +296,6 @@ routes = [
     Route(f"{V1}/keys/{{key_id}}", revoke_key, methods=["DELETE"]),
     Route(f"{V1}/keys/{{key_id}}/rotate", rotate_key, methods=["POST"]),
     Route(f"{V1}/audit", list_audit, methods=["GET"]),
+    Route(f"{V1}/webhooks", list_webhooks, methods=["GET"]),
+    Route(f"{V1}/webhooks/{{event_id}}/redeliver", redeliver_webhook, methods=["POST"]),
 ]

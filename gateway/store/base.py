@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -168,6 +169,37 @@ class WebhookEvent:
     body: bytes
     attempts: int = 0  # delivery attempts made so far
     created_at: float = 0.0
+
+
+def new_event_id(now: float) -> str:
+    """A webhook event's id: `evt_` + milliseconds in hex (fixed width) + randomness, so
+    ids sort by creation time and a listing pages by id alone (a page's last event may be
+    delivered, and so gone, before the next page is asked for)."""
+    return f"evt_{int(now * 1000):012x}{secrets.token_hex(10)}"
+
+
+@dataclass
+class OutboxEntry:
+    """One undelivered webhook event as an operator sees it (admin API): where it stands,
+    never its URL or body. `next_at` is when a pending event is due (or its current
+    attempt's lease ends), None for a dead one; `last_error` is the short reason of the
+    last failed attempt (None before any, and after a redelivery)."""
+
+    event_id: str
+    tenant_id: str
+    rid: str
+    task_id: str | None  # the upstream id the tenant sees (None: not known yet, or the task expired)
+    seq: int
+    state: str  # pending | dead
+    attempts: int
+    next_at: float | None
+    last_error: str | None
+    created_at: float
+
+
+WEBHOOK_STATES = ("pending", "dead")
+LAST_ERROR_MAX = 200  # characters of `last_error` kept
+DEAD_EVENT_RETENTION = 7 * 86400.0  # how long a dead event is kept for inspection and redelivery
 
 
 @dataclass
@@ -400,9 +432,39 @@ class Store(abc.ABC):
         task), leasing them for `lease` seconds so no other worker takes them meanwhile."""
 
     @abc.abstractmethod
-    async def finish_webhook(self, event_id: str, *, delivered: bool, attempts: int, next_at: float | None) -> None:
-        """delivered: done. Otherwise record `attempts`; retry at `next_at`, or give up
-        (dead, no longer pending) when next_at is None."""
+    async def finish_webhook(
+        self,
+        event_id: str,
+        *,
+        delivered: bool,
+        attempts: int,
+        next_at: float | None,
+        now: float,
+        error: str | None = None,
+    ) -> None:
+        """delivered: done, the event is deleted. Otherwise record `attempts` and `error`
+        (the attempt's short reason, cut to LAST_ERROR_MAX; never a URL, body or secret);
+        retry at `next_at`, or give up when next_at is None: the event is dead, kept for
+        DEAD_EVENT_RETENTION seconds from `now` (then deleted), and until then it holds back
+        the later events of its task (still pending, not claimed), so that a redelivery
+        keeps its place in the task's order."""
+
+    @abc.abstractmethod
+    async def list_webhooks(
+        self, *, limit: int, after: str | None = None, state: str | None = None, tenant: str | None = None
+    ) -> tuple[list[OutboxEntry], bool]:
+        """Undelivered events (`state` pending or dead, None = both; of one tenant when
+        given), newest first (by id, which sorts by creation), after the event id `after`
+        (it need not exist any more); returns (page, has_more)."""
+
+    @abc.abstractmethod
+    async def redeliver_webhook(self, event_id: str, now: float, audit: AuditEntry) -> tuple[OutboxEntry, bool] | None:
+        """Queue a dead event again, in one atomic step: pending, attempts 0, no last
+        error, due at `now`, and `audit` appended with `target.tenant` set to the event's
+        tenant. It keeps its seq, so it goes before the later events of its task (which
+        waited behind it). Returns (the event as stored, True); (the event as stored,
+        False) with nothing written when it is not dead; None when unknown (delivered
+        events are deleted, so unknown too)."""
 
     # uploaded assets ----------------------------------------------------------------
     @abc.abstractmethod
@@ -500,6 +562,13 @@ class Store(abc.ABC):
         `revoked_at` set, with nothing written."""
 
     @abc.abstractmethod
+    async def revoke_key(self, key_id: str, now: float, audit: AuditEntry) -> KeyRecord | None:
+        """Revoke a key at `now`, append `audit` and bump the version, in one atomic step;
+        returns the key as stored, or None (nothing written) when unknown. Idempotent: a
+        key already revoked is returned as stored (its first `revoked_at`) with nothing
+        written, so racing revocations write one audit entry between them."""
+
+    @abc.abstractmethod
     async def get_key(self, key_id: str) -> KeyRecord | None: ...
 
     @abc.abstractmethod
@@ -512,8 +581,10 @@ class Store(abc.ABC):
         the caller; does not bump the directory version (it changes no authentication)."""
 
     @abc.abstractmethod
-    async def append_audit(self, entry: AuditEntry) -> None:
-        """An audit entry not tied to a directory change (config.reload, webhook.redeliver)."""
+    async def append_audit(self, entry: AuditEntry) -> bool:
+        """An audit entry not tied to a directory change (config.reload). Idempotent by id,
+        atomically: an entry whose id is already stored is not written again (False), so
+        several writers of one event (the workers of one reload) leave one entry."""
 
     @abc.abstractmethod
     async def list_audit(

@@ -23,10 +23,15 @@ Key layout (every key starts with `prefix`, "gw:" by default):
     {p}polls           zset   next_poll_at -> rid: non-terminal tasks with a task id
     {p}actz            zset   created_at -> rid: active tasks, for expire_tasks
     {p}unkz            zset   created_at -> rid: UNKNOWN reservations, for expire_tasks
-    {p}wh:{event_id}   hash   one webhook event (state pending|dead)
-    {p}whq:{rid}       list   a task's pending event ids in seq order (head = next)
-    {p}whdue           zset   next_at (or lease end) -> event id, heads of whq lists only
+    {p}wh:{event_id}   hash   one webhook event (state pending|dead, last_error)
+    {p}whq:{rid}       list   a task's undelivered event ids in seq order (head = next; a
+                              dead head holds the rest back until redelivered or dropped)
+    {p}whdue           zset   heads of whq lists only: a pending one at next_at (or lease
+                              end), a dead one at the end of its retention
     {p}whn             string number of pending events (webhook_pending)
+    {p}whl, {p}whlt:{tenant}  zset  undelivered event ids at score 0, lexical (newest
+                              = greatest id): the admin listing, all and per tenant
+    {p}whd, {p}whdt:{tenant}  zset  the same for dead events only
     {p}idem:{tenant}:{sha256(key)}  hash  state (pending|done|unknown), fp, exp,
                               status, headers, body (done), rid (unknown)
     {p}secret:{name}   string shared secrets (first writer wins)
@@ -55,7 +60,8 @@ Retention: a task's hash and its `tid` key get a Redis TTL (`terminal_ttl`, 30 d
 default, 0 = keep forever) once the task is terminal or timed out (a later update renews
 it); stale `tt`/`polls` entries are pruned when a listing or a poll claim meets them. A
 callback for a task whose record has expired would adopt (and charge) it again.
-Dead webhook events are kept `dead_ttl` (7 days) for inspection; delivered ones are deleted.
+Dead webhook events are kept `dead_ttl` (7 days) for inspection and redelivery, then
+dropped by claim_webhooks when their whdue score comes; delivered ones are deleted.
 Idempotency keys expire logically at the caller's `now` (field `exp`) and physically by
 Redis PEXPIRE (lease while pending, ttl once done).
 
@@ -72,7 +78,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import uuid
 from importlib import resources
 from typing import Any
 
@@ -81,6 +86,8 @@ import orjson
 from gateway.store import directory, rules
 from gateway.store.base import (
     ALL_LIMITS,
+    DEAD_EVENT_RETENTION,
+    LAST_ERROR_MAX,
     SUBMITTING,
     Admission,
     AuditEntry,
@@ -89,6 +96,7 @@ from gateway.store.base import (
     IdempotencyResult,
     KeyRecord,
     Limits,
+    OutboxEntry,
     Store,
     StoredResponse,
     TaskRecord,
@@ -96,6 +104,7 @@ from gateway.store.base import (
     UpdateResult,
     Usage,
     WebhookEvent,
+    new_event_id,
     status_rank,
 )
 from gateway.store.redis.client import RedisClient, Script
@@ -103,7 +112,7 @@ from gateway.store.redis.url import split_prefix
 from gateway.store.rules import day_key, month_key
 
 TERMINAL_TTL = 30 * 86400.0
-DEAD_EVENT_TTL = 7 * 86400.0
+DEAD_EVENT_TTL = DEAD_EVENT_RETENTION
 INCLUDE_LIB = "-- include: lib.lua\n"
 
 
@@ -225,6 +234,23 @@ def _records(replies: list[Any]) -> list[TaskRecord]:
     return [r for r in (_record(x) for x in replies) if r is not None]
 
 
+def _outbox_entry(reply: list[Any]) -> OutboxEntry:
+    """An event from a script's outbox_entry (lib.lua); '' stands for none."""
+    eid, tenant, rid, task_id, seq, state, attempts, next_at, error, created = map(_s, reply)
+    return OutboxEntry(
+        event_id=eid,
+        tenant_id=tenant,
+        rid=rid,
+        task_id=task_id or None,
+        seq=int(seq),
+        state=state,
+        attempts=int(attempts),
+        next_at=float(next_at) if next_at and state != "dead" else None,
+        last_error=error or None,
+        created_at=float(created),
+    )
+
+
 def _event(eid: bytes, flat: list[Any]) -> WebhookEvent:
     h = _pairs(flat)
     return WebhookEvent(
@@ -280,6 +306,8 @@ class RedisStore(Store):
         self._expire = self._script("expire_tasks")
         self._claim_wh = self._script("claim_webhooks")
         self._finish_wh = self._script("finish_webhook")
+        self._list_wh = self._script("list_webhooks")
+        self._redeliver_wh = self._script("redeliver_webhook")
         self._idem_begin = self._script("idem_begin")
         self._idem_finish = self._script("idem_finish")
         self._idem_bind = self._script("idem_bind")
@@ -291,6 +319,7 @@ class RedisStore(Store):
         self._create_key = self._script("create_key")
         self._update_key = self._script("update_key")
         self._rotate_key = self._script("rotate_key")
+        self._revoke_key = self._script("revoke_key")
         self._list_keys = self._script("list_keys")
         self._touch_keys = self._script("touch_keys")
         self._append_audit = self._script("append_audit")
@@ -397,7 +426,7 @@ class RedisStore(Store):
         task_id = task.get("id")
         args: list[str | bytes] = [
             self.prefix, rid, tenant_id, task_json, status, str(status_rank(status)),
-            _flag(refund_failed), f"evt_{uuid.uuid4().hex}", body, _num(now),
+            _flag(refund_failed), new_event_id(now), body, _num(now),
             str(task_id) if task_id else "", _num(self.terminal_ttl),
             _updated_at(task), day_key(now), month_key(now),
             adopt_blob,
@@ -520,10 +549,44 @@ class RedisStore(Store):
         )
         return [_event(eid, flat) for eid, flat in reply]
 
-    async def finish_webhook(self, event_id: str, *, delivered: bool, attempts: int, next_at: float | None) -> None:
+    async def finish_webhook(
+        self,
+        event_id: str,
+        *,
+        delivered: bool,
+        attempts: int,
+        next_at: float | None,
+        now: float,
+        error: str | None = None,
+    ) -> None:
         outcome = "delivered" if delivered else ("retry" if next_at is not None else "dead")
-        args = [self.prefix, event_id, outcome, str(attempts), _num(next_at or 0.0), _num(self.dead_ttl)]
+        args = [
+            self.prefix, event_id, outcome, str(attempts), _num(next_at or 0.0), _num(self.dead_ttl), _num(now),
+            (error or "")[:LAST_ERROR_MAX],
+        ]  # fmt: skip
         await self._finish_wh(keys=[self._k("wh", event_id)], args=args)
+
+    async def list_webhooks(
+        self, *, limit: int, after: str | None = None, state: str | None = None, tenant: str | None = None
+    ) -> tuple[list[OutboxEntry], bool]:
+        index = "whd" if state == "dead" else "whl"  # pending: every undelivered one, dead skipped
+        key = self._k(index + "t", tenant) if tenant is not None else self._k(index)
+        args = [self.prefix, str(max(0, limit)), after or "", state or ""]
+        reply = await self._list_wh(keys=[key], args=args)
+        return [_outbox_entry(e) for e in reply[1:]], bool(reply[0])
+
+    async def redeliver_webhook(self, event_id: str, now: float, audit: AuditEntry) -> tuple[OutboxEntry, bool] | None:
+        # The tenant is read first to name it in the audit entry (built here, as JSON): an
+        # event's tenant never changes, and the script checks it is still the event's.
+        tenant = await self._r.execute("HGET", self._k("wh", event_id), "tenant_id")
+        if tenant is None:
+            return None
+        audit.tenant = _s(tenant)
+        args = [self.prefix, event_id, _num(now), audit.tenant, *_audit_args(audit)]
+        reply = await self._redeliver_wh(keys=[self._k("wh", event_id)], args=args)
+        if not reply[0]:
+            return None
+        return _outbox_entry(reply[2]), bool(reply[1])
 
     # idempotency -----------------------------------------------------------------------
     async def idem_begin(
@@ -618,6 +681,12 @@ class RedisStore(Store):
         fields = _fields(await self._rotate_key(keys=[self._k("key", key_id)], args=args))
         return directory.key_from_fields(fields) if fields is not None else None
 
+    async def revoke_key(self, key_id: str, now: float, audit: AuditEntry) -> KeyRecord | None:
+        put, _ = directory.key_changes({"revoked_at": now})
+        args = [self.prefix, _fields_blob(put), *_audit_args(audit)]
+        fields = _fields(await self._revoke_key(keys=[self._k("key", key_id)], args=args))
+        return directory.key_from_fields(fields) if fields is not None else None
+
     async def get_key(self, key_id: str) -> KeyRecord | None:
         fields = await self._hash(self._k("key", key_id))
         return directory.key_from_fields(fields) if fields else None
@@ -632,8 +701,8 @@ class RedisStore(Store):
         args = [self.prefix, *(x for key_id, at in last_used.items() for x in (key_id, _num(at)))]
         await self._touch_keys(args=args)
 
-    async def append_audit(self, entry: AuditEntry) -> None:
-        await self._append_audit(args=[self.prefix, *_audit_args(entry)])
+    async def append_audit(self, entry: AuditEntry) -> bool:
+        return bool(await self._append_audit(args=[self.prefix, *_audit_args(entry)]))
 
     async def list_audit(
         self, *, limit: int, after: str | None = None, tenant: str | None = None, action: str | None = None

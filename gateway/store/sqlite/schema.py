@@ -55,10 +55,14 @@ CREATE TABLE IF NOT EXISTS webhooks (
     attempts INTEGER NOT NULL DEFAULT 0,
     next_at REAL NOT NULL,
     state TEXT NOT NULL DEFAULT 'pending',
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    last_error TEXT
 );
 CREATE INDEX IF NOT EXISTS webhooks_due ON webhooks (state, next_at);
 CREATE INDEX IF NOT EXISTS webhooks_by_task ON webhooks (rid, seq);
+-- the admin listing: newest first by id (ids sort by creation), by state or by tenant
+CREATE INDEX IF NOT EXISTS webhooks_by_state ON webhooks (state, event_id);
+CREATE INDEX IF NOT EXISTS webhooks_by_tenant ON webhooks (tenant, event_id);
 CREATE TABLE IF NOT EXISTS idempotency (
     tenant TEXT NOT NULL,
     key TEXT NOT NULL,
@@ -107,13 +111,18 @@ INSERT OR IGNORE INTO directory (id, version) VALUES (1, 0);
 def migrate(db: sqlite3.Connection) -> None:
     """Columns added after a table's first release (CREATE TABLE IF NOT EXISTS keeps an old
     table as it was). Workers starting together may race: the loser's duplicate is fine."""
-    columns = {row[1] for row in db.execute("PRAGMA table_info(idempotency)")}
-    if "rid" not in columns:
-        try:
-            db.execute("ALTER TABLE idempotency ADD COLUMN rid TEXT NOT NULL DEFAULT ''")
-        except sqlite3.OperationalError as exc:
-            if "duplicate column" not in str(exc):
-                raise
+    _add_column(db, "idempotency", "rid", "TEXT NOT NULL DEFAULT ''")
+    _add_column(db, "webhooks", "last_error", "TEXT")
+
+
+def _add_column(db: sqlite3.Connection, table: str, column: str, definition: str) -> None:
+    if column in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
+        return
+    try:
+        db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+    except sqlite3.OperationalError as exc:
+        if "duplicate column" not in str(exc):
+            raise
 
 
 def connect(path: str) -> sqlite3.Connection:

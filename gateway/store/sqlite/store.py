@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,8 @@ import orjson
 
 from gateway.store import directory, rules
 from gateway.store.base import (
+    DEAD_EVENT_RETENTION,
+    LAST_ERROR_MAX,
     SUBMITTING,
     UNKNOWN,
     Admission,
@@ -35,6 +36,7 @@ from gateway.store.base import (
     IdempotencyResult,
     KeyRecord,
     Limits,
+    OutboxEntry,
     Store,
     StoredResponse,
     TaskRecord,
@@ -42,13 +44,16 @@ from gateway.store.base import (
     UpdateResult,
     Usage,
     WebhookEvent,
+    new_event_id,
 )
 from gateway.store.rules import Quota
 from gateway.store.sqlite.group_commit import OUTAGE, GroupCommit
 from gateway.store.sqlite.schema import SCHEMA, checkpoint, connect, migrate
 
 TERMINAL_SQL = "('SUCCEEDED', 'FAILED', 'CANCELLED')"
-DEAD_EVENT_RETENTION = 7 * 86400
+OUTBOX_COLUMNS = (
+    "w.event_id, w.tenant, w.rid, t.task_id, w.seq, w.state, w.attempts, w.next_at, w.last_error, w.created_at"
+)
 
 
 class SQLiteStore(Store):
@@ -303,10 +308,12 @@ class SQLiteStore(Store):
 
     # webhook outbox -----------------------------------------------------------------
     async def claim_webhooks(self, now: float, limit: int, lease: float) -> list[WebhookEvent]:
+        # The head of each task's queue is its lowest remaining seq, pending or dead:
+        # a dead head holds its task's later events back until redelivered or dropped.
         async with self._tx:
             rows = self.db.execute(
                 "SELECT * FROM webhooks w WHERE state = 'pending' AND next_at <= ?"
-                " AND seq = (SELECT MIN(seq) FROM webhooks v WHERE v.rid = w.rid AND v.state = 'pending')"
+                " AND seq = (SELECT MIN(seq) FROM webhooks v WHERE v.rid = w.rid)"
                 " ORDER BY next_at LIMIT ?",
                 (now, limit),
             ).fetchall()
@@ -326,18 +333,67 @@ class SQLiteStore(Store):
             for r in rows
         ]
 
-    async def finish_webhook(self, event_id: str, *, delivered: bool, attempts: int, next_at: float | None) -> None:
+    async def finish_webhook(
+        self,
+        event_id: str,
+        *,
+        delivered: bool,
+        attempts: int,
+        next_at: float | None,
+        now: float,
+        error: str | None = None,
+    ) -> None:
+        error = error[:LAST_ERROR_MAX] if error is not None else None
         async with self._tx:
             if delivered:
                 self.db.execute("DELETE FROM webhooks WHERE event_id = ?", (event_id,))
-            elif next_at is None:
+            elif next_at is None:  # dead: next_at keeps the time it died (retention, maintain)
                 self.db.execute(
-                    "UPDATE webhooks SET state = 'dead', attempts = ? WHERE event_id = ?", (attempts, event_id)
+                    "UPDATE webhooks SET state = 'dead', attempts = ?, next_at = ?, last_error = ?"
+                    " WHERE event_id = ? AND state = 'pending'",
+                    (attempts, now, error, event_id),
                 )
             else:
                 self.db.execute(
-                    "UPDATE webhooks SET attempts = ?, next_at = ? WHERE event_id = ?", (attempts, next_at, event_id)
+                    "UPDATE webhooks SET attempts = ?, next_at = ?, last_error = ?"
+                    " WHERE event_id = ? AND state = 'pending'",
+                    (attempts, next_at, error, event_id),
                 )
+
+    async def list_webhooks(
+        self, *, limit: int, after: str | None = None, state: str | None = None, tenant: str | None = None
+    ) -> tuple[list[OutboxEntry], bool]:
+        sql = [f"SELECT {OUTBOX_COLUMNS} FROM webhooks w LEFT JOIN tasks t ON t.rid = w.rid WHERE 1 = 1"]
+        args: list[Any] = []
+        if state is not None:
+            sql.append("AND w.state = ?")
+            args.append(state)
+        if tenant is not None:
+            sql.append("AND w.tenant = ?")
+            args.append(tenant)
+        if after:
+            sql.append("AND w.event_id < ?")
+            args.append(after)
+        sql.append("ORDER BY w.event_id DESC LIMIT ?")
+        args.append(max(0, limit) + 1)
+        with OUTAGE:
+            rows = self.reader.execute(" ".join(sql), args).fetchall()
+        return [_outbox_entry(r) for r in rows[:limit]], len(rows) > limit
+
+    async def redeliver_webhook(self, event_id: str, now: float, audit: AuditEntry) -> tuple[OutboxEntry, bool] | None:
+        async with self._tx:
+            entry = self._outbox_entry(event_id)
+            if entry is None or entry.state != "dead":
+                return (entry, False) if entry is not None else None
+            self.db.execute(
+                "UPDATE webhooks SET state = 'pending', attempts = 0, next_at = ?, last_error = NULL"
+                " WHERE event_id = ?",
+                (now, event_id),
+            )
+            audit.tenant = entry.tenant_id
+            self._append_audit(audit)
+            entry.state, entry.attempts, entry.next_at, entry.last_error = "pending", 0, now, None
+        return entry, True
 
     # uploaded assets ----------------------------------------------------------------
     async def put_asset(self, asset_id: str, content_type: str, data: bytes, expires_at: float, now: float) -> None:
@@ -504,6 +560,19 @@ class SQLiteStore(Store):
             self._directory_changed(audit)
         return directory.key_from_fields(fields)
 
+    async def revoke_key(self, key_id: str, now: float, audit: AuditEntry) -> KeyRecord | None:
+        put, _ = directory.key_changes({"revoked_at": now})
+        async with self._tx:
+            row = self.db.execute("SELECT data FROM api_keys WHERE id = ?", (key_id,)).fetchone()
+            if row is None:
+                return None
+            if "revoked_at" in orjson.loads(row["data"]):
+                return _key(row)
+            fields = self._update_fields("api_keys", key_id, put, [])
+            assert fields is not None  # the row was just read in this transaction
+            self._directory_changed(audit)
+        return directory.key_from_fields(fields)
+
     async def get_key(self, key_id: str) -> KeyRecord | None:
         with OUTAGE:
             row = self.reader.execute("SELECT data FROM api_keys WHERE id = ?", (key_id,)).fetchone()
@@ -532,9 +601,12 @@ class SQLiteStore(Store):
                         "UPDATE api_keys SET data = ? WHERE id = ?", (orjson.dumps(fields).decode(), key_id)
                     )
 
-    async def append_audit(self, entry: AuditEntry) -> None:
+    async def append_audit(self, entry: AuditEntry) -> bool:
         async with self._tx:
+            if self.db.execute("SELECT 1 FROM audit WHERE id = ?", (entry.id,)).fetchone() is not None:
+                return False
             self._append_audit(entry)
+        return True
 
     async def list_audit(
         self, *, limit: int, after: str | None = None, tenant: str | None = None, action: str | None = None
@@ -634,6 +706,13 @@ class SQLiteStore(Store):
             (e.id, e.time, e.tenant, e.action, directory.audit_json(e).decode()),
         )
 
+    def _outbox_entry(self, event_id: str) -> OutboxEntry | None:
+        row = self.db.execute(
+            f"SELECT {OUTBOX_COLUMNS} FROM webhooks w LEFT JOIN tasks t ON t.rid = w.rid WHERE w.event_id = ?",
+            (event_id,),
+        ).fetchone()
+        return _outbox_entry(row) if row else None
+
     def _get(self, rid: str, db: sqlite3.Connection | None = None) -> TaskRecord | None:
         row = (db or self.db).execute("SELECT * FROM tasks WHERE rid = ?", (rid,)).fetchone()
         return _record(row) if row else None
@@ -683,7 +762,7 @@ class SQLiteStore(Store):
 
     def _enqueue_event(self, rec: TaskRecord, now: float) -> str:
         seq = self.db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM webhooks WHERE rid = ?", (rec.rid,)).fetchone()[0]
-        event_id = f"evt_{uuid.uuid4().hex}"
+        event_id = new_event_id(now)
         self.db.execute(
             "INSERT INTO webhooks (event_id, rid, tenant, seq, url, body, attempts, next_at, state, created_at)"
             " VALUES (?, ?, ?, ?, ?, ?, 0, ?, 'pending', ?)",
@@ -698,6 +777,22 @@ def _tenant(row: sqlite3.Row) -> TenantRecord:
 
 def _key(row: sqlite3.Row) -> KeyRecord:
     return directory.key_from_fields(orjson.loads(row["data"]))
+
+
+def _outbox_entry(row: sqlite3.Row) -> OutboxEntry:
+    dead = row["state"] == "dead"
+    return OutboxEntry(
+        event_id=row["event_id"],
+        tenant_id=row["tenant"],
+        rid=row["rid"],
+        task_id=row["task_id"],
+        seq=row["seq"],
+        state=row["state"],
+        attempts=row["attempts"],
+        next_at=None if dead else row["next_at"],
+        last_error=row["last_error"],
+        created_at=row["created_at"],
+    )
 
 
 def _record(row: sqlite3.Row) -> TaskRecord:

@@ -70,6 +70,7 @@ if changed and hook and hook ~= '' and not (cur == 'SUBMITTING' and status == 'P
   local n = redis.call('RPUSH', P .. 'whq:' .. rid, eid)
   if n == 1 then redis.call('ZADD', P .. 'whdue', now, eid) end
   redis.call('INCR', P .. 'whn')
+  index_event(eid, tenant)
 end
 if finished == 1 then retain(rid, ARGV[12]) end
 return {1, 1, changed and 1 or 0, cur, refunded, finished, eid, adopted, record_json(rid)}

@@ -122,6 +122,47 @@ local function promote_head(rid)
   end
 end
 
+-- The admin listing's indexes (list_webhooks): zsets of event ids at score 0, read in
+-- lexical order (ids sort by creation): whl every undelivered event, whd the dead ones,
+-- each also per tenant (whlt:{tenant}, whdt:{tenant}).
+local function index_event(eid, tenant)
+  redis.call('ZADD', P .. 'whl', 0, eid)
+  redis.call('ZADD', P .. 'whlt:' .. tenant, 0, eid)
+end
+
+local function index_dead(eid, tenant, dead)
+  if dead then
+    redis.call('ZADD', P .. 'whd', 0, eid)
+    redis.call('ZADD', P .. 'whdt:' .. tenant, 0, eid)
+  else
+    redis.call('ZREM', P .. 'whd', eid)
+    redis.call('ZREM', P .. 'whdt:' .. tenant, eid)
+  end
+end
+
+-- A delivered event, or a dead one past its retention: gone from its task's queue, the
+-- schedule and the indexes; the task's next event becomes its head.
+local function drop_event(eid, rid, tenant)
+  redis.call('LREM', P .. 'whq:' .. rid, 1, eid)
+  redis.call('ZREM', P .. 'whdue', eid)
+  redis.call('DEL', P .. 'wh:' .. eid)
+  redis.call('ZREM', P .. 'whl', eid)
+  redis.call('ZREM', P .. 'whlt:' .. tenant, eid)
+  index_dead(eid, tenant, false)
+  promote_head(rid)
+end
+
+-- One event as list_webhooks and redeliver_webhook return it (base.OutboxEntry): id,
+-- tenant, rid, task id, seq, state, attempts, next_at, last error, created_at ('' = none);
+-- nil when the event is gone.
+local function outbox_entry(eid)
+  local h = redis.call('HMGET', P .. 'wh:' .. eid, 'tenant_id', 'rid', 'seq', 'state', 'attempts', 'next_at',
+    'last_error', 'created_at')
+  if not h[1] then return nil end
+  local task_id = redis.call('HGET', P .. 't:' .. h[2], 'task_id')
+  return {eid, h[1], h[2], task_id or '', h[3], h[4], h[5] or '0', h[6] or '', h[7] or '', h[8] or '0'}
+end
+
 -- The directory (tenants, keys, audit). A record is a hash of strings written from a JSON
 -- array of field/value pairs (store/directory.py); an audit entry's 5 arguments are its
 -- id, time, tenant ('' = none), action and JSON.
