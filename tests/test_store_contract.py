@@ -379,7 +379,9 @@ async def test_expired_tasks_free_their_slot_and_keep_the_charge(store: Store) -
     assert all(r.timed_out and not r.active and not r.settled for r in expired)
     assert await store.expire_tasks(T0 + 3600, 3600, 3600) == []
     usage = await store.usage(TENANT, T0 + 3600)
-    assert usage == Usage(active=0, tasks_today=2, credits_today=2 * PRICE, credits_this_month=2 * PRICE)
+    assert usage == Usage(
+        active=0, tasks_today=2, credits_today=2 * PRICE, credits_this_month=2 * PRICE, tasks_this_month=2
+    )
     assert await nonzero_active(store) == {}
     assert (await admit(store, limits, now=T0 + 3600))[0].ok
     # A later terminal update still applies, does not free the slot twice, and refunds.
@@ -404,7 +406,9 @@ async def test_unknown_outcomes_free_their_slot_after_the_unknown_timeout(store:
     ]
     assert await store.expire_tasks(T0 + 400, 3600, 300) == []
     usage = await store.usage(TENANT, T0 + 400)  # slot freed, charge kept
-    assert usage == Usage(active=2, tasks_today=3, credits_today=3 * PRICE, credits_this_month=3 * PRICE)
+    assert usage == Usage(
+        active=2, tasks_today=3, credits_today=3 * PRICE, credits_this_month=3 * PRICE, tasks_this_month=3
+    )
     assert (await admit(store, limits, now=T0 + 400))[0].ok
     # A callback that identifies it later still applies, without freeing the slot twice, and FAILED refunds.
     late = "task-late-" + uuid.uuid4().hex[:6]
@@ -446,12 +450,12 @@ async def test_day_and_month_budgets_roll_over_at_utc_midnight(store: Store, hos
     adm, fresh = await admit(store, limits, now=after)
     assert adm.ok and fresh.charge_day == "2026-02-01" and fresh.charge_month == "2026-02"
     assert await store.usage(TENANT, after) == Usage(
-        active=2, tasks_today=1, credits_today=PRICE, credits_this_month=PRICE
+        active=2, tasks_today=1, credits_today=PRICE, credits_this_month=PRICE, tasks_this_month=1
     )
     # Settling yesterday's reservation gives back its slot, not today's budget.
     assert await store.settle_not_created(late.rid, after)
     assert await store.usage(TENANT, after) == Usage(
-        active=1, tasks_today=1, credits_today=PRICE, credits_this_month=PRICE
+        active=1, tasks_today=1, credits_today=PRICE, credits_this_month=PRICE, tasks_this_month=1
     )
 
 
@@ -462,7 +466,7 @@ async def test_settle_not_created_refunds_in_full_exactly_once(store: Store) -> 
     limits = Limits(max_active_tasks=1, tasks_per_day=1, credits_per_day=PRICE, credits_per_month=PRICE)
     adm, rec = await admit(store, limits)
     assert adm.ok
-    assert await store.usage(TENANT, T0) == Usage(1, 1, PRICE, PRICE)
+    assert await store.usage(TENANT, T0) == Usage(1, 1, PRICE, PRICE, 1)
     assert await store.settle_not_created(rec.rid, T0 + 1)
     assert await store.usage(TENANT, T0 + 1) == Usage()
     assert await store.get_by_rid(rec.rid) is None
@@ -476,7 +480,7 @@ async def test_mark_unknown_keeps_the_charge_until_settled(store: Store) -> None
     await store.mark_unknown(rec.rid, T0 + 30)
     got = await store.get_by_rid(rec.rid)
     assert got is not None and got.status == "UNKNOWN" and got.active and not got.settled
-    assert await store.usage(TENANT, T0 + 30) == Usage(1, 1, PRICE, PRICE)
+    assert await store.usage(TENANT, T0 + 30) == Usage(1, 1, PRICE, PRICE, 1)
     # Concurrent settlements of one reservation: one wins.
     results = await asyncio.gather(*(store.settle_not_created(rec.rid, T0 + 31) for _ in range(10)))
     assert sum(results) == 1
@@ -488,7 +492,7 @@ async def test_only_unanswered_reservations_settle_as_not_created(store: Store) 
     await store.mark_unknown(rec.rid, T0 + 1)  # no effect after PENDING
     assert (await store.get_by_rid(rec.rid)).status == "PENDING"  # type: ignore[union-attr]
     assert not await store.settle_not_created(rec.rid, T0 + 1)
-    assert await store.usage(TENANT, T0 + 1) == Usage(1, 1, PRICE, PRICE)
+    assert await store.usage(TENANT, T0 + 1) == Usage(1, 1, PRICE, PRICE, 1)
     assert not await store.settle_not_created("req_unknown", T0)
 
 
@@ -543,10 +547,12 @@ async def test_concurrent_failed_updates_refund_and_notify_exactly_once(store: S
     assert sum(r.finished for r in results) == 1 and sum(r.applied for r in results) == 1
     assert len([r.event_id for r in results if r.event_id]) == 1
     assert await store.webhook_pending() == 1
-    assert await store.usage(TENANT, T0 + 300) == Usage(active=0, tasks_today=1, credits_today=0, credits_this_month=0)
+    assert await store.usage(TENANT, T0 + 300) == Usage(
+        active=0, tasks_today=1, credits_today=0, credits_this_month=0, tasks_this_month=1
+    )
     # Applied twice more, later: still refunded once.
     again = await store.apply_update(rec.rid, TENANT, failed, T0 + 301, refund_failed=True)
-    assert again.refunded_credits == 0 and await store.usage(TENANT, T0 + 301) == Usage(0, 1, 0, 0)
+    assert again.refunded_credits == 0 and await store.usage(TENANT, T0 + 301) == Usage(0, 1, 0, 0, 1)
 
 
 @pytest.mark.parametrize(
@@ -569,7 +575,7 @@ async def test_adoption_of_an_unknown_rid_charges_once(store: Store) -> None:
         *(store.apply_update(rid, TENANT, running, T0, refund_failed=True, adopt=adopt) for _ in range(5))
     )
     assert sum(r.adopted for r in results) == 1 and sum(r.status_changed for r in results) == 1
-    assert await store.usage(TENANT, T0) == Usage(1, 1, PRICE, PRICE)
+    assert await store.usage(TENANT, T0) == Usage(1, 1, PRICE, PRICE, 1)
     got = await store.get_by_task_id(TENANT, "t-adopted")
     assert got is not None and got.rid == rid and got.status == "RUNNING" and got.active
     assert len([r for r in results if r.event_id]) == 1  # SUBMITTING -> RUNNING is news for the tenant
@@ -577,7 +583,7 @@ async def test_adoption_of_an_unknown_rid_charges_once(store: Store) -> None:
         rid, TENANT, task_obj("t-adopted", "SUCCEEDED"), T0 + 9, refund_failed=True, adopt=adopt
     )
     assert done.finished and not done.adopted
-    assert await store.usage(TENANT, T0 + 9) == Usage(0, 1, PRICE, PRICE)
+    assert await store.usage(TENANT, T0 + 9) == Usage(0, 1, PRICE, PRICE, 1)
 
 
 async def test_adoption_with_a_terminal_update(store: Store) -> None:
@@ -585,7 +591,7 @@ async def test_adoption_with_a_terminal_update(store: Store) -> None:
     adopt = TaskRecord(rid=rid, tenant_id=TENANT, credits=PRICE, created_at=T0, updated_at=T0)
     res = await store.apply_update(rid, TENANT, task_obj("t-late", "FAILED"), T0, refund_failed=True, adopt=adopt)
     assert res.adopted and res.finished and res.refunded_credits == PRICE
-    assert await store.usage(TENANT, T0) == Usage(0, 1, 0, 0)
+    assert await store.usage(TENANT, T0) == Usage(0, 1, 0, 0, 1)
     assert await nonzero_active(store) == {}
 
 
@@ -866,7 +872,7 @@ async def test_concurrent_creates_admit_exactly_the_limit(store: Store, limit: s
     admitted = [adm for adm, _ in results if adm.ok]
     assert len(admitted) == 7
     assert {adm.limit for adm, _ in results if not adm.ok} == {limit}
-    assert await store.usage(TENANT, T0) == Usage(7, 7, 70, 70)
+    assert await store.usage(TENANT, T0) == Usage(7, 7, 70, 70, 7)
 
 
 async def _race_child(spec: dict[str, str], limits: dict[str, int], n: int, start_at: float) -> int:
@@ -930,7 +936,7 @@ async def test_creates_from_two_processes_admit_exactly_the_limit(
         assert proc.returncode == 0, err.decode()
     counts = [int(out) for out, _ in outputs]
     assert sum(counts) == 7, counts
-    assert await store.usage(TENANT, T0) == Usage(7, 7, 70, 70)
+    assert await store.usage(TENANT, T0) == Usage(7, 7, 70, 70, 7)
 
 
 # --- Redis only ---------------------------------------------------------------------------
