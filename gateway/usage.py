@@ -24,7 +24,7 @@ DEFAULT_DAYS = 30  # `from` defaults to this many days before `to`
 GROUP_FIELDS = {"day": "date", "tenant": "tenant", "key": "key_id"}  # group_by part -> row field
 DEFAULT_GROUP_BY = ("day", "tenant")
 FORMATS = ("json", "csv")
-DAY_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+DAY_RE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
 
 
 @dataclass(frozen=True)

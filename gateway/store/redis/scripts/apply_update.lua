@@ -65,8 +65,13 @@ if TERMINAL[status] then
   end
   -- rules.book_update: the end on the day it happens, a refund on the charge day
   local key = r[15] or ''
-  book(today, tenant, key, status == 'SUCCEEDED' and 'tasks_succeeded' or 'tasks_failed', 1, ARGV[17])
-  book(r[7], tenant, key, 'credits_refunded', refunded, ARGV[17])
+  local ended = status == 'SUCCEEDED' and 'tasks_succeeded' or 'tasks_failed'
+  if r[7] == today then
+    book(today, tenant, key, {ended, 1, 'credits_refunded', refunded}, ARGV[17])
+  else
+    book(today, tenant, key, {ended, 1}, ARGV[17])
+    book(r[7], tenant, key, {'credits_refunded', refunded}, ARGV[17])
+  end
 end
 local hook = r[9]
 if changed and hook and hook ~= '' and not (cur == 'SUBMITTING' and status == 'PENDING') then

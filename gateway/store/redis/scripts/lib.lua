@@ -63,22 +63,30 @@ local function refund(q, day, month, today, this_month, tasks, credits)
   end
 end
 
--- The usage ledger (rules.Booking): add `n` to `counter` of the row (day, tenant, key; ''
--- = no key), kept as field "tenant<TAB>key<TAB>counter" of the day's hash {P}led:{day}. A
--- field back at zero is dropped (a reversed charge leaves no trace); the hash expires
--- `ttl_ms` after its last write (rules.LEDGER_RETENTION_DAYS).
-local function book(day, tenant, key, counter, n, ttl_ms)
-  if n == 0 then return end
+-- The usage ledger (rules.Booking): add to counters of the row (day, tenant, key; '' = no
+-- key), kept as fields "tenant<TAB>key<TAB>counter" of the day's hash {P}led:{day};
+-- `counts` is {counter, n, counter, n, ...}. A field back at zero is dropped (a reversed
+-- charge leaves no trace); the hash expires `ttl_ms` after its last write
+-- (rules.LEDGER_RETENTION_DAYS).
+local function book(day, tenant, key, counts, ttl_ms)
+  if not day then return end  -- a record without its charge day (never written so): no error
   local k = P .. 'led:' .. day
-  local f = tenant .. '\t' .. key .. '\t' .. counter
-  if redis.call('HINCRBY', k, f, n) == 0 then redis.call('HDEL', k, f) end
-  redis.call('PEXPIRE', k, ttl_ms)
+  local prefix = tenant .. '\t' .. key .. '\t'
+  local wrote = false
+  for i = 1, #counts, 2 do
+    local n = counts[i + 1]
+    if n ~= 0 then
+      local f = prefix .. counts[i]
+      if redis.call('HINCRBY', k, f, n) == 0 then redis.call('HDEL', k, f) end
+      wrote = true
+    end
+  end
+  if wrote then redis.call('PEXPIRE', k, ttl_ms) end
 end
 
 -- rules.book_charge (sign 1) and rules.book_not_created (sign -1).
 local function book_charge(day, tenant, key, credits, sign, ttl_ms)
-  book(day, tenant, key, 'tasks_created', sign, ttl_ms)
-  book(day, tenant, key, 'credits_charged', sign * credits, ttl_ms)
+  book(day, tenant, key, {'tasks_created', sign, 'credits_charged', sign * credits}, ttl_ms)
 end
 
 local function tkey(rid) return P .. 't:' .. rid end
