@@ -1608,3 +1608,14 @@ async def test_racing_charges_and_refunds_leave_the_ledger_equal_to_the_quotas(s
         assert sum(r.tasks_succeeded + r.tasks_failed for r in mine) == usage.tasks_today
         assert sum(r.credits_refunded for r in mine) == PRICE * sum(r.tasks_failed for r in mine)
         assert 0 < usage.tasks_today < 40  # the budget was reached, then partly given back
+
+
+async def test_a_refused_create_books_nothing(store: Store) -> None:
+    await keyed_create(store, KEY_A)
+    before = await store.ledger(T0_DAY, T0_DAY)
+    for limits in (Limits(max_active_tasks=1), Limits(tasks_per_day=1), Limits(credits_per_month=PRICE)):
+        rec = reservation()
+        rec.key_id = KEY_B
+        assert not (await store.admit_create(TENANT, limits, Charge(PRICE, T0_DAY, "2026-01"), rec, T0)).ok
+    assert await store.ledger(T0_DAY, T0_DAY) == before == [ledger_row(tasks_created=1, credits_charged=PRICE)]
+    assert (await store.usage(TENANT, T0)).tasks_this_month == 1
