@@ -27,9 +27,10 @@ import jwt
 import pytest
 from conftest import ADMIN_KEY, GatewayProcess, Simulator, TenantSpec, gen2_body, wait_until
 
-from gateway.store.base import Charge, Limits, TaskRecord
+from gateway.store.base import Charge, LedgerRow, Limits, TaskRecord
 from gateway.store.rules import day_key, month_key
 from gateway.store.sqlite import SQLiteStore
+from gateway.usage import UsageQuery, group, parse_query, to_csv
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 JWT_SECRET = "usage-ledger-test-jwt-secret-0123456789abcdef"
@@ -343,3 +344,50 @@ async def test_a_database_from_before_the_ledger_opens_and_books(tmp_path: Path)
         assert [(r.key_id, r.tasks_created) for r in await store.ledger(day_key(now), day_key(now))] == [("key_x", 1)]
     finally:
         await store.close()
+
+
+def test_grouping_sums_over_what_is_not_grouped_by() -> None:
+    ledger = [
+        LedgerRow("2026-01-01", "a", None, tasks_created=1, credits_charged=10),
+        LedgerRow("2026-01-01", "a", "key_2", tasks_created=2, credits_charged=20, tasks_failed=1, credits_refunded=10),
+        LedgerRow("2026-01-01", "b", "key_1", tasks_created=4, credits_charged=40),
+        LedgerRow("2026-01-02", "a", "key_2", tasks_succeeded=2),
+    ]
+    assert group(ledger, ("tenant",)) == [
+        {
+            "tenant": "a",
+            "tasks_created": 3,
+            "tasks_succeeded": 2,
+            "tasks_failed": 1,
+            "credits_charged": 30,
+            "credits_refunded": 10,
+        },
+        {
+            "tenant": "b",
+            "tasks_created": 4,
+            "tasks_succeeded": 0,
+            "tasks_failed": 0,
+            "credits_charged": 40,
+            "credits_refunded": 0,
+        },
+    ]
+    assert [(r["key_id"], r["tasks_created"], r["tasks_succeeded"]) for r in group(ledger, ("key",))] == [
+        (None, 1, 0),
+        ("key_1", 4, 0),
+        ("key_2", 2, 2),
+    ]
+    by_day = group(ledger, ("day",))
+    assert [(r["date"], r["credits_charged"]) for r in by_day] == [("2026-01-01", 70), ("2026-01-02", 0)]
+    query = UsageQuery("2026-01-01", "2026-01-02", group_by=("day", "key"), format="csv")
+    assert to_csv(group(ledger, query.group_by), query).splitlines()[:2] == [
+        "date,key_id,tasks_created,tasks_succeeded,tasks_failed,credits_charged,credits_refunded",
+        "2026-01-01,,1,0,0,10,0",
+    ]
+    defaults = parse_query({}, datetime(2026, 3, 1, 0, 30, tzinfo=UTC).timestamp())
+    assert (defaults.from_day, defaults.to_day, defaults.group_by, defaults.format) == (
+        "2026-01-30",
+        "2026-03-01",
+        ("day", "tenant"),
+        "json",
+    )
+    assert parse_query({"group_by": " key , day,key"}, 0).group_by == ("day", "key")
