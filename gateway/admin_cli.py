@@ -19,6 +19,9 @@ from typing import Any
 
 import httpx
 
+from gateway.errors import GatewayError
+from gateway.usage import parse_day, parse_group_by
+
 URL_ENV, KEY_ENV = "RUNWAY_GATEWAY_URL", "RUNWAY_GATEWAY_ADMIN_KEY"
 DEFAULT_URL = "http://127.0.0.1:8080"
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -55,6 +58,24 @@ def page_size(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 1000:
         raise argparse.ArgumentTypeError(f"{text!r}: must be an integer from 1 to 1000")
     return int(text)
+
+
+def day(text: str) -> str:
+    """`--from`/`--to`: a UTC date as YYYY-MM-DD."""
+    try:
+        return parse_day(text, "date").isoformat()
+    except GatewayError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date as YYYY-MM-DD") from None
+
+
+def group_by(text: str) -> str:
+    """`--group-by`: day, tenant, key or a comma-separated set of them."""
+    try:
+        return ",".join(parse_group_by(text))
+    except GatewayError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected day, tenant, key or a comma-separated set of them"
+        ) from None
 
 
 def limit_setting(text: str) -> tuple[str, int | None]:
@@ -140,6 +161,22 @@ def add_parser(sub: Any) -> None:
     wredeliver = wv.add_parser("redeliver", help="queue a dead event again (before its task's later events)")
     wredeliver.add_argument("event_id")
     wredeliver.set_defaults(run=webhooks_redeliver)
+    usage = groups.add_parser(
+        "usage",
+        help="the usage ledger: tasks and credits per UTC day, tenant and key",
+        description="Rows of the usage ledger between two UTC dates (both included, at most 366 days):"
+        " tasks created, succeeded and failed, credits charged and refunded. The API's JSON with"
+        " --json, its CSV with --csv.",
+    )
+    usage.add_argument(
+        "--from", dest="from_day", type=day, metavar="DATE", help="first day (default: 30 days before --to)"
+    )
+    usage.add_argument("--to", dest="to_day", type=day, metavar="DATE", help="last day (default: today, UTC)")
+    usage.add_argument("--tenant", help="one tenant only")
+    usage.add_argument("--key-id", help="one API key only")
+    usage.add_argument("--group-by", type=group_by, metavar="day,tenant,key", help="what a row sums over (day,tenant)")
+    usage.add_argument("--csv", action="store_true", help="print the API's CSV")
+    usage.set_defaults(run=usage_report)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -153,7 +190,9 @@ def run(args: argparse.Namespace) -> int:
     except ApiError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    if args.json:
+    if isinstance(data, str):  # CSV, as the API sent it
+        print(data, end="")
+    elif args.json:
         print(json.dumps(data, indent=2))
     else:
         print(render(args, data))
@@ -170,11 +209,18 @@ class Client:
         )
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None, **params: Any) -> Any:
-        query = {k: v for k, v in params.items() if v is not None}
-        try:
-            resp = self._http.request(method, path, json=body, params=query)
-        except httpx.HTTPError as exc:
-            raise ApiError(f"cannot reach the gateway at {self._http.base_url}: {exc}") from None
+        return self._answer(self._send(method, path, body, params), path)
+
+    def text(self, path: str, **params: Any) -> str:
+        """A GET whose success is not JSON (the usage CSV); an error is still the API's JSON."""
+        resp = self._send("GET", path, None, params)
+        if resp.status_code >= 400:
+            self._answer(resp, path)  # raises ApiError
+        return resp.text
+
+    @staticmethod
+    def _answer(resp: httpx.Response, path: str) -> Any:
+        """The JSON of an answer; ApiError with the API's message for an error."""
         try:
             data = resp.json()
         except ValueError:
@@ -184,6 +230,13 @@ class Client:
             param = f" (param: {error['param']})" if error.get("param") else ""
             raise ApiError(f"{error.get('message', 'HTTP ' + str(resp.status_code))}{param} [{error.get('code')}]")
         return data
+
+    def _send(self, method: str, path: str, body: dict[str, Any] | None, params: dict[str, Any]) -> httpx.Response:
+        query = {k: v for k, v in params.items() if v is not None}
+        try:
+            return self._http.request(method, path, json=body, params=query)
+        except httpx.HTTPError as exc:
+            raise ApiError(f"cannot reach the gateway at {self._http.base_url}: {exc}") from None
 
     def all_pages(self, path: str) -> dict[str, Any]:
         """Every item of a list, following `has_more` with `after`."""
@@ -261,6 +314,13 @@ def webhooks_redeliver(c: Client, a: argparse.Namespace) -> Any:
     return c.call("POST", f"{V1}/webhooks/{a.event_id}/redeliver")
 
 
+def usage_report(c: Client, a: argparse.Namespace) -> Any:
+    params = {"from": a.from_day, "to": a.to_day, "tenant": a.tenant, "key_id": a.key_id, "group_by": a.group_by}
+    if a.csv:
+        return c.text(f"{V1}/usage", **params, format="csv")
+    return c.call("GET", f"{V1}/usage", **params)
+
+
 # --- tables ------------------------------------------------------------------------------
 
 
@@ -313,6 +373,27 @@ def details(obj: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def usage_table(rows: list[dict[str, Any]]) -> str:
+    """The report's rows; the columns are the row's fields (those grouped by, then the counters)."""
+    if not rows:
+        return "no usage in this range"
+    fields = list(rows[0])
+    headers = [USAGE_HEADERS.get(f, f.upper()) for f in fields]
+    return table(headers, [["-" if row[f] is None else str(row[f]) for f in fields] for row in rows])
+
+
+USAGE_HEADERS = {
+    "date": "DATE",
+    "tenant": "TENANT",
+    "key_id": "KEY",
+    "tasks_created": "CREATED",
+    "tasks_succeeded": "SUCCEEDED",
+    "tasks_failed": "FAILED",
+    "credits_charged": "CHARGED",
+    "credits_refunded": "REFUNDED",
+}
+
+
 def render(a: argparse.Namespace, data: Any) -> str:
     if a.group == "tenants" and a.verb == "list":
         rows = [
@@ -363,6 +444,8 @@ def render(a: argparse.Namespace, data: Any) -> str:
             for e in data["data"]
         ]
         return table(["ID", "TENANT", "TASK", "STATUS", "ATTEMPTS", "NEXT ATTEMPT", "LAST ERROR", "CREATED"], rows)
+    if a.group == "usage":
+        return usage_table(data["data"])
     text = details(data)
     for shown_once in ("secret", "webhook_secret"):
         if shown_once in data:

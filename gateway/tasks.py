@@ -101,8 +101,10 @@ class TaskService:
         request_id: str,
         meta: dict[str, Any] | None = None,
         upload: PendingUpload | None = None,
+        key_id: str | None = None,
     ) -> Created:
         """admit -> rewrite -> keep the upload -> forward -> record (the caller authenticated).
+        `key_id` is the caller's API key (None for a JWT): the usage ledger's row.
 
         Raises the 429 of a refusal (`quotas.refused`) and `CreateFailed` (or its
         `OutcomeUnknown`) when the upstream did not accept the task. `upload`, an image the
@@ -121,6 +123,7 @@ class TaskService:
             updated_at=now,
             next_poll_at=now + self.config.upstream.poll_interval_seconds,
             meta=meta or {},
+            key_id=key_id,
         )
         admission = await self.store.admit_create(
             tenant.id, tenant.limits, Charge(credits, day_key(now), month_key(now)), reservation, now

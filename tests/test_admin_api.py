@@ -508,7 +508,13 @@ def test_no_secret_or_hash_in_any_list_audit_entry_or_log_line(admin_gw: Gateway
 def test_the_usage_route_still_answers_for_config_and_api_tenants(admin_gw: GatewayProcess, api: httpx.Client) -> None:
     assert admin_gw.usage("cfg-a")["active"] == 0
     tenant = make_tenant(api)["id"]
-    assert admin_gw.usage(tenant) == {"active": 0, "tasks_today": 0, "credits_today": 0, "credits_this_month": 0}
+    assert admin_gw.usage(tenant) == {
+        "active": 0,
+        "tasks_today": 0,
+        "credits_today": 0,
+        "credits_this_month": 0,
+        "tasks_this_month": 0,
+    }
 
 
 def test_a_minted_key_works_on_the_tenant_api_until_rotated_out_or_revoked(

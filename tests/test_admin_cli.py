@@ -10,8 +10,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
+import httpx
 import pytest
 from conftest import ADMIN_KEY, ROOT, GatewayProcess, Simulator, TenantSpec, free_port, gen2_body, wait_until
 
@@ -39,7 +41,11 @@ def cli_gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]
     # max_attempts lands in GatewayProcess's [webhooks] (written just before extra_toml):
     # an event whose hook is closed dies at its first attempt.
     g = GatewayProcess(
-        tmp, sim.url, [TenantSpec("cfg-cli", limits={"max_active_tasks": 4})], extra_toml="max_attempts = 1\n"
+        tmp,
+        sim.url,
+        # usage-cli: the usage report's own tenant, so other tests' tasks never show in its rows
+        [TenantSpec("cfg-cli", limits={"max_active_tasks": 4}), TenantSpec("usage-cli")],
+        extra_toml="max_attempts = 1\n",
     )
     g.start()
     yield g
@@ -230,3 +236,53 @@ def test_usage_errors_exit_2(args: list[str]) -> None:
     done = run(*args)
     assert done.returncode == 2, (done.stdout, done.stderr)
     assert done.stderr
+
+
+# --- admin usage -------------------------------------------------------------------------
+
+
+def test_usage_report_as_a_table_json_and_csv(cli: Cli, cli_gw: GatewayProcess) -> None:
+    with httpx.Client(base_url=cli_gw.url, headers=cli_gw.tenants["usage-cli"].headers(), timeout=10) as c:
+        for i in range(2):
+            assert c.post("/runway/tasks", json=gen2_body(f"cli usage {i}")).status_code == 200
+    day = datetime.now(UTC).date().isoformat()
+    key_id = cli.json("keys", "list", "usage-cli")["data"][0]["id"]
+
+    def ended() -> Any:  # both tasks finished (the simulator's 1 s): the rows stop moving
+        api = httpx.get(
+            f"{cli_gw.url}/admin/v1/usage",
+            params={"tenant": "usage-cli", "group_by": "day,tenant,key", "from": day, "to": day},
+            headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+            timeout=10,
+        ).json()
+        return api if sum(r["tasks_succeeded"] + r["tasks_failed"] for r in api["data"]) == 2 else None
+
+    api = wait_until(ended, 15, 0.1, "both tasks ended")
+    assert [(r["key_id"], r["tasks_created"], r["credits_charged"]) for r in api["data"]] == [(key_id, 2, 20)]
+    args = ["usage", "--tenant", "usage-cli", "--group-by", "key,day,tenant", "--from", day, "--to", day]
+    assert cli.json(*args) == api
+
+    table = cli.ok(*args).splitlines()
+    assert table[0].split() == ["DATE", "TENANT", "KEY", "CREATED", "SUCCEEDED", "FAILED", "CHARGED", "REFUNDED"]
+    assert table[1].split()[:4] == [day, "usage-cli", key_id, "2"] and len(table) == 2
+    assert cli.ok("usage", "--tenant", "usage-cli").splitlines()[0].split()[:3] == ["DATE", "TENANT", "CREATED"]
+    assert cli.ok("usage", "--tenant", "nobody").strip() == "no usage in this range"
+
+    csv_text = cli.ok(*args, "--csv")
+    assert csv_text.splitlines() == [
+        "date,tenant,key_id,tasks_created,tasks_succeeded,tasks_failed,credits_charged,credits_refunded",
+        ",".join(str(v) for v in api["data"][0].values()),
+    ]
+    assert cli.ok("--json", *args, "--csv") == csv_text  # the CSV asked for, not JSON
+    assert cli.ok("usage", "--tenant", "usage-cli", "--key-id", "key_nobody", "--csv").splitlines() == [
+        "date,tenant,tasks_created,tasks_succeeded,tasks_failed,credits_charged,credits_refunded"
+    ]
+
+
+def test_usage_errors(cli: Cli) -> None:
+    assert run("usage", "--help").returncode == 0
+    assert "param: from" in cli.fails("usage", "--from", "2026-03-02", "--to", "2026-03-01")
+    assert "param: from" in cli.fails("usage", "--from", "2020-01-01", "--to", "2026-01-01", "--csv")
+    for bad in (["--from", "2026-02-30"], ["--to", "tomorrow"], ["--group-by", "week"], ["--group-by", ""]):
+        done = run(*cli.flags, "usage", *bad)
+        assert done.returncode == 2 and "usage: runway-gateway admin usage" in done.stderr, (bad, done.stderr)

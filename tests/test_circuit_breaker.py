@@ -117,4 +117,10 @@ async def test_a_relay_that_is_down_opens_the_circuit_and_readyz_says_so(tmp_pat
         assert (
             refused.status_code == 503 and error["code"] == "upstream_unavailable" and "not calling" in error["message"]
         )
-        assert await run.usage() == {"active": 0, "tasks_today": 0, "credits_today": 0, "credits_this_month": 0}
+        assert await run.usage() == {
+            "active": 0,
+            "tasks_today": 0,
+            "credits_today": 0,
+            "credits_this_month": 0,
+            "tasks_this_month": 0,
+        }

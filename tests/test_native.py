@@ -464,7 +464,13 @@ def test_upstream_429_is_503_rate_limited_with_retry_after_and_refunded(failing,
     err = assert_error(resp, 503, "upstream_rate_limited", None)
     assert resp.headers["retry-after"] == answered and f"{answered} s" in err["message"]
     assert UPSTREAM_KEY not in resp.text
-    assert g.usage("t") == {"active": 0, "tasks_today": 0, "credits_today": 0, "credits_this_month": 0}
+    assert g.usage("t") == {
+        "active": 0,
+        "tasks_today": 0,
+        "credits_today": 0,
+        "credits_this_month": 0,
+        "tasks_this_month": 0,
+    }
     s.control(create_status=0)
     assert create(g, "t").status_code == 200  # the upstream's 429 opened no circuit
 

@@ -555,7 +555,13 @@ def test_nothing_is_stored_for_a_refused_or_failed_upload(
             "upstream_rate_limited",
         )
         assert kept_uploads(g, store_url) == 1
-        assert g.usage("unlucky") == {"active": 0, "tasks_today": 0, "credits_today": 0, "credits_this_month": 0}
+        assert g.usage("unlucky") == {
+            "active": 0,
+            "tasks_today": 0,
+            "credits_today": 0,
+            "credits_this_month": 0,
+            "tasks_this_month": 0,
+        }
 
         own_sim.control(create_status=0, garbage=True)  # sent, answered with garbage: outcome unknown
         raises(

@@ -108,7 +108,13 @@ def test_rejections_change_no_counter(replicas: list[GatewayProcess]) -> None:
         assert [c.get("/runway/tasks").status_code for _ in range(3)] == [200, 200, 200]
         last = c.get("/runway/tasks")
         assert last.status_code == 429 and last.json()["error"]["code"] == "rate_limit_exceeded"
-    assert g.usage("seq") == {"active": 2, "tasks_today": 2, "credits_today": 20, "credits_this_month": 20}
+    assert g.usage("seq") == {
+        "active": 2,
+        "tasks_today": 2,
+        "credits_today": 20,
+        "credits_this_month": 20,
+        "tasks_this_month": 2,
+    }
 
 
 def test_rate_limit_headers_are_exact(replicas: list[GatewayProcess]) -> None:
@@ -151,9 +157,21 @@ def test_refunds_follow_what_the_upstream_did(
         assert c.post("/runway/tasks", json=gen2_body(upscale=True)).status_code == status
     usage = g.usage("refund")
     if status == 504:  # sent, no answer: the outcome is unknown, the charge is kept
-        assert usage == {"active": 1, "tasks_today": 1, "credits_today": 15, "credits_this_month": 15}
+        assert usage == {
+            "active": 1,
+            "tasks_today": 1,
+            "credits_today": 15,
+            "credits_this_month": 15,
+            "tasks_this_month": 1,
+        }
     else:  # the upstream answered an error: it created nothing, everything back
-        assert usage == {"active": 0, "tasks_today": 0, "credits_today": 0, "credits_this_month": 0}
+        assert usage == {
+            "active": 0,
+            "tasks_today": 0,
+            "credits_today": 0,
+            "credits_this_month": 0,
+            "tasks_this_month": 0,
+        }
 
 
 # UTC-11 and UTC+14: their dates are always a day apart, so at any moment at least one of
@@ -186,7 +204,13 @@ def test_connection_refused_refunds(start_gateway) -> None:
     with g.client("t") as c:
         for _ in range(3):
             assert c.post("/runway/tasks", json=gen2_body()).json()["error"]["code"] == "upstream_unavailable"
-    assert g.usage("t") == {"active": 0, "tasks_today": 0, "credits_today": 0, "credits_this_month": 0}
+    assert g.usage("t") == {
+        "active": 0,
+        "tasks_today": 0,
+        "credits_today": 0,
+        "credits_this_month": 0,
+        "tasks_this_month": 0,
+    }
 
 
 def test_failed_task_refunds_credits_once_and_frees_its_slot(sim: Simulator, start_gateway) -> None:

@@ -335,6 +335,16 @@ async def test_create_status_answers_that_status(client: httpx.AsyncClient, stat
     await create(client)
 
 
+async def test_create_fail_rate_fails_that_share_of_creates_before_any_task(client: httpx.AsyncClient) -> None:
+    await control(client, create_fail_rate=1, create_status=503)
+    response = await client.post("/runway/tasks", headers=AUTH, json=example_body())
+    assert response.status_code == 503 and "error" in response.json()
+    await control(client, create_fail_rate=0.5, create_status=0)
+    statuses = [(await client.post("/runway/tasks", headers=AUTH, json=example_body())).status_code for _ in range(60)]
+    assert set(statuses) == {200, 500} and 10 <= statuses.count(500) <= 50
+    assert len((await client.get("/_sim/tasks")).json()["tasks"]) == statuses.count(200)
+
+
 async def test_garbage_answers_200_html(client: httpx.AsyncClient) -> None:
     await control(client, garbage=True)
     response = await client.post("/runway/tasks", headers=AUTH, json=example_body())
@@ -456,6 +466,7 @@ async def test_observation_endpoints_and_reset(client: httpx.AsyncClient) -> Non
         b'{"bogus": 1}',
         b'{"garbage": 1}',
         b'{"fail_rate": 2}',
+        b'{"create_fail_rate": 1.5}',
         b'{"create_status": 200}',
         b'{"artifact_bytes": 1.5}',
         b'{"latency_seconds": -1}',

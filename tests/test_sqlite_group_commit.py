@@ -135,7 +135,9 @@ async def test_a_failing_operation_rolls_back_only_its_own_writes(store: SQLiteS
     )
     assert outcomes[0] is True and outcomes[2] is True
     assert isinstance(outcomes[1], sqlite3.IntegrityError)
-    assert await store.usage(TENANT, T0) == Usage(active=2, tasks_today=2, credits_today=10, credits_this_month=10)
+    assert await store.usage(TENANT, T0) == Usage(
+        active=2, tasks_today=2, credits_today=10, credits_this_month=10, tasks_this_month=2
+    )
     assert store.db.execute("SELECT COUNT(*) FROM tasks").fetchone()[0] == 2
     assert not store.db.in_transaction
 

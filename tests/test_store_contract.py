@@ -38,6 +38,7 @@ from gateway.store.base import (
     Charge,
     DirectorySnapshot,
     KeyRecord,
+    LedgerRow,
     Limits,
     RateInfo,
     Store,
@@ -381,7 +382,9 @@ async def test_expired_tasks_free_their_slot_and_keep_the_charge(store: Store) -
     assert all(r.timed_out and not r.active and not r.settled for r in expired)
     assert await store.expire_tasks(T0 + 3600, 3600, 3600) == []
     usage = await store.usage(TENANT, T0 + 3600)
-    assert usage == Usage(active=0, tasks_today=2, credits_today=2 * PRICE, credits_this_month=2 * PRICE)
+    assert usage == Usage(
+        active=0, tasks_today=2, credits_today=2 * PRICE, credits_this_month=2 * PRICE, tasks_this_month=2
+    )
     assert await nonzero_active(store) == {}
     assert (await admit(store, limits, now=T0 + 3600))[0].ok
     # A later terminal update still applies, does not free the slot twice, and refunds.
@@ -406,7 +409,9 @@ async def test_unknown_outcomes_free_their_slot_after_the_unknown_timeout(store:
     ]
     assert await store.expire_tasks(T0 + 400, 3600, 300) == []
     usage = await store.usage(TENANT, T0 + 400)  # slot freed, charge kept
-    assert usage == Usage(active=2, tasks_today=3, credits_today=3 * PRICE, credits_this_month=3 * PRICE)
+    assert usage == Usage(
+        active=2, tasks_today=3, credits_today=3 * PRICE, credits_this_month=3 * PRICE, tasks_this_month=3
+    )
     assert (await admit(store, limits, now=T0 + 400))[0].ok
     # A callback that identifies it later still applies, without freeing the slot twice, and FAILED refunds.
     late = "task-late-" + uuid.uuid4().hex[:6]
@@ -448,12 +453,12 @@ async def test_day_and_month_budgets_roll_over_at_utc_midnight(store: Store, hos
     adm, fresh = await admit(store, limits, now=after)
     assert adm.ok and fresh.charge_day == "2026-02-01" and fresh.charge_month == "2026-02"
     assert await store.usage(TENANT, after) == Usage(
-        active=2, tasks_today=1, credits_today=PRICE, credits_this_month=PRICE
+        active=2, tasks_today=1, credits_today=PRICE, credits_this_month=PRICE, tasks_this_month=1
     )
     # Settling yesterday's reservation gives back its slot, not today's budget.
     assert await store.settle_not_created(late.rid, after)
     assert await store.usage(TENANT, after) == Usage(
-        active=1, tasks_today=1, credits_today=PRICE, credits_this_month=PRICE
+        active=1, tasks_today=1, credits_today=PRICE, credits_this_month=PRICE, tasks_this_month=1
     )
 
 
@@ -464,7 +469,7 @@ async def test_settle_not_created_refunds_in_full_exactly_once(store: Store) -> 
     limits = Limits(max_active_tasks=1, tasks_per_day=1, credits_per_day=PRICE, credits_per_month=PRICE)
     adm, rec = await admit(store, limits)
     assert adm.ok
-    assert await store.usage(TENANT, T0) == Usage(1, 1, PRICE, PRICE)
+    assert await store.usage(TENANT, T0) == Usage(1, 1, PRICE, PRICE, 1)
     assert await store.settle_not_created(rec.rid, T0 + 1)
     assert await store.usage(TENANT, T0 + 1) == Usage()
     assert await store.get_by_rid(rec.rid) is None
@@ -478,7 +483,7 @@ async def test_mark_unknown_keeps_the_charge_until_settled(store: Store) -> None
     await store.mark_unknown(rec.rid, T0 + 30)
     got = await store.get_by_rid(rec.rid)
     assert got is not None and got.status == "UNKNOWN" and got.active and not got.settled
-    assert await store.usage(TENANT, T0 + 30) == Usage(1, 1, PRICE, PRICE)
+    assert await store.usage(TENANT, T0 + 30) == Usage(1, 1, PRICE, PRICE, 1)
     # Concurrent settlements of one reservation: one wins.
     results = await asyncio.gather(*(store.settle_not_created(rec.rid, T0 + 31) for _ in range(10)))
     assert sum(results) == 1
@@ -490,7 +495,7 @@ async def test_only_unanswered_reservations_settle_as_not_created(store: Store) 
     await store.mark_unknown(rec.rid, T0 + 1)  # no effect after PENDING
     assert (await store.get_by_rid(rec.rid)).status == "PENDING"  # type: ignore[union-attr]
     assert not await store.settle_not_created(rec.rid, T0 + 1)
-    assert await store.usage(TENANT, T0 + 1) == Usage(1, 1, PRICE, PRICE)
+    assert await store.usage(TENANT, T0 + 1) == Usage(1, 1, PRICE, PRICE, 1)
     assert not await store.settle_not_created("req_unknown", T0)
 
 
@@ -545,10 +550,12 @@ async def test_concurrent_failed_updates_refund_and_notify_exactly_once(store: S
     assert sum(r.finished for r in results) == 1 and sum(r.applied for r in results) == 1
     assert len([r.event_id for r in results if r.event_id]) == 1
     assert await store.webhook_pending() == 1
-    assert await store.usage(TENANT, T0 + 300) == Usage(active=0, tasks_today=1, credits_today=0, credits_this_month=0)
+    assert await store.usage(TENANT, T0 + 300) == Usage(
+        active=0, tasks_today=1, credits_today=0, credits_this_month=0, tasks_this_month=1
+    )
     # Applied twice more, later: still refunded once.
     again = await store.apply_update(rec.rid, TENANT, failed, T0 + 301, refund_failed=True)
-    assert again.refunded_credits == 0 and await store.usage(TENANT, T0 + 301) == Usage(0, 1, 0, 0)
+    assert again.refunded_credits == 0 and await store.usage(TENANT, T0 + 301) == Usage(0, 1, 0, 0, 1)
 
 
 @pytest.mark.parametrize(
@@ -571,7 +578,7 @@ async def test_adoption_of_an_unknown_rid_charges_once(store: Store) -> None:
         *(store.apply_update(rid, TENANT, running, T0, refund_failed=True, adopt=adopt) for _ in range(5))
     )
     assert sum(r.adopted for r in results) == 1 and sum(r.status_changed for r in results) == 1
-    assert await store.usage(TENANT, T0) == Usage(1, 1, PRICE, PRICE)
+    assert await store.usage(TENANT, T0) == Usage(1, 1, PRICE, PRICE, 1)
     got = await store.get_by_task_id(TENANT, "t-adopted")
     assert got is not None and got.rid == rid and got.status == "RUNNING" and got.active
     assert len([r for r in results if r.event_id]) == 1  # SUBMITTING -> RUNNING is news for the tenant
@@ -579,7 +586,7 @@ async def test_adoption_of_an_unknown_rid_charges_once(store: Store) -> None:
         rid, TENANT, task_obj("t-adopted", "SUCCEEDED"), T0 + 9, refund_failed=True, adopt=adopt
     )
     assert done.finished and not done.adopted
-    assert await store.usage(TENANT, T0 + 9) == Usage(0, 1, PRICE, PRICE)
+    assert await store.usage(TENANT, T0 + 9) == Usage(0, 1, PRICE, PRICE, 1)
 
 
 async def test_adoption_with_a_terminal_update(store: Store) -> None:
@@ -587,7 +594,7 @@ async def test_adoption_with_a_terminal_update(store: Store) -> None:
     adopt = TaskRecord(rid=rid, tenant_id=TENANT, credits=PRICE, created_at=T0, updated_at=T0)
     res = await store.apply_update(rid, TENANT, task_obj("t-late", "FAILED"), T0, refund_failed=True, adopt=adopt)
     assert res.adopted and res.finished and res.refunded_credits == PRICE
-    assert await store.usage(TENANT, T0) == Usage(0, 1, 0, 0)
+    assert await store.usage(TENANT, T0) == Usage(0, 1, 0, 0, 1)
     assert await nonzero_active(store) == {}
 
 
@@ -868,7 +875,7 @@ async def test_concurrent_creates_admit_exactly_the_limit(store: Store, limit: s
     admitted = [adm for adm, _ in results if adm.ok]
     assert len(admitted) == 7
     assert {adm.limit for adm, _ in results if not adm.ok} == {limit}
-    assert await store.usage(TENANT, T0) == Usage(7, 7, 70, 70)
+    assert await store.usage(TENANT, T0) == Usage(7, 7, 70, 70, 7)
 
 
 async def _race_child(spec: dict[str, str], limits: dict[str, int], n: int, start_at: float) -> int:
@@ -932,7 +939,7 @@ async def test_creates_from_two_processes_admit_exactly_the_limit(
         assert proc.returncode == 0, err.decode()
     counts = [int(out) for out, _ in outputs]
     assert sum(counts) == 7, counts
-    assert await store.usage(TENANT, T0) == Usage(7, 7, 70, 70)
+    assert await store.usage(TENANT, T0) == Usage(7, 7, 70, 70, 7)
 
 
 # --- Redis only ---------------------------------------------------------------------------
@@ -1640,3 +1647,214 @@ async def test_redis_redelivers_a_dead_event_left_by_an_older_gateway(redis_url:
     finally:
         await store.close()
         await _delete_prefix(redis_url, prefix)
+
+
+# --- the usage ledger ---------------------------------------------------------------------
+
+KEY_A, KEY_B = "key_aaaa", "key_bbbb"
+T0_DAY = "2026-01-15"
+
+
+def ledger_row(day: str = T0_DAY, tenant: str = TENANT, key_id: str | None = KEY_A, **counts: int) -> LedgerRow:
+    return LedgerRow(day, tenant, key_id, **counts)
+
+
+async def keyed_create(
+    store: Store, key_id: str | None, *, now: float = T0, tenant: str = TENANT, credits: int = PRICE
+) -> tuple[TaskRecord, str]:
+    """Admit a reservation made with `key_id` and record the upstream's PENDING answer."""
+    rec = reservation(tenant=tenant, now=now, credits=credits)
+    rec.key_id = key_id
+    adm = await store.admit_create(tenant, NO_LIMITS, Charge(credits, day_key(now), month_key(now)), rec, now)
+    assert adm.ok
+    task_id = f"task-{uuid.uuid4().hex[:12]}"
+    res = await store.apply_update(rec.rid, tenant, task_obj(task_id, "PENDING"), now, refund_failed=True)
+    assert res.record is not None and res.record.key_id == key_id
+    return res.record, task_id
+
+
+async def test_ledger_books_an_admission_and_a_create_never_made_leaves_no_trace(store: Store) -> None:
+    rec = reservation()
+    rec.key_id = KEY_A
+    assert (await store.admit_create(TENANT, NO_LIMITS, Charge(PRICE, T0_DAY, "2026-01"), rec, T0)).ok
+    assert (await store.get_by_rid(rec.rid)).key_id == KEY_A  # type: ignore[union-attr]
+    assert await store.ledger(T0_DAY, T0_DAY) == [ledger_row(tasks_created=1, credits_charged=PRICE)]
+    assert (await store.usage(TENANT, T0)).tasks_this_month == 1
+    await store.mark_unknown(rec.rid, T0 + 1)  # an unknown outcome keeps its charge
+    assert await store.ledger(T0_DAY, T0_DAY) == [ledger_row(tasks_created=1, credits_charged=PRICE)]
+    assert await store.settle_not_created(rec.rid, T0 + 2)
+    assert await store.ledger("2026-01-01", "2026-01-31") == []
+    assert await store.usage(TENANT, T0 + 2) == Usage()
+    assert not await store.settle_not_created(rec.rid, T0 + 3)  # settles once: nothing booked twice
+    assert await store.ledger("2026-01-01", "2026-01-31") == []
+
+
+async def test_ledger_books_terminal_states_when_they_happen_and_refunds_once(store: Store) -> None:
+    outcomes = [("SUCCEEDED", True), ("FAILED", True), ("CANCELLED", True), ("FAILED", False)]
+    for status, refund in outcomes:
+        rec, tid = await keyed_create(store, KEY_A)
+        running = task_obj(tid, "RUNNING", "2026-01-15T12:00:10Z")
+        assert (await store.apply_update(rec.rid, TENANT, running, T0 + 10, refund_failed=refund)).applied
+        end = task_obj(tid, status, "2026-01-15T12:01:00Z")
+        for _ in range(3):  # repeated terminal callbacks book nothing more
+            await store.apply_update(rec.rid, TENANT, end, T0 + 60, refund_failed=refund)
+    assert await store.ledger(T0_DAY, T0_DAY) == [
+        ledger_row(
+            tasks_created=4, tasks_succeeded=1, tasks_failed=3, credits_charged=4 * PRICE, credits_refunded=2 * PRICE
+        )
+    ]
+    usage = await store.usage(TENANT, T0 + 60)
+    assert (usage.tasks_today, usage.credits_today, usage.tasks_this_month) == (4, 2 * PRICE, 4)
+
+
+@pytest.mark.parametrize("host_zone", list(HOST_ZONES), indirect=True)
+async def test_a_refund_after_utc_midnight_is_booked_on_the_charge_day(store: Store, host_zone: str) -> None:
+    eve = datetime(2026, 1, 31, 23, 59, 59, tzinfo=UTC).timestamp()
+    after = eve + 2
+    failed_rec, failed_tid = await keyed_create(store, KEY_A, now=eve)
+    done_rec, done_tid = await keyed_create(store, KEY_B, now=eve)
+    fresh, _ = await keyed_create(store, KEY_A, now=after)
+    res = await store.apply_update(
+        failed_rec.rid, TENANT, task_obj(failed_tid, "FAILED", "2026-02-01T00:00:01Z"), after, refund_failed=True
+    )
+    assert res.refunded_credits == PRICE
+    await store.apply_update(
+        done_rec.rid, TENANT, task_obj(done_tid, "SUCCEEDED", "2026-02-01T00:00:01Z"), after, refund_failed=True
+    )
+    assert await store.ledger("2026-01-31", "2026-02-01") == [
+        ledger_row("2026-01-31", tasks_created=1, credits_charged=PRICE, credits_refunded=PRICE),
+        ledger_row("2026-01-31", key_id=KEY_B, tasks_created=1, credits_charged=PRICE),
+        ledger_row("2026-02-01", tasks_created=1, tasks_failed=1, credits_charged=PRICE),
+        ledger_row("2026-02-01", key_id=KEY_B, tasks_succeeded=1),
+    ]
+    assert await store.ledger("2026-02-01", "2026-02-28") == (await store.ledger("2026-01-31", "2026-02-01"))[2:]
+    # The quotas of the new day and month hold only the fresh task, as the ledger's February does.
+    assert await store.usage(TENANT, after) == Usage(1, 1, PRICE, PRICE, 1)
+    assert fresh.charge_day == "2026-02-01"
+
+
+async def test_a_lagging_clock_books_the_day_it_charged(store: Store) -> None:
+    """A replica whose clock is behind charges the stored, newer period (rules.Quota.roll):
+    the reservation and the ledger name that day too, so a refund finds its charge."""
+    after = datetime(2026, 2, 1, 0, 0, 1, tzinfo=UTC).timestamp()
+    await keyed_create(store, KEY_A, now=after)
+    late, tid = await keyed_create(store, KEY_A, now=after - 5)  # 2026-01-31 on this clock
+    assert (late.charge_day, late.charge_month) == ("2026-02-01", "2026-02")
+    await store.apply_update(late.rid, TENANT, task_obj(tid, "FAILED"), after + 1, refund_failed=True)
+    assert await store.ledger("2026-01-01", "2026-02-28") == [
+        ledger_row("2026-02-01", tasks_created=2, tasks_failed=1, credits_charged=2 * PRICE, credits_refunded=PRICE)
+    ]
+    assert await store.usage(TENANT, after + 1) == Usage(1, 2, PRICE, PRICE, 2)
+
+
+async def test_adoption_books_a_charge_without_a_key(store: Store) -> None:
+    rid = new_rid()
+    adopt = TaskRecord(rid=rid, tenant_id=TENANT, credits=PRICE, created_at=T0, updated_at=T0)
+    results = await asyncio.gather(
+        *(
+            store.apply_update(rid, TENANT, task_obj("t-adopted", "FAILED"), T0, refund_failed=True, adopt=adopt)
+            for _ in range(5)
+        )
+    )
+    assert sum(r.adopted for r in results) == 1
+    assert await store.ledger(T0_DAY, T0_DAY) == [
+        ledger_row(key_id=None, tasks_created=1, tasks_failed=1, credits_charged=PRICE, credits_refunded=PRICE)
+    ]
+
+
+async def test_ledger_rows_are_filtered_and_sorted(store: Store) -> None:
+    day2 = T0 + 86400
+    for key_id, tenant, now in [  # in time order: a clock going back would charge the later day
+        (KEY_B, TENANT, T0),
+        (KEY_A, OTHER, T0),
+        (KEY_A, TENANT, T0),
+        (None, TENANT, T0),
+        (KEY_A, TENANT, T0),
+        (KEY_B, TENANT, day2),
+    ]:
+        await keyed_create(store, key_id, now=now, tenant=tenant)
+    one = {"tasks_created": 1, "credits_charged": PRICE}
+    two = {"tasks_created": 2, "credits_charged": 2 * PRICE}
+    everything = [
+        ledger_row(key_id=None, **one),
+        ledger_row(**two),
+        ledger_row(key_id=KEY_B, **one),
+        ledger_row(tenant=OTHER, **one),
+        ledger_row("2026-01-16", key_id=KEY_B, **one),
+    ]
+    assert await store.ledger("2026-01-01", "2026-12-31") == everything
+    assert await store.ledger(T0_DAY, T0_DAY) == everything[:4]
+    assert await store.ledger("2026-01-16", "2026-01-16") == everything[4:]
+    assert await store.ledger("2026-01-17", "2026-01-20") == []
+    assert await store.ledger("2026-01-01", "2026-12-31", tenant=OTHER) == [everything[3]]
+    assert await store.ledger("2026-01-01", "2026-12-31", key_id=KEY_B) == [everything[2], everything[4]]
+    assert await store.ledger("2026-01-01", "2026-12-31", tenant=OTHER, key_id=KEY_B) == []
+    assert await store.ledger("2026-01-01", "2026-12-31", tenant=TENANT, key_id=KEY_A) == [everything[1]]
+
+
+async def test_ledger_rows_are_kept_at_least_400_days(store: Store, store_spec: StoreSpec) -> None:
+    await keyed_create(store, KEY_A)
+    expected = [ledger_row(tasks_created=1, credits_charged=PRICE)]
+    if store_spec.kind == "redis":
+        import redis.asyncio as aioredis
+
+        client = aioredis.Redis.from_url(store_spec.target)
+        try:
+            ttl_ms = await client.pttl(f"{store_spec.prefix}led:{T0_DAY}")
+        finally:
+            await client.aclose()
+        assert 399.9 * 86400_000 <= ttl_ms <= 400 * 86400_000
+        return
+    await store.maintain(T0 + 400 * 86400)  # the 400th day after: still kept
+    assert await store.ledger(T0_DAY, T0_DAY) == expected
+    await store.maintain(T0 + 401 * 86400)
+    assert await store.ledger(T0_DAY, T0_DAY) == []
+
+
+async def test_racing_charges_and_refunds_leave_the_ledger_equal_to_the_quotas(store: Store) -> None:
+    """Many creates at once under a credit budget, each then settled at once as a racing
+    mix: not created (reversed), FAILED (refunded) or SUCCEEDED, on two keys and two
+    tenants. For each tenant the day's ledger equals its quota counters."""
+    limits = Limits(credits_per_day=40 * PRICE)
+    fates = ["not_created", "failed", "succeeded"]
+
+    async def one(i: int) -> None:
+        tenant = (TENANT, OTHER)[i % 2]
+        rec = reservation(tenant=tenant)
+        rec.key_id = (KEY_A, KEY_B, None)[i % 3]
+        adm = await store.admit_create(tenant, limits, Charge(PRICE, T0_DAY, "2026-01"), rec, T0)
+        if not adm.ok:
+            return
+        fate = fates[(i // 6) % 3]
+        if fate == "not_created":
+            assert await store.settle_not_created(rec.rid, T0 + 1)
+            return
+        tid = f"task-{rec.rid}"
+        await store.apply_update(rec.rid, tenant, task_obj(tid, "PENDING"), T0 + 1, refund_failed=True)
+        end = task_obj(tid, "FAILED" if fate == "failed" else "SUCCEEDED")
+        await asyncio.gather(*(store.apply_update(rec.rid, tenant, end, T0 + 2, refund_failed=True) for _ in range(3)))
+
+    await asyncio.gather(*(one(i) for i in range(120)))
+    rows = await store.ledger(T0_DAY, T0_DAY)
+    assert {r.key_id for r in rows} == {KEY_A, KEY_B, None}
+    for tenant in (TENANT, OTHER):
+        mine = [r for r in rows if r.tenant_id == tenant]
+        usage = await store.usage(tenant, T0 + 2)
+        assert usage.active == 0
+        assert sum(r.tasks_created for r in mine) == usage.tasks_today == usage.tasks_this_month
+        net = sum(r.credits_charged - r.credits_refunded for r in mine)
+        assert net == usage.credits_today == usage.credits_this_month
+        assert sum(r.tasks_succeeded + r.tasks_failed for r in mine) == usage.tasks_today
+        assert sum(r.credits_refunded for r in mine) == PRICE * sum(r.tasks_failed for r in mine)
+        assert 0 < usage.tasks_today < 40  # the budget was reached, then partly given back
+
+
+async def test_a_refused_create_books_nothing(store: Store) -> None:
+    await keyed_create(store, KEY_A)
+    before = await store.ledger(T0_DAY, T0_DAY)
+    for limits in (Limits(max_active_tasks=1), Limits(tasks_per_day=1), Limits(credits_per_month=PRICE)):
+        rec = reservation()
+        rec.key_id = KEY_B
+        assert not (await store.admit_create(TENANT, limits, Charge(PRICE, T0_DAY, "2026-01"), rec, T0)).ok
+    assert await store.ledger(T0_DAY, T0_DAY) == before == [ledger_row(tasks_created=1, credits_charged=PRICE)]
+    assert (await store.usage(TENANT, T0)).tasks_this_month == 1

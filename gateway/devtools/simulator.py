@@ -125,6 +125,7 @@ class Control:
     fail_rate: float
     latency_seconds: float = 0.0  # sleep before answering creates and status calls
     create_status: int = 0  # 0 = normal; else answer creates with it and a JSON error
+    create_fail_rate: float = 0.0  # this share of creates answered with an error (create_status, or 500)
     status_status: int = 0  # same for GET /runway/tasks/{id}
     retry_after: int = 1  # the `retry-after` seconds of those answers when they are 429s; 0 sends none
     garbage: bool = False  # answer creates 200 text/html (no task is created)
@@ -155,7 +156,7 @@ def _control_value_ok(name: str, kind: Any, value: Any) -> bool:
         return False
     if name in ("create_status", "status_status"):
         return value == 0 or 400 <= value <= 599
-    return 0 <= value <= (1 if name == "fail_rate" else MAX_BIG_BYTES)
+    return 0 <= value <= (1 if name in ("fail_rate", "create_fail_rate") else MAX_BIG_BYTES)
 
 
 def _now() -> str:
@@ -359,8 +360,10 @@ class Simulator:
         ctl = self.control
         if ctl.latency_seconds:
             await asyncio.sleep(ctl.latency_seconds)
-        if ctl.create_status:
+        if ctl.create_status and not ctl.create_fail_rate:
             return _error(ctl.create_status, "simulated upstream error", "simulated", ctl.retry_after)
+        if ctl.create_fail_rate and self._random.random() < ctl.create_fail_rate:
+            return _error(ctl.create_status or 500, "simulated upstream error", "simulated", ctl.retry_after)
         if ctl.garbage:
             return Response(_GARBAGE, media_type="text/html")
         if not self._authorized(request):

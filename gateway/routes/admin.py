@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway import admin
+from gateway import admin, usage
 from gateway.admin import ACTIONS, AdminKey, AdminTenant, AdminView, AuditContext, page
 from gateway.auth import AuthFailure, key_hash
 from gateway.errors import GatewayError, bad_request, not_found
@@ -264,6 +264,21 @@ async def redeliver_webhook(request: Request) -> Response:
     return json_response(admin.webhook_event_json(event), 202)
 
 
+# --- the usage ledger ------------------------------------------------------------------
+
+
+async def usage_report(request: Request) -> Response:
+    """The usage ledger (contract §10): rows per UTC day, tenant and key between `from`
+    and `to`, summed by `group_by`, as JSON or (`format=csv`) CSV with the same rows."""
+    _require_admin(request)
+    s = services(request)
+    query = usage.parse_query(request.query_params, s.clock())
+    rows = usage.group(await s.store.ledger(query.from_day, query.to_day, query.tenant, query.key_id), query.group_by)
+    if query.format == "csv":
+        return Response(usage.to_csv(rows, query), media_type="text/csv")
+    return json_response({"object": "list", "data": rows, "has_more": False})
+
+
 # --- the older usage read --------------------------------------------------------------
 
 
@@ -298,4 +313,5 @@ routes = [
     Route(f"{V1}/audit", list_audit, methods=["GET"]),
     Route(f"{V1}/webhooks", list_webhooks, methods=["GET"]),
     Route(f"{V1}/webhooks/{{event_id}}/redeliver", redeliver_webhook, methods=["POST"]),
+    Route(f"{V1}/usage", usage_report, methods=["GET"]),
 ]

@@ -94,7 +94,9 @@ async def submit_task(
     request's context what the create learned, also when the upstream failed it."""
     ctx = context(request)
     try:
-        created = await services(request).tasks.create(principal.tenant, req, ctx.request_id, meta, upload)
+        created = await services(request).tasks.create(
+            principal.tenant, req, ctx.request_id, meta, upload, principal.key_id
+        )
     except CreateFailed as failed:
         ctx.rate, ctx.upstream_ms = failed.rate, failed.upstream_ms
         raise

@@ -141,6 +141,7 @@ class TaskRecord:
     deleted: bool = False  # hidden from the tenant (DELETE /v1/videos/{id})
     next_poll_at: float = 0.0
     meta: dict[str, Any] = field(default_factory=dict)  # route-specific extras (OpenAI size, model...)
+    key_id: str | None = None  # the API key that created it (None: a JWT, or adopted from a callback)
 
     @property
     def terminal(self) -> bool:
@@ -218,10 +219,34 @@ class IdempotencyResult:
 
 @dataclass
 class Usage:
+    """A tenant's quota counters now (UTC day and month). `tasks_this_month` is counted in
+    the same steps and by the same period rule as the ledger's `tasks_created`, so it is the
+    sum of the tenant's ledger rows for this month."""
+
     active: int = 0
     tasks_today: int = 0
     credits_today: int = 0
     credits_this_month: int = 0
+    tasks_this_month: int = 0
+
+
+LEDGER_COUNTERS = ("tasks_created", "tasks_succeeded", "tasks_failed", "credits_charged", "credits_refunded")
+
+
+@dataclass
+class LedgerRow:
+    """One day of the usage ledger for one tenant and key (`key_id` None: a JWT, or a task
+    adopted from a callback). The counters are LEDGER_COUNTERS; store/rules.py says what
+    books them (`book_*`)."""
+
+    day: str  # YYYY-MM-DD, UTC
+    tenant_id: str
+    key_id: str | None
+    tasks_created: int = 0
+    tasks_succeeded: int = 0
+    tasks_failed: int = 0
+    credits_charged: int = 0
+    credits_refunded: int = 0
 
 
 @dataclass
@@ -397,6 +422,14 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def usage(self, tenant_id: str, now: float) -> Usage: ...
+
+    @abc.abstractmethod
+    async def ledger(
+        self, from_day: str, to_day: str, tenant: str | None = None, key_id: str | None = None
+    ) -> list[LedgerRow]:
+        """The usage ledger's rows from `from_day` to `to_day` (YYYY-MM-DD, UTC, inclusive),
+        of one tenant and/or key when given, sorted by (day, tenant, key_id; None first).
+        Every row has a counter other than zero. Rows are kept LEDGER_RETENTION_DAYS (rules)."""
 
     @abc.abstractmethod
     async def active_by_tenant(self) -> dict[str, int]: ...

@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from gateway.store.base import (
@@ -114,6 +114,7 @@ class Quota:
     day_credits: int = 0
     month: str = ""
     month_credits: int = 0
+    month_tasks: int = 0  # no limit counts it: Usage.tasks_this_month, the ledger's month
 
     def roll(self, now: float) -> None:
         """Start a new day or month when `now` is in one. Periods only move forward: a
@@ -122,7 +123,7 @@ class Quota:
         if self.day < today:
             self.day, self.day_tasks, self.day_credits = today, 0, 0
         if self.month < this_month:
-            self.month, self.month_credits = this_month, 0
+            self.month, self.month_credits, self.month_tasks = this_month, 0, 0
 
 
 def retry_after(limit: str, now: float, level: float = 0.0, capacity: int = 1) -> float:
@@ -187,6 +188,7 @@ def charge(q: Quota, credits: int) -> None:
     q.day_tasks += 1
     q.day_credits += credits
     q.month_credits += credits
+    q.month_tasks += 1
 
 
 def free_slot(q: Quota) -> None:
@@ -209,6 +211,8 @@ def uncharge(q: Quota, rec: TaskRecord) -> None:
         free_slot(q)
     if rec.charge_day == q.day:
         q.day_tasks = max(0, q.day_tasks - 1)
+    if rec.charge_month == q.month:
+        q.month_tasks = max(0, q.month_tasks - 1)
     refund_credits(q, rec)
 
 
@@ -257,3 +261,66 @@ def decide_update(rec: TaskRecord, task: dict[str, Any], now: float, refund_fail
             if new_status in REFUNDABLE and refund_failed and rec.credits:
                 result.refunded_credits = rec.credits
     return result
+
+
+# --- the usage ledger -------------------------------------------------------------------
+
+LEDGER_RETENTION_DAYS = 400  # a day's rows are kept at least this long
+
+
+@dataclass
+class Booking:
+    """What one step adds to one ledger row: (UTC day, tenant, key; "" = no key) and the
+    amount for each counter it moves (LEDGER_COUNTERS). A store books it in the same
+    transaction or script as the charge or refund it records."""
+
+    day: str
+    tenant_id: str
+    key_id: str
+    deltas: dict[str, int]
+
+
+def book_charge(rec: TaskRecord) -> Booking:
+    """An admission (or an adoption): one task created and its credits, on the charge day."""
+    return Booking(
+        rec.charge_day, rec.tenant_id, rec.key_id or "", {"tasks_created": 1, "credits_charged": rec.credits}
+    )
+
+
+def book_not_created(rec: TaskRecord) -> Booking:
+    """The upstream certainly did not create the task: its charge reversed on the charge
+    day, so the ledger keeps no trace of it (a row left all zero is dropped)."""
+    return Booking(
+        rec.charge_day, rec.tenant_id, rec.key_id or "", {"tasks_created": -1, "credits_charged": -rec.credits}
+    )
+
+
+def book_update(rec: TaskRecord, decision: UpdateResult, now: float) -> list[Booking]:
+    """A task update: a terminal state counts on the day it happens (SUCCEEDED as
+    succeeded, FAILED and CANCELLED as failed); a refund on the charge day, the day whose
+    budget it restores. Nothing for any other update."""
+    bookings: list[Booking] = []
+    key = rec.key_id or ""
+    if decision.finished:
+        counter = "tasks_succeeded" if rec.status == "SUCCEEDED" else "tasks_failed"
+        bookings.append(Booking(day_key(now), rec.tenant_id, key, {counter: 1}))
+    if decision.refunded_credits:
+        bookings.append(Booking(rec.charge_day, rec.tenant_id, key, {"credits_refunded": decision.refunded_credits}))
+    return bookings
+
+
+def ledger_cutoff(now: float) -> str:
+    """The first day still kept: rows of earlier days may be dropped (SQLite's `maintain`;
+    Redis expires a day's hash LEDGER_RETENTION_DAYS after its last write)."""
+    return day_key(now - LEDGER_RETENTION_DAYS * 86400)
+
+
+def days_between(from_day: str, to_day: str) -> list[str]:
+    """Every UTC day from `from_day` to `to_day` (YYYY-MM-DD, inclusive); [] when from > to."""
+    first, last = date.fromisoformat(from_day), date.fromisoformat(to_day)
+    return [(first + timedelta(days=n)).isoformat() for n in range((last - first).days + 1)]
+
+
+def ledger_row_key(day: str, tenant_id: str, key_id: str | None) -> tuple[str, str, str]:
+    """The order of ledger rows: day, tenant, key (no key first)."""
+    return day, tenant_id, key_id or ""

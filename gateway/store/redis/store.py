@@ -36,6 +36,10 @@ Key layout (every key starts with `prefix`, "gw:" by default):
                               status, headers, body (done), rid (unknown)
     {p}secret:{name}   string shared secrets (first writer wins)
     {p}ready           string the readiness probe's write (expires after 60 s)
+    {p}led:{day}       hash   the usage ledger's rows of one UTC day: field
+                              "{tenant}<TAB>{key_id}<TAB>{counter}" -> count ("" key = none), a
+                              field back at 0 deleted; expires LEDGER_RETENTION_DAYS after
+                              its last write
 
 The directory (tenants and keys created through the admin API, and the audit trail); a
 record is a hash of strings, encoded by store/directory.py (the same field map SQLite
@@ -88,6 +92,7 @@ from gateway.store.base import (
     ALL_LIMITS,
     DEAD_EVENT_RETENTION,
     LAST_ERROR_MAX,
+    LEDGER_COUNTERS,
     SUBMITTING,
     Admission,
     AuditEntry,
@@ -95,6 +100,7 @@ from gateway.store.base import (
     DirectorySnapshot,
     IdempotencyResult,
     KeyRecord,
+    LedgerRow,
     Limits,
     OutboxEntry,
     Store,
@@ -113,6 +119,7 @@ from gateway.store.rules import day_key, month_key
 
 TERMINAL_TTL = 30 * 86400.0
 DEAD_EVENT_TTL = DEAD_EVENT_RETENTION
+LEDGER_TTL_MS = str(rules.LEDGER_RETENTION_DAYS * 86400 * 1000)  # after a day hash's last write
 INCLUDE_LIB = "-- include: lib.lua\n"
 
 
@@ -168,6 +175,7 @@ def _record_blob(rec: TaskRecord) -> bytes:
         "deleted", _flag(rec.deleted),
         "next_poll_at", _num(rec.next_poll_at),
         "upd", _updated_at(rec.task),
+        "key_id", rec.key_id or "",
     ]  # fmt: skip
     for key, value in rec.meta.items():
         fields += [f"m:{key}", orjson.dumps(value).decode()]
@@ -212,6 +220,7 @@ def _record_from_map(h: dict[str, str]) -> TaskRecord | None:
         deleted=h.get("deleted") == "1",
         next_poll_at=float(h.get("next_poll_at", 0)),
         meta=meta,
+        key_id=h.get("key_id") or None,
     )
 
 
@@ -325,6 +334,7 @@ class RedisStore(Store):
         self._append_audit = self._script("append_audit")
         self._list_audit = self._script("list_audit")
         self._prune_audit = self._script("prune_audit")
+        self._ledger = self._script("ledger")
 
     def _script(self, name: str) -> Script:
         return self._r.register_script(script_source(name))
@@ -388,8 +398,9 @@ class RedisStore(Store):
             self.prefix, tenant_id, _num(now),
             *(str(getattr(limits, name) or 0) for name in ALL_LIMITS),
             str(charge.credits), day, month, reservation.rid, _record_blob(reservation),
+            reservation.key_id or "", LEDGER_TTL_MS,
         ]  # fmt: skip
-        ok, failed, rpm_level, tpm_level = await self._admit(keys=[self._k("q", tenant_id)], args=args)
+        ok, failed, rpm_level, tpm_level, *charged = await self._admit(keys=[self._k("q", tenant_id)], args=args)
         # Bucket levels after the take (admitted) or as they stand (refused: nothing taken).
         buckets = {
             "requests_per_minute": (float(rpm_level), limits.requests_per_minute),
@@ -397,13 +408,15 @@ class RedisStore(Store):
         }
         rate = rules.tightest([rules.bucket_info(level, cap) for level, cap in buckets.values() if cap is not None])
         if ok:
+            # the periods charged: the stored ones when this replica's clock lags (rules.Quota.roll)
+            reservation.charge_day, reservation.charge_month = _s(charged[0]), _s(charged[1])
             return Admission(ok=True, rate=rate)
         limit = ALL_LIMITS[int(failed) - 1]
         level, cap = buckets.get(limit, (0.0, None))
         return Admission(ok=False, limit=limit, retry_after=rules.retry_after(limit, now, level, cap or 1), rate=rate)
 
     async def settle_not_created(self, rid: str, now: float) -> bool:
-        args = [self.prefix, rid, day_key(now), month_key(now)]
+        args = [self.prefix, rid, day_key(now), month_key(now), LEDGER_TTL_MS]
         return bool(await self._settle(keys=[self._k("t", rid)], args=args))
 
     async def mark_unknown(self, rid: str, now: float) -> None:
@@ -429,7 +442,7 @@ class RedisStore(Store):
             _flag(refund_failed), new_event_id(now), body, _num(now),
             str(task_id) if task_id else "", _num(self.terminal_ttl),
             _updated_at(task), day_key(now), month_key(now),
-            adopt_blob,
+            adopt_blob, LEDGER_TTL_MS,
         ]  # fmt: skip
         reply = await self._apply(keys=[self._k("t", rid)], args=args)
         if not reply[0]:
@@ -501,9 +514,11 @@ class RedisStore(Store):
         return bool(await self._hide(args=[self.prefix, tenant_id, task_id]))
 
     async def usage(self, tenant_id: str, now: float) -> Usage:
-        (day, tasks, credits, month, mcredits), active = await asyncio.gather(  # one write: auto-pipelined
+        (day, tasks, credits, month, mcredits, mtasks), active = await asyncio.gather(  # auto-pipelined
             self._r.execute(
-                "HMGET", self._k("q", tenant_id), "day", "day_tasks", "day_credits", "month", "month_credits"
+                "HMGET",
+                self._k("q", tenant_id),
+                *("day", "day_tasks", "day_credits", "month", "month_credits", "month_tasks"),
             ),
             self._r.execute("HGET", self._k("act"), tenant_id),
         )
@@ -514,7 +529,28 @@ class RedisStore(Store):
             tasks_today=int(tasks or 0) if today else 0,
             credits_today=int(credits or 0) if today else 0,
             credits_this_month=int(mcredits or 0) if this_month else 0,
+            tasks_this_month=int(mtasks or 0) if this_month else 0,
         )
+
+    async def ledger(
+        self, from_day: str, to_day: str, tenant: str | None = None, key_id: str | None = None
+    ) -> list[LedgerRow]:
+        days = rules.days_between(from_day, to_day)
+        if not days:
+            return []
+        args = [self.prefix, tenant or "", _flag(tenant is not None), key_id or "", _flag(key_id is not None)]
+        replies = await self._ledger(keys=[self._k("led", day) for day in days], args=args)
+        rows: list[LedgerRow] = []
+        for day, flat in zip(days, replies, strict=True):
+            by_row: dict[tuple[str, str], LedgerRow] = {}
+            for field_name, value in _pairs(flat).items():
+                row_tenant, key, counter = field_name.rsplit("\t", 2)
+                if counter not in LEDGER_COUNTERS:
+                    continue
+                row = by_row.setdefault((row_tenant, key), LedgerRow(day, row_tenant, key or None))
+                setattr(row, counter, int(value))
+            rows += sorted(by_row.values(), key=lambda r: rules.ledger_row_key(r.day, r.tenant_id, r.key_id))
+        return rows
 
     async def active_by_tenant(self) -> dict[str, int]:
         h = _pairs(await self._r.execute("HGETALL", self._k("act")))

@@ -17,7 +17,8 @@ CREATE TABLE IF NOT EXISTS quota (
     tpm_tokens REAL, tpm_ts REAL NOT NULL DEFAULT 0,
     active INTEGER NOT NULL DEFAULT 0,
     day TEXT NOT NULL DEFAULT '', day_tasks INTEGER NOT NULL DEFAULT 0, day_credits INTEGER NOT NULL DEFAULT 0,
-    month TEXT NOT NULL DEFAULT '', month_credits INTEGER NOT NULL DEFAULT 0
+    month TEXT NOT NULL DEFAULT '', month_credits INTEGER NOT NULL DEFAULT 0,
+    month_tasks INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS tasks (
     rid TEXT PRIMARY KEY,
@@ -38,7 +39,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     timed_out INTEGER NOT NULL DEFAULT 0,
     deleted INTEGER NOT NULL DEFAULT 0,
     next_poll_at REAL NOT NULL DEFAULT 0,
-    meta TEXT NOT NULL DEFAULT '{}'
+    meta TEXT NOT NULL DEFAULT '{}',
+    key_id TEXT
 );
 CREATE INDEX IF NOT EXISTS tasks_by_tenant ON tasks (tenant, created_at);
 CREATE INDEX IF NOT EXISTS tasks_to_poll ON tasks (next_poll_at)
@@ -83,6 +85,19 @@ CREATE TABLE IF NOT EXISTS assets (
     data BLOB NOT NULL,
     expires_at REAL NOT NULL
 );
+-- the usage ledger: one row per UTC day, tenant and key ('' = no key), rules.book_*
+CREATE TABLE IF NOT EXISTS ledger (
+    day TEXT NOT NULL,
+    tenant TEXT NOT NULL,
+    key_id TEXT NOT NULL DEFAULT '',
+    tasks_created INTEGER NOT NULL DEFAULT 0,
+    tasks_succeeded INTEGER NOT NULL DEFAULT 0,
+    tasks_failed INTEGER NOT NULL DEFAULT 0,
+    credits_charged INTEGER NOT NULL DEFAULT 0,
+    credits_refunded INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (day, tenant, key_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS ledger_by_tenant ON ledger (tenant, day);
 -- the directory (store/directory.py): `data` is the JSON of a record's field map
 CREATE TABLE IF NOT EXISTS tenants (id TEXT PRIMARY KEY, data TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS api_keys (
@@ -108,21 +123,27 @@ INSERT OR IGNORE INTO directory (id, version) VALUES (1, 0);
 """
 
 
+# (table, column, definition): columns added after a table's first release
+ADDED_COLUMNS = (
+    ("idempotency", "rid", "TEXT NOT NULL DEFAULT ''"),
+    ("quota", "month_tasks", "INTEGER NOT NULL DEFAULT 0"),  # counts from the upgrade on, as the ledger
+    ("tasks", "key_id", "TEXT"),  # NULL for the tasks created before: no key known
+    ("webhooks", "last_error", "TEXT"),
+)
+
+
 def migrate(db: sqlite3.Connection) -> None:
     """Columns added after a table's first release (CREATE TABLE IF NOT EXISTS keeps an old
     table as it was). Workers starting together may race: the loser's duplicate is fine."""
-    _add_column(db, "idempotency", "rid", "TEXT NOT NULL DEFAULT ''")
-    _add_column(db, "webhooks", "last_error", "TEXT")
-
-
-def _add_column(db: sqlite3.Connection, table: str, column: str, definition: str) -> None:
-    if column in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
-        return
-    try:
-        db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
-    except sqlite3.OperationalError as exc:
-        if "duplicate column" not in str(exc):
-            raise
+    for table, column, definition in ADDED_COLUMNS:
+        columns = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        if column in columns:
+            continue
+        try:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+        except sqlite3.OperationalError as exc:
+            if "duplicate column" not in str(exc):
+                raise
 
 
 def connect(path: str) -> sqlite3.Connection:

@@ -27,6 +27,7 @@ from gateway.store import directory, rules
 from gateway.store.base import (
     DEAD_EVENT_RETENTION,
     LAST_ERROR_MAX,
+    LEDGER_COUNTERS,
     SUBMITTING,
     UNKNOWN,
     Admission,
@@ -35,6 +36,7 @@ from gateway.store.base import (
     DirectorySnapshot,
     IdempotencyResult,
     KeyRecord,
+    LedgerRow,
     Limits,
     OutboxEntry,
     Store,
@@ -46,7 +48,7 @@ from gateway.store.base import (
     WebhookEvent,
     new_event_id,
 )
-from gateway.store.rules import Quota
+from gateway.store.rules import Booking, Quota
 from gateway.store.sqlite.group_commit import OUTAGE, GroupCommit
 from gateway.store.sqlite.schema import SCHEMA, checkpoint, connect, migrate
 
@@ -95,6 +97,7 @@ class SQLiteStore(Store):
             self.db.execute("DELETE FROM idempotency WHERE expires_at <= ?", (now,))
             self.db.execute("DELETE FROM assets WHERE expires_at <= ?", (now,))
             self.db.execute("DELETE FROM webhooks WHERE state = 'dead' AND next_at <= ?", (now - DEAD_EVENT_RETENTION,))
+            self.db.execute("DELETE FROM ledger WHERE day < ?", (rules.ledger_cutoff(now),))
         await asyncio.to_thread(checkpoint, self.path)
 
     @property
@@ -152,6 +155,7 @@ class SQLiteStore(Store):
             self._save_quota(tenant_id, q)
             reservation.charge_day, reservation.charge_month, reservation.credits = q.day, q.month, charge.credits
             self._insert_task(reservation)
+            self._book(rules.book_charge(reservation))
         return Admission(True, rate=rate)
 
     async def settle_not_created(self, rid: str, now: float) -> bool:
@@ -163,6 +167,7 @@ class SQLiteStore(Store):
             rules.uncharge(q, rec)
             self._save_quota(rec.tenant_id, q)
             self.db.execute("DELETE FROM tasks WHERE rid = ?", (rid,))
+            self._book(rules.book_not_created(rec))
         return True
 
     async def mark_unknown(self, rid: str, now: float) -> None:
@@ -203,6 +208,8 @@ class SQLiteStore(Store):
                 if result.refunded_credits:
                     rules.refund_credits(q, rec)
                 self._save_quota(rec.tenant_id, q)
+                for booking in rules.book_update(rec, result, now):
+                    self._book(booking)
             self._update_task(rec)
             if result.notify:
                 result.event_id = self._enqueue_event(rec, now)
@@ -255,7 +262,23 @@ class SQLiteStore(Store):
     async def usage(self, tenant_id: str, now: float) -> Usage:
         async with self._tx:
             q = self._quota(tenant_id, now)
-        return Usage(q.active, q.day_tasks, q.day_credits, q.month_credits)
+        return Usage(q.active, q.day_tasks, q.day_credits, q.month_credits, q.month_tasks)
+
+    async def ledger(
+        self, from_day: str, to_day: str, tenant: str | None = None, key_id: str | None = None
+    ) -> list[LedgerRow]:
+        sql = ["SELECT * FROM ledger WHERE day >= ? AND day <= ?"]
+        args: list[Any] = [from_day, to_day]
+        if tenant is not None:
+            sql.append("AND tenant = ?")
+            args.append(tenant)
+        if key_id is not None:
+            sql.append("AND key_id = ?")
+            args.append(key_id)
+        sql.append("ORDER BY day, tenant, key_id")
+        with OUTAGE:
+            rows = self.reader.execute(" ".join(sql), args).fetchall()
+        return [LedgerRow(r["day"], r["tenant"], r["key_id"] or None, *(r[c] for c in LEDGER_COUNTERS)) for r in rows]
 
     async def active_by_tenant(self) -> dict[str, int]:
         with OUTAGE:
@@ -646,6 +669,7 @@ class SQLiteStore(Store):
         q = Quota(
             row["rpm_tokens"], row["rpm_ts"], row["tpm_tokens"], row["tpm_ts"], row["active"],
             row["day"], row["day_tasks"], row["day_credits"], row["month"], row["month_credits"],
+            row["month_tasks"],
         )  # fmt: skip
         q.roll(now)
         return q
@@ -653,7 +677,7 @@ class SQLiteStore(Store):
     def _save_quota(self, tenant_id: str, q: Quota) -> None:
         self.db.execute(
             "UPDATE quota SET rpm_tokens = ?, rpm_ts = ?, tpm_tokens = ?, tpm_ts = ?, active = ?, day = ?,"
-            " day_tasks = ?, day_credits = ?, month = ?, month_credits = ? WHERE tenant = ?",
+            " day_tasks = ?, day_credits = ?, month = ?, month_credits = ?, month_tasks = ? WHERE tenant = ?",
             (
                 q.rpm_tokens,
                 q.rpm_ts,
@@ -665,6 +689,7 @@ class SQLiteStore(Store):
                 q.day_credits,
                 q.month,
                 q.month_credits,
+                q.month_tasks,
                 tenant_id,
             ),
         )
@@ -720,8 +745,8 @@ class SQLiteStore(Store):
     def _insert_task(self, r: TaskRecord) -> None:
         self.db.execute(
             "INSERT INTO tasks (rid, tenant, task_id, key_index, status, task, hook, task_type, credits, charge_day,"
-            " charge_month, created_at, updated_at, active, settled, timed_out, deleted, next_poll_at, meta)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " charge_month, created_at, updated_at, active, settled, timed_out, deleted, next_poll_at, meta, key_id)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 r.rid,
                 r.tenant_id,
@@ -742,6 +767,7 @@ class SQLiteStore(Store):
                 int(r.deleted),
                 r.next_poll_at,
                 orjson.dumps(r.meta).decode(),
+                r.key_id,
             ),
         )
 
@@ -758,7 +784,30 @@ class SQLiteStore(Store):
         self._save_quota(rec.tenant_id, q)
         rec.status, rec.active, rec.charge_day, rec.charge_month = SUBMITTING, True, q.day, q.month
         self._insert_task(rec)
+        self._book(rules.book_charge(rec))
         return rec
+
+    def _book(self, b: Booking) -> None:
+        """Add a booking to its ledger row (one UPSERT); a reversal that leaves the row all
+        zero deletes it (a create the upstream did not accept leaves no trace)."""
+        d = b.deltas
+        counts = tuple(d.get(name, 0) for name in LEDGER_COUNTERS)
+        self.db.execute(
+            "INSERT INTO ledger (day, tenant, key_id, tasks_created, tasks_succeeded, tasks_failed, credits_charged,"
+            " credits_refunded) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (day, tenant, key_id) DO UPDATE SET"
+            " tasks_created = tasks_created + excluded.tasks_created,"
+            " tasks_succeeded = tasks_succeeded + excluded.tasks_succeeded,"
+            " tasks_failed = tasks_failed + excluded.tasks_failed,"
+            " credits_charged = credits_charged + excluded.credits_charged,"
+            " credits_refunded = credits_refunded + excluded.credits_refunded",
+            (b.day, b.tenant_id, b.key_id, *counts),
+        )
+        if min(counts) < 0:
+            self.db.execute(
+                "DELETE FROM ledger WHERE day = ? AND tenant = ? AND key_id = ? AND tasks_created = 0"
+                " AND tasks_succeeded = 0 AND tasks_failed = 0 AND credits_charged = 0 AND credits_refunded = 0",
+                (b.day, b.tenant_id, b.key_id),
+            )
 
     def _enqueue_event(self, rec: TaskRecord, now: float) -> str:
         seq = self.db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM webhooks WHERE rid = ?", (rec.rid,)).fetchone()[0]
@@ -816,4 +865,5 @@ def _record(row: sqlite3.Row) -> TaskRecord:
         deleted=bool(row["deleted"]),
         next_poll_at=row["next_poll_at"],
         meta=orjson.loads(row["meta"]),
+        key_id=row["key_id"],
     )

@@ -1,8 +1,10 @@
 -- include: lib.lua
 -- ARGV: P, tenant, now, rpm, tpm, max_active, tasks_day, credits_day, credits_month,
---       credits, day, month, rid, record JSON   (limit 0 = unlimited)
--- -> {ok, index of the failing limit (1-based, ALL_LIMITS order), rpm level, tpm level}
--- rules.check_create and rules.budget_exceeded, then rules.charge.
+--       credits, day, month, rid, record JSON, key id ('' = none), ledger ttl ms
+--       (limit 0 = unlimited)
+-- -> {ok, index of the failing limit (1-based, ALL_LIMITS order), rpm level, tpm level,
+--     day and month charged}
+-- rules.check_create and rules.budget_exceeded, then rules.charge and rules.book_charge.
 local q = KEYS[1]
 local tenant = ARGV[2]
 local now = tonumber(ARGV[3])
@@ -45,7 +47,11 @@ for i = 1, 2 do
     bucket_store(q, names[i], levels[i], stamps[i], now)
   end
 end
-charge(q, day, month, 1, credits)
+local cday, cmonth = charge(q, day, month, 1, credits)
 write_record(rid, ARGV[14])
+if cday ~= day or cmonth ~= month then
+  redis.call('HSET', tkey(rid), 'charge_day', cday, 'charge_month', cmonth)
+end
 index_record(rid)
-return {1, 0, fmt(levels[1]), fmt(levels[2])}
+book_charge(cday, tenant, ARGV[15], credits, 1, ARGV[16])
+return {1, 0, fmt(levels[1]), fmt(levels[2]), cday, cmonth}

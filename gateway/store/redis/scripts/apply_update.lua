@@ -1,6 +1,7 @@
 -- include: lib.lua
 -- ARGV: P, rid, tenant, task_json, status, rank, refund, event_id, body, now, task_id,
---       terminal_ttl, updatedAt, today, this month, adopt record JSON ('' = none)
+--       terminal_ttl, updatedAt, today, this month, adopt record JSON ('' = none),
+--       ledger ttl ms
 -- -> {found, applied, changed, previous, refunded, finished, event_id, adopted, record}
 local k = KEYS[1]
 local rid, tenant, task_json, status = ARGV[2], ARGV[3], ARGV[4], ARGV[5]
@@ -13,14 +14,16 @@ local adopted = 0
 if redis.call('EXISTS', k) == 0 then
   if ARGV[16] == '' then return {0} end
   write_record(rid, ARGV[16])
-  local a = redis.call('HMGET', k, 'tenant_id', 'credits', 'charge_day', 'charge_month')
-  charge(P .. 'q:' .. a[1], a[3], a[4], 1, tonumber(a[2]) or 0)
+  local a = redis.call('HMGET', k, 'tenant_id', 'credits', 'charge_day', 'charge_month', 'key_id')
+  local cday, cmonth = charge(P .. 'q:' .. a[1], a[3], a[4], 1, tonumber(a[2]) or 0)
+  redis.call('HSET', k, 'charge_day', cday, 'charge_month', cmonth)
   index_record(rid)
+  book_charge(cday, a[1], a[5] or '', tonumber(a[2]) or 0, 1, ARGV[17])
   adopted = 1
 end
 
 local r = redis.call('HMGET', k, 'tenant_id', 'status', 'rank', 'active', 'settled', 'credits',
-  'charge_day', 'charge_month', 'hook', 'task_id', 'deleted', 'created_at', 'next_poll_at', 'upd')
+  'charge_day', 'charge_month', 'hook', 'task_id', 'deleted', 'created_at', 'next_poll_at', 'upd', 'key_id')
 if r[1] ~= tenant then return {0} end
 local cur = r[2]
 -- The compare-and-set (rules.decide_update): no status, anything after a terminal state,
@@ -59,6 +62,15 @@ if TERMINAL[status] then
       refund(P .. 'q:' .. tenant, r[7], r[8], today, this_month, 0, refunded)
     end
     redis.call('HSET', k, 'settled', '1')
+  end
+  -- rules.book_update: the end on the day it happens, a refund on the charge day
+  local key = r[15] or ''
+  local ended = status == 'SUCCEEDED' and 'tasks_succeeded' or 'tasks_failed'
+  if r[7] == today then
+    book(today, tenant, key, {ended, 1, 'credits_refunded', refunded}, ARGV[17])
+  else
+    book(today, tenant, key, {ended, 1}, ARGV[17])
+    book(r[7], tenant, key, {'credits_refunded', refunded}, ARGV[17])
   end
 end
 local hook = r[9]

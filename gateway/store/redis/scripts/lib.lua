@@ -21,7 +21,7 @@ end
 
 -- rules.charge with rules.Quota.roll: a period counter moves forward only: a newer period
 -- key resets it, an older one (a replica whose clock is behind) is charged to the stored,
--- current period.
+-- current period. Returns the day and month charged (the record's charge_day/month).
 local function charge(q, day, month, tasks, credits)
   local d = redis.call('HGET', q, 'day')
   if (not d) or lt(d, day) then
@@ -29,13 +29,17 @@ local function charge(q, day, month, tasks, credits)
   else
     redis.call('HINCRBY', q, 'day_tasks', tasks)
     redis.call('HINCRBY', q, 'day_credits', credits)
+    day = d
   end
   local m = redis.call('HGET', q, 'month')
   if (not m) or lt(m, month) then
-    redis.call('HSET', q, 'month', month, 'month_credits', credits)
+    redis.call('HSET', q, 'month', month, 'month_credits', credits, 'month_tasks', tasks)
   else
     redis.call('HINCRBY', q, 'month_credits', credits)
+    redis.call('HINCRBY', q, 'month_tasks', tasks)
+    month = m
   end
+  return day, month
 end
 
 local function decr_floor(key, field, n)
@@ -54,8 +58,35 @@ local function refund(q, day, month, today, this_month, tasks, credits)
     decr_floor(q, 'day_credits', credits)
   end
   if month == this_month and v[2] == month then
+    decr_floor(q, 'month_tasks', tasks)
     decr_floor(q, 'month_credits', credits)
   end
+end
+
+-- The usage ledger (rules.Booking): add to counters of the row (day, tenant, key; '' = no
+-- key), kept as fields "tenant<TAB>key<TAB>counter" of the day's hash {P}led:{day};
+-- `counts` is {counter, n, counter, n, ...}. A field back at zero is dropped (a reversed
+-- charge leaves no trace); the hash expires `ttl_ms` after its last write
+-- (rules.LEDGER_RETENTION_DAYS).
+local function book(day, tenant, key, counts, ttl_ms)
+  if not day then return end  -- a record without its charge day (never written so): no error
+  local k = P .. 'led:' .. day
+  local prefix = tenant .. '\t' .. key .. '\t'
+  local wrote = false
+  for i = 1, #counts, 2 do
+    local n = counts[i + 1]
+    if n ~= 0 then
+      local f = prefix .. counts[i]
+      if redis.call('HINCRBY', k, f, n) == 0 then redis.call('HDEL', k, f) end
+      wrote = true
+    end
+  end
+  if wrote then redis.call('PEXPIRE', k, ttl_ms) end
+end
+
+-- rules.book_charge (sign 1) and rules.book_not_created (sign -1).
+local function book_charge(day, tenant, key, credits, sign, ttl_ms)
+  book(day, tenant, key, {'tasks_created', sign, 'credits_charged', sign * credits}, ttl_ms)
 end
 
 local function tkey(rid) return P .. 't:' .. rid end
