@@ -1,7 +1,7 @@
 // The audit trail, newest first, filtered by tenant and action, a page at a time.
 
 import { all, get } from "./api.js";
-import { alertBox, busy, empty, field, h, loading, table, time } from "./dom.js";
+import { alertBox, busy, empty, field, h, loading, sequence, table, time } from "./dom.js";
 
 const ACTIONS = ["tenant.create", "tenant.update", "tenant.webhook_secret.rotate", "key.create", "key.update", "key.rotate", "key.revoke", "webhook.redeliver", "config.reload"];
 const PAGE = 50;
@@ -22,7 +22,9 @@ export function render(main, { query }) {
   );
   let after = null;
   let rows = [];
+  const ticket = sequence();
   const load = async (next) => {
+    const mine = ticket();
     box.clear();
     if (!next) {
       after = null;
@@ -31,11 +33,13 @@ export function render(main, { query }) {
     }
     try {
       const page = await busy(more, () => get("/audit", { tenant: tenant.value, action: action.value, limit: PAGE, after }));
+      if (!mine.current()) return;
       rows = rows.concat(page.data);
       after = page.data.length ? page.data[page.data.length - 1].id : after;
       list.replaceChildren(auditTable(rows));
       more.hidden = !page.has_more;
     } catch (err) {
+      if (!mine.current()) return;
       if (!next) list.replaceChildren();
       box.show(err);
     }
@@ -62,14 +66,27 @@ function target(t) {
   return parts.length ? parts : h("span", { class: "muted" }, "—");
 }
 
+/** The changed fields, nested objects flattened (`limits.max_active_tasks`), times as
+ * dates, `null` as "none". */
+function flatten(value, prefix, out) {
+  if (value !== null && typeof value === "object" && !Array.isArray(value) && Object.keys(value).length) {
+    for (const [k, v] of Object.entries(value)) flatten(v, prefix ? `${prefix}.${k}` : k, out);
+  } else {
+    out.push([prefix, value]);
+  }
+  return out;
+}
+
+function shown(name, value) {
+  if (value === null) return h("span", { class: "muted" }, "none");
+  if (name.endsWith("_at") && typeof value === "number") return time(value);
+  return typeof value === "object" ? JSON.stringify(value) : String(value);
+}
+
 function changes(c) {
-  const entries = Object.entries(c ?? {});
+  const entries = flatten(c ?? {}, "", []).filter(([k]) => k);
   if (!entries.length) return h("span", { class: "muted" }, "—");
-  return h(
-    "dl",
-    { class: "changes" },
-    entries.map(([k, v]) => [h("dt", {}, k), h("dd", {}, typeof v === "object" && v !== null ? JSON.stringify(v) : String(v))]),
-  );
+  return h("dl", { class: "changes" }, entries.map(([k, v]) => [h("dt", {}, k), h("dd", {}, shown(k, v))]));
 }
 
 function auditTable(entries) {

@@ -140,6 +140,18 @@ export async function busy(button, work, label) {
   }
 }
 
+/**
+ * For a view that reloads on every filter change: `const ticket = sequence(); const mine = ticket(); ...
+ * if (!mine.current()) return;` drops an answer overtaken by a newer request.
+ */
+export function sequence() {
+  let last = 0;
+  return () => {
+    const mine = ++last;
+    return { current: () => mine === last };
+  };
+}
+
 /** A line that says a list is loading, then is replaced by what it loaded. */
 export function loading(text = "Loading…") {
   return h("p", { class: "loading", role: "status" }, h("span", { class: "spinner", "aria-hidden": "true" }), text);
@@ -233,10 +245,11 @@ export function secretPanel(label, secret, note) {
 
 // --- usage bars ----------------------------------------------------------------------
 
-/** Usage against a limit as a bar (a `meter`), or the count alone when unlimited. */
+/** Usage against a limit as a bar (a `meter`), or the count alone when unlimited;
+ * `used` undefined while it loads, null when the gateway does not count it. */
 export function meter(label, used, limit) {
   const known = used !== undefined && used !== null;
-  const text = !known ? "…" : limit === null || limit === undefined ? `${num(used)} · no limit` : `${num(used)} / ${num(limit)}`;
+  const text = used === undefined ? "…" : used === null ? "—" : limit === null || limit === undefined ? `${num(used)} · no limit` : `${num(used)} / ${num(limit)}`;
   const head = h("span", { class: "meter-head" }, h("span", { class: "meter-label" }, label), h("span", { class: "meter-value" }, text));
   if (!known || limit === null || limit === undefined) {
     return h("div", { class: "meter unlimited" }, head, h("div", { class: "track" }));
@@ -253,8 +266,14 @@ export function meter(label, used, limit) {
   );
 }
 
-/** A table inside a box that scrolls sideways on a narrow screen. */
+/** A table in a box; on a narrow screen each row becomes a card whose cells are
+ * labelled by their column (`data-label`, shown by the CSS). */
 export function table(caption, headers, rows) {
+  for (const row of [rows].flat()) {
+    [...row.children].forEach((cell, i) => {
+      if (headers[i] && !cell.hasAttribute("colspan")) cell.dataset.label = headers[i];
+    });
+  }
   return h(
     "div",
     { class: "table-wrap", tabindex: 0, role: "region", "aria-label": caption },

@@ -2,7 +2,7 @@
 // revoke with a confirmation.
 
 import { all, del, post, seg } from "./api.js";
-import { ago, alertBox, busy, clearErrors, confirmAction, dialog, empty, field, h, loading, secretPanel, showError, table, time } from "./dom.js";
+import { ago, alertBox, busy, clearErrors, confirmAction, dialog, empty, field, h, loading, secretPanel, sequence, showError, table, time } from "./dom.js";
 
 const EXPIRY = [
   ["", "Never"],
@@ -49,9 +49,12 @@ function tenantKeys(body, tenant) {
   const secretSlot = h("div", { class: "secret-slot" });
   const list = h("div", {}, loading("Loading keys…"));
   const box = alertBox();
+  const ticket = sequence();
   const reload = async () => {
+    const mine = ticket();
     try {
       const keys = await all(`/tenants/${seg(tenant.id)}/keys`);
+      if (!mine.current()) return;
       box.clear();
       list.replaceChildren(keyTable(keys, { reload, reveal }));
     } catch (err) {

@@ -1,7 +1,7 @@
 // Tenants: limits against usage as bars, enabled state; create, edit limits, disable.
 
 import { all, get, patch, post, seg } from "./api.js";
-import { alertBox, busy, clearErrors, confirmAction, dialog, empty, field, h, loading, meter, secretPanel, showError, table } from "./dom.js";
+import { alertBox, busy, clearErrors, confirmAction, dialog, empty, field, h, loading, meter, secretPanel, sequence, showError, table } from "./dom.js";
 
 export const LIMITS = [
   ["requests_per_minute", "Requests per minute"],
@@ -22,12 +22,16 @@ export function render(main) {
     box.el,
     list,
   );
+  const ticket = sequence();
   const reload = async () => {
+    const mine = ticket();
     box.clear();
     try {
       const tenants = await all("/tenants");
+      if (!mine.current()) return;
       list.replaceChildren(tenantTable(tenants, reload));
     } catch (err) {
+      if (!mine.current()) return;
       list.replaceChildren();
       box.show(err);
     }
@@ -41,9 +45,10 @@ function tenantTable(tenants, reload) {
 }
 
 function tenantRow(t, reload) {
-  const active = h("td", {}, meter("Active", null, t.limits.max_active_tasks));
-  const today = h("td", {}, meter("Tasks", null, t.limits.tasks_per_day), meter("Credits", null, t.limits.credits_per_day));
-  const month = h("td", {}, meter("Tasks", null, null), meter("Credits", null, t.limits.credits_per_month));
+  // undefined usage: still loading
+  const active = h("td", {}, meter("Active", undefined, t.limits.max_active_tasks));
+  const today = h("td", {}, meter("Tasks", undefined, t.limits.tasks_per_day), meter("Credits", undefined, t.limits.credits_per_day));
+  const month = h("td", {}, meter("Tasks", undefined, null), meter("Credits", undefined, t.limits.credits_per_month));
   const rowBox = alertBox();
   const actions = h("td", { class: "row-actions" }, h("a", { class: "button", href: `#/keys/${seg(t.id)}`, "aria-label": `Keys of ${t.id}` }, "Keys"));
   if (t.source === "api") {
@@ -165,9 +170,16 @@ function editDialog(t, reload) {
           event.preventDefault();
           clearErrors(form);
           box.clear();
-          const body = { limits: readLimits(form) };
+          // only what changed: the audit entry then says what the operator did
+          const body = {};
+          const limits = Object.entries(readLimits(form)).filter(([k, v]) => v !== t.limits[k]);
+          if (limits.length) body.limits = Object.fromEntries(limits);
           const name = form.elements.name.value.trim();
-          if (name && name !== t.name) body.name = name;
+          if (name !== t.name) body.name = name;
+          if (!Object.keys(body).length) {
+            close();
+            return;
+          }
           try {
             await busy(submit, () => patch(`/tenants/${seg(t.id)}`, body), "Saving…");
             close();

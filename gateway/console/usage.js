@@ -2,7 +2,7 @@
 // the same rows as CSV.
 
 import { all, call, get } from "./api.js";
-import { alertBox, busy, clearErrors, empty, field, h, loading, num, showError, table } from "./dom.js";
+import { alertBox, busy, clearErrors, empty, field, h, loading, num, sequence, showError, table } from "./dom.js";
 import { usageChart } from "./chart.js";
 
 const DAY = 86400000;
@@ -44,15 +44,19 @@ export function render(main, { query }) {
   );
   const params = () => ({ from: form.elements.from.value, to: form.elements.to.value, tenant: tenants.value });
 
+  const ticket = sequence();
   const load = async () => {
+    const mine = ticket();
     clearErrors(form);
     box.clear();
     const p = params();
     result.replaceChildren(loading("Loading usage…"));
     try {
       const { data } = await busy(show, () => get("/usage", { ...p, group_by: "day" }));
+      if (!mine.current()) return;
       result.replaceChildren(...view(p, data));
     } catch (err) {
+      if (!mine.current()) return;
       result.replaceChildren();
       showError(err, { form, box });
     }
@@ -108,6 +112,11 @@ function view(p, rows) {
       h("figcaption", {}, h("span", { class: "legend tasks" }, "Tasks created"), h("span", { class: "legend credits" }, "Credits (charged − refunded)")),
       usageChart({ days, tasks, credits }),
     ),
-    table("Usage per day", ["Day", "Created", "Succeeded", "Failed", "Credits charged", "Credits refunded"], detail.length ? detail : empty(6, "No usage in this range.")),
+    h(
+      "details",
+      { class: "rows" },
+      h("summary", {}, `Rows per day (${detail.length})`),
+      table("Usage per day", ["Day", "Created", "Succeeded", "Failed", "Credits charged", "Credits refunded"], detail.length ? detail : empty(6, "No usage in this range.")),
+    ),
   ];
 }

@@ -1,7 +1,7 @@
 // Webhook deliveries: the dead (given up) and the pending, and redelivery of a dead one.
 
 import { all, get, post, seg } from "./api.js";
-import { alertBox, busy, empty, field, h, loading, num, table, time } from "./dom.js";
+import { alertBox, busy, empty, field, h, loading, num, sequence, table, time } from "./dom.js";
 
 export function render(main, { query }) {
   const status = query.get("status") === "pending" ? "pending" : "dead";
@@ -24,13 +24,18 @@ export function render(main, { query }) {
     box.el,
     list,
   );
+  const ticket = sequence();
   const load = async () => {
+    const mine = ticket();
     box.clear();
     list.replaceChildren(loading(`Loading ${status} deliveries…`));
     try {
       const page = await busy(refresh, () => get("/webhooks", { status, tenant: tenants.value, limit: 1000 }));
-      list.replaceChildren(eventTable(page.data, status), page.has_more ? h("p", { class: "muted small" }, "Showing the newest 1000.") : null);
+      if (!mine.current()) return;
+      list.replaceChildren(eventTable(page.data, status));
+      if (page.has_more) list.append(h("p", { class: "muted small" }, "Showing the newest 1000."));
     } catch (err) {
+      if (!mine.current()) return;
       list.replaceChildren();
       box.show(err);
     }
