@@ -314,7 +314,7 @@ def test_a_401_from_the_api_returns_to_sign_in(console: Watched) -> None:
     console.expect_api_error(401)
     page = console.sign_in()
     page.evaluate("Object.keys(sessionStorage).forEach(k => sessionStorage.setItem(k, 'sk-gw-revoked'))")
-    page.get_by_role("link", name="Audit").click()
+    page.get_by_role("link", name="Audit", exact=True).click()
     expect(page.get_by_label("Admin key")).to_be_visible()
     expect(page.get_by_role("status")).to_contain_text("Signed out: Incorrect admin key provided.")
     assert page.evaluate("sessionStorage.length") == 0
@@ -438,7 +438,7 @@ def test_usage_chart_and_csv_download(console: Watched, gw: GatewayProcess, api:
 
     console.expect_api_error(400)
     page = console.sign_in()
-    page.get_by_role("link", name="Usage").click()
+    page.get_by_role("link", name="Usage", exact=True).click()
     page.get_by_label("Tenant", exact=True).select_option(tenant)
     page.get_by_role("button", name="Show").click()
     chart = page.get_by_role("img", name=re.compile("Tasks and credits per day"))
@@ -498,7 +498,7 @@ def test_redeliver_a_dead_webhook(console: Watched, gw: GatewayProcess, api: htt
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         page = console.sign_in()
-        page.get_by_role("link", name="Webhooks").click()
+        page.get_by_role("link", name="Webhooks", exact=True).click()
         page.get_by_label("Tenant", exact=True).select_option(tenant)
         row = page.get_by_role("row").filter(has_text=event["id"])
         expect(row).to_contain_text(event["task_id"])
@@ -507,7 +507,7 @@ def test_redeliver_a_dead_webhook(console: Watched, gw: GatewayProcess, api: htt
         expect(row.get_by_role("status")).to_have_text("Queued")
         wait_until(lambda: len(received) > 0, 10, 0.1, "the redelivered webhook")
         assert event["task_id"].encode() in received[0]
-        page.get_by_role("link", name="Pending").click()
+        page.get_by_role("link", name="Pending", exact=True).click()
         expect(page.get_by_role("heading", name="Webhooks")).to_be_visible()
         assert page.evaluate("localStorage.length") == 0
         fits(page)
@@ -530,7 +530,7 @@ def test_each_console_action_is_on_the_audit_page(console: Watched, api: httpx.C
     ui_rotate(page, "audited", "24 hours")
     ui_revoke(page, "audited")
 
-    page.get_by_role("link", name="Audit").click()
+    page.get_by_role("link", name="Audit", exact=True).click()
     page.get_by_label("Tenant", exact=True).select_option(tenant)
     rows = page.locator("tbody tr[data-audit]")
     expect(rows).to_have_count(5)
