@@ -48,7 +48,8 @@ class Asset:
 
     def response(self, request: Request) -> Response:
         headers = {**SECURITY_HEADERS, "etag": self.etag}
-        if self.etag in _etags(request.headers.get("if-none-match", "")):
+        tags = _etags(request.headers.get("if-none-match", ""))
+        if self.etag in tags or "*" in tags:
             return Response(status_code=304, headers=headers)
         return Response(self.body, headers=headers, media_type=self.media_type)
 
