@@ -325,6 +325,7 @@ def test_sign_in_refuses_a_wrong_key_then_signs_in_and_out(console: Watched, gw:
 def test_a_401_from_the_api_returns_to_sign_in(console: Watched) -> None:
     console.expect_api_error(401)
     page = console.sign_in()
+    page.wait_for_load_state("networkidle")  # every read of the page made with the good key
     page.evaluate("Object.keys(sessionStorage).forEach(k => sessionStorage.setItem(k, 'sk-gw-revoked'))")
     page.get_by_role("link", name="Audit", exact=True).click()
     expect(page.get_by_label("Admin key")).to_be_visible()
