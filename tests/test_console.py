@@ -410,6 +410,10 @@ def test_mint_use_rotate_and_revoke_a_key(console: Watched, gw: GatewayProcess, 
 
     secret = ui_mint(page, tenant, "render-svc")
     shot(page, "keys")
+    console.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=gw.url)
+    page.get_by_role("button", name="Copy secret").click()
+    expect(page.get_by_role("region", name="Secret of render-svc").get_by_role("status")).to_have_text("Copied.")
+    assert page.evaluate("navigator.clipboard.readText()") == secret
     assert status_becomes(gw, secret, 200).json()["task"]["id"]
     (key,) = api.get(f"/tenants/{tenant}/keys").json()["data"]
     row = page.get_by_role("row").filter(has_text="render-svc")
@@ -560,6 +564,18 @@ def test_each_console_action_is_on_the_audit_page(console: Watched, api: httpx.C
     expect(rows.first).to_contain_text("86400")
     page.get_by_label("Tenant", exact=True).select_option("")
     expect(rows.first.locator(".action")).to_have_text("key.rotate")
+
+    # pages of 50, newest first: "Load more" asks for the next one after the last id
+    for i in range(52):
+        assert api.patch(f"/tenants/{tenant}", json={"name": f"rename {i}"}).status_code == 200
+    page.get_by_label("Action").select_option("tenant.update")
+    page.get_by_label("Tenant", exact=True).select_option(tenant)
+    expect(rows).to_have_count(50)
+    expect(rows.first).to_contain_text("rename 51")
+    page.get_by_role("button", name="Load more").click()
+    expect(rows).to_have_count(53)
+    expect(rows.last).to_contain_text("limits.max_active_tasks")
+    expect(page.get_by_role("button", name="Load more")).to_be_hidden()
 
 
 # --- hostile text, slow calls -------------------------------------------------------------

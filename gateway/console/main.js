@@ -33,7 +33,7 @@ function route() {
 
 function signInView(reason) {
   const box = alertBox();
-  const input = h("input", { type: "password", autocomplete: "off", spellcheck: "false", required: true, autofocus: true });
+  const input = h("input", { type: "password", autocomplete: "off", spellcheck: "false", required: true });
   const button = h("button", { type: "submit", class: "primary" }, "Sign in");
   // no `name` on the input and method=post: were the script to fail, the browser could
   // never put the key in a URL
