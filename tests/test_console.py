@@ -351,6 +351,8 @@ def test_create_a_tenant_and_see_a_changed_limit_enforced(
     expect(id_field).to_have_attribute("aria-invalid", "true")
     error = api.post("/tenants", json={"id": "Bad Id!"}).json()["error"]["message"]
     expect(dialog.locator('[data-param="id"] .field-error')).to_have_text(error)
+    expect(id_field).to_be_focused()
+    expect(id_field).to_have_accessible_description(re.compile(re.escape(error)))
     dialog.get_by_role("button", name="Cancel").click()
 
     ui_create_tenant(page, tenant, tasks_per_day=1)

@@ -91,7 +91,7 @@ export function showError(err, { form, box }) {
     slot.textContent = err.message;
     slot.hidden = false;
     input.setAttribute("aria-invalid", "true");
-    input.setAttribute("aria-describedby", slot.id);
+    input.setAttribute("aria-describedby", [slot.id, input.dataset.hint].filter(Boolean).join(" "));
     input.focus();
     box?.clear();
   } else {
@@ -107,7 +107,8 @@ export function clearErrors(form) {
   }
   for (const input of form.querySelectorAll("[aria-invalid]")) {
     input.removeAttribute("aria-invalid");
-    input.removeAttribute("aria-describedby");
+    if (input.dataset.hint) input.setAttribute("aria-describedby", input.dataset.hint);
+    else input.removeAttribute("aria-describedby");
   }
 }
 
@@ -119,7 +120,10 @@ export function field(label, input, { param, hint } = {}) {
   input.id = id;
   const slot = h("span", { class: "field-error", id: `${id}-error`, hidden: true });
   const hintEl = hint ? h("span", { class: "hint", id: `${id}-hint` }, hint) : null;
-  if (hintEl) input.setAttribute("aria-describedby", hintEl.id);
+  if (hintEl) {
+    input.dataset.hint = hintEl.id;
+    input.setAttribute("aria-describedby", hintEl.id);
+  }
   return h("div", { class: "field", "data-param": param }, h("label", { for: id }, label), input, hintEl, slot);
 }
 
