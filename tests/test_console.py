@@ -332,6 +332,17 @@ def test_a_401_from_the_api_returns_to_sign_in(console: Watched) -> None:
     expect(page.get_by_role("status")).to_contain_text("Signed out: Incorrect admin key provided.")
     assert page.evaluate("sessionStorage.length") == 0
 
+    # from inside a dialog too: the dialog goes with the page it was opened from
+    console.sign_in()
+    page.wait_for_load_state("networkidle")
+    page.get_by_role("button", name="New tenant").click()
+    dialog = page.get_by_role("dialog", name="New tenant")
+    dialog.get_by_label("Tenant id").fill(new_id())
+    page.evaluate("Object.keys(sessionStorage).forEach(k => sessionStorage.setItem(k, 'sk-gw-revoked'))")
+    dialog.get_by_role("button", name="Create tenant").click()
+    expect(page.get_by_label("Admin key")).to_be_visible()
+    expect(dialog).to_have_count(0)
+
 
 # --- tenants -----------------------------------------------------------------------------
 

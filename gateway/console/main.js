@@ -86,6 +86,8 @@ function shell(current) {
 let shown = null; // the page shown, to move focus only when it changes
 
 function render(reason) {
+  // a dialog belongs to the view it was opened from
+  for (const open of document.querySelectorAll("dialog")) open.close();
   if (!session.key()) {
     shown = null;
     app.replaceChildren(signInView(reason));
