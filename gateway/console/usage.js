@@ -38,7 +38,7 @@ export function render(main, { query }) {
     form,
     result,
   );
-  all("/tenants").then(
+  const tenantsLoaded = all("/tenants").then(
     (list) => tenants.append(...list.map((t) => h("option", { value: t.id, selected: t.id === query.get("tenant") }, t.id))),
     (err) => box.show(err),
   );
@@ -81,7 +81,7 @@ export function render(main, { query }) {
       showError(err, { form, box });
     }
   });
-  load();
+  tenantsLoaded.then(load); // the tenant in the URL is chosen once the list is there
 }
 
 function view(p, rows) {
