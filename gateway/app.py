@@ -29,7 +29,7 @@ from gateway.logs import AccessLog
 from gateway.metrics import FLUSH_SECONDS, Metrics
 from gateway.middleware import GatewayMiddleware
 from gateway.reload import ReloadIds, reload_config
-from gateway.routes import admin, hooks, native, openai, ops
+from gateway.routes import admin, console, hooks, native, openai, ops
 from gateway.services import LAST_USED_FLUSH_SECONDS, Services, build_services
 from gateway.store import open_store
 from gateway.store.base import StoreUnavailable
@@ -187,7 +187,7 @@ def create_app(
         trusted_proxies=config.server.trusted_proxies,
     )
     return Starlette(
-        routes=[*native.routes, *openai.routes, *hooks.routes, *ops.routes, *admin.routes],
+        routes=[*native.routes, *openai.routes, *hooks.routes, *ops.routes, *admin.routes, *console.routes()],
         middleware=[middleware],
         exception_handlers={
             GatewayError: _gateway_error,
