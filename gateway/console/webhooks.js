@@ -70,12 +70,12 @@ function eventTable(events, status) {
     return h(
       "tr",
       { "data-event": e.id },
-      h("th", { scope: "row" }, h("code", { class: "small" }, e.id)),
+      h("th", { scope: "row" }, h("code", { class: "small block" }, e.id)),
       h("td", {}, e.tenant),
       h("td", {}, h("code", { class: "small" }, e.task_id)),
       h("td", {}, num(e.attempts)),
       h("td", {}, time(e.next_attempt_at)),
-      h("td", { class: "wrap" }, e.last_error ?? h("span", { class: "muted" }, "—")),
+      h("td", { class: "reason" }, e.last_error ?? h("span", { class: "muted" }, "—")),
       h("td", {}, time(e.created_at)),
       action,
     );
