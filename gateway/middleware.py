@@ -43,6 +43,7 @@ class RequestContext:
     rate: RateInfo | None = None  # the requests_per_minute bucket, for the x-ratelimit headers
     upstream_ms: float | None = None  # time the upstream took on a create
     task_id: str | None = None  # the task the request created, read or deleted
+    idempotency_key: str | None = None  # the Idempotency-Key a create holds (create_once)
 
 
 def request_context(scope: Scope) -> RequestContext:

@@ -102,9 +102,12 @@ class TaskService:
         meta: dict[str, Any] | None = None,
         upload: PendingUpload | None = None,
         key_id: str | None = None,
+        idempotency_key: str | None = None,
     ) -> Created:
         """admit -> rewrite -> keep the upload -> forward -> record (the caller authenticated).
         `key_id` is the caller's API key (None for a JWT): the usage ledger's row.
+        `idempotency_key`, one the caller holds, is bound to the reservation at admission, so
+        a crash from here on can never let a retry with that key create a second task.
 
         Raises the 429 of a refusal (`quotas.refused`) and `CreateFailed` (or its
         `OutcomeUnknown`) when the upstream did not accept the task. `upload`, an image the
@@ -126,7 +129,7 @@ class TaskService:
             key_id=key_id,
         )
         admission = await self.store.admit_create(
-            tenant.id, tenant.limits, Charge(credits, day_key(now), month_key(now)), reservation, now
+            tenant.id, tenant.limits, Charge(credits, day_key(now), month_key(now)), reservation, now, idempotency_key
         )
         if not admission.ok:
             raise refused(admission, tenant, self.metrics)

@@ -213,3 +213,55 @@ def test_idempotency_key_freed_after_429(sim: Simulator, start_gateway) -> None:
         retried = wait_until(lambda: (r := post(key)).status_code != 429 and r, 10, 0.2, "the retry past the 429")
     assert retried.status_code == 200 and "idempotent-replayed" not in retried.headers, retried.text
     assert retried.json()["task"]["id"] in {create["task_id"] for create in sim.requests()["creates"]}
+
+
+def test_a_retry_after_the_gateway_died_mid_create_never_buys_a_second_task(own_sim: Simulator, start_gateway) -> None:
+    """The crash window: the gateway is SIGKILLed while the upstream holds the create's
+    answer (the task exists upstream), before it could keep an answer or bind the key.
+    The key was bound to the reservation at admission, so once the dead holder's lease
+    ends a retry gets 409 `idempotency_outcome_unknown`, never a second task, and the task
+    itself once its callback reaches the restarted gateway."""
+    import signal
+    import threading
+
+    g: GatewayProcess = start_gateway(own_sim.url, [TenantSpec("t")])
+    own_sim.control(hang_after_create=True, drop_callbacks=True, seconds_to_finish=25)
+    body, key = gen2_body("Bought once, even across a crash."), {"Idempotency-Key": "order-crash-1"}
+
+    def doomed() -> None:
+        with g.client("t") as c, pytest.raises(httpx.TransportError):
+            c.post("/runway/tasks", json=body, headers=key)
+
+    first = threading.Thread(target=doomed)
+    first.start()
+    wait_until(lambda: own_sim.requests()["creates_total"] == 1, 10, message="the create upstream")
+    g.kill(signal.SIGKILL)
+    first.join(10)
+    own_sim.control(hang_after_create=False)  # a second create would now succeed at once
+    g.start()
+    with g.client("t") as c:
+        # While the dead holder's lease runs a retry waits for it (409 in use); after it the
+        # key is bound to the reservation: outcome unknown. Never a 200 for a new task.
+        codes: set[str] = set()
+
+        def unknown() -> bool:
+            r = c.post("/runway/tasks", json=body, headers=key)
+            assert r.status_code == 409, r.text
+            codes.add(r.json()["error"]["code"])
+            return r.json()["error"]["code"] == "idempotency_outcome_unknown"
+
+        wait_until(unknown, 20, 0.5, "the key bound to the reservation")
+        assert codes <= {"idempotency_key_in_use", "idempotency_outcome_unknown"}, codes
+        assert own_sim.requests()["creates_total"] == 1
+        own_sim.control(drop_callbacks=False)  # the task's next callback identifies it
+        task_id = only_sim_task(own_sim)
+        replay: httpx.Response = wait_until(
+            lambda: (r := c.post("/runway/tasks", json=body, headers=key)).status_code != 409 and r,
+            30,
+            0.3,
+            "the replay",
+        )
+    assert replay.status_code == 200, replay.text
+    assert replay.json()["task"]["id"] == task_id
+    assert own_sim.requests()["creates_total"] == 1
+    assert g.usage("t")["tasks_today"] == 1

@@ -33,6 +33,7 @@ from gateway.store.base import (
     ALL_LIMITS,
     DEAD_EVENT_RETENTION,
     LAST_ERROR_MAX,
+    ORPHAN_KEEP_SECONDS,
     Admission,
     AuditEntry,
     Charge,
@@ -685,6 +686,43 @@ async def test_idempotency_key_bound_to_an_unknown_outcome(store: Store) -> None
     # Only a key still pending binds (not a free one).
     await store.idem_bind(TENANT, "free", "gwr_3", T0, ttl=86400)
     assert (await store.idem_begin(TENANT, "free", "fp", T0, lease=30)).state == "new"
+
+
+async def test_a_key_held_by_an_admitted_create_binds_when_its_holder_vanishes(store: Store) -> None:
+    """The crash window: the holder was admitted (and may have sent the create upstream),
+    then died before it finished or bound the key. When the lease ends the key binds to the
+    reservation admit_create recorded on it, instead of letting a retry buy a second task."""
+    assert (await store.idem_begin(TENANT, "k", "fp", T0, lease=30)).state == "new"
+    rec = reservation(now=T0)
+    charge = Charge(PRICE, day_key(T0), month_key(T0))
+    assert (await store.admit_create(TENANT, NO_LIMITS, charge, rec, T0, idempotency_key="k")).ok
+    assert (await store.idem_begin(TENANT, "k", "fp", T0 + 29, lease=30)).state == "pending"  # holder alive
+    await store.maintain(T0 + 31)  # housekeeping keeps the orphan
+    assert (await store.idem_begin(TENANT, "k", "fp-b", T0 + 31, lease=30)).state == "conflict"
+    bound = await store.idem_begin(TENANT, "k", "fp", T0 + 31, lease=30)
+    assert (bound.state, bound.rid) == ("unknown", rec.rid)
+    assert (await store.idem_begin(TENANT, "k", "fp", T0 + 30 + ORPHAN_KEEP_SECONDS - 1, lease=30)).rid == rec.rid
+    assert (await store.idem_begin(TENANT, "k", "fp", T0 + 30 + ORPHAN_KEEP_SECONDS, lease=30)).state == "new"
+    # Never touched again by anyone: housekeeping drops it after the same time.
+    assert (await store.idem_begin(TENANT, "gone", "fp", T0, lease=30)).state == "new"
+    assert (await store.admit_create(TENANT, NO_LIMITS, charge, reservation(now=T0), T0, idempotency_key="gone")).ok
+    await store.maintain(T0 + 30 + ORPHAN_KEEP_SECONDS)
+    assert (await store.idem_begin(TENANT, "gone", "fp-2", T0 + 30 + ORPHAN_KEEP_SECONDS, lease=30)).state == "new"
+
+
+async def test_a_finished_create_is_not_bound_by_its_admission(store: Store) -> None:
+    """Recording the rid at admission changes nothing for a holder that finishes: a kept
+    answer replays, a freed key (the upstream certainly created nothing) is new."""
+    charge = Charge(PRICE, day_key(T0), month_key(T0))
+    for key, kept in (("kept", StoredResponse(200, {}, b"{}")), ("freed", None)):
+        assert (await store.idem_begin(TENANT, key, "fp", T0, lease=30)).state == "new"
+        assert (await store.admit_create(TENANT, NO_LIMITS, charge, reservation(now=T0), T0, idempotency_key=key)).ok
+        await store.idem_finish(TENANT, key, kept, T0 + 1, ttl=86400)
+        after = await store.idem_begin(TENANT, key, "fp", T0 + 40, lease=30)
+        assert after.state == ("replay" if kept else "new"), key
+    # Admission never takes a key the create does not hold.
+    assert (await store.admit_create(TENANT, NO_LIMITS, charge, reservation(now=T0), T0, idempotency_key="nobody")).ok
+    assert (await store.idem_begin(TENANT, "nobody", "fp", T0 + 1, lease=30)).state == "new"
 
 
 async def test_idempotency_key_freed_by_none_or_an_expired_lease(store: Store) -> None:

@@ -95,7 +95,7 @@ async def submit_task(
     ctx = context(request)
     try:
         created = await services(request).tasks.create(
-            principal.tenant, req, ctx.request_id, meta, upload, principal.key_id
+            principal.tenant, req, ctx.request_id, meta, upload, principal.key_id, ctx.idempotency_key
         )
     except CreateFailed as failed:
         ctx.rate, ctx.upstream_ms = failed.rate, failed.upstream_ms
@@ -118,6 +118,7 @@ async def create_once(
     key = idempotency_key(request.headers)
     if key is None:
         return await create()
+    context(request).idempotency_key = key  # admission records its reservation on the key
     s = services(request)
     return await run_idempotent(
         s.store,

@@ -62,6 +62,10 @@ class StoreUnavailable(Exception):
     `store_unavailable`. Anything else a store raises is a bug and stays a 500."""
 
 
+# How long an Idempotency-Key whose holder vanished after admission stays bound to its
+# reservation, from the end of its lease (the contract's 24 h of an unknown outcome).
+ORPHAN_KEEP_SECONDS = 86400.0
+
 T = TypeVar("T")
 RECORD_RETRY_SECONDS = 10.0  # how long a write recording paid work is retried during an outage
 
@@ -353,11 +357,22 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def admit_create(
-        self, tenant_id: str, limits: Limits, charge: Charge, reservation: TaskRecord, now: float
+        self,
+        tenant_id: str,
+        limits: Limits,
+        charge: Charge,
+        reservation: TaskRecord,
+        now: float,
+        idempotency_key: str | None = None,
     ) -> Admission:
         """All of a create's limits at once (requests/tasks per minute, active tasks, day and
         month budgets): either every counter moves and `reservation` (status SUBMITTING) is
-        inserted, or nothing changes."""
+        inserted, or nothing changes.
+
+        `idempotency_key`, a key this create holds (idem_begin said "new"): in the same step
+        the pending key records the reservation's rid, so that if the holder vanishes before
+        it finishes or binds the key (a crash while the upstream call is out), the key does
+        not come free when its lease ends: it binds to that rid (see idem_begin)."""
 
     @abc.abstractmethod
     async def settle_not_created(self, rid: str, now: float) -> bool:
@@ -518,7 +533,11 @@ class Store(abc.ABC):
         self, tenant_id: str, key: str, fingerprint: str, now: float, lease: float
     ) -> IdempotencyResult:
         """new: the caller now holds the key (for at most `lease` seconds); replay: the kept
-        response of an identical body; conflict: another body; pending: still in flight."""
+        response of an identical body; conflict: another body; pending: still in flight;
+        unknown (with `rid`): bound to a reservation whose outcome is not known. A key whose
+        lease ended while pending comes free, unless its create was admitted (admit_create
+        recorded a rid): then it binds to that rid, kept ORPHAN_KEEP_SECONDS from its lease's
+        end, since the vanished holder may have sent the create upstream."""
 
     @abc.abstractmethod
     async def idem_finish(

@@ -21,6 +21,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from gateway.store.base import (
+    ORPHAN_KEEP_SECONDS,
     RATE_LIMITS,
     REFUNDABLE,
     SUBMITTING,
@@ -324,3 +325,13 @@ def days_between(from_day: str, to_day: str) -> list[str]:
 def ledger_row_key(day: str, tenant_id: str, key_id: str | None) -> tuple[str, str, str]:
     """The order of ledger rows: day, tenant, key (no key first)."""
     return day, tenant_id, key_id or ""
+
+
+# --- idempotency ------------------------------------------------------------------------
+
+
+def orphaned_idempotency(state: str, rid: str, lease_end: float, now: float) -> bool:
+    """A pending key whose lease ended after its create was admitted (a rid recorded): the
+    holder vanished, maybe after sending the create upstream, so the key binds to that
+    reservation instead of coming free, until ORPHAN_KEEP_SECONDS after the lease's end."""
+    return state == "pending" and bool(rid) and lease_end <= now < lease_end + ORPHAN_KEEP_SECONDS

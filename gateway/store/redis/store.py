@@ -93,6 +93,7 @@ from gateway.store.base import (
     DEAD_EVENT_RETENTION,
     LAST_ERROR_MAX,
     LEDGER_COUNTERS,
+    ORPHAN_KEEP_SECONDS,
     SUBMITTING,
     Admission,
     AuditEntry,
@@ -119,6 +120,7 @@ from gateway.store.rules import day_key, month_key
 
 TERMINAL_TTL = 30 * 86400.0
 DEAD_EVENT_TTL = DEAD_EVENT_RETENTION
+ORPHAN_KEEP = repr(ORPHAN_KEEP_SECONDS)  # seconds, as Lua reads a float back
 LEDGER_TTL_MS = str(rules.LEDGER_RETENTION_DAYS * 86400 * 1000)  # after a day hash's last write
 INCLUDE_LIB = "-- include: lib.lua\n"
 
@@ -388,7 +390,13 @@ class RedisStore(Store):
         return rules.request_admission(bool(ok), float(level), cap)
 
     async def admit_create(
-        self, tenant_id: str, limits: Limits, charge: Charge, reservation: TaskRecord, now: float
+        self,
+        tenant_id: str,
+        limits: Limits,
+        charge: Charge,
+        reservation: TaskRecord,
+        now: float,
+        idempotency_key: str | None = None,
     ) -> Admission:
         # The periods are the caller's clock's, as in SQLiteStore (charge.day == day_key(now)
         # when the caller built it from the same `now`); the reservation records them.
@@ -399,6 +407,7 @@ class RedisStore(Store):
             *(str(getattr(limits, name) or 0) for name in ALL_LIMITS),
             str(charge.credits), day, month, reservation.rid, _record_blob(reservation),
             reservation.key_id or "", LEDGER_TTL_MS,
+            self._idem_key(tenant_id, idempotency_key) if idempotency_key is not None else "", ORPHAN_KEEP,
         ]  # fmt: skip
         ok, failed, rpm_level, tpm_level, *charged = await self._admit(keys=[self._k("q", tenant_id)], args=args)
         # Bucket levels after the take (admitted) or as they stand (refused: nothing taken).
@@ -629,7 +638,7 @@ class RedisStore(Store):
         self, tenant_id: str, key: str, fingerprint: str, now: float, lease: float
     ) -> IdempotencyResult:
         reply = await self._idem_begin(
-            keys=[self._idem_key(tenant_id, key)], args=[self.prefix, fingerprint, _num(now), _num(lease)]
+            keys=[self._idem_key(tenant_id, key)], args=[self.prefix, fingerprint, _num(now), _num(lease), ORPHAN_KEEP]
         )
         state = _s(reply[0])
         if state == "unknown":

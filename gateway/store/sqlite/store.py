@@ -28,6 +28,7 @@ from gateway.store.base import (
     DEAD_EVENT_RETENTION,
     LAST_ERROR_MAX,
     LEDGER_COUNTERS,
+    ORPHAN_KEEP_SECONDS,
     SUBMITTING,
     UNKNOWN,
     Admission,
@@ -94,7 +95,11 @@ class SQLiteStore(Store):
 
     async def maintain(self, now: float) -> None:
         async with self._tx:
-            self.db.execute("DELETE FROM idempotency WHERE expires_at <= ?", (now,))
+            # a pending key bound to an admitted create outlives its lease (idem_begin)
+            self.db.execute(
+                "DELETE FROM idempotency WHERE expires_at <= ? AND (state != 'pending' OR rid = '' OR expires_at <= ?)",
+                (now, now - ORPHAN_KEEP_SECONDS),
+            )
             self.db.execute("DELETE FROM assets WHERE expires_at <= ?", (now,))
             self.db.execute("DELETE FROM webhooks WHERE state = 'dead' AND next_at <= ?", (now - DEAD_EVENT_RETENTION,))
             self.db.execute("DELETE FROM ledger WHERE day < ?", (rules.ledger_cutoff(now),))
@@ -143,7 +148,13 @@ class SQLiteStore(Store):
         return rules.request_admission(ok, level, cap)
 
     async def admit_create(
-        self, tenant_id: str, limits: Limits, charge: Charge, reservation: TaskRecord, now: float
+        self,
+        tenant_id: str,
+        limits: Limits,
+        charge: Charge,
+        reservation: TaskRecord,
+        now: float,
+        idempotency_key: str | None = None,
     ) -> Admission:
         async with self._tx:
             q = self._quota(tenant_id, now)
@@ -156,6 +167,11 @@ class SQLiteStore(Store):
             reservation.charge_day, reservation.charge_month, reservation.credits = q.day, q.month, charge.credits
             self._insert_task(reservation)
             self._book(rules.book_charge(reservation))
+            if idempotency_key is not None:
+                self.db.execute(
+                    "UPDATE idempotency SET rid = ? WHERE tenant = ? AND key = ? AND state = 'pending'",
+                    (reservation.rid, tenant_id, idempotency_key),
+                )
         return Admission(True, rate=rate)
 
     async def settle_not_created(self, rid: str, now: float) -> bool:
@@ -443,7 +459,15 @@ class SQLiteStore(Store):
     ) -> IdempotencyResult:
         async with self._tx:
             row = self.db.execute("SELECT * FROM idempotency WHERE tenant = ? AND key = ?", (tenant_id, key)).fetchone()
-            if row is not None and row["expires_at"] <= now:
+            orphan = row is not None and rules.orphaned_idempotency(row["state"], row["rid"], row["expires_at"], now)
+            if orphan and row["fingerprint"] == fingerprint:
+                # its holder was admitted, then vanished: bind the key to that reservation
+                self.db.execute(
+                    "UPDATE idempotency SET state = 'unknown', expires_at = ? WHERE tenant = ? AND key = ?",
+                    (row["expires_at"] + ORPHAN_KEEP_SECONDS, tenant_id, key),
+                )
+                return IdempotencyResult("unknown", rid=row["rid"])
+            if row is not None and row["expires_at"] <= now and not orphan:
                 self.db.execute("DELETE FROM idempotency WHERE tenant = ? AND key = ?", (tenant_id, key))
                 row = None
             if row is None:

@@ -1,6 +1,7 @@
 -- include: lib.lua
 -- ARGV: P, tenant, now, rpm, tpm, max_active, tasks_day, credits_day, credits_month,
---       credits, day, month, rid, record JSON, key id ('' = none), ledger ttl ms
+--       credits, day, month, rid, record JSON, key id ('' = none), ledger ttl ms,
+--       idempotency key's hash name ('' = none), orphan keep seconds
 --       (limit 0 = unlimited)
 -- -> {ok, index of the failing limit (1-based, ALL_LIMITS order), rpm level, tpm level,
 --     day and month charged}
@@ -54,4 +55,12 @@ if cday ~= day or cmonth ~= month then
 end
 index_record(rid)
 book_charge(cday, tenant, ARGV[15], credits, 1, ARGV[16])
+-- the held Idempotency-Key names this reservation, and outlives its lease if the holder
+-- vanishes (idem_begin binds it then; store.base.Store.admit_create)
+local idem = ARGV[17]
+if idem ~= '' and redis.call('HGET', idem, 'state') == 'pending' then
+  redis.call('HSET', idem, 'rid', rid)
+  local lease_end = tonumber(redis.call('HGET', idem, 'exp'))
+  redis.call('PEXPIRE', idem, math.max(1, math.ceil((lease_end - now + tonumber(ARGV[18])) * 1000)))
+end
 return {1, 0, fmt(levels[1]), fmt(levels[2]), cday, cmonth}
