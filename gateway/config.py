@@ -51,6 +51,8 @@ GEN2_OPTION_TYPES: dict[str, type] = {
     "image_prompt": str,
     "init_image": str,
 }
+# gen2Options integers and their bounds (inclusive): checked on creates and in policies alike
+GEN2_INT_RANGES: dict[str, tuple[int, int]] = {"seed": (0, 4_294_967_295), "motion_score": (0, 100)}
 
 # [admin] key -> Config field
 ADMIN_KEYS = {
@@ -647,6 +649,9 @@ class _Validator:
                 self.fail(_join(path, k), "not a gen2Options field")
             elif not is_type(val, expected):
                 self.fail(_join(path, k), f"must be {a_type_name(expected)}")
+            elif k in GEN2_INT_RANGES and not GEN2_INT_RANGES[k][0] <= val <= GEN2_INT_RANGES[k][1]:
+                low, high = GEN2_INT_RANGES[k]
+                self.fail(_join(path, k), f"must be between {low} and {high}")
         return dict(t)
 
     def webhooks(self, values: dict[str, Any]) -> WebhookConfig:

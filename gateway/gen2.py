@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from gateway.config import GEN2_OPTION_TYPES, Policy
+from gateway.config import GEN2_INT_RANGES, GEN2_OPTION_TYPES, Policy
 from gateway.errors import bad_request
 from gateway.jsontypes import a_type_name, is_type
 
-MAX_SEED = 4_294_967_295
+MAX_SEED = GEN2_INT_RANGES["seed"][1]
+MIN_MOTION, MAX_MOTION = GEN2_INT_RANGES["motion_score"]
 MAX_PROMPT_CHARS = 2000
 MAX_NAME_CHARS = 256
 MAX_URL_CHARS = 4096
@@ -84,8 +85,10 @@ def check_gen2_options(gen2: dict[str, Any], prefix: str = "options.gen2Options"
     if seed is not None and not 0 <= seed <= MAX_SEED:
         raise bad_request("invalid_value", f"`seed` must be between 0 and {MAX_SEED}.", f"{prefix}.seed")
     motion = out.get("motion_score")
-    if motion is not None and not 0 <= motion <= 100:
-        raise bad_request("invalid_value", "`motion_score` must be between 0 and 100.", f"{prefix}.motion_score")
+    if motion is not None and not MIN_MOTION <= motion <= MAX_MOTION:
+        raise bad_request(
+            "invalid_value", f"`motion_score` must be between {MIN_MOTION} and {MAX_MOTION}.", f"{prefix}.motion_score"
+        )
     if len(out.get("text_prompt", "")) > MAX_PROMPT_CHARS:
         raise bad_request(
             "prompt_too_long", f"The prompt is longer than {MAX_PROMPT_CHARS} characters.", f"{prefix}.text_prompt"

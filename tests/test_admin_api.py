@@ -217,6 +217,8 @@ def test_create_show_and_update_a_tenant(api: httpx.Client) -> None:
         ({"id": "ok", "limits": []}, "limits"),
         ({"id": "ok", "policy": {"hook_hosts": ["not a host!"]}}, "policy.hook_hosts"),
         ({"id": "ok", "policy": {"force": {"seed": "x"}}}, "policy.force.seed"),
+        ({"id": "ok", "policy": {"force": {"seed": 2**32}}}, "policy.force.seed"),
+        ({"id": "ok", "policy": {"defaults": {"motion_score": 101}}}, "policy.defaults.motion_score"),
         ({"id": "ok", "policy": {"defaults": {"colour": "red"}}}, "policy.defaults.colour"),
         ({"id": "ok", "policy": {"extra": {}}}, "policy.extra"),
         ({"id": "ok", "enabled": "yes"}, "enabled"),

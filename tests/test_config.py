@@ -463,6 +463,14 @@ def test_unknown_keys_are_named_at_every_level() -> None:
             "tenants[0].policy.defaults.seed: must be an integer",
         ),
         (
+            with_base(tenants=[{"id": "t", "policy": {"defaults": {"seed": 2**32}}}]),
+            "tenants[0].policy.defaults.seed: must be between 0 and 4294967295",
+        ),
+        (
+            with_base(tenants=[{"id": "t", "policy": {"force": {"motion_score": -1}}}]),
+            "tenants[0].policy.force.motion_score: must be between 0 and 100",
+        ),
+        (
             with_base(tenants=[{"id": "t", "policy": {"force": {"upscale": 1}}}]),
             "tenants[0].policy.force.upscale: must be a boolean",
         ),
