@@ -28,7 +28,7 @@ from gateway.jsontypes import a_type_name, is_type
 from gateway.store.base import Limits  # re-exported: a tenant's limits are the store's input
 from gateway.store.redis.url import parse_url, split_prefix, tls_context
 
-TENANT_ID_RE = re.compile(r"^[a-z0-9-]{1,64}$")
+TENANT_ID_RE = re.compile(r"^[a-z0-9-]{1,64}\Z")
 KEY_HASH_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 ENV_LINE_RE = re.compile(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=(.*)$")
 ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")

@@ -206,6 +206,7 @@ def test_create_show_and_update_a_tenant(api: httpx.Client) -> None:
         ({"id": "Bad!"}, "id"),
         ({"id": ""}, "id"),
         ({"id": "a" * 65}, "id"),
+        ({"id": "ok\n"}, "id"),
         ({"id": 7}, "id"),
         ({"id": "ok", "limits": {"max_active_tasks": -1}}, "limits.max_active_tasks"),
         ({"id": "ok", "limits": {"credits_per_day": 0}}, "limits.credits_per_day"),

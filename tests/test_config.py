@@ -457,6 +457,7 @@ def test_unknown_keys_are_named_at_every_level() -> None:
             "tenants[1].keys[1]: already used by tenant 't'",
         ),
         (with_base(tenants=[{"id": "Team A"}]), "tenants[0].id: must match [a-z0-9-]{1,64}"),
+        (with_base(tenants=[{"id": "team-a\n"}]), "tenants[0].id: must match [a-z0-9-]{1,64}"),
         (with_base(tenants=[{"id": "t", "enabled": 1}]), "tenants[0].enabled: must be true or false"),
         (
             with_base(tenants=[{"id": "t", "policy": {"defaults": {"seed": "42"}}}]),
