@@ -423,7 +423,11 @@ def test_protocol_garbage_gets_uvicorns_plain_text_400(gw: GatewayProcess, garba
 
 def test_unknown_route_and_method_are_openai_errors(gw: GatewayProcess) -> None:
     assert_error(httpx.get(gw.url + "/nope"), 404, "not_found")
-    assert_error(httpx.delete(gw.url + "/runway/tasks"), 405, "method_not_allowed")
+    refused = httpx.delete(gw.url + "/runway/tasks")
+    assert assert_error(refused, 405, "method_not_allowed")["type"] == "invalid_request_error"
+    # RFC 9110: a 405 names every method of the path, here served by two routes
+    assert refused.headers["allow"] == "GET, HEAD, POST"
+    assert httpx.request("TRACE", gw.url + "/admin/v1/keys/key_x/rotate").headers["allow"] == "POST"
 
 
 # --- upstream failures -----------------------------------------------------------------
