@@ -14,7 +14,7 @@ from typing import Any
 from gateway import videos
 from gateway.admin import ACTIONS
 from gateway.openapi.errors import RETRY_AFTER, by_status, error_response
-from gateway.openapi.schemas import LISTED_STATUSES, ref
+from gateway.openapi.schemas import LISTED_STATUSES, WEBHOOK_STATES, ref
 from gateway.routes.admin import PAGE_MAX
 from gateway.uploads import ALLOWED_TYPES
 
@@ -33,6 +33,8 @@ CREATE_ERRORS = (
     *UPSTREAM_ERRORS,
 )
 TENANT_PAGE_MAX = 100
+_GROUP = r"\s*(day|tenant|key)\s*"
+GROUP_BY_PATTERN = f"^{_GROUP}(,{_GROUP})*$"  # any non-empty subset, any order, spaces allowed
 
 
 def header(name: str) -> dict[str, Any]:
@@ -583,10 +585,10 @@ ADMIN = [
                 query("key_id", {"type": "string"}, "Only this key."),
                 query(
                     "group_by",
-                    {"type": "string", "pattern": "^(day|tenant|key)(,(day|tenant|key))*$", "default": "day,tenant"},
+                    {"type": "string", "pattern": GROUP_BY_PATTERN, "default": "day,tenant"},
                     "Any subset of day, tenant, key, comma-separated.",
                 ),
-                query("format", {"type": "string", "enum": ["json", "csv"], "default": "json"}, "The answer's form."),
+                query("format", or_empty(["json", "csv"], "json"), "The answer's form (empty: json)."),
             ),
             description="UTC dates, inclusive, at most 366 days.",
         ),
@@ -602,7 +604,7 @@ ADMIN = [
             {200: json_ok("WebhookEventList", "A page of webhook events.")},
             ("invalid_value",),
             (
-                query("status", {"type": "string", "enum": ["pending", "dead"]}, "Only events in this state."),
+                query("status", {"type": "string", "enum": list(WEBHOOK_STATES)}, "Only events in this state."),
                 query("tenant", {"type": "string"}, "Only this tenant's events."),
                 param("AdminLimit"),
                 param("AdminAfter"),

@@ -12,17 +12,19 @@ explicit (`["integer", "null"]`): config tenants and keys have no `created_at`.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from gateway import gen2, videos
 from gateway.admin import ACTIONS, MAX_LIMIT, MAX_NAME, MAX_SECONDS
 from gateway.config import GEN2_INT_RANGES, GEN2_OPTION_TYPES
-from gateway.store.base import ALL_LIMITS, STATUS_RANK
+from gateway.store.base import ALL_LIMITS, STATUS_RANK, Usage
 from gateway.uploads import ALLOWED_TYPES
 
 Schema = dict[str, Any]
 
 TENANT_ID_PATTERN = "^[a-z0-9-]{1,64}$"
+WEBHOOK_STATES = ("pending", "dead")  # an event the outbox still holds (§10)
 LATEST_TIME = 253402300799  # 9999-12-31T23:59:59Z: the documented bound of a Unix time sent
 LISTED_STATUSES = sorted(s for s in STATUS_RANK if s != "SUBMITTING")
 _TYPES: dict[type, Schema] = {
@@ -367,8 +369,9 @@ def video_deleted() -> Schema:
 
 
 def usage() -> Schema:
-    fields = ("active", "tasks_today", "credits_today", "credits_this_month")
-    return obj({f: {"type": "integer"} for f in fields}, fields)
+    """The quota counters now, field for field the store's `Usage`."""
+    names = tuple(f.name for f in dataclasses.fields(Usage))
+    return obj({name: {"type": "integer"} for name in names}, names)
 
 
 TENANT_FIELDS = ("object", "id", "name", "enabled", "source", "limits", "policy", "created_at", "updated_at")
@@ -480,7 +483,11 @@ def usage_row() -> Schema:
 
 def usage_list() -> Schema:
     return obj(
-        {"object": {"const": "list"}, "data": {"type": "array", "items": ref("UsageRow")}},
+        {
+            "object": {"const": "list"},
+            "data": {"type": "array", "items": ref("UsageRow")},
+            "has_more": {"type": "boolean"},
+        },
         ("object", "data"),
         closed=False,
     )
@@ -493,7 +500,7 @@ def webhook_event() -> Schema:
             "id": STR,
             "tenant": STR,
             "task_id": OPT_STR,
-            "status": {"type": "string", "enum": ["pending", "dead", "delivered"]},
+            "status": {"type": "string", "enum": list(WEBHOOK_STATES)},
             "attempts": {"type": "integer", "minimum": 0},
             "next_attempt_at": OPT_TIME,
             "last_error": OPT_STR,
