@@ -224,6 +224,8 @@ def test_create_show_and_update_a_tenant(api: httpx.Client) -> None:
         ({"id": "ok", "policy": {"extra": {}}}, "policy.extra"),
         ({"id": "ok", "enabled": "yes"}, "enabled"),
         ({"id": "ok", "name": ""}, "name"),
+        ({"id": "ok", "name": "red \x1b[31m"}, "name"),
+        ({"id": "ok", "name": "nul\x00"}, "name"),
         ({"id": "ok", "surprise": 1}, "surprise"),
         ({"name": "no id"}, "id"),
     ],
