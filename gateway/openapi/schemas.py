@@ -207,7 +207,13 @@ def policy() -> Schema:
     )
 
 
-NAME: Schema = {"type": "string", "minLength": 1, "maxLength": MAX_NAME, "pattern": r"\S"}
+_CONTROL = r"\x00-\x1f\x7f-\x9f"  # admin.CONTROL_RE: refused in names
+NAME: Schema = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": MAX_NAME,
+    "pattern": f"^[^{_CONTROL}]*[^\\s{_CONTROL}][^{_CONTROL}]*$",
+}
 GRACE = integer(0, MAX_SECONDS, "Seconds the previous secret keeps working; 0 = none.")
 
 
