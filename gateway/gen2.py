@@ -8,6 +8,8 @@ request id to sign into it.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import secrets
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +34,7 @@ OPTIONS: dict[str, type] = {
     "assetGroupName": str,
 }
 URL_FIELDS = ("image_prompt", "init_image")
+HOST_LABEL_RE = re.compile(r"^[A-Za-z0-9_-]{1,63}\Z")
 
 
 @dataclass
@@ -139,7 +142,27 @@ def https_url_problem(value: str) -> str | None:
         return "has an invalid port (1-65535)"
     if parts.username or parts.password:
         return "must not contain credentials"
+    if any(ch.isspace() or not ch.isprintable() for ch in value):
+        return "must not contain spaces or control characters"
+    if not _valid_host(host):
+        return "has an invalid host name"
     return None
+
+
+def _valid_host(host: str) -> bool:
+    """An IP address, or a DNS name (IDNA allowed) of letters, digits, `-` and `_`: what
+    the relay can fetch (anything else it refuses, and the tenant would get a 502)."""
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    try:
+        ascii_host = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        return False
+    labels = ascii_host.rstrip(".").split(".")
+    return len(ascii_host) <= 253 and all(HOST_LABEL_RE.match(label) for label in labels)
 
 
 def _check_fields(obj: Any, spec: dict[str, type], prefix: str) -> None:

@@ -332,6 +332,24 @@ def _bad_bodies() -> list[tuple[str, Any, str, str | None]]:
             "invalid_url",
             "options.gen2Options.init_image",
         ),
+        (
+            "image-control-characters",  # found by the fuzzer: the relay refused it, the tenant got a 502
+            with_gen2(image_prompt="https://\u00f7)\u00a0\u001e\u00e2"),
+            "invalid_url",
+            "options.gen2Options.image_prompt",
+        ),
+        (
+            "image-space",
+            with_gen2(init_image="https://cdn.example/a b.png"),
+            "invalid_url",
+            "options.gen2Options.init_image",
+        ),
+        (
+            "image-bad-host",
+            with_gen2(image_prompt="https://\u00f7).example/a.png"),
+            "invalid_url",
+            "options.gen2Options.image_prompt",
+        ),
         ("prompt-too-long", with_gen2(text_prompt="x" * 2001), "prompt_too_long", "options.gen2Options.text_prompt"),
         ("unknown-field", with_gen2(turbo=True), "unknown_parameter", "options.gen2Options.turbo"),
         ("seconds-12", with_options(seconds=12), "invalid_value", "options.seconds"),
