@@ -102,8 +102,13 @@ def _non_empty(name: str) -> Schema:
 
 
 def gen2_policy_fields() -> Schema:
-    """`force` / `defaults` of a policy: gen2Options fields under the same bounds."""
-    return obj({name: _gen2_value(name) for name in GEN2_OPTION_TYPES})
+    """`force` / `defaults` of a policy: gen2Options fields, of their types, integers within
+    their ranges (what `config.parse_policy` checks; a create checks the rest)."""
+    fields: dict[str, Schema] = {}
+    for name, kind in GEN2_OPTION_TYPES.items():
+        low_high = GEN2_INT_RANGES.get(name)
+        fields[name] = integer(*low_high) if low_high else dict(_TYPES[kind])
+    return obj(fields)
 
 
 def native_create() -> Schema:
@@ -149,7 +154,13 @@ def _video_fields() -> dict[str, Schema]:
         {
             "prompt": {"type": "string", "maxLength": gen2.MAX_PROMPT_CHARS},
             "model": {"type": "string", "enum": models, "default": videos.DEFAULT_MODEL},
-            "seconds": {"type": "string", "enum": seconds, "description": "As a string; JSON may send 4 as a number."},
+            "seconds": {
+                "type": ["string", "integer"],
+                "enum": [*seconds, *(int(s) for s in seconds)],
+                "minimum": min(int(s) for s in seconds),
+                "maximum": max(int(s) for s in seconds),
+                "description": "A string, as OpenAI has it; JSON may send the number.",
+            },
             "size": {"type": "string", "enum": sizes},
             "input_reference": obj(
                 {"image_url": IMAGE_URL},
@@ -254,7 +265,8 @@ def key_update() -> Schema:
 
 
 def rotation() -> Schema:
-    return obj({"grace_seconds": {**GRACE, "default": 86400}})
+    """`{grace_seconds?}`; no body, `{}` or `null` take the default."""
+    return {**obj({"grace_seconds": {**GRACE, "default": 86400}}), "type": ["object", "null"]}
 
 
 # --- responses -------------------------------------------------------------------------
