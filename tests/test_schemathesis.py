@@ -3,7 +3,8 @@ gateway (SQLite, the simulator as the relay) with a tenant's API key and an admi
 
 It finds no 5xx, no answer that breaks the document (every status documented, every body
 and header as documented, nulls included), no schema-invalid request accepted, no
-undocumented method answered other than 405 with `Allow`, and no answer slower than 10 s.
+undocumented method answered other than 405 with the right `Allow`, no secured operation
+answered without its credential, and no answer slower than 10 s.
 Its stateful phase follows the document's links, so it really creates tenants, mints,
 rotates and revokes keys, creates tasks and videos. Seeded: a failure reproduces.
 
@@ -36,6 +37,8 @@ CHECKS = (
     "response_schema_conformance",
     "negative_data_rejection",
     "unsupported_method",
+    "allow_header_conformance",
+    "ignored_auth",
 )
 RUN_TIMEOUT = 240  # a hard stop far above the expected time: a hang fails, never blocks CI
 
