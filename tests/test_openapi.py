@@ -43,15 +43,15 @@ SECTION_10 = {
 
 def served_routes(tmp_path: Path) -> dict[tuple[str, str], Callable[..., Any]]:
     """(method, path template) -> endpoint of every route of the app, HEAD aside (Starlette
-    serves it for every GET). The admin console's pages (§12, gateway/console) and static
-    files are not API operations."""
+    serves it for every GET). The admin console's pages and assets (§12: routes/console.py,
+    console/) are a web page over this API, not operations of it."""
     app = create_app(gateway_config(tmp_path), background=False)
     served: dict[tuple[str, str], Callable[..., Any]] = {}
     for route in app.routes:
         if isinstance(route, Mount):
             continue  # static files (the console's assets)
         assert isinstance(route, Route), route
-        if route.endpoint.__module__.startswith("gateway.console"):
+        if route.endpoint.__module__.startswith(("gateway.console", "gateway.routes.console")):
             continue
         for method in route.methods or ():
             if method != "HEAD":
