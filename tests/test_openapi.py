@@ -93,6 +93,23 @@ def test_both_security_schemes_and_who_needs_which() -> None:
         assert DOC["paths"][open_path]["get"]["security"] == []
 
 
+def test_operation_ids_are_unique_and_links_lead_to_them() -> None:
+    ops = {op["operationId"]: op for item in DOC["paths"].values() for op in item.values()}
+    assert len(ops) == len(documented())
+    links = [
+        link
+        for item in DOC["paths"].values()
+        for op in item.values()
+        for answer in op["responses"].values()
+        for link in answer.get("links", {}).values()
+    ]
+    assert len(links) >= 10
+    for link in links:
+        target = ops[link["operationId"]]
+        path_params = {p["name"] for p in target.get("parameters", []) if p.get("in") == "path"}
+        assert set(link["parameters"]) <= path_params, link
+
+
 def test_every_route_is_documented(tmp_path: Path) -> None:
     served = set(served_routes(tmp_path))
     assert served - documented() - UNDOCUMENTED == set()

@@ -33,6 +33,7 @@ CREATE_ERRORS = (
     *UPSTREAM_ERRORS,
 )
 TENANT_PAGE_MAX = 100
+RATE_HEADERS = ("x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests")
 _GROUP = r"\s*(day|tenant|key)\s*"
 GROUP_BY_PATTERN = f"^{_GROUP}(,{_GROUP})*$"  # any non-empty subset, any order, spaces allowed
 
@@ -129,15 +130,14 @@ def operation(op: Op) -> dict[str, Any]:
     return out
 
 
-RATE_HEADERS = ("x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests")
-
-
 def _link(operation_id: str, **parameters: str) -> dict[str, Any]:
     return {"operationId": operation_id, "parameters": parameters}
 
 
-def _links(prefix: str, pointer: str, name: str, *operation_ids: str) -> dict[str, dict[str, Any]]:
-    return {f"{prefix}{i}": _link(o, **{name: f"$response.body#{pointer}"}) for i, o in enumerate(operation_ids)}
+def _links(pointer: str, name: str, *operation_ids: str) -> dict[str, dict[str, Any]]:
+    """Links from an answer to the operations that take its id (the value at `pointer`) as
+    the path parameter `name`, each named after the operation it leads to."""
+    return {o: _link(o, **{name: f"$response.body#{pointer}"}) for o in operation_ids}
 
 
 TASK_ID = path_param("id", "The task id (the relay's), as the create answered it.")
@@ -175,9 +175,7 @@ NATIVE = [
             json_body("NativeCreate"),
             "Validated, put under the tenant's policy, charged against its limits, sent to the relay with the "
             "gateway's callback URL in place of `notify_hook`. Once per Idempotency-Key.",
-            {
-                **_links("ReadTask", "/task/id", "id", "getTask"),
-            },
+            _links("/task/id", "id", "getTask"),
         ),
     ),
     (
@@ -223,7 +221,7 @@ VIDEO_CREATE_BODY = {
         "application/x-www-form-urlencoded": {"schema": ref("VideoCreateForm")},
     },
 }
-VIDEO_LINKS = _links("Video", "/id", "id", "getVideo", "getVideoContent", "deleteVideo")
+VIDEO_LINKS = _links("/id", "id", "getVideo", "getVideoContent", "deleteVideo")
 
 OPENAI = [
     (
@@ -381,10 +379,8 @@ OPENAI = [
 
 # --- admin routes (§9, §10) --------------------------------------------------------------
 
-KEY_LINKS = _links("Key", "/id", "key_id", "getKey", "updateKey", "rotateKey", "revokeKey")
-TENANT_LINKS = _links(
-    "Tenant", "/id", "id", "getTenant", "updateTenant", "rotateWebhookSecret", "listTenantKeys", "createKey"
-)
+KEY_LINKS = _links("/id", "key_id", "getKey", "updateKey", "rotateKey", "revokeKey")
+TENANT_LINKS = _links("/id", "id", "getTenant", "updateTenant", "rotateWebhookSecret", "listTenantKeys", "createKey")
 TENANT_NOT_FOUND = ("tenant_not_found",)
 KEY_CHANGE = ("invalid_json", "invalid_body", "unknown_parameter", "invalid_value", "invalid_type")
 
@@ -609,7 +605,7 @@ ADMIN = [
                 param("AdminLimit"),
                 param("AdminAfter"),
             ),
-            links=_links("Event", "/data/0/id", "event_id", "redeliverWebhookEvent"),
+            links=_links("/data/0/id", "event_id", "redeliverWebhookEvent"),
         ),
     ),
     (
