@@ -649,9 +649,8 @@ class _Validator:
                 self.fail(_join(path, k), "not a gen2Options field")
             elif not is_type(val, expected):
                 self.fail(_join(path, k), f"must be {a_type_name(expected)}")
-            elif k in GEN2_INT_RANGES and not GEN2_INT_RANGES[k][0] <= val <= GEN2_INT_RANGES[k][1]:
-                low, high = GEN2_INT_RANGES[k]
-                self.fail(_join(path, k), f"must be between {low} and {high}")
+            elif problem := _gen2_value_problem(k, val):
+                self.fail(_join(path, k), problem)
         return dict(t)
 
     def webhooks(self, values: dict[str, Any]) -> WebhookConfig:
@@ -659,6 +658,14 @@ class _Validator:
         if cfg.max_backoff_seconds < cfg.initial_backoff_seconds:
             self.fail("webhooks.max_backoff_seconds", "must not be below initial_backoff_seconds")
         return cfg
+
+
+def _gen2_value_problem(name: str, value: Any) -> str | None:
+    """A policy's gen2Options value checked as a create checks the tenant's own (a forced
+    value the relay refuses would fail every create of the tenant with a 502)."""
+    from gateway.gen2 import option_value_problem  # gen2 imports this module
+
+    return option_value_problem(name, value)
 
 
 def _join(path: str, key: str) -> str:

@@ -110,6 +110,21 @@ def check_gen2_options(gen2: dict[str, Any], prefix: str = "options.gen2Options"
     return out
 
 
+def option_value_problem(name: str, value: Any) -> str | None:
+    """What is wrong with one gen2Options value of the right type, worded for a policy's
+    `force` or `defaults` (the create checks above say the same of a tenant's own)."""
+    if name in GEN2_INT_RANGES:
+        low, high = GEN2_INT_RANGES[name]
+        return None if low <= value <= high else f"must be between {low} and {high}"
+    if name == "mode" and value != "gen2":
+        return 'must be "gen2"'
+    if name == "text_prompt" and len(value) > MAX_PROMPT_CHARS:
+        return f"must be at most {MAX_PROMPT_CHARS} characters"
+    if name in URL_FIELDS and value:
+        return https_url_problem(value)
+    return None
+
+
 def apply_policy(gen2: dict[str, Any], policy: Policy) -> dict[str, Any]:
     return {**policy.defaults, **gen2, **policy.force}
 

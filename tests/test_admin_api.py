@@ -220,6 +220,8 @@ def test_create_show_and_update_a_tenant(api: httpx.Client) -> None:
         ({"id": "ok", "policy": {"force": {"seed": "x"}}}, "policy.force.seed"),
         ({"id": "ok", "policy": {"force": {"seed": 2**32}}}, "policy.force.seed"),
         ({"id": "ok", "policy": {"defaults": {"motion_score": 101}}}, "policy.defaults.motion_score"),
+        ({"id": "ok", "policy": {"force": {"mode": "gen3"}}}, "policy.force.mode"),
+        ({"id": "ok", "policy": {"force": {"init_image": "https://a b/c.png"}}}, "policy.force.init_image"),
         ({"id": "ok", "policy": {"defaults": {"colour": "red"}}}, "policy.defaults.colour"),
         ({"id": "ok", "policy": {"extra": {}}}, "policy.extra"),
         ({"id": "ok", "enabled": "yes"}, "enabled"),

@@ -472,6 +472,18 @@ def test_unknown_keys_are_named_at_every_level() -> None:
             "tenants[0].policy.force.motion_score: must be between 0 and 100",
         ),
         (
+            with_base(tenants=[{"id": "t", "policy": {"force": {"mode": "gen3"}}}]),
+            'tenants[0].policy.force.mode: must be "gen2"',
+        ),
+        (
+            with_base(tenants=[{"id": "t", "policy": {"defaults": {"image_prompt": "http://cdn.example/a.png"}}}]),
+            "tenants[0].policy.defaults.image_prompt: must be an https:// URL",
+        ),
+        (
+            with_base(tenants=[{"id": "t", "policy": {"force": {"text_prompt": "x" * 2001}}}]),
+            "tenants[0].policy.force.text_prompt: must be at most 2000 characters",
+        ),
+        (
             with_base(tenants=[{"id": "t", "policy": {"force": {"upscale": 1}}}]),
             "tenants[0].policy.force.upscale: must be a boolean",
         ),
