@@ -102,13 +102,9 @@ def _non_empty(name: str) -> Schema:
 
 
 def gen2_policy_fields() -> Schema:
-    """`force` / `defaults` of a policy: gen2Options fields, of their types, integers within
-    their ranges (what `config.parse_policy` checks; a create checks the rest)."""
-    fields: dict[str, Schema] = {}
-    for name, kind in GEN2_OPTION_TYPES.items():
-        low_high = GEN2_INT_RANGES.get(name)
-        fields[name] = integer(*low_high) if low_high else dict(_TYPES[kind])
-    return obj(fields)
+    """`force` / `defaults` of a policy: gen2Options fields under the create's bounds
+    (`config.parse_policy` checks them with `gen2.option_value_problem`)."""
+    return obj({name: _gen2_value(name) for name in GEN2_OPTION_TYPES})
 
 
 def native_create() -> Schema:
