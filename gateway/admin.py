@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hmac
 import math
+import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -23,6 +24,7 @@ from gateway.store.base import ALL_LIMITS, AuditEntry, KeyRecord, Limits, Outbox
 
 MAX_LIMIT = 2**63 - 1  # a limit is a signed 64-bit integer in both stores
 MAX_NAME = 200
+CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1
 DEFAULT_GRACE_SECONDS = 86400
 MAX_SECONDS = 100 * 365 * 86400  # grace periods and key lifetimes: at most a century
 ACTIONS = (
@@ -312,9 +314,13 @@ def check_tenant_id(value: Any) -> str:
 
 
 def check_name(value: Any, param: str = "name") -> str:
-    if not isinstance(value, str) or not value.strip() or len(value) > MAX_NAME:
+    """A name operators read in tables and logs: no control characters (a terminal escape
+    in a tenant's name would reach every `admin tenants list`)."""
+    if not isinstance(value, str) or not value.strip() or len(value) > MAX_NAME or CONTROL_RE.search(value):
         raise bad_request(
-            "invalid_value", f"`{param}` must be a non-empty string of at most {MAX_NAME} characters.", param
+            "invalid_value",
+            f"`{param}` must be a non-empty string of at most {MAX_NAME} characters, without control characters.",
+            param,
         )
     return value
 

@@ -22,6 +22,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Match, Route
 
 from gateway.config import Config
 from gateway.errors import GatewayError, error_response
@@ -119,8 +120,20 @@ async def _gateway_error(request: Request, exc: Exception) -> Response:
 async def _not_found(request: Request, exc: Exception) -> Response:
     status = getattr(exc, "status_code", 404)
     if status == 405:
-        return error_response(GatewayError(405, "method_not_allowed", "Method not allowed on this route."))
+        allow = {"allow": ", ".join(_allowed_methods(request))}
+        message = "Method not allowed on this route."
+        return error_response(GatewayError(405, "method_not_allowed", message, "invalid_request_error", headers=allow))
     return error_response(GatewayError(status, "not_found", "No such route.", "invalid_request_error"))
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves on this path (RFC 9110's `Allow` of a 405): a path's
+    methods are often split over several routes, and Starlette's 405 names only the first's."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if isinstance(route, Route) and route.methods and route.matches(request.scope)[0] != Match.NONE:
+            methods |= route.methods
+    return sorted(methods)
 
 
 async def _store_unavailable(request: Request, exc: Exception) -> Response:

@@ -29,7 +29,7 @@ from gateway.ssrf import HookPolicy
 from gateway.store.base import Limits  # re-exported: a tenant's limits are the store's input
 from gateway.store.redis.url import parse_url, split_prefix, tls_context
 
-TENANT_ID_RE = re.compile(r"^[a-z0-9-]{1,64}$")
+TENANT_ID_RE = re.compile(r"^[a-z0-9-]{1,64}\Z")
 KEY_HASH_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 ENV_LINE_RE = re.compile(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=(.*)$")
 ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
@@ -52,6 +52,8 @@ GEN2_OPTION_TYPES: dict[str, type] = {
     "image_prompt": str,
     "init_image": str,
 }
+# gen2Options integers and their bounds (inclusive): checked on creates and in policies alike
+GEN2_INT_RANGES: dict[str, tuple[int, int]] = {"seed": (0, 4_294_967_295), "motion_score": (0, 100)}
 
 # [admin] key -> Config field
 ADMIN_KEYS = {
@@ -650,6 +652,8 @@ class _Validator:
                 self.fail(_join(path, k), "not a gen2Options field")
             elif not is_type(val, expected):
                 self.fail(_join(path, k), f"must be {a_type_name(expected)}")
+            elif problem := _gen2_value_problem(k, val):
+                self.fail(_join(path, k), problem)
         return dict(t)
 
     def webhooks(self, values: dict[str, Any]) -> WebhookConfig:
@@ -657,6 +661,14 @@ class _Validator:
         if cfg.max_backoff_seconds < cfg.initial_backoff_seconds:
             self.fail("webhooks.max_backoff_seconds", "must not be below initial_backoff_seconds")
         return cfg
+
+
+def _gen2_value_problem(name: str, value: Any) -> str | None:
+    """A policy's gen2Options value checked as a create checks the tenant's own (a forced
+    value the relay refuses would fail every create of the tenant with a 502)."""
+    from gateway.gen2 import option_value_problem  # gen2 imports this module
+
+    return option_value_problem(name, value)
 
 
 def _join(path: str, key: str) -> str:

@@ -8,16 +8,19 @@ request id to sign into it.
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import secrets
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from gateway.config import GEN2_OPTION_TYPES, Policy
+from gateway.config import GEN2_INT_RANGES, GEN2_OPTION_TYPES, Policy
 from gateway.errors import bad_request
 from gateway.jsontypes import a_type_name, is_type
 
-MAX_SEED = 4_294_967_295
+MAX_SEED = GEN2_INT_RANGES["seed"][1]
+MIN_MOTION, MAX_MOTION = GEN2_INT_RANGES["motion_score"]
 MAX_PROMPT_CHARS = 2000
 MAX_NAME_CHARS = 256
 MAX_URL_CHARS = 4096
@@ -31,6 +34,7 @@ OPTIONS: dict[str, type] = {
     "assetGroupName": str,
 }
 URL_FIELDS = ("image_prompt", "init_image")
+HOST_LABEL_RE = re.compile(r"^[A-Za-z0-9_-]{1,63}\Z")
 
 
 @dataclass
@@ -84,8 +88,10 @@ def check_gen2_options(gen2: dict[str, Any], prefix: str = "options.gen2Options"
     if seed is not None and not 0 <= seed <= MAX_SEED:
         raise bad_request("invalid_value", f"`seed` must be between 0 and {MAX_SEED}.", f"{prefix}.seed")
     motion = out.get("motion_score")
-    if motion is not None and not 0 <= motion <= 100:
-        raise bad_request("invalid_value", "`motion_score` must be between 0 and 100.", f"{prefix}.motion_score")
+    if motion is not None and not MIN_MOTION <= motion <= MAX_MOTION:
+        raise bad_request(
+            "invalid_value", f"`motion_score` must be between {MIN_MOTION} and {MAX_MOTION}.", f"{prefix}.motion_score"
+        )
     if len(out.get("text_prompt", "")) > MAX_PROMPT_CHARS:
         raise bad_request(
             "prompt_too_long", f"The prompt is longer than {MAX_PROMPT_CHARS} characters.", f"{prefix}.text_prompt"
@@ -102,6 +108,21 @@ def check_gen2_options(gen2: dict[str, Any], prefix: str = "options.gen2Options"
             "missing_required_parameter", "Give a `text_prompt`, an `image_prompt`, or both.", f"{prefix}.text_prompt"
         )
     return out
+
+
+def option_value_problem(name: str, value: Any) -> str | None:
+    """What is wrong with one gen2Options value of the right type, worded for a policy's
+    `force` or `defaults` (the create checks above say the same of a tenant's own)."""
+    if name in GEN2_INT_RANGES:
+        low, high = GEN2_INT_RANGES[name]
+        return None if low <= value <= high else f"must be between {low} and {high}"
+    if name == "mode" and value != "gen2":
+        return 'must be "gen2"'
+    if name == "text_prompt" and len(value) > MAX_PROMPT_CHARS:
+        return f"must be at most {MAX_PROMPT_CHARS} characters"
+    if name in URL_FIELDS and value:
+        return https_url_problem(value)
+    return None
 
 
 def apply_policy(gen2: dict[str, Any], policy: Policy) -> dict[str, Any]:
@@ -136,7 +157,27 @@ def https_url_problem(value: str) -> str | None:
         return "has an invalid port (1-65535)"
     if parts.username or parts.password:
         return "must not contain credentials"
+    if any(ch.isspace() or not ch.isprintable() for ch in value):
+        return "must not contain spaces or control characters"
+    if not _valid_host(host):
+        return "has an invalid host name"
     return None
+
+
+def _valid_host(host: str) -> bool:
+    """An IP address, or a DNS name (IDNA allowed) of letters, digits, `-` and `_`: what
+    the relay can fetch (anything else it refuses, and the tenant would get a 502)."""
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    try:
+        ascii_host = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        return False
+    labels = ascii_host.rstrip(".").split(".")
+    return len(ascii_host) <= 253 and all(HOST_LABEL_RE.match(label) for label in labels)
 
 
 def _check_fields(obj: Any, spec: dict[str, type], prefix: str) -> None:

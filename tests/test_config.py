@@ -459,10 +459,31 @@ def test_unknown_keys_are_named_at_every_level() -> None:
             "tenants[1].keys[1]: already used by tenant 't'",
         ),
         (with_base(tenants=[{"id": "Team A"}]), "tenants[0].id: must match [a-z0-9-]{1,64}"),
+        (with_base(tenants=[{"id": "team-a\n"}]), "tenants[0].id: must match [a-z0-9-]{1,64}"),
         (with_base(tenants=[{"id": "t", "enabled": 1}]), "tenants[0].enabled: must be true or false"),
         (
             with_base(tenants=[{"id": "t", "policy": {"defaults": {"seed": "42"}}}]),
             "tenants[0].policy.defaults.seed: must be an integer",
+        ),
+        (
+            with_base(tenants=[{"id": "t", "policy": {"defaults": {"seed": 2**32}}}]),
+            "tenants[0].policy.defaults.seed: must be between 0 and 4294967295",
+        ),
+        (
+            with_base(tenants=[{"id": "t", "policy": {"force": {"motion_score": -1}}}]),
+            "tenants[0].policy.force.motion_score: must be between 0 and 100",
+        ),
+        (
+            with_base(tenants=[{"id": "t", "policy": {"force": {"mode": "gen3"}}}]),
+            'tenants[0].policy.force.mode: must be "gen2"',
+        ),
+        (
+            with_base(tenants=[{"id": "t", "policy": {"defaults": {"image_prompt": "http://cdn.example/a.png"}}}]),
+            "tenants[0].policy.defaults.image_prompt: must be an https:// URL",
+        ),
+        (
+            with_base(tenants=[{"id": "t", "policy": {"force": {"text_prompt": "x" * 2001}}}]),
+            "tenants[0].policy.force.text_prompt: must be at most 2000 characters",
         ),
         (
             with_base(tenants=[{"id": "t", "policy": {"force": {"upscale": 1}}}]),

@@ -332,6 +332,24 @@ def _bad_bodies() -> list[tuple[str, Any, str, str | None]]:
             "invalid_url",
             "options.gen2Options.init_image",
         ),
+        (
+            "image-control-characters",  # found by the fuzzer: the relay refused it, the tenant got a 502
+            with_gen2(image_prompt="https://\u00f7)\u00a0\u001e\u00e2"),
+            "invalid_url",
+            "options.gen2Options.image_prompt",
+        ),
+        (
+            "image-space",
+            with_gen2(init_image="https://cdn.example/a b.png"),
+            "invalid_url",
+            "options.gen2Options.init_image",
+        ),
+        (
+            "image-bad-host",
+            with_gen2(image_prompt="https://\u00f7).example/a.png"),
+            "invalid_url",
+            "options.gen2Options.image_prompt",
+        ),
         ("prompt-too-long", with_gen2(text_prompt="x" * 2001), "prompt_too_long", "options.gen2Options.text_prompt"),
         ("unknown-field", with_gen2(turbo=True), "unknown_parameter", "options.gen2Options.turbo"),
         ("seconds-12", with_options(seconds=12), "invalid_value", "options.seconds"),
@@ -423,7 +441,11 @@ def test_protocol_garbage_gets_uvicorns_plain_text_400(gw: GatewayProcess, garba
 
 def test_unknown_route_and_method_are_openai_errors(gw: GatewayProcess) -> None:
     assert_error(httpx.get(gw.url + "/nope"), 404, "not_found")
-    assert_error(httpx.delete(gw.url + "/runway/tasks"), 405, "method_not_allowed")
+    refused = httpx.delete(gw.url + "/runway/tasks")
+    assert assert_error(refused, 405, "method_not_allowed")["type"] == "invalid_request_error"
+    # RFC 9110: a 405 names every method of the path, here served by two routes
+    assert refused.headers["allow"] == "GET, HEAD, POST"
+    assert httpx.request("TRACE", gw.url + "/admin/v1/keys/key_x/rotate").headers["allow"] == "POST"
 
 
 # --- upstream failures -----------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Operations routes: liveness, readiness, metrics."""
+"""Operations routes: liveness, readiness, metrics, and the API description."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from starlette.routing import Route
 from gateway.auth import bearer_credential
 from gateway.errors import GatewayError
 from gateway.metrics import CONTENT_TYPE
+from gateway.openapi import document_bytes
 from gateway.routes.common import json_response, services
 
 READY_TIMEOUT = 1.0
@@ -65,8 +66,15 @@ async def metrics(request: Request) -> Response:
     return Response(body, media_type=CONTENT_TYPE)
 
 
+async def openapi(request: Request) -> Response:
+    """The OpenAPI 3.1 document (`gateway.openapi`), without authentication: it describes
+    the API, it holds no tenant's data."""
+    return Response(document_bytes(), media_type="application/json")
+
+
 routes = [
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
     Route("/metrics", metrics, methods=["GET"]),
+    Route("/openapi.json", openapi, methods=["GET"]),
 ]
