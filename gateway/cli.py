@@ -245,6 +245,10 @@ artifact_hosts = ["127.0.0.1"]
 [store]
 url = "sqlite:///{db}"
 
+# The demo's admin key: the console at /admin/ and `runway-gateway admin` sign in with it.
+[admin]
+keys = ["{admin_hash}"]
+
 [[tenants]]
 id = "demo"
 keys = ["{key_hash}"]
@@ -265,6 +269,7 @@ class DemoSecrets:
 
     key: str
     webhook_secret: str
+    admin_key: str
 
 
 DEMO_SECRETS_FILE = "demo-secrets.json"
@@ -285,6 +290,7 @@ def _demo_secrets(data: Path, new_demo_key: bool) -> DemoSecrets:
     current = DemoSecrets(
         key=new_key() if new_demo_key or not kept.get("key") else kept["key"],
         webhook_secret=kept.get("webhook_secret") or secrets.token_urlsafe(32),
+        admin_key=kept.get("admin_key") or new_key(),  # a demo kept before the console: one now
     )
     if kept != asdict(current):
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -343,6 +349,7 @@ def _demo(port: int, upstream_port: int, data: Path, new_demo_key: bool) -> int:
             db=(data / "gateway.db").resolve(),
             key_hash=key_hash(kept.key),
             hook_secret=kept.webhook_secret,
+            admin_hash=key_hash(kept.admin_key),
         )
     )
     simulator = subprocess.Popen(
@@ -356,7 +363,10 @@ def _demo(port: int, upstream_port: int, data: Path, new_demo_key: bool) -> int:
             f"\nrunway-gateway demo\n  gateway:  http://127.0.0.1:{port}\n"
             f"  upstream: http://127.0.0.1:{upstream_port} (simulator)\n"
             f"  config:   {config_path}\n  demo key: {kept.key}\n"
-            f"            (kept in {data / DEMO_SECRETS_FILE}; `runway-gateway demo --new-key` replaces it)\n\n"
+            f"            (kept in {data / DEMO_SECRETS_FILE}; `runway-gateway demo --new-key` replaces it)\n"
+            f"  console:  http://127.0.0.1:{port}/admin/ (sign in with the admin key)\n"
+            f"  admin key: {kept.admin_key}\n\n"
+            f"  export RUNWAY_GATEWAY_URL=http://127.0.0.1:{port} RUNWAY_GATEWAY_ADMIN_KEY={kept.admin_key}\n"
             f"  export KEY={kept.key}\n"
             f'  curl -s http://127.0.0.1:{port}/runway/tasks -H "Authorization: Bearer $KEY" '
             "-H 'Content-Type: application/json' \\\n"

@@ -18,6 +18,7 @@ import pytest
 from conftest import ROOT, Process, _wait_http, free_port, wait_until
 
 KEY_LINE = re.compile(r"export KEY=(sk-gw-\S+)")
+ADMIN_KEY_LINE = re.compile(r"RUNWAY_GATEWAY_ADMIN_KEY=(sk-gw-\S+)")
 ID_PLACEHOLDER = "19da9384-..."
 
 
@@ -43,12 +44,15 @@ class Demo(Process):
             ],
             tmp / f"demo-{self.port}.log",
         )
-        self.key = ""
+        self.key = self.admin_key = ""
 
     def start(self) -> None:
         super().start()
         _wait_http(self.url + "/readyz", self)
         self.key = wait_until(lambda: (m := KEY_LINE.search(self.log_text())) and m.group(1), message="the demo key")
+        self.admin_key = wait_until(
+            lambda: (m := ADMIN_KEY_LINE.search(self.log_text())) and m.group(1), message="the admin key"
+        )
 
     def status_with(self, key: str) -> int:
         return httpx.get(self.url + "/runway/tasks", headers={"Authorization": f"Bearer {key}"}, timeout=10).status_code
@@ -161,6 +165,26 @@ def test_the_demo_prints_the_same_key_on_every_start_and_new_key_replaces_it(tmp
     assert renewed.key != first.key
     assert renewed.status_with(renewed.key) == 200
     assert renewed.status_with(first.key) == 401
+
+
+def test_the_demo_has_an_admin_key_for_the_console_and_the_admin_command(tmp_path: Path, demos: list[Demo]) -> None:
+    data = tmp_path / "data"
+    first = start_demo(demos, tmp_path, data)
+    assert httpx.get(first.url + "/admin/", timeout=10).status_code == 200  # the console's page
+    env = {"RUNWAY_GATEWAY_URL": first.url, "RUNWAY_GATEWAY_ADMIN_KEY": first.admin_key}
+    listed = subprocess.run(
+        [sys.executable, "-m", "gateway", "admin", "--json", "tenants", "list"],
+        capture_output=True,
+        text=True,
+        env={**env, "PATH": "/usr/bin:/bin"},
+        timeout=60,
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert [t["id"] for t in json.loads(listed.stdout)["data"]] == ["demo"]
+    assert first.status_with(first.admin_key) == 401  # an admin key is no tenant key
+    first.stop()
+    again = start_demo(demos, tmp_path, data, "--new-key")  # kept across starts, even a new tenant key
+    assert again.admin_key == first.admin_key
 
 
 @pytest.mark.parametrize("busy_option", ["--port", "--upstream-port"])
