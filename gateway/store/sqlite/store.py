@@ -403,13 +403,7 @@ class SQLiteStore(Store):
         self, *, limit: int, after: str | None = None, state: str | None = None, tenant: str | None = None
     ) -> tuple[list[OutboxEntry], bool]:
         sql = [f"SELECT {OUTBOX_COLUMNS} FROM webhooks w LEFT JOIN tasks t ON t.rid = w.rid WHERE 1 = 1"]
-        args: list[Any] = []
-        if state is not None:
-            sql.append("AND w.state = ?")
-            args.append(state)
-        if tenant is not None:
-            sql.append("AND w.tenant = ?")
-            args.append(tenant)
+        args = _equal_filters(sql, {"w.state": state, "w.tenant": tenant})
         if after:
             sql.append("AND w.event_id < ?")
             args.append(after)
@@ -659,13 +653,7 @@ class SQLiteStore(Store):
         self, *, limit: int, after: str | None = None, tenant: str | None = None, action: str | None = None
     ) -> tuple[list[AuditEntry], bool]:
         sql = ["SELECT data FROM audit WHERE 1 = 1"]
-        args: list[Any] = []
-        if tenant is not None:
-            sql.append("AND tenant = ?")
-            args.append(tenant)
-        if action is not None:
-            sql.append("AND action = ?")
-            args.append(action)
+        args = _equal_filters(sql, {"tenant": tenant, "action": action})
         with OUTAGE:
             if after:
                 cursor = self.reader.execute("SELECT time FROM audit WHERE id = ?", (after,)).fetchone()
@@ -842,6 +830,17 @@ class SQLiteStore(Store):
             (event_id, rec.rid, rec.tenant_id, seq, rec.hook, orjson.dumps({"task": rec.task}), now, now),
         )
         return event_id
+
+
+def _equal_filters(sql: list[str], filters: dict[str, Any]) -> list[Any]:
+    """`AND column = ?` appended to `sql` for each filter given (not None), for a list
+    query's optional filters; returns the arguments, in order."""
+    args: list[Any] = []
+    for column, value in filters.items():
+        if value is not None:
+            sql.append(f"AND {column} = ?")
+            args.append(value)
+    return args
 
 
 def _tenant(row: sqlite3.Row) -> TenantRecord:
