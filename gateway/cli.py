@@ -122,6 +122,11 @@ def _serve(config_path: str | None, host: str, port: int, workers: int) -> int:
     options = uvicorn_options(server)  # header/body/idle timeouts and the connection limit
     try:
         if workers > 1:
+            # The supervisor binds the socket and says where ("Uvicorn running on ..."):
+            # without the workers' logging set up here too, that line is dropped.
+            from gateway.logs import setup_logging
+
+            setup_logging(os.environ.get("GATEWAY_LOG_LEVEL", server.log_level))
             # where the supervisor names each reload for its workers (gateway.reload)
             os.environ[RELOAD_ID_ENV] = str(Path(metrics_dir) / "reload-id")
             _run_workers(host, port, workers, options)
