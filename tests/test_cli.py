@@ -5,7 +5,9 @@ is printed."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -25,8 +27,8 @@ ID_PLACEHOLDER = "19da9384-..."
 class Demo(Process):
     """`runway-gateway demo` on free ports with a data directory of the test's own."""
 
-    def __init__(self, tmp: Path, data: Path, *extra: str):
-        self.port, self.upstream_port = free_port(), free_port()
+    def __init__(self, tmp: Path, data: Path, *extra: str, ports: tuple[int, int] | None = None):
+        self.port, self.upstream_port = ports or (free_port(), free_port())
         self.url = f"http://127.0.0.1:{self.port}"
         super().__init__(
             [
@@ -67,8 +69,8 @@ def demos(tmp_path: Path) -> Iterator[list[Demo]]:
         d.stop()
 
 
-def start_demo(demos: list[Demo], tmp: Path, data: Path, *extra: str) -> Demo:
-    demo = Demo(tmp, data, *extra)
+def start_demo(demos: list[Demo], tmp: Path, data: Path, *extra: str, ports: tuple[int, int] | None = None) -> Demo:
+    demo = Demo(tmp, data, *extra, ports=ports)
     demos.append(demo)
     demo.start()
     return demo
@@ -214,6 +216,74 @@ def test_a_busy_port_is_named_before_any_key_is_printed(tmp_path: Path, busy_opt
     assert f"port {ports[busy_option]} for the" in proc.stderr and busy_option in proc.stderr, said
     assert "sk-gw-" not in said and "curl" not in said, said
     assert not (data / "demo-secrets.json").exists()
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the demo checks and uvicorn binds
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_the_demo_stops_its_simulator_too(tmp_path: Path, demos: list[Demo], sig: int) -> None:
+    """`kill PID` (or Ctrl-C) of the demo alone, not its process group: both ports free
+    again, so the next demo starts on them."""
+    data = tmp_path / "data"
+    first = start_demo(demos, tmp_path, data)
+    assert first.proc is not None
+    os.kill(first.proc.pid, sig)
+    assert first.proc.wait(timeout=20) == 0, first.log_text()[-2000:]
+    wait_until(lambda: port_is_free(first.upstream_port) and port_is_free(first.port), 10, 0.05, "both ports free")
+    again = start_demo(demos, tmp_path, data, ports=(first.port, first.upstream_port))
+    assert again.status_with(first.key) == 200
+
+
+def test_a_second_demo_on_the_same_data_directory_is_refused(tmp_path: Path, demos: list[Demo]) -> None:
+    data = tmp_path / "data"
+    first = start_demo(demos, tmp_path, data)
+    assert first.proc is not None
+    config = (data / "gateway.toml").read_text()
+    secrets_kept = (data / "demo-secrets.json").read_text()
+    second = Demo(tmp_path, data, "--new-key")
+    refused = subprocess.run(second.args, capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert refused.returncode == 1
+    assert refused.stderr.strip() == (
+        f"demo: {data} is in use by another demo (pid {first.proc.pid}, gateway on port {first.port}): "
+        "stop that one, or give this one a directory of its own with --data DIR"
+    )
+    assert "sk-gw-" not in refused.stdout + refused.stderr
+    assert (data / "gateway.toml").read_text() == config  # the first demo's ports and keys, untouched
+    assert (data / "demo-secrets.json").read_text() == secrets_kept
+    assert first.status_with(first.key) == 200
+    assert port_is_free(second.port) and port_is_free(second.upstream_port)  # no simulator left behind
+    first.stop()
+    demos.append(second)
+    second.start()  # the directory is free once its demo is gone
+    assert second.status_with(first.key) == 401 and second.status_with(second.key) == 200
+
+
+def test_the_banner_appears_only_once_the_gateway_answers(tmp_path: Path, demos: list[Demo]) -> None:
+    demo = Demo(tmp_path, tmp_path / "data")
+    demos.append(demo)
+    Process.start(demo)
+    banner = f"  gateway:  {demo.url}"
+    wait_until(lambda: banner in demo.log_text(), 30, 0.005, "the banner")
+    # at once: no retry, as a reader copying the URL or the curl line would
+    assert httpx.get(demo.url + "/readyz", timeout=5).status_code == 200
+    assert (
+        httpx.get(demo.url + "/runway/tasks", headers={"Authorization": f"Bearer {_key(demo)}"}, timeout=5).status_code
+        == 200
+    )
+
+
+def _key(demo: Demo) -> str:
+    m = KEY_LINE.search(demo.log_text())
+    assert m, demo.log_text()[-2000:]
+    return m.group(1)
 
 
 def test_new_key_prints_a_key_and_its_hash() -> None:
