@@ -374,6 +374,7 @@ def test_the_banner_appears_only_once_the_gateway_answers(tmp_path: Path, demos:
     wait_until(lambda: banner in demo.log_text(), 30, 0.005, "the banner")
     # at once: no retry, as a reader copying the URL or the curl line would
     assert httpx.get(demo.url + "/readyz", timeout=5).status_code == 200
+    assert httpx.get(demo.url + "/admin/", timeout=5).status_code == 200  # the console URL it prints
     assert (
         httpx.get(demo.url + "/runway/tasks", headers={"Authorization": f"Bearer {_key(demo)}"}, timeout=5).status_code
         == 200
