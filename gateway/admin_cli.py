@@ -98,9 +98,7 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "admin", help="manage tenants, keys, the audit trail and webhook deliveries of a running gateway"
     )
-    p.add_argument("--url", default=os.environ.get(URL_ENV, DEFAULT_URL), help=f"the gateway (or {URL_ENV})")
-    p.add_argument("--admin-key", default=os.environ.get(KEY_ENV), help=f"an admin key (or {KEY_ENV})")
-    p.add_argument("--json", action="store_true", help="print the API's JSON instead of tables")
+    _add_connection_options(p, url=os.environ.get(URL_ENV, DEFAULT_URL), admin_key=os.environ.get(KEY_ENV), json=False)
     groups = p.add_subparsers(dest="group", required=True, metavar="GROUP")
 
     tenants = groups.add_parser("tenants", help="list, show, create and update tenants")
@@ -177,6 +175,29 @@ def add_parser(sub: Any) -> None:
     usage.add_argument("--group-by", type=group_by, metavar="day,tenant,key", help="what a row sums over (day,tenant)")
     usage.add_argument("--csv", action="store_true", help="print the API's CSV")
     usage.set_defaults(run=usage_report)
+    _accept_connection_options_everywhere(p)
+
+
+def _add_connection_options(p: argparse.ArgumentParser, **defaults: Any) -> None:
+    """--url, --admin-key and --json on `p`, with these defaults."""
+    p.add_argument("--url", default=defaults["url"], help=f"the gateway (or {URL_ENV})")
+    p.add_argument("--admin-key", default=defaults["admin_key"], help=f"an admin key (or {KEY_ENV})")
+    p.add_argument(
+        "--json", action="store_true", default=defaults["json"], help="print the API's JSON instead of tables"
+    )
+
+
+def _accept_connection_options_everywhere(admin: argparse.ArgumentParser) -> None:
+    """The options of `admin` accepted after any group or verb too (`admin keys create T
+    --name x --json`), as people type them. Below `admin` they default to SUPPRESS: given
+    there they override, absent they leave `admin`'s value (or its environment default)."""
+    for action in admin._actions:
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        for child in set(action.choices.values()):
+            suppress = argparse.SUPPRESS
+            _add_connection_options(child, url=suppress, admin_key=suppress, json=suppress)
+            _accept_connection_options_everywhere(child)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -8,18 +8,22 @@ PROMETHEUS_MULTIPROC_DIR before prometheus_client is first imported.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import logging
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from gateway.config import Config, ConfigError, config_warnings, load_config, read_env_file
@@ -122,6 +126,11 @@ def _serve(config_path: str | None, host: str, port: int, workers: int) -> int:
     options = uvicorn_options(server)  # header/body/idle timeouts and the connection limit
     try:
         if workers > 1:
+            # The supervisor binds the socket and says where ("Uvicorn running on ..."):
+            # without the workers' logging set up here too, that line is dropped.
+            from gateway.logs import setup_logging
+
+            setup_logging(os.environ.get("GATEWAY_LOG_LEVEL", server.log_level))
             # where the supervisor names each reload for its workers (gateway.reload)
             os.environ[RELOAD_ID_ENV] = str(Path(metrics_dir) / "reload-id")
             _run_workers(host, port, workers, options)
@@ -329,6 +338,53 @@ def _wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float =
     return False
 
 
+class _Stopped(Exception):
+    """SIGTERM or SIGINT reached the demo: stop the gateway, then the simulator."""
+
+
+def _raise_stopped(signum: int, frame: FrameType | None) -> None:
+    raise _Stopped(signum)
+
+
+DEMO_LOCK_FILE = "demo.lock"
+
+
+def _lock_demo_data(data: Path, port: int) -> int | str:
+    """An open descriptor holding an exclusive lock on `data` for this demo's life (the
+    kernel drops it when the process ends, however it ends), or the sentence refusing a
+    second demo on the same directory: it would rewrite the first one's config and key."""
+    fd = os.open(data / DEMO_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 200).decode(errors="replace").split()
+        os.close(fd)
+        who = f" (pid {holder[0]}, gateway on port {holder[1]})" if len(holder) == 2 else ""
+        return (
+            f"demo: {data} is in use by another demo{who}: stop that one, "
+            "or give this one a directory of its own with --data DIR"
+        )
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()} {port}\n".encode())
+    return fd
+
+
+def _print_banner_when_up(port: int, banner: str, done: threading.Event) -> None:
+    """Print `banner` once the gateway answers /readyz, so the URL and curl line it shows
+    work the moment they appear; give up silently when the gateway stopped first."""
+    import urllib.request
+
+    while not done.is_set():
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1.0) as answer:
+                if answer.status == 200:
+                    print(banner, flush=True)
+                    return
+        except OSError:  # refused, not ready (HTTPError), or too slow: ask again
+            pass
+        done.wait(0.05)
+
+
 def _demo(port: int, upstream_port: int, data: Path, new_demo_key: bool) -> int:
     from gateway.auth import key_hash
 
@@ -340,6 +396,10 @@ def _demo(port: int, upstream_port: int, data: Path, new_demo_key: bool) -> int:
         _print_lines(busy)
         return 1
     data.mkdir(parents=True, exist_ok=True)
+    lock = _lock_demo_data(data, port)
+    if isinstance(lock, str):
+        print(lock, file=sys.stderr)
+        return 1
     kept = _demo_secrets(data, new_demo_key)
     config_path = data / "gateway.toml"
     config_path.write_text(
@@ -352,14 +412,20 @@ def _demo(port: int, upstream_port: int, data: Path, new_demo_key: bool) -> int:
             admin_hash=key_hash(kept.admin_key),
         )
     )
+    # uvicorn restores these after its graceful shutdown and re-raises the signal it got:
+    # _Stopped then unwinds to the `finally` that stops the simulator (the default SIGTERM
+    # action would end the process there and leave the simulator holding its port).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _raise_stopped)
     simulator = subprocess.Popen(
         [sys.executable, "-m", "gateway", "simulate-upstream", "--port", str(upstream_port), "--seconds-to-finish", "8"]
     )
+    up = threading.Event()
     try:
         if not _wait_for_port(upstream_port, simulator):
             print(f"demo: the simulator did not start on port {upstream_port}", file=sys.stderr)
             return 1
-        print(
+        banner = (
             f"\nrunway-gateway demo\n  gateway:  http://127.0.0.1:{port}\n"
             f"  upstream: http://127.0.0.1:{upstream_port} (simulator)\n"
             f"  config:   {config_path}\n  demo key: {kept.key}\n"
@@ -370,10 +436,16 @@ def _demo(port: int, upstream_port: int, data: Path, new_demo_key: bool) -> int:
             f"  export KEY={kept.key}\n"
             f'  curl -s http://127.0.0.1:{port}/runway/tasks -H "Authorization: Bearer $KEY" '
             "-H 'Content-Type: application/json' \\\n"
-            '    -d \'{"taskType":"gen2","options":{"gen2Options":{"text_prompt":"The wind blows hair up."}}}\'\n',
-            flush=True,
+            '    -d \'{"taskType":"gen2","options":{"gen2Options":{"text_prompt":"The wind blows hair up."}}}\'\n'
         )
+        threading.Thread(target=_print_banner_when_up, args=(port, banner, up), daemon=True).start()
         return _serve(str(config_path), "127.0.0.1", port, 1)
+    except _Stopped:
+        return 0
     finally:
+        up.set()
+        for sig in (signal.SIGTERM, signal.SIGINT):  # a second signal must not cut the cleanup short
+            signal.signal(sig, signal.SIG_IGN)
         simulator.terminate()
         simulator.wait(timeout=10)
+        os.close(lock)

@@ -381,6 +381,31 @@ def config_warnings(config: Config) -> list[str]:
                     f"tenants[{i}].limits.{name}: {budget} is below the price of one task ({cheapest} credits): "
                     "every create of this tenant will be refused with 429 insufficient_quota"
                 )
+    return warnings + _placeholder_warnings(config)
+
+
+PLACEHOLDER_RELAY_KEY = "replace-me"  # config/gateway.example.toml's sk-replace-me
+PLACEHOLDER_HASH = "sha256:" + "0" * 64  # the example's tenant key: no key hashes to it
+
+
+def _placeholder_warnings(config: Config) -> list[str]:
+    """The example config's placeholders, left in a copy: they load, but the relay refuses
+    the key and no key matches the hash. Named by path only, never by value."""
+    warnings = [
+        f"upstream.api_keys[{i}] is the example's placeholder ({PLACEHOLDER_RELAY_KEY}): "
+        "the relay will refuse it; set UPSTREAM_API_KEY or the relay's key"
+        for i, k in enumerate(config.upstream.api_keys)
+        if PLACEHOLDER_RELAY_KEY in k
+    ]
+    hashes = [("admin.keys", config.admin_keys)] + [
+        (f"tenants[{i}].keys", t.keys) for i, t in enumerate(config.tenants)
+    ]
+    warnings += [
+        f"{path}[{j}] is the all-zero placeholder hash: no key matches it (make one with `runway-gateway new-key`)"
+        for path, keys in hashes
+        for j, k in enumerate(keys)
+        if k == PLACEHOLDER_HASH
+    ]
     return warnings
 
 

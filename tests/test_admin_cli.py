@@ -215,6 +215,31 @@ def test_url_and_key_from_the_environment_and_bad_credentials(cli_gw: GatewayPro
     assert unreachable.returncode == 1 and "cannot reach" in unreachable.stderr
 
 
+def test_url_key_and_json_are_taken_after_the_group_and_verb_too(cli_gw: GatewayProcess) -> None:
+    """As the README's commands are typed: the options at the end, given there they win over
+    the environment; between the group and its verb as well."""
+    tenant = f"cli-{secrets.token_hex(3)}"
+    flags = ["--url", cli_gw.url, "--admin-key", ADMIN_KEY]
+    created = run("tenants", "create", tenant, "--json", *flags)
+    assert created.returncode == 0, created.stderr
+    assert json.loads(created.stdout)["id"] == tenant
+    minted = run("keys", "create", tenant, "--name", "x", "--json", *flags)
+    assert minted.returncode == 0, minted.stderr
+    assert json.loads(minted.stdout)["secret"].startswith("sk-gw-")
+    listed = run("keys", "--json", "list", tenant, *flags)
+    assert listed.returncode == 0, listed.stderr
+    assert [k["name"] for k in json.loads(listed.stdout)["data"]] == ["x"]
+
+    env = {"RUNWAY_GATEWAY_URL": "http://127.0.0.1:9", "RUNWAY_GATEWAY_ADMIN_KEY": "sk-gw-wrong"}
+    overridden = run("tenants", "show", tenant, "--url", cli_gw.url, "--admin-key", ADMIN_KEY, "--json", env=env)
+    assert overridden.returncode == 0, overridden.stderr
+    assert json.loads(overridden.stdout)["id"] == tenant
+    from_env = run("tenants", "show", tenant, "--json", env={**env, "RUNWAY_GATEWAY_URL": cli_gw.url})
+    assert from_env.returncode == 1 and "invalid_api_key" in from_env.stderr  # absent at the end: the environment's
+    table = run(*flags, "tenants", "show", tenant)
+    assert table.returncode == 0 and f"id: {tenant}" in table.stdout  # no --json anywhere: a table
+
+
 @pytest.mark.parametrize(
     "args",
     [

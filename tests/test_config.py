@@ -93,6 +93,39 @@ def test_a_credit_budget_below_one_task_is_a_warning_with_exit_0(tmp_path: Path)
     assert "ok (1 warning)" in out.stdout
 
 
+def test_the_example_configs_placeholders_are_warnings_with_exit_0(tmp_path: Path) -> None:
+    """A copy of the example with its placeholders left in loads (exit 0: nothing in it is
+    unsafe, and the example passes as shipped), but says so, naming paths and never values."""
+    env = {k: v for k, v in os.environ.items() if k not in ("UPSTREAM_API_KEY", "UPSTREAM_BASE_URL")}
+    out = check_config("config/gateway.example.toml", env=env)
+    assert out.returncode == 0, out.stderr
+    assert lines(out.stderr) == [
+        "warning: upstream.api_keys[0] is the example's placeholder (replace-me): "
+        "the relay will refuse it; set UPSTREAM_API_KEY or the relay's key",
+        "warning: tenants[0].keys[0] is the all-zero placeholder hash: no key matches it "
+        "(make one with `runway-gateway new-key`)",
+    ]
+    assert out.stdout.strip() == "config/gateway.example.toml: ok (2 warnings)"
+    zero = "sha256:" + "0" * 64
+    admin = write(tmp_path, MINIMAL + f'[admin]\nkeys = ["{zero}"]\n')
+    assert lines(check_config(admin).stderr) == [
+        "warning: admin.keys[0] is the all-zero placeholder hash: no key matches it "
+        "(make one with `runway-gateway new-key`)"
+    ]
+    real = check_config("config/gateway.example.toml", env={**env, "UPSTREAM_API_KEY": "sk-relay-real"})
+    assert real.returncode == 0 and "upstream.api_keys" not in real.stderr
+
+
+def test_serve_with_workers_logs_the_address_it_listens_on(tmp_path: Path) -> None:
+    gw = GatewayProcess(tmp_path, "http://127.0.0.1:9", [TenantSpec("t")], workers=2)
+    gw.start()
+    try:
+        said = [e for e in gw.access_log() if "running on" in e.get("message", "")]
+        assert [e["message"] for e in said] == [f"Uvicorn running on http://127.0.0.1:{gw.port} (Press CTRL+C to quit)"]
+    finally:
+        gw.stop()
+
+
 def test_serve_logs_the_budget_warning(tmp_path: Path, sim: Simulator) -> None:
     gw = GatewayProcess(tmp_path, sim.url, [TenantSpec("tight", limits={"credits_per_month": 3})])
     gw.start()

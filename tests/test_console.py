@@ -19,6 +19,7 @@ import re
 import secrets
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from importlib import resources
 from pathlib import Path
@@ -453,6 +454,34 @@ def test_mint_use_rotate_and_revoke_a_key(console: Watched, gw: GatewayProcess, 
     status_becomes(gw, rotated, 401)
     assert api.get(f"/keys/{key['id']}").json()["revoked_at"] is not None
     expect(page.get_by_role("button", name="Revoke key render-svc")).to_have_count(0)
+
+
+def test_a_keys_expiry_date_is_shown_and_never_only_without_one(console: Watched, api: httpx.Client) -> None:
+    tenant = new_id("expiry")
+    assert api.post("/tenants", json={"id": tenant}).status_code == 201
+    expiring = api.post(f"/tenants/{tenant}/keys", json={"name": "expiring", "expires_in_seconds": 30 * 86400}).json()
+    assert api.post(f"/tenants/{tenant}/keys", json={"name": "forever"}).status_code == 201
+    page = console.sign_in(f"#/keys/{tenant}")
+    expires = datetime.fromtimestamp(expiring["expires_at"], UTC).strftime("%Y-%m-%d %H:%M UTC")
+    cells = page.get_by_role("row").filter(has_text="expiring").get_by_role("cell")  # prefix, created, expires, ...
+    expect(cells.nth(2)).to_have_text(expires)
+    expect(cells.nth(2).locator("time")).to_have_attribute("title", expires)
+    expect(page.get_by_role("row").filter(has_text="forever").get_by_role("cell").nth(2)).to_have_text("never")
+
+
+def test_the_new_tenant_id_hint_and_pattern_are_the_ids_rule(console: Watched, api: httpx.Client) -> None:
+    """[a-z0-9-]{1,64}, as the API checks it: no `_`."""
+    page = console.sign_in()
+    page.get_by_role("button", name="New tenant").click()
+    field = page.get_by_role("dialog", name="New tenant").get_by_label("Tenant id")
+    expect(field).to_have_accessible_description("Lower-case letters, digits and -, up to 64.")
+    mismatch = "el => el.validity.patternMismatch || el.validity.tooLong"
+    for tenant_id, refused in [("team_a", True), ("Team-a", True), ("team-a-1", False), ("a" * 64, False)]:
+        field.fill(tenant_id)
+        assert field.evaluate(mismatch) is refused, tenant_id
+        if refused:  # the API's rule too
+            assert api.post("/tenants", json={"id": tenant_id}).json()["error"]["param"] == "id"
+    page.get_by_role("dialog", name="New tenant").get_by_role("button", name="Cancel").click()
 
 
 # --- usage and webhooks (the §10 routes) -------------------------------------------------

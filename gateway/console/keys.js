@@ -135,7 +135,7 @@ function keyTable(keys, handlers) {
       h("th", { scope: "row" }, h("span", { class: "tenant-name" }, k.name ?? "(config key)"), h("code", { class: "small muted block" }, k.id)),
       h("td", {}, k.prefix ? h("code", {}, `${k.prefix}…`) : h("span", { class: "muted" }, "—")),
       h("td", {}, time(k.created_at)),
-      h("td", {}, time(k.expires_at, "never")),
+      h("td", {}, k.expires_at === null ? time(null, "never") : time(k.expires_at)),
       h("td", {}, time(k.last_used_at, ago(k.last_used_at))),
       h("td", {}, state(k)),
       actions,

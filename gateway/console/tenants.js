@@ -143,7 +143,7 @@ function createDialog(reload) {
       h(
         "div",
         { class: "grid2" },
-        field("Tenant id", h("input", { name: "id", required: true, autocomplete: "off", spellcheck: "false" }), { param: "id", hint: "Lower-case letters, digits, - and _." }),
+        field("Tenant id", h("input", { name: "id", required: true, pattern: "[a-z0-9\\-]{1,64}", maxlength: 64, autocomplete: "off", spellcheck: "false" }), { param: "id", hint: "Lower-case letters, digits and -, up to 64." }),
         field("Display name", h("input", { name: "name", autocomplete: "off" }), { param: "name" }),
       ),
       h("fieldset", {}, h("legend", {}, "Limits (empty: no limit)"), h("div", { class: "grid2" }, limitFields())),
