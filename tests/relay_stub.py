@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -87,6 +88,32 @@ def group(rows: list[dict[str, Any]], parts: list[str]) -> list[dict[str, Any]]:
     return [sums[k] for k in sorted(sums)]
 
 
+def usage_report(day: str, q: dict[str, str]) -> tuple[int, str, str]:
+    """GET /admin/v1/usage over `canned_ledger(day)`: (status, content type, body), JSON or
+    CSV as §10 answers it, honouring from, to, tenant, group_by and format."""
+    parts = q.get("group_by", "day,tenant").split(",")
+    if not set(parts) <= GROUP_FIELDS.keys():
+        message = "`group_by` must be one or more of day, tenant, key, relay."
+        body = {
+            "error": {"message": message, "type": "invalid_request_error", "param": "group_by", "code": "invalid_value"}
+        }
+        return 400, "application/json", json.dumps(body)
+    rows = [
+        r
+        for r in canned_ledger(day)
+        if q.get("from", day) <= r["date"] <= q.get("to", day) and q.get("tenant", r["tenant"]) == r["tenant"]
+    ]
+    data = group(rows, parts)
+    if q.get("format") == "csv":
+        out = io.StringIO()
+        fields = [GROUP_FIELDS[p] for p in GROUP_FIELDS if p in parts] + list(COUNTERS)
+        writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(data)
+        return 200, "text/csv; charset=utf-8", out.getvalue()
+    return 200, "application/json", json.dumps({"object": "list", "data": data, "has_more": False})
+
+
 def error(status: int, message: str, code: str, param: str | None = None) -> JSONResponse:
     body = {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}}
     return JSONResponse(body, status_code=status)
@@ -118,25 +145,8 @@ class RelayStub:
     async def _usage(self, request: Request) -> Response:
         if not self._authorized(request):
             return error(401, "Invalid admin API key.", "invalid_api_key")
-        q = request.query_params
-        parts = q.get("group_by", "day,tenant").split(",")
-        if not set(parts) <= GROUP_FIELDS.keys():
-            return error(400, "`group_by` must be one or more of day, tenant, key, relay.", "invalid_value", "group_by")
-        rows = [
-            r
-            for r in canned_ledger(self.day)
-            if q.get("from", r["date"]) <= r["date"] <= q.get("to", r["date"])
-            and q.get("tenant", r["tenant"]) == r["tenant"]
-        ]
-        data = group(rows, parts)
-        if q.get("format") == "csv":
-            out = io.StringIO()
-            fields = [GROUP_FIELDS[p] for p in GROUP_FIELDS if p in parts] + list(COUNTERS)
-            writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
-            writer.writeheader()
-            writer.writerows(data)
-            return Response(out.getvalue(), media_type="text/csv; charset=utf-8")
-        return JSONResponse({"object": "list", "data": data, "has_more": False})
+        status, media_type, body = usage_report(self.day, dict(request.query_params))
+        return Response(body, status_code=status, media_type=media_type)
 
     def start(self) -> None:
         self._thread.start()
