@@ -531,6 +531,7 @@ def test_relays_page(console: Watched, gw: GatewayProcess, api: httpx.Client) ->
         serve(console.page, relays)
     page = console.sign_in("#/relays")
     expect(page.get_by_role("heading", name="Relays")).to_be_visible()
+    expect(page.get_by_role("link", name="Usage by relay")).to_have_attribute("href", "#/usage?by=relay")
     rows = page.locator("tbody tr[data-relay]")
     expect(rows).to_have_count(len(relays))
     for r in relays:
