@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 
 from gateway.errors import GatewayError
-from gateway.usage import parse_day, parse_group_by
+from gateway.usage import parse_day
 
 URL_ENV, KEY_ENV = "RUNWAY_GATEWAY_URL", "RUNWAY_GATEWAY_ADMIN_KEY"
 DEFAULT_URL = "http://127.0.0.1:8080"
@@ -36,6 +36,9 @@ LIMIT_NAMES = (
 )
 V1 = "/admin/v1"
 WEBHOOK_STATUSES = ("pending", "dead")
+# What a usage row may sum over (contract §10 and §14's `relay`), in the ledger's row order.
+# The gateway checks `group_by` again and answers 400 for a part it does not know.
+GROUP_PARTS = ("day", "tenant", "key", "relay")
 
 
 class ApiError(Exception):
@@ -69,13 +72,11 @@ def day(text: str) -> str:
 
 
 def group_by(text: str) -> str:
-    """`--group-by`: day, tenant, key or a comma-separated set of them."""
-    try:
-        return ",".join(parse_group_by(text))
-    except GatewayError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: expected day, tenant, key or a comma-separated set of them"
-        ) from None
+    """`--group-by`: day, tenant, key, relay or a comma-separated set of them."""
+    parts = {part.strip() for part in text.split(",")}
+    if not text.strip() or not parts <= set(GROUP_PARTS):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected day, tenant, key, relay or a comma-separated set of them")
+    return ",".join(part for part in GROUP_PARTS if part in parts)
 
 
 def limit_setting(text: str) -> tuple[str, int | None]:
@@ -96,7 +97,7 @@ def limit_setting(text: str) -> tuple[str, int | None]:
 def add_parser(sub: Any) -> None:
     """`admin` under `runway-gateway`'s subcommands."""
     p = sub.add_parser(
-        "admin", help="manage tenants, keys, the audit trail and webhook deliveries of a running gateway"
+        "admin", help="manage tenants, keys, the audit trail and webhook deliveries of a running gateway; its relays"
     )
     _add_connection_options(p, url=os.environ.get(URL_ENV, DEFAULT_URL), admin_key=os.environ.get(KEY_ENV), json=False)
     groups = p.add_subparsers(dest="group", required=True, metavar="GROUP")
@@ -159,9 +160,18 @@ def add_parser(sub: Any) -> None:
     wredeliver = wv.add_parser("redeliver", help="queue a dead event again (before its task's later events)")
     wredeliver.add_argument("event_id")
     wredeliver.set_defaults(run=webhooks_redeliver)
+    relays = groups.add_parser(
+        "relays",
+        help="the relays: state, priority, weight, refused keys, failovers",
+        description="The relays as the answering gateway process sees them (GET /admin/v1/relays):"
+        " circuit state (closed, open, half_open, cooling) and until when, priority, weight, whether"
+        " it takes new tasks, its refused keys, failovers and last error. Never a key.",
+    )
+    relays.set_defaults(run=relays_list)
+
     usage = groups.add_parser(
         "usage",
-        help="the usage ledger: tasks and credits per UTC day, tenant and key",
+        help="the usage ledger: tasks and credits per UTC day, tenant, key and relay",
         description="Rows of the usage ledger between two UTC dates (both included, at most 366 days):"
         " tasks created, succeeded and failed, credits charged and refunded. The API's JSON with"
         " --json, its CSV with --csv.",
@@ -172,7 +182,9 @@ def add_parser(sub: Any) -> None:
     usage.add_argument("--to", dest="to_day", type=day, metavar="DATE", help="last day (default: today, UTC)")
     usage.add_argument("--tenant", help="one tenant only")
     usage.add_argument("--key-id", help="one API key only")
-    usage.add_argument("--group-by", type=group_by, metavar="day,tenant,key", help="what a row sums over (day,tenant)")
+    usage.add_argument(
+        "--group-by", type=group_by, metavar="day,tenant,key,relay", help="what a row sums over (day,tenant)"
+    )
     usage.add_argument("--csv", action="store_true", help="print the API's CSV")
     usage.set_defaults(run=usage_report)
     _accept_connection_options_everywhere(p)
@@ -335,6 +347,10 @@ def webhooks_redeliver(c: Client, a: argparse.Namespace) -> Any:
     return c.call("POST", f"{V1}/webhooks/{a.event_id}/redeliver")
 
 
+def relays_list(c: Client, a: argparse.Namespace) -> Any:
+    return c.call("GET", f"{V1}/relays")
+
+
 def usage_report(c: Client, a: argparse.Namespace) -> Any:
     params = {"from": a.from_day, "to": a.to_day, "tenant": a.tenant, "key_id": a.key_id, "group_by": a.group_by}
     if a.csv:
@@ -403,10 +419,35 @@ def usage_table(rows: list[dict[str, Any]]) -> str:
     return table(headers, [["-" if row[f] is None else str(row[f]) for f in fields] for row in rows])
 
 
+def relays_table(relays: list[dict[str, Any]]) -> str:
+    """One row per relay; `until` only means something while open or cooling. `failovers`
+    may be missing from an answer (the contract does not require it): shown as `-`."""
+    if not relays:
+        return "no relays"
+    rows = [
+        [
+            r["id"],
+            r["host"],
+            str(r["priority"]),
+            str(r["weight"]),
+            "yes" if r["enabled"] else "no",
+            r["state"],
+            when(r["until"]),
+            f"{r['keys']['refused']}/{r['keys']['total']}",
+            cell("failovers", r.get("failovers")),
+            cell("last_error", r["last_error"]),
+        ]
+        for r in relays
+    ]
+    headers = ["ID", "HOST", "PRIORITY", "WEIGHT", "ENABLED", "STATE", "UNTIL", "KEYS REFUSED", "FAILOVERS"]
+    return table([*headers, "LAST ERROR"], rows)
+
+
 USAGE_HEADERS = {
     "date": "DATE",
     "tenant": "TENANT",
     "key_id": "KEY",
+    "relay": "RELAY",
     "tasks_created": "CREATED",
     "tasks_succeeded": "SUCCEEDED",
     "tasks_failed": "FAILED",
@@ -467,6 +508,8 @@ def render(a: argparse.Namespace, data: Any) -> str:
         return table(["ID", "TENANT", "TASK", "STATUS", "ATTEMPTS", "NEXT ATTEMPT", "LAST ERROR", "CREATED"], rows)
     if a.group == "usage":
         return usage_table(data["data"])
+    if a.group == "relays":
+        return relays_table(data["data"])
     text = details(data)
     for shown_once in ("secret", "webhook_secret"):
         if shown_once in data:

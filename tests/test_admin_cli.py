@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -15,7 +16,20 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import ADMIN_KEY, ROOT, GatewayProcess, Simulator, TenantSpec, free_port, gen2_body, wait_until
+from conftest import (
+    ADMIN_KEY,
+    ROOT,
+    UPSTREAM_KEY,
+    GatewayProcess,
+    Simulator,
+    TenantSpec,
+    free_port,
+    gen2_body,
+    wait_until,
+)
+from relay_stub import RelayStub, canned_relays, live_answers, relay_stub
+
+from gateway.admin_cli import relays_table, when
 
 VERBS = [
     ["tenants", "list"],
@@ -30,6 +44,7 @@ VERBS = [
     ["audit"],
     ["webhooks", "list"],
     ["webhooks", "redeliver"],
+    ["relays"],
 ]
 
 
@@ -66,10 +81,10 @@ def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 
 
 class Cli:
-    """The admin command pointed at one gateway, by flags."""
+    """The admin command pointed at one gateway (or its URL), by flags."""
 
-    def __init__(self, gw: GatewayProcess):
-        self.flags = ["--url", gw.url, "--admin-key", ADMIN_KEY]
+    def __init__(self, gw: GatewayProcess | str):
+        self.flags = ["--url", gw if isinstance(gw, str) else gw.url, "--admin-key", ADMIN_KEY]
 
     def ok(self, *args: str) -> str:
         done = run(*self.flags, *args)
@@ -255,6 +270,8 @@ def test_url_key_and_json_are_taken_after_the_group_and_verb_too(cli_gw: Gateway
         ["--admin-key", "k", "audit", "--limit", "5000"],
         ["--admin-key", "k", "webhooks", "list", "--status", "delivered"],
         ["--admin-key", "k", "webhooks", "redeliver"],
+        ["--admin-key", "k", "relays", "extra"],
+        ["--admin-key", "k", "usage", "--group-by", "day,relays"],
     ],
 )
 def test_usage_errors_exit_2(args: list[str]) -> None:
@@ -311,3 +328,154 @@ def test_usage_errors(cli: Cli) -> None:
     for bad in (["--from", "2026-02-30"], ["--to", "tomorrow"], ["--group-by", "week"], ["--group-by", ""]):
         done = run(*cli.flags, "usage", *bad)
         assert done.returncode == 2 and "usage: runway-gateway admin usage" in done.stderr, (bad, done.stderr)
+
+
+# --- admin relays and usage by relay (contract §14) --------------------------------------
+#
+# LEAD: GET /admin/v1/relays and the ledger's group_by=relay are built on the relays-core
+# branch. The two tests named `..._live_or_stub` ask the live gateway first and run against
+# it once it serves them (after the merge: nothing to switch); until then they run against
+# tests/relay_stub.py, a real HTTP server answering §14's shape. An answer other than 200
+# or "route absent" (404, or 400 on group_by) fails them, so a broken route never falls
+# back to the stub silently. The other tests here use the stub's canned states on purpose.
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
+@pytest.fixture(scope="module")
+def stub() -> Iterator[RelayStub]:
+    with relay_stub(ADMIN_KEY) as s:
+        yield s
+
+
+def columns(table: list[str]) -> list[dict[str, str]]:
+    """A table's rows as {header: cell}, cut at the header's column starts (cells and
+    headers may hold spaces)."""
+    header = table[0]
+    starts = [m.start() for m in re.finditer(r"(?:^|(?<=  ))\S", header)]
+    names = [header[a:b].strip() for a, b in zip(starts, [*starts[1:], None], strict=True)]
+    return [
+        {n: line[a:b].strip() for n, a, b in zip(names, starts, [*starts[1:], None], strict=True)} for line in table[1:]
+    ]
+
+
+def test_admin_relays_live_or_stub(cli_gw: GatewayProcess, stub: RelayStub) -> None:
+    live = live_answers(cli_gw.url, ADMIN_KEY, "/relays")
+    url = cli_gw.url if live else stub.url
+    api = httpx.get(url + "/admin/v1/relays", headers=ADMIN, timeout=10).json()
+    assert api["object"] == "list" and api["data"]
+    if live:  # one [upstream] table: one relay, `default`, healthy
+        assert [(r["id"], r["state"], r["enabled"]) for r in api["data"]] == [("default", "closed", True)]
+    cli = Cli(url)
+    assert cli.json("relays") == api
+    text = cli.ok("relays")
+    assert UPSTREAM_KEY not in text
+    table = text.splitlines()
+    assert table[0].split() == [
+        "ID",
+        "HOST",
+        "PRIORITY",
+        "WEIGHT",
+        "ENABLED",
+        "STATE",
+        "UNTIL",
+        "KEYS",
+        "REFUSED",
+        "FAILOVERS",
+        "LAST",
+        "ERROR",
+    ]
+    rows = columns(table)
+    assert [row["ID"] for row in rows] == [r["id"] for r in api["data"]]
+    for row, r in zip(rows, api["data"], strict=True):
+        assert (row["HOST"], row["PRIORITY"], row["WEIGHT"], row["STATE"]) == (
+            r["host"],
+            str(r["priority"]),
+            str(r["weight"]),
+            r["state"],
+        )
+        assert row["ENABLED"] == ("yes" if r["enabled"] else "no")
+        assert row["KEYS REFUSED"] == f"{r['keys']['refused']}/{r['keys']['total']}"
+
+
+def test_admin_relays_shows_each_state(stub: RelayStub) -> None:
+    cli = Cli(stub.url)
+    rows = {row["ID"]: row for row in columns(cli.ok("relays").splitlines())}
+    expected = {r["id"]: r for r in canned_relays(stub.now)["data"]}
+    assert list(rows) == ["chatgptsb", "backup", "cheap", "probe", "old"]
+    assert rows["chatgptsb"] == {
+        "ID": "chatgptsb",
+        "HOST": "api.chatgptsb.com",
+        "PRIORITY": "0",
+        "WEIGHT": "3",
+        "ENABLED": "yes",
+        "STATE": "closed",
+        "UNTIL": "-",
+        "KEYS REFUSED": "0/2",
+        "FAILOVERS": "0",
+        "LAST ERROR": "-",
+    }
+    assert (rows["backup"]["STATE"], rows["backup"]["UNTIL"]) == ("open", when(expected["backup"]["until"]))
+    assert (rows["backup"]["FAILOVERS"], rows["backup"]["LAST ERROR"]) == ("7", "http 503")
+    assert (rows["cheap"]["STATE"], rows["cheap"]["KEYS REFUSED"], rows["cheap"]["LAST ERROR"]) == (
+        "cooling",
+        "1/2",
+        "http 429",
+    )
+    assert rows["cheap"]["UNTIL"] == when(expected["cheap"]["until"])
+    assert (rows["probe"]["STATE"], rows["probe"]["UNTIL"]) == ("half_open", "-")
+    assert (rows["old"]["ENABLED"], rows["old"]["PRIORITY"]) == ("no", "2")
+    assert stub.requests[-1] == ("/admin/v1/relays", {})
+
+    # an answer without the optional `failovers`; and no relay at all
+    bare = {k: v for k, v in expected["old"].items() if k != "failovers"}
+    assert columns(relays_table([bare]).splitlines())[0]["FAILOVERS"] == "-"
+    assert relays_table([]) == "no relays"
+
+
+def test_admin_relays_errors_exit_1(stub: RelayStub) -> None:
+    wrong = run("--url", stub.url, "--admin-key", "sk-gw-wrong", "relays")
+    assert wrong.returncode == 1 and wrong.stdout == "" and "invalid_api_key" in wrong.stderr
+    unreachable = run("--url", "http://127.0.0.1:9", "--admin-key", ADMIN_KEY, "relays")
+    assert unreachable.returncode == 1 and "cannot reach" in unreachable.stderr
+
+
+def test_usage_by_relay_live_or_stub(cli: Cli, cli_gw: GatewayProcess, stub: RelayStub) -> None:
+    day = datetime.now(UTC).date().isoformat()
+    live = live_answers(cli_gw.url, ADMIN_KEY, "/usage", group_by="relay")
+    if live:  # two tasks of a tenant of this test's own, through the one relay
+        tenant = cli.json("tenants", "create", f"cli-relay-{secrets.token_hex(3)}")["id"]
+        secret = cli.json("keys", "create", tenant, "--name", "r")["secret"]
+        with httpx.Client(base_url=cli_gw.url, headers={"Authorization": f"Bearer {secret}"}, timeout=10) as c:
+            for _ in range(2):  # the new key reaches the gateway's directory within a second
+                assert wait_until(lambda: c.post("/runway/tasks", json=gen2_body("relay")).status_code == 200)
+        url = cli_gw.url
+    else:
+        tenant, url = "search-team", stub.url
+    query = {"tenant": tenant, "group_by": "day,relay", "from": day, "to": day}
+    api = httpx.get(url + "/admin/v1/usage", params=query, headers=ADMIN, timeout=10).json()
+    rows = api["data"]
+    assert rows and all(set(r) >= {"date", "relay", "tasks_created"} and "tenant" not in r for r in rows)
+    relays = [r["relay"] for r in rows]
+    if live:
+        ids = {r["id"] for r in httpx.get(url + "/admin/v1/relays", headers=ADMIN, timeout=10).json()["data"]}
+        assert set(relays) <= ids and sum(r["tasks_created"] for r in rows) == 2
+    else:
+        assert [(r["relay"], r["tasks_created"], r["credits_charged"]) for r in rows] == [
+            ("backup", 5, 50),
+            ("chatgptsb", 12, 120),
+        ]
+
+    by_relay = Cli(url)
+    args = ["usage", "--tenant", tenant, "--group-by", "relay,day", "--from", day, "--to", day]
+    assert by_relay.json(*args) == api
+    table = by_relay.ok(*args).splitlines()
+    headers = {"date": "DATE", "relay": "RELAY", "tasks_created": "CREATED", "credits_charged": "CHARGED"}
+    assert [headers[f] for f in rows[0] if f in headers] == [h for h in table[0].split() if h in headers.values()]
+    cells = columns(table)
+    assert [(c["RELAY"], c["CREATED"]) for c in cells] == [(r["relay"], str(r["tasks_created"])) for r in rows]
+    csv_text = by_relay.ok(*args, "--csv").splitlines()
+    assert csv_text[0] == ",".join(rows[0]) and "relay" in csv_text[0].split(",")
+    assert len(csv_text) == 1 + len(rows)
+    if not live:  # what the command sent: the parts in the ledger's order
+        assert stub.requests[-1] == ("/admin/v1/usage", {**query, "format": "csv"})

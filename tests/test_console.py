@@ -7,6 +7,10 @@ CONSOLE_SCREENSHOTS=<folder> the tests write a 1280x800 screenshot of each page 
 
 Needs the §10 routes (usage ledger, webhook deliveries), built on other branches:
 test_usage_chart_and_csv_download, test_redeliver_a_dead_webhook.
+
+The Relays page and usage by relay (§14): test_relays_page and test_usage_by_relay use the
+live gateway's GET /admin/v1/relays and group_by=relay when it serves them, and canned
+§14 answers (tests/relay_stub.py, routed in the browser) while it does not.
 """
 
 from __future__ import annotations
@@ -18,12 +22,14 @@ import os
 import re
 import secrets
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from importlib import resources
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import httpx
 import pytest
@@ -38,6 +44,7 @@ from playwright.sync_api import (
     expect,
     sync_playwright,
 )
+from relay_stub import canned_ledger, canned_relays, group, live_answers, usage_report
 
 from gateway.routes.console import CSP
 
@@ -520,6 +527,162 @@ def test_usage_chart_and_csv_download(console: Watched, gw: GatewayProcess, api:
     expect(page.get_by_role("alert").or_(page.locator(".field-error:visible"))).to_contain_text("366")
     assert page.evaluate("localStorage.length") == 0
     fits(page)
+
+
+# --- relays and usage by relay (contract §14) ---------------------------------------------
+#
+# LEAD: GET /admin/v1/relays and the ledger's group_by=relay come with the relays-core
+# branch. These two tests read the live gateway's answers when it serves them (after the
+# merge: nothing to switch); while it answers "absent" (404, or 400 on group_by; anything
+# else fails), they route just those calls in the browser to canned §14 answers.
+
+STATE_LABELS = {"closed": "Closed", "half_open": "Half-open", "cooling": "Cooling", "open": "Open"}
+RELAYS_URL = re.compile(r"/admin/v1/relays$")
+
+
+def iso(t: int) -> str:
+    """A Unix time as JavaScript's toISOString writes it."""
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+
+
+def serve(page: Page, data: list[dict[str, Any]]) -> None:
+    page.route(RELAYS_URL, lambda route: route.fulfill(json={"object": "list", "data": data}))
+
+
+def test_relays_page(console: Watched, gw: GatewayProcess, api: httpx.Client) -> None:
+    live = live_answers(gw.url, ADMIN_KEY, "/relays")
+    if live:
+        relays: list[dict[str, Any]] = api.get("/relays").json()["data"]
+        assert [r["id"] for r in relays] == ["default"]  # the fixture's one [upstream]
+    else:
+        relays = canned_relays()["data"]
+        serve(console.page, relays)
+    page = console.sign_in("#/relays")
+    expect(page.get_by_role("heading", name="Relays")).to_be_visible()
+    expect(page.get_by_role("link", name="Usage by relay")).to_have_attribute("href", "#/usage?by=relay")
+    rows = page.locator("tbody tr[data-relay]")
+    expect(rows).to_have_count(len(relays))
+    for r in relays:
+        row = page.locator(f'tr[data-relay="{r["id"]}"]')
+        expect(row.locator("th")).to_have_text(r["id"] + r["host"])
+        expect(row.locator(".pill.state")).to_have_text(STATE_LABELS[r["state"]])
+        cells = row.locator("td")
+        shown = [
+            str(r["priority"]),
+            str(r["weight"]),
+            "Enabled" if r["enabled"] else "Drained",
+            f"{r['keys']['refused']} of {r['keys']['total']}",
+            str(r["failovers"]) if "failovers" in r else "—",
+            r["last_error"] or "—",
+        ]
+        expect(cells).to_have_text([re.compile(".*"), *shown])
+        meaning = "drained: no new tasks" if not r["enabled"] and r["state"] == "closed" else None
+        if meaning:
+            expect(cells.first).to_contain_text(meaning)
+        if r["until"] is None:
+            expect(cells.first.locator("time")).to_have_count(0)
+        else:
+            expect(cells.first.locator("time")).to_have_attribute("datetime", iso(r["until"]))
+    # the state is text and a colour of its own
+    colors = {
+        r["state"]: page.locator(f'tr[data-relay="{r["id"]}"] .pill.state').evaluate("e => getComputedStyle(e).color")
+        for r in relays
+    }
+    assert colors.get("closed", "rgb(31, 138, 91)") == "rgb(31, 138, 91)"  # --ok
+    assert colors.get("open", "rgb(192, 57, 43)") == "rgb(192, 57, 43)"  # --danger
+    assert len(set(colors.values())) == len(colors)
+    enabled = [r for r in relays if r["enabled"]]
+    closed = [r for r in enabled if r["state"] == "closed"]
+    expect(page.get_by_role("status")).to_have_text(
+        f"{len(closed)} of {len(enabled)} enabled relays closed (taking new tasks)."
+    )
+    shot(page, "relays")
+
+    # Refresh shows the answer of now: the first relay's circuit opened; an error text from
+    # the API is text, never markup
+    until = int(time.time()) + 30
+    serve(page, [{**relays[0], "state": "open", "until": until, "last_error": "<b>http 502</b>"}, *relays[1:]])
+    page.get_by_role("button", name="Refresh").click()
+    first = page.locator(f'tr[data-relay="{relays[0]["id"]}"]')
+    expect(first.locator(".pill.state")).to_have_text("Open")
+    expect(first.locator("td").first.locator("time")).to_have_attribute("datetime", iso(until))
+    expect(first.locator("td").last).to_have_text("<b>http 502</b>")
+    assert page.locator("main b").count() == 0
+    fits(page)
+
+    # an error answer: the API's message, and the table gone
+    console.expect_api_error(404)
+    error = {"message": "Not found.", "type": "invalid_request_error", "param": None, "code": "not_found"}
+    page.route(RELAYS_URL, lambda route: route.fulfill(status=404, json={"error": error}))
+    page.get_by_role("button", name="Refresh").click()
+    expect(page.get_by_role("alert")).to_have_text("Not found.")
+    expect(rows).to_have_count(0)
+    page.unroute_all()
+    assert page.evaluate("localStorage.length") == 0
+
+
+def test_usage_by_relay(console: Watched, gw: GatewayProcess, api: httpx.Client) -> None:
+    today = datetime.now(UTC).date()
+    live = live_answers(gw.url, ADMIN_KEY, "/usage", group_by="relay")
+    tenant = new_id("relay-usage")
+    if live:  # two tasks of a tenant of this test's own
+        assert api.post("/tenants", json={"id": tenant}).status_code == 201
+        secret = api.post(f"/tenants/{tenant}/keys", json={"name": "r"}).json()["secret"]
+        status_becomes(gw, secret, 200)
+        assert create(gw, secret).status_code == 200
+        expected = api.get("/usage", params={"tenant": tenant, "group_by": "relay"}).json()["data"]
+        assert sum(r["tasks_created"] for r in expected) == 2
+    else:  # the canned ledger, all tenants
+        expected = group(canned_ledger(today.isoformat()), ["relay"])
+
+        def canned(route: Route) -> None:
+            query = dict(parse_qsl(urlsplit(route.request.url).query))
+            if "relay" not in query.get("group_by", "").split(","):
+                route.fallback()  # the live ledger answers the rest
+                return
+            status, media_type, body = usage_report(today.isoformat(), query)
+            route.fulfill(status=status, content_type=media_type, body=body)
+
+        console.page.route(re.compile(r"/admin/v1/usage\?"), canned)
+
+    page = console.sign_in("#/usage?by=relay")
+    expect(page.get_by_label("Group by")).to_have_value("relay")
+    rows = page.locator("tbody tr[data-relay]")
+    if live:
+        page.get_by_label("Tenant", exact=True).select_option(tenant)
+        page.get_by_role("button", name="Show").click()
+    expect(rows).to_have_count(len(expected))
+    total = sum(r["tasks_created"] for r in expected)
+    for r in expected:
+        share = f"{round(100 * r['tasks_created'] / total)} %"
+        counts = [r[f] for f in ("tasks_succeeded", "tasks_failed", "credits_charged", "credits_refunded")]
+        net = r["credits_charged"] - r["credits_refunded"]
+        cells = [str(r["tasks_created"]), share, *(f"{v:,}" for v in counts), f"{net:,}"]
+        expect(page.locator(f'tr[data-relay="{r["relay"]}"] td')).to_have_text(cells)
+        meter = page.get_by_role("meter", name=f"Share of {r['relay']}")
+        expect(meter).to_have_attribute("aria-valuetext", share)
+    expect(page.locator(".tile").filter(has_text="Tasks created")).to_contain_text(f"{total:,}")
+    shot(page, "usage-by-relay")
+
+    # the CSV for a relay's invoice: per day and relay
+    with page.expect_download() as info:
+        page.get_by_role("button", name="Download CSV").click()
+    download = info.value
+    assert download.suggested_filename.startswith("usage-by-relay-")
+    lines = list(csv.DictReader(io.StringIO(Path(download.path()).read_text())))
+    assert {"date", "relay", "tasks_created"} <= set(lines[0]) and "tenant" not in lines[0]
+    per_relay = {r["relay"]: r["tasks_created"] for r in expected}
+    assert {
+        relay: sum(int(x["tasks_created"]) for x in lines if x["relay"] == relay) for relay in per_relay
+    } == per_relay
+    assert {x["date"] for x in lines} <= {today.fromordinal(today.toordinal() - d).isoformat() for d in range(30)}
+
+    # back to days: the chart of the same range
+    page.get_by_label("Group by").select_option("day")
+    expect(page.get_by_role("img", name=re.compile("Tasks and credits per day"))).to_be_visible()
+    expect(rows).to_have_count(0)
+    fits(page)
+    page.unroute_all()
 
 
 class _Receiver(BaseHTTPRequestHandler):

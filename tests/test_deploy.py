@@ -2,9 +2,10 @@
 
 Three layers:
 1. Static: every PromQL expression in the Grafana dashboard and the alert rules names only
-   series the gateway exports (contract §7, plus gateway_quota_usage_ratio, gateway_ready
-   and Prometheus's own `up`), with labels those series carry; global store gauges are
-   never summed across replicas; the configs shipped in deploy/ load.
+   series the gateway exports (contract §7 and §14, plus gateway_quota_usage_ratio,
+   gateway_ready and Prometheus's own `up`), with labels those series carry; global store
+   gauges and per-process relay states are never summed across replicas; the configs
+   shipped in deploy/ load.
 2. promtool: `check rules`, `check config`, the dashboard's expressions parsed as
    recording rules, and unit tests of the alert expressions on synthetic series.
 3. Live: a real Prometheus scrapes a running gateway (with the bundled upstream simulator)
@@ -46,11 +47,11 @@ ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 PROM_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
 K8S = DEPLOY / "k8s"
 
-# --- what the gateway exports (contract §7 and the two agreed extras) -----------------
+# --- what the gateway exports (contract §7, §14 and the agreed extras) -----------------
 
 COUNTERS = {
     "gateway_requests_total": {"tenant", "route", "method", "status"},
-    "gateway_upstream_requests_total": {"operation", "status"},
+    "gateway_upstream_requests_total": {"operation", "status", "relay"},  # relay: §14
     "gateway_auth_failures_total": {"reason"},
     "gateway_quota_rejections_total": {"tenant", "limit"},
     "gateway_tasks_created_total": {"tenant", "task_type"},
@@ -61,10 +62,12 @@ COUNTERS = {
     "gateway_webhook_deliveries_total": {"tenant", "result"},
     # Not in the contract's table; exported for the refused-relay-key alert.
     "gateway_upstream_auth_failures_total": {"key_index"},
+    # §14: the relay a create left for the next one, and why
+    "gateway_relay_failovers_total": {"relay", "reason"},
 }
 HISTOGRAMS = {
     "gateway_request_duration_seconds": {"route", "method"},
-    "gateway_upstream_request_duration_seconds": {"operation"},
+    "gateway_upstream_request_duration_seconds": {"operation", "relay"},  # relay: §14
     "gateway_task_duration_seconds": {"task_type", "status"},
     "gateway_callback_lag_seconds": set(),
 }
@@ -75,6 +78,8 @@ GAUGES = {
     # Not in the contract's table; exported for the budget alerts and the readiness alert.
     "gateway_quota_usage_ratio": {"tenant", "limit"},
     "gateway_ready": set(),
+    # §14: 1 closed, 0.5 half-open, 0 open or cooling, as each process sees the relay
+    "gateway_relay_up": {"relay"},
 }
 TARGET_LABELS = {"job", "instance"}
 
@@ -89,6 +94,8 @@ SERIES = {name: labels | TARGET_LABELS for name, labels in SERIES.items()}
 
 # Global store values: the same on every replica and worker, so max, never sum.
 GLOBAL_GAUGES = ("gateway_tasks_active", "gateway_webhook_pending", "gateway_quota_usage_ratio", "gateway_ready")
+# A state each process holds on its own: a sum or average over replicas means nothing.
+STATE_GAUGES = ("gateway_relay_up",)
 
 # Grafana's variables, replaced before PromQL sees an expression.
 GRAFANA_VARS = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "5m", "$tenant": ".*"}
@@ -234,6 +241,9 @@ def check_expr(where: str, expr: str) -> list[str]:
     for gauge in GLOBAL_GAUGES:
         if re.search(rf"\b(?:sum|avg)\s*(?:(?:by|without)\s*\([^)]*\)\s*)?\(\s*{gauge}\b", expr):
             problems.append(f"{where}: {gauge} is a global store value; take max, not sum/avg: {expr!r}")
+    for gauge in STATE_GAUGES:
+        if gauge in names and not re.search(rf"\b(?:max|min)\s*(?:by\s*\([^)]*\)\s*)?\(\s*{gauge}\b", expr):
+            problems.append(f"{where}: {gauge} is each process's own state; take max (or min) over replicas: {expr!r}")
     return problems
 
 
@@ -251,6 +261,10 @@ def test_promql_reader_understands_its_inputs() -> None:
     assert check_expr("x", 'sum by (route) (rate(gateway_quota_rejections_total{limit="x"}[1m]))')
     assert check_expr("x", 'rate(gateway_request_duration_seconds_count{tenant="a"}[1m])')
     assert check_expr("x", "vector(1)")
+    assert check_expr("x", "sum by (relay) (gateway_relay_up)")
+    assert check_expr("x", "gateway_relay_up < 1")
+    assert check_expr("x", 'max by (relay) (gateway_relay_up{reason="x"})')
+    assert not check_expr("x", "max by (relay) (gateway_relay_up) < 1")
     assert not check_expr("x", "max by (tenant) (gateway_tasks_active)")
     assert yaml_block_values("a:\n  - expr: |\n      up\n      == 0\n    for: 1m\n  - expr: 'x'\n", "expr") == [
         "up\n== 0\n",
@@ -350,6 +364,52 @@ def test_alert_rules_cover_the_issue_and_are_actionable() -> None:
         assert name.lower() in docs, f"docs/operations.md does not explain {name}"
     for anchor in runbooks:
         assert anchor.startswith("docs/operations.md#") and anchor.split("#")[1] in docs
+
+
+def test_dashboard_has_a_relays_row() -> None:
+    """Contract §14: relay up per relay, failovers by relay and reason, upstream calls and
+    latency by relay; each of these queries keeps the relay apart."""
+    panels = dashboard_panels()
+    [row] = [p for p in panels if p["type"] == "row" and p["title"] == "Relays"]
+    below = sorted(
+        (p for p in panels if p["type"] != "row" and p["gridPos"]["y"] > row["gridPos"]["y"]),
+        key=lambda p: (p["gridPos"]["y"], p["gridPos"]["x"]),
+    )
+    next_rows = [p["gridPos"]["y"] for p in panels if p["type"] == "row" and p["gridPos"]["y"] > row["gridPos"]["y"]]
+    in_row = [p for p in below if not next_rows or p["gridPos"]["y"] < min(next_rows)]
+    exprs = {p["title"]: [t["expr"] for t in p["targets"]] for p in in_row}
+    assert exprs == {
+        "Relay state by relay": ["max by (relay) (gateway_relay_up)"],
+        "Failovers per minute by relay and reason": [
+            "60 * sum by (relay, reason) (rate(gateway_relay_failovers_total[$__rate_interval]))"
+        ],
+        "Upstream calls/s by relay and status": [
+            "sum by (relay, status) (rate(gateway_upstream_requests_total[$__rate_interval]))"
+        ],
+        "Upstream error ratio by relay": [
+            'sum by (relay) (rate(gateway_upstream_requests_total{status!~"2.."}[$__rate_interval]))'
+            " / sum by (relay) (rate(gateway_upstream_requests_total[$__rate_interval]))"
+        ],
+        "Upstream create latency by relay": [
+            f"histogram_quantile({q}, sum by (le, relay) (rate(gateway_upstream_request_duration_seconds_bucket"
+            '{operation="create"}[$__rate_interval])))'
+            for q in ("0.5", "0.95")
+        ],
+    }
+    [state] = [p for p in in_row if p["title"] == "Relay state by relay"]
+    shown = {k: v["text"] for m in state["fieldConfig"]["defaults"]["mappings"] for k, v in m["options"].items()}
+    assert shown == {"1": "closed", "0.5": "half-open", "0": "open / cooling"}
+    assert {"type": "panel", "id": "state-timeline", "name": "State timeline", "version": ""} in dashboard()[
+        "__requires"
+    ]
+    # no panel overlaps another: the row was added below the others, not on top of them
+    cells = [
+        (x, y)
+        for p in panels
+        for x in range(p["gridPos"]["x"], p["gridPos"]["x"] + p["gridPos"]["w"])
+        for y in range(p["gridPos"]["y"], p["gridPos"]["y"] + p["gridPos"]["h"])
+    ]
+    assert len(cells) == len(set(cells))
 
 
 def test_shipped_gateway_configs_load(tmp_path: Path) -> None:
@@ -817,6 +877,91 @@ def test_alert_expressions_on_synthetic_series(promtool: str, tmp_path: Path) ->
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+def alert_annotations(alert: str, **labels: str) -> dict[str, str]:
+    """An alert's annotations as Prometheus renders them for `labels` (the relay alerts'
+    templates use `$labels` only)."""
+    rules = [r for g in yaml.safe_load(ALERTS.read_text(encoding="utf-8"))["groups"] for r in g["rules"]]
+    [rule] = [r for r in rules if r.get("alert") == alert]
+    out = {}
+    for name, text in rule["annotations"].items():
+        for label, value in labels.items():
+            text = text.replace(f"{{{{ $labels.{label} }}}}", value)
+        assert "{{" not in text, f"{alert}.{name}: a template this helper does not render: {text}"
+        out[name] = text
+    return out
+
+
+def test_relay_alerts_on_synthetic_series(promtool: str, tmp_path: Path) -> None:
+    """`promtool test rules` with alert_rule_test: RunwayRelayDown fires for one relay that
+    no replica sees up for 5 minutes (not before; not while one replica sees it up; half-open
+    counts as not up); RunwayNoRelayUp fires when no relay is up anywhere for 1 minute."""
+    team = {"severity": "warning", "service": "runway-gateway"}
+    down = [
+        # a: down on both replicas from minute 2
+        ('gateway_relay_up{relay="a", instance="gw-1:8080", job="runway-gateway"}', "1 1 0x14"),
+        ('gateway_relay_up{relay="a", instance="gw-2:8080", job="runway-gateway"}', "1 1 0x14"),
+        # b: one replica sees it open, the other closed: max says up
+        ('gateway_relay_up{relay="b", instance="gw-1:8080", job="runway-gateway"}', "0x16"),
+        ('gateway_relay_up{relay="b", instance="gw-2:8080", job="runway-gateway"}', "1x16"),
+        # c: half-open from minute 2 to 4, then closed again: a blip shorter than 5 minutes
+        ('gateway_relay_up{relay="c", instance="gw-1:8080", job="runway-gateway"}', "1 1 0.5 0.5 0.5 1x11"),
+        # d: half-open (its probes keep failing) from minute 0
+        ('gateway_relay_up{relay="d", instance="gw-1:8080", job="runway-gateway"}', "0.5x16"),
+    ]
+
+    def fired(alert: str, **labels: str) -> dict[str, Any]:
+        severity = {"severity": "critical"} if alert == "RunwayNoRelayUp" else {}
+        return {"exp_labels": {**team, **severity, **labels}, "exp_annotations": alert_annotations(alert, **labels)}
+
+    tests = [
+        {
+            "interval": "1m",
+            "input_series": [{"series": k, "values": v} for k, v in down],
+            "alert_rule_test": [
+                {"alertname": "RunwayRelayDown", "eval_time": "4m", "exp_alerts": []},  # all still pending
+                {
+                    "alertname": "RunwayRelayDown",
+                    "eval_time": "6m",
+                    "exp_alerts": [fired("RunwayRelayDown", relay="d")],
+                },
+                {
+                    "alertname": "RunwayRelayDown",
+                    "eval_time": "8m",
+                    "exp_alerts": [fired("RunwayRelayDown", relay="a"), fired("RunwayRelayDown", relay="d")],
+                },
+                {"alertname": "RunwayNoRelayUp", "eval_time": "10m", "exp_alerts": []},
+            ],
+        },
+        {
+            "interval": "1m",
+            "input_series": [
+                # every relay goes: a open at minute 2, b half-open at 3 and open at 4
+                {"series": 'gateway_relay_up{relay="a", instance="gw-1:8080"}', "values": "1 1 0x10"},
+                {"series": 'gateway_relay_up{relay="b", instance="gw-1:8080"}', "values": "1 1 1 0.5 0x8"},
+                {"series": 'gateway_relay_up{relay="b", instance="gw-2:8080"}', "values": "1 1 1 0 0x8"},
+            ],
+            "alert_rule_test": [
+                {"alertname": "RunwayNoRelayUp", "eval_time": "3m", "exp_alerts": []},  # pending
+                {"alertname": "RunwayNoRelayUp", "eval_time": "5m", "exp_alerts": [fired("RunwayNoRelayUp")]},
+            ],
+        },
+        {
+            "interval": "1m",
+            "input_series": [  # one relay recovers after 30 s of nothing: never a page
+                {"series": 'gateway_relay_up{relay="a", instance="gw-1:8080"}', "values": "1 1 0 1x10"},
+                {"series": 'gateway_relay_up{relay="b", instance="gw-1:8080"}', "values": "1 1 0x10"},
+            ],
+            "alert_rule_test": [{"alertname": "RunwayNoRelayUp", "eval_time": "10m", "exp_alerts": []}],
+        },
+    ]
+    path = tmp_path / "relay-alerts-test.yml"
+    path.write_text(
+        json.dumps({"rule_files": [str(ALERTS)], "evaluation_interval": "1m", "tests": tests}), encoding="utf-8"
+    )
+    out = _run([promtool, "test", "rules", str(path)])
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
 # --- 3. live: a real Prometheus scrapes a running gateway ------------------------------
 
 
@@ -1091,3 +1236,21 @@ def test_every_dashboard_and_alert_query_evaluates_on_live_data(live: Live) -> N
         live.prom.query(grafana_to_promql(expr))
     for _, expr in alert_rules():
         live.prom.query(expr)
+
+
+def test_relays_row_returns_data_on_live_data(live: Live) -> None:
+    """The relays row on a real scrape: the one relay of an `[upstream]` config, `default`,
+    closed (1), with its calls counted under its id.
+
+    LEAD: the relay series come with the relays-core branch (contract §14); on a gateway
+    that does not export gateway_relay_up yet this test skips, and runs once it does."""
+    if "gateway_relay_up" not in live.client.get("/metrics").text:
+        pytest.skip("this gateway does not export gateway_relay_up yet (contract §14, relays-core)")
+
+    def shown() -> bool:
+        live.traffic()
+        up = live.prom.vector(grafana_to_promql(panel_exprs("Relay state by relay")[0]))
+        calls = live.prom.vector(grafana_to_promql(panel_exprs("Upstream calls/s by relay and status")[0]))
+        return up == [({"relay": "default"}, 1.0)] and any(m.get("relay") == "default" and v > 0 for m, v in calls)
+
+    wait_until(shown, 45, 0.5, "the relays row's data for relay default")

@@ -1,20 +1,22 @@
 // The console's shell: sign-in, the navigation and the hash router (#/tenants,
-// #/keys/<tenant>, #/usage, #/webhooks, #/audit). Only the page's place is in the URL,
+// #/keys/<tenant>, #/usage, #/relays, #/webhooks, #/audit). Only the page's place is in the URL,
 // never the admin key.
 
 import { ApiError, get, onUnauthorized, session } from "./api.js";
 import { alertBox, busy, field, h } from "./dom.js";
 import * as audit from "./audit.js";
 import * as keys from "./keys.js";
+import * as relays from "./relays.js";
 import * as tenants from "./tenants.js";
 import * as usage from "./usage.js";
 import * as webhooks from "./webhooks.js";
 
-const PAGES = { tenants, keys, usage, webhooks, audit };
+const PAGES = { tenants, keys, usage, relays, webhooks, audit };
 const NAV = [
   ["tenants", "Tenants"],
   ["keys", "Keys"],
   ["usage", "Usage"],
+  ["relays", "Relays"],
   ["webhooks", "Webhooks"],
   ["audit", "Audit"],
 ];
