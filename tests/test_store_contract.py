@@ -770,6 +770,51 @@ async def test_a_finished_create_is_not_bound_by_its_admission(store: Store) -> 
     assert (await store.idem_begin(TENANT, "nobody", "fp", T0 + 1, lease=30)).state == "new"
 
 
+async def idem_lifetime(spec: StoreSpec, tenant: str, key: str, now: float) -> float:
+    """Seconds from `now` the store still keeps an Idempotency-Key: the Redis hash's TTL
+    (Redis's own clock: `now` is the caller's, and no real time passes in these tests), or
+    the SQLite row's expires_at. 0 when the key is gone."""
+    if spec.kind == "sqlite":
+        import sqlite3
+
+        with sqlite3.connect(spec.target) as db:
+            row = db.execute(
+                "SELECT expires_at FROM idempotency WHERE tenant = ? AND key = ?", (tenant, key)
+            ).fetchone()
+        return 0.0 if row is None else float(row[0]) - now
+    import hashlib
+
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(spec.target)
+    try:
+        ttl_ms = await client.pttl(f"{spec.prefix}idem:{tenant}:{hashlib.sha256(key.encode()).hexdigest()}")
+    finally:
+        await client.aclose()
+    return max(0.0, ttl_ms / 1000)
+
+
+async def test_an_orphaned_idempotency_key_outlives_its_lease_by_24_hours(store: Store, store_spec: StoreSpec) -> None:
+    """The crash window: a key's holder admitted its create (the key records the rid), then
+    died. However late the retry or the store's housekeeping comes, the key stays bound to
+    that reservation until 24 h after the lease's end, never coming free with the lease."""
+    charge = Charge(PRICE, day_key(T0), month_key(T0))
+    rec = reservation(now=T0)
+    assert (await store.idem_begin(TENANT, "crash", "fp", T0, lease=30)).state == "new"
+    assert (await store.admit_create(TENANT, NO_LIMITS, charge, rec, T0, idempotency_key="crash")).ok
+    if store_spec.kind == "redis":  # the hash itself outlives the lease (its TTL is real time)
+        assert 30 + ORPHAN_KEEP_SECONDS - 5 <= await idem_lifetime(store_spec, TENANT, "crash", T0)
+    await store.maintain(T0 + 100)  # housekeeping after the lease's end, before any retry
+    bound = await store.idem_begin(TENANT, "crash", "fp", T0 + 100, lease=30)
+    assert (bound.state, bound.rid) == ("unknown", rec.rid)
+    left = await idem_lifetime(store_spec, TENANT, "crash", T0 + 100)
+    assert abs(left - (30 + ORPHAN_KEEP_SECONDS - 100)) < 5, left
+    await store.maintain(T0 + 30 + ORPHAN_KEEP_SECONDS - 1)
+    late = await store.idem_begin(TENANT, "crash", "fp", T0 + 30 + ORPHAN_KEEP_SECONDS - 1, lease=30)
+    assert (late.state, late.rid) == ("unknown", rec.rid)
+    assert (await store.usage(TENANT, T0 + 100)).tasks_today == 1
+
+
 async def test_idempotency_key_freed_by_none_or_an_expired_lease(store: Store) -> None:
     assert (await store.idem_begin(TENANT, "k", "fp", T0, lease=30)).state == "new"
     await store.idem_finish(TENANT, "k", None, T0 + 1, ttl=86400)  # 429/5xx
