@@ -26,7 +26,7 @@ from starlette.responses import Response
 
 from gateway.errors import GatewayError, error_response
 from gateway.store.base import Store, StoredResponse, TaskRecord, retry_unavailable
-from gateway.tasks import OutcomeUnknown
+from gateway.tasks import OutcomeUnknown, in_flight_seconds
 
 KEEP_SECONDS = 24 * 3600
 UNKNOWN_RETRY_AFTER_SECONDS = 5  # callbacks come when the upstream's task changes state
@@ -70,7 +70,7 @@ async def run_idempotent(
     deadline = clock() + wait_seconds
     delay = 0.02
     while True:
-        begun = await store.idem_begin(tenant_id, key, fp, clock(), lease=wait_seconds + 5)
+        begun = await store.idem_begin(tenant_id, key, fp, clock(), lease=in_flight_seconds(wait_seconds))
         if begun.state == "new":
             break
         if begun.state == "conflict":

@@ -41,6 +41,10 @@ from gateway.upstream import Outcome, Upstream, UpstreamFailure
 logger = logging.getLogger("gateway.tasks")
 TIMED_OUT_POLL_SECONDS = 3600.0
 POLL_AFTER_TIMEOUT_SECONDS = 86400.0
+# A create is in flight at most the relay timeout plus this (admission before the call,
+# the record's write after it): the Idempotency-Key's lease, and when the sweep takes a
+# reservation still SUBMITTING for one whose gateway died mid-create.
+IN_FLIGHT_MARGIN_SECONDS = 5.0
 
 
 @dataclass
@@ -320,13 +324,26 @@ class TaskService:
 
     async def expire(self) -> int:
         """Free the slots of tasks past task_timeout_seconds and of creates whose outcome
-        stayed unknown past unknown_outcome_timeout_seconds; their charges stand."""
+        stayed unknown past unknown_outcome_timeout_seconds; their charges stand. A
+        reservation still unanswered past the relay timeout plus IN_FLIGHT_MARGIN_SECONDS
+        lost its gateway mid-create: its outcome is unknown too (docs/lifecycle.md)."""
         cfg = self.config.upstream
         expired = await self.store.expire_tasks(
-            self.clock(), cfg.task_timeout_seconds, cfg.unknown_outcome_timeout_seconds
+            self.clock(),
+            cfg.task_timeout_seconds,
+            cfg.unknown_outcome_timeout_seconds,
+            in_flight=in_flight_seconds(cfg.timeout_seconds),
         )
         for rec in expired:
-            if rec.status == UNKNOWN:
+            fields: dict[str, Any]
+            if rec.active:  # only marked UNKNOWN: its gateway died before an answer was recorded
+                fields = {
+                    "event": "create_outcome_unknown",
+                    "rid": rec.rid,
+                    "tenant": rec.tenant_id,
+                    "code": "gateway_lost_mid_create",
+                }
+            elif rec.status == UNKNOWN:
                 fields = {
                     "event": "create_outcome_unknown_expired",
                     "tenant": rec.tenant_id,
@@ -337,6 +354,11 @@ class TaskService:
                 fields = {"event": "task_timed_out", "tenant": rec.tenant_id, "task_id": rec.task_id, "rid": rec.rid}
             log_fields(logger, logging.WARNING, fields)
         return len(expired)
+
+
+def in_flight_seconds(timeout_seconds: float) -> float:
+    """The longest a live gateway holds a create: the relay timeout plus a margin."""
+    return timeout_seconds + IN_FLIGHT_MARGIN_SECONDS
 
 
 def callback_expiry(created_at: float, task_timeout_seconds: float) -> int:

@@ -117,6 +117,40 @@ def test_an_admin_jwt_role_is_an_admin_named_by_its_sub(admin_gw: GatewayProcess
         assert entry["actor"] == {"type": "jwt", "id": "alice@example.com"}
 
 
+ROLE = "runway-gateway-admin"  # the default `[admin] jwt_role`
+NEAR_MISSES = [
+    "runway-gateway-admin-readonly",
+    "notrunway-gateway-admin",
+    "runway-gateway",
+    "runway-gateway-admi",
+    "runway",
+    "Runway-Gateway-Admin",
+    "RUNWAY-GATEWAY-ADMIN",
+    "runway-gateway-admin,reader",
+    "runway-gateway-admin\u200b",
+    "",
+]
+
+
+@pytest.mark.parametrize(
+    "roles",
+    [*NEAR_MISSES, *([miss] for miss in NEAR_MISSES), ["reader", f"{ROLE} reader"], [[ROLE]], {ROLE: True}, True],
+)
+def test_an_admin_role_that_is_almost_the_role_is_refused(admin_gw: GatewayProcess, roles: Any) -> None:
+    """The role is matched exactly: one word of a string claim, or one element of a list
+    claim. A tenant's JWT whose role claim is a near miss stays a tenant's: 403."""
+    headers = {"Authorization": f"Bearer {token(sub='mallory', tenant='cfg-a', roles=roles)}"}
+    resp = httpx.get(admin_gw.url + V1 + "/tenants", headers=headers, timeout=5)
+    error_of(resp, 403, "permission_denied", None)
+
+
+@pytest.mark.parametrize("roles", [ROLE, [ROLE], f"reader {ROLE}", f" {ROLE} ", ["reader", ROLE]])
+def test_the_exact_admin_role_passes(admin_gw: GatewayProcess, roles: Any) -> None:
+    headers = {"Authorization": f"Bearer {token(sub='alice', tenant='cfg-a', roles=roles)}"}
+    resp = httpx.get(admin_gw.url + V1 + "/tenants", headers=headers, timeout=5)
+    assert resp.status_code == 200, resp.text
+
+
 def test_the_admin_claim_and_role_are_configurable(tmp_path: Path) -> None:
     sim = Simulator(tmp_path)
     sim.start()

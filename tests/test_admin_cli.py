@@ -162,6 +162,41 @@ def test_keys_create_list_show_rotate_revoke(cli: Cli) -> None:
     assert cli.ok("keys", "list", tenant).splitlines()[1].split()[4] == "revoked"
 
 
+def test_keys_rotate_grace_0_ends_the_old_secret_at_once_and_grace_n_gives_n_seconds(
+    cli: Cli, cli_gw: GatewayProcess
+) -> None:
+    def status(secret: str) -> int:
+        auth = {"Authorization": f"Bearer {secret}"}
+        return httpx.get(cli_gw.url + "/v1/models", headers=auth, timeout=5).status_code
+
+    def within_a_second(secret: str, expected: int) -> None:
+        since = time.monotonic()
+        wait_until(lambda: status(secret) == expected, 3, 0.02, f"{expected} for a secret")
+        assert time.monotonic() - since < 1.0
+
+    tenant = cli.json("tenants", "create", f"cli-{secrets.token_hex(3)}")["id"]
+    minted = cli.json("keys", "create", tenant, "--name", "svc")
+    within_a_second(minted["secret"], 200)
+
+    no_grace = cli.json("keys", "rotate", minted["id"], "--grace", "0")
+    assert no_grace["previous_secret_expires_at"] is None
+    within_a_second(no_grace["secret"], 200)
+    within_a_second(minted["secret"], 401)
+    assert status(no_grace["secret"]) == 200
+
+    n = 5
+    before = time.time()
+    graced = cli.json("keys", "rotate", minted["id"], "--grace", f"{n}s")
+    after = time.time()
+    ends = graced["previous_secret_expires_at"]  # the rotation's time plus n, within 1 s
+    assert before + n - 1 <= ends <= after + n + 1, (before, ends, after)
+    within_a_second(graced["secret"], 200)
+    assert status(no_grace["secret"]) == 200 and time.time() < ends  # the old secret, within its grace
+    wait_until(lambda: time.time() >= ends, n + 1, 0.02, "the grace's end")
+    assert status(no_grace["secret"]) == 401  # checked against the clock on every request
+    assert status(graced["secret"]) == 200
+
+
 def test_audit_lists_the_changes(cli: Cli) -> None:
     tenant = cli.json("tenants", "create", f"cli-{secrets.token_hex(3)}")["id"]
     key_id = cli.json("keys", "create", tenant, "--name", "a")["id"]

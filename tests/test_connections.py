@@ -175,6 +175,33 @@ def test_idle_keepalive_connection_closes(slow_gw: GatewayProcess) -> None:
         c.close()
 
 
+def test_slow_headers_of_a_later_request_on_a_keepalive_connection_get_408_and_are_closed(
+    slow_gw: GatewayProcess,
+) -> None:
+    """The header deadline is per request: the second request of a kept-alive connection
+    that trickles its headers is cut like the first request of a connection (408, close),
+    its deadline counted from its own first byte."""
+    c = RawClient(slow_gw.port)
+    try:
+        c.send(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+
+        def answered() -> bool:
+            head, sep, body = c.received.partition(b"\r\n\r\n")
+            length = [ln for ln in head.lower().split(b"\r\n") if ln.startswith(b"content-length: ")]
+            return c.poll() or bool(sep and length and len(body) >= int(length[0].split(b": ")[1]))
+
+        wait_until(answered, 5, 0.01, "the first answer")
+        assert c.received.startswith(b"HTTP/1.1 200 ") and not c.closed
+        c.received = b""
+        took = trickle_until_closed([c], SLOW_HEADERS)
+        assert took >= TIMEOUT * 0.9
+        status, headers, body = c.status_and_json()
+        assert status == 408 and headers["connection"] == "close"
+        assert body["error"]["code"] == "request_timeout"
+    finally:
+        c.close()
+
+
 def test_keepalive_connection_serves_requests_within_the_limits(slow_gw: GatewayProcess) -> None:
     """The deadlines are per request: one connection used for longer than any of them works."""
     c = RawClient(slow_gw.port)

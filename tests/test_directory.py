@@ -5,6 +5,7 @@ real processes: a change made in the store reaches every replica and worker with
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -13,7 +14,7 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
-from conftest import GatewayProcess, Simulator, TenantSpec, key_hash, wait_until
+from conftest import ADMIN_KEY, GatewayProcess, Simulator, TenantSpec, key_hash, wait_until
 
 from gateway.auth import Authenticator, AuthFailure
 from gateway.config import Config, Tenant
@@ -76,6 +77,19 @@ def test_key_validity_is_checked_against_the_clock_on_every_lookup() -> None:
     old, new = key_hash(OLD_SECRET), key_hash(NEW_SECRET)
     assert d.key(old, 49.9) is not None and d.key(old, 50.0) is None
     assert d.key(new, 10_000) is not None and d.keys[new].key_id == d.keys[old].key_id == "key_rot"
+
+
+def test_a_key_revoked_during_its_rotation_grace_refuses_both_secrets() -> None:
+    """Revocation ends the grace period too: neither the new secret nor the previous one
+    authenticates, long before the grace would have ended."""
+    rotated = api_key("key_rg", "api-team", NEW_SECRET, previous_hash=key_hash(OLD_SECRET), previous_expires_at=9e9)
+    live = Directory.build(Config(), snapshot(1, [TenantRecord("api-team")], [rotated]))
+    assert live.key(key_hash(NEW_SECRET), 100) is not None and live.key(key_hash(OLD_SECRET), 100) is not None
+    revoked = dataclasses.replace(rotated, revoked_at=100.0)
+    d = Directory.build(Config(), snapshot(2, [TenantRecord("api-team")], [revoked]))
+    assert d.key(key_hash(NEW_SECRET), 100.5) is None
+    assert d.key(key_hash(OLD_SECRET), 100.5) is None
+    assert d.key(key_hash(OLD_SECRET), 50.0) is None  # even on a clock behind the revocation
 
 
 def test_authenticator_names_the_key_and_refuses_a_disabled_tenant() -> None:
@@ -344,6 +358,29 @@ def test_store_changes_reach_every_replica_within_a_second_and_survive_a_restart
         assert (
             status(gw, "sk-gw-rotated") == 401 and status(gw, NEW_SECRET) == 401 and status(gw, "sk-gw-expiring") == 401
         )
+
+
+def test_a_revocation_during_a_rotation_grace_refuses_both_secrets_on_every_replica_within_a_second(
+    two_replicas: tuple[str, list[GatewayProcess]],
+) -> None:
+    """Through the admin API of one replica: a key rotated with an hour's grace, then
+    revoked. The new secret and the previous one are refused at once on both replicas
+    (the 1 s bound), not when the grace would have ended."""
+    _, (a, b) = two_replicas
+    admin = httpx.Client(base_url=a.url + "/admin/v1", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=10)
+    with admin:
+        assert admin.post("/tenants", json={"id": "grace-team"}).status_code == 201
+        minted = admin.post("/tenants/grace-team/keys", json={"name": "svc"}).json()
+        old = minted["secret"]
+        rotated = admin.post(f"/keys/{minted['id']}/rotate", json={"grace_seconds": 3600}).json()
+        new = rotated["secret"]
+        assert rotated["previous_secret_expires_at"] > time.time() + 3500
+        for secret in (new, old):
+            within_a_second([a, b], secret, 200, time.monotonic())
+        since = time.monotonic()
+        assert admin.delete(f"/keys/{minted['id']}").status_code == 200
+    within_a_second([a, b], new, 401, since)
+    within_a_second([a, b], old, 401, since)
 
 
 def test_a_key_minted_in_the_store_works_on_both_workers_within_a_second(tmp_path: Path, sim: Simulator) -> None:

@@ -215,28 +215,58 @@ def test_idempotency_key_freed_after_429(sim: Simulator, start_gateway) -> None:
     assert retried.json()["task"]["id"] in {create["task_id"] for create in sim.requests()["creates"]}
 
 
-def test_a_retry_after_the_gateway_died_mid_create_never_buys_a_second_task(own_sim: Simulator, start_gateway) -> None:
+def key_lifetime(g: GatewayProcess, store_url: str | None, tenant: str, key: str) -> float:
+    """Seconds the store still keeps an Idempotency-Key: its Redis hash's TTL, or its
+    SQLite row's `expires_at` from now (0 when the key is gone)."""
+    import hashlib
+    import sqlite3
+    import time
+
+    import redis
+
+    from gateway.store.redis.url import split_prefix
+
+    if store_url is None:
+        with sqlite3.connect(g.config_path.with_suffix(".db")) as db:
+            row = db.execute(
+                "SELECT expires_at FROM idempotency WHERE tenant = ? AND key = ?", (tenant, key)
+            ).fetchone()
+        return 0.0 if row is None else float(row[0]) - time.time()
+    url, prefix = split_prefix(store_url)
+    name = f"{prefix or ''}idem:{tenant}:{hashlib.sha256(key.encode()).hexdigest()}"
+    return max(0.0, redis.Redis.from_url(url).pttl(name) / 1000)
+
+
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+def test_a_retry_after_the_gateway_died_mid_create_never_buys_a_second_task(
+    own_sim: Simulator, start_gateway, store: str, request: pytest.FixtureRequest
+) -> None:
     """The crash window: the gateway is SIGKILLed while the upstream holds the create's
     answer (the task exists upstream), before it could keep an answer or bind the key.
-    The key was bound to the reservation at admission, so once the dead holder's lease
-    ends a retry gets 409 `idempotency_outcome_unknown`, never a second task, and the task
-    itself once its callback reaches the restarted gateway."""
+    The key was bound to the reservation at admission, so it outlives the dead holder's
+    lease (the upstream timeout, 3 s, plus 5 s) by the 24 h of an unknown outcome: a retry
+    gets 409 `idempotency_outcome_unknown`, even well after the lease, never a second
+    task, and the task itself once its callback reaches the restarted gateway."""
     import signal
     import threading
+    import time
 
-    g: GatewayProcess = start_gateway(own_sim.url, [TenantSpec("t")])
-    own_sim.control(hang_after_create=True, drop_callbacks=True, seconds_to_finish=25)
+    store_url = request.getfixturevalue("redis_store_url") if store == "redis" else None
+    g: GatewayProcess = start_gateway(own_sim.url, [TenantSpec("t")], store_url=store_url)
+    own_sim.control(hang_after_create=True, drop_callbacks=True, seconds_to_finish=30)
     body, key = gen2_body("Bought once, even across a crash."), {"Idempotency-Key": "order-crash-1"}
 
     def doomed() -> None:
         with g.client("t") as c, pytest.raises(httpx.TransportError):
             c.post("/runway/tasks", json=body, headers=key)
 
+    sent_at = time.time()
     first = threading.Thread(target=doomed)
     first.start()
     wait_until(lambda: own_sim.requests()["creates_total"] == 1, 10, message="the create upstream")
     g.kill(signal.SIGKILL)
     first.join(10)
+    lease_end = sent_at + 3 + 5  # the latest the dead holder's lease can end
     own_sim.control(hang_after_create=False)  # a second create would now succeed at once
     g.start()
     with g.client("t") as c:
@@ -252,7 +282,14 @@ def test_a_retry_after_the_gateway_died_mid_create_never_buys_a_second_task(own_
 
         wait_until(unknown, 20, 0.5, "the key bound to the reservation")
         assert codes <= {"idempotency_key_in_use", "idempotency_outcome_unknown"}, codes
+        # The key is kept for the 24 h of an unknown outcome, counted from the lease's end.
+        left = key_lifetime(g, store_url, "t", "order-crash-1")
+        assert 86400 - 30 < left <= lease_end + 86400 - time.time() + 1, left
+        wait_until(lambda: time.time() > lease_end + 4, 10, 0.2, "well after the lease")
+        late = c.post("/runway/tasks", json=body, headers=key)
+        assert late.status_code == 409 and late.json()["error"]["code"] == "idempotency_outcome_unknown", late.text
         assert own_sim.requests()["creates_total"] == 1
+        assert g.usage("t")["tasks_today"] == 1
         own_sim.control(drop_callbacks=False)  # the task's next callback identifies it
         task_id = only_sim_task(own_sim)
         replay: httpx.Response = wait_until(

@@ -261,6 +261,61 @@ def test_sigkill_during_creates_loses_no_task(tmp_path, own_sim: Simulator) -> N
         g.stop()
 
 
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+def test_a_create_whose_gateway_was_killed_frees_its_slot_as_an_unknown_outcome(
+    own_sim: Simulator, start_gateway, store: str, request: pytest.FixtureRequest
+) -> None:
+    """A gateway SIGKILLed while the relay holds its create's answer leaves the reservation
+    SUBMITTING, charged and holding a `max_active_tasks` slot. Another replica on the same
+    Redis (on SQLite: the gateway restarted) takes it for an unknown outcome once it has
+    been in flight longer than the relay timeout (3 s) plus the 5 s margin, and frees the
+    slot `unknown_outcome_timeout_seconds` (here 2 s) after admission at the earliest,
+    not after `task_timeout_seconds` (an hour); the charge stands."""
+    tenant = TenantSpec("t", limits={"max_active_tasks": 1})
+    kw: dict[str, Any] = {"upstream_section": "unknown_outcome_timeout_seconds = 2"}
+    if store == "redis":
+        kw["store_url"] = request.getfixturevalue("redis_store_url")
+    doomed_gw: GatewayProcess = start_gateway(own_sim.url, [tenant], **kw)
+    other = start_gateway(own_sim.url, [tenant], **kw) if store == "redis" else doomed_gw
+    own_sim.control(hang_after_create=True, drop_callbacks=True, seconds_to_finish=60)
+
+    def doomed() -> None:
+        with doomed_gw.client("t") as c, pytest.raises(httpx.TransportError):
+            c.post("/runway/tasks", json=gen2_body("Lost with its gateway."))
+
+    sent_at = time.time()
+    first = threading.Thread(target=doomed)
+    first.start()
+    wait_until(lambda: own_sim.requests()["creates_total"] == 1, 10, message="the create upstream")
+    admitted_by = time.time()
+    doomed_gw.kill(signal.SIGKILL)
+    first.join(10)
+    own_sim.control(hang_after_create=False)
+    if other is doomed_gw:
+        doomed_gw.start()
+    charged = other.usage("t")
+    assert (charged["active"], charged["tasks_today"]) == (1, 1)
+    with other.client("t") as c:
+        refused = c.post("/runway/tasks", json=gen2_body())
+        assert refused.status_code == 429 and refused.json()["error"]["code"] == "concurrency_limit_exceeded"
+        admitted: httpx.Response = wait_until(
+            lambda: (r := c.post("/runway/tasks", json=gen2_body())).status_code != 429 and r,
+            30,
+            0.25,
+            "the slot freed",
+        )
+    freed_by = time.time()
+    assert admitted.status_code == 200, admitted.text
+    assert freed_by - sent_at >= 3 + 5, "freed while a live gateway could still have been waiting"
+    assert freed_by - admitted_by <= 3 + 5 + 5 + 5, "not freed by the next sweeps (every 5 s)"
+    usage = other.usage("t")  # the lost create's charge stands
+    assert (usage["active"], usage["tasks_today"], usage["credits_today"]) == (1, 2, 2 * charged["credits_today"])
+    assert own_sim.requests()["creates_total"] == 2
+    logs = other.access_log()
+    [expired] = [line for line in logs if line.get("event") == "create_outcome_unknown_expired"]
+    assert expired["level"] == "warning" and expired["tenant"] == "t" and expired["credits"] == charged["credits_today"]
+
+
 @pytest.mark.parametrize("status_status", [404, 429, 503])
 def test_failing_status_polls_lose_no_task(own_sim: Simulator, start_gateway, status_status: int) -> None:
     g = start_gateway(own_sim.url, [TenantSpec("t", limits={"max_active_tasks": 5})], callbacks=False)

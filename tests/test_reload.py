@@ -11,7 +11,8 @@ import threading
 from pathlib import Path
 
 import httpx
-from conftest import GatewayProcess, Simulator, TenantSpec, wait_until
+import pytest
+from conftest import GatewayProcess, Simulator, TenantSpec, gen2_body, wait_until
 
 from gateway.store import open_store
 from gateway.store.base import AuditEntry
@@ -134,5 +135,54 @@ def test_sighup_removes_a_key_from_a_single_process(tmp_path: Path, sim: Simulat
             "two entries",
         )
         assert [e.changes["result"] for e in entries] == ["ok", "ok"] and entries[0].id != entries[1].id
+    finally:
+        gw.stop()
+
+
+@pytest.mark.parametrize(
+    "key_file",
+    [
+        "unreadable",
+        pytest.param(
+            "unparsable",
+            marks=pytest.mark.xfail(strict=True, reason="issue 25 item 2, fixed on defects-backend"),
+        ),
+    ],
+)
+def test_a_reload_refused_for_its_jwt_key_file_changes_nothing(
+    tmp_path: Path, own_sim: Simulator, key_file: str
+) -> None:
+    """A valid TOML file whose `[auth.jwt] public_key_file` cannot be read or parsed is
+    refused whole: the new price, upstream timeout, tenants and keys in it are not applied."""
+    own_sim.control(latency_seconds=1.0)  # within the 3 s timeout, past the new file's 0.5 s
+    kept, removed, added = TenantSpec("team-kept"), TenantSpec("team-removed"), TenantSpec("team-added")
+    gw = GatewayProcess(tmp_path, own_sim.url, [kept, removed])
+    gw.start()
+    try:
+        with gw.client("team-kept") as c:
+            assert c.post("/runway/tasks", json=gen2_body()).status_code == 200
+        assert gw.usage("team-kept")["credits_today"] == 10  # [pricing] gen2's default
+        if key_file == "unparsable":
+            key_path = tmp_path / "jwt-public.pem"
+            key_path.write_text("-----BEGIN PUBLIC KEY-----\nnot a key\n-----END PUBLIC KEY-----\n")
+        elif os.geteuid() != 0:
+            key_path = tmp_path / "jwt-public.pem"
+            key_path.write_text("-----BEGIN PUBLIC KEY-----\n-----END PUBLIC KEY-----\n")
+            key_path.chmod(0)
+        else:  # root reads any file despite its mode: a regular file whose read fails (EIO)
+            key_path = Path("/proc/self/mem")
+        text = gw.config_path.read_text().replace("timeout_seconds = 3\n", "timeout_seconds = 0.5\n")
+        text = text.replace(removed.toml(), added.toml())
+        gw.config_path.write_text(
+            f'{text}\n[pricing]\ngen2 = 77\n\n[auth.jwt]\nalgorithms = ["RS256"]\npublic_key_file = "{key_path}"\n'
+        )
+        hangup(gw)
+        wait_until(lambda: reloads(gw, "error") == 1, 10, 0.05, "the reload refused")
+        assert reloads(gw, "ok") == 0
+        assert status(gw, removed.key) == 200 and status(gw, added.key) == 401 and status(gw, kept.key) == 200
+        with gw.client("team-kept") as c:
+            created = c.post("/runway/tasks", json=gen2_body())  # the old timeout: no 504 after 0.5 s
+        assert created.status_code == 200, created.text
+        assert gw.usage("team-kept")["credits_today"] == 10 + 10  # the old price
     finally:
         gw.stop()

@@ -434,6 +434,51 @@ async def test_an_unknown_outcome_identified_in_time_is_not_expired_as_unknown(s
     assert (await store.usage(TENANT, T0 + 1000)).active == 1
 
 
+async def test_a_reservation_lost_in_flight_settles_as_an_unknown_outcome(store: Store) -> None:
+    """A create whose gateway died before the relay's answer was recorded stays SUBMITTING:
+    once `in_flight` seconds passed since its admission, the sweep marks it UNKNOWN and it
+    frees its slot `unknown_timeout` after admission, like a create that timed out; its
+    charge stands. Reservations answered in time (or refunded) are never touched."""
+    limits, sweep = Limits(max_active_tasks=4), {"timeout": 3600.0, "unknown_timeout": 300.0, "in_flight": 35.0}
+    lost = (await admit(store, limits))[1]
+    answered, _ = await create(store, limits=limits)
+    refunded = (await admit(store, limits))[1]
+    assert await store.settle_not_created(refunded.rid, T0 + 1)
+    young = (await admit(store, limits, now=T0 + 20))[1]
+    assert await store.expire_tasks(T0 + 34, **sweep) == []
+    # Two replicas sweep at once: the reservation is marked once, by one of them.
+    first, second = await asyncio.gather(store.expire_tasks(T0 + 35, **sweep), store.expire_tasks(T0 + 35, **sweep))
+    marked = first + second
+    assert [(r.rid, r.status, r.active, r.timed_out, r.settled) for r in marked] == [
+        (lost.rid, "UNKNOWN", True, False, False)
+    ]
+    stored = await store.get_by_rid(lost.rid)
+    assert stored is not None and (stored.status, stored.active, stored.updated_at) == ("UNKNOWN", True, T0 + 35)
+    await store.apply_update(young.rid, TENANT, task_obj("task-young", "PENDING"), T0 + 40, refund_failed=True)
+    assert await store.expire_tasks(T0 + 299, **sweep) == []
+    assert (await store.usage(TENANT, T0 + 299)).active == 3
+    expired = await store.expire_tasks(T0 + 300, **sweep)  # unknown_timeout after admission, as a timed-out create
+    assert [(r.rid, r.status, r.active, r.timed_out, r.settled) for r in expired] == [
+        (lost.rid, "UNKNOWN", False, True, False)
+    ]
+    assert await store.expire_tasks(T0 + 400, **sweep) == []
+    usage = await store.usage(TENANT, T0 + 400)  # the slot freed, the charge kept; the refund stays refunded
+    assert usage == Usage(
+        active=2, tasks_today=3, credits_today=3 * PRICE, credits_this_month=3 * PRICE, tasks_this_month=3
+    )
+    assert {r.rid for r in await store.expire_tasks(T0 + 3620, **sweep)} == {answered.rid, young.rid}
+    # A callback that identifies it later still applies, without freeing the slot twice; FAILED refunds.
+    res = await store.apply_update(lost.rid, TENANT, task_obj("task-lost", "FAILED"), T0 + 3700, refund_failed=True)
+    assert res.finished and res.refunded_credits == PRICE and res.record is not None
+    assert (res.record.task_id, res.record.active) == ("task-lost", False)
+    assert (await store.usage(TENANT, T0 + 3700)).active == 0
+    # unknown_timeout shorter than in_flight: marked and freed by the same sweep, returned once.
+    quick = (await admit(store, limits, now=T0 + 4000))[1]
+    [swept] = await store.expire_tasks(T0 + 4035, 3600, 10, in_flight=35)
+    assert (swept.rid, swept.status, swept.active, swept.timed_out) == (quick.rid, "UNKNOWN", False, True)
+    assert (await store.usage(TENANT, T0 + 4035)).active == 0
+
+
 # --- periods ----------------------------------------------------------------------------
 
 
@@ -723,6 +768,51 @@ async def test_a_finished_create_is_not_bound_by_its_admission(store: Store) -> 
     # Admission never takes a key the create does not hold.
     assert (await store.admit_create(TENANT, NO_LIMITS, charge, reservation(now=T0), T0, idempotency_key="nobody")).ok
     assert (await store.idem_begin(TENANT, "nobody", "fp", T0 + 1, lease=30)).state == "new"
+
+
+async def idem_lifetime(spec: StoreSpec, tenant: str, key: str, now: float) -> float:
+    """Seconds from `now` the store still keeps an Idempotency-Key: the Redis hash's TTL
+    (Redis's own clock: `now` is the caller's, and no real time passes in these tests), or
+    the SQLite row's expires_at. 0 when the key is gone."""
+    if spec.kind == "sqlite":
+        import sqlite3
+
+        with sqlite3.connect(spec.target) as db:
+            row = db.execute(
+                "SELECT expires_at FROM idempotency WHERE tenant = ? AND key = ?", (tenant, key)
+            ).fetchone()
+        return 0.0 if row is None else float(row[0]) - now
+    import hashlib
+
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(spec.target)
+    try:
+        ttl_ms = await client.pttl(f"{spec.prefix}idem:{tenant}:{hashlib.sha256(key.encode()).hexdigest()}")
+    finally:
+        await client.aclose()
+    return max(0.0, ttl_ms / 1000)
+
+
+async def test_an_orphaned_idempotency_key_outlives_its_lease_by_24_hours(store: Store, store_spec: StoreSpec) -> None:
+    """The crash window: a key's holder admitted its create (the key records the rid), then
+    died. However late the retry or the store's housekeeping comes, the key stays bound to
+    that reservation until 24 h after the lease's end, never coming free with the lease."""
+    charge = Charge(PRICE, day_key(T0), month_key(T0))
+    rec = reservation(now=T0)
+    assert (await store.idem_begin(TENANT, "crash", "fp", T0, lease=30)).state == "new"
+    assert (await store.admit_create(TENANT, NO_LIMITS, charge, rec, T0, idempotency_key="crash")).ok
+    if store_spec.kind == "redis":  # the hash itself outlives the lease (its TTL is real time)
+        assert 30 + ORPHAN_KEEP_SECONDS - 5 <= await idem_lifetime(store_spec, TENANT, "crash", T0)
+    await store.maintain(T0 + 100)  # housekeeping after the lease's end, before any retry
+    bound = await store.idem_begin(TENANT, "crash", "fp", T0 + 100, lease=30)
+    assert (bound.state, bound.rid) == ("unknown", rec.rid)
+    left = await idem_lifetime(store_spec, TENANT, "crash", T0 + 100)
+    assert abs(left - (30 + ORPHAN_KEEP_SECONDS - 100)) < 5, left
+    await store.maintain(T0 + 30 + ORPHAN_KEEP_SECONDS - 1)
+    late = await store.idem_begin(TENANT, "crash", "fp", T0 + 30 + ORPHAN_KEEP_SECONDS - 1, lease=30)
+    assert (late.state, late.rid) == ("unknown", rec.rid)
+    assert (await store.usage(TENANT, T0 + 100)).tasks_today == 1
 
 
 async def test_idempotency_key_freed_by_none_or_an_expired_lease(store: Store) -> None:

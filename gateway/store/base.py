@@ -467,11 +467,18 @@ class Store(abc.ABC):
         `give_up_after` seconds after creation."""
 
     @abc.abstractmethod
-    async def expire_tasks(self, now: float, timeout: float, unknown_timeout: float) -> list[TaskRecord]:
+    async def expire_tasks(
+        self, now: float, timeout: float, unknown_timeout: float, in_flight: float | None = None
+    ) -> list[TaskRecord]:
         """Active, non-terminal tasks created at or before now - timeout, and active UNKNOWN
         reservations (never identified by the upstream) created at or before now -
-        unknown_timeout: free their slot, mark them timed_out (the charge stands). Returns
-        the ones it changed."""
+        unknown_timeout: free their slot, mark them timed_out (the charge stands).
+
+        First, when `in_flight` is given, active SUBMITTING reservations created at or
+        before now - in_flight (rules.lost_in_flight: their gateway died mid-create) become
+        UNKNOWN, as mark_unknown would have made them, so the same step may expire them.
+        Returns the ones it changed, each once, as they end (a reservation only marked
+        UNKNOWN is still active)."""
 
     # webhook outbox -----------------------------------------------------------------
     @abc.abstractmethod

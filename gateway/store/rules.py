@@ -264,6 +264,15 @@ def decide_update(rec: TaskRecord, task: dict[str, Any], now: float, refund_fail
     return result
 
 
+def lost_in_flight(rec: TaskRecord, now: float, in_flight: float) -> bool:
+    """A reservation still SUBMITTING `in_flight` seconds after its admission (the relay
+    timeout plus a margin): no live gateway holds its create any more (one that got an
+    answer recorded it; one that timed out marked it UNKNOWN), so the process that sent
+    it died mid-create. Its outcome is unknown: the sweep marks it UNKNOWN, and it settles
+    like a create that timed out (expire_tasks)."""
+    return rec.status == SUBMITTING and rec.active and rec.created_at <= now - in_flight
+
+
 # --- the usage ledger -------------------------------------------------------------------
 
 LEDGER_RETENTION_DAYS = 400  # a day's rows are kept at least this long

@@ -23,6 +23,9 @@ Key layout (every key starts with `prefix`, "gw:" by default):
     {p}polls           zset   next_poll_at -> rid: non-terminal tasks with a task id
     {p}actz            zset   created_at -> rid: active tasks, for expire_tasks
     {p}unkz            zset   created_at -> rid: UNKNOWN reservations, for expire_tasks
+    {p}subz            zset   created_at -> rid: every admitted reservation, for expire_tasks
+                              to find those still SUBMITTING past the in-flight cutoff (an
+                              entry leaves at that sweep, whatever became of its task)
     {p}wh:{event_id}   hash   one webhook event (state pending|dead, last_error)
     {p}whq:{rid}       list   a task's undelivered event ids in seq order (head = next; a
                               dead head holds the rest back until redelivered or dropped)
@@ -581,8 +584,14 @@ class RedisStore(Store):
         args = [self.prefix, _num(now), _num(interval), str(limit), _num(timed_out_interval), _num(now - give_up_after)]
         return _records(await self._claim_due(keys=[self._k("polls")], args=args))
 
-    async def expire_tasks(self, now: float, timeout: float, unknown_timeout: float) -> list[TaskRecord]:
-        args = [self.prefix, _num(now), _num(now - timeout), _num(self.terminal_ttl), _num(now - unknown_timeout)]
+    async def expire_tasks(
+        self, now: float, timeout: float, unknown_timeout: float, in_flight: float | None = None
+    ) -> list[TaskRecord]:
+        lost_cutoff = "" if in_flight is None else _num(now - in_flight)
+        args = [
+            self.prefix, _num(now), _num(now - timeout), _num(self.terminal_ttl), _num(now - unknown_timeout),
+            lost_cutoff,
+        ]  # fmt: skip
         return _records(await self._expire(keys=[self._k("actz")], args=args))
 
     # webhook outbox --------------------------------------------------------------------

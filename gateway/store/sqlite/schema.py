@@ -47,6 +47,7 @@ CREATE INDEX IF NOT EXISTS tasks_to_poll ON tasks (next_poll_at)
     WHERE status NOT IN ('SUCCEEDED', 'FAILED', 'CANCELLED') AND task_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS tasks_active ON tasks (created_at) WHERE active = 1;
 CREATE INDEX IF NOT EXISTS tasks_unknown ON tasks (created_at) WHERE active = 1 AND status = 'UNKNOWN';
+CREATE INDEX IF NOT EXISTS tasks_submitting ON tasks (created_at) WHERE active = 1 AND status = 'SUBMITTING';
 CREATE TABLE IF NOT EXISTS webhooks (
     event_id TEXT PRIMARY KEY,
     rid TEXT NOT NULL,

@@ -329,8 +329,11 @@ class SQLiteStore(Store):
                 self.db.execute("UPDATE tasks SET next_poll_at = ? WHERE rid = ?", (rec.next_poll_at, rec.rid))
         return records
 
-    async def expire_tasks(self, now: float, timeout: float, unknown_timeout: float) -> list[TaskRecord]:
+    async def expire_tasks(
+        self, now: float, timeout: float, unknown_timeout: float, in_flight: float | None = None
+    ) -> list[TaskRecord]:
         async with self._tx:
+            lost = self._mark_lost_in_flight(now, in_flight) if in_flight is not None else {}
             rows = self.db.execute(
                 f"SELECT * FROM tasks WHERE active = 1 AND status NOT IN {TERMINAL_SQL} AND created_at <= ?"
                 " UNION SELECT * FROM tasks WHERE active = 1 AND status = 'UNKNOWN' AND created_at <= ?",
@@ -343,7 +346,22 @@ class SQLiteStore(Store):
                     "UPDATE tasks SET active = 0, timed_out = 1, updated_at = ? WHERE rid = ?", (now, rec.rid)
                 )
                 self.db.execute("UPDATE quota SET active = MAX(0, active - 1) WHERE tenant = ?", (rec.tenant_id,))
-        return records
+                lost.pop(rec.rid, None)
+        return records + list(lost.values())
+
+    def _mark_lost_in_flight(self, now: float, in_flight: float) -> dict[str, TaskRecord]:
+        """SUBMITTING -> UNKNOWN for the reservations whose gateway died mid-create
+        (rules.lost_in_flight), inside expire_tasks' transaction; returns them by rid."""
+        rows = self.db.execute(
+            "SELECT * FROM tasks WHERE active = 1 AND status = 'SUBMITTING' AND created_at <= ?", (now - in_flight,)
+        ).fetchall()
+        lost: dict[str, TaskRecord] = {}
+        for rec in (_record(r) for r in rows):
+            if rules.lost_in_flight(rec, now, in_flight):
+                rec.status, rec.updated_at = UNKNOWN, now
+                self.db.execute("UPDATE tasks SET status = ?, updated_at = ? WHERE rid = ?", (UNKNOWN, now, rec.rid))
+                lost[rec.rid] = rec
+        return lost
 
     # webhook outbox -----------------------------------------------------------------
     async def claim_webhooks(self, now: float, limit: int, lease: float) -> list[WebhookEvent]:

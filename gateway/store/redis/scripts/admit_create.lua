@@ -54,6 +54,7 @@ if cday ~= day or cmonth ~= month then
   redis.call('HSET', tkey(rid), 'charge_day', cday, 'charge_month', cmonth)
 end
 index_record(rid)
+redis.call('ZADD', P .. 'subz', now, rid)  -- in flight: expire_tasks finds it if its gateway dies
 book_charge(cday, tenant, ARGV[15], credits, 1, ARGV[16])
 -- the held Idempotency-Key names this reservation, and outlives its lease if the holder
 -- vanishes (idem_begin binds it then; store.base.Store.admit_create)
