@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import jwt as pyjwt
+
 from gateway.jsontypes import a_type_name, is_type
 from gateway.ssrf import HookPolicy
 from gateway.store.base import Limits  # re-exported: a tenant's limits are the store's input
@@ -598,6 +600,8 @@ class _Validator:
                 self.fail(f"{path}.public_key_file", f"file {key_file} not found")
             else:
                 values["public_key_file"] = str(kp)
+                if problem := public_key_problem(kp, algs):
+                    self.fail(f"{path}.public_key_file", f"{key_file}: {problem}")
         return JWTConfig(algorithms=tuple(algs), **values)
 
     def tenants(self, items: Any) -> tuple[Tenant, ...]:
@@ -661,6 +665,25 @@ class _Validator:
         if cfg.max_backoff_seconds < cfg.initial_backoff_seconds:
             self.fail("webhooks.max_backoff_seconds", "must not be below initial_backoff_seconds")
         return cfg
+
+
+def public_key_problem(path: Path, algorithms: list[str]) -> str | None:
+    """Why the JWT key file holds no key PyJWT can verify any of `algorithms` with, or None.
+    Parsed when the config loads (check-config, start, SIGHUP) so a file that would turn
+    every JWT into a 401 is refused whole instead. One key serves one family (RSA, EC,
+    EdDSA), so it must fit at least one of the algorithms, not all."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    names = [a for a in algorithms if not a.startswith("HS")]  # HS* with a key file: refused apart
+    for name in names:
+        try:
+            pyjwt.get_algorithm_by_name(name).prepare_key(data)
+        except (pyjwt.PyJWTError, ValueError, TypeError, NotImplementedError):
+            continue
+        return None
+    return f"holds no public key usable with {' or '.join(names)} (expected a PEM public key)"
 
 
 def _gen2_value_problem(name: str, value: Any) -> str | None:

@@ -8,10 +8,14 @@ import os
 import re
 import signal
 import threading
+import time
 from pathlib import Path
 
 import httpx
+import jwt
 from conftest import GatewayProcess, Simulator, TenantSpec, wait_until
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from gateway.store import open_store
 from gateway.store.base import AuditEntry
@@ -134,5 +138,26 @@ def test_sighup_removes_a_key_from_a_single_process(tmp_path: Path, sim: Simulat
             "two entries",
         )
         assert [e.changes["result"] for e in entries] == ["ok", "ok"] and entries[0].id != entries[1].id
+    finally:
+        gw.stop()
+
+
+def test_sighup_refuses_a_jwt_key_file_without_a_key_and_keeps_the_old_one(tmp_path: Path, sim: Simulator) -> None:
+    """A key file that no longer holds a key is refused whole on SIGHUP: JWTs keep working
+    with the key read before (accepting it would have made every JWT a 401)."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    (tmp_path / "idp.pem").write_bytes(pem)
+    extra = '[auth.jwt]\nalgorithms = ["RS256"]\npublic_key_file = "idp.pem"\n'
+    gw = GatewayProcess(tmp_path, sim.url, [TenantSpec("team-jwt")], extra_toml=extra)
+    gw.start()
+    try:
+        token = jwt.encode({"tenant": "team-jwt", "exp": int(time.time()) + 600}, key, algorithm="RS256")
+        assert status(gw, token) == 200
+        (tmp_path / "idp.pem").write_text("-----BEGIN PUBLIC KEY-----\nbroken\n-----END PUBLIC KEY-----\n")
+        hangup(gw)
+        wait_until(lambda: reloads(gw, "error") == 1, 10, 0.05, "the refused reload")
+        assert "config reload refused: auth.jwt.public_key_file: idp.pem: holds no public key" in gw.log_text()
+        assert status(gw, token) == 200 and reloads(gw, "ok") == 0
     finally:
         gw.stop()
