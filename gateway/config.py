@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 import jwt as pyjwt
 
 from gateway.jsontypes import a_type_name, is_type
-from gateway.ssrf import HookPolicy
+from gateway.ssrf import entry_problem
 from gateway.store.base import Limits  # re-exported: a tenant's limits are the store's input
 from gateway.store.redis.url import parse_url, split_prefix, tls_context
 
@@ -197,17 +197,13 @@ def _store_url(v: Any) -> str | None:
 
 
 def _hook_host(v: Any) -> str | None:
-    """Checked by the parser the SSRF rules use (ssrf.HookPolicy), so an entry accepted
-    here is one the gateway can start with."""
+    """Checked by the parser the SSRF rules use (ssrf.entry_problem), so an entry accepted
+    here is one the gateway can start with; catch-all CIDRs are refused."""
     if not isinstance(v, str) or not v:
         return "must be a host name, *.suffix, IP address or CIDR"
     if v == "*.":
         return "wildcard needs a suffix"
-    try:
-        HookPolicy.from_hosts([v])
-    except ValueError as e:
-        return f"must be a host name, *.suffix, IP address or CIDR ({e})"
-    return None
+    return entry_problem(v)
 
 
 # --- the schema ---------------------------------------------------------------------

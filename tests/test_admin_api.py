@@ -218,6 +218,8 @@ def test_create_show_and_update_a_tenant(api: httpx.Client) -> None:
         ({"id": "ok", "limits": {"per_hour": 5}}, "limits.per_hour"),
         ({"id": "ok", "limits": []}, "limits"),
         ({"id": "ok", "policy": {"hook_hosts": ["not a host!"]}}, "policy.hook_hosts"),
+        ({"id": "ok", "policy": {"hook_hosts": ["0.0.0.0/0"]}}, "policy.hook_hosts"),
+        ({"id": "ok", "policy": {"hook_hosts": ["hooks.example.com", "::/0"]}}, "policy.hook_hosts"),
         ({"id": "ok", "policy": {"force": {"seed": "x"}}}, "policy.force.seed"),
         ({"id": "ok", "policy": {"force": {"seed": 2**32}}}, "policy.force.seed"),
         ({"id": "ok", "policy": {"defaults": {"motion_score": 101}}}, "policy.defaults.motion_score"),
@@ -579,3 +581,14 @@ def test_simultaneous_revocations_write_one_entry(tmp_path: Path, redis_store_ur
     finally:
         gw.stop()
         sim.stop()
+
+
+@pytest.mark.parametrize("entry", ["0.0.0.0/0", "::/0", "0.0.0.0/7", "::/6"])
+def test_a_catch_all_hook_host_is_refused_on_update(api: httpx.Client, entry: str) -> None:
+    """A catch-all would let the tenant's webhooks reach anything the gateway can: refused
+    with its param, the policy as it was."""
+    tenant = make_tenant(api, policy={"hook_hosts": ["10.0.0.0/8"]})["id"]
+    resp = api.patch(f"/tenants/{tenant}", json={"policy": {"hook_hosts": [entry]}})
+    error_of(resp, 400, "invalid_value", "policy.hook_hosts")
+    assert "catch-all" in resp.json()["error"]["message"]
+    assert api.get(f"/tenants/{tenant}").json()["policy"]["hook_hosts"] == ["10.0.0.0/8"]

@@ -607,3 +607,18 @@ def test_a_jwt_key_file_without_a_usable_key_is_refused_when_the_config_loads(tm
     assert "auth.jwt.public_key_file: ec.pem: holds no public key usable with RS256" in wrong_kind.stderr
     assert check_config(write(tmp_path, MINIMAL + jwt.format(alg="ES256", file="ec.pem"))).returncode == 0
     assert check_config(write(tmp_path, MINIMAL + jwt.format(alg="RS256", file="rsa.pem"))).returncode == 0
+
+
+def test_catch_all_cidrs_are_refused_in_hook_hosts_and_artifact_hosts() -> None:
+    raw = with_base(
+        upstream={"artifact_hosts": ["cdn.internal", "::/0"]},
+        tenants=[{"id": "t", "policy": {"hook_hosts": ["0.0.0.0/0"]}}],
+    )
+    found = problems(raw)
+    assert len(found) == 2
+    assert found[0].startswith("upstream.artifact_hosts: item 1 ::/0 is a catch-all (IPv4 prefixes shorter than /8")
+    assert found[1].startswith("tenants[0].policy.hook_hosts: item 0 0.0.0.0/0 is a catch-all")
+    ok = with_base(
+        upstream={"artifact_hosts": ["10.0.0.0/8"]}, tenants=[{"id": "t", "policy": {"hook_hosts": ["fc00::/7"]}}]
+    )
+    assert parse(ok).tenants[0].policy.hook_hosts == ("fc00::/7",)
