@@ -24,7 +24,13 @@ from gateway.store.base import ALL_LIMITS, AuditEntry, KeyRecord, Limits, Outbox
 
 MAX_LIMIT = 2**63 - 1  # a limit is a signed 64-bit integer in both stores
 MAX_NAME = 200
-CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1
+# Refused anywhere in a name (regex class text, shared with the OpenAPI pattern): C0, DEL
+# and C1 controls, the line and paragraph separators, and the bidi embeddings, overrides
+# and isolates (U+202E would show `gpj.exe` as `exe.jpg` in every table).
+NAME_REFUSED = r"\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069"
+NAME_INVISIBLE = r"\u200b-\u200d\u2060\ufeff"  # zero-width: allowed inside, never the whole name
+CONTROL_RE = re.compile(f"[{NAME_REFUSED}]")
+VISIBLE_RE = re.compile(f"[^\\s{NAME_REFUSED}{NAME_INVISIBLE}]")
 DEFAULT_GRACE_SECONDS = 86400
 MAX_SECONDS = 100 * 365 * 86400  # grace periods and key lifetimes: at most a century
 ACTIONS = (
@@ -315,11 +321,14 @@ def check_tenant_id(value: Any) -> str:
 
 def check_name(value: Any, param: str = "name") -> str:
     """A name operators read in tables and logs: no control characters (a terminal escape
-    in a tenant's name would reach every `admin tenants list`)."""
-    if not isinstance(value, str) or not value.strip() or len(value) > MAX_NAME or CONTROL_RE.search(value):
+    in a tenant's name would reach every `admin tenants list`), no bidi overrides or line
+    separators (they reorder or break what a table shows), and at least one visible
+    character (not only spaces or zero-width ones)."""
+    if not isinstance(value, str) or len(value) > MAX_NAME or CONTROL_RE.search(value) or not VISIBLE_RE.search(value):
         raise bad_request(
             "invalid_value",
-            f"`{param}` must be a non-empty string of at most {MAX_NAME} characters, without control characters.",
+            f"`{param}` must be a string of at most {MAX_NAME} characters with a visible one, without control "
+            "characters, line separators or bidi overrides.",
             param,
         )
     return value

@@ -231,6 +231,12 @@ def test_create_show_and_update_a_tenant(api: httpx.Client) -> None:
         ({"id": "ok", "name": ""}, "name"),
         ({"id": "ok", "name": "red \x1b[31m"}, "name"),
         ({"id": "ok", "name": "nul\x00"}, "name"),
+        ({"id": "ok", "name": "invoice\u202egpj.exe"}, "name"),  # right-to-left override
+        ({"id": "ok", "name": "a\u2066b\u2069"}, "name"),  # isolates
+        ({"id": "ok", "name": "\u200b\u200c"}, "name"),  # zero-width only
+        ({"id": "ok", "name": " \u2060\ufeff "}, "name"),
+        ({"id": "ok", "name": "line\u2028break"}, "name"),
+        ({"id": "ok", "name": "para\u2029break"}, "name"),
         ({"id": "ok", "surprise": 1}, "surprise"),
         ({"name": "no id"}, "id"),
     ],
@@ -592,3 +598,28 @@ def test_a_catch_all_hook_host_is_refused_on_update(api: httpx.Client, entry: st
     error_of(resp, 400, "invalid_value", "policy.hook_hosts")
     assert "catch-all" in resp.json()["error"]["message"]
     assert api.get(f"/tenants/{tenant}").json()["policy"]["hook_hosts"] == ["10.0.0.0/8"]
+
+
+@pytest.mark.parametrize("name", ["svc\u202e", "\u200d", "a\u2028b", "\u2067x"])
+def test_a_key_name_is_refused_like_a_tenant_name(api: httpx.Client, name: str) -> None:
+    tenant = make_tenant(api)["id"]
+    error_of(api.post(f"/tenants/{tenant}/keys", json={"name": name}), 400, "invalid_value", "name")
+    key = mint(api, tenant, "zero\u200dwidth inside is fine")
+    error_of(api.patch(f"/keys/{key['id']}", json={"name": name}), 400, "invalid_value", "name")
+    assert [k["name"] for k in api.get(f"/tenants/{tenant}/keys").json()["data"]] == ["zero\u200dwidth inside is fine"]
+
+
+def test_answers_carrying_a_secret_are_not_stored_by_caches(api: httpx.Client) -> None:
+    created = api.post("/tenants", json={"id": new_id()})
+    tenant = created.json()["id"]
+    minted = api.post(f"/tenants/{tenant}/keys", json={"name": "svc"})
+    key_id = minted.json()["id"]
+    with_secret = [
+        created,
+        api.post(f"/tenants/{tenant}/webhook-secret", json={}),
+        minted,
+        api.post(f"/keys/{key_id}/rotate", json={}),
+    ]
+    assert [r.status_code for r in with_secret] == [201, 200, 201, 200]
+    assert [r.headers.get("cache-control") for r in with_secret] == ["no-store"] * 4
+    assert "cache-control" not in api.get(f"/keys/{key_id}").headers

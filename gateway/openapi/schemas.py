@@ -16,7 +16,7 @@ import dataclasses
 from typing import Any
 
 from gateway import gen2, videos
-from gateway.admin import ACTIONS, MAX_LIMIT, MAX_NAME, MAX_SECONDS
+from gateway.admin import ACTIONS, MAX_LIMIT, MAX_NAME, MAX_SECONDS, NAME_INVISIBLE, NAME_REFUSED
 from gateway.config import GEN2_INT_RANGES, GEN2_OPTION_TYPES
 from gateway.store.base import ALL_LIMITS, STATUS_RANK, Usage
 from gateway.uploads import ALLOWED_TYPES
@@ -214,12 +214,11 @@ def policy() -> Schema:
     )
 
 
-_CONTROL = r"\x00-\x1f\x7f-\x9f"  # admin.CONTROL_RE: refused in names
-NAME: Schema = {
+NAME: Schema = {  # admin.check_name: nothing refused, and one visible character
     "type": "string",
     "minLength": 1,
     "maxLength": MAX_NAME,
-    "pattern": f"^[^{_CONTROL}]*[^\\s{_CONTROL}][^{_CONTROL}]*$",
+    "pattern": f"^[^{NAME_REFUSED}]*[^\\s{NAME_REFUSED}{NAME_INVISIBLE}][^{NAME_REFUSED}]*$",
 }
 GRACE = integer(0, MAX_SECONDS, "Seconds the previous secret keeps working; 0 = none.")
 

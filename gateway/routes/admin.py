@@ -21,6 +21,7 @@ from gateway.routes.common import context, json_response, page_limit, read_json,
 from gateway.store.base import WEBHOOK_STATES, KeyRecord
 
 PAGE_DEFAULT, PAGE_MAX = 100, 1000
+SECRET_HEADERS = {"cache-control": "no-store"}  # an answer carrying a secret: kept by no cache
 
 
 def _require_admin(request: Request) -> AuditContext:
@@ -77,7 +78,7 @@ async def create_tenant(request: Request) -> Response:
     changes = {k: v for k, v in created.to_json().items() if k in ("name", "enabled", "limits", "policy")}
     if not await s.store.create_tenant(record, audit.entry("tenant.create", now, record.id, changes=changes)):
         raise conflict
-    return json_response({**created.to_json(), "webhook_secret": record.webhook_secret}, 201)
+    return json_response({**created.to_json(), "webhook_secret": record.webhook_secret}, 201, SECRET_HEADERS)
 
 
 async def show_tenant(request: Request) -> Response:
@@ -116,7 +117,7 @@ async def rotate_webhook_secret(request: Request) -> Response:
     record = await s.store.rotate_webhook_secret(tenant.id, secret, now + grace if grace else None, now, entry)
     if record is None:
         raise not_found(f"No tenant with id {tenant.id!r}.", "tenant_not_found", "id")
-    return json_response({**AdminTenant.from_record(record).to_json(), "webhook_secret": secret})
+    return json_response({**AdminTenant.from_record(record).to_json(), "webhook_secret": secret}, 200, SECRET_HEADERS)
 
 
 # --- keys ------------------------------------------------------------------------------
@@ -149,7 +150,7 @@ async def create_key(request: Request) -> Response:
     )
     changes = {"name": name, "expires_at": expires_at}
     await s.store.create_key(record, audit.entry("key.create", now, tenant.id, record.id, changes))
-    return json_response({**AdminKey.from_record(record).to_json(), "secret": secret}, 201)
+    return json_response({**AdminKey.from_record(record).to_json(), "secret": secret}, 201, SECRET_HEADERS)
 
 
 async def show_key(request: Request) -> Response:
@@ -205,7 +206,7 @@ def _key_response(key_id: str, record: KeyRecord | None, secret: str | None = No
     if record is None:
         raise not_found(f"No key with id {key_id!r}.", "key_not_found", "key_id")
     body = AdminKey.from_record(record).to_json()
-    return json_response({**body, "secret": secret} if secret else body)
+    return json_response({**body, "secret": secret}, 200, SECRET_HEADERS) if secret else json_response(body)
 
 
 # --- audit trail -----------------------------------------------------------------------
