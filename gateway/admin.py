@@ -159,7 +159,8 @@ class AdminKey:
 
     @classmethod
     def from_record(cls, r: KeyRecord) -> AdminKey:
-        previous = r.previous_expires_at if r.previous_hash else None
+        graces = [*r.earlier_hashes.values(), *([r.previous_expires_at] if r.previous_hash else [])]
+        previous = max((t for t in graces if t is not None), default=None)  # when the last old secret stops
         return cls(
             r.id,
             r.tenant_id,

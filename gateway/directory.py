@@ -41,8 +41,9 @@ def config_key_id(configured_hash: str) -> str:
 
 @dataclass(frozen=True)
 class KeyEntry:
-    """One accepted secret hash: whose it is and until when. A rotated key has two entries
-    (its current secret and, until `until`, its previous one) with the same id."""
+    """One accepted secret hash: whose it is and until when. A rotated key has an entry per
+    secret (its current one and, each until its own `until`, the ones its rotations
+    replaced) with the same id; revoking the key ends them all."""
 
     key_id: str
     tenant_id: str
@@ -68,7 +69,8 @@ class Directory:
     sources: Mapping[str, str] = field(default_factory=dict)  # tenant id -> "config" | "api"
     keys: Mapping[str, KeyEntry] = field(default_factory=dict)  # "sha256:<hex>" -> entry
     hook_policies: Mapping[str, HookPolicy] = field(default_factory=dict)
-    previous_webhook_secrets: Mapping[str, tuple[str, float]] = field(default_factory=dict)
+    # tenant id -> (secret, end of its grace) of each secret replaced by a rotation
+    previous_webhook_secrets: Mapping[str, tuple[tuple[str, float], ...]] = field(default_factory=dict)
     store_part: DirectorySnapshot | None = None  # kept so a config reload can merge again
     jwt: JWTVerifier | None = None  # built from config.jwt (it may read a key file)
 
@@ -77,14 +79,17 @@ class Directory:
         """Config tenants first ("source": "config", they win an id clash), then the store's."""
         tenants: dict[str, Tenant] = {}
         sources: dict[str, str] = {}
-        previous: dict[str, tuple[str, float]] = {}
+        previous: dict[str, tuple[tuple[str, float], ...]] = {}
         for tenant_id, t in merge_tenants(config, snapshot.tenants if snapshot else ()).items():
             if isinstance(t, Tenant):
                 tenants[tenant_id], sources[tenant_id] = t, "config"
                 continue
             tenants[tenant_id], sources[tenant_id] = runtime_tenant(t), "api"
+            graces = dict(t.earlier_webhook_secrets)
             if t.previous_webhook_secret and t.previous_webhook_secret_expires_at:
-                previous[tenant_id] = (t.previous_webhook_secret, t.previous_webhook_secret_expires_at)
+                graces[t.previous_webhook_secret] = t.previous_webhook_secret_expires_at
+            if graces:
+                previous[tenant_id] = tuple(graces.items())
         keys = {h: KeyEntry(config_key_id(h), t.id) for t in config.tenants for h in t.keys}
         for key in snapshot.keys if snapshot else []:
             if key.tenant_id in tenants:
@@ -108,15 +113,13 @@ class Directory:
         return entry if entry is not None and entry.valid(now) else None
 
     def webhook_secrets(self, tenant_id: str, now: float) -> tuple[str, ...]:
-        """The secrets a delivery is signed with: the current one, and during a rotation's
-        grace period the previous one too."""
+        """The secrets a delivery is signed with: the current one, and each one a rotation
+        replaced while its grace period lasts (latest ending first)."""
         tenant = self.tenants.get(tenant_id)
         if tenant is None or not tenant.webhook_secret:
             return ()
-        previous = self.previous_webhook_secrets.get(tenant_id)
-        if previous is not None and now < previous[1]:
-            return (tenant.webhook_secret, previous[0])
-        return (tenant.webhook_secret,)
+        previous = sorted(self.previous_webhook_secrets.get(tenant_id, ()), key=lambda p: -p[1])
+        return (tenant.webhook_secret, *(secret for secret, until in previous if now < until))
 
     def tenant_limits(self) -> dict[str, dict[str, int | None]]:
         return {tid: vars(t.limits) for tid, t in self.tenants.items()}
@@ -150,11 +153,11 @@ def runtime_tenant(record: TenantRecord) -> Tenant:
 
 def key_entries(key: KeyRecord) -> dict[str, KeyEntry]:
     current = KeyEntry(key.id, key.tenant_id, key.expires_at, key.revoked_at)
-    entries = {key.secret_hash: current}
+    graces = dict(key.earlier_hashes)
     if key.previous_hash and key.previous_expires_at is not None:
-        entries[key.previous_hash] = KeyEntry(
-            key.id, key.tenant_id, key.expires_at, key.revoked_at, until=key.previous_expires_at
-        )
+        graces[key.previous_hash] = key.previous_expires_at
+    entries = {h: KeyEntry(key.id, key.tenant_id, key.expires_at, key.revoked_at, until=t) for h, t in graces.items()}
+    entries[key.secret_hash] = current  # the current secret wins, should it ever come back
     return entries
 
 

@@ -344,7 +344,8 @@ def test_mint_list_show_update_rotate_and_revoke_a_key(api: httpx.Client) -> Non
     assert rotated["prefix"] == rotated["secret"][:10]
     assert abs(rotated["previous_secret_expires_at"] - (time.time() + 3600)) < 60
     no_grace = api.post(f"/keys/{first['id']}/rotate", json={"grace_seconds": 0}).json()
-    assert no_grace["previous_secret_expires_at"] is None and no_grace["id"] == first["id"]
+    assert no_grace["id"] == first["id"]  # the first rotation's old secret keeps its hour
+    assert no_grace["previous_secret_expires_at"] == rotated["previous_secret_expires_at"]
     default = api.post(f"/keys/{first['id']}/rotate").json()
     assert abs(default["previous_secret_expires_at"] - (time.time() + 86400)) < 60
 
@@ -623,3 +624,23 @@ def test_answers_carrying_a_secret_are_not_stored_by_caches(api: httpx.Client) -
     assert [r.status_code for r in with_secret] == [201, 200, 201, 200]
     assert [r.headers.get("cache-control") for r in with_secret] == ["no-store"] * 4
     assert "cache-control" not in api.get(f"/keys/{key_id}").headers
+
+
+def test_overlapping_rotations_keep_the_first_secrets_grace(admin_gw: GatewayProcess, api: httpx.Client) -> None:
+    """A rotation with a day's grace, then one with none: the first secret keeps its day
+    (a second rotation used to drop it), the second stops at once; revoking ends both."""
+    tenant = make_tenant(api)["id"]
+    key = mint(api, tenant)
+
+    def status(secret: str) -> int:
+        auth = {"Authorization": f"Bearer {secret}"}
+        return httpx.get(admin_gw.url + "/v1/models", headers=auth, timeout=5).status_code
+
+    second = api.post(f"/keys/{key['id']}/rotate", json={"grace_seconds": 86400}).json()["secret"]
+    third = api.post(f"/keys/{key['id']}/rotate", json={"grace_seconds": 0}).json()
+    wait_until(lambda: status(third["secret"]) == 200, 5, message="the third secret")
+    assert (status(key["secret"]), status(second), status(third["secret"])) == (200, 401, 200)
+    assert abs(third["previous_secret_expires_at"] - (time.time() + 86400)) < 60  # when the first one stops
+    api.delete(f"/keys/{key['id']}")
+    wait_until(lambda: status(third["secret"]) == 401, 5, message="the revocation")
+    assert status(key["secret"]) == 401

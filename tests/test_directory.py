@@ -8,6 +8,7 @@ import asyncio
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -110,6 +111,32 @@ def test_webhook_signature_carries_one_v1_per_secret_during_a_rotation() -> None
     )
     assert d.webhook_secrets("t", 59) == ("new", "old")
     assert d.webhook_secrets("t", 60) == ("new",)
+
+
+def test_every_secret_a_rotation_replaced_works_until_its_own_grace_ends() -> None:
+    """Overlapping rotations: A -> B (A until 100), B -> C (B until 20), C -> D at once:
+    A, B and D authenticate, each old one until its own end; revocation ends them all."""
+    a, b, c, d_ = "sk-a", "sk-b", "sk-c", "sk-d"
+    rotated = api_key("key_r", "api-team", d_, earlier_hashes={key_hash(a): 100.0, key_hash(b): 20.0})
+    d = Directory.build(Config(), snapshot(1, [TenantRecord("api-team")], [rotated]))
+    auth = Authenticator(lambda: d, lambda: 19.0)
+    assert {auth.authenticate(f"Bearer {s}").key_id for s in (a, b, d_)} == {"key_r"}
+    with pytest.raises(AuthFailure):
+        auth.authenticate(f"Bearer {c}")
+    assert d.key(key_hash(b), 20.0) is None and d.key(key_hash(a), 99.0) is not None
+    assert d.key(key_hash(a), 100.0) is None
+    revoked = Directory.build(Config(), snapshot(2, [TenantRecord("api-team")], [replace(rotated, revoked_at=5.0)]))
+    assert [revoked.key(key_hash(s), 0) for s in (a, b, d_)] == [None, None, None]
+    tenant = TenantRecord(
+        "t",
+        webhook_secret="new",
+        previous_webhook_secret="mid",
+        previous_webhook_secret_expires_at=30.0,
+        earlier_webhook_secrets={"old": 60.0},
+    )
+    hooks = Directory.build(Config(), snapshot(1, [tenant], []))
+    assert hooks.webhook_secrets("t", 29) == ("new", "old", "mid")
+    assert hooks.webhook_secrets("t", 30) == ("new", "old") and hooks.webhook_secrets("t", 60) == ("new",)
 
 
 # --- the holder -------------------------------------------------------------------------

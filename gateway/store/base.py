@@ -280,6 +280,8 @@ class TenantRecord:
     # during a webhook secret rotation's grace period deliveries are signed with both
     previous_webhook_secret: str = ""
     previous_webhook_secret_expires_at: float | None = None
+    # secrets replaced by earlier rotations whose grace has not ended: secret -> its end
+    earlier_webhook_secrets: dict[str, float] = field(default_factory=dict)
     created_at: float = 0.0
     updated_at: float = 0.0
 
@@ -288,7 +290,9 @@ class TenantRecord:
 class KeyRecord:
     """An API key minted through the admin API (for an API or a config tenant). Only the
     SHA-256 of its secret is kept (`sha256:<hex>`, the config form); during a rotation's
-    grace period the previous secret's hash is kept too, until `previous_expires_at`."""
+    grace period the previous secret's hash is kept too, until `previous_expires_at`, and
+    the hashes replaced by earlier rotations still in their grace in `earlier_hashes`
+    (hash -> end), so overlapping rotations each keep the grace they gave."""
 
     id: str  # key_<hex>
     tenant_id: str
@@ -297,6 +301,7 @@ class KeyRecord:
     secret_hash: str
     previous_hash: str = ""
     previous_expires_at: float | None = None
+    earlier_hashes: dict[str, float] = field(default_factory=dict)
     created_at: float = 0.0
     expires_at: float | None = None
     last_used_at: float | None = None
@@ -584,8 +589,9 @@ class Store(abc.ABC):
         """Make `new_secret` the tenant's webhook secret, append `audit` and bump the
         version, in one atomic step: the secret stored at that moment (not one read
         earlier, so concurrent rotations chain) becomes the previous one until
-        `grace_until`, or is dropped when `grace_until` is None or not after `now`.
-        `updated_at` = now. Returns the tenant as stored, or None (nothing written) when
+        `grace_until`, or is dropped when `grace_until` is None or not after `now`; a
+        previous secret still in its own grace moves to `earlier_webhook_secrets` and keeps
+        it (expired ones are dropped). `updated_at` = now. Returns the tenant as stored, or None (nothing written) when
         unknown."""
 
     @abc.abstractmethod
@@ -609,7 +615,8 @@ class Store(abc.ABC):
         """Make `new_hash` (and `new_prefix`) the key's secret, append `audit` and bump the
         version, in one atomic step: the hash stored at that moment (not one read earlier,
         so concurrent rotations chain) becomes `previous_hash` until `grace_until`, or is
-        dropped when `grace_until` is None or not after `now`. Returns the key as stored;
+        dropped when `grace_until` is None or not after `now`; a previous hash still in its
+        own grace moves to `earlier_hashes` and keeps it (expired ones are dropped). Returns the key as stored;
         None (nothing written) when unknown; a revoked key is refused: returned as stored,
         `revoked_at` set, with nothing written."""
 

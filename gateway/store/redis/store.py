@@ -697,7 +697,8 @@ class RedisStore(Store):
         self, tenant_id: str, new_secret: str, grace_until: float | None, now: float, audit: AuditEntry
     ) -> TenantRecord | None:
         put, _ = directory.tenant_changes({"webhook_secret": new_secret}, now)
-        args = [self.prefix, _fields_blob(put), directory.grace_field(grace_until, now), *_audit_args(audit)]
+        grace = directory.grace_field(grace_until, now)
+        args = [self.prefix, _fields_blob(put), grace, _num(now), *_audit_args(audit)]
         fields = _fields(await self._rotate_webhook_secret(keys=[self._k("ten", tenant_id)], args=args))
         return directory.tenant_from_fields(fields) if fields is not None else None
 
@@ -722,7 +723,8 @@ class RedisStore(Store):
         self, key_id: str, new_hash: str, new_prefix: str, grace_until: float | None, now: float, audit: AuditEntry
     ) -> KeyRecord | None:
         put, _ = directory.key_changes({"secret_hash": new_hash, "prefix": new_prefix})
-        args = [self.prefix, _fields_blob(put), directory.grace_field(grace_until, now), *_audit_args(audit)]
+        grace = directory.grace_field(grace_until, now)
+        args = [self.prefix, _fields_blob(put), grace, _num(now), *_audit_args(audit)]
         fields = _fields(await self._rotate_key(keys=[self._k("key", key_id)], args=args))
         return directory.key_from_fields(fields) if fields is not None else None
 

@@ -719,7 +719,7 @@ class SQLiteStore(Store):
         self,
         table: str,
         row_id: str,
-        slots: tuple[str, str, str],
+        slots: tuple[str, str, str, str],
         put: dict[str, str],
         grace_until: float | None,
         now: float,
@@ -729,7 +729,8 @@ class SQLiteStore(Store):
         row = self.db.execute(f"SELECT data FROM {table} WHERE id = ?", (row_id,)).fetchone()
         if row is None:
             return None
-        put, drop = directory.rotated(orjson.loads(row["data"]), slots, put, directory.grace_field(grace_until, now))
+        stored = orjson.loads(row["data"])
+        put, drop = directory.rotated(stored, slots, put, directory.grace_field(grace_until, now), now)
         return self._update_fields(table, row_id, put, drop)
 
     def _directory_changed(self, audit: AuditEntry) -> None:
