@@ -180,13 +180,26 @@ class DirectoryCache:
         self._failing = False
 
     async def refresh(self) -> bool:
-        """Reload the store's part if its version moved; True when the snapshot changed."""
+        """Reload the store's part if its version moved; True when the snapshot changed.
+        Two refreshes may overlap (the background round and an admin change applied at
+        once): a snapshot older than the one held is never swapped in."""
         version = await self._store.directory_version()
         if version == self.current.version:
             return False
         snapshot = await self._store.load_directory()
+        if snapshot.version <= self.current.version:
+            return False
         self._swap(Directory.build(self.current.config, snapshot, self.current.jwt))
         return True
+
+    async def apply_own_change(self) -> None:
+        """After this process changed a tenant or key: take the change now, not at the next
+        round, so the replica that minted a key never refuses it. The change is stored
+        already: a failed read only leaves it to the background round."""
+        try:
+            await self.refresh()
+        except Exception as exc:
+            logger.warning("directory refresh after an admin change failed (the next round retries): %s", exc)
 
     def reconfigure(self, config: Config, jwt: JWTVerifier | None) -> None:
         """A reloaded config file: merge it with the store's part already held."""

@@ -644,3 +644,23 @@ def test_overlapping_rotations_keep_the_first_secrets_grace(admin_gw: GatewayPro
     api.delete(f"/keys/{key['id']}")
     wait_until(lambda: status(third["secret"]) == 401, 5, message="the revocation")
     assert status(key["secret"]) == 401
+
+
+def test_a_key_minted_here_works_here_at_once(admin_gw: GatewayProcess, api: httpx.Client) -> None:
+    """The replica that made a change applies it before answering: a key used right after
+    its mint is never refused (the background refresh alone left up to 250 ms of 401s),
+    and a revoked one never accepted."""
+    tenant = make_tenant(api)["id"]
+    with httpx.Client(base_url=admin_gw.url, timeout=5) as tenant_api:
+        answers = []
+        for _ in range(20):
+            key = mint(api, tenant)
+            answers.append(tenant_api.get("/v1/models", headers={"Authorization": f"Bearer {key['secret']}"}))
+        assert [r.status_code for r in answers] == [200] * 20
+        api.delete(f"/keys/{key['id']}")
+        assert tenant_api.get("/v1/models", headers={"Authorization": f"Bearer {key['secret']}"}).status_code == 401
+        other = make_tenant(api, enabled=False)["id"]
+        off = mint(api, other)
+        assert tenant_api.get("/v1/models", headers={"Authorization": f"Bearer {off['secret']}"}).status_code == 403
+        api.patch(f"/tenants/{other}", json={"enabled": True})
+        assert tenant_api.get("/v1/models", headers={"Authorization": f"Bearer {off['secret']}"}).status_code == 200

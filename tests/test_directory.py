@@ -195,6 +195,22 @@ async def test_cache_reloads_only_when_the_version_moved_and_survives_an_outage(
     await runner
 
 
+async def test_overlapping_refreshes_never_swap_in_an_older_snapshot() -> None:
+    """The background round and an admin change's refresh can overlap: the one that read
+    the older snapshot finishing last must not undo the newer one."""
+    fake = FakeStore()
+    cache = DirectoryCache(CONFIG, None, as_store(fake))
+    fake.part = snapshot(3, [TenantRecord("api-team")], [api_key("key_b", "api-team", "sk-new-key")])
+    await cache.apply_own_change()
+    assert cache.current.version == 3 and cache.current.key(key_hash("sk-new-key"), 0) is not None
+    slow_version = 2  # read the version before the change, the snapshot after it was older still
+    fake.part = snapshot(slow_version, [TenantRecord("api-team")], [])
+    assert not await cache.refresh()
+    assert cache.current.version == 3 and cache.current.key(key_hash("sk-new-key"), 0) is not None
+    fake.down = True
+    await cache.apply_own_change()  # a failed read leaves it to the next round, never raises
+
+
 async def _until(check: Callable[[], bool]) -> None:
     while not check():
         await asyncio.sleep(0.01)
