@@ -154,8 +154,8 @@ class AdminKey:
     previous_secret_expires_at: float | None = None
 
     @classmethod
-    def from_config(cls, tenant_id: str, configured_hash: str) -> AdminKey:
-        return cls(config_key_id(configured_hash), tenant_id, None, None, "config")
+    def from_config(cls, tenant_id: str, configured_hash: str, last_used_at: float | None = None) -> AdminKey:
+        return cls(config_key_id(configured_hash), tenant_id, None, None, "config", last_used_at=last_used_at)
 
     @classmethod
     def from_record(cls, r: KeyRecord) -> AdminKey:
@@ -270,13 +270,15 @@ class AdminView:
         stored = [AdminKey.from_record(k) for k in await self.store.list_keys(tenant_id)]
         configured = self.config.tenant(tenant_id)
         hashes = configured.keys if configured else ()
-        return stored + [AdminKey.from_config(tenant_id, h) for h in hashes]
+        used = await self.store.config_key_uses([config_key_id(h) for h in hashes])
+        return stored + [AdminKey.from_config(tenant_id, h, used.get(config_key_id(h))) for h in hashes]
 
     async def key(self, key_id: str) -> AdminKey:
         for t in self.config.tenants:
             for h in t.keys:
                 if config_key_id(h) == key_id:
-                    return AdminKey.from_config(t.id, h)
+                    used = await self.store.config_key_uses([key_id])
+                    return AdminKey.from_config(t.id, h, used.get(key_id))
         record = await self.store.get_key(key_id) if key_id.startswith("key_") else None
         if record is None:
             raise not_found(f"No key with id {key_id!r}.", "key_not_found", "key_id")

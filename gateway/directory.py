@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.config import Config, Policy, Tenant
 from gateway.ssrf import HookPolicy
-from gateway.store.base import DirectorySnapshot, KeyRecord, Store, TenantRecord
+from gateway.store.base import CONFIG_KEY_PREFIX, DirectorySnapshot, KeyRecord, Store, TenantRecord
 
 if TYPE_CHECKING:
     from gateway.auth import JWTVerifier
@@ -36,7 +36,7 @@ NO_VERSION = -1  # the store's part was never read
 def config_key_id(configured_hash: str) -> str:
     """A config key's id: stable across restarts and replicas, and no secret (a prefix of
     the hash of its `sha256:<hex>` string, never of the key)."""
-    return "key_cfg_" + hashlib.sha256(configured_hash.encode()).hexdigest()[:12]
+    return CONFIG_KEY_PREFIX + hashlib.sha256(configured_hash.encode()).hexdigest()[:12]
 
 
 @dataclass(frozen=True)
@@ -232,7 +232,8 @@ class DirectoryCache:
 class LastUsed:
     """`last_used_at` of API keys, noted in memory on each request and written to the store
     in one batch every `interval` seconds (and at shutdown): never a write per request, at
-    most `interval` plus one failed round stale. Config keys have no store record."""
+    most `interval` plus one failed round stale. Config keys (no store record) are noted
+    too: the store keeps their times apart, by their stable ids."""
 
     def __init__(self, store: Store, interval: float = 30.0):
         self._store = store
@@ -240,8 +241,7 @@ class LastUsed:
         self._pending: dict[str, float] = {}
 
     def note(self, key_id: str, now: float) -> None:
-        if not key_id.startswith("key_cfg_"):
-            self._pending[key_id] = now
+        self._pending[key_id] = now
 
     async def flush(self) -> None:
         """Write the batch; on failure put it back (a newer use wins) for the next round."""

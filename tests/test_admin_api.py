@@ -664,3 +664,31 @@ def test_a_key_minted_here_works_here_at_once(admin_gw: GatewayProcess, api: htt
         assert tenant_api.get("/v1/models", headers={"Authorization": f"Bearer {off['secret']}"}).status_code == 403
         api.patch(f"/tenants/{other}", json={"enabled": True})
         assert tenant_api.get("/v1/models", headers={"Authorization": f"Bearer {off['secret']}"}).status_code == 200
+
+
+def test_a_config_keys_last_use_is_tracked(tmp_path: Path) -> None:
+    """A config key's last use is noted like a store key's (batched, no write per request):
+    after a use and a flush, the admin API shows it, not "never" forever."""
+    sim = Simulator(tmp_path)
+    sim.start()
+    spec = TenantSpec("cfg-used")
+    gw = GatewayProcess(tmp_path, sim.url, [spec], env={"GATEWAY_LAST_USED_FLUSH_SECONDS": "0.3"})
+    gw.start()
+    try:
+        with httpx.Client(base_url=gw.url + V1, headers=ADMIN, timeout=10) as api:
+            (before,) = api.get("/tenants/cfg-used/keys").json()["data"]
+            assert before["source"] == "config" and before["last_used_at"] is None
+            used_at = time.time()
+            with gw.client("cfg-used") as c:
+                assert c.get("/v1/models").status_code == 200
+
+            def shown() -> int | None:
+                (key,) = api.get("/tenants/cfg-used/keys").json()["data"]
+                return key["last_used_at"]  # type: ignore[no-any-return]
+
+            last = wait_until(shown, 10, 0.1, "the config key's last_used_at")
+            assert used_at - 1 <= last <= time.time() + 1
+            assert api.get(f"/keys/{before['id']}").json()["last_used_at"] == last
+    finally:
+        gw.stop()
+        sim.stop()

@@ -221,7 +221,7 @@ async def test_last_used_is_batched_and_kept_across_a_failed_flush() -> None:
     used = LastUsed(as_store(fake), interval=30)
     used.note("key_a", 10.0)
     used.note("key_a", 11.0)
-    used.note(config_key_id(CONFIG_HASH), 11.0)  # config keys have no store record
+    used.note(config_key_id(CONFIG_HASH), 11.0)  # a config key too: the store keeps it apart
     fake.down = True
     with pytest.raises(ConnectionError):
         await used.flush()
@@ -229,7 +229,7 @@ async def test_last_used_is_batched_and_kept_across_a_failed_flush() -> None:
     fake.down = False
     await used.flush()
     await used.flush()  # nothing pending: no write
-    assert fake.touched == [{"key_a": 11.0, "key_b": 12.0}]
+    assert fake.touched == [{"key_a": 11.0, config_key_id(CONFIG_HASH): 11.0, "key_b": 12.0}]
 
 
 # --- real processes ------------------------------------------------------------------------

@@ -1243,6 +1243,19 @@ async def test_touch_keys_never_lowers_last_used(store: Store) -> None:
     assert await store.get_key("key_unknown") is None  # a touch creates nothing
 
 
+async def test_config_keys_last_use_is_kept_apart_and_never_lowered(store: Store) -> None:
+    """A config key has no record, but its id is stable: touch_keys keeps its time apart."""
+    version = await store.directory_version()
+    assert await store.config_key_uses(["key_cfg_aaaaaaaaaaaa"]) == {}
+    await store.touch_keys({"key_cfg_aaaaaaaaaaaa": T0 + 10.25, "key_cfg_bbbbbbbbbbbb": T0 + 20})
+    await store.touch_keys({"key_cfg_aaaaaaaaaaaa": T0 + 5})
+    uses = await store.config_key_uses(["key_cfg_aaaaaaaaaaaa", "key_cfg_bbbbbbbbbbbb", "key_cfg_cccccccccccc"])
+    assert uses == {"key_cfg_aaaaaaaaaaaa": T0 + 10.25, "key_cfg_bbbbbbbbbbbb": T0 + 20}
+    await store.touch_keys({"key_cfg_bbbbbbbbbbbb": T0 + 30})
+    assert await store.config_key_uses(["key_cfg_bbbbbbbbbbbb"]) == {"key_cfg_bbbbbbbbbbbb": T0 + 30}
+    assert await store.get_key("key_cfg_aaaaaaaaaaaa") is None and await store.directory_version() == version
+
+
 async def test_load_directory_and_list_keys_newest_first(store: Store) -> None:
     empty = await store.load_directory()
     assert empty == DirectorySnapshot(0, [], [])

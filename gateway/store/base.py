@@ -286,6 +286,9 @@ class TenantRecord:
     updated_at: float = 0.0
 
 
+CONFIG_KEY_PREFIX = "key_cfg_"  # the id of a key listed in the config file: no record here
+
+
 @dataclass
 class KeyRecord:
     """An API key minted through the admin API (for an API or a config tenant). Only the
@@ -637,7 +640,13 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def touch_keys(self, last_used: dict[str, float]) -> None:
         """Raise each key's `last_used_at` to the given time (never lower it), batched by
-        the caller; does not bump the directory version (it changes no authentication)."""
+        the caller; does not bump the directory version (it changes no authentication).
+        A config key (id `CONFIG_KEY_PREFIX...`) has no record: its time is kept apart, by
+        id, the same way (read with `config_key_uses`); other unknown ids are skipped."""
+
+    @abc.abstractmethod
+    async def config_key_uses(self, key_ids: list[str]) -> dict[str, float]:
+        """The `last_used_at` `touch_keys` kept for these config key ids (absent: never)."""
 
     @abc.abstractmethod
     async def append_audit(self, entry: AuditEntry) -> bool:

@@ -748,6 +748,12 @@ class RedisStore(Store):
         args = [self.prefix, *(x for key_id, at in last_used.items() for x in (key_id, _num(at)))]
         await self._touch_keys(args=args)
 
+    async def config_key_uses(self, key_ids: list[str]) -> dict[str, float]:
+        if not key_ids:
+            return {}
+        times = await self._r.execute("HMGET", self._k("cfgused"), *key_ids)
+        return {k: float(_s(t)) for k, t in zip(key_ids, times, strict=True) if t is not None}
+
     async def append_audit(self, entry: AuditEntry) -> bool:
         return bool(await self._append_audit(args=[self.prefix, *_audit_args(entry)]))
 
