@@ -14,10 +14,10 @@ import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from gateway.auth import Authenticator, AuthFailure, bearer_credential, key_hash
+from gateway.auth import Authenticator, bearer_credential, key_hash
 from gateway.config import TENANT_ID_RE, Config, ConfigError, Tenant, parse_policy
 from gateway.directory import Directory, config_key_id, merge_tenants
-from gateway.errors import GatewayError, bad_request, not_found
+from gateway.errors import AuthFailure, GatewayError, bad_request, not_found
 from gateway.jsontypes import is_type
 from gateway.keygen import admin_actor_id, new_audit_id
 from gateway.store.base import ALL_LIMITS, AuditEntry, KeyRecord, Limits, OutboxEntry, Store, TenantRecord

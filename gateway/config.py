@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 
 import jwt as pyjwt
 
+from gateway.gen2_options import GEN2_OPTION_TYPES, option_value_problem
 from gateway.jsontypes import a_type_name, is_type
 from gateway.ssrf import entry_problem
 from gateway.store.base import Limits  # re-exported: a tenant's limits are the store's input
@@ -41,22 +42,6 @@ JWT_ALGORITHMS = {
     *("ES256", "ES384", "ES512", "PS256", "PS384", "PS512", "EdDSA"),
 }
 LOG_LEVELS = {"debug", "info", "warning", "error"}
-GEN2_OPTION_TYPES: dict[str, type] = {
-    "mode": str,
-    "seed": int,
-    "interpolate": bool,
-    "upscale": bool,
-    "watermark": bool,
-    "motion_score": int,
-    "use_motion_score": bool,
-    "use_motion_vectors": bool,
-    "text_prompt": str,
-    "image_prompt": str,
-    "init_image": str,
-}
-# gen2Options integers and their bounds (inclusive): checked on creates and in policies alike
-GEN2_INT_RANGES: dict[str, tuple[int, int]] = {"seed": (0, 4_294_967_295), "motion_score": (0, 100)}
-
 # [admin] key -> Config field
 ADMIN_KEYS = {
     "keys": "admin_keys",
@@ -652,7 +637,7 @@ class _Validator:
                 self.fail(_join(path, k), "not a gen2Options field")
             elif not is_type(val, expected):
                 self.fail(_join(path, k), f"must be {a_type_name(expected)}")
-            elif problem := _gen2_value_problem(k, val):
+            elif problem := option_value_problem(k, val):
                 self.fail(_join(path, k), problem)
         return dict(t)
 
@@ -680,14 +665,6 @@ def public_key_problem(path: Path, algorithms: list[str]) -> str | None:
             continue
         return None
     return f"holds no public key usable with {' or '.join(names)} (expected a PEM public key)"
-
-
-def _gen2_value_problem(name: str, value: Any) -> str | None:
-    """A policy's gen2Options value checked as a create checks the tenant's own (a forced
-    value the relay refuses would fail every create of the tenant with a 502)."""
-    from gateway.gen2 import option_value_problem  # gen2 imports this module
-
-    return option_value_problem(name, value)
 
 
 def _join(path: str, key: str) -> str:

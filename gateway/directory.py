@@ -19,14 +19,12 @@ import hashlib
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from gateway.config import Config, Policy, Tenant
+from gateway.jwts import JWTVerifier
 from gateway.ssrf import HookPolicy
 from gateway.store.base import CONFIG_KEY_PREFIX, DirectorySnapshot, KeyRecord, Store, TenantRecord
-
-if TYPE_CHECKING:
-    from gateway.auth import JWTVerifier
 
 logger = logging.getLogger("gateway.directory")
 REFRESH_SECONDS = 0.25

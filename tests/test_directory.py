@@ -16,10 +16,10 @@ import httpx
 import pytest
 from conftest import GatewayProcess, Simulator, TenantSpec, key_hash, wait_until
 
-from gateway.auth import Authenticator, AuthFailure
+from gateway.auth import Authenticator
 from gateway.config import Config, Tenant
 from gateway.directory import Directory, DirectoryCache, KeyEntry, LastUsed, config_key_id
-from gateway.errors import GatewayError
+from gateway.errors import AuthFailure, GatewayError
 from gateway.store import open_store
 from gateway.store.base import AuditEntry, DirectorySnapshot, KeyRecord, Limits, Store, TenantRecord
 from gateway.webhooks import sign, verify

@@ -14,8 +14,8 @@ from starlette.routing import Route
 
 from gateway import admin, usage
 from gateway.admin import ACTIONS, AdminKey, AdminTenant, AdminView, AuditContext, page
-from gateway.auth import AuthFailure, key_hash
-from gateway.errors import GatewayError, bad_request, not_found
+from gateway.auth import key_hash
+from gateway.errors import AuthFailure, GatewayError, bad_request, not_found
 from gateway.keygen import new_key, new_key_id, new_webhook_secret
 from gateway.middleware import client_ip
 from gateway.routes.common import context, json_response, page_limit, read_json, services
