@@ -14,17 +14,23 @@ import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from gateway.auth import Authenticator, AuthFailure, bearer_credential, key_hash
+from gateway.auth import Authenticator, bearer_credential, key_hash
 from gateway.config import TENANT_ID_RE, Config, ConfigError, Tenant, parse_policy
 from gateway.directory import Directory, config_key_id, merge_tenants
-from gateway.errors import GatewayError, bad_request, not_found
+from gateway.errors import AuthFailure, GatewayError, bad_request, not_found
 from gateway.jsontypes import is_type
 from gateway.keygen import admin_actor_id, new_audit_id
 from gateway.store.base import ALL_LIMITS, AuditEntry, KeyRecord, Limits, OutboxEntry, Store, TenantRecord
 
 MAX_LIMIT = 2**63 - 1  # a limit is a signed 64-bit integer in both stores
 MAX_NAME = 200
-CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1
+# Refused anywhere in a name (regex class text, shared with the OpenAPI pattern): C0, DEL
+# and C1 controls, the line and paragraph separators, and the bidi embeddings, overrides
+# and isolates (U+202E would show `gpj.exe` as `exe.jpg` in every table).
+NAME_REFUSED = r"\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069"
+NAME_INVISIBLE = r"\u200b-\u200d\u2060\ufeff"  # zero-width: allowed inside, never the whole name
+CONTROL_RE = re.compile(f"[{NAME_REFUSED}]")
+VISIBLE_RE = re.compile(f"[^\\s{NAME_REFUSED}{NAME_INVISIBLE}]")
 DEFAULT_GRACE_SECONDS = 86400
 MAX_SECONDS = 100 * 365 * 86400  # grace periods and key lifetimes: at most a century
 ACTIONS = (
@@ -148,12 +154,13 @@ class AdminKey:
     previous_secret_expires_at: float | None = None
 
     @classmethod
-    def from_config(cls, tenant_id: str, configured_hash: str) -> AdminKey:
-        return cls(config_key_id(configured_hash), tenant_id, None, None, "config")
+    def from_config(cls, tenant_id: str, configured_hash: str, last_used_at: float | None = None) -> AdminKey:
+        return cls(config_key_id(configured_hash), tenant_id, None, None, "config", last_used_at=last_used_at)
 
     @classmethod
     def from_record(cls, r: KeyRecord) -> AdminKey:
-        previous = r.previous_expires_at if r.previous_hash else None
+        graces = [*r.earlier_hashes.values(), *([r.previous_expires_at] if r.previous_hash else [])]
+        previous = max((t for t in graces if t is not None), default=None)  # when the last old secret stops
         return cls(
             r.id,
             r.tenant_id,
@@ -263,13 +270,15 @@ class AdminView:
         stored = [AdminKey.from_record(k) for k in await self.store.list_keys(tenant_id)]
         configured = self.config.tenant(tenant_id)
         hashes = configured.keys if configured else ()
-        return stored + [AdminKey.from_config(tenant_id, h) for h in hashes]
+        used = await self.store.config_key_uses([config_key_id(h) for h in hashes])
+        return stored + [AdminKey.from_config(tenant_id, h, used.get(config_key_id(h))) for h in hashes]
 
     async def key(self, key_id: str) -> AdminKey:
         for t in self.config.tenants:
             for h in t.keys:
                 if config_key_id(h) == key_id:
-                    return AdminKey.from_config(t.id, h)
+                    used = await self.store.config_key_uses([key_id])
+                    return AdminKey.from_config(t.id, h, used.get(key_id))
         record = await self.store.get_key(key_id) if key_id.startswith("key_") else None
         if record is None:
             raise not_found(f"No key with id {key_id!r}.", "key_not_found", "key_id")
@@ -315,11 +324,14 @@ def check_tenant_id(value: Any) -> str:
 
 def check_name(value: Any, param: str = "name") -> str:
     """A name operators read in tables and logs: no control characters (a terminal escape
-    in a tenant's name would reach every `admin tenants list`)."""
-    if not isinstance(value, str) or not value.strip() or len(value) > MAX_NAME or CONTROL_RE.search(value):
+    in a tenant's name would reach every `admin tenants list`), no bidi overrides or line
+    separators (they reorder or break what a table shows), and at least one visible
+    character (not only spaces or zero-width ones)."""
+    if not isinstance(value, str) or len(value) > MAX_NAME or CONTROL_RE.search(value) or not VISIBLE_RE.search(value):
         raise bad_request(
             "invalid_value",
-            f"`{param}` must be a non-empty string of at most {MAX_NAME} characters, without control characters.",
+            f"`{param}` must be a string of at most {MAX_NAME} characters with a visible one, without control "
+            "characters, line separators or bidi overrides.",
             param,
         )
     return value

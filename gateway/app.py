@@ -29,7 +29,7 @@ from gateway.errors import GatewayError, error_response
 from gateway.logs import AccessLog
 from gateway.metrics import FLUSH_SECONDS, Metrics
 from gateway.middleware import GatewayMiddleware
-from gateway.reload import ReloadIds, reload_config
+from gateway.reload import RELAY_SIGNAL, ReloadIds, reload_config
 from gateway.routes import admin, console, hooks, native, openai, ops
 from gateway.services import LAST_USED_FLUSH_SECONDS, Services, build_services
 from gateway.store import open_store
@@ -94,21 +94,33 @@ def _last_used_interval() -> float:
 
 
 def _reload_on_sighup(services: Services, path: str) -> Callable[[], None]:
-    """Install this worker's SIGHUP handler; returns what removes it. Each signal starts
-    one reload task (kept referenced until done)."""
+    """Install this worker's reload handlers; returns what removes them. SIGHUP starts one
+    reload under a fresh audit id; under `serve --workers N` the supervisor's relay
+    (`RELAY_SIGNAL`) starts one for every id it announced since the last, and none when
+    there is no new one (a relay merged with the one before). Each reload is a task, kept
+    referenced until done."""
     loop = asyncio.get_running_loop()
     running: set[asyncio.Task[bool]] = set()
-    ids = ReloadIds.from_env()  # the audit id a supervisor announced for each reload
+    ids = ReloadIds.from_env()  # the audit ids a supervisor announced, one per reload
 
-    def start() -> None:
-        task = loop.create_task(reload_config(services, path, ids.next(services.clock())))
+    def start(audit_ids: list[str]) -> None:
+        task = loop.create_task(reload_config(services, path, audit_ids))
         running.add(task)
         task.add_done_callback(running.discard)
 
+    def relayed() -> None:
+        announced = ids.announced()
+        if announced:
+            start(announced)
+
     def remove() -> None:
         loop.remove_signal_handler(signal.SIGHUP)
+        if ids.path is not None:
+            loop.remove_signal_handler(RELAY_SIGNAL)
 
-    loop.add_signal_handler(signal.SIGHUP, start)
+    loop.add_signal_handler(signal.SIGHUP, start, [])
+    if ids.path is not None:
+        loop.add_signal_handler(RELAY_SIGNAL, relayed)
     return remove
 
 

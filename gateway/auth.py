@@ -4,8 +4,8 @@ Keys are looked up by their SHA-256 in the in-memory directory (`gateway.directo
 fresh by a background worker: no store round trip per request): hashing first means the
 lookup never compares secret bytes, so its timing leaks nothing about stored keys. A key's
 expiry and rotation grace are checked against the clock here, on every request. JWTs
-are verified with PyJWT against the configured algorithms only (never `none`, never an
-HS* algorithm with a public key), with `exp`, `nbf`, `iss` and `aud` checked.
+are verified by `gateway.jwts` (the directory holds the verifier of the config it was
+built with).
 """
 
 from __future__ import annotations
@@ -13,15 +13,11 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
-import jwt
-
-from gateway.config import JWTConfig, Tenant
+from gateway.config import Tenant
 from gateway.directory import Directory
-from gateway.errors import GatewayError
-
-JWKS_CACHE_SECONDS = 300
+from gateway.errors import AuthFailure, GatewayError
+from gateway.jwts import JWTVerifier
 
 
 @dataclass(frozen=True)
@@ -45,14 +41,6 @@ def bearer_credential(authorization: str | None) -> str | None:
     if scheme.lower() != "bearer" or not credential:
         return None
     return credential
-
-
-class AuthFailure(GatewayError):
-    """A 401 that also says why (the metric label), never echoing the credential."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(401, "invalid_api_key", message, "invalid_request_error", None, {"www-authenticate": "Bearer"})
-        self.reason = reason
 
 
 class Authenticator:
@@ -89,50 +77,3 @@ class Authenticator:
         if tenant is None:
             raise AuthFailure("unknown_tenant", "The token does not name a known tenant.")
         return tenant
-
-
-def jwt_verifier(config: JWTConfig | None) -> JWTVerifier | None:
-    """The verifier of `[auth.jwt]`, None without one (reads a public key file now)."""
-    return JWTVerifier(config) if config else None
-
-
-class JWTVerifier:
-    def __init__(self, config: JWTConfig):
-        self.config = config
-        self._key: Any = None
-        self._jwks: jwt.PyJWKClient | None = None
-        if config.secret:
-            self._key = config.secret
-        elif config.public_key_file:
-            with open(config.public_key_file, "rb") as f:
-                self._key = f.read()
-        elif config.jwks_url:
-            self._jwks = jwt.PyJWKClient(config.jwks_url, cache_jwk_set=True, lifespan=JWKS_CACHE_SECONDS, timeout=5)
-        required = ["exp"] + (["iss"] if config.issuer else []) + (["aud"] if config.audience else [])
-        self._options: dict[str, Any] = {"require": required, "verify_signature": True}
-
-    def verify(self, token: str) -> dict[str, Any]:
-        try:
-            header = jwt.get_unverified_header(token)
-            if header.get("alg") not in self.config.algorithms:
-                raise AuthFailure("jwt_algorithm", "Token signed with an algorithm this gateway does not accept.")
-            key = self._jwks.get_signing_key_from_jwt(token).key if self._jwks else self._key
-            return jwt.decode(
-                token,
-                key,
-                algorithms=list(self.config.algorithms),
-                audience=self.config.audience or None,
-                issuer=self.config.issuer or None,
-                leeway=self.config.leeway_seconds,
-                options=self._options,  # type: ignore[arg-type]
-            )
-        except AuthFailure:
-            raise
-        except jwt.ExpiredSignatureError:
-            raise AuthFailure("jwt_expired", "The token has expired.") from None
-        except jwt.InvalidAudienceError:
-            raise AuthFailure("jwt_audience", "The token is not meant for this gateway (audience).") from None
-        except jwt.InvalidIssuerError:
-            raise AuthFailure("jwt_issuer", "The token's issuer is not trusted.") from None
-        except (jwt.PyJWTError, ValueError, TypeError):
-            raise AuthFailure("jwt_invalid", "The token could not be verified.") from None

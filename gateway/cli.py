@@ -155,24 +155,27 @@ UVICORN_SETTINGS: dict[str, Any] = {
 def _run_workers(host: str, port: int, workers: int, options: dict[str, Any]) -> None:
     """uvicorn's multiprocess supervisor, except that SIGHUP reloads the config in every
     worker (each has its own handler, `gateway.reload`) instead of replacing the workers,
-    under one audit id announced first (one entry per reload)."""
+    under one audit id announced first and relayed with `RELAY_SIGNAL` (one entry per
+    reload)."""
     import signal
 
     import uvicorn
     from uvicorn.supervisors.multiprocess import Multiprocess
 
-    from gateway.reload import RELOAD_ID_ENV, announce_reload
+    from gateway.reload import RELAY_SIGNAL, RELOAD_ID_ENV, announce_reload
 
     class ReloadingMultiprocess(Multiprocess):
         def handle_hup(self) -> None:
             logging.getLogger("uvicorn.error").info("Received SIGHUP, reloading the config in every worker.")
+            relay = RELAY_SIGNAL
             try:
                 announce_reload(os.environ[RELOAD_ID_ENV], time.time())
             except OSError as exc:  # the workers still reload, with an audit entry each
                 logging.getLogger("uvicorn.error").warning("reload id not written: %s", exc)
+                relay = signal.SIGHUP
             for process in self.processes:
                 if process.pid is not None and process.exitcode is None:
-                    os.kill(process.pid, signal.SIGHUP)
+                    os.kill(process.pid, relay)
 
     config = uvicorn.Config(
         "gateway.cli:app_from_env", host=host, port=port, workers=workers, **UVICORN_SETTINGS, **options

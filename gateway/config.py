@@ -24,8 +24,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import jwt as pyjwt
+
+from gateway.gen2_options import GEN2_OPTION_TYPES, option_value_problem
 from gateway.jsontypes import a_type_name, is_type
-from gateway.ssrf import HookPolicy
+from gateway.ssrf import entry_problem
 from gateway.store.base import Limits  # re-exported: a tenant's limits are the store's input
 from gateway.store.redis.url import parse_url, split_prefix, tls_context
 
@@ -39,22 +42,6 @@ JWT_ALGORITHMS = {
     *("ES256", "ES384", "ES512", "PS256", "PS384", "PS512", "EdDSA"),
 }
 LOG_LEVELS = {"debug", "info", "warning", "error"}
-GEN2_OPTION_TYPES: dict[str, type] = {
-    "mode": str,
-    "seed": int,
-    "interpolate": bool,
-    "upscale": bool,
-    "watermark": bool,
-    "motion_score": int,
-    "use_motion_score": bool,
-    "use_motion_vectors": bool,
-    "text_prompt": str,
-    "image_prompt": str,
-    "init_image": str,
-}
-# gen2Options integers and their bounds (inclusive): checked on creates and in policies alike
-GEN2_INT_RANGES: dict[str, tuple[int, int]] = {"seed": (0, 4_294_967_295), "motion_score": (0, 100)}
-
 # [admin] key -> Config field
 ADMIN_KEYS = {
     "keys": "admin_keys",
@@ -195,17 +182,13 @@ def _store_url(v: Any) -> str | None:
 
 
 def _hook_host(v: Any) -> str | None:
-    """Checked by the parser the SSRF rules use (ssrf.HookPolicy), so an entry accepted
-    here is one the gateway can start with."""
+    """Checked by the parser the SSRF rules use (ssrf.entry_problem), so an entry accepted
+    here is one the gateway can start with; catch-all CIDRs are refused."""
     if not isinstance(v, str) or not v:
         return "must be a host name, *.suffix, IP address or CIDR"
     if v == "*.":
         return "wildcard needs a suffix"
-    try:
-        HookPolicy.from_hosts([v])
-    except ValueError as e:
-        return f"must be a host name, *.suffix, IP address or CIDR ({e})"
-    return None
+    return entry_problem(v)
 
 
 # --- the schema ---------------------------------------------------------------------
@@ -623,6 +606,8 @@ class _Validator:
                 self.fail(f"{path}.public_key_file", f"file {key_file} not found")
             else:
                 values["public_key_file"] = str(kp)
+                if problem := public_key_problem(kp, algs):
+                    self.fail(f"{path}.public_key_file", f"{key_file}: {problem}")
         return JWTConfig(algorithms=tuple(algs), **values)
 
     def tenants(self, items: Any) -> tuple[Tenant, ...]:
@@ -677,7 +662,7 @@ class _Validator:
                 self.fail(_join(path, k), "not a gen2Options field")
             elif not is_type(val, expected):
                 self.fail(_join(path, k), f"must be {a_type_name(expected)}")
-            elif problem := _gen2_value_problem(k, val):
+            elif problem := option_value_problem(k, val):
                 self.fail(_join(path, k), problem)
         return dict(t)
 
@@ -688,12 +673,23 @@ class _Validator:
         return cfg
 
 
-def _gen2_value_problem(name: str, value: Any) -> str | None:
-    """A policy's gen2Options value checked as a create checks the tenant's own (a forced
-    value the relay refuses would fail every create of the tenant with a 502)."""
-    from gateway.gen2 import option_value_problem  # gen2 imports this module
-
-    return option_value_problem(name, value)
+def public_key_problem(path: Path, algorithms: list[str]) -> str | None:
+    """Why the JWT key file holds no key PyJWT can verify any of `algorithms` with, or None.
+    Parsed when the config loads (check-config, start, SIGHUP) so a file that would turn
+    every JWT into a 401 is refused whole instead. One key serves one family (RSA, EC,
+    EdDSA), so it must fit at least one of the algorithms, not all."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    names = [a for a in algorithms if not a.startswith("HS")]  # HS* with a key file: refused apart
+    for name in names:
+        try:
+            pyjwt.get_algorithm_by_name(name).prepare_key(data)
+        except (pyjwt.PyJWTError, ValueError, TypeError, NotImplementedError):
+            continue
+        return None
+    return f"holds no public key usable with {' or '.join(names)} (expected a PEM public key)"
 
 
 def _join(path: str, key: str) -> str:

@@ -19,14 +19,12 @@ import hashlib
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from gateway.config import Config, Policy, Tenant
+from gateway.jwts import JWTVerifier
 from gateway.ssrf import HookPolicy
-from gateway.store.base import DirectorySnapshot, KeyRecord, Store, TenantRecord
-
-if TYPE_CHECKING:
-    from gateway.auth import JWTVerifier
+from gateway.store.base import CONFIG_KEY_PREFIX, DirectorySnapshot, KeyRecord, Store, TenantRecord
 
 logger = logging.getLogger("gateway.directory")
 REFRESH_SECONDS = 0.25
@@ -36,13 +34,14 @@ NO_VERSION = -1  # the store's part was never read
 def config_key_id(configured_hash: str) -> str:
     """A config key's id: stable across restarts and replicas, and no secret (a prefix of
     the hash of its `sha256:<hex>` string, never of the key)."""
-    return "key_cfg_" + hashlib.sha256(configured_hash.encode()).hexdigest()[:12]
+    return CONFIG_KEY_PREFIX + hashlib.sha256(configured_hash.encode()).hexdigest()[:12]
 
 
 @dataclass(frozen=True)
 class KeyEntry:
-    """One accepted secret hash: whose it is and until when. A rotated key has two entries
-    (its current secret and, until `until`, its previous one) with the same id."""
+    """One accepted secret hash: whose it is and until when. A rotated key has an entry per
+    secret (its current one and, each until its own `until`, the ones its rotations
+    replaced) with the same id; revoking the key ends them all."""
 
     key_id: str
     tenant_id: str
@@ -68,7 +67,8 @@ class Directory:
     sources: Mapping[str, str] = field(default_factory=dict)  # tenant id -> "config" | "api"
     keys: Mapping[str, KeyEntry] = field(default_factory=dict)  # "sha256:<hex>" -> entry
     hook_policies: Mapping[str, HookPolicy] = field(default_factory=dict)
-    previous_webhook_secrets: Mapping[str, tuple[str, float]] = field(default_factory=dict)
+    # tenant id -> (secret, end of its grace) of each secret replaced by a rotation
+    previous_webhook_secrets: Mapping[str, tuple[tuple[str, float], ...]] = field(default_factory=dict)
     store_part: DirectorySnapshot | None = None  # kept so a config reload can merge again
     jwt: JWTVerifier | None = None  # built from config.jwt (it may read a key file)
 
@@ -77,14 +77,17 @@ class Directory:
         """Config tenants first ("source": "config", they win an id clash), then the store's."""
         tenants: dict[str, Tenant] = {}
         sources: dict[str, str] = {}
-        previous: dict[str, tuple[str, float]] = {}
+        previous: dict[str, tuple[tuple[str, float], ...]] = {}
         for tenant_id, t in merge_tenants(config, snapshot.tenants if snapshot else ()).items():
             if isinstance(t, Tenant):
                 tenants[tenant_id], sources[tenant_id] = t, "config"
                 continue
             tenants[tenant_id], sources[tenant_id] = runtime_tenant(t), "api"
+            graces = dict(t.earlier_webhook_secrets)
             if t.previous_webhook_secret and t.previous_webhook_secret_expires_at:
-                previous[tenant_id] = (t.previous_webhook_secret, t.previous_webhook_secret_expires_at)
+                graces[t.previous_webhook_secret] = t.previous_webhook_secret_expires_at
+            if graces:
+                previous[tenant_id] = tuple(graces.items())
         keys = {h: KeyEntry(config_key_id(h), t.id) for t in config.tenants for h in t.keys}
         for key in snapshot.keys if snapshot else []:
             if key.tenant_id in tenants:
@@ -108,15 +111,13 @@ class Directory:
         return entry if entry is not None and entry.valid(now) else None
 
     def webhook_secrets(self, tenant_id: str, now: float) -> tuple[str, ...]:
-        """The secrets a delivery is signed with: the current one, and during a rotation's
-        grace period the previous one too."""
+        """The secrets a delivery is signed with: the current one, and each one a rotation
+        replaced while its grace period lasts (latest ending first)."""
         tenant = self.tenants.get(tenant_id)
         if tenant is None or not tenant.webhook_secret:
             return ()
-        previous = self.previous_webhook_secrets.get(tenant_id)
-        if previous is not None and now < previous[1]:
-            return (tenant.webhook_secret, previous[0])
-        return (tenant.webhook_secret,)
+        previous = sorted(self.previous_webhook_secrets.get(tenant_id, ()), key=lambda p: -p[1])
+        return (tenant.webhook_secret, *(secret for secret, until in previous if now < until))
 
     def tenant_limits(self) -> dict[str, dict[str, int | None]]:
         return {tid: vars(t.limits) for tid, t in self.tenants.items()}
@@ -150,11 +151,11 @@ def runtime_tenant(record: TenantRecord) -> Tenant:
 
 def key_entries(key: KeyRecord) -> dict[str, KeyEntry]:
     current = KeyEntry(key.id, key.tenant_id, key.expires_at, key.revoked_at)
-    entries = {key.secret_hash: current}
+    graces = dict(key.earlier_hashes)
     if key.previous_hash and key.previous_expires_at is not None:
-        entries[key.previous_hash] = KeyEntry(
-            key.id, key.tenant_id, key.expires_at, key.revoked_at, until=key.previous_expires_at
-        )
+        graces[key.previous_hash] = key.previous_expires_at
+    entries = {h: KeyEntry(key.id, key.tenant_id, key.expires_at, key.revoked_at, until=t) for h, t in graces.items()}
+    entries[key.secret_hash] = current  # the current secret wins, should it ever come back
     return entries
 
 
@@ -177,13 +178,26 @@ class DirectoryCache:
         self._failing = False
 
     async def refresh(self) -> bool:
-        """Reload the store's part if its version moved; True when the snapshot changed."""
+        """Reload the store's part if its version moved; True when the snapshot changed.
+        Two refreshes may overlap (the background round and an admin change applied at
+        once): a snapshot older than the one held is never swapped in."""
         version = await self._store.directory_version()
         if version == self.current.version:
             return False
         snapshot = await self._store.load_directory()
+        if snapshot.version <= self.current.version:
+            return False
         self._swap(Directory.build(self.current.config, snapshot, self.current.jwt))
         return True
+
+    async def apply_own_change(self) -> None:
+        """After this process changed a tenant or key: take the change now, not at the next
+        round, so the replica that minted a key never refuses it. The change is stored
+        already: a failed read only leaves it to the background round."""
+        try:
+            await self.refresh()
+        except Exception as exc:
+            logger.warning("directory refresh after an admin change failed (the next round retries): %s", exc)
 
     def reconfigure(self, config: Config, jwt: JWTVerifier | None) -> None:
         """A reloaded config file: merge it with the store's part already held."""
@@ -216,7 +230,8 @@ class DirectoryCache:
 class LastUsed:
     """`last_used_at` of API keys, noted in memory on each request and written to the store
     in one batch every `interval` seconds (and at shutdown): never a write per request, at
-    most `interval` plus one failed round stale. Config keys have no store record."""
+    most `interval` plus one failed round stale. Config keys (no store record) are noted
+    too: the store keeps their times apart, by their stable ids."""
 
     def __init__(self, store: Store, interval: float = 30.0):
         self._store = store
@@ -224,8 +239,7 @@ class LastUsed:
         self._pending: dict[str, float] = {}
 
     def note(self, key_id: str, now: float) -> None:
-        if not key_id.startswith("key_cfg_"):
-            self._pending[key_id] = now
+        self._pending[key_id] = now
 
     async def flush(self) -> None:
         """Write the batch; on failure put it back (a newer use wins) for the next round."""

@@ -57,3 +57,11 @@ def not_found(
     message: str = "No task with that id.", code: str = "task_not_found", param: str | None = "id"
 ) -> GatewayError:
     return GatewayError(404, code, message, "invalid_request_error", param)
+
+
+class AuthFailure(GatewayError):
+    """A 401 that also says why (the metric label), never echoing the credential."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(401, "invalid_api_key", message, "invalid_request_error", None, {"www-authenticate": "Bearer"})
+        self.reason = reason

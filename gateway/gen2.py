@@ -8,22 +8,24 @@ request id to sign into it.
 
 from __future__ import annotations
 
-import ipaddress
-import re
 import secrets
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
-from gateway.config import GEN2_INT_RANGES, GEN2_OPTION_TYPES, Policy
+from gateway.config import Policy
 from gateway.errors import bad_request
+from gateway.gen2_options import (
+    GEN2_INT_RANGES,
+    GEN2_OPTION_TYPES,
+    MAX_PROMPT_CHARS,
+    URL_FIELDS,
+    https_url_problem,
+)
 from gateway.jsontypes import a_type_name, is_type
 
 MAX_SEED = GEN2_INT_RANGES["seed"][1]
 MIN_MOTION, MAX_MOTION = GEN2_INT_RANGES["motion_score"]
-MAX_PROMPT_CHARS = 2000
 MAX_NAME_CHARS = 256
-MAX_URL_CHARS = 4096
 GEN2_SECONDS = 4
 TOP_LEVEL: dict[str, type] = {"taskType": str, "internal": bool, "options": dict, "notify_hook": str}
 OPTIONS: dict[str, type] = {
@@ -33,8 +35,6 @@ OPTIONS: dict[str, type] = {
     "exploreMode": bool,
     "assetGroupName": str,
 }
-URL_FIELDS = ("image_prompt", "init_image")
-HOST_LABEL_RE = re.compile(r"^[A-Za-z0-9_-]{1,63}\Z")
 
 
 @dataclass
@@ -110,21 +110,6 @@ def check_gen2_options(gen2: dict[str, Any], prefix: str = "options.gen2Options"
     return out
 
 
-def option_value_problem(name: str, value: Any) -> str | None:
-    """What is wrong with one gen2Options value of the right type, worded for a policy's
-    `force` or `defaults` (the create checks above say the same of a tenant's own)."""
-    if name in GEN2_INT_RANGES:
-        low, high = GEN2_INT_RANGES[name]
-        return None if low <= value <= high else f"must be between {low} and {high}"
-    if name == "mode" and value != "gen2":
-        return 'must be "gen2"'
-    if name == "text_prompt" and len(value) > MAX_PROMPT_CHARS:
-        return f"must be at most {MAX_PROMPT_CHARS} characters"
-    if name in URL_FIELDS and value:
-        return https_url_problem(value)
-    return None
-
-
 def apply_policy(gen2: dict[str, Any], policy: Policy) -> dict[str, Any]:
     return {**policy.defaults, **gen2, **policy.force}
 
@@ -137,47 +122,6 @@ def fill_defaults(options: dict[str, Any]) -> None:
         gen2["seed"] = secrets.randbelow(MAX_SEED + 1)
     if not options.get("name"):
         options["name"] = f"Gen-2 {gen2['seed']}"
-
-
-def https_url_problem(value: str) -> str | None:
-    if len(value) > MAX_URL_CHARS:
-        return f"is longer than {MAX_URL_CHARS} characters"
-    try:
-        parts = urlsplit(value)
-        host = parts.hostname
-    except ValueError:
-        return "is not a valid URL"
-    if parts.scheme != "https" or not host:
-        return "must be an https:// URL"
-    try:
-        port = parts.port  # raises for a port that is not a number up to 65535
-    except ValueError:
-        port = 0
-    if port == 0:
-        return "has an invalid port (1-65535)"
-    if parts.username or parts.password:
-        return "must not contain credentials"
-    if any(ch.isspace() or not ch.isprintable() for ch in value):
-        return "must not contain spaces or control characters"
-    if not _valid_host(host):
-        return "has an invalid host name"
-    return None
-
-
-def _valid_host(host: str) -> bool:
-    """An IP address, or a DNS name (IDNA allowed) of letters, digits, `-` and `_`: what
-    the relay can fetch (anything else it refuses, and the tenant would get a 502)."""
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        pass
-    try:
-        ascii_host = host.encode("idna").decode("ascii")
-    except UnicodeError:
-        return False
-    labels = ascii_host.rstrip(".").split(".")
-    return len(ascii_host) <= 253 and all(HOST_LABEL_RE.match(label) for label in labels)
 
 
 def _check_fields(obj: Any, spec: dict[str, type], prefix: str) -> None:

@@ -14,11 +14,12 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gateway.auth import Authenticator, jwt_verifier
+from gateway.auth import Authenticator
 from gateway.config import Config, Tenant
 from gateway.directory import DirectoryCache, LastUsed
 from gateway.errors import bad_request
 from gateway.gen2 import Gen2Request
+from gateway.jwts import jwt_verifier
 from gateway.metrics import Metrics
 from gateway.ssrf import HookPolicy, check_hook_url
 from gateway.store.base import Store

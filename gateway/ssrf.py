@@ -19,15 +19,21 @@ names which, in messages); its entries work the same in both.
 | public address | always                                                                      |
 | private        | the host matched an entry (a `*.suffix` wildcard is enough):                |
 |                | 10/8, 172.16/12, 192.168/16, 100.64/10 (CGNAT), fc00::/7                    |
-| special        | an entry names that exact host, address or CIDR (a wildcard is not enough): |
-|                | loopback, link-local, unspecified (0.0.0.0, ::), 0/8, multicast, reserved,  |
-|                | documentation/benchmark ranges, site-local; `localhost`, `*.localhost`      |
+| special        | an entry names that exact host or address, or is a CIDR lying inside the    |
+|                | special range holding the address (a wildcard or a wider CIDR is not        |
+|                | enough): loopback, link-local, unspecified (0.0.0.0, ::), 0/8, multicast,   |
+|                | reserved, documentation/benchmark ranges, site-local; `localhost`,          |
+|                | `*.localhost`                                                               |
 | metadata       | never, whatever the entries say: 169.254.169.254, fd00:ec2::254             |
 
 Every spelling that a resolver or URL library turns into an address is normalised first:
 legacy IPv4 (`2130706433`, `0x7f.1`, `0177.0.0.1`, `127.1`, via `inet_aton`), IDNA-mapped
 full-width digits, a trailing dot; IPv6 forms embedding IPv4 (`::ffff:127.0.0.1`, NAT64,
 6to4, IPv4-compatible) are judged by the embedded address.
+
+A catch-all prefix (IPv4 shorter than /8, IPv6 shorter than /7, such as `0.0.0.0/0` or
+`::/0`) is refused as an entry (`entry_problem`, for the config file and the admin API
+alike): it would name half the internet, not a network the operator means.
 """
 
 from __future__ import annotations
@@ -64,6 +70,7 @@ V4_COMPAT = ipaddress.ip_network("::/96")
 HOST_RE = re.compile(r"^[a-z0-9_-]+(\.[a-z0-9_-]+)*$")
 NUMERIC_LABEL_RE = re.compile(r"^(0x[0-9a-f]*|[0-9]+)$")
 BAD_URL_CHARS = re.compile(r"[\x00-\x20\x7f\\]")
+MIN_PREFIX = {4: 8, 6: 7}  # a CIDR entry shorter than this is a catch-all, refused
 
 
 class HookRefused(Exception):
@@ -184,6 +191,20 @@ class HookPolicy:
             c in net for c in cands for net in self.networks if net.version == c.version
         )
 
+    def lists_special(self, ip: IPAddress) -> bool:
+        """True if an entry names `ip` itself, or is a network lying inside the special range
+        (loopback, link-local, ...) that holds it: a wider network, however it contains the
+        address, is no permission for the gateway's own loopback or its link-local net."""
+        cands = {ip, embedded_v4(ip)}
+        if cands & self.addresses:
+            return True
+        for c in cands:
+            ranges = [r for r in SPECIAL_NETS if r.version == c.version and c in r]
+            for net in self.networks:
+                if net.version == c.version and c in net and any(net.subnet_of(r) for r in ranges):  # type: ignore[arg-type]
+                    return True
+        return False
+
     def match_host(self, host: str, ip: IPAddress | None) -> Match:
         if ip is not None:
             return Match.EXACT if self.lists_address(ip) else Match.NONE
@@ -193,19 +214,38 @@ class HookPolicy:
 
 
 def address_problem(ip: IPAddress, match: Match, policy: HookPolicy) -> str | None:
-    """Why the hook may not connect to `ip`, given how its host matched the policy."""
+    """Why the hook may not connect to `ip`, given how its host's name matched the policy
+    (Match.NONE for an IP literal: its address is judged by the entries alone)."""
     cls = classify(ip)
     shown = f"{ip} ({embedded_v4(ip)})" if embedded_v4(ip) != ip else str(ip)
     if cls is AddressClass.METADATA:
         return f"{shown} is the cloud metadata address (never allowed)"
     if cls is AddressClass.PUBLIC:
         return None
-    if policy.lists_address(ip):
-        match = Match.EXACT
-    if cls is AddressClass.PRIVATE and match < Match.WILDCARD:
+    if cls is AddressClass.PRIVATE and match < Match.WILDCARD and not policy.lists_address(ip):
         return f"{shown} is a private address and the host is not in {policy.setting}"
-    if cls is AddressClass.SPECIAL and match < Match.EXACT:
-        return f"{shown} is a loopback, link-local or reserved address; only an exact {policy.setting} entry allows it"
+    if cls is AddressClass.SPECIAL and match < Match.EXACT and not policy.lists_special(ip):
+        return (
+            f"{shown} is a loopback, link-local or reserved address; only a {policy.setting} entry naming it "
+            "(or a CIDR inside its range) allows it"
+        )
+    return None
+
+
+def entry_problem(entry: str) -> str | None:
+    """Why `entry` cannot be a hook_hosts or artifact_hosts entry, or None: it must parse as
+    the rules read it, and a CIDR must not be a catch-all (shorter than /8 for IPv4, /7
+    for IPv6)."""
+    try:
+        policy = HookPolicy.from_hosts([entry])
+    except ValueError as e:
+        return f"must be a host name, *.suffix, IP address or CIDR ({e})"
+    for net in policy.networks:
+        if net.prefixlen < MIN_PREFIX[net.version]:
+            return (
+                f"{net} is a catch-all (IPv4 prefixes shorter than /8 and IPv6 shorter than /7 are refused): "
+                "list the networks meant"
+            )
     return None
 
 
@@ -250,7 +290,7 @@ def inspect_hook_url(url: str, policy: HookPolicy) -> HookTarget | str:
     if policy.restricted and match is Match.NONE:
         return f"host {host} is not within {policy.setting}"
     if ip is not None:
-        problem = address_problem(ip, match, policy)
+        problem = address_problem(ip, Match.NONE, policy)
     elif host == "localhost" or host.endswith(".localhost"):
         problem = (
             None if match is Match.EXACT else f"localhost is loopback; only an exact {policy.setting} entry allows it"

@@ -25,6 +25,8 @@ GROUP_FIELDS = {"day": "date", "tenant": "tenant", "key": "key_id"}  # group_by 
 DEFAULT_GROUP_BY = ("day", "tenant")
 FORMATS = ("json", "csv")
 DAY_RE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
+# A text cell starting with one of these is a formula to a spreadsheet (OWASP's CSV injection)
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
 @dataclass(frozen=True)
@@ -118,10 +120,22 @@ def group(rows: list[LedgerRow], group_by: tuple[str, ...]) -> list[dict[str, An
 
 
 def to_csv(rows: list[dict[str, Any]], query: UsageQuery) -> str:
-    """The same rows as CSV (RFC 4180 line ends), a header row first; no key is an empty cell."""
+    """The same rows as CSV (RFC 4180 line ends), a header row first; no key is an empty cell.
+    Text cells are made safe for spreadsheets (`csv_cell`); the counters stay numbers."""
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(query.fields)
+    writer.writerow([csv_cell(f) for f in query.fields])
     for row in rows:
-        writer.writerow(["" if row[f] is None else row[f] for f in query.fields])
+        writer.writerow([csv_cell(row[f]) for f in query.fields])
     return out.getvalue()
+
+
+def csv_cell(value: Any) -> Any:
+    """A cell as a spreadsheet should read it: text that would start a formula (a tenant id
+    like `-1-1` or `=HYPERLINK(...)`) gets a leading `'` (OWASP's rule), so Excel shows it
+    instead of computing it; numbers the gateway counted are written as they are; None is ''."""
+    if value is None:
+        return ""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value

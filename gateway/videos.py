@@ -27,15 +27,8 @@ from typing import Any
 
 from gateway.config import Policy
 from gateway.errors import GatewayError, bad_request
-from gateway.gen2 import (
-    GEN2_SECONDS,
-    MAX_PROMPT_CHARS,
-    Gen2Request,
-    apply_policy,
-    check_gen2_options,
-    fill_defaults,
-    https_url_problem,
-)
+from gateway.gen2 import GEN2_SECONDS, Gen2Request, apply_policy, check_gen2_options, fill_defaults
+from gateway.gen2_options import MAX_PROMPT_CHARS, https_url_problem
 from gateway.jsontypes import a_type_name, is_type
 from gateway.store.base import TaskRecord
 

@@ -252,6 +252,8 @@ def test_create_show_and_update_a_tenant(api: httpx.Client) -> None:
         ({"id": "ok", "limits": {"per_hour": 5}}, "limits.per_hour"),
         ({"id": "ok", "limits": []}, "limits"),
         ({"id": "ok", "policy": {"hook_hosts": ["not a host!"]}}, "policy.hook_hosts"),
+        ({"id": "ok", "policy": {"hook_hosts": ["0.0.0.0/0"]}}, "policy.hook_hosts"),
+        ({"id": "ok", "policy": {"hook_hosts": ["hooks.example.com", "::/0"]}}, "policy.hook_hosts"),
         ({"id": "ok", "policy": {"force": {"seed": "x"}}}, "policy.force.seed"),
         ({"id": "ok", "policy": {"force": {"seed": 2**32}}}, "policy.force.seed"),
         ({"id": "ok", "policy": {"defaults": {"motion_score": 101}}}, "policy.defaults.motion_score"),
@@ -263,6 +265,12 @@ def test_create_show_and_update_a_tenant(api: httpx.Client) -> None:
         ({"id": "ok", "name": ""}, "name"),
         ({"id": "ok", "name": "red \x1b[31m"}, "name"),
         ({"id": "ok", "name": "nul\x00"}, "name"),
+        ({"id": "ok", "name": "invoice\u202egpj.exe"}, "name"),  # right-to-left override
+        ({"id": "ok", "name": "a\u2066b\u2069"}, "name"),  # isolates
+        ({"id": "ok", "name": "\u200b\u200c"}, "name"),  # zero-width only
+        ({"id": "ok", "name": " \u2060\ufeff "}, "name"),
+        ({"id": "ok", "name": "line\u2028break"}, "name"),
+        ({"id": "ok", "name": "para\u2029break"}, "name"),
         ({"id": "ok", "surprise": 1}, "surprise"),
         ({"name": "no id"}, "id"),
     ],
@@ -370,7 +378,8 @@ def test_mint_list_show_update_rotate_and_revoke_a_key(api: httpx.Client) -> Non
     assert rotated["prefix"] == rotated["secret"][:10]
     assert abs(rotated["previous_secret_expires_at"] - (time.time() + 3600)) < 60
     no_grace = api.post(f"/keys/{first['id']}/rotate", json={"grace_seconds": 0}).json()
-    assert no_grace["previous_secret_expires_at"] is None and no_grace["id"] == first["id"]
+    assert no_grace["id"] == first["id"]  # the first rotation's old secret keeps its hour
+    assert no_grace["previous_secret_expires_at"] == rotated["previous_secret_expires_at"]
     default = api.post(f"/keys/{first['id']}/rotate").json()
     assert abs(default["previous_secret_expires_at"] - (time.time() + 86400)) < 60
 
@@ -610,6 +619,110 @@ def test_simultaneous_revocations_write_one_entry(tmp_path: Path, redis_store_ur
             assert {r.status_code for r in answers} == {200}
             assert len({r.json()["revoked_at"] for r in answers}) == 1
             assert len(audit_of(api, tenant, action="key.revoke")) == 1
+    finally:
+        gw.stop()
+        sim.stop()
+
+
+@pytest.mark.parametrize("entry", ["0.0.0.0/0", "::/0", "0.0.0.0/7", "::/6"])
+def test_a_catch_all_hook_host_is_refused_on_update(api: httpx.Client, entry: str) -> None:
+    """A catch-all would let the tenant's webhooks reach anything the gateway can: refused
+    with its param, the policy as it was."""
+    tenant = make_tenant(api, policy={"hook_hosts": ["10.0.0.0/8"]})["id"]
+    resp = api.patch(f"/tenants/{tenant}", json={"policy": {"hook_hosts": [entry]}})
+    error_of(resp, 400, "invalid_value", "policy.hook_hosts")
+    assert "catch-all" in resp.json()["error"]["message"]
+    assert api.get(f"/tenants/{tenant}").json()["policy"]["hook_hosts"] == ["10.0.0.0/8"]
+
+
+@pytest.mark.parametrize("name", ["svc\u202e", "\u200d", "a\u2028b", "\u2067x"])
+def test_a_key_name_is_refused_like_a_tenant_name(api: httpx.Client, name: str) -> None:
+    tenant = make_tenant(api)["id"]
+    error_of(api.post(f"/tenants/{tenant}/keys", json={"name": name}), 400, "invalid_value", "name")
+    key = mint(api, tenant, "zero\u200dwidth inside is fine")
+    error_of(api.patch(f"/keys/{key['id']}", json={"name": name}), 400, "invalid_value", "name")
+    assert [k["name"] for k in api.get(f"/tenants/{tenant}/keys").json()["data"]] == ["zero\u200dwidth inside is fine"]
+
+
+def test_answers_carrying_a_secret_are_not_stored_by_caches(api: httpx.Client) -> None:
+    created = api.post("/tenants", json={"id": new_id()})
+    tenant = created.json()["id"]
+    minted = api.post(f"/tenants/{tenant}/keys", json={"name": "svc"})
+    key_id = minted.json()["id"]
+    with_secret = [
+        created,
+        api.post(f"/tenants/{tenant}/webhook-secret", json={}),
+        minted,
+        api.post(f"/keys/{key_id}/rotate", json={}),
+    ]
+    assert [r.status_code for r in with_secret] == [201, 200, 201, 200]
+    assert [r.headers.get("cache-control") for r in with_secret] == ["no-store"] * 4
+    assert "cache-control" not in api.get(f"/keys/{key_id}").headers
+
+
+def test_overlapping_rotations_keep_the_first_secrets_grace(admin_gw: GatewayProcess, api: httpx.Client) -> None:
+    """A rotation with a day's grace, then one with none: the first secret keeps its day
+    (a second rotation used to drop it), the second stops at once; revoking ends both."""
+    tenant = make_tenant(api)["id"]
+    key = mint(api, tenant)
+
+    def status(secret: str) -> int:
+        auth = {"Authorization": f"Bearer {secret}"}
+        return httpx.get(admin_gw.url + "/v1/models", headers=auth, timeout=5).status_code
+
+    second = api.post(f"/keys/{key['id']}/rotate", json={"grace_seconds": 86400}).json()["secret"]
+    third = api.post(f"/keys/{key['id']}/rotate", json={"grace_seconds": 0}).json()
+    wait_until(lambda: status(third["secret"]) == 200, 5, message="the third secret")
+    assert (status(key["secret"]), status(second), status(third["secret"])) == (200, 401, 200)
+    assert abs(third["previous_secret_expires_at"] - (time.time() + 86400)) < 60  # when the first one stops
+    api.delete(f"/keys/{key['id']}")
+    wait_until(lambda: status(third["secret"]) == 401, 5, message="the revocation")
+    assert status(key["secret"]) == 401
+
+
+def test_a_key_minted_here_works_here_at_once(admin_gw: GatewayProcess, api: httpx.Client) -> None:
+    """The replica that made a change applies it before answering: a key used right after
+    its mint is never refused (the background refresh alone left up to 250 ms of 401s),
+    and a revoked one never accepted."""
+    tenant = make_tenant(api)["id"]
+    with httpx.Client(base_url=admin_gw.url, timeout=5) as tenant_api:
+        answers = []
+        for _ in range(20):
+            key = mint(api, tenant)
+            answers.append(tenant_api.get("/v1/models", headers={"Authorization": f"Bearer {key['secret']}"}))
+        assert [r.status_code for r in answers] == [200] * 20
+        api.delete(f"/keys/{key['id']}")
+        assert tenant_api.get("/v1/models", headers={"Authorization": f"Bearer {key['secret']}"}).status_code == 401
+        other = make_tenant(api, enabled=False)["id"]
+        off = mint(api, other)
+        assert tenant_api.get("/v1/models", headers={"Authorization": f"Bearer {off['secret']}"}).status_code == 403
+        api.patch(f"/tenants/{other}", json={"enabled": True})
+        assert tenant_api.get("/v1/models", headers={"Authorization": f"Bearer {off['secret']}"}).status_code == 200
+
+
+def test_a_config_keys_last_use_is_tracked(tmp_path: Path) -> None:
+    """A config key's last use is noted like a store key's (batched, no write per request):
+    after a use and a flush, the admin API shows it, not "never" forever."""
+    sim = Simulator(tmp_path)
+    sim.start()
+    spec = TenantSpec("cfg-used")
+    gw = GatewayProcess(tmp_path, sim.url, [spec], env={"GATEWAY_LAST_USED_FLUSH_SECONDS": "0.3"})
+    gw.start()
+    try:
+        with httpx.Client(base_url=gw.url + V1, headers=ADMIN, timeout=10) as api:
+            (before,) = api.get("/tenants/cfg-used/keys").json()["data"]
+            assert before["source"] == "config" and before["last_used_at"] is None
+            used_at = time.time()
+            with gw.client("cfg-used") as c:
+                assert c.get("/v1/models").status_code == 200
+
+            def shown() -> int | None:
+                (key,) = api.get("/tenants/cfg-used/keys").json()["data"]
+                return key["last_used_at"]  # type: ignore[no-any-return]
+
+            last = wait_until(shown, 10, 0.1, "the config key's last_used_at")
+            assert used_at - 1 <= last <= time.time() + 1
+            assert api.get(f"/keys/{before['id']}").json()["last_used_at"] == last
     finally:
         gw.stop()
         sim.stop()

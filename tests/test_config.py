@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 from conftest import ROOT, GatewayProcess, Simulator, TenantSpec, free_port, wait_until
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from gateway.config import (
     ADMIN_KEYS,
@@ -608,7 +610,48 @@ def test_a_bad_list_item_is_one_problem_without_a_follow_on() -> None:
     ]
 
 
+def rsa_public_pem() -> bytes:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
 def test_a_relative_public_key_file_is_read_from_the_configs_directory(tmp_path: Path) -> None:
-    (tmp_path / "idp.pem").write_text("not checked here")
+    (tmp_path / "idp.pem").write_bytes(rsa_public_pem())
     jwt = {"algorithms": ["RS256"], "public_key_file": "idp.pem"}
     assert parse(with_base(auth={"jwt": jwt}), base_dir=tmp_path).jwt.public_key_file == str(tmp_path / "idp.pem")
+
+
+def test_a_jwt_key_file_without_a_usable_key_is_refused_when_the_config_loads(tmp_path: Path) -> None:
+    """check-config (and so start-up and SIGHUP, which load the same way) parses the key:
+    a file that would turn every JWT into a 401 is refused with its key path."""
+    (tmp_path / "idp.pem").write_text("-----BEGIN PUBLIC KEY-----\nnot a key\n-----END PUBLIC KEY-----\n")
+    (tmp_path / "ec.pem").write_bytes(
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    (tmp_path / "rsa.pem").write_bytes(rsa_public_pem())
+    jwt = '[auth.jwt]\nalgorithms = ["{alg}"]\npublic_key_file = "{file}"\n'
+    out = check_config(write(tmp_path, MINIMAL + jwt.format(alg="RS256", file="idp.pem")))
+    assert out.returncode == 2
+    assert out.stderr.startswith("auth.jwt.public_key_file: idp.pem: holds no public key usable with RS256 (expected")
+    wrong_kind = check_config(write(tmp_path, MINIMAL + jwt.format(alg="RS256", file="ec.pem")))
+    assert wrong_kind.returncode == 2
+    assert "auth.jwt.public_key_file: ec.pem: holds no public key usable with RS256" in wrong_kind.stderr
+    assert check_config(write(tmp_path, MINIMAL + jwt.format(alg="ES256", file="ec.pem"))).returncode == 0
+    assert check_config(write(tmp_path, MINIMAL + jwt.format(alg="RS256", file="rsa.pem"))).returncode == 0
+
+
+def test_catch_all_cidrs_are_refused_in_hook_hosts_and_artifact_hosts() -> None:
+    raw = with_base(
+        upstream={"artifact_hosts": ["cdn.internal", "::/0"]},
+        tenants=[{"id": "t", "policy": {"hook_hosts": ["0.0.0.0/0"]}}],
+    )
+    found = problems(raw)
+    assert len(found) == 2
+    assert found[0].startswith("upstream.artifact_hosts: item 1 ::/0 is a catch-all (IPv4 prefixes shorter than /8")
+    assert found[1].startswith("tenants[0].policy.hook_hosts: item 0 0.0.0.0/0 is a catch-all")
+    ok = with_base(
+        upstream={"artifact_hosts": ["10.0.0.0/8"]}, tenants=[{"id": "t", "policy": {"hook_hosts": ["fc00::/7"]}}]
+    )
+    assert parse(ok).tenants[0].policy.hook_hosts == ("fc00::/7",)

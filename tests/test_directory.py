@@ -9,6 +9,7 @@ import dataclasses
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -16,10 +17,10 @@ import httpx
 import pytest
 from conftest import ADMIN_KEY, GatewayProcess, Simulator, TenantSpec, key_hash, wait_until
 
-from gateway.auth import Authenticator, AuthFailure
+from gateway.auth import Authenticator
 from gateway.config import Config, Tenant
 from gateway.directory import Directory, DirectoryCache, KeyEntry, LastUsed, config_key_id
-from gateway.errors import GatewayError
+from gateway.errors import AuthFailure, GatewayError
 from gateway.store import open_store
 from gateway.store.base import AuditEntry, DirectorySnapshot, KeyRecord, Limits, Store, TenantRecord
 from gateway.webhooks import sign, verify
@@ -126,6 +127,32 @@ def test_webhook_signature_carries_one_v1_per_secret_during_a_rotation() -> None
     assert d.webhook_secrets("t", 60) == ("new",)
 
 
+def test_every_secret_a_rotation_replaced_works_until_its_own_grace_ends() -> None:
+    """Overlapping rotations: A -> B (A until 100), B -> C (B until 20), C -> D at once:
+    A, B and D authenticate, each old one until its own end; revocation ends them all."""
+    a, b, c, d_ = "sk-a", "sk-b", "sk-c", "sk-d"
+    rotated = api_key("key_r", "api-team", d_, earlier_hashes={key_hash(a): 100.0, key_hash(b): 20.0})
+    d = Directory.build(Config(), snapshot(1, [TenantRecord("api-team")], [rotated]))
+    auth = Authenticator(lambda: d, lambda: 19.0)
+    assert {auth.authenticate(f"Bearer {s}").key_id for s in (a, b, d_)} == {"key_r"}
+    with pytest.raises(AuthFailure):
+        auth.authenticate(f"Bearer {c}")
+    assert d.key(key_hash(b), 20.0) is None and d.key(key_hash(a), 99.0) is not None
+    assert d.key(key_hash(a), 100.0) is None
+    revoked = Directory.build(Config(), snapshot(2, [TenantRecord("api-team")], [replace(rotated, revoked_at=5.0)]))
+    assert [revoked.key(key_hash(s), 0) for s in (a, b, d_)] == [None, None, None]
+    tenant = TenantRecord(
+        "t",
+        webhook_secret="new",
+        previous_webhook_secret="mid",
+        previous_webhook_secret_expires_at=30.0,
+        earlier_webhook_secrets={"old": 60.0},
+    )
+    hooks = Directory.build(Config(), snapshot(1, [tenant], []))
+    assert hooks.webhook_secrets("t", 29) == ("new", "old", "mid")
+    assert hooks.webhook_secrets("t", 30) == ("new", "old") and hooks.webhook_secrets("t", 60) == ("new",)
+
+
 # --- the holder -------------------------------------------------------------------------
 
 
@@ -182,6 +209,22 @@ async def test_cache_reloads_only_when_the_version_moved_and_survives_an_outage(
     await runner
 
 
+async def test_overlapping_refreshes_never_swap_in_an_older_snapshot() -> None:
+    """The background round and an admin change's refresh can overlap: the one that read
+    the older snapshot finishing last must not undo the newer one."""
+    fake = FakeStore()
+    cache = DirectoryCache(CONFIG, None, as_store(fake))
+    fake.part = snapshot(3, [TenantRecord("api-team")], [api_key("key_b", "api-team", "sk-new-key")])
+    await cache.apply_own_change()
+    assert cache.current.version == 3 and cache.current.key(key_hash("sk-new-key"), 0) is not None
+    slow_version = 2  # read the version before the change, the snapshot after it was older still
+    fake.part = snapshot(slow_version, [TenantRecord("api-team")], [])
+    assert not await cache.refresh()
+    assert cache.current.version == 3 and cache.current.key(key_hash("sk-new-key"), 0) is not None
+    fake.down = True
+    await cache.apply_own_change()  # a failed read leaves it to the next round, never raises
+
+
 async def _until(check: Callable[[], bool]) -> None:
     while not check():
         await asyncio.sleep(0.01)
@@ -192,7 +235,7 @@ async def test_last_used_is_batched_and_kept_across_a_failed_flush() -> None:
     used = LastUsed(as_store(fake), interval=30)
     used.note("key_a", 10.0)
     used.note("key_a", 11.0)
-    used.note(config_key_id(CONFIG_HASH), 11.0)  # config keys have no store record
+    used.note(config_key_id(CONFIG_HASH), 11.0)  # a config key too: the store keeps it apart
     fake.down = True
     with pytest.raises(ConnectionError):
         await used.flush()
@@ -200,7 +243,7 @@ async def test_last_used_is_batched_and_kept_across_a_failed_flush() -> None:
     fake.down = False
     await used.flush()
     await used.flush()  # nothing pending: no write
-    assert fake.touched == [{"key_a": 11.0, "key_b": 12.0}]
+    assert fake.touched == [{"key_a": 11.0, config_key_id(CONFIG_HASH): 11.0, "key_b": 12.0}]
 
 
 # --- real processes ------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from openapi_schema_validator import OAS31Validator
 from openapi_spec_validator import validate
 from starlette.routing import Mount, Route
 
-from gateway import admin, gen2, videos
+from gateway import admin, gen2, gen2_options, videos
 from gateway.app import create_app
 from gateway.config import Policy
 from gateway.errors import GatewayError
@@ -182,9 +182,9 @@ def test_every_integer_a_client_sends_has_a_maximum() -> None:
 
 def test_documented_bounds_are_the_checks_bounds() -> None:
     schemas = DOC["components"]["schemas"]
-    gen2_options = schemas["Gen2Options"]["properties"]
-    assert gen2_options["seed"]["maximum"] == gen2.MAX_SEED
-    assert gen2_options["text_prompt"]["maxLength"] == gen2.MAX_PROMPT_CHARS
+    documented = schemas["Gen2Options"]["properties"]
+    assert documented["seed"]["maximum"] == gen2.MAX_SEED
+    assert documented["text_prompt"]["maxLength"] == gen2_options.MAX_PROMPT_CHARS
     assert (
         schemas["TenantCreate"]["properties"]["limits"]["properties"]["credits_per_day"]["maximum"] == admin.MAX_LIMIT
     )
@@ -195,7 +195,7 @@ def test_documented_bounds_are_the_checks_bounds() -> None:
     assert gen2.check_gen2_options(at_max)["seed"] == gen2.MAX_SEED
     for name in ("seed", "motion_score"):
         with pytest.raises(GatewayError) as refused:
-            gen2.check_gen2_options({**at_max, name: gen2_options[name]["maximum"] + 1})
+            gen2.check_gen2_options({**at_max, name: documented[name]["maximum"] + 1})
         assert refused.value.param == f"options.gen2Options.{name}"
     with pytest.raises(GatewayError):
         admin.check_limits({"credits_per_day": admin.MAX_LIMIT + 1})
@@ -246,7 +246,7 @@ def test_nested_bodies_have_exactly_the_checked_fields() -> None:
     native = schemas["NativeCreate"]["properties"]
     assert set(native) == set(gen2.TOP_LEVEL)
     assert set(native["options"]["properties"]) == set(gen2.OPTIONS)
-    assert _props("Gen2Options") == set(gen2.GEN2_OPTION_TYPES)
+    assert _props("Gen2Options") == set(gen2_options.GEN2_OPTION_TYPES)
     assert _props("Policy") == {"force", "defaults", "hook_hosts"}
     assert set(schemas["TenantCreate"]["properties"]["limits"]["properties"]) == set(admin.ALL_LIMITS)
     form = _props("VideoCreateMultipart")

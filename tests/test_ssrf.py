@@ -27,6 +27,7 @@ from gateway.ssrf import (
     HookRefused,
     check_hook_url,
     classify,
+    entry_problem,
     normalise_host,
     resolve_hook,
     system_resolver,
@@ -101,6 +102,20 @@ REFUSED_ON_SUBMIT = [
     ("http://169.254.169.254/", ["169.254.0.0/16"]),
     ("http://[fd00:ec2::254]/", ["fd00:ec2::254"]),
     ("http://[::ffff:169.254.169.254]/", ["0.0.0.0/0", "::/0"]),
+    # a network wider than the special range is no permission for loopback or link-local
+    # (catch-alls are refused as entries, but a stored policy may still hold one)
+    ("http://127.0.0.1/", ["0.0.0.0/0"]),
+    ("http://127.0.0.1/", ["64.0.0.0/2"]),
+    ("http://[::1]/", ["::/0"]),
+    ("http://[::1]/", ["::/8"]),
+    ("http://[::ffff:127.0.0.1]/", ["0.0.0.0/0", "::/0"]),
+    ("http://[::ffff:127.0.0.1]/", ["::ffff:0:0/96"]),
+    ("http://[fe80::1]/", ["::/0"]),
+    ("http://[fe80::1]/", ["fe80::/9"]),
+    ("http://169.254.0.5/", ["0.0.0.0/0"]),
+    ("http://169.254.0.5/", ["169.0.0.0/8"]),
+    ("http://169.254.169.254/", ["0.0.0.0/0"]),
+    ("http://0.0.0.0/", ["0.0.0.0/0"]),
 ]
 
 
@@ -122,6 +137,10 @@ ACCEPTED = [
     ("http://0x7f.1:8080/hook", ["127.0.0.1"], {}, "127.0.0.1"),  # same address, other spelling
     ("http://[::1]/hook", ["::1"], {}, "::1"),
     ("http://127.0.0.5/hook", ["127.0.0.0/8"], {}, "127.0.0.5"),
+    ("http://127.0.0.5/hook", ["127.0.0.0/24"], {}, "127.0.0.5"),  # a CIDR inside the loopback range
+    ("http://[::ffff:127.0.0.1]/", ["127.0.0.0/8"], {}, "::ffff:127.0.0.1"),
+    ("http://169.254.0.5/", ["169.254.0.0/16"], {}, "169.254.0.5"),  # inside link-local
+    ("http://[fe80::1]/", ["fe80::/64"], {}, "fe80::1"),
     ("http://10.0.0.8/hook", ["10.0.0.0/8"], {}, "10.0.0.8"),
     ("http://10.0.0.8/hook", ["10.0.0.8"], {}, "10.0.0.8"),
     ("http://a.svc.internal/hook", ["*.svc.internal"], {"a.svc.internal": ["10.1.2.3"]}, "10.1.2.3"),
@@ -154,6 +173,9 @@ REFUSED_AFTER_DNS = [
     ("http://a.svc.internal/", ["*.svc.internal"], ["127.0.0.1"]),  # wildcard: loopback not enough
     ("http://a.svc.internal/", ["*.svc.internal"], ["169.254.0.5"]),  # nor link-local
     ("http://a.svc.internal/", ["*.svc.internal", "a.svc.internal"], ["169.254.169.254"]),
+    ("http://a.svc.internal/", ["*.svc.internal", "0.0.0.0/0"], ["127.0.0.1"]),  # a catch-all: not enough
+    ("http://a.svc.internal/", ["*.svc.internal", "::/0"], ["::1"]),
+    ("http://a.svc.internal/", ["*.svc.internal", "::/0"], ["fe80::1"]),
     ("http://evil.example.com/", [], []),  # no answer
     ("http://missing.example.com/", [], None),  # resolver error
 ]
@@ -466,3 +488,22 @@ def test_https_artifact_is_verified_against_its_host_name(
         # the same server by its address: not the allowed name, refused before connecting
         assert_refused(g, video_with_artifact(g, slow_sim, f"https://127.0.0.1:{good.port}/video.mp4"))
         assert len(good.seen) == 1
+
+
+@pytest.mark.parametrize(
+    "entry,refused",
+    [
+        ("0.0.0.0/0", True),
+        ("::/0", True),
+        ("0.0.0.0/7", True),
+        ("::/6", True),
+        ("::ffff:0:0/0", True),
+        ("10.0.0.0/8", False),
+        ("fc00::/7", False),
+        ("127.0.0.0/8", False),
+        ("hooks.example.com", False),
+    ],
+)
+def test_catch_all_entries_are_refused(entry: str, refused: bool) -> None:
+    problem = entry_problem(entry)
+    assert (problem is not None and "catch-all" in problem) if refused else problem is None

@@ -1333,6 +1333,19 @@ async def test_touch_keys_never_lowers_last_used(store: Store) -> None:
     assert await store.get_key("key_unknown") is None  # a touch creates nothing
 
 
+async def test_config_keys_last_use_is_kept_apart_and_never_lowered(store: Store) -> None:
+    """A config key has no record, but its id is stable: touch_keys keeps its time apart."""
+    version = await store.directory_version()
+    assert await store.config_key_uses(["key_cfg_aaaaaaaaaaaa"]) == {}
+    await store.touch_keys({"key_cfg_aaaaaaaaaaaa": T0 + 10.25, "key_cfg_bbbbbbbbbbbb": T0 + 20})
+    await store.touch_keys({"key_cfg_aaaaaaaaaaaa": T0 + 5})
+    uses = await store.config_key_uses(["key_cfg_aaaaaaaaaaaa", "key_cfg_bbbbbbbbbbbb", "key_cfg_cccccccccccc"])
+    assert uses == {"key_cfg_aaaaaaaaaaaa": T0 + 10.25, "key_cfg_bbbbbbbbbbbb": T0 + 20}
+    await store.touch_keys({"key_cfg_bbbbbbbbbbbb": T0 + 30})
+    assert await store.config_key_uses(["key_cfg_bbbbbbbbbbbb"]) == {"key_cfg_bbbbbbbbbbbb": T0 + 30}
+    assert await store.get_key("key_cfg_aaaaaaaaaaaa") is None and await store.directory_version() == version
+
+
 async def test_load_directory_and_list_keys_newest_first(store: Store) -> None:
     empty = await store.load_directory()
     assert empty == DirectorySnapshot(0, [], [])
@@ -1477,7 +1490,13 @@ async def test_rotate_key_keeps_the_old_hash_for_the_grace_period_or_drops_it(st
         dropped = await store.rotate_key(
             key.id, new_hash(2), "sk-gw-Two2", grace_until, T0 + 1, audit_entry("key.rotate")
         )
-        assert dropped == key_record("key_rot", expires_at=T0 + 500, secret_hash=new_hash(2), prefix="sk-gw-Two2")
+        assert dropped == key_record(
+            "key_rot",
+            expires_at=T0 + 500,
+            secret_hash=new_hash(2),
+            prefix="sk-gw-Two2",
+            earlier_hashes={key.secret_hash: T0 + 60},  # the first rotation's grace still holds
+        )
         assert await store.get_key(key.id) == dropped
     assert await audit_actions(store) == ["key.rotate"] * 3 + ["key.create"]
     assert await store.directory_version() == 4
@@ -1496,9 +1515,35 @@ async def test_rotate_webhook_secret_keeps_the_old_secret_for_the_grace_period_o
     )
     assert await store.get_tenant(TENANT) == graced
     dropped = await store.rotate_webhook_secret(TENANT, "whsec_3rd", None, T0 + 6, audit_entry("tenant.rotate"))
-    assert dropped == tenant_record(name="n", webhook_secret="whsec_3rd", updated_at=T0 + 6)
+    assert dropped == tenant_record(
+        name="n", webhook_secret="whsec_3rd", updated_at=T0 + 6, earlier_webhook_secrets={"whsec_old": T0 + 60}
+    )
     assert await store.get_tenant(TENANT) == dropped
     assert await store.directory_version() == 3
+    gone = await store.rotate_webhook_secret(TENANT, "whsec_4th", None, T0 + 60, audit_entry("tenant.rotate"))
+    assert gone == tenant_record(name="n", webhook_secret="whsec_4th", updated_at=T0 + 60)  # its grace over
+
+
+async def test_overlapping_rotations_each_keep_the_grace_they_gave(store: Store) -> None:
+    """A rotation's grace holds for the secret it replaced, whatever later rotations give
+    theirs: A -> B (A until +100.5), B -> C (B until +20), C -> D (no grace) leaves A
+    until +100.5 and B until +20; a rotation after +20 drops B, after +100.5 drops A."""
+    key = key_record("key_overlap")
+    await store.create_key(key, audit_entry("key.create", key_id=key.id))
+    a, b, c, d, e = key.secret_hash, new_hash(1), new_hash(2), new_hash(3), new_hash(4)
+    await store.rotate_key(key.id, b, "sk-gw-0001", T0 + 100.5, T0, audit_entry("key.rotate"))
+    second = await store.rotate_key(key.id, c, "sk-gw-0002", T0 + 20, T0 + 10, audit_entry("key.rotate"))
+    assert second is not None and (second.previous_hash, second.previous_expires_at) == (b, T0 + 20)
+    assert second.earlier_hashes == {a: T0 + 100.5}
+    third = await store.rotate_key(key.id, d, "sk-gw-0003", None, T0 + 11, audit_entry("key.rotate"))
+    assert third is not None and third.secret_hash == d and third.previous_hash == ""
+    assert third.earlier_hashes == {a: T0 + 100.5, b: T0 + 20.0}
+    assert await store.get_key(key.id) == third
+    assert [k.earlier_hashes for k in (await store.load_directory()).keys if k.id == key.id] == [third.earlier_hashes]
+    later = await store.rotate_key(key.id, e, "sk-gw-0004", None, T0 + 50, audit_entry("key.rotate"))
+    assert later is not None and later.earlier_hashes == {a: T0 + 100.5}
+    last = await store.rotate_key(key.id, new_hash(5), "sk-gw-0005", T0 + 200, T0 + 101, audit_entry("key.rotate"))
+    assert last is not None and last.earlier_hashes == {} and last.previous_hash == e
 
 
 async def test_rotating_an_unknown_or_revoked_key_or_unknown_tenant_writes_nothing(store: Store) -> None:
@@ -1538,6 +1583,9 @@ async def test_concurrent_rotations_of_one_key_chain(store: Store) -> None:
     assert sorted(replaced) == sorted({key.secret_hash, *(new_hash(i) for i in range(n))} - {final.secret_hash})
     last = next(r for r in results if r is not None and r.secret_hash == final.secret_hash)
     assert final == last  # the previous hash is the one current just before the last rotation
+    # every replaced hash keeps its grace: the last one replaced as previous, the rest earlier
+    assert sorted([final.previous_hash, *final.earlier_hashes]) == sorted(replaced)
+    assert set(final.earlier_hashes.values()) == {T0 + 60}
 
 
 # --- webhook deliveries an operator can see and redeliver ----------------------------------

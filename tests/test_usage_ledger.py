@@ -391,3 +391,35 @@ def test_grouping_sums_over_what_is_not_grouped_by() -> None:
         "json",
     )
     assert parse_query({"group_by": " key , day,key"}, 0).group_by == ("day", "key")
+
+
+def test_csv_neutralises_cells_a_spreadsheet_would_compute(sqlite_env: tuple[GatewayProcess, Simulator]) -> None:
+    """A tenant id like `-1-1` (ids may start with `-`) is a formula to Excel: the CSV
+    writes it as `'-1-1` (OWASP's rule); the counters stay plain numbers."""
+    g, _ = sqlite_env
+    made = httpx.post(f"{g.url}/admin/v1/tenants", json={"id": "-1-1"}, headers=ADMIN, timeout=10)
+    assert made.status_code == 201, made.text
+    key = httpx.post(f"{g.url}/admin/v1/tenants/-1-1/keys", json={"name": "=cmd"}, headers=ADMIN, timeout=10)
+    assert key.status_code == 201, key.text
+    secret = key.json()["secret"]
+
+    def create() -> int:
+        headers = {"Authorization": f"Bearer {secret}"}
+        return httpx.post(f"{g.url}/runway/tasks", json=gen2_body("csv"), headers=headers, timeout=10).status_code
+
+    wait_until(lambda: create() == 200, timeout=5)
+    resp = usage_report(g, format="csv", tenant="-1-1", group_by="tenant")
+    assert resp.status_code == 200, resp.text
+    table = list(csv.reader(io.StringIO(resp.text)))
+    assert table == [["tenant", *COUNTERS], ["'-1-1", "1", "0", "0", "10", "0"]]
+
+
+@pytest.mark.parametrize("text", ["=1+1", "+1", "-1-1", "@SUM(A1)", "\tx", "\rx"])
+def test_csv_cells_starting_a_formula_get_a_quote(text: str) -> None:
+    ledger = [LedgerRow("2026-01-01", text, text, tasks_created=3, credits_charged=30)]
+    query = UsageQuery("2026-01-01", "2026-01-01", group_by=("tenant", "key"), format="csv")
+    table = list(csv.reader(io.StringIO(to_csv(group(ledger, query.group_by), query))))
+    assert table[1] == ["'" + text, "'" + text, "3", "0", "0", "30", "0"]
+    plain = UsageQuery("2026-01-01", "2026-01-01", group_by=("tenant",), format="csv")
+    safe = [LedgerRow("2026-01-01", "a-1", None, tasks_created=1)]
+    assert list(csv.reader(io.StringIO(to_csv(group(safe, plain.group_by), plain))))[1][0] == "a-1"

@@ -16,8 +16,8 @@ import dataclasses
 from typing import Any
 
 from gateway import gen2, videos
-from gateway.admin import ACTIONS, MAX_LIMIT, MAX_NAME, MAX_SECONDS
-from gateway.config import GEN2_INT_RANGES, GEN2_OPTION_TYPES
+from gateway.admin import ACTIONS, MAX_LIMIT, MAX_NAME, MAX_SECONDS, NAME_INVISIBLE, NAME_REFUSED
+from gateway.gen2_options import GEN2_INT_RANGES, GEN2_OPTION_TYPES, MAX_PROMPT_CHARS, MAX_URL_CHARS, URL_FIELDS
 from gateway.store.base import ALL_LIMITS, STATUS_RANK, Usage
 from gateway.uploads import ALLOWED_TYPES
 
@@ -75,11 +75,11 @@ def _gen2_value(name: str) -> Schema:
     if name == "mode":
         return {"type": "string", "enum": ["gen2"]}
     if name == "text_prompt":
-        return {"type": "string", "maxLength": gen2.MAX_PROMPT_CHARS}
-    if name in gen2.URL_FIELDS:
+        return {"type": "string", "maxLength": MAX_PROMPT_CHARS}
+    if name in URL_FIELDS:
         return {
             "type": "string",
-            "maxLength": gen2.MAX_URL_CHARS,
+            "maxLength": MAX_URL_CHARS,
             "pattern": "^$|^https://",
             "description": "An https:// URL without credentials; an empty string is dropped.",
         }
@@ -103,7 +103,7 @@ def _non_empty(name: str) -> Schema:
 
 def gen2_policy_fields() -> Schema:
     """`force` / `defaults` of a policy: gen2Options fields under the create's bounds
-    (`config.parse_policy` checks them with `gen2.option_value_problem`)."""
+    (`config.parse_policy` checks them with `gen2_options.option_value_problem`)."""
     return obj({name: _gen2_value(name) for name in GEN2_OPTION_TYPES})
 
 
@@ -148,7 +148,7 @@ def _video_fields() -> dict[str, Schema]:
     fields = _typed(
         videos.CREATE_FIELDS,
         {
-            "prompt": {"type": "string", "maxLength": gen2.MAX_PROMPT_CHARS},
+            "prompt": {"type": "string", "maxLength": MAX_PROMPT_CHARS},
             "model": {"type": "string", "enum": models, "default": videos.DEFAULT_MODEL},
             "seconds": {
                 "type": ["string", "integer"],
@@ -214,12 +214,11 @@ def policy() -> Schema:
     )
 
 
-_CONTROL = r"\x00-\x1f\x7f-\x9f"  # admin.CONTROL_RE: refused in names
-NAME: Schema = {
+NAME: Schema = {  # admin.check_name: nothing refused, and one visible character
     "type": "string",
     "minLength": 1,
     "maxLength": MAX_NAME,
-    "pattern": f"^[^{_CONTROL}]*[^\\s{_CONTROL}][^{_CONTROL}]*$",
+    "pattern": f"^[^{NAME_REFUSED}]*[^\\s{NAME_REFUSED}{NAME_INVISIBLE}][^{NAME_REFUSED}]*$",
 }
 GRACE = integer(0, MAX_SECONDS, "Seconds the previous secret keeps working; 0 = none.")
 

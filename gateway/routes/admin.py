@@ -1,6 +1,7 @@
 """Operator routes under /admin: the admin API v1 (tenants, keys, audit trail, webhook
 deliveries) and the older usage read. Every change is one store operation that also
-appends its audit entry."""
+appends its audit entry; this process's directory then takes it before the answer is sent
+(`DirectoryCache.apply_own_change`), so a key minted here works here at once."""
 
 from __future__ import annotations
 
@@ -13,14 +14,15 @@ from starlette.routing import Route
 
 from gateway import admin, usage
 from gateway.admin import ACTIONS, AdminKey, AdminTenant, AdminView, AuditContext, page
-from gateway.auth import AuthFailure, key_hash
-from gateway.errors import GatewayError, bad_request, not_found
+from gateway.auth import key_hash
+from gateway.errors import AuthFailure, GatewayError, bad_request, not_found
 from gateway.keygen import new_key, new_key_id, new_webhook_secret
 from gateway.middleware import client_ip
 from gateway.routes.common import context, json_response, page_limit, read_json, services
 from gateway.store.base import WEBHOOK_STATES, KeyRecord
 
 PAGE_DEFAULT, PAGE_MAX = 100, 1000
+SECRET_HEADERS = {"cache-control": "no-store"}  # an answer carrying a secret: kept by no cache
 
 
 def _require_admin(request: Request) -> AuditContext:
@@ -77,7 +79,8 @@ async def create_tenant(request: Request) -> Response:
     changes = {k: v for k, v in created.to_json().items() if k in ("name", "enabled", "limits", "policy")}
     if not await s.store.create_tenant(record, audit.entry("tenant.create", now, record.id, changes=changes)):
         raise conflict
-    return json_response({**created.to_json(), "webhook_secret": record.webhook_secret}, 201)
+    await s.directory.apply_own_change()
+    return json_response({**created.to_json(), "webhook_secret": record.webhook_secret}, 201, SECRET_HEADERS)
 
 
 async def show_tenant(request: Request) -> Response:
@@ -101,6 +104,7 @@ async def update_tenant(request: Request) -> Response:
     )
     if record is None:
         raise not_found(f"No tenant with id {tenant.id!r}.", "tenant_not_found", "id")
+    await s.directory.apply_own_change()
     return json_response(AdminTenant.from_record(record).to_json())
 
 
@@ -116,7 +120,8 @@ async def rotate_webhook_secret(request: Request) -> Response:
     record = await s.store.rotate_webhook_secret(tenant.id, secret, now + grace if grace else None, now, entry)
     if record is None:
         raise not_found(f"No tenant with id {tenant.id!r}.", "tenant_not_found", "id")
-    return json_response({**AdminTenant.from_record(record).to_json(), "webhook_secret": secret})
+    await s.directory.apply_own_change()
+    return json_response({**AdminTenant.from_record(record).to_json(), "webhook_secret": secret}, 200, SECRET_HEADERS)
 
 
 # --- keys ------------------------------------------------------------------------------
@@ -149,7 +154,8 @@ async def create_key(request: Request) -> Response:
     )
     changes = {"name": name, "expires_at": expires_at}
     await s.store.create_key(record, audit.entry("key.create", now, tenant.id, record.id, changes))
-    return json_response({**AdminKey.from_record(record).to_json(), "secret": secret}, 201)
+    await s.directory.apply_own_change()
+    return json_response({**AdminKey.from_record(record).to_json(), "secret": secret}, 201, SECRET_HEADERS)
 
 
 async def show_key(request: Request) -> Response:
@@ -181,6 +187,7 @@ async def rotate_key(request: Request) -> Response:
     record = await s.store.rotate_key(key.id, key_hash(secret), secret[:10], grace_until, now, entry)
     if record is not None and record.revoked_at is not None:  # refused, nothing written
         raise GatewayError(409, "key_revoked", f"Key {key.id!r} is revoked: mint a new one.", param="key_id")
+    await s.directory.apply_own_change()
     return _key_response(key.id, record, secret)
 
 
@@ -192,11 +199,16 @@ async def revoke_key(request: Request) -> Response:
     key = await _directory(request).api_key(request.path_params["key_id"])
     now = s.clock()
     entry = audit.entry("key.revoke", now, key.tenant_id, key.id, {"revoked_at": admin.unix_time(now)})
-    return _key_response(key.id, await s.store.revoke_key(key.id, now, entry))
+    record = await s.store.revoke_key(key.id, now, entry)
+    await s.directory.apply_own_change()
+    return _key_response(key.id, record)
 
 
 async def _change_key(request: Request, key: KeyRecord, changes: dict[str, Any], entry: Any) -> Response:
-    return _key_response(key.id, await services(request).store.update_key(key.id, changes, entry))
+    s = services(request)
+    record = await s.store.update_key(key.id, changes, entry)
+    await s.directory.apply_own_change()
+    return _key_response(key.id, record)
 
 
 def _key_response(key_id: str, record: KeyRecord | None, secret: str | None = None) -> Response:
@@ -205,7 +217,7 @@ def _key_response(key_id: str, record: KeyRecord | None, secret: str | None = No
     if record is None:
         raise not_found(f"No key with id {key_id!r}.", "key_not_found", "key_id")
     body = AdminKey.from_record(record).to_json()
-    return json_response({**body, "secret": secret} if secret else body)
+    return json_response({**body, "secret": secret}, 200, SECRET_HEADERS) if secret else json_response(body)
 
 
 # --- audit trail -----------------------------------------------------------------------

@@ -10,8 +10,8 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.auth import AuthFailure, Principal
-from gateway.errors import GatewayError, bad_request
+from gateway.auth import Principal
+from gateway.errors import AuthFailure, GatewayError, bad_request
 from gateway.gen2 import Gen2Request
 from gateway.idempotency import fingerprint, idempotency_key, run_idempotent
 from gateway.middleware import RequestContext, request_context

@@ -280,15 +280,22 @@ class TenantRecord:
     # during a webhook secret rotation's grace period deliveries are signed with both
     previous_webhook_secret: str = ""
     previous_webhook_secret_expires_at: float | None = None
+    # secrets replaced by earlier rotations whose grace has not ended: secret -> its end
+    earlier_webhook_secrets: dict[str, float] = field(default_factory=dict)
     created_at: float = 0.0
     updated_at: float = 0.0
+
+
+CONFIG_KEY_PREFIX = "key_cfg_"  # the id of a key listed in the config file: no record here
 
 
 @dataclass
 class KeyRecord:
     """An API key minted through the admin API (for an API or a config tenant). Only the
     SHA-256 of its secret is kept (`sha256:<hex>`, the config form); during a rotation's
-    grace period the previous secret's hash is kept too, until `previous_expires_at`."""
+    grace period the previous secret's hash is kept too, until `previous_expires_at`, and
+    the hashes replaced by earlier rotations still in their grace in `earlier_hashes`
+    (hash -> end), so overlapping rotations each keep the grace they gave."""
 
     id: str  # key_<hex>
     tenant_id: str
@@ -297,6 +304,7 @@ class KeyRecord:
     secret_hash: str
     previous_hash: str = ""
     previous_expires_at: float | None = None
+    earlier_hashes: dict[str, float] = field(default_factory=dict)
     created_at: float = 0.0
     expires_at: float | None = None
     last_used_at: float | None = None
@@ -591,8 +599,9 @@ class Store(abc.ABC):
         """Make `new_secret` the tenant's webhook secret, append `audit` and bump the
         version, in one atomic step: the secret stored at that moment (not one read
         earlier, so concurrent rotations chain) becomes the previous one until
-        `grace_until`, or is dropped when `grace_until` is None or not after `now`.
-        `updated_at` = now. Returns the tenant as stored, or None (nothing written) when
+        `grace_until`, or is dropped when `grace_until` is None or not after `now`; a
+        previous secret still in its own grace moves to `earlier_webhook_secrets` and keeps
+        it (expired ones are dropped). `updated_at` = now. Returns the tenant as stored, or None (nothing written) when
         unknown."""
 
     @abc.abstractmethod
@@ -616,7 +625,8 @@ class Store(abc.ABC):
         """Make `new_hash` (and `new_prefix`) the key's secret, append `audit` and bump the
         version, in one atomic step: the hash stored at that moment (not one read earlier,
         so concurrent rotations chain) becomes `previous_hash` until `grace_until`, or is
-        dropped when `grace_until` is None or not after `now`. Returns the key as stored;
+        dropped when `grace_until` is None or not after `now`; a previous hash still in its
+        own grace moves to `earlier_hashes` and keeps it (expired ones are dropped). Returns the key as stored;
         None (nothing written) when unknown; a revoked key is refused: returned as stored,
         `revoked_at` set, with nothing written."""
 
@@ -637,7 +647,13 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def touch_keys(self, last_used: dict[str, float]) -> None:
         """Raise each key's `last_used_at` to the given time (never lower it), batched by
-        the caller; does not bump the directory version (it changes no authentication)."""
+        the caller; does not bump the directory version (it changes no authentication).
+        A config key (id `CONFIG_KEY_PREFIX...`) has no record: its time is kept apart, by
+        id, the same way (read with `config_key_uses`); other unknown ids are skipped."""
+
+    @abc.abstractmethod
+    async def config_key_uses(self, key_ids: list[str]) -> dict[str, float]:
+        """The `last_used_at` `touch_keys` kept for these config key ids (absent: never)."""
 
     @abc.abstractmethod
     async def append_audit(self, entry: AuditEntry) -> bool:

@@ -29,6 +29,7 @@ TENANT_KINDS = {
     "webhook_secret": "text",
     "previous_webhook_secret": "text",
     "previous_webhook_secret_expires_at": "time",
+    "earlier_webhook_secrets": "graces",
     "created_at": "time",
     "updated_at": "time",
 }
@@ -39,6 +40,7 @@ KEY_KINDS = {
     "secret_hash": "text",
     "previous_hash": "text",
     "previous_expires_at": "time",
+    "earlier_hashes": "graces",
     "created_at": "time",
     "expires_at": "time",
     "last_used_at": "time",
@@ -53,6 +55,8 @@ KEY_CHANGES = frozenset(
 
 
 def _encode(kind: str, value: Any) -> str:
+    if kind == "graces":  # secret -> end of its grace, each end a time string (Lua keeps it exact)
+        return orjson.dumps({k: repr(float(v)) for k, v in value.items()}).decode()
     if kind == "bool":
         return "1" if value else "0"
     if kind == "time":
@@ -63,6 +67,8 @@ def _encode(kind: str, value: Any) -> str:
 
 
 def _decode(kind: str, value: str) -> Any:
+    if kind == "graces":
+        return {k: float(v) for k, v in orjson.loads(value).items()}
     if kind == "bool":
         return value == "1"
     if kind == "time":
@@ -76,7 +82,7 @@ def _fields(record: Any, kinds: Mapping[str, str]) -> Fields:
     out = {"id": record.id}
     for name, kind in kinds.items():
         value = getattr(record, name)
-        if value is not None:
+        if value is not None and value != {}:
             out[name] = _encode(kind, value)
     return out
 
@@ -142,10 +148,15 @@ def key_changes(changes: Mapping[str, Any]) -> tuple[Fields, list[str]]:
     return _changes(changes, KEY_CHANGES, KEY_KINDS)
 
 
-# A rotation's slots: the field holding the secret (or its hash), the previous one's, and
-# when the previous one stops working.
-KEY_SECRET = ("secret_hash", "previous_hash", "previous_expires_at")
-TENANT_SECRET = ("webhook_secret", "previous_webhook_secret", "previous_webhook_secret_expires_at")
+# A rotation's slots: the field holding the secret (or its hash), the previous one's, when
+# the previous one stops working, and the earlier ones still in their grace (with their ends).
+KEY_SECRET = ("secret_hash", "previous_hash", "previous_expires_at", "earlier_hashes")
+TENANT_SECRET = (
+    "webhook_secret",
+    "previous_webhook_secret",
+    "previous_webhook_secret_expires_at",
+    "earlier_webhook_secrets",
+)
 
 
 def grace_field(grace_until: float | None, now: float) -> str:
@@ -155,14 +166,29 @@ def grace_field(grace_until: float | None, now: float) -> str:
     return _encode("time", grace_until) if grace_until is not None and grace_until > now else ""
 
 
-def rotated(h: Mapping[str, str], slots: tuple[str, str, str], put: Fields, grace: str) -> tuple[Fields, list[str]]:
-    """(set, delete) for a rotation of the stored record `h` (mirrored by rotate_secret in
-    lib.lua): `put` holds the new secret; the one stored now moves to the previous slot
-    until `grace` (grace_field), or the previous slot is emptied when `grace` is ''."""
-    current, previous, expires = slots
-    if not grace:
-        return put, [previous, expires]
-    return {**put, previous: h.get(current, ""), expires: grace}, []
+def rotated(
+    h: Mapping[str, str], slots: tuple[str, str, str, str], put: Fields, grace: str, now: float
+) -> tuple[Fields, list[str]]:
+    """(set, delete) for a rotation of the stored record `h` at `now` (mirrored by
+    rotate_secret in lib.lua): `put` holds the new secret; the one stored now moves to the
+    previous slot until `grace` (grace_field), or the previous slot is emptied when `grace`
+    is ''. A previous secret still in its own grace joins the earlier ones, which keep
+    theirs: each rotation's grace holds for the secret it replaced. Expired ones go."""
+    current, previous, expires, earlier = slots
+    kept = {k: v for k, v in orjson.loads(h.get(earlier, "{}")).items() if float(v) > now}
+    if h.get(previous) and expires in h and float(h[expires]) > now:
+        kept[h[previous]] = h[expires]
+    out: Fields = dict(put)
+    drop: list[str] = []
+    if grace:
+        out.update({previous: h.get(current, ""), expires: grace})
+    else:
+        drop += [previous, expires]
+    if kept:
+        out[earlier] = orjson.dumps(kept).decode()
+    else:
+        drop.append(earlier)
+    return out, drop
 
 
 def merged(h: Mapping[str, str], put: Fields, drop: list[str]) -> Fields:

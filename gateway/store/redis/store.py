@@ -706,7 +706,8 @@ class RedisStore(Store):
         self, tenant_id: str, new_secret: str, grace_until: float | None, now: float, audit: AuditEntry
     ) -> TenantRecord | None:
         put, _ = directory.tenant_changes({"webhook_secret": new_secret}, now)
-        args = [self.prefix, _fields_blob(put), directory.grace_field(grace_until, now), *_audit_args(audit)]
+        grace = directory.grace_field(grace_until, now)
+        args = [self.prefix, _fields_blob(put), grace, _num(now), *_audit_args(audit)]
         fields = _fields(await self._rotate_webhook_secret(keys=[self._k("ten", tenant_id)], args=args))
         return directory.tenant_from_fields(fields) if fields is not None else None
 
@@ -731,7 +732,8 @@ class RedisStore(Store):
         self, key_id: str, new_hash: str, new_prefix: str, grace_until: float | None, now: float, audit: AuditEntry
     ) -> KeyRecord | None:
         put, _ = directory.key_changes({"secret_hash": new_hash, "prefix": new_prefix})
-        args = [self.prefix, _fields_blob(put), directory.grace_field(grace_until, now), *_audit_args(audit)]
+        grace = directory.grace_field(grace_until, now)
+        args = [self.prefix, _fields_blob(put), grace, _num(now), *_audit_args(audit)]
         fields = _fields(await self._rotate_key(keys=[self._k("key", key_id)], args=args))
         return directory.key_from_fields(fields) if fields is not None else None
 
@@ -754,6 +756,12 @@ class RedisStore(Store):
             return
         args = [self.prefix, *(x for key_id, at in last_used.items() for x in (key_id, _num(at)))]
         await self._touch_keys(args=args)
+
+    async def config_key_uses(self, key_ids: list[str]) -> dict[str, float]:
+        if not key_ids:
+            return {}
+        times = await self._r.execute("HMGET", self._k("cfgused"), *key_ids)
+        return {k: float(_s(t)) for k, t in zip(key_ids, times, strict=True) if t is not None}
 
     async def append_audit(self, entry: AuditEntry) -> bool:
         return bool(await self._append_audit(args=[self.prefix, *_audit_args(entry)]))

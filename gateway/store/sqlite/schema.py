@@ -101,6 +101,7 @@ CREATE TABLE IF NOT EXISTS ledger (
 CREATE INDEX IF NOT EXISTS ledger_by_tenant ON ledger (tenant, day);
 -- the directory (store/directory.py): `data` is the JSON of a record's field map
 CREATE TABLE IF NOT EXISTS tenants (id TEXT PRIMARY KEY, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS config_key_uses (id TEXT PRIMARY KEY, last_used_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS api_keys (
     id TEXT PRIMARY KEY,
     tenant TEXT NOT NULL,

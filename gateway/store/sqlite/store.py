@@ -25,6 +25,7 @@ import orjson
 
 from gateway.store import directory, rules
 from gateway.store.base import (
+    CONFIG_KEY_PREFIX,
     DEAD_EVENT_RETENTION,
     LAST_ERROR_MAX,
     LEDGER_COUNTERS,
@@ -649,6 +650,13 @@ class SQLiteStore(Store):
             return
         async with self._tx:
             for key_id, used_at in last_used.items():
+                if key_id.startswith(CONFIG_KEY_PREFIX):
+                    self.db.execute(
+                        "INSERT INTO config_key_uses (id, last_used_at) VALUES (?, ?) ON CONFLICT (id) DO UPDATE"
+                        " SET last_used_at = excluded.last_used_at WHERE excluded.last_used_at > last_used_at",
+                        (key_id, used_at),
+                    )
+                    continue
                 row = self.db.execute("SELECT data FROM api_keys WHERE id = ?", (key_id,)).fetchone()
                 if row is None:
                     continue
@@ -659,6 +667,16 @@ class SQLiteStore(Store):
                     self.db.execute(
                         "UPDATE api_keys SET data = ? WHERE id = ?", (orjson.dumps(fields).decode(), key_id)
                     )
+
+    async def config_key_uses(self, key_ids: list[str]) -> dict[str, float]:
+        if not key_ids:
+            return {}
+        marks = ",".join("?" * len(key_ids))
+        with OUTAGE:
+            rows = self.reader.execute(
+                f"SELECT id, last_used_at FROM config_key_uses WHERE id IN ({marks})", key_ids
+            ).fetchall()
+        return {r["id"]: float(r["last_used_at"]) for r in rows}
 
     async def append_audit(self, entry: AuditEntry) -> bool:
         async with self._tx:
@@ -737,7 +755,7 @@ class SQLiteStore(Store):
         self,
         table: str,
         row_id: str,
-        slots: tuple[str, str, str],
+        slots: tuple[str, str, str, str],
         put: dict[str, str],
         grace_until: float | None,
         now: float,
@@ -747,7 +765,8 @@ class SQLiteStore(Store):
         row = self.db.execute(f"SELECT data FROM {table} WHERE id = ?", (row_id,)).fetchone()
         if row is None:
             return None
-        put, drop = directory.rotated(orjson.loads(row["data"]), slots, put, directory.grace_field(grace_until, now))
+        stored = orjson.loads(row["data"])
+        put, drop = directory.rotated(stored, slots, put, directory.grace_field(grace_until, now), now)
         return self._update_fields(table, row_id, put, drop)
 
     def _directory_changed(self, audit: AuditEntry) -> None:

@@ -228,18 +228,34 @@ local function update_record(key)
 end
 
 -- rotate_key / rotate_webhook_secret (directory.rotated): ARGV P, fields to set (JSON pairs,
--- the new secret), grace end ('' = none), audit (5). The secret in the `current` field now
--- moves to `previous` until the grace end, or `previous` and `expires` are deleted ->
--- the record's fields as JSON, or '' (nothing written) when unknown.
-local function rotate_secret(key, current, previous, expires)
+-- the new secret), grace end ('' = none), now, audit (5). The secret in the `current` field
+-- now moves to `previous` until the grace end, or `previous` and `expires` are deleted; a
+-- previous secret still in its own grace joins `earlier` (JSON secret -> end, as strings),
+-- whose expired entries are dropped -> the record's fields as JSON, or '' (nothing written)
+-- when unknown.
+local function rotate_secret(key, current, previous, expires, earlier)
   if redis.call('EXISTS', key) == 0 then return '' end
-  local grace = ARGV[3]
+  local grace, now = ARGV[3], tonumber(ARGV[4])
+  local kept, n = {}, 0
+  local stored = redis.call('HGET', key, earlier)
+  if stored then
+    for secret, ends in pairs(cjson.decode(stored)) do
+      if tonumber(ends) > now then kept[secret] = ends; n = n + 1 end
+    end
+  end
+  local old, old_end = redis.call('HGET', key, previous), redis.call('HGET', key, expires)
+  if old and old ~= '' and old_end and tonumber(old_end) > now then kept[old] = old_end; n = n + 1 end
   if grace == '' then
     redis.call('HDEL', key, previous, expires)
   else
     redis.call('HSET', key, previous, redis.call('HGET', key, current) or '', expires, grace)
   end
+  if n > 0 then
+    redis.call('HSET', key, earlier, cjson.encode(kept))
+  else
+    redis.call('HDEL', key, earlier)
+  end
   hset_flat(key, ARGV[2])
-  directory_changed(4)
+  directory_changed(5)
   return cjson.encode(redis.call('HGETALL', key))
 end

@@ -5,4 +5,4 @@ local key = KEYS[1]
 if redis.call('HEXISTS', key, 'revoked_at') == 1 then
   return cjson.encode(redis.call('HGETALL', key))
 end
-return rotate_secret(key, 'secret_hash', 'previous_hash', 'previous_expires_at')
+return rotate_secret(key, 'secret_hash', 'previous_hash', 'previous_expires_at', 'earlier_hashes')
