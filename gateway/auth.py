@@ -18,7 +18,7 @@ from typing import Any
 import jwt
 
 from gateway.config import JWTConfig, Tenant
-from gateway.directory import Directory
+from gateway.directory import Directory, KeyEntry
 from gateway.errors import GatewayError
 
 JWKS_CACHE_SECONDS = 300
@@ -29,6 +29,7 @@ class Principal:
     tenant: Tenant
     method: str  # "key" | "jwt"
     key_id: str | None = None  # the API key's id (None for a JWT)
+    key: KeyEntry | None = None  # the API key's entry: its own limits, scopes and networks (§15)
 
 
 def key_hash(key: str) -> str:
@@ -72,7 +73,7 @@ class Authenticator:
         directory = self._directory()
         entry = directory.key(key_hash(credential), self._clock())
         if entry is not None:
-            principal = Principal(directory.tenants[entry.tenant_id], "key", entry.key_id)
+            principal = Principal(directory.tenants[entry.tenant_id], "key", entry.key_id, entry)
         elif directory.jwt is not None and credential.count(".") == 2:
             principal = Principal(self._tenant_from_jwt(directory, directory.jwt, credential), "jwt")
         else:

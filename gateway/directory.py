@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import ipaddress
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.config import Config, Policy, Tenant
 from gateway.ssrf import HookPolicy
-from gateway.store.base import DirectorySnapshot, KeyRecord, Store, TenantRecord
+from gateway.store.base import DirectorySnapshot, KeyLimits, KeyRecord, Store, TenantRecord
 
 if TYPE_CHECKING:
     from gateway.auth import JWTVerifier
@@ -49,6 +50,11 @@ class KeyEntry:
     expires_at: float | None = None
     revoked_at: float | None = None
     until: float | None = None  # the end of a rotation's grace period (previous secret only)
+    # contract §15, API keys only: its own limits (None: none, so admission does no extra
+    # work), scopes (None: all) and networks (None: anywhere)
+    limits: KeyLimits | None = None
+    scopes: frozenset[str] | None = None
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None = None
 
     def valid(self, now: float) -> bool:
         if self.revoked_at is not None:  # never compared with a clock: skew cannot undo it
@@ -149,11 +155,22 @@ def runtime_tenant(record: TenantRecord) -> Tenant:
 
 
 def key_entries(key: KeyRecord) -> dict[str, KeyEntry]:
-    current = KeyEntry(key.id, key.tenant_id, key.expires_at, key.revoked_at)
+    """A stored key's entries: its current secret and, during a rotation's grace period,
+    its previous one, both with the key's limits, scopes and networks (a rotation keeps them)."""
+    extras: dict[str, Any] = {
+        "limits": KeyLimits(key.id, key.limits) if key.limits.has_any() else None,
+        "scopes": frozenset(key.scopes) if key.scopes is not None else None,
+        "networks": (
+            tuple(ipaddress.ip_network(c, strict=False) for c in key.allowed_cidrs)
+            if key.allowed_cidrs is not None
+            else None
+        ),
+    }
+    current = KeyEntry(key.id, key.tenant_id, key.expires_at, key.revoked_at, **extras)
     entries = {key.secret_hash: current}
     if key.previous_hash and key.previous_expires_at is not None:
         entries[key.previous_hash] = KeyEntry(
-            key.id, key.tenant_id, key.expires_at, key.revoked_at, until=key.previous_expires_at
+            key.id, key.tenant_id, key.expires_at, key.revoked_at, until=key.previous_expires_at, **extras
         )
     return entries
 
