@@ -193,13 +193,11 @@ def _check_quota(
     return refusal
 
 
-def take_requests(
-    q: Quota, limits: Limits, now: float, key: tuple[Quota, Limits] | None = None
-) -> tuple[Admission, list[RateInfo]]:
+def take_requests(q: Quota, limits: Limits, now: float, key: tuple[Quota, Limits] | None = None) -> Admission:
     """One requests_per_minute token from the tenant's bucket and, with `key`, from the
-    key's: both or neither (the tokens are taken in the quotas only when both admit).
-    Returns the admission (its rate the tightest bucket, as after a take or as it stands
-    when refused) and each bucket's info."""
+    key's: both or neither (the tokens are taken in the quotas only when both admit; the
+    tenant's bucket is named first when both are empty). The admission's rate is the
+    tightest bucket, as after the take, or as it stands when refused."""
     takes: list[tuple[Quota, int, float, bool, str]] = []
     for quota, lims, prefix in _quotas(q, limits, key):
         cap = lims.requests_per_minute
@@ -211,10 +209,10 @@ def take_requests(
     rate = tightest(infos)
     if failed is not None:
         _, cap, level, _, prefix = failed
-        return Admission(False, prefix + "requests_per_minute", bucket_retry_after(level, cap), rate), infos
+        return Admission(False, prefix + "requests_per_minute", bucket_retry_after(level, cap), rate)
     for quota, _, level, _, _ in takes:
         quota.rpm_tokens, quota.rpm_ts = level, max(quota.rpm_ts, now)
-    return Admission(True, rate=rate), infos
+    return Admission(True, rate=rate)
 
 
 def budget_exceeded(q: Quota, limits: Limits, credits: int) -> str | None:

@@ -142,7 +142,7 @@ class SQLiteStore(Store):
         if key is not None and key.limits.requests_per_minute is not None:
             async with self._tx:
                 q, kq = self._quota(tenant_id, now), self._quota(key.key_id, now, KEY_QUOTA)
-                admission, _ = rules.take_requests(q, limits, now, _with_limits(kq, key))
+                admission = rules.take_requests(q, limits, now, _with_limits(kq, key))
                 if admission.ok:
                     self._save_quota(tenant_id, q)
                     self._save_quota(key.key_id, kq, KEY_QUOTA)
