@@ -310,14 +310,20 @@ def test_a_key_limit_refuses_with_its_name_headers_and_metric(gw: GatewayProcess
     assert "requests_per_minute" in error["message"] and "API key's own limit" in error["message"]
 
 
-# --- two replicas on one Redis -------------------------------------------------------------
+# --- two replicas on one store ----------------------------------------------------------------
 
 
-@pytest.fixture
-def redis_pair(tmp_path: Path, redis_store_url: str) -> Iterator[list[GatewayProcess]]:
+@pytest.fixture(params=["redis", "sqlite"])
+def replica_pair(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[list[GatewayProcess]]:
+    """Two gateway processes on one private Redis, or on one SQLite file."""
+    url = (
+        request.getfixturevalue("redis_store_url")
+        if request.param == "redis"
+        else f"sqlite:///{tmp_path / 'shared.db'}"
+    )
     sim = Simulator(tmp_path, seconds_to_finish=60)
     sim.start()
-    pair = [GatewayProcess(tmp_path, sim.url, [], store_url=redis_store_url) for _ in "ab"]
+    pair = [GatewayProcess(tmp_path, sim.url, [], store_url=url) for _ in "ab"]
     for g in pair:
         g.start()
     yield pair
@@ -327,18 +333,18 @@ def redis_pair(tmp_path: Path, redis_store_url: str) -> Iterator[list[GatewayPro
 
 
 def test_two_replicas_hold_a_key_limit_exactly_and_take_a_patch_within_a_second(
-    redis_pair: list[GatewayProcess],
+    replica_pair: list[GatewayProcess],
 ) -> None:
-    a, b = redis_pair
+    a, b = replica_pair
     with httpx.Client(base_url=a.url + V1, headers=ADMIN, timeout=10) as api:
         tenant = make_tenant(api, max_active_tasks=10)
         key = mint(api, tenant, limits={"max_active_tasks": 3})
-        for g in redis_pair:
+        for g in replica_pair:
             ready(g, key)
         barrier = threading.Barrier(20)
 
         def one(i: int) -> int:
-            with httpx.Client(base_url=redis_pair[i % 2].url, headers=bearer(key), timeout=20) as c:
+            with httpx.Client(base_url=replica_pair[i % 2].url, headers=bearer(key), timeout=20) as c:
                 barrier.wait()
                 return c.post("/runway/tasks", json=gen2_body(f"race {i}")).status_code
 
