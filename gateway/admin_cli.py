@@ -20,7 +20,6 @@ from typing import Any
 import httpx
 
 from gateway.errors import GatewayError
-from gateway.store.base import SCOPES
 from gateway.usage import parse_day, parse_group_by
 
 URL_ENV, KEY_ENV = "RUNWAY_GATEWAY_URL", "RUNWAY_GATEWAY_ADMIN_KEY"
@@ -35,6 +34,7 @@ LIMIT_NAMES = (
     "credits_per_day",
     "credits_per_month",
 )
+SCOPES = ("create", "read", "delete")  # a key's scopes (contract §15), as LIMIT_NAMES: the API checks both
 V1 = "/admin/v1"
 WEBHOOK_STATUSES = ("pending", "dead")
 
