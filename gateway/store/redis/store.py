@@ -439,7 +439,8 @@ class RedisStore(Store):
         if key is not None:
             args += ["1", *(str(getattr(key.limits, name) or 0) for name in ALL_LIMITS)]
         reply = await self._admit(keys=[self._k("q", tenant_id)], args=args)
-        ok, failed, rpm_level, tpm_level, krpm_level, ktpm_level, *charged = reply
+        ok, failed, rpm_level, tpm_level, *rest = reply
+        krpm_level, ktpm_level = rest[-2:]  # after the periods charged when admitted
         # Bucket levels after the take (admitted) or as they stand (refused: nothing taken).
         klimits = key.limits if key is not None else Limits()
         buckets = {
@@ -451,7 +452,7 @@ class RedisStore(Store):
         rate = rules.tightest([rules.bucket_info(level, cap) for level, cap in buckets.values() if cap is not None])
         if ok:
             # the periods charged: the stored ones when this replica's clock lags (rules.Quota.roll)
-            reservation.charge_day, reservation.charge_month = _s(charged[0]), _s(charged[1])
+            reservation.charge_day, reservation.charge_month = _s(rest[0]), _s(rest[1])
             reservation.key_limited = key is not None
             return Admission(ok=True, rate=rate)
         index = int(failed) - 1
