@@ -367,8 +367,9 @@ class SQLiteStore(Store):
                 self.db.execute(
                     "UPDATE tasks SET active = 0, timed_out = 1, updated_at = ? WHERE rid = ?", (now, rec.rid)
                 )
-                for quota_id, (table, column) in self._quotas_of(rec):
-                    self.db.execute(f"UPDATE {table} SET active = MAX(0, active - 1) WHERE {column} = ?", (quota_id,))
+                if rec.key_limited and rec.key_id:  # its key's slot too (contract §15)
+                    self.db.execute("UPDATE key_quota SET active = MAX(0, active - 1) WHERE key_id = ?", (rec.key_id,))
+                self.db.execute("UPDATE quota SET active = MAX(0, active - 1) WHERE tenant = ?", (rec.tenant_id,))
         return records
 
     # webhook outbox -----------------------------------------------------------------
