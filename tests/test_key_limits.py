@@ -236,6 +236,13 @@ def test_every_call_outside_a_keys_scopes_is_403_naming_the_scope(gw: GatewayPro
     ready(gw, reader)
     assert httpx.get(f"{gw.url}/runway/tasks/{task_id}", headers=bearer(reader)).status_code == 200
     assert httpx.get(f"{gw.url}/v1/models", headers=bearer(reader)).status_code == 200
+    # a rotation keeps the scopes: the new secret and the old one (in its grace) read only
+    rotated = api.post(f"/keys/{reader['id']}/rotate", json={"grace_seconds": 600}).json()
+    ready(gw, rotated)
+    for secret in (rotated, reader):
+        resp = httpx.post(gw.url + "/runway/tasks", json=gen2_body("no"), headers=bearer(secret), timeout=10)
+        assert "`create` scope" in error_of(resp, 403, "permission_denied")["message"]
+        assert httpx.get(f"{gw.url}/runway/tasks/{task_id}", headers=bearer(secret)).status_code == 200
     deleter = mint(api, tenant, scopes=["delete"])
     ready(gw, deleter)
     assert httpx.delete(f"{gw.url}/v1/videos/{task_id}", headers=bearer(deleter)).status_code == 200
