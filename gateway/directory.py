@@ -94,7 +94,7 @@ class Directory:
         keys = {h: KeyEntry(config_key_id(h), t.id) for t in config.tenants for h in t.keys}
         for key in snapshot.keys if snapshot else []:
             if key.tenant_id in tenants:
-                keys.update(key_entries(key))
+                keys.update(with_access(key, key_entries(key)))
         return cls(
             config=config,
             version=snapshot.version if snapshot else NO_VERSION,
@@ -155,24 +155,28 @@ def runtime_tenant(record: TenantRecord) -> Tenant:
 
 
 def key_entries(key: KeyRecord) -> dict[str, KeyEntry]:
-    """A stored key's entries: its current secret and, during a rotation's grace period,
-    its previous one, both with the key's limits, scopes and networks (a rotation keeps them)."""
-    extras: dict[str, Any] = {
-        "limits": KeyLimits(key.id, key.limits) if key.limits.has_any() else None,
-        "scopes": frozenset(key.scopes) if key.scopes is not None else None,
-        "networks": (
-            tuple(ipaddress.ip_network(c, strict=False) for c in key.allowed_cidrs)
-            if key.allowed_cidrs is not None
-            else None
-        ),
-    }
-    current = KeyEntry(key.id, key.tenant_id, key.expires_at, key.revoked_at, **extras)
+    current = KeyEntry(key.id, key.tenant_id, key.expires_at, key.revoked_at)
     entries = {key.secret_hash: current}
     if key.previous_hash and key.previous_expires_at is not None:
         entries[key.previous_hash] = KeyEntry(
-            key.id, key.tenant_id, key.expires_at, key.revoked_at, until=key.previous_expires_at, **extras
+            key.id, key.tenant_id, key.expires_at, key.revoked_at, until=key.previous_expires_at
         )
     return entries
+
+
+def with_access(key: KeyRecord, entries: dict[str, KeyEntry]) -> dict[str, KeyEntry]:
+    """A stored key's entries (each of its secrets) with its own limits, scopes and
+    networks (contract §15): a rotation keeps them. A key without any is left as it is."""
+    limits = KeyLimits(key.id, key.limits) if key.limits.has_any() else None
+    scopes = frozenset(key.scopes) if key.scopes is not None else None
+    cidrs = key.allowed_cidrs
+    networks = tuple(ipaddress.ip_network(c, strict=False) for c in cidrs) if cidrs is not None else None
+    if limits is None and scopes is None and networks is None:
+        return entries
+    return {
+        h: KeyEntry(e.key_id, e.tenant_id, e.expires_at, e.revoked_at, e.until, limits, scopes, networks)
+        for h, e in entries.items()
+    }
 
 
 class DirectoryCache:

@@ -118,16 +118,6 @@ def group(rows: list[LedgerRow], group_by: tuple[str, ...]) -> list[dict[str, An
     return [groups[k] for k in sorted(groups)]
 
 
-def to_csv(rows: list[dict[str, Any]], query: UsageQuery) -> str:
-    """The same rows as CSV (RFC 4180 line ends), a header row first; no key is an empty cell."""
-    out = io.StringIO()
-    writer = csv.writer(out)
-    writer.writerow(query.fields)
-    for row in rows:
-        writer.writerow(["" if row[f] is None else row[f] for f in query.fields])
-    return out.getvalue()
-
-
 async def key_usage(store: Store, key_id: str, now: float) -> Usage:
     """A key's usage now (`GET /admin/v1/keys/{id}`, contract §15): tasks and credits
     today and this UTC month from the ledger's rows of the key (credits net of refunds:
@@ -144,3 +134,13 @@ async def key_usage(store: Store, key_id: str, now: float) -> Usage:
             month.tasks_today += row.tasks_created
             month.credits_today += credits
     return month
+
+
+def to_csv(rows: list[dict[str, Any]], query: UsageQuery) -> str:
+    """The same rows as CSV (RFC 4180 line ends), a header row first; no key is an empty cell."""
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(query.fields)
+    for row in rows:
+        writer.writerow(["" if row[f] is None else row[f] for f in query.fields])
+    return out.getvalue()
