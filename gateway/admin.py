@@ -9,9 +9,10 @@ renders a secret or a hash: a secret appears once, added by the route that made 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import math
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from gateway.auth import Authenticator, bearer_credential, key_hash
@@ -20,7 +21,7 @@ from gateway.directory import Directory, config_key_id, merge_tenants
 from gateway.errors import AuthFailure, GatewayError, bad_request, not_found
 from gateway.jsontypes import is_type
 from gateway.keygen import admin_actor_id, new_audit_id
-from gateway.store.base import ALL_LIMITS, AuditEntry, KeyRecord, Limits, OutboxEntry, Store, TenantRecord
+from gateway.store.base import ALL_LIMITS, SCOPES, AuditEntry, KeyRecord, Limits, OutboxEntry, Store, TenantRecord
 
 MAX_LIMIT = 2**63 - 1  # a limit is a signed 64-bit integer in both stores
 MAX_NAME = 200
@@ -33,6 +34,8 @@ CONTROL_RE = re.compile(f"[{NAME_REFUSED}]")
 VISIBLE_RE = re.compile(f"[^\\s{NAME_REFUSED}{NAME_INVISIBLE}]")
 DEFAULT_GRACE_SECONDS = 86400
 MAX_SECONDS = 100 * 365 * 86400  # grace periods and key lifetimes: at most a century
+MAX_CIDRS = 100  # a key's allowed_cidrs
+KEY_ACCESS = ("limits", "scopes", "allowed_cidrs")  # a key's own limits, scopes, networks (§15)
 ACTIONS = (
     "tenant.create",
     "tenant.update",
@@ -152,6 +155,9 @@ class AdminKey:
     last_used_at: float | None = None
     revoked_at: float | None = None
     previous_secret_expires_at: float | None = None
+    limits: Limits = field(default_factory=Limits)  # §15: a config key has none, all scopes, anywhere
+    scopes: tuple[str, ...] | None = None
+    allowed_cidrs: tuple[str, ...] | None = None
 
     @classmethod
     def from_config(cls, tenant_id: str, configured_hash: str, last_used_at: float | None = None) -> AdminKey:
@@ -172,14 +178,22 @@ class AdminKey:
             r.last_used_at,
             r.revoked_at,
             previous,
+            r.limits,
+            r.scopes,
+            r.allowed_cidrs,
         )
 
     def to_json(self) -> dict[str, Any]:
+        """The key; `scopes` as in force (all three when none were set), `allowed_cidrs`
+        null for anywhere."""
         times = ("created_at", "expires_at", "last_used_at", "revoked_at", "previous_secret_expires_at")
         body: dict[str, Any] = {"object": "api_key"}
         for f in fields(self):
             value = getattr(self, f.name)
             body[f.name] = unix_time(value) if f.name in times else value
+        body["limits"] = asdict(self.limits)
+        body["scopes"] = list(self.scopes if self.scopes is not None else SCOPES)
+        body["allowed_cidrs"] = list(self.allowed_cidrs) if self.allowed_cidrs is not None else None
         return body
 
 
@@ -426,8 +440,9 @@ def tenant_changes(body: Any) -> dict[str, Any]:
 
 
 def key_create(body: Any, now: float) -> tuple[str, int | None]:
-    """`POST /admin/v1/tenants/{id}/keys`: the name and expiry of the key to mint."""
-    b = body_object(body, {"name", "expires_at", "expires_in_seconds"})
+    """`POST /admin/v1/tenants/{id}/keys`: the name and expiry of the key to mint (its
+    limits, scopes and networks: `key_access`)."""
+    b = body_object(body, {"name", "expires_at", "expires_in_seconds", *KEY_ACCESS})
     if "name" not in b:
         raise bad_request("missing_required_parameter", "`name` is required.", "name")
     if "expires_at" in b and "expires_in_seconds" in b:
@@ -439,14 +454,71 @@ def key_create(body: Any, now: float) -> tuple[str, int | None]:
 
 
 def key_changes(body: Any, now: float) -> dict[str, Any]:
-    """`PATCH /admin/v1/keys/{key_id}`: a new name, a new expiry (null: never)."""
-    b = body_object(body, {"name", "expires_at"})
-    changes: dict[str, Any] = {}
+    """`PATCH /admin/v1/keys/{key_id}`: a new name, a new expiry (null: never), and the
+    changes of `key_access`."""
+    b = body_object(body, {"name", "expires_at", *KEY_ACCESS})
+    changes: dict[str, Any] = key_access(b)
     if "name" in b:
         changes["name"] = check_name(b["name"])
     if "expires_at" in b:
         changes["expires_at"] = check_expires_at(b["expires_at"], now)
     return changes
+
+
+def key_access(b: dict[str, Any]) -> dict[str, Any]:
+    """A key's own `limits` (each as a tenant's, null removes one), `scopes` and
+    `allowed_cidrs` (null: all scopes, anywhere) from a checked body object, as the
+    store's changes (contract §15); only those the body has."""
+    out: dict[str, Any] = {}
+    if "limits" in b:
+        out["limits"] = check_limits(b["limits"])
+    if "scopes" in b:
+        out["scopes"] = check_scopes(b["scopes"])
+    if "allowed_cidrs" in b:
+        out["allowed_cidrs"] = check_cidrs(b["allowed_cidrs"])
+    return out
+
+
+def check_scopes(value: Any) -> tuple[str, ...] | None:
+    """`scopes`: a non-empty list of create, read, delete (in that order, once each), or null for all."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value:
+        raise bad_request(
+            "invalid_type", f"`scopes` must be a non-empty list of {', '.join(SCOPES)}, or null for all.", "scopes"
+        )
+    for i, scope in enumerate(value):
+        if scope not in SCOPES:
+            raise bad_request(
+                "invalid_value", f"Unknown scope {scope!r}; scopes are {', '.join(SCOPES)}.", f"scopes.{i}"
+            )
+    return tuple(s for s in SCOPES if s in value)
+
+
+def check_cidrs(value: Any) -> tuple[str, ...] | None:
+    """`allowed_cidrs`: a non-empty list of IPv4/IPv6 networks (an address alone is its
+    /32 or /128; host bits are cleared), or null for anywhere."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value or len(value) > MAX_CIDRS:
+        raise bad_request(
+            "invalid_type",
+            f"`allowed_cidrs` must be a list of 1 to {MAX_CIDRS} CIDRs such as 10.20.0.0/16, or null for anywhere.",
+            "allowed_cidrs",
+        )
+    networks: list[str] = []
+    for i, cidr in enumerate(value):
+        try:
+            if not isinstance(cidr, str):
+                raise ValueError
+            network = str(ipaddress.ip_network(cidr.strip(), strict=False))
+        except ValueError:
+            raise bad_request(
+                "invalid_value", f"`allowed_cidrs.{i}` is not a CIDR such as 10.20.0.0/16.", f"allowed_cidrs.{i}"
+            ) from None
+        if network not in networks:
+            networks.append(network)
+    return tuple(networks)
 
 
 def grace_seconds(body: Any) -> int:

@@ -34,6 +34,7 @@ LIMIT_NAMES = (
     "credits_per_day",
     "credits_per_month",
 )
+SCOPES = ("create", "read", "delete")  # a key's scopes (contract §15), as LIMIT_NAMES: the API checks both
 V1 = "/admin/v1"
 WEBHOOK_STATUSES = ("pending", "dead")
 # What a usage row may sum over (contract §10 and §14's `relay`), in the ledger's row order.
@@ -91,6 +92,54 @@ def limit_setting(text: str) -> tuple[str, int | None]:
     return name, int(value)
 
 
+def scope_setting(text: str) -> str:
+    """`--scope`: create, read, delete, or (on update) all."""
+    if text not in (*SCOPES, "all"):
+        raise argparse.ArgumentTypeError(f"{text!r}: a scope is one of {', '.join(SCOPES)} (or all)")
+    return text
+
+
+def _key_access_arguments(p: argparse.ArgumentParser, *, update: bool) -> None:
+    """A key's own limits, scopes and networks (contract §15), repeatable."""
+    limit_help = "the key's own limit, on top of its tenant's" + ("; NAME=none removes it" if update else "")
+    p.add_argument(
+        "--limit",
+        type=limit_setting,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE|NAME=none" if update else "NAME=VALUE",
+        help=limit_help,
+    )
+    p.add_argument(
+        "--scope",
+        type=scope_setting,
+        action="append",
+        default=[],
+        metavar="SCOPE",
+        help=f"what the key may do: {', '.join(SCOPES)} (repeat; default all{'; all restores all' if update else ''})",
+    )
+    p.add_argument(
+        "--allow-cidr",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="a client network the key works from (repeat; default anywhere"
+        + ("; any restores it)" if update else ")"),
+    )
+
+
+def _key_access_body(a: argparse.Namespace) -> dict[str, Any]:
+    """The API body's limits, scopes and allowed_cidrs from the options given."""
+    body: dict[str, Any] = {}
+    if a.limit:
+        body["limits"] = dict(a.limit)
+    if a.scope:
+        body["scopes"] = None if "all" in a.scope else a.scope
+    if a.allow_cidr:
+        body["allowed_cidrs"] = None if "any" in a.allow_cidr else a.allow_cidr
+    return body
+
+
 # --- the parser --------------------------------------------------------------------------
 
 
@@ -132,7 +181,13 @@ def add_parser(sub: Any) -> None:
     kcreate.add_argument("tenant")
     kcreate.add_argument("--name", required=True)
     kcreate.add_argument("--expires-in", type=duration, metavar="DURATION", help="e.g. 30d, 12h")
+    _key_access_arguments(kcreate, update=False)
     kcreate.set_defaults(run=keys_create)
+    kupdate = kv.add_parser("update", help="change a key's name, limits, scopes or networks")
+    kupdate.add_argument("key_id")
+    kupdate.add_argument("--name")
+    _key_access_arguments(kupdate, update=True)
+    kupdate.set_defaults(run=keys_update)
     kshow = kv.add_parser("show", help="one key")
     kshow.add_argument("key_id")
     kshow.set_defaults(run=keys_show)
@@ -319,7 +374,12 @@ def keys_create(c: Client, a: argparse.Namespace) -> Any:
     body: dict[str, Any] = {"name": a.name}
     if a.expires_in is not None:
         body["expires_in_seconds"] = a.expires_in
-    return c.call("POST", f"{V1}/tenants/{a.tenant}/keys", body)
+    return c.call("POST", f"{V1}/tenants/{a.tenant}/keys", {**body, **_key_access_body(a)})
+
+
+def keys_update(c: Client, a: argparse.Namespace) -> Any:
+    body = {"name": a.name} if a.name is not None else {}
+    return c.call("PATCH", f"{V1}/keys/{a.key_id}", {**body, **_key_access_body(a)})
 
 
 def keys_show(c: Client, a: argparse.Namespace) -> Any:

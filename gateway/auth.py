@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.config import Tenant
-from gateway.directory import Directory
+from gateway.directory import Directory, KeyEntry
 from gateway.errors import AuthFailure, GatewayError
 from gateway.jwts import JWTVerifier
 
@@ -25,6 +25,7 @@ class Principal:
     tenant: Tenant
     method: str  # "key" | "jwt"
     key_id: str | None = None  # the API key's id (None for a JWT)
+    key: KeyEntry | None = None  # the API key's entry: its own limits, scopes and networks (§15)
 
 
 def key_hash(key: str) -> str:
@@ -60,7 +61,7 @@ class Authenticator:
         directory = self._directory()
         entry = directory.key(key_hash(credential), self._clock())
         if entry is not None:
-            principal = Principal(directory.tenants[entry.tenant_id], "key", entry.key_id)
+            principal = Principal(directory.tenants[entry.tenant_id], "key", entry.key_id, entry)
         elif directory.jwt is not None and credential.count(".") == 2:
             principal = Principal(self._tenant_from_jwt(directory, directory.jwt, credential), "jwt")
         else:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import ipaddress
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from typing import Any
 from gateway.config import Config, Policy, Tenant
 from gateway.jwts import JWTVerifier
 from gateway.ssrf import HookPolicy
-from gateway.store.base import CONFIG_KEY_PREFIX, DirectorySnapshot, KeyRecord, Store, TenantRecord
+from gateway.store.base import CONFIG_KEY_PREFIX, DirectorySnapshot, KeyLimits, KeyRecord, Store, TenantRecord
 
 logger = logging.getLogger("gateway.directory")
 REFRESH_SECONDS = 0.25
@@ -48,6 +49,11 @@ class KeyEntry:
     expires_at: float | None = None
     revoked_at: float | None = None
     until: float | None = None  # the end of a rotation's grace period (previous secret only)
+    # contract §15, API keys only: its own limits (None: none, so admission does no extra
+    # work), scopes (None: all) and networks (None: anywhere)
+    limits: KeyLimits | None = None
+    scopes: frozenset[str] | None = None
+    networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None = None
 
     def valid(self, now: float) -> bool:
         if self.revoked_at is not None:  # never compared with a clock: skew cannot undo it
@@ -91,7 +97,7 @@ class Directory:
         keys = {h: KeyEntry(config_key_id(h), t.id) for t in config.tenants for h in t.keys}
         for key in snapshot.keys if snapshot else []:
             if key.tenant_id in tenants:
-                keys.update(key_entries(key))
+                keys.update(with_access(key, key_entries(key)))
         return cls(
             config=config,
             version=snapshot.version if snapshot else NO_VERSION,
@@ -157,6 +163,21 @@ def key_entries(key: KeyRecord) -> dict[str, KeyEntry]:
     entries = {h: KeyEntry(key.id, key.tenant_id, key.expires_at, key.revoked_at, until=t) for h, t in graces.items()}
     entries[key.secret_hash] = current  # the current secret wins, should it ever come back
     return entries
+
+
+def with_access(key: KeyRecord, entries: dict[str, KeyEntry]) -> dict[str, KeyEntry]:
+    """A stored key's entries (each of its secrets) with its own limits, scopes and
+    networks (contract §15): a rotation keeps them. A key without any is left as it is."""
+    limits = KeyLimits(key.id, key.limits) if key.limits.has_any() else None
+    scopes = frozenset(key.scopes) if key.scopes is not None else None
+    cidrs = key.allowed_cidrs
+    networks = tuple(ipaddress.ip_network(c, strict=False) for c in cidrs) if cidrs is not None else None
+    if limits is None and scopes is None and networks is None:
+        return entries
+    return {
+        h: KeyEntry(e.key_id, e.tenant_id, e.expires_at, e.revoked_at, e.until, limits, scopes, networks)
+        for h, e in entries.items()
+    }
 
 
 class DirectoryCache:

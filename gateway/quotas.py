@@ -11,7 +11,7 @@ import math
 from gateway.config import Tenant
 from gateway.errors import GatewayError
 from gateway.metrics import Metrics
-from gateway.store.base import Admission, RateInfo
+from gateway.store.base import KEY_LIMIT, Admission, KeyLimits, RateInfo
 
 MESSAGES = {
     "requests_per_minute": "Rate limit reached for requests_per_minute ({limit}/min).",
@@ -47,12 +47,19 @@ def rate_headers(info: RateInfo | None) -> dict[str, str]:
     }
 
 
-def refused(admission: Admission, tenant: Tenant, metrics: Metrics) -> GatewayError:
-    """The 429 for a refused admission, counted. It carries its own x-ratelimit headers
-    (the bucket the refusal saw), so the request's context is left without a rate."""
-    name = admission.limit or "requests_per_minute"
-    metrics.count(metrics.quota_rejections, (tenant.id, name))
+def refused(admission: Admission, tenant: Tenant, metrics: Metrics, key: KeyLimits | None = None) -> GatewayError:
+    """The 429 for a refused admission, counted (a key's limit as `key_<limit>`). It
+    carries its own x-ratelimit headers (the bucket the refusal saw), so the request's
+    context is left without a rate."""
+    label = admission.limit or "requests_per_minute"
+    metrics.count(metrics.quota_rejections, (tenant.id, label))
     headers = {"retry-after": str(max(1, math.ceil(admission.retry_after - 1e-9))), **rate_headers(admission.rate)}
     error_type = "insufficient_quota" if admission.code == "insufficient_quota" else "rate_limit_error"
+    name = label.removeprefix(KEY_LIMIT)
+    if name != label:  # the caller's key's own limit (contract §15)
+        value = getattr(key.limits, name) if key is not None else None
+        key_id = key.key_id if key is not None else "?"
+        message = f"This API key's own limit ({key_id}), not its tenant's: " + MESSAGES[name].format(limit=value)
+        return GatewayError(429, admission.code, message, error_type, None, headers)
     message = MESSAGES[name].format(limit=getattr(tenant.limits, name))
     return GatewayError(429, admission.code, message, error_type, None, headers)

@@ -27,6 +27,7 @@ from gateway.quotas import refused
 from gateway.store.base import (
     UNKNOWN,
     Charge,
+    KeyLimits,
     RateInfo,
     Store,
     TaskRecord,
@@ -107,6 +108,7 @@ class TaskService:
         upload: PendingUpload | None = None,
         key_id: str | None = None,
         idempotency_key: str | None = None,
+        key: KeyLimits | None = None,
     ) -> Created:
         """admit -> rewrite -> keep the upload -> forward -> record (the caller authenticated).
         `key_id` is the caller's API key (None for a JWT): the usage ledger's row.
@@ -116,7 +118,8 @@ class TaskService:
         Raises the 429 of a refusal (`quotas.refused`) and `CreateFailed` (or its
         `OutcomeUnknown`) when the upstream did not accept the task. `upload`, an image the
         body links to, is stored only once the create is admitted (nothing is kept for a
-        refused request) and removed when the upstream definitely created nothing."""
+        refused request) and removed when the upstream definitely created nothing. `key`,
+        the limits of the caller's key when it has any, are checked in the same admission."""
         now = self.clock()
         credits = self.config.pricing.price(req.gen2_options)
         rid = new_rid(now)
@@ -132,11 +135,12 @@ class TaskService:
             meta=meta or {},
             key_id=key_id,
         )
+        charge = Charge(credits, day_key(now), month_key(now))
         admission = await self.store.admit_create(
-            tenant.id, tenant.limits, Charge(credits, day_key(now), month_key(now)), reservation, now, idempotency_key
+            tenant.id, tenant.limits, charge, reservation, now, idempotency_key, key
         )
         if not admission.ok:
-            raise refused(admission, tenant, self.metrics)
+            raise refused(admission, tenant, self.metrics, key)
         self.metrics.count(self.metrics.credits_charged, (tenant.id,), credits)
         body = dict(req.body)
         if self.config.server.public_url:

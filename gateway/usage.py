@@ -17,7 +17,8 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from gateway.errors import bad_request
-from gateway.store.base import LEDGER_COUNTERS, LedgerRow
+from gateway.store.base import LEDGER_COUNTERS, LedgerRow, Store, Usage
+from gateway.store.rules import day_key
 
 MAX_DAYS = 366  # the longest range, `from` and `to` included
 DEFAULT_DAYS = 30  # `from` defaults to this many days before `to`
@@ -117,6 +118,24 @@ def group(rows: list[LedgerRow], group_by: tuple[str, ...]) -> list[dict[str, An
         for counter in LEDGER_COUNTERS:
             sums[counter] += getattr(row, counter)
     return [groups[k] for k in sorted(groups)]
+
+
+async def key_usage(store: Store, key_id: str, now: float) -> Usage:
+    """A key's usage now (`GET /admin/v1/keys/{id}`, contract §15): tasks and credits
+    today and this UTC month from the ledger's rows of the key (credits net of refunds:
+    what a budget counts), active tasks from the key's own quota (counted while the key
+    has limits; 0 for a key without)."""
+    today = day_key(now)
+    rows, quota = await store.ledger(today[:8] + "01", today, key_id=key_id), await store.key_usage(key_id, now)
+    month = Usage(active=quota.active)
+    for row in rows:
+        credits = row.credits_charged - row.credits_refunded
+        month.tasks_this_month += row.tasks_created
+        month.credits_this_month += credits
+        if row.day == today:
+            month.tasks_today += row.tasks_created
+            month.credits_today += credits
+    return month
 
 
 def to_csv(rows: list[dict[str, Any]], query: UsageQuery) -> str:

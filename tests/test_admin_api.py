@@ -366,6 +366,7 @@ def test_mint_list_show_update_rotate_and_revoke_a_key(api: httpx.Client) -> Non
     error_of(api.get(f"/tenants/{tenant}/keys", params={"after": "key_nope"}), 400, "invalid_value", "after")
 
     shown = api.get(f"/keys/{first['id']}").json()
+    assert shown.pop("usage")["active"] == 0  # next to its limits (contract §15)
     assert shown == {k: v for k, v in first.items() if k != "secret"}
 
     later = int(time.time()) + 7200
@@ -431,8 +432,12 @@ def test_config_keys_are_listed_after_api_keys_and_are_read_only(admin_gw: Gatew
         "last_used_at": None,
         "revoked_at": None,
         "previous_secret_expires_at": None,
+        "limits": dict.fromkeys(LIMITS),  # contract §15: a config key has its tenant's limits only
+        "scopes": ["create", "read", "delete"],
+        "allowed_cidrs": None,
     }
-    assert api.get(f"/keys/{config_id}").json() == listed[-1]
+    shown = api.get(f"/keys/{config_id}").json()
+    assert shown.pop("usage")["tasks_today"] == 0 and shown == listed[-1]
     error_of(api.patch(f"/keys/{config_id}", json={"name": "x"}), 409, "key_managed_by_config", "key_id")
     error_of(api.post(f"/keys/{config_id}/rotate"), 409, "key_managed_by_config", "key_id")
     error_of(api.delete(f"/keys/{config_id}"), 409, "key_managed_by_config", "key_id")

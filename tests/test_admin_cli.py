@@ -38,6 +38,7 @@ VERBS = [
     ["tenants", "update"],
     ["keys", "list"],
     ["keys", "create"],
+    ["keys", "update"],
     ["keys", "show"],
     ["keys", "rotate"],
     ["keys", "revoke"],
@@ -243,6 +244,30 @@ def test_webhooks_list_and_redeliver(cli: Cli, cli_gw: GatewayProcess) -> None:
     assert f"id: {dead['id']}" in redelivered and "status: pending" in redelivered and "attempts: 0" in redelivered
     [entry] = cli.json("audit", "--tenant", "cfg-cli", "--action", "webhook.redeliver")["data"]
     assert entry["changes"] == {"event_id": dead["id"]}
+
+
+def test_keys_create_and_update_take_limits_scopes_and_networks(cli: Cli) -> None:
+    """Contract §15 on the command line: --limit, --scope, --allow-cidr (repeatable)."""
+    tenant = cli.json("tenants", "create", f"cli-{secrets.token_hex(3)}")["id"]
+    key = cli.json(
+        "keys", "create", tenant, "--name", "dash", "--limit", "requests_per_minute=60", "--limit",
+        "max_active_tasks=2", "--scope", "read", "--allow-cidr", "10.20.0.0/16", "--allow-cidr", "10.30.0.0/16",
+    )  # fmt: skip
+    assert (key["limits"]["requests_per_minute"], key["limits"]["max_active_tasks"]) == (60, 2)
+    assert key["scopes"] == ["read"] and key["allowed_cidrs"] == ["10.20.0.0/16", "10.30.0.0/16"]
+    shown = cli.ok("keys", "show", key["id"])
+    assert "limits.max_active_tasks: 2" in shown and 'scopes: ["read"]' in shown and "usage.active: 0" in shown
+    updated = cli.json(
+        "keys", "update", key["id"], "--name", "dash-2", "--limit", "max_active_tasks=none", "--scope", "read",
+        "--scope", "create", "--allow-cidr", "any",
+    )  # fmt: skip
+    assert updated["name"] == "dash-2" and updated["limits"]["max_active_tasks"] is None
+    assert updated["limits"]["requests_per_minute"] == 60
+    assert updated["scopes"] == ["create", "read"] and updated["allowed_cidrs"] is None
+    assert cli.json("keys", "update", key["id"], "--scope", "all")["scopes"] == ["create", "read", "delete"]
+    assert "allowed_cidrs.0" in cli.fails("keys", "update", key["id"], "--allow-cidr", "10.0.0.0/99")
+    bad = run(*cli.flags, "keys", "create", tenant, "--name", "x", "--scope", "admin")
+    assert bad.returncode == 2 and "scope" in bad.stderr
 
 
 def test_api_errors_exit_1_with_the_message_on_stderr(cli: Cli) -> None:

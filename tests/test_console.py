@@ -740,6 +740,65 @@ def test_redeliver_a_dead_webhook(console: Watched, gw: GatewayProcess, api: htt
     assert len(entries) == 1
 
 
+def test_a_keys_own_limits_scopes_and_networks_are_shown_and_edited(
+    console: Watched, gw: GatewayProcess, api: httpx.Client
+) -> None:
+    """Contract §15 on the key page: the access column and its dialog, enforced at once."""
+    tenant = new_id("access")
+    assert api.post("/tenants", json={"id": tenant}).status_code == 201
+    key = api.post(f"/tenants/{tenant}/keys", json={"name": "dash-svc"}).json()
+    console.expect_api_error(400)
+    page = console.sign_in(f"#/keys/{tenant}")
+    row = page.get_by_role("row").filter(has_text="dash-svc")
+    expect(row).to_contain_text("tenant's limits only")
+    expect(row).to_contain_text("all scopes")
+    expect(row).to_contain_text("from anywhere")
+
+    page.get_by_role("button", name="Edit access of key dash-svc").click()
+    dialog = page.get_by_role("dialog", name="Access of dash-svc")
+    dialog.get_by_label("Active tasks", exact=True).fill("2")
+    dialog.get_by_label("create").uncheck()
+    dialog.get_by_label("delete").uncheck()
+    dialog.get_by_role("button", name="Save access").click()
+    expect(dialog).to_be_hidden()
+    expect(row).to_contain_text("Active tasks: 2")
+    expect(row).to_contain_text("only read")
+    shot(page, "key-access")
+    shown = api.get(f"/keys/{key['id']}").json()
+    assert shown["limits"]["max_active_tasks"] == 2 and shown["scopes"] == ["read"]
+    # in force: the key may read but no longer create
+    refused = status_becomes(gw, key["secret"], 403).json()["error"]
+    assert refused["code"] == "permission_denied" and "`create` scope" in refused["message"]
+
+    # a bad network: the API's message, nothing changed
+    page.get_by_role("button", name="Edit access of key dash-svc").click()
+    dialog = page.get_by_role("dialog", name="Access of dash-svc")
+    dialog.get_by_label(re.compile("^Allowed networks")).fill("10.20.0.0/16\nnot-a-network")
+    dialog.get_by_role("button", name="Save access").click()
+    expect(dialog.get_by_role("alert")).to_contain_text("allowed_cidrs.1")
+    dialog.get_by_label(re.compile("^Allowed networks")).fill("10.20.0.0/16")
+    dialog.get_by_label("create").check()
+    dialog.get_by_label("delete").check()
+    dialog.get_by_label("Active tasks", exact=True).fill("")
+    dialog.get_by_role("button", name="Save access").click()
+    expect(dialog).to_be_hidden()
+    expect(row).to_contain_text("from 10.20.0.0/16")
+    expect(row).to_contain_text("all scopes")
+    shown = api.get(f"/keys/{key['id']}").json()
+    assert (shown["limits"]["max_active_tasks"], shown["scopes"], shown["allowed_cidrs"]) == (
+        None,
+        ["create", "read", "delete"],
+        ["10.20.0.0/16"],
+    )
+    changes = [
+        e["changes"] for e in api.get("/audit", params={"tenant": tenant, "action": "key.update"}).json()["data"]
+    ]
+    assert changes == [
+        {"limits": {"max_active_tasks": None}, "scopes": None, "allowed_cidrs": ["10.20.0.0/16"]},
+        {"limits": {"max_active_tasks": 2}, "scopes": ["read"]},
+    ]
+
+
 # --- audit -------------------------------------------------------------------------------
 
 

@@ -38,6 +38,7 @@ from gateway.store.base import (
     AuditEntry,
     Charge,
     DirectorySnapshot,
+    KeyLimits,
     KeyRecord,
     LedgerRow,
     Limits,
@@ -2034,3 +2035,151 @@ async def test_a_refused_create_books_nothing(store: Store) -> None:
         assert not (await store.admit_create(TENANT, limits, Charge(PRICE, T0_DAY, "2026-01"), rec, T0)).ok
     assert await store.ledger(T0_DAY, T0_DAY) == before == [ledger_row(tasks_created=1, credits_charged=PRICE)]
     assert (await store.usage(TENANT, T0)).tasks_this_month == 1
+
+
+# --- a key's own limits (contract §15) ----------------------------------------------------
+
+KEY = "key_svc"
+
+
+async def admit_key(
+    store: Store, limits: Limits, key_limits: Limits, *, now: float = T0, credits: int = PRICE
+) -> tuple[Admission, TaskRecord]:
+    """A create by the API key KEY, whose own limits are checked with the tenant's."""
+    rec = reservation(now=now, credits=credits)
+    rec.key_id = KEY
+    adm = await store.admit_create(
+        TENANT, limits, Charge(credits, day_key(now), month_key(now)), rec, now, None, KeyLimits(KEY, key_limits)
+    )
+    return adm, rec
+
+
+KEY_RACES = {  # the key's limit under a looser tenant limit of the same kind: exactly the key's
+    "max_active_tasks": (Limits(max_active_tasks=10), Limits(max_active_tasks=3), 3),
+    "tasks_per_minute": (Limits(tasks_per_minute=10), Limits(tasks_per_minute=4), 4),
+    "credits_per_day": (Limits(credits_per_day=1000), Limits(credits_per_day=50), 5),
+}
+
+
+@pytest.mark.parametrize("limit", list(KEY_RACES))
+async def test_racing_creates_admit_exactly_the_keys_limit_under_the_tenants(store: Store, limit: str) -> None:
+    tenant_limits, key_limits, expected = KEY_RACES[limit]
+    results = await asyncio.gather(*(admit_key(store, tenant_limits, key_limits) for _ in range(20)))
+    admitted = [rec for adm, rec in results if adm.ok]
+    assert len(admitted) == expected
+    refusals = {(adm.limit, adm.code) for adm, _ in results if not adm.ok}
+    assert refusals == {("key_" + limit, "rate_limit_exceeded")}
+    assert all(rec.key_limited and rec.key_id == KEY for rec in admitted)
+    charged = Usage(expected, expected, expected * PRICE, expected * PRICE, expected)
+    assert await store.usage(TENANT, T0) == charged
+    assert await store.key_usage(KEY, T0) == charged
+    # a refused create changed neither quota: the tenant still admits without the key
+    assert (await admit(store, tenant_limits))[0].ok
+
+
+async def test_the_tighter_of_tenant_and_key_refuses_and_names_itself(store: Store) -> None:
+    # the tenant's limit is the tighter: refused on the tenant's, the key's counters untouched
+    for _ in range(2):
+        assert (await admit_key(store, Limits(max_active_tasks=2), Limits(max_active_tasks=3)))[0].ok
+    refused, _ = await admit_key(store, Limits(max_active_tasks=2), Limits(max_active_tasks=3))
+    assert (refused.limit, refused.code) == ("max_active_tasks", "concurrency_limit_exceeded")
+    assert (await store.key_usage(KEY, T0)).active == 2
+    # the key's budget is the tighter: its retry-after is the tenant rule's
+    refused, _ = await admit_key(store, Limits(), Limits(credits_per_month=25))
+    assert (refused.limit, refused.retry_after) == ("key_credits_per_month", seconds_to_next_month(T0))
+
+
+async def test_create_headers_report_the_tightest_bucket_of_tenant_and_key(store: Store) -> None:
+    tenant, key = Limits(requests_per_minute=10), Limits(tasks_per_minute=3)
+    adm, _ = await admit_key(store, tenant, key)
+    assert adm.ok and adm.rate == RateInfo(3, 2, 20.0)  # the key's bucket has fewer left
+    for _ in range(2):
+        assert (await admit_key(store, tenant, key))[0].ok
+    refused, rec = await admit_key(store, tenant, key)
+    assert refused.limit == "key_tasks_per_minute" and refused.retry_after == 20.0
+    assert refused.rate == RateInfo(3, 0, 60.0) and await store.get_by_rid(rec.rid) is None
+    # the refusal took no tenant token: 3 taken of 10
+    assert (await store.take_request(TENANT, tenant, T0)).rate == RateInfo(10, 6, 24.0)
+
+
+async def test_a_keys_request_bucket_is_taken_with_the_tenants_or_not_at_all(store: Store) -> None:
+    tenant, key = Limits(requests_per_minute=5), KeyLimits(KEY, Limits(requests_per_minute=2))
+    for left in (1, 0):
+        adm = await store.take_request(TENANT, tenant, T0, key)
+        assert adm.ok and adm.rate == RateInfo(2, left, (2 - left) * 30.0)
+    refused = await store.take_request(TENANT, tenant, T0, key)
+    assert (refused.ok, refused.limit, refused.code) == (False, "key_requests_per_minute", "rate_limit_exceeded")
+    assert refused.retry_after == 30.0 and refused.rate == RateInfo(2, 0, 60.0)
+    # the refusal spent no tenant token: 3 left of 5 for a request without the key
+    assert (await store.take_request(TENANT, tenant, T0)).rate == RateInfo(5, 2, 36.0)
+    # a status poll draws both the same way
+    rec, tid = await create(store)
+    refused, got = await store.read_task(TENANT, tenant, tid, T0, key)
+    assert not refused.ok and refused.limit == "key_requests_per_minute" and got is None
+    adm, got = await store.read_task(TENANT, tenant, tid, T0 + 30, key)
+    assert adm.ok and got is not None and got.rid == rec.rid
+    # the tenant's bucket refuses first when it is the empty one
+    while (await store.take_request(TENANT, tenant, T0 + 30)).ok:
+        pass
+    refused = await store.take_request(TENANT, tenant, T0 + 30, KeyLimits(KEY, Limits(requests_per_minute=9)))
+    assert refused.limit == "requests_per_minute"
+
+
+async def test_every_release_of_a_task_frees_its_keys_quota_too(store: Store) -> None:
+    key = Limits(max_active_tasks=5, credits_per_day=1000)
+    finished, failed, expired, not_created, unknown = [(await admit_key(store, Limits(), key))[1] for _ in range(5)]
+    assert (await store.key_usage(KEY, T0)).active == 5
+    for rec, status in ((finished, "SUCCEEDED"), (failed, "FAILED")):
+        res = await store.apply_update(rec.rid, TENANT, task_obj(f"t-{rec.rid}", status), T0 + 1, refund_failed=True)
+        assert res.finished
+    assert await store.settle_not_created(not_created.rid, T0 + 2)
+    await store.apply_update(expired.rid, TENANT, task_obj(f"t-{expired.rid}", "RUNNING"), T0 + 1, refund_failed=True)
+    await store.mark_unknown(unknown.rid, T0 + 1)
+    assert {r.rid for r in await store.expire_tasks(T0 + 100, 50, 50)} == {expired.rid, unknown.rid}
+    # 5 charged; FAILED refunded its credits, the create never made refunded its task too
+    assert await store.key_usage(KEY, T0 + 100) == Usage(0, 4, 30, 30, 4)
+    assert await store.usage(TENANT, T0 + 100) == Usage(0, 4, 30, 30, 4)
+    assert await nonzero_active(store) == {}
+
+
+async def test_a_key_without_limits_has_no_key_quota(store: Store) -> None:
+    rec = reservation()
+    rec.key_id = KEY
+    adm = await store.admit_create(TENANT, Limits(), Charge(PRICE, day_key(T0), month_key(T0)), rec, T0)
+    assert adm.ok and not rec.key_limited
+    stored = await store.get_by_rid(rec.rid)
+    assert stored is not None and stored.key_id == KEY and not stored.key_limited
+    await store.apply_update(rec.rid, TENANT, task_obj("t-free", "SUCCEEDED"), T0 + 1, refund_failed=True)
+    assert await store.key_usage(KEY, T0) == Usage()
+    # a task admitted under key limits keeps saying so
+    _, limited = await admit_key(store, Limits(), Limits(tasks_per_day=9))
+    again = await store.get_by_rid(limited.rid)
+    assert again is not None and again.key_limited and again.key_id == KEY
+
+
+async def test_a_keys_limits_scopes_and_networks_round_trip_and_change(store: Store) -> None:
+    key = key_record(
+        "key_lim",
+        limits=Limits(requests_per_minute=60, max_active_tasks=2),
+        scopes=("read",),
+        allowed_cidrs=("10.20.0.0/16", "2001:db8::/32"),
+    )
+    await store.create_key(key, audit_entry("key.create", key_id=key.id))
+    assert await store.get_key(key.id) == key
+    changed = await store.update_key(
+        key.id,
+        {
+            "limits": {"max_active_tasks": None, "tasks_per_day": 50},
+            "scopes": ["create", "read"],
+            "allowed_cidrs": None,
+        },
+        audit_entry("key.update", key_id=key.id),
+    )
+    assert changed is not None and changed == await store.get_key(key.id)
+    assert changed.limits == Limits(requests_per_minute=60, tasks_per_day=50)
+    assert (changed.scopes, changed.allowed_cidrs) == (("create", "read"), None)
+    snapshot = await store.load_directory()
+    assert [k for k in snapshot.keys if k.id == key.id] == [changed]
+    plain = key_record("key_plain")
+    await store.create_key(plain, audit_entry("key.create", key_id=plain.id))
+    assert await store.get_key(plain.id) == plain and plain.scopes is None and plain.limits == Limits()

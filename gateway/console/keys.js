@@ -1,8 +1,11 @@
 // Keys of one tenant: list, mint (secret shown once), rotate with a grace period,
-// revoke with a confirmation.
+// revoke with a confirmation; a key's own limits, scopes and networks shown and edited.
 
-import { all, del, post, seg } from "./api.js";
+import { all, del, patch, post, seg } from "./api.js";
 import { ago, alertBox, busy, clearErrors, confirmAction, dialog, empty, field, h, loading, secretPanel, sequence, showError, table, time } from "./dom.js";
+import { LIMITS, limitFields, readLimits } from "./tenants.js";
+
+const SCOPES = ["create", "read", "delete"];
 
 const EXPIRY = [
   ["", "Never"],
@@ -122,6 +125,7 @@ function keyTable(keys, handlers) {
     const actions = h("td", { class: "row-actions" });
     if (k.source === "api" && k.revoked_at === null) {
       actions.append(
+        h("button", { type: "button", "aria-label": `Edit access of key ${label}`, onclick: () => accessDialog(k, handlers) }, "Access"),
         h("button", { type: "button", "aria-label": `Rotate key ${label}`, onclick: () => rotateDialog(k, handlers) }, "Rotate"),
         h("button", { type: "button", class: "danger-quiet", "aria-label": `Revoke key ${label}`, onclick: () => revoke(k, handlers) }, "Revoke"),
       );
@@ -138,10 +142,72 @@ function keyTable(keys, handlers) {
       h("td", {}, k.expires_at === null ? time(null, "never") : time(k.expires_at)),
       h("td", {}, time(k.last_used_at, ago(k.last_used_at))),
       h("td", {}, state(k)),
+      h("td", { class: "key-access" }, access(k)),
       actions,
     );
   });
-  return table("Keys", ["Name", "Prefix", "Created", "Expires", "Last used", "State", ""], rows.length ? rows : empty(7, "No keys yet: mint one above."));
+  return table("Keys", ["Name", "Prefix", "Created", "Expires", "Last used", "State", "Access", ""], rows.length ? rows : empty(8, "No keys yet: mint one above."));
+}
+
+/** A key's own limits, scopes and networks (contract §15), in short. */
+function access(k) {
+  const limits = LIMITS.filter(([name]) => k.limits[name] !== null).map(([name, label]) => `${label}: ${k.limits[name]}`);
+  const all = SCOPES.every((scope) => k.scopes.includes(scope));
+  return [
+    h("span", { class: "block" }, limits.length ? limits.join(", ") : h("span", { class: "muted" }, "tenant's limits only")),
+    h("span", { class: "small block" }, all ? "all scopes" : `only ${k.scopes.join(", ")}`),
+    h("span", { class: "small muted block" }, k.allowed_cidrs ? `from ${k.allowed_cidrs.join(", ")}` : "from anywhere"),
+  ];
+}
+
+function accessDialog(k, { reload }) {
+  dialog(`Access of ${k.name}`, (close) => {
+    const box = alertBox();
+    const submit = h("button", { type: "submit", class: "primary" }, "Save access");
+    const scopeBoxes = SCOPES.map((scope) =>
+      h("label", { class: "check" }, h("input", { type: "checkbox", name: `scope-${scope}`, checked: k.scopes.includes(scope) }), ` ${scope}`),
+    );
+    const cidrs = h("textarea", { name: "allowed_cidrs", rows: 3, placeholder: "anywhere" });
+    cidrs.value = (k.allowed_cidrs ?? []).join("\n");
+    const form = h(
+      "form",
+      {
+        novalidate: true,
+        onsubmit: async (event) => {
+          event.preventDefault();
+          clearErrors(form);
+          box.clear();
+          // only what changed: the audit entry then says what the operator did
+          const body = {};
+          const limits = Object.entries(readLimits(form)).filter(([name, v]) => v !== k.limits[name]);
+          if (limits.length) body.limits = Object.fromEntries(limits);
+          const scopes = SCOPES.filter((scope) => form.elements[`scope-${scope}`].checked);
+          if (scopes.join() !== k.scopes.join()) body.scopes = scopes.length === SCOPES.length ? null : scopes;
+          const networks = cidrs.value.split(/[\s,]+/).filter(Boolean);
+          if (networks.join() !== (k.allowed_cidrs ?? []).join()) body.allowed_cidrs = networks.length ? networks : null;
+          if (!Object.keys(body).length) {
+            close();
+            return;
+          }
+          try {
+            await busy(submit, () => patch(`/keys/${seg(k.id)}`, body), "Saving…");
+            close();
+            reload();
+          } catch (err) {
+            showError(err, { form, box });
+          }
+        },
+      },
+      h("p", {}, "The key's own limits apply on top of its tenant's: a request needs both."),
+      h("fieldset", {}, h("legend", {}, "Key limits (empty: the tenant's only)"), h("div", { class: "grid2" }, limitFields(k.limits))),
+      h("fieldset", { "data-param": "scopes" }, h("legend", {}, "Scopes"), ...scopeBoxes, h("span", { class: "field-error", hidden: true })),
+      field("Allowed networks (CIDRs, one per line; empty: anywhere)", cidrs, { param: "allowed_cidrs" }),
+      h("p", { class: "hint" }, "A change applies on every replica within a second."),
+      box.el,
+      h("div", { class: "actions" }, h("button", { type: "button", onclick: close }, "Cancel"), submit),
+    );
+    return form;
+  });
 }
 
 function rotateDialog(k, { reload, reveal }) {

@@ -89,7 +89,7 @@ function tenantRow(t, reload) {
   return row;
 }
 
-function limitFields(limits = {}) {
+export function limitFields(limits = {}) {
   return LIMITS.map(([name, label]) =>
     field(label, h("input", { type: "number", min: 0, step: 1, inputmode: "numeric", name, value: limits[name] ?? "", placeholder: "no limit" }), {
       param: `limits.${name}`,
@@ -98,7 +98,7 @@ function limitFields(limits = {}) {
 }
 
 /** The limits typed in a form: an empty field is `null` (no limit). */
-function readLimits(form) {
+export function readLimits(form) {
   const limits = {};
   for (const [name] of LIMITS) {
     const raw = form.elements[name].value.trim();

@@ -33,7 +33,12 @@ ERRORS: dict[str, tuple[int, str, str]] = {
     "upload_not_supported": (400, "", "An upload while the gateway has no public_url to serve it to the relay."),
     "invalid_api_key": (401, "", "Missing, malformed, unknown, revoked or expired credential."),
     "tenant_disabled": (403, "", "The tenant is disabled."),
-    "permission_denied": (403, "", "A valid credential that may not do this (a tenant's on an admin route)."),
+    "permission_denied": (
+        403,
+        "",
+        "A valid credential that may not do this: a tenant's on an admin route, or a key outside its"
+        " scopes or allowed networks.",
+    ),
     "task_not_found": (404, "", "No such task or video for this tenant (another tenant's id included)."),
     "model_not_found_404": (404, "", "No such model."),
     "video_not_ready": (404, "", "The video is not completed yet."),
@@ -53,7 +58,11 @@ ERRORS: dict[str, tuple[int, str, str]] = {
     "key_revoked": (409, "", "The key is revoked: mint a new one."),
     "webhook_event_not_dead": (409, "", "Only a dead event can be redelivered."),
     "request_too_large": (413, "", "The body is over max_body_bytes."),
-    "rate_limit_exceeded": (429, "", "requests_per_minute or tasks_per_minute reached (retry-after)."),
+    "rate_limit_exceeded": (
+        429,
+        "",
+        "requests_per_minute or tasks_per_minute reached, or any of the key's own limits (retry-after).",
+    ),
     "concurrency_limit_exceeded": (429, "", "max_active_tasks reached."),
     "insufficient_quota": (429, "insufficient_quota", "A day or month budget of tasks or credits is spent."),
     "upstream_error": (502, "", "The relay answered with an error or garbage."),

@@ -19,7 +19,13 @@ from gateway.routes.admin import PAGE_MAX
 from gateway.uploads import ALLOWED_TYPES
 
 JSON = "application/json"
-TENANT_ERRORS = ("invalid_api_key", "tenant_disabled", "rate_limit_exceeded", "store_unavailable")
+TENANT_ERRORS = (
+    "invalid_api_key",
+    "tenant_disabled",
+    "permission_denied",  # a key outside its scopes or networks (contract §15)
+    "rate_limit_exceeded",
+    "store_unavailable",
+)
 ADMIN_ERRORS = ("invalid_api_key", "permission_denied", "store_unavailable")
 BODY_ERRORS = ("request_too_large", "request_timeout")
 UPSTREAM_ERRORS = ("upstream_error", "upstream_unavailable", "upstream_rate_limited", "upstream_timeout")
@@ -487,10 +493,10 @@ ADMIN = [
         "get",
         Op(
             "getKey",
-            "Read a key",
+            "Read a key and its usage",
             "admin",
             "admin",
-            {200: json_ok("ApiKey", "The key.")},
+            {200: json_ok("ApiKeyWithUsage", "The key; usage: active tasks, today, this month (its own limits').")},
             ("key_not_found",),
             (KEY_ID,),
         ),

@@ -16,9 +16,9 @@ import dataclasses
 from typing import Any
 
 from gateway import gen2, videos
-from gateway.admin import ACTIONS, MAX_LIMIT, MAX_NAME, MAX_SECONDS, NAME_INVISIBLE, NAME_REFUSED
+from gateway.admin import ACTIONS, MAX_CIDRS, MAX_LIMIT, MAX_NAME, MAX_SECONDS, NAME_INVISIBLE, NAME_REFUSED
 from gateway.gen2_options import GEN2_INT_RANGES, GEN2_OPTION_TYPES, MAX_PROMPT_CHARS, MAX_URL_CHARS, URL_FIELDS
-from gateway.store.base import ALL_LIMITS, STATUS_RANK, Usage
+from gateway.store.base import ALL_LIMITS, SCOPES, STATUS_RANK, Usage
 from gateway.uploads import ALLOWED_TYPES
 
 Schema = dict[str, Any]
@@ -244,19 +244,37 @@ def _expires_at() -> Schema:
     return nullable(integer(0, LATEST_TIME, "A future Unix time in seconds, at most a century away; null = never."))
 
 
+def _key_access(*, write: bool) -> dict[str, Schema]:
+    """A key's own limits, scopes and networks (contract §15)."""
+    scopes = {"type": "array", "items": {"type": "string", "enum": list(SCOPES)}, "minItems": 1}
+    cidrs = {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": MAX_CIDRS}
+    if write:
+        return {
+            "limits": _limits(write=True),
+            "scopes": {**nullable(scopes), "description": "What the key may do; null = all (create, read, delete)."},
+            "allowed_cidrs": {**nullable(cidrs), "description": "Client networks it works from; null = anywhere."},
+        }
+    return {
+        "limits": _limits(write=False),
+        "scopes": {**scopes, "description": "What the key may do (all three unless restricted)."},
+        "allowed_cidrs": {**nullable(cidrs), "description": "Client networks it works from; null = anywhere."},
+    }
+
+
 def key_create() -> Schema:
     return obj(
         {
             "name": NAME,
             "expires_at": _expires_at(),
             "expires_in_seconds": nullable(integer(1, MAX_SECONDS, "Instead of expires_at: a lifetime in seconds.")),
+            **_key_access(write=True),
         },
         ("name",),
     )
 
 
 def key_update() -> Schema:
-    return obj({"name": NAME, "expires_at": _expires_at()})
+    return obj({"name": NAME, "expires_at": _expires_at(), **_key_access(write=True)})
 
 
 def rotation() -> Schema:
@@ -433,6 +451,9 @@ KEY_FIELDS = (
     "last_used_at",
     "revoked_at",
     "previous_secret_expires_at",
+    "limits",
+    "scopes",
+    "allowed_cidrs",
 )
 
 
@@ -445,10 +466,13 @@ def api_key(*extra: str) -> Schema:
         "name": OPT_STR,
         "prefix": {"type": ["string", "null"], "description": "The first 10 characters; null for a config key."},
         "source": {"type": "string", "enum": ["config", "api"]},
-        **{f: OPT_TIME for f in KEY_FIELDS[6:]},
+        **{f: OPT_TIME for f in KEY_FIELDS[6:11]},
+        **_key_access(write=False),
     }
     if "secret" in extra:
         properties["secret"] = {"type": "string", "description": "Shown once, in this answer only."}
+    if "usage" in extra:
+        properties["usage"] = ref("Usage")
     return obj(properties, (*KEY_FIELDS, *extra))
 
 
@@ -571,6 +595,7 @@ def components() -> dict[str, Schema]:
         "Rotation": rotation(),
         "ApiKey": api_key(),
         "ApiKeyWithSecret": api_key("secret"),
+        "ApiKeyWithUsage": api_key("usage"),
         "ApiKeyList": admin_list("ApiKey"),
         "AuditEvent": audit_event(),
         "AuditList": admin_list("AuditEvent"),

@@ -19,7 +19,7 @@ from gateway.errors import AuthFailure, GatewayError, bad_request, not_found
 from gateway.keygen import new_key, new_key_id, new_webhook_secret
 from gateway.middleware import client_ip
 from gateway.routes.common import context, json_response, page_limit, read_json, services
-from gateway.store.base import WEBHOOK_STATES, KeyRecord
+from gateway.store.base import WEBHOOK_STATES, KeyRecord, Limits
 
 PAGE_DEFAULT, PAGE_MAX = 100, 1000
 SECRET_HEADERS = {"cache-control": "no-store"}  # an answer carrying a secret: kept by no cache
@@ -141,7 +141,10 @@ async def create_key(request: Request) -> Response:
     s = services(request)
     tenant = await _directory(request).tenant(request.path_params["id"])
     now = s.clock()
-    name, expires_at = admin.key_create(await _body(request), now)
+    body = await _body(request)
+    name, expires_at = admin.key_create(body, now)
+    access = admin.key_access(body)
+    limits = {k: v for k, v in access.get("limits", {}).items() if v is not None}
     secret = new_key()
     record = KeyRecord(
         id=new_key_id(),
@@ -151,16 +154,23 @@ async def create_key(request: Request) -> Response:
         secret_hash=key_hash(secret),
         created_at=now,
         expires_at=expires_at,
+        limits=Limits(**limits),
+        scopes=access.get("scopes"),
+        allowed_cidrs=access.get("allowed_cidrs"),
     )
-    changes = {"name": name, "expires_at": expires_at}
+    changes = {"name": name, "expires_at": expires_at, **_logged_access(access)}
     await s.store.create_key(record, audit.entry("key.create", now, tenant.id, record.id, changes))
     await s.directory.apply_own_change()
     return json_response({**AdminKey.from_record(record).to_json(), "secret": secret}, 201, SECRET_HEADERS)
 
 
 async def show_key(request: Request) -> Response:
+    """The key, with its `usage` next to its limits (contract §15)."""
     _require_admin(request)
-    return json_response((await _directory(request).key(request.path_params["key_id"])).to_json())
+    s = services(request)
+    key = await _directory(request).key(request.path_params["key_id"])
+    key_usage = await usage.key_usage(s.store, key.id, s.clock())
+    return json_response({**key.to_json(), "usage": asdict(key_usage)})
 
 
 async def update_key(request: Request) -> Response:
@@ -171,7 +181,13 @@ async def update_key(request: Request) -> Response:
     changes = admin.key_changes(await _body(request), now)
     if not changes:
         return json_response(AdminKey.from_record(key).to_json())
-    return await _change_key(request, key, changes, audit.entry("key.update", now, key.tenant_id, key.id, changes))
+    entry = audit.entry("key.update", now, key.tenant_id, key.id, _logged_access(changes))
+    return await _change_key(request, key, changes, entry)
+
+
+def _logged_access(changes: dict[str, Any]) -> dict[str, Any]:
+    """Changes as the audit entry records them (JSON: lists, not tuples)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in changes.items()}
 
 
 async def rotate_key(request: Request) -> Response:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_address
 from typing import Any
 
 import orjson
@@ -14,12 +15,14 @@ from gateway.auth import Principal
 from gateway.errors import AuthFailure, GatewayError, bad_request
 from gateway.gen2 import Gen2Request
 from gateway.idempotency import fingerprint, idempotency_key, run_idempotent
-from gateway.middleware import RequestContext, request_context
+from gateway.middleware import RequestContext, client_ip, request_context
 from gateway.quotas import refused
 from gateway.services import Services
-from gateway.store.base import Admission, TaskRecord
+from gateway.store.base import Admission, KeyLimits, TaskRecord
 from gateway.tasks import Created, CreateFailed
 from gateway.uploads import PendingUpload
+
+PERMISSION = "permission_error"
 
 
 def services(request: Request) -> Services:
@@ -33,7 +36,9 @@ def context(request: Request) -> RequestContext:
     return request_context(request.scope)
 
 
-def authenticate(request: Request) -> Principal:
+def authenticate(request: Request, scope: str) -> Principal:
+    """The caller, if its credential is valid, its key may be used from the client's
+    network, and its key has `scope` (create, read or delete: contract §15)."""
     s = services(request)
     try:
         principal = s.auth.authenticate(request.headers.get("authorization"))
@@ -45,27 +50,55 @@ def authenticate(request: Request) -> Principal:
         raise
     record = context(request)
     record.tenant, record.key_id = principal.tenant.id, principal.key_id
+    key = principal.key
+    if key is not None and key.networks is not None:
+        ip = client_ip(request.scope, s.config.server.trusted_proxies)
+        if not in_networks(ip, key.networks):
+            s.metrics.count(s.metrics.auth_failures, ("network",))
+            raise GatewayError(403, "permission_denied", "This API key is not allowed from this network.", PERMISSION)
+    if key is not None and key.scopes is not None and scope not in key.scopes:
+        raise GatewayError(
+            403, "permission_denied", f"This API key does not have the `{scope}` scope this request needs.", PERMISSION
+        )
     if principal.key_id is not None:
         s.last_used.note(principal.key_id, s.clock())
     return principal
 
 
+def in_networks(ip: str | None, networks: tuple[IPv4Network | IPv6Network, ...]) -> bool:
+    """Whether the client address lies in one of a key's allowed networks (an unknown or
+    unparsable address lies in none)."""
+    try:
+        addr = ip_address(ip or "")
+    except ValueError:
+        return False
+    if isinstance(addr, IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped  # ::ffff:10.0.0.1 is 10.0.0.1
+    return any(addr in net for net in networks)
+
+
+def key_limits(principal: Principal) -> KeyLimits | None:
+    """The caller's key's own limits (None: a JWT, a config key, or a key without limits)."""
+    return principal.key.limits if principal.key is not None else None
+
+
 async def admit_request(request: Request, principal: Principal) -> None:
-    """One token of requests_per_minute; a 429 changes nothing."""
+    """One token of requests_per_minute (the tenant's and the key's); a 429 changes nothing."""
     s = services(request)
     tenant = principal.tenant
-    _admitted(request, principal, await s.store.take_request(tenant.id, tenant.limits, s.clock()))
+    admission = await s.store.take_request(tenant.id, tenant.limits, s.clock(), key_limits(principal))
+    _admitted(request, principal, admission)
 
 
 def _admitted(request: Request, principal: Principal, admission: Admission) -> None:
     """Record the rate headers' source; raise the 429 of a refusal."""
     if not admission.ok:
-        raise refused(admission, principal.tenant, services(request).metrics)
+        raise refused(admission, principal.tenant, services(request).metrics, key_limits(principal))
     context(request).rate = admission.rate
 
 
-async def tenant_request(request: Request) -> Principal:
-    principal = authenticate(request)
+async def tenant_request(request: Request, scope: str) -> Principal:
+    principal = authenticate(request, scope)
     await admit_request(request, principal)
     return principal
 
@@ -74,9 +107,9 @@ async def own_task(request: Request, task_id: str) -> TaskRecord | None:
     """A status read: authenticate, take a requests_per_minute token and read the tenant's
     task, the last two in one store operation (a poll is the most frequent request)."""
     s = services(request)
-    principal = authenticate(request)
+    principal = authenticate(request, "read")
     tenant = principal.tenant
-    admission, record = await s.store.read_task(tenant.id, tenant.limits, task_id, s.clock())
+    admission, record = await s.store.read_task(tenant.id, tenant.limits, task_id, s.clock(), key_limits(principal))
     _admitted(request, principal, admission)
     if record is not None:
         context(request).task_id = record.task_id
@@ -95,7 +128,14 @@ async def submit_task(
     ctx = context(request)
     try:
         created = await services(request).tasks.create(
-            principal.tenant, req, ctx.request_id, meta, upload, principal.key_id, ctx.idempotency_key
+            principal.tenant,
+            req,
+            ctx.request_id,
+            meta,
+            upload,
+            principal.key_id,
+            ctx.idempotency_key,
+            key_limits(principal),
         )
     except CreateFailed as failed:
         ctx.rate, ctx.upstream_ms = failed.rate, failed.upstream_ms

@@ -27,7 +27,7 @@ LISTABLE_STATUSES = {s for s in STATUS_RANK if s not in ("SUBMITTING",)}
 
 async def create_task(request: Request) -> Response:
     s = services(request)
-    principal = authenticate(request)
+    principal = authenticate(request, "create")
     raw = await request.body()
 
     async def create() -> Response:
@@ -56,7 +56,7 @@ def task_response(record: TaskRecord) -> Response:
 
 async def list_tasks(request: Request) -> Response:
     s = services(request)
-    principal = await tenant_request(request)
+    principal = await tenant_request(request, "read")
     status = request.query_params.get("status") or None
     if status is not None and status not in LISTABLE_STATUSES:
         raise bad_request("invalid_value", "Unknown `status`.", "status")

@@ -57,12 +57,12 @@ ASSET_HEADERS = {"cache-control": "private, no-store", "x-content-type-options":
 
 
 async def list_models(request: Request) -> Response:
-    await tenant_request(request)
+    await tenant_request(request, "read")
     return json_response({"object": "list", "data": [m.as_openai() for m in videos.MODELS.values()]})
 
 
 async def get_model(request: Request) -> Response:
-    await tenant_request(request)
+    await tenant_request(request, "read")
     model = videos.MODELS.get(request.path_params["id"])
     if model is None:
         raise GatewayError(
@@ -76,7 +76,7 @@ async def get_model(request: Request) -> Response:
 
 async def create_video(request: Request) -> Response:
     s = services(request)
-    principal = authenticate(request)
+    principal = authenticate(request, "create")
     max_upload = min(s.config.server.max_body_bytes, MAX_UPLOAD_BYTES)
     raw, image = await _read_create_body(request, max_upload)
 
@@ -117,7 +117,7 @@ async def get_video(request: Request) -> Response:
 
 async def list_videos(request: Request) -> Response:
     s = services(request)
-    principal = await tenant_request(request)
+    principal = await tenant_request(request, "read")
     order = request.query_params.get("order") or "desc"
     if order not in ("asc", "desc"):
         raise bad_request("invalid_value", "`order` must be `asc` or `desc`.", "order")
@@ -138,7 +138,7 @@ async def list_videos(request: Request) -> Response:
 
 async def delete_video(request: Request) -> Response:
     s = services(request)
-    principal = await tenant_request(request)
+    principal = await tenant_request(request, "delete")
     video_id = request.path_params["id"]
     if not await s.store.hide_task(principal.tenant.id, video_id):
         raise not_found("No video with that id.")

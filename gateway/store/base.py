@@ -53,6 +53,23 @@ class Limits:
     credits_per_day: int | None = None
     credits_per_month: int | None = None
 
+    def has_any(self) -> bool:
+        """Whether any limit is set (a key without limits costs admission nothing extra)."""
+        return any(getattr(self, name) is not None for name in ALL_LIMITS)
+
+
+KEY_LIMIT = "key_"  # prefix of a key limit's name in an Admission and the metric's label
+SCOPES = ("create", "read", "delete")
+
+
+@dataclass(frozen=True)
+class KeyLimits:
+    """An API key's own limits (contract §15), checked with its tenant's in the same atomic
+    step. Only a key with at least one limit has one: the others pass None and cost no work."""
+
+    key_id: str
+    limits: Limits
+
 
 class StoreUnavailable(Exception):
     """The store cannot answer or take writes right now: SQLite locked past its wait, a
@@ -108,13 +125,13 @@ class RateInfo:
 @dataclass
 class Admission:
     ok: bool
-    limit: str | None = None  # name of the limit that refused (one of ALL_LIMITS)
+    limit: str | None = None  # the limit that refused: one of ALL_LIMITS, or KEY_LIMIT + one for a key's
     retry_after: float = 0.0  # seconds until a retry can succeed
     rate: RateInfo | None = None  # the tightest bucket this request drew from
 
     @property
     def code(self) -> str:
-        if self.limit in RATE_LIMITS:
+        if self.limit in RATE_LIMITS or (self.limit or "").startswith(KEY_LIMIT):  # §15: every key limit
             return "rate_limit_exceeded"
         if self.limit == "max_active_tasks":
             return "concurrency_limit_exceeded"
@@ -146,6 +163,7 @@ class TaskRecord:
     next_poll_at: float = 0.0
     meta: dict[str, Any] = field(default_factory=dict)  # route-specific extras (OpenAI size, model...)
     key_id: str | None = None  # the API key that created it (None: a JWT, or adopted from a callback)
+    key_limited: bool = False  # charged to its key's quota too (the key had limits): released there too
 
     @property
     def terminal(self) -> bool:
@@ -309,6 +327,10 @@ class KeyRecord:
     expires_at: float | None = None
     last_used_at: float | None = None
     revoked_at: float | None = None
+    # contract §15: the key's own limits, scopes (None = all) and networks (None = anywhere)
+    limits: Limits = field(default_factory=Limits)
+    scopes: tuple[str, ...] | None = None
+    allowed_cidrs: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -360,8 +382,9 @@ class Store(abc.ABC):
 
     # admission ----------------------------------------------------------------------
     @abc.abstractmethod
-    async def take_request(self, tenant_id: str, limits: Limits, now: float) -> Admission:
-        """One token from requests_per_minute (if limited). A refusal changes nothing."""
+    async def take_request(self, tenant_id: str, limits: Limits, now: float, key: KeyLimits | None = None) -> Admission:
+        """One token from requests_per_minute (if limited), the tenant's and, with `key`,
+        the key's, both or neither. A refusal changes nothing."""
 
     @abc.abstractmethod
     async def admit_create(
@@ -372,10 +395,14 @@ class Store(abc.ABC):
         reservation: TaskRecord,
         now: float,
         idempotency_key: str | None = None,
+        key: KeyLimits | None = None,
     ) -> Admission:
         """All of a create's limits at once (requests/tasks per minute, active tasks, day and
         month budgets): either every counter moves and `reservation` (status SUBMITTING) is
-        inserted, or nothing changes.
+        inserted, or nothing changes. With `key` (the reservation's key, which has limits)
+        the key's quota is checked and charged in the same step (the tenant's limits first,
+        then the key's, each in ALL_LIMITS order) and the reservation is `key_limited`: every
+        release of it (settle_not_created, apply_update, expire_tasks) releases the key's too.
 
         `idempotency_key`, a key this create holds (idem_begin said "new"): in the same step
         the pending key records the reservation's rid, so that if the holder vanishes before
@@ -420,12 +447,12 @@ class Store(abc.ABC):
         """The tenant's task by upstream id; None for another tenant's or hidden task."""
 
     async def read_task(
-        self, tenant_id: str, limits: Limits, task_id: str, now: float
+        self, tenant_id: str, limits: Limits, task_id: str, now: float, key: KeyLimits | None = None
     ) -> tuple[Admission, TaskRecord | None]:
-        """A status poll: one requests_per_minute token, then the tenant's task (None when
-        refused or not found). One operation, so a store that pays per round trip (Redis)
-        can do both in one; the default is the two calls."""
-        admission = await self.take_request(tenant_id, limits, now)
+        """A status poll: one requests_per_minute token (as take_request), then the tenant's
+        task (None when refused or not found). One operation, so a store that pays per round
+        trip (Redis) can do both in one; the default is the two calls."""
+        admission = await self.take_request(tenant_id, limits, now, key)
         if not admission.ok:
             return admission, None
         return admission, await self.get_by_task_id(tenant_id, task_id)
@@ -445,6 +472,11 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def usage(self, tenant_id: str, now: float) -> Usage: ...
+
+    @abc.abstractmethod
+    async def key_usage(self, key_id: str, now: float) -> Usage:
+        """A key's own quota counters now: what its limits are checked against (counted
+        while it has limits: a task admitted without key limits is not in them)."""
 
     @abc.abstractmethod
     async def ledger(

@@ -52,6 +52,8 @@ TENANT_CHANGES = frozenset(
 KEY_CHANGES = frozenset(
     {"name", "expires_at", "secret_hash", "prefix", "previous_hash", "previous_expires_at", "revoked_at"}
 )
+# a key's own scopes and networks (contract §15): JSON lists, absent = all / anywhere
+KEY_LISTS = ("scopes", "allowed_cidrs")
 
 
 def _encode(kind: str, value: Any) -> str:
@@ -91,26 +93,45 @@ def _values(h: Mapping[str, str], kinds: Mapping[str, str]) -> dict[str, Any]:
     return {name: _decode(kind, h[name]) for name, kind in kinds.items() if name in h}
 
 
+def _limit_fields(limits: Limits) -> Fields:
+    return {LIMIT + name: str(int(value)) for name in ALL_LIMITS if (value := getattr(limits, name)) is not None}
+
+
+def _limits(h: Mapping[str, str]) -> Limits:
+    return Limits(**{name: int(h[LIMIT + name]) for name in ALL_LIMITS if LIMIT + name in h})
+
+
 def tenant_fields(t: TenantRecord) -> Fields:
-    out = _fields(t, TENANT_KINDS)
-    for name in ALL_LIMITS:
-        value = getattr(t.limits, name)
-        if value is not None:
-            out[LIMIT + name] = str(int(value))
-    return out
+    return {**_fields(t, TENANT_KINDS), **_limit_fields(t.limits)}
 
 
 def tenant_from_fields(h: Mapping[str, str]) -> TenantRecord:
-    limits = Limits(**{name: int(h[LIMIT + name]) for name in ALL_LIMITS if LIMIT + name in h})
-    return TenantRecord(id=h["id"], limits=limits, **_values(h, TENANT_KINDS))
+    return TenantRecord(id=h["id"], limits=_limits(h), **_values(h, TENANT_KINDS))
 
 
 def key_fields(k: KeyRecord) -> Fields:
-    return _fields(k, KEY_KINDS)
+    out = {**_fields(k, KEY_KINDS), **_limit_fields(k.limits)}
+    for name in KEY_LISTS:
+        value = getattr(k, name)
+        if value is not None:
+            out[name] = _encode("json", list(value))
+    return out
 
 
 def key_from_fields(h: Mapping[str, str]) -> KeyRecord:
-    return KeyRecord(id=h["id"], **_values(h, KEY_KINDS))
+    lists: dict[str, Any] = {name: tuple(_decode("json", h[name])) for name in KEY_LISTS if name in h}
+    return KeyRecord(id=h["id"], limits=_limits(h), **lists, **_values(h, KEY_KINDS))
+
+
+def _limit_changes(limits: Mapping[str, int | None], put: Fields, drop: list[str]) -> None:
+    """A `limits` change merged limit by limit (None removes one), into (put, drop)."""
+    for name, value in limits.items():
+        if name not in ALL_LIMITS:
+            raise ValueError(f"unknown limit {name!r}")
+        if value is None:
+            drop.append(LIMIT + name)
+        else:
+            put[LIMIT + name] = str(int(value))
 
 
 def _changes(changes: Mapping[str, Any], allowed: frozenset[str], kinds: Mapping[str, str]) -> tuple[Fields, list[str]]:
@@ -132,20 +153,25 @@ def tenant_changes(changes: Mapping[str, Any], now: float) -> tuple[Fields, list
     removes one), `policy` replaced, `updated_at` = now."""
     rest = {k: v for k, v in changes.items() if k != "limits"}
     put, drop = _changes(rest, TENANT_CHANGES, TENANT_KINDS)
-    for name, value in (changes.get("limits") or {}).items():
-        if name not in ALL_LIMITS:
-            raise ValueError(f"unknown limit {name!r}")
-        if value is None:
-            drop.append(LIMIT + name)
-        else:
-            put[LIMIT + name] = str(int(value))
+    _limit_changes(changes.get("limits") or {}, put, drop)
     put["updated_at"] = _encode("time", now)
     return put, drop
 
 
 def key_changes(changes: Mapping[str, Any]) -> tuple[Fields, list[str]]:
-    """update_key's `changes` as (set, delete)."""
-    return _changes(changes, KEY_CHANGES, KEY_KINDS)
+    """update_key's `changes` as (set, delete): `limits` merged limit by limit as a
+    tenant's, `scopes` and `allowed_cidrs` replaced (None removes them: all, anywhere)."""
+    rest = {k: v for k, v in changes.items() if k not in ("limits", *KEY_LISTS)}
+    put, drop = _changes(rest, KEY_CHANGES, KEY_KINDS)
+    _limit_changes(changes.get("limits") or {}, put, drop)
+    for name in KEY_LISTS:
+        if name in changes:
+            value = changes[name]
+            if value is None:
+                drop.append(name)
+            else:
+                put[name] = _encode("json", list(value))
+    return put, drop
 
 
 # A rotation's slots: the field holding the secret (or its hash), the previous one's, when

@@ -21,6 +21,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from gateway.store.base import (
+    KEY_LIMIT,
     ORPHAN_KEEP_SECONDS,
     RATE_LIMITS,
     REFUNDABLE,
@@ -130,7 +131,8 @@ class Quota:
 def retry_after(limit: str, now: float, level: float = 0.0, capacity: int = 1) -> float:
     """When a create refused by `limit` could succeed: the bucket's next token (`level` and
     `capacity` are the refusing bucket's), the next UTC day or month; a full
-    max_active_tasks has no known end, so one second."""
+    max_active_tasks has no known end, so one second. A key's limit as the tenant's."""
+    limit = limit.removeprefix(KEY_LIMIT)
     if limit in RATE_LIMITS:
         return bucket_retry_after(level, capacity)
     if limit == "max_active_tasks":
@@ -140,12 +142,36 @@ def retry_after(limit: str, now: float, level: float = 0.0, capacity: int = 1) -
     return seconds_to_next_day(now)
 
 
-def check_create(q: Quota, limits: Limits, credits: int, now: float) -> tuple[Admission | None, RateInfo | None]:
+def check_create(
+    q: Quota, limits: Limits, credits: int, now: float, key: tuple[Quota, Limits] | None = None
+) -> tuple[Admission | None, RateInfo | None]:
     """Check every limit of a create against `q` (rolled to `now`), in ALL_LIMITS order,
-    taking the rate tokens in `q` on success. Returns (the refusal of the first failing
-    limit or None, the tightest rate bucket's header info as it stands after: a refused
-    create takes no token, so its buckets are reported as they were)."""
+    then, with `key` (the key's quota, rolled, and its limits), every limit of the key the
+    same way (a key limit's refusal is named KEY_LIMIT + the limit), taking the rate tokens
+    in the quotas on success. Returns (the refusal of the first failing limit or None, the
+    tightest rate bucket's header info of all of them as it stands after: a refused create
+    takes no token, so its buckets are reported as they were)."""
     buckets: list[tuple[float, int, bool]] = []  # (level after, capacity, token taken)
+    refusal: Admission | None = None
+    for quota, lims, prefix in _quotas(q, limits, key):
+        found = _check_quota(quota, lims, credits, now, buckets, budgets=refusal is None)
+        if refusal is None and found is not None:
+            found.limit = prefix + (found.limit or "")
+            refusal = found
+    infos = [bucket_info(level + 1.0 if (taken and refusal) else level, cap) for level, cap, taken in buckets]
+    return refusal, tightest(infos)
+
+
+def _quotas(q: Quota, limits: Limits, key: tuple[Quota, Limits] | None) -> list[tuple[Quota, Limits, str]]:
+    """The quotas one admission checks, in order, with the prefix naming their limits."""
+    return [(q, limits, "")] if key is None else [(q, limits, ""), (key[0], key[1], KEY_LIMIT)]
+
+
+def _check_quota(
+    q: Quota, limits: Limits, credits: int, now: float, buckets: list[tuple[float, int, bool]], budgets: bool
+) -> Admission | None:
+    """check_create for one quota: its buckets appended to `buckets` (tokens taken in `q`
+    when there are), then its budgets when `budgets` and no bucket refused."""
     refusal: Admission | None = None
     for name, cap in (
         ("requests_per_minute", limits.requests_per_minute),
@@ -162,10 +188,31 @@ def check_create(q: Quota, limits: Limits, credits: int, now: float) -> tuple[Ad
             q.rpm_tokens, q.rpm_ts = level, max(ts, now)
         else:
             q.tpm_tokens, q.tpm_ts = level, max(ts, now)
-    if refusal is None and (limit := budget_exceeded(q, limits, credits)) is not None:
+    if budgets and refusal is None and (limit := budget_exceeded(q, limits, credits)) is not None:
         refusal = Admission(False, limit, retry_after(limit, now))
-    infos = [bucket_info(level + 1.0 if (taken and refusal) else level, cap) for level, cap, taken in buckets]
-    return refusal, tightest(infos)
+    return refusal
+
+
+def take_requests(q: Quota, limits: Limits, now: float, key: tuple[Quota, Limits] | None = None) -> Admission:
+    """One requests_per_minute token from the tenant's bucket and, with `key`, from the
+    key's: both or neither (the tokens are taken in the quotas only when both admit; the
+    tenant's bucket is named first when both are empty). The admission's rate is the
+    tightest bucket, as after the take, or as it stands when refused."""
+    takes: list[tuple[Quota, int, float, bool, str]] = []
+    for quota, lims, prefix in _quotas(q, limits, key):
+        cap = lims.requests_per_minute
+        if cap is not None:
+            level, ok = bucket_take(quota.rpm_tokens, quota.rpm_ts, cap, now)
+            takes.append((quota, cap, level, ok, prefix))
+    failed = next((t for t in takes if not t[3]), None)
+    infos = [bucket_info(level + 1.0 if (failed and ok) else level, cap) for _, cap, level, ok, _ in takes]
+    rate = tightest(infos)
+    if failed is not None:
+        _, cap, level, _, prefix = failed
+        return Admission(False, prefix + "requests_per_minute", bucket_retry_after(level, cap), rate)
+    for quota, _, level, _, _ in takes:
+        quota.rpm_tokens, quota.rpm_ts = level, max(quota.rpm_ts, now)
+    return Admission(True, rate=rate)
 
 
 def budget_exceeded(q: Quota, limits: Limits, credits: int) -> str | None:

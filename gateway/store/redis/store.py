@@ -16,6 +16,8 @@ Key layout (every key starts with `prefix`, "gw:" by default):
     {p}q:{tenant}      hash   quota state: rpm_t/rpm_ts, tpm_t/tpm_ts (token buckets),
                               day, day_tasks, day_credits, month, month_credits
     {p}act             hash   tenant -> active (non-terminal, not timed-out) task count
+    {p}kq:{key_id}     hash   an API key's own quota (contract §15), only for a key with
+                              limits: the fields of {p}q: plus its `active` task count
     {p}t:{rid}         hash   one TaskRecord (task JSON in `task`, meta keys as `m:{key}`,
                               plus `rank` and the webhook sequence `wh_seq`)
     {p}tid:{task_id}   string upstream task id -> rid
@@ -94,6 +96,7 @@ from gateway.store import directory, rules
 from gateway.store.base import (
     ALL_LIMITS,
     DEAD_EVENT_RETENTION,
+    KEY_LIMIT,
     LAST_ERROR_MAX,
     LEDGER_COUNTERS,
     ORPHAN_KEEP_SECONDS,
@@ -103,6 +106,7 @@ from gateway.store.base import (
     Charge,
     DirectorySnapshot,
     IdempotencyResult,
+    KeyLimits,
     KeyRecord,
     LedgerRow,
     Limits,
@@ -181,6 +185,7 @@ def _record_blob(rec: TaskRecord) -> bytes:
         "next_poll_at", _num(rec.next_poll_at),
         "upd", _updated_at(rec.task),
         "key_id", rec.key_id or "",
+        "key_limited", _flag(rec.key_limited),
     ]  # fmt: skip
     for key, value in rec.meta.items():
         fields += [f"m:{key}", orjson.dumps(value).decode()]
@@ -226,7 +231,25 @@ def _record_from_map(h: dict[str, str]) -> TaskRecord | None:
         next_poll_at=float(h.get("next_poll_at", 0)),
         meta=meta,
         key_id=h.get("key_id") or None,
+        key_limited=h.get("key_limited") == "1",
     )
+
+
+def _key_rpm(key: KeyLimits | None) -> int | None:
+    return key.limits.requests_per_minute if key is not None else None
+
+
+def _request_admission(
+    ok: bool, level: float, cap: int | None, klevel: float, kcap: int | None, by_key: bool
+) -> Admission:
+    """A take_rpm reply (lib.lua) as rules.take_requests answers: the tightest bucket, and
+    a refusal named after the bucket that refused."""
+    infos = [rules.bucket_info(lv, c) for lv, c in ((level, cap), (klevel, kcap)) if c is not None]
+    rate = rules.tightest(infos)
+    if ok:
+        return Admission(True, rate=rate)
+    lv, c, name = (klevel, kcap, KEY_LIMIT + "requests_per_minute") if by_key else (level, cap, "requests_per_minute")
+    return Admission(False, name, rules.bucket_retry_after(lv, c or 1), rate)
 
 
 def _fields_blob(fields: dict[str, str]) -> bytes:
@@ -385,12 +408,13 @@ class RedisStore(Store):
         return _s(await self._secret(keys=[self._k("secret", name)], args=[candidate]))
 
     # admission -------------------------------------------------------------------------
-    async def take_request(self, tenant_id: str, limits: Limits, now: float) -> Admission:
-        cap = limits.requests_per_minute
-        if cap is None:
+    async def take_request(self, tenant_id: str, limits: Limits, now: float, key: KeyLimits | None = None) -> Admission:
+        cap, kcap = limits.requests_per_minute, _key_rpm(key)
+        if cap is None and kcap is None:
             return Admission(ok=True)
-        ok, level = await self._take_request(keys=[self._k("q", tenant_id)], args=[self.prefix, _num(now), str(cap)])
-        return rules.request_admission(bool(ok), float(level), cap)
+        args = [self.prefix, _num(now), str(cap or 0), key.key_id if key else "", str(kcap or 0)]
+        ok, level, klevel, by_key = await self._take_request(keys=[self._k("q", tenant_id)], args=args)
+        return _request_admission(bool(ok), float(level), cap, float(klevel), kcap, bool(by_key))
 
     async def admit_create(
         self,
@@ -400,11 +424,14 @@ class RedisStore(Store):
         reservation: TaskRecord,
         now: float,
         idempotency_key: str | None = None,
+        key: KeyLimits | None = None,
     ) -> Admission:
         # The periods are the caller's clock's, as in SQLiteStore (charge.day == day_key(now)
         # when the caller built it from the same `now`); the reservation records them.
         day, month = day_key(now), month_key(now)
         reservation.charge_day, reservation.charge_month, reservation.credits = day, month, charge.credits
+        if key is not None:
+            reservation.key_id = key.key_id
         args: list[str | bytes] = [
             self.prefix, tenant_id, _num(now),
             *(str(getattr(limits, name) or 0) for name in ALL_LIMITS),
@@ -412,18 +439,29 @@ class RedisStore(Store):
             reservation.key_id or "", LEDGER_TTL_MS,
             self._idem_key(tenant_id, idempotency_key) if idempotency_key is not None else "", ORPHAN_KEEP,
         ]  # fmt: skip
-        ok, failed, rpm_level, tpm_level, *charged = await self._admit(keys=[self._k("q", tenant_id)], args=args)
+        if key is not None:
+            args += ["1", *(str(getattr(key.limits, name) or 0) for name in ALL_LIMITS)]
+        reply = await self._admit(keys=[self._k("q", tenant_id)], args=args)
+        ok, failed, rpm_level, tpm_level, *rest = reply
+        krpm_level, ktpm_level = rest[-2:]  # after the periods charged when admitted
         # Bucket levels after the take (admitted) or as they stand (refused: nothing taken).
+        klimits = key.limits if key is not None else Limits()
         buckets = {
             "requests_per_minute": (float(rpm_level), limits.requests_per_minute),
             "tasks_per_minute": (float(tpm_level), limits.tasks_per_minute),
+            KEY_LIMIT + "requests_per_minute": (float(krpm_level), klimits.requests_per_minute),
+            KEY_LIMIT + "tasks_per_minute": (float(ktpm_level), klimits.tasks_per_minute),
         }
         rate = rules.tightest([rules.bucket_info(level, cap) for level, cap in buckets.values() if cap is not None])
         if ok:
             # the periods charged: the stored ones when this replica's clock lags (rules.Quota.roll)
-            reservation.charge_day, reservation.charge_month = _s(charged[0]), _s(charged[1])
+            reservation.charge_day, reservation.charge_month = _s(rest[0]), _s(rest[1])
+            reservation.key_limited = key is not None
             return Admission(ok=True, rate=rate)
-        limit = ALL_LIMITS[int(failed) - 1]
+        index = int(failed) - 1
+        limit = ALL_LIMITS[index % len(ALL_LIMITS)]
+        if index >= len(ALL_LIMITS):
+            limit = KEY_LIMIT + limit
         level, cap = buckets.get(limit, (0.0, None))
         return Admission(ok=False, limit=limit, retry_after=rules.retry_after(limit, now, level, cap or 1), rate=rate)
 
@@ -489,12 +527,12 @@ class RedisStore(Store):
         return rec
 
     async def read_task(
-        self, tenant_id: str, limits: Limits, task_id: str, now: float
+        self, tenant_id: str, limits: Limits, task_id: str, now: float, key: KeyLimits | None = None
     ) -> tuple[Admission, TaskRecord | None]:
-        cap = limits.requests_per_minute
-        args = [self.prefix, _num(now), str(cap or 0), task_id]
-        ok, level, blob = await self._read_task(keys=[self._k("q", tenant_id)], args=args)
-        admission = Admission(ok=True) if cap is None else rules.request_admission(bool(ok), float(level), cap)
+        cap, kcap = limits.requests_per_minute, _key_rpm(key)
+        args = [self.prefix, _num(now), str(cap or 0), task_id, key.key_id if key else "", str(kcap or 0)]
+        ok, level, klevel, by_key, blob = await self._read_task(keys=[self._k("q", tenant_id)], args=args)
+        admission = _request_admission(bool(ok), float(level), cap, float(klevel), kcap, bool(by_key))
         if not admission.ok:
             return admission, None
         rec = _record(blob)
@@ -538,6 +576,22 @@ class RedisStore(Store):
         this_month = _s(month) == month_key(now)
         return Usage(
             active=int(active or 0),
+            tasks_today=int(tasks or 0) if today else 0,
+            credits_today=int(credits or 0) if today else 0,
+            credits_this_month=int(mcredits or 0) if this_month else 0,
+            tasks_this_month=int(mtasks or 0) if this_month else 0,
+        )
+
+    async def key_usage(self, key_id: str, now: float) -> Usage:
+        day, tasks, credits, month, mcredits, mtasks, active = await self._r.execute(
+            "HMGET",
+            self._k("kq", key_id),
+            *("day", "day_tasks", "day_credits", "month", "month_credits", "month_tasks", "active"),
+        )
+        today = _s(day) == day_key(now)
+        this_month = _s(month) == month_key(now)
+        return Usage(
+            active=max(0, int(active or 0)),
             tasks_today=int(tasks or 0) if today else 0,
             credits_today=int(credits or 0) if today else 0,
             credits_this_month=int(mcredits or 0) if this_month else 0,

@@ -20,6 +20,17 @@ CREATE TABLE IF NOT EXISTS quota (
     month TEXT NOT NULL DEFAULT '', month_credits INTEGER NOT NULL DEFAULT 0,
     month_tasks INTEGER NOT NULL DEFAULT 0
 );
+-- an API key's own quota (contract §15), the same counters as a tenant's; a row only for
+-- a key that had limits when it was admitted or polled
+CREATE TABLE IF NOT EXISTS key_quota (
+    key_id TEXT PRIMARY KEY,
+    rpm_tokens REAL, rpm_ts REAL NOT NULL DEFAULT 0,
+    tpm_tokens REAL, tpm_ts REAL NOT NULL DEFAULT 0,
+    active INTEGER NOT NULL DEFAULT 0,
+    day TEXT NOT NULL DEFAULT '', day_tasks INTEGER NOT NULL DEFAULT 0, day_credits INTEGER NOT NULL DEFAULT 0,
+    month TEXT NOT NULL DEFAULT '', month_credits INTEGER NOT NULL DEFAULT 0,
+    month_tasks INTEGER NOT NULL DEFAULT 0
+);
 CREATE TABLE IF NOT EXISTS tasks (
     rid TEXT PRIMARY KEY,
     tenant TEXT NOT NULL,
@@ -40,7 +51,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     deleted INTEGER NOT NULL DEFAULT 0,
     next_poll_at REAL NOT NULL DEFAULT 0,
     meta TEXT NOT NULL DEFAULT '{}',
-    key_id TEXT
+    key_id TEXT,
+    key_limited INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS tasks_by_tenant ON tasks (tenant, created_at);
 CREATE INDEX IF NOT EXISTS tasks_to_poll ON tasks (next_poll_at)
@@ -131,6 +143,7 @@ ADDED_COLUMNS = (
     ("quota", "month_tasks", "INTEGER NOT NULL DEFAULT 0"),  # counts from the upgrade on, as the ledger
     ("tasks", "key_id", "TEXT"),  # NULL for the tasks created before: no key known
     ("webhooks", "last_error", "TEXT"),
+    ("tasks", "key_limited", "INTEGER NOT NULL DEFAULT 0"),  # charged to its key's quota (§15)
 )
 
 

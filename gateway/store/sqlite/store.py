@@ -37,6 +37,7 @@ from gateway.store.base import (
     Charge,
     DirectorySnapshot,
     IdempotencyResult,
+    KeyLimits,
     KeyRecord,
     LedgerRow,
     Limits,
@@ -55,6 +56,9 @@ from gateway.store.sqlite.group_commit import OUTAGE, GroupCommit
 from gateway.store.sqlite.schema import SCHEMA, checkpoint, connect, migrate
 
 TERMINAL_SQL = "('SUCCEEDED', 'FAILED', 'CANCELLED')"
+# (table, key column) of a tenant's quota row and of an API key's own (contract §15)
+TENANT_QUOTA = ("quota", "tenant")
+KEY_QUOTA = ("key_quota", "key_id")
 OUTBOX_COLUMNS = (
     "w.event_id, w.tenant, w.rid, t.task_id, w.seq, w.state, w.attempts, w.next_at, w.last_error, w.created_at"
 )
@@ -134,8 +138,16 @@ class SQLiteStore(Store):
         return str(row["value"])
 
     # admission ----------------------------------------------------------------------
-    async def take_request(self, tenant_id: str, limits: Limits, now: float) -> Admission:
+    async def take_request(self, tenant_id: str, limits: Limits, now: float, key: KeyLimits | None = None) -> Admission:
         cap = limits.requests_per_minute
+        if key is not None and key.limits.requests_per_minute is not None:
+            async with self._tx:
+                q, kq = self._quota(tenant_id, now), self._quota(key.key_id, now, KEY_QUOTA)
+                admission = rules.take_requests(q, limits, now, _with_limits(kq, key))
+                if admission.ok:
+                    self._save_quota(tenant_id, q)
+                    self._save_quota(key.key_id, kq, KEY_QUOTA)
+            return admission
         if cap is None:
             return Admission(ok=True)
         async with self._tx:
@@ -156,15 +168,21 @@ class SQLiteStore(Store):
         reservation: TaskRecord,
         now: float,
         idempotency_key: str | None = None,
+        key: KeyLimits | None = None,
     ) -> Admission:
         async with self._tx:
             q = self._quota(tenant_id, now)
-            refusal, rate = rules.check_create(q, limits, charge.credits, now)
+            kq = self._quota(key.key_id, now, KEY_QUOTA) if key is not None else None
+            refusal, rate = rules.check_create(q, limits, charge.credits, now, _with_limits(kq, key))
             if refusal is not None:
                 refusal.rate = rate
                 return refusal
             rules.charge(q, charge.credits)
             self._save_quota(tenant_id, q)
+            if kq is not None and key is not None:
+                rules.charge(kq, charge.credits)
+                self._save_quota(key.key_id, kq, KEY_QUOTA)
+                reservation.key_id, reservation.key_limited = key.key_id, True
             reservation.charge_day, reservation.charge_month, reservation.credits = q.day, q.month, charge.credits
             self._insert_task(reservation)
             self._book(rules.book_charge(reservation))
@@ -180,9 +198,10 @@ class SQLiteStore(Store):
             rec = self._get(rid)
             if rec is None or rec.status not in (SUBMITTING, UNKNOWN) or rec.settled:
                 return False
-            q = self._quota(rec.tenant_id, now)
-            rules.uncharge(q, rec)
-            self._save_quota(rec.tenant_id, q)
+            for quota_id, where in self._quotas_of(rec):
+                q = self._quota(quota_id, now, where)
+                rules.uncharge(q, rec)
+                self._save_quota(quota_id, q, where)
             self.db.execute("DELETE FROM tasks WHERE rid = ?", (rid,))
             self._book(rules.book_not_created(rec))
         return True
@@ -219,12 +238,13 @@ class SQLiteStore(Store):
             if not result.applied:
                 return result
             if result.finished:
-                q = self._quota(rec.tenant_id, now)
-                if result.freed_slot:
-                    rules.free_slot(q)
-                if result.refunded_credits:
-                    rules.refund_credits(q, rec)
-                self._save_quota(rec.tenant_id, q)
+                for quota_id, where in self._quotas_of(rec):
+                    q = self._quota(quota_id, now, where)
+                    if result.freed_slot:
+                        rules.free_slot(q)
+                    if result.refunded_credits:
+                        rules.refund_credits(q, rec)
+                    self._save_quota(quota_id, q, where)
                 for booking in rules.book_update(rec, result, now):
                     self._book(booking)
             self._update_task(rec)
@@ -279,6 +299,11 @@ class SQLiteStore(Store):
     async def usage(self, tenant_id: str, now: float) -> Usage:
         async with self._tx:
             q = self._quota(tenant_id, now)
+        return Usage(q.active, q.day_tasks, q.day_credits, q.month_credits, q.month_tasks)
+
+    async def key_usage(self, key_id: str, now: float) -> Usage:
+        async with self._tx:
+            q = self._quota(key_id, now, KEY_QUOTA)
         return Usage(q.active, q.day_tasks, q.day_credits, q.month_credits, q.month_tasks)
 
     async def ledger(
@@ -346,6 +371,8 @@ class SQLiteStore(Store):
                 self.db.execute(
                     "UPDATE tasks SET active = 0, timed_out = 1, updated_at = ? WHERE rid = ?", (now, rec.rid)
                 )
+                if rec.key_limited and rec.key_id:  # its key's slot too (contract §15)
+                    self.db.execute("UPDATE key_quota SET active = MAX(0, active - 1) WHERE key_id = ?", (rec.key_id,))
                 self.db.execute("UPDATE quota SET active = MAX(0, active - 1) WHERE tenant = ?", (rec.tenant_id,))
                 lost.pop(rec.rid, None)
         return records + list(lost.values())
@@ -708,12 +735,13 @@ class SQLiteStore(Store):
         return int(cur.rowcount)
 
     # internals (each runs inside the caller's transaction) --------------------------
-    def _quota(self, tenant_id: str, now: float) -> Quota:
-        """The tenant's quota row (created when new), rolled to `now`."""
-        row = self.db.execute("SELECT * FROM quota WHERE tenant = ?", (tenant_id,)).fetchone()
+    def _quota(self, quota_id: str, now: float, where: tuple[str, str] = TENANT_QUOTA) -> Quota:
+        """A quota row (a tenant's, or with KEY_QUOTA a key's), created when new, rolled to `now`."""
+        table, column = where
+        row = self.db.execute(f"SELECT * FROM {table} WHERE {column} = ?", (quota_id,)).fetchone()
         if row is None:
-            self.db.execute("INSERT INTO quota (tenant) VALUES (?)", (tenant_id,))
-            row = self.db.execute("SELECT * FROM quota WHERE tenant = ?", (tenant_id,)).fetchone()
+            self.db.execute(f"INSERT INTO {table} ({column}) VALUES (?)", (quota_id,))
+            row = self.db.execute(f"SELECT * FROM {table} WHERE {column} = ?", (quota_id,)).fetchone()
         q = Quota(
             row["rpm_tokens"], row["rpm_ts"], row["tpm_tokens"], row["tpm_ts"], row["active"],
             row["day"], row["day_tasks"], row["day_credits"], row["month"], row["month_credits"],
@@ -722,10 +750,11 @@ class SQLiteStore(Store):
         q.roll(now)
         return q
 
-    def _save_quota(self, tenant_id: str, q: Quota) -> None:
+    def _save_quota(self, quota_id: str, q: Quota, where: tuple[str, str] = TENANT_QUOTA) -> None:
+        table, column = where
         self.db.execute(
-            "UPDATE quota SET rpm_tokens = ?, rpm_ts = ?, tpm_tokens = ?, tpm_ts = ?, active = ?, day = ?,"
-            " day_tasks = ?, day_credits = ?, month = ?, month_credits = ?, month_tasks = ? WHERE tenant = ?",
+            f"UPDATE {table} SET rpm_tokens = ?, rpm_ts = ?, tpm_tokens = ?, tpm_ts = ?, active = ?, day = ?,"
+            f" day_tasks = ?, day_credits = ?, month = ?, month_credits = ?, month_tasks = ? WHERE {column} = ?",
             (
                 q.rpm_tokens,
                 q.rpm_ts,
@@ -738,9 +767,17 @@ class SQLiteStore(Store):
                 q.month,
                 q.month_credits,
                 q.month_tasks,
-                tenant_id,
+                quota_id,
             ),
         )
+
+    @staticmethod
+    def _quotas_of(rec: TaskRecord) -> list[tuple[str, tuple[str, str]]]:
+        """The quotas a task was charged to, which its releases give back to: its tenant's,
+        and its key's when it was admitted under key limits."""
+        if rec.key_limited and rec.key_id:
+            return [(rec.tenant_id, TENANT_QUOTA), (rec.key_id, KEY_QUOTA)]
+        return [(rec.tenant_id, TENANT_QUOTA)]
 
     def _update_fields(self, table: str, row_id: str, put: dict[str, str], drop: list[str]) -> dict[str, str] | None:
         """Set and delete fields of a directory record's map; None when there is no such row."""
@@ -794,8 +831,8 @@ class SQLiteStore(Store):
     def _insert_task(self, r: TaskRecord) -> None:
         self.db.execute(
             "INSERT INTO tasks (rid, tenant, task_id, key_index, status, task, hook, task_type, credits, charge_day,"
-            " charge_month, created_at, updated_at, active, settled, timed_out, deleted, next_poll_at, meta, key_id)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " charge_month, created_at, updated_at, active, settled, timed_out, deleted, next_poll_at, meta, key_id,"
+            " key_limited) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 r.rid,
                 r.tenant_id,
@@ -817,6 +854,7 @@ class SQLiteStore(Store):
                 r.next_poll_at,
                 orjson.dumps(r.meta).decode(),
                 r.key_id,
+                int(r.key_limited),
             ),
         )
 
@@ -867,6 +905,11 @@ class SQLiteStore(Store):
             (event_id, rec.rid, rec.tenant_id, seq, rec.hook, orjson.dumps({"task": rec.task}), now, now),
         )
         return event_id
+
+
+def _with_limits(kq: Quota | None, key: KeyLimits | None) -> tuple[Quota, Limits] | None:
+    """A key's quota with its limits, as the rules take them (None: no key limits)."""
+    return (kq, key.limits) if kq is not None and key is not None else None
 
 
 def _equal_filters(sql: list[str], filters: dict[str, Any]) -> list[Any]:
@@ -926,4 +969,5 @@ def _record(row: sqlite3.Row) -> TaskRecord:
         next_poll_at=row["next_poll_at"],
         meta=orjson.loads(row["meta"]),
         key_id=row["key_id"],
+        key_limited=bool(row["key_limited"]),
     )

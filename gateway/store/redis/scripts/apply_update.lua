@@ -23,7 +23,8 @@ if redis.call('EXISTS', k) == 0 then
 end
 
 local r = redis.call('HMGET', k, 'tenant_id', 'status', 'rank', 'active', 'settled', 'credits',
-  'charge_day', 'charge_month', 'hook', 'task_id', 'deleted', 'created_at', 'next_poll_at', 'upd', 'key_id')
+  'charge_day', 'charge_month', 'hook', 'task_id', 'deleted', 'created_at', 'next_poll_at', 'upd', 'key_id',
+  'key_limited')
 if r[1] ~= tenant then return {0} end
 local cur = r[2]
 -- The compare-and-set (rules.decide_update): no status, anything after a terminal state,
@@ -50,9 +51,11 @@ end
 local refunded, finished, eid = 0, 0, ''
 if TERMINAL[status] then
   finished = 1
+  local kq = key_quota_of(r[15], r[16])
   if r[4] == '1' then
     redis.call('HSET', k, 'active', '0')
     decr_floor(P .. 'act', tenant, 1)
+    if kq then decr_floor(kq, 'active', 1) end
     redis.call('ZREM', P .. 'actz', rid)
   end
   redis.call('ZREM', P .. 'polls', rid)
@@ -60,6 +63,7 @@ if TERMINAL[status] then
     if refund_failed and REFUNDABLE[status] then
       refunded = tonumber(r[6]) or 0
       refund(P .. 'q:' .. tenant, r[7], r[8], today, this_month, 0, refunded)
+      if kq then refund(kq, r[7], r[8], today, this_month, 0, refunded) end
     end
     redis.call('HSET', k, 'settled', '1')
   end

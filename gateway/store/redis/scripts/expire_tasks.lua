@@ -20,10 +20,12 @@ if ARGV[6] ~= '' then
   end
 end
 local function expire(rid, only_status)
-  local r = redis.call('HMGET', tkey(rid), 'active', 'status', 'tenant_id')
+  local r = redis.call('HMGET', tkey(rid), 'active', 'status', 'tenant_id', 'key_id', 'key_limited')
   if r[1] ~= '1' or TERMINAL[r[2]] or (only_status and r[2] ~= only_status) then return end
   redis.call('HSET', tkey(rid), 'active', '0', 'timed_out', '1', 'updated_at', ARGV[2])
   decr_floor(P .. 'act', r[3], 1)
+  local kq = key_quota_of(r[4], r[5])
+  if kq then decr_floor(kq, 'active', 1) end
   redis.call('ZREM', P .. 'actz', rid)
   redis.call('ZREM', P .. 'unkz', rid)
   retain(rid, ARGV[4])

@@ -104,6 +104,34 @@ local function bucket_store(q, name, level, ts, now)
   redis.call('HSET', q, name .. '_t', fmt(level), name .. '_ts', fmt(math.max(ts, now)))
 end
 
+-- rules.take_requests: one requests_per_minute token from the tenant's bucket `q` (cap 0 =
+-- unlimited) and the key's `kq` (kcap 0 = none), both or neither -> ok, the two levels
+-- (after the take; as they stand when refused), and 1 when the key's bucket refused.
+local function take_rpm(q, cap, kq, kcap, now)
+  local level, ts, klevel, kts = 0, now, 0, now
+  if cap > 0 then level, ts = bucket_level(q, 'rpm', cap, now) end
+  if kcap > 0 then klevel, kts = bucket_level(kq, 'rpm', kcap, now) end
+  if cap > 0 and level < 1.0 then return 0, level, klevel, 0 end
+  if kcap > 0 and klevel < 1.0 then return 0, level, klevel, 1 end
+  if cap > 0 then
+    level = level - 1.0
+    bucket_store(q, 'rpm', level, ts, now)
+  end
+  if kcap > 0 then
+    klevel = klevel - 1.0
+    bucket_store(kq, 'rpm', klevel, kts, now)
+  end
+  return 1, level, klevel, 0
+end
+
+-- The release of a task's key quota (contract §15), where its tenant's is released: only
+-- for a task admitted under key limits (field key_limited), keyed {P}kq:{key_id}, with
+-- its active count in the hash itself (rules.free_slot, rules.refund_credits/uncharge).
+local function key_quota_of(key_id, key_limited)
+  if key_limited == '1' and key_id and key_id ~= '' then return P .. 'kq:' .. key_id end
+  return nil
+end
+
 -- A record as one JSON array of its hash's field/value strings: the client parses each
 -- reply element in Python, so one bulk string costs far less client CPU than ~44.
 local function record_json(rid)
