@@ -273,10 +273,22 @@ async def usage_report(request: Request) -> Response:
     _require_admin(request)
     s = services(request)
     query = usage.parse_query(request.query_params, s.clock())
-    rows = usage.group(await s.store.ledger(query.from_day, query.to_day, query.tenant, query.key_id), query.group_by)
+    ledger = await s.store.ledger(query.from_day, query.to_day, query.tenant, query.key_id)
+    rows = usage.group(ledger, query.group_by, s.relays.default_id)
     if query.format == "csv":
         return Response(usage.to_csv(rows, query), media_type="text/csv")
     return json_response({"object": "list", "data": rows, "has_more": False})
+
+
+# --- the relays ------------------------------------------------------------------------
+
+
+async def list_relays(request: Request) -> Response:
+    """Every configured relay as this process sees it (contract §14): state, the time it
+    ends (open or cooling), its keys' health, its last error; never a key."""
+    _require_admin(request)
+    s = services(request)
+    return json_response({"object": "list", "data": s.relays.view(s.clock())})
 
 
 # --- the older usage read --------------------------------------------------------------
@@ -314,4 +326,5 @@ routes = [
     Route(f"{V1}/webhooks", list_webhooks, methods=["GET"]),
     Route(f"{V1}/webhooks/{{event_id}}/redeliver", redeliver_webhook, methods=["POST"]),
     Route(f"{V1}/usage", usage_report, methods=["GET"]),
+    Route(f"{V1}/relays", list_relays, methods=["GET"]),
 ]

@@ -54,7 +54,7 @@ if cday ~= day or cmonth ~= month then
   redis.call('HSET', tkey(rid), 'charge_day', cday, 'charge_month', cmonth)
 end
 index_record(rid)
-book_charge(cday, tenant, ARGV[15], credits, 1, ARGV[16])
+book_charge(cday, tenant, ARGV[15], credits, 1, ARGV[16], redis.call('HGET', tkey(rid), 'relay'))
 -- the held Idempotency-Key names this reservation, and outlives its lease if the holder
 -- vanishes (idem_begin binds it then; store.base.Store.admit_create)
 local idem = ARGV[17]
