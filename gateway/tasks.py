@@ -143,7 +143,7 @@ class TaskService:
             rid=rid,
             tenant_id=tenant.id,
             relay=plan[0].id,
-            key_index=plan[0].next_key_index(),
+            key_index=plan[0].pick_key(),
             hook=req.tenant_hook,
             credits=credits,
             created_at=now,
@@ -170,7 +170,8 @@ class TaskService:
 
         async def switch(relay: str, key_index: int) -> None:
             """Before the create goes to another relay or key: the store records where."""
-            await self.store.assign_relay(rid, relay, key_index, self.clock())
+            if not await self.store.assign_relay(rid, relay, key_index, self.clock()):
+                raise RuntimeError(f"reservation {rid} is no longer SUBMITTING")
 
         try:
             routed = await self.relays.create(body, plan, reservation.key_index, request_id, switch)

@@ -199,6 +199,13 @@ def _limits(*, write: bool) -> Schema:
     return obj({name: each for name in ALL_LIMITS}, () if write else ALL_LIMITS)
 
 
+RELAY_IDS: Schema = {
+    "type": "array",
+    "items": {"type": "string", "pattern": "^[a-z0-9-]{1,32}$"},
+    "description": "The configured relays this tenant's new tasks may go to (§14); absent or empty: every relay.",
+}
+
+
 def policy() -> Schema:
     return obj(
         {
@@ -209,8 +216,10 @@ def policy() -> Schema:
                 "items": {"type": "string", "minLength": 1},
                 "description": "Where notify_hook may point: host names, `*.suffix` wildcards, IP addresses, CIDRs.",
             },
+            "relays": RELAY_IDS,
         },
-        description="gen2Options fields forced or defaulted on every create, and the hosts its hooks may use.",
+        description="gen2Options fields forced or defaulted on every create, the hosts its hooks may use, and "
+        "the relays its tasks may go to.",
     )
 
 
@@ -404,6 +413,7 @@ def _tenant_properties() -> dict[str, Schema]:
                 "force": {"type": "object"},
                 "defaults": {"type": "object"},
                 "hook_hosts": {"type": "array", "items": STR},
+                "relays": RELAY_IDS,
             },
             ("force", "defaults", "hook_hosts"),
         ),

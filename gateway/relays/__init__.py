@@ -145,17 +145,17 @@ class Relays:
         failure: UpstreamFailure | None = None
         attempts = 0
         for attempts, client in enumerate(plan, 1):
-            keys = [key_index] if attempts == 1 else [client.next_key_index()]
-            if self.several:
-                keys = client.key_order(keys[0])
+            first = key_index if attempts == 1 else client.pick_key()
+            keys = [first, *(k for k in client.key_order(first) if k != first)] if self.several else [first]
             refused = 0
             for k in keys:
                 if (client, k) != (relay, key):
                     try:
                         await switch(client.id, k)
-                    except Exception:
-                        assert failure is not None  # the reservation's own relay needs no switch
-                        raise RouteFailed(failure, relay.id, key, attempts - 1) from None
+                    except Exception:  # not recorded, so not sent: the answers so far stand
+                        assert failure is not None  # only after an answer: the first send needs no switch
+                        tried = attempts if client is relay else attempts - 1
+                        raise RouteFailed(failure, relay.id, key, tried) from None
                     relay, key = client, k
                 try:
                     task = await client.create(body, k, request_id)

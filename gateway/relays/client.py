@@ -146,6 +146,12 @@ class RelayClient:
         waits = [self.cooling.until - now, (opens - now) if opens is not None else 0.0]
         return max(0.0, *waits)
 
+    def pick_key(self) -> int:
+        """A new task's key: the next in turn; with several relays, the next the relay has
+        not refused when there is one (the one relay of old keeps its plain turn)."""
+        first = self.next_key_index()
+        return self.key_order(first)[0] if self.answers_count else first
+
     def key_order(self, first: int) -> list[int]:
         """Every key index, starting at `first`, the keys the relay accepts before those it
         refused last (a refused key is still tried last: it may have been fixed)."""

@@ -68,7 +68,7 @@ async def create_tenant(request: Request) -> Response:
     audit = _require_admin(request)
     s = services(request)
     now = s.clock()
-    record = admin.tenant_create(await _body(request), now)
+    record = admin.tenant_create(await _body(request), now, _relay_ids(request))
     conflict = GatewayError(409, "tenant_exists", f"A tenant with id {record.id!r} exists.", param="id")
     if s.config.tenant(record.id) is not None:
         raise conflict
@@ -92,7 +92,7 @@ async def update_tenant(request: Request) -> Response:
     audit = _require_admin(request)
     s = services(request)
     tenant = await _directory(request).api_tenant(request.path_params["id"])
-    changes = admin.tenant_changes(await _body(request))
+    changes = admin.tenant_changes(await _body(request), _relay_ids(request))
     if not changes:
         return json_response(tenant.to_json())
     now = s.clock()
@@ -281,6 +281,11 @@ async def usage_report(request: Request) -> Response:
 
 
 # --- the relays ------------------------------------------------------------------------
+
+
+def _relay_ids(request: Request) -> list[str]:
+    """The relays a tenant's `policy.relays` may name: the configured ones."""
+    return [relay.id for relay in services(request).config.relay_list]
 
 
 async def list_relays(request: Request) -> Response:
