@@ -247,7 +247,8 @@ class RelayClient:
         """The upstream's view of one task; None when it does not know the id (404)."""
         path = self.config.status_path.replace("{id}", task_id)
         reply = await self._call("status", "GET", self.config.base_url + path, key_index, request_id, None)
-        self.circuit.success()
+        if self._guards("status"):
+            self.circuit.success()
         if reply.status == 404:
             return None
         return self._task_or_fail(reply, "status")
@@ -323,7 +324,7 @@ class RelayClient:
         self, operation: str, method: str, url: str, key_index: int, request_id: str, data: bytes | None
     ) -> _Reply:
         assert self._session is not None
-        if not self.circuit.allow():
+        if self._guards(operation) and not self.circuit.allow():
             self.metrics.upstream_requests.labels(self.id, operation, "circuit_open").inc()
             raise _circuit_open()
         headers = {
@@ -435,8 +436,16 @@ class RelayClient:
         message = "".join(ch for ch in message if ch.isprintable())[:200]
         return f": {message}"
 
+    def _guards(self, operation: str) -> bool:
+        """Whether the circuit stands before this call. With several relays it is the
+        creates' alone: a status poll of a task pinned here neither waits for it nor moves
+        it, so the probe after `cooldown_seconds` is exactly one create. The one relay of
+        old guards its status calls too."""
+        return operation == "create" or not self.answers_count
+
     def _failed(self, operation: str, start: float, status: str, error: str) -> None:
-        self.circuit.failure()
+        if self._guards(operation):
+            self.circuit.failure()
         self.last_error = f"{operation}: {error}"
         self._count(operation, start, status)
 
