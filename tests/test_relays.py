@@ -447,3 +447,20 @@ def test_a_broken_artifact_host_never_stops_creates(tmp_path: Path, start_gatewa
             assert c.post("/runway/tasks", json=gen2_body()).status_code == 200
     finally:
         sim.stop()
+
+
+def test_a_task_is_served_while_its_relays_circuit_is_open(
+    relays: dict[str, Simulator], gateway: Callable[..., GatewayProcess]
+) -> None:
+    """The circuit is the creates': `a` failing creates opens it, yet the task `a` created
+    before is still polled there and finishes; the polls take no probe and close nothing."""
+    relays["a"].control(drop_callbacks=True, seconds_to_finish=2)
+    g = gateway(two(relays), routing="cooldown_seconds = 60", callbacks=False)
+    task_id = create(g).json()["task"]["id"]
+    relays["a"].control(create_status=503)
+    assert [create(g).status_code for _ in range(6)] == [200] * 6  # b takes them
+    assert relays_view(g)["a"]["state"] == "open" and len(creates(relays["a"])) == 6  # 1 + 5 failures
+    with g.client("t") as c:
+        wait_until(lambda: c.get(f"/runway/tasks/{task_id}").json()["task"]["status"] == "SUCCEEDED", 15, 0.2)
+    assert relays["a"].requests()["status_calls_by_id"].get(task_id, 0) >= 1
+    assert relays_view(g)["a"]["state"] == "open"  # the polls' answers closed nothing
