@@ -428,6 +428,15 @@ def config_warnings(config: Config) -> list[str]:
                     f"tenants[{i}].limits.{name}: {budget} is below the price of one task ({cheapest} credits): "
                     "every create of this tenant will be refused with 429 insufficient_quota"
                 )
+    enabled = {relay.id for relay in config.relay_list if relay.enabled}
+    if not enabled:
+        warnings.append("relays: every relay is drained (enabled = false): every create will be refused with 503")
+    for i, tenant in enumerate(config.tenants):
+        if enabled and tenant.policy.relays and not enabled & set(tenant.policy.relays):
+            warnings.append(
+                f"tenants[{i}].policy.relays: every relay it names is drained (enabled = false): "
+                "every create of this tenant will be refused with 503"
+            )
     return warnings
 
 

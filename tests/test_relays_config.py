@@ -186,3 +186,20 @@ async def test_policy_relays_through_the_admin_api(tmp_path: Path) -> None:
         assert (await client.get("/admin/v1/tenants/bad", headers=admin)).status_code == 404
         wrong = await client.patch("/admin/v1/tenants/kept", headers=admin, json={"policy": {"relays": ["zz"]}})
         assert wrong.status_code == 400 and "unknown relay 'zz'" in wrong.json()["error"]["message"]
+
+
+def test_check_config_warns_when_no_relay_takes_new_tasks() -> None:
+    from gateway.config import config_warnings
+
+    drained = parse_config({"relays": [relay("a", enabled=False)]}, environ={})
+    assert config_warnings(drained) == [
+        "relays: every relay is drained (enabled = false): every create will be refused with 503"
+    ]
+    kept = parse_config(
+        {"relays": [relay("a"), relay("b", enabled=False)], "tenants": [{"id": "t", "policy": {"relays": ["b"]}}]},
+        environ={},
+    )
+    assert config_warnings(kept) == [
+        "tenants[0].policy.relays: every relay it names is drained (enabled = false): "
+        "every create of this tenant will be refused with 503"
+    ]
