@@ -176,12 +176,13 @@ class Relays:
                 client.failovers += 1
                 self.metrics.count(self.metrics.relay_failovers, (client.id, reason))
         assert failure is not None
-        if attempts > 1:
+        if self.several:  # the one relay of old answers for itself, as it always did
             failure = self.all_refused(plan)
         raise RouteFailed(failure, relay.id, key, attempts)
 
     def all_refused(self, tried: list[RelayClient]) -> UpstreamFailure:
-        """Every relay the create tried refused it: 503, retry when the first comes back."""
+        """Every relay the create could try refused it (none created anything): 503, retry
+        when the first of them comes back."""
         seconds = max(1, math.ceil(min(c.seconds_until_ready() for c in tried)))
         return UpstreamFailure(
             503,
