@@ -368,6 +368,12 @@ class Config:
         """Every relay, in file order: the `[[relays]]`, or `[upstream]` as relay `default`."""
         return self.relays or (RelayConfig.of(self.upstream),)
 
+    @property
+    def create_seconds(self) -> float:
+        """The longest a create may wait on relays: the slowest relay's timeout, once per
+        relay it may try (failover). The Idempotency-Key's wait and lease are this long."""
+        return max(r.timeout_seconds for r in self.relay_list) * min(self.routing.max_attempts, len(self.relay_list))
+
     def tenant(self, tenant_id: str) -> Tenant | None:
         for t in self.tenants:
             if t.id == tenant_id:

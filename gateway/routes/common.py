@@ -127,7 +127,7 @@ async def create_once(
         principal.tenant.id,
         key,
         fingerprint(route, body()),
-        max(r.timeout_seconds for r in s.config.relay_list) * s.config.routing.max_attempts,
+        s.config.create_seconds,
         lambda: admit_request(request, principal),
         create,
         render_task,
