@@ -45,6 +45,8 @@ def by_weight(items: Sequence[Candidate], rng: random.Random) -> list[Candidate]
 
 def plan(allowed: Sequence[Candidate], rng: random.Random) -> list[Candidate]:
     """The order to try `allowed` (enabled, under the tenant's policy) in."""
+    if len(allowed) < 2:  # the one relay of old: nothing to choose (the create path's usual case)
+        return list(allowed)
     ready = [c for c in allowed if c.available] or list(allowed)
     order: list[Candidate] = []
     for priority in sorted({c.priority for c in ready}):
