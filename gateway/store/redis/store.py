@@ -37,7 +37,8 @@ Key layout (every key starts with `prefix`, "gw:" by default):
     {p}secret:{name}   string shared secrets (first writer wins)
     {p}ready           string the readiness probe's write (expires after 60 s)
     {p}led:{day}       hash   the usage ledger's rows of one UTC day: field
-                              "{tenant}<TAB>{key_id}<TAB>{counter}" -> count ("" key = none), a
+                              "{tenant}<TAB>{key_id}<TAB>{relay}<TAB>{counter}" -> count ("" key
+                              = none; without "{relay}<TAB>": booked before relays had ids), a
                               field back at 0 deleted; expires LEDGER_RETENTION_DAYS after
                               its last write
 
