@@ -465,3 +465,24 @@ def test_a_task_is_served_while_its_relays_circuit_is_open(
         wait_until(lambda: c.get(f"/runway/tasks/{task_id}").json()["task"]["status"] == "SUCCEEDED", 15, 0.2)
     assert relays["a"].requests()["status_calls_by_id"].get(task_id, 0) >= 1
     assert relays_view(g)["a"]["state"] == "open"  # the polls' answers closed nothing
+
+
+def test_a_reload_adds_a_relay_without_a_restart(
+    relays: dict[str, Simulator], start_gateway: Callable[..., GatewayProcess]
+) -> None:
+    """From the old [upstream] (relay `default`) to [[relays]] keeping `default` and adding
+    `c` before it: new tasks go to `c` at once; the task `default` created stays there."""
+    relays["a"].control(drop_callbacks=True, seconds_to_finish=2)
+    g = start_gateway(relays["a"].url, [TenantSpec("t")], callbacks=False)
+    assert "[upstream]" in g.config_path.read_text()
+    first = create(g).json()["task"]["id"]
+    write_relays(g, [relay_block("default", relays["a"].url, priority=1), relay_block("c", relays["c"].url)])
+    os.kill(g.proc.pid, signal.SIGHUP)  # type: ignore[union-attr]
+    wait_until(lambda: "config reloaded" in g.log_text(), 10)
+    assert create(g, **{"x-request-id": "req-new-relay"}).status_code == 200
+    assert (created(relays["c"]), created(relays["a"])) == (1, 1)
+    assert create_line(g, "req-new-relay")["relay"] == "c"
+    with g.client("t") as c:
+        wait_until(lambda: c.get(f"/runway/tasks/{first}").json()["task"]["status"] == "SUCCEEDED", 15, 0.2)
+    assert first in relays["a"].requests()["status_calls_by_id"]
+    assert first not in relays["c"].requests()["status_calls_by_id"]
