@@ -306,6 +306,9 @@ def test_a_failing_relay_opens_and_gets_traffic_back_after_its_cooldown(
     wait_until(back, 4, 0.1, "traffic back at a")
     assert time.monotonic() - recovered <= 2 + 2
     assert relays_view(g)["a"]["state"] == "closed"
+    # the ledger books each task under the relay that created it: the failed-over ones at b
+    rows = httpx.get(g.url + "/admin/v1/usage?group_by=relay", headers=ADMIN).json()["data"]
+    assert {r["relay"]: r["tasks_created"] for r in rows} == {"a": created(relays["a"]), "b": created(relays["b"])}
 
 
 def test_weights_spread_new_tasks(relays: dict[str, Simulator], gateway: Callable[..., GatewayProcess]) -> None:
