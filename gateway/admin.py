@@ -12,6 +12,7 @@ import hmac
 import ipaddress
 import math
 import re
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -119,7 +120,13 @@ class AdminTenant:
 
     @classmethod
     def from_config(cls, t: Tenant) -> AdminTenant:
-        policy = {"force": t.policy.force, "defaults": t.policy.defaults, "hook_hosts": list(t.policy.hook_hosts)}
+        policy: dict[str, Any] = {
+            "force": t.policy.force,
+            "defaults": t.policy.defaults,
+            "hook_hosts": list(t.policy.hook_hosts),
+        }
+        if t.policy.relays:  # shown when the tenant is kept to some relays (§14)
+            policy["relays"] = list(t.policy.relays)
         return cls(t.id, t.id, t.enabled, t.limits, policy, "config")
 
     @classmethod
@@ -376,14 +383,27 @@ def check_limits(value: Any) -> dict[str, int | None]:
     return out
 
 
-def check_policy(value: Any) -> dict[str, Any]:
-    """`policy` as the config file's `[tenants.policy]` (the same checks), as stored."""
+def check_policy(value: Any, relays: Collection[str] = ()) -> dict[str, Any]:
+    """`policy` as the config file's `[tenants.policy]` (the same checks), as stored;
+    `relays`, the configured relay ids its `relays` may name."""
     try:
         policy = parse_policy(value)
     except ConfigError as err:
         where, _, problem = err.problems[0].partition(": ")
         raise bad_request("invalid_value", f"`{where}` {problem}.", where) from None
-    return {"force": policy.force, "defaults": policy.defaults, "hook_hosts": list(policy.hook_hosts)}
+    for i, relay in enumerate(policy.relays):
+        if relay not in relays:
+            where = f"policy.relays[{i}]"
+            known = ", ".join(sorted(relays))
+            raise bad_request("invalid_value", f"`{where}` names unknown relay {relay!r} (configured: {known}).", where)
+    stored: dict[str, Any] = {
+        "force": policy.force,
+        "defaults": policy.defaults,
+        "hook_hosts": list(policy.hook_hosts),
+    }
+    if policy.relays:
+        stored["relays"] = list(policy.relays)
+    return stored
 
 
 def check_seconds(value: Any, param: str, *, zero: bool) -> int:
@@ -406,7 +426,7 @@ def check_expires_at(value: Any, now: float) -> int | None:
     return int(value)
 
 
-def tenant_create(body: Any, now: float) -> TenantRecord:
+def tenant_create(body: Any, now: float, relays: Collection[str] = ()) -> TenantRecord:
     """A new tenant from `POST /admin/v1/tenants` (its webhook secret is added by the route)."""
     b = body_object(body, {"id", "name", "enabled", "limits", "policy"})
     if "id" not in b:
@@ -418,13 +438,13 @@ def tenant_create(body: Any, now: float) -> TenantRecord:
         name=check_name(b["name"]) if "name" in b else tenant_id,
         enabled=check_bool(b["enabled"], "enabled") if "enabled" in b else True,
         limits=Limits(**limits),
-        policy=check_policy(b.get("policy", {})),
+        policy=check_policy(b.get("policy", {}), relays),
         created_at=now,
         updated_at=now,
     )
 
 
-def tenant_changes(body: Any) -> dict[str, Any]:
+def tenant_changes(body: Any, relays: Collection[str] = ()) -> dict[str, Any]:
     """`PATCH /admin/v1/tenants/{id}`: the store's `changes` (a null limit removes it)."""
     b = body_object(body, {"name", "enabled", "limits", "policy"})
     changes: dict[str, Any] = {}
@@ -435,7 +455,7 @@ def tenant_changes(body: Any) -> dict[str, Any]:
     if "limits" in b:
         changes["limits"] = check_limits(b["limits"])
     if "policy" in b:
-        changes["policy"] = check_policy(b["policy"])
+        changes["policy"] = check_policy(b["policy"], relays)
     return changes
 
 

@@ -56,6 +56,7 @@ def workers(services: Services) -> list[Worker]:
     )
 
     async def flush_metrics() -> None:
+        services.relays.export()  # each worker's view of its relays, for gateway_relay_up
         metrics.flush()
 
     async def prune_audit() -> None:

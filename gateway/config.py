@@ -33,6 +33,9 @@ from gateway.store.base import Limits  # re-exported: a tenant's limits are the 
 from gateway.store.redis.url import parse_url, split_prefix, tls_context
 
 TENANT_ID_RE = re.compile(r"^[a-z0-9-]{1,64}\Z")
+RELAY_ID_RE = re.compile(r"^[a-z0-9-]{1,32}\Z")
+DEFAULT_RELAY_ID = "default"  # the one relay of a file with the old [upstream] table
+MAX_RELAY_WEIGHT = 1000
 KEY_HASH_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 ENV_LINE_RE = re.compile(r"^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=(.*)$")
 ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
@@ -226,6 +229,41 @@ class UpstreamConfig:
     artifact_hosts: tuple[str, ...] = _setting((), _list_of(_hook_host))
 
 
+def _integer(v: Any) -> str | None:
+    return None if isinstance(v, int) and not isinstance(v, bool) else "must be an integer"
+
+
+def _weight(v: Any) -> str | None:
+    ok = isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_RELAY_WEIGHT
+    return None if ok else f"must be an integer from 1 to {MAX_RELAY_WEIGHT}"
+
+
+@dataclass(frozen=True)
+class RelayConfig(UpstreamConfig):
+    """One `[[relays]]` block: every `[upstream]` key, and where the relay stands among the
+    others (contract §14). The old `[upstream]` table is one of these with id `default`."""
+
+    id: str = DEFAULT_RELAY_ID  # required in [[relays]]; read by hand
+    priority: int = _setting(0, _integer)  # lower is tried first
+    weight: int = _setting(1, _weight)  # within one priority, new tasks spread by weight
+    enabled: bool = _setting(True, _bool)  # false = drain: no new tasks, its tasks still served
+
+    @classmethod
+    def of(cls, upstream: UpstreamConfig, **relay: Any) -> RelayConfig:
+        """`upstream`'s settings as a relay (the old `[upstream]` table: id `default`)."""
+        if isinstance(upstream, RelayConfig) and not relay:
+            return upstream
+        values = {f.name: getattr(upstream, f.name) for f in dataclasses.fields(UpstreamConfig)}
+        return cls(**values, **relay)
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    max_attempts: int = _setting(2, _positive_int)  # relays one create may try (1 = no failover)
+    # a relay whose circuit opened is skipped this long, then gets one probe create
+    cooldown_seconds: float = _setting(10.0, _positive_number)
+
+
 @dataclass(frozen=True)
 class StoreConfig:
     url: str = _setting("sqlite:///data/gateway.db", _store_url)
@@ -264,6 +302,7 @@ class Policy:
     force: dict[str, Any] = field(default_factory=dict)  # gen2Options fields, read by hand
     defaults: dict[str, Any] = field(default_factory=dict)
     hook_hosts: tuple[str, ...] = _setting((), _list_of(_hook_host))
+    relays: tuple[str, ...] = _setting((), _list_of(_non_empty_string))  # () = every relay
 
 
 @dataclass(frozen=True)
@@ -303,6 +342,20 @@ class Config:
     admin_jwt_claim: str = _setting("roles", _non_empty_string)
     admin_jwt_role: str = _setting("runway-gateway-admin", _non_empty_string)
     audit_retention_days: int = _setting(400, _positive_int)
+    # [[relays]]; () = the one relay of `upstream` (id `default`), see `relay_list`
+    relays: tuple[RelayConfig, ...] = ()
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+
+    @property
+    def relay_list(self) -> tuple[RelayConfig, ...]:
+        """Every relay, in file order: the `[[relays]]`, or `[upstream]` as relay `default`."""
+        return self.relays or (RelayConfig.of(self.upstream),)
+
+    @property
+    def create_seconds(self) -> float:
+        """The longest a create may wait on relays: the slowest relay's timeout, once per
+        relay it may try (failover). The Idempotency-Key's wait and lease are this long."""
+        return max(r.timeout_seconds for r in self.relay_list) * min(self.routing.max_attempts, len(self.relay_list))
 
     def tenant(self, tenant_id: str) -> Tenant | None:
         for t in self.tenants:
@@ -364,6 +417,15 @@ def config_warnings(config: Config) -> list[str]:
                     f"tenants[{i}].limits.{name}: {budget} is below the price of one task ({cheapest} credits): "
                     "every create of this tenant will be refused with 429 insufficient_quota"
                 )
+    enabled = {relay.id for relay in config.relay_list if relay.enabled}
+    if not enabled:
+        warnings.append("relays: every relay is drained (enabled = false): every create will be refused with 503")
+    for i, tenant in enumerate(config.tenants):
+        if enabled and tenant.policy.relays and not enabled & set(tenant.policy.relays):
+            warnings.append(
+                f"tenants[{i}].policy.relays: every relay it names is drained (enabled = false): "
+                "every create of this tenant will be refused with 503"
+            )
     return warnings + _placeholder_warnings(config)
 
 
@@ -374,10 +436,16 @@ PLACEHOLDER_HASH = "sha256:" + "0" * 64  # the example's tenant key: no key hash
 def _placeholder_warnings(config: Config) -> list[str]:
     """The example config's placeholders, left in a copy: they load, but the relay refuses
     the key and no key matches the hash. Named by path only, never by value."""
+    relay_keys = (
+        [(f"relays[{i}].api_keys", r.api_keys) for i, r in enumerate(config.relays)]
+        if config.relays
+        else [("upstream.api_keys", config.upstream.api_keys)]
+    )
     warnings = [
-        f"upstream.api_keys[{i}] is the example's placeholder ({PLACEHOLDER_RELAY_KEY}): "
+        f"{path}[{j}] is the example's placeholder ({PLACEHOLDER_RELAY_KEY}): "
         "the relay will refuse it; set UPSTREAM_API_KEY or the relay's key"
-        for i, k in enumerate(config.upstream.api_keys)
+        for path, keys in relay_keys
+        for j, k in enumerate(keys)
         if PLACEHOLDER_RELAY_KEY in k
     ]
     hashes = [("admin.keys", config.admin_keys)] + [
@@ -515,10 +583,21 @@ class _Validator:
     def config(self, data: dict[str, Any], base_dir: Path) -> Config:
         # The file's tables; [admin], [metrics] and [auth] each hold one field of Config.
         self.known_keys(
-            data, "", {"server", "upstream", "store", "pricing", "admin", "metrics", "auth", "tenants", "webhooks"}
+            data,
+            "",
+            {"server", "upstream", "relays", "routing", "store", "pricing", "admin", "metrics", "auth", "tenants"}
+            | {"webhooks"},
         )
         server = self.server(self.section(data, "server", ServerConfig))
-        upstream = self.upstream(self.table(data, "upstream", "", _keys(UpstreamConfig)))
+        relays: tuple[RelayConfig, ...] = ()
+        if "relays" in data:
+            if "upstream" in data:
+                self.fail("upstream", "give either [upstream] (one relay) or [[relays]] blocks, not both")
+            relays = self.relays(data["relays"])
+            upstream: UpstreamConfig = relays[0] if relays else UpstreamConfig()
+        else:
+            upstream = self.upstream(self.table(data, "upstream", "", _keys(UpstreamConfig)))
+        routing = RoutingConfig(**self.section(data, "routing", RoutingConfig))
         store = StoreConfig(**self.section(data, "store", StoreConfig))
         pricing = PricingConfig(**self.section(data, "pricing", PricingConfig))
         admin = self.admin(self.table(data, "admin", "", set(ADMIN_KEYS)))
@@ -526,6 +605,7 @@ class _Validator:
         auth_t = self.table(data, "auth", "", {"jwt"})
         jwt_cfg = self.jwt(auth_t["jwt"], base_dir) if "jwt" in auth_t else None
         tenants = self.tenants(data.get("tenants", []))
+        self.tenant_relays(tenants, {r.id for r in relays} if relays else {DEFAULT_RELAY_ID})
         webhooks = self.webhooks(self.section(data, "webhooks", WebhookConfig))
         return Config(
             server,
@@ -537,6 +617,8 @@ class _Validator:
             tenants=tenants,
             webhooks=webhooks,
             base_dir=base_dir,
+            relays=relays,
+            routing=routing,
             **admin,
         )
 
@@ -560,17 +642,51 @@ class _Validator:
         values.update(public_url=values["public_url"].rstrip("/"), trusted_proxies=tuple(proxies))
         return ServerConfig(**values)
 
-    def upstream(self, t: dict[str, Any]) -> UpstreamConfig:
-        values = self.settings(UpstreamConfig, t, "upstream")
+    def upstream(self, t: dict[str, Any], path: str = "upstream", schema: type = UpstreamConfig) -> Any:
+        """`[upstream]`, or one `[[relays]]` block (`schema` RelayConfig, its own keys too)."""
+        values = self.settings(schema, t, path)
         if not values["api_keys"] and not t.get("api_keys"):  # a bad list was reported already
-            self.fail("upstream.api_keys", "must list at least one upstream API key")
+            self.fail(f"{path}.api_keys", "must list at least one upstream API key")
         if "base_url" not in t:
-            self.fail("upstream.base_url", "required: the relay's URL (no default: the relay keys are sent there)")
+            self.fail(f"{path}.base_url", "required: the relay's URL (no default: the relay keys are sent there)")
         values.update(
             base_url=values["base_url"].rstrip("/"),
             artifact_hosts=tuple(h.lower() for h in values["artifact_hosts"]),
         )
-        return UpstreamConfig(**values)
+        return schema(**values, **({"id": t["id"]} if schema is RelayConfig else {}))
+
+    def relays(self, items: Any) -> tuple[RelayConfig, ...]:
+        """`[[relays]]`: each block checked as `[upstream]`, ids unique, at least one."""
+        if not isinstance(items, list) or not items:
+            self.fail("relays", "must be one or more [[relays]] tables")
+            return ()
+        out: list[RelayConfig] = []
+        seen: set[str] = set()
+        for i, t in enumerate(items):
+            path = f"relays[{i}]"
+            if not isinstance(t, dict):
+                self.fail(path, "must be a table")
+                continue
+            self.known_keys(t, path, _keys(RelayConfig))
+            rid = t.get("id")
+            if not isinstance(rid, str) or not RELAY_ID_RE.match(rid):
+                self.fail(f"{path}.id", "required: must match [a-z0-9-]{1,32}")
+                rid = f"invalid-{i}"
+            elif rid in seen:
+                self.fail(f"{path}.id", f"duplicate relay id {rid!r}")
+            seen.add(rid)
+            out.append(self.upstream({**t, "id": rid}, path, RelayConfig))
+        return tuple(out)
+
+    def tenant_relays(self, tenants: tuple[Tenant, ...], known: set[str]) -> None:
+        """A tenant's `policy.relays` may name only configured relays."""
+        for i, tenant in enumerate(tenants):
+            for j, rid in enumerate(tenant.policy.relays):
+                if rid not in known:
+                    self.fail(
+                        f"tenants[{i}].policy.relays[{j}]",
+                        f"unknown relay {rid!r} (configured: {', '.join(sorted(known))})",
+                    )
 
     def jwt(self, t: Any, base_dir: Path) -> JWTConfig | None:
         path = "auth.jwt"
@@ -649,8 +765,13 @@ class _Validator:
     def policy(self, t: dict[str, Any], path: str) -> Policy:
         force = self.gen2_fields(t.get("force", {}), f"{path}.force")
         defaults = self.gen2_fields(t.get("defaults", {}), f"{path}.defaults")
-        hosts = self.settings(Policy, t, path)["hook_hosts"]
-        return Policy(force=force, defaults=defaults, hook_hosts=tuple(h.lower() for h in hosts))
+        values = self.settings(Policy, t, path)
+        return Policy(
+            force=force,
+            defaults=defaults,
+            hook_hosts=tuple(h.lower() for h in values["hook_hosts"]),
+            relays=tuple(dict.fromkeys(values["relays"])),
+        )
 
     def gen2_fields(self, t: Any, path: str) -> dict[str, Any]:
         if not isinstance(t, dict):

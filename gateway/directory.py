@@ -151,6 +151,7 @@ def runtime_tenant(record: TenantRecord) -> Tenant:
             force=dict(policy.get("force") or {}),
             defaults=dict(policy.get("defaults") or {}),
             hook_hosts=tuple(h.lower() for h in policy.get("hook_hosts") or ()),
+            relays=tuple(policy.get("relays") or ()),
         ),
     )
 

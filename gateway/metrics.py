@@ -53,6 +53,7 @@ AUTH_REASONS = (
 )
 UPSTREAM_OPERATIONS = ("create", "status", "artifact")
 UPSTREAM_OUTCOMES = ("200", "error", "timeout", "circuit_open")  # plus any HTTP status seen
+FAILOVER_REASONS = ("not_sent", "rate_limited", "error", "key_refused")  # gateway_relay_failovers_total
 BUDGET_LIMITS = ("max_active_tasks", "tasks_per_day", "credits_per_day", "credits_per_month")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 FLUSH_SECONDS = 1.0  # the most another worker's request counts can lag on /metrics
@@ -79,8 +80,8 @@ class Metrics:
         )
         self.upstream_requests = Counter(
             "gateway_upstream_requests_total",
-            "Calls to the upstream relay, by operation and outcome.",
-            ["operation", "status"],
+            "Calls to the upstream relays, by relay, operation and outcome.",
+            ["relay", "operation", "status"],
             registry=r,
         )
         self.upstream_auth_failures = Counter(
@@ -91,9 +92,22 @@ class Metrics:
         )
         self.upstream_duration = Histogram(
             "gateway_upstream_request_duration_seconds",
-            "Time the upstream took to answer.",
-            ["operation"],
+            "Time the upstream took to answer, by relay and operation.",
+            ["relay", "operation"],
             buckets=UPSTREAM_BUCKETS,
+            registry=r,
+        )
+        self.relay_up = Gauge(
+            "gateway_relay_up",
+            "A relay as this process sees it: 1 closed, 0.5 half-open, 0 open or cooling after a 429.",
+            ["relay"],
+            multiprocess_mode="min",
+            registry=r,
+        )
+        self.relay_failovers = Counter(
+            "gateway_relay_failovers_total",
+            "Creates that left a relay for the next one, by the relay they left and why.",
+            ["relay", "reason"],
             registry=r,
         )
         self.auth_failures = Counter(
@@ -142,6 +156,7 @@ class Metrics:
         )
         self.build_info.labels(__version__).set(1)
         self._tenant_ids = tuple(tenant_ids)
+        self._relay_ids: tuple[str, ...] = ()
         self._upstream_keys = upstream_keys
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._counts: dict[tuple[Counter, tuple[str, ...]], float] = {}
@@ -155,6 +170,13 @@ class Metrics:
         if new:
             self._tenant_ids = (*self._tenant_ids, *new)
             self._zero_tenants(new)
+
+    def add_relays(self, relay_ids: Iterable[str]) -> None:
+        """Relays configured (at start or by a reload): their series exist at zero from now on."""
+        new = [r for r in relay_ids if r not in self._relay_ids]
+        if new:
+            self._relay_ids = (*self._relay_ids, *new)
+            self._zero_relays(new)
 
     def child(self, metric: Any, *labels: str) -> Any:
         """`metric.labels(*labels)`, memoised: labels() takes a lock and rebuilds the label
@@ -218,14 +240,20 @@ class Metrics:
             self.callbacks.labels(result)
         for reason in AUTH_REASONS:
             self.auth_failures.labels(reason)
-        for op in UPSTREAM_OPERATIONS:
-            self.upstream_duration.labels(op)
-            for status in UPSTREAM_OUTCOMES:
-                self.upstream_requests.labels(op, status)
         for status in TASK_STATUSES:
             self.task_duration.labels("gen2", status)
         for index in range(self._upstream_keys):
             self.upstream_auth_failures.labels(str(index))
+
+    def _zero_relays(self, relay_ids: Iterable[str]) -> None:
+        for relay in relay_ids:
+            for op in UPSTREAM_OPERATIONS:
+                self.upstream_duration.labels(relay, op)
+                for status in UPSTREAM_OUTCOMES:
+                    self.upstream_requests.labels(relay, op, status)
+            for reason in FAILOVER_REASONS:
+                self.relay_failovers.labels(relay, reason)
+            self.relay_up.labels(relay).set(1.0)
 
     async def render(self, store: Store, limits: dict[str, dict[str, int | None]], now: float) -> bytes:
         """One scrape: this process's (or every worker's) series plus the store's gauges."""

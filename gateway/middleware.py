@@ -44,6 +44,8 @@ class RequestContext:
     upstream_ms: float | None = None  # time the upstream took on a create
     task_id: str | None = None  # the task the request created, read or deleted
     idempotency_key: str | None = None  # the Idempotency-Key a create holds (create_once)
+    relay: str | None = None  # the relay a create went to last (contract §14)
+    relay_attempts: int | None = None  # how many relays the create tried
 
 
 def request_context(scope: Scope) -> RequestContext:
@@ -144,6 +146,9 @@ class GatewayMiddleware:
             fields["upstream_ms"] = round(context.upstream_ms, 2)
         if context.task_id is not None:
             fields["task_id"] = context.task_id
+        if context.relay is not None:
+            fields["relay"] = context.relay
+            fields["relay_attempts"] = context.relay_attempts
         self.access_log.write(fields)
 
 

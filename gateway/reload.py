@@ -3,9 +3,11 @@
 The new file is loaded and validated whole; any problem refuses it whole (the old config
 stays, each problem logged as `check-config` prints it). A valid file replaces the
 directory's config part in one swap (`Services.reconfigure`): tenants, keys, limits,
-policy, pricing, upstream keys, admin keys and webhook settings apply from the next
-request. Settings read once at start (the store URL, the [server] section but public_url)
-are named in a warning and wait for a restart.
+policy, pricing, relays (added, changed, drained with `enabled = false`), admin keys and
+webhook settings apply from the next request. A file that removes a relay with active
+tasks is refused whole, naming the relay and how many (`orphaned_relays`). Settings read
+once at start (the store URL, the [server] section but public_url) are named in a warning
+and wait for a restart.
 
 One reload, one audit entry, however many workers. With `serve --workers N` the supervisor
 relays SIGHUP to every worker and each reloads on its own (each has its own directory), so
@@ -127,7 +129,9 @@ async def reload_config(services: Services, path: str, audit_ids: Sequence[str] 
     problems: list[str] = []
     try:
         new = load_config(path)
-        services.reconfigure(new)
+        problems = await orphaned_relays(services, old, new)
+        if not problems:
+            services.reconfigure(new)
     except ConfigError as err:
         problems = err.problems
     except OSError as err:  # the JWT public key file could not be read
@@ -146,6 +150,30 @@ async def reload_config(services: Services, path: str, audit_ids: Sequence[str] 
     for audit_id in audit_ids or [new_audit_id(services.clock())]:
         await _audit(services, result, len(problems), audit_id)
     return not problems
+
+
+async def orphaned_relays(services: Services, old: Config, new: Config) -> list[str]:
+    """A relay the new file removes while it still has active tasks would orphan them
+    (their polls and downloads go to their own relay): one problem per such relay, which
+    refuses the reload whole. Tasks recorded before relays had ids are the first relay's."""
+    kept = {relay.id for relay in new.relay_list}
+    removed = [relay.id for relay in old.relay_list if relay.id not in kept]
+    if not removed:
+        return []
+    try:
+        active = await services.store.active_by_relay()
+    except Exception as exc:
+        return [f"relays: could not count the active tasks of removed relay(s) {', '.join(removed)} ({exc})"]
+    counts: dict[str, int] = {}
+    for relay, n in active.items():
+        owner = relay or old.relay_list[0].id
+        counts[owner] = counts.get(owner, 0) + n
+    return [
+        f"relays: removing relay {relay!r} would orphan its {counts[relay]} active task(s);"
+        " drain it first (enabled = false), then remove it once its tasks have finished"
+        for relay in removed
+        if counts.get(relay)
+    ]
 
 
 async def _audit(services: Services, result: str, problems: int, audit_id: str) -> None:

@@ -21,12 +21,12 @@ from gateway.errors import bad_request
 from gateway.gen2 import Gen2Request
 from gateway.jwts import jwt_verifier
 from gateway.metrics import Metrics
+from gateway.relays import Relays
 from gateway.ssrf import HookPolicy, check_hook_url
 from gateway.store.base import Store
 from gateway.tasks import TaskService
 from gateway.tokens import TokenSigner
 from gateway.uploads import Uploads
-from gateway.upstream import Upstream
 
 logger = logging.getLogger("gateway")
 LAST_USED_FLUSH_SECONDS = 30.0
@@ -44,7 +44,7 @@ class Services:
     directory: DirectoryCache
     auth: Authenticator
     last_used: LastUsed
-    upstream: Upstream
+    relays: Relays
     signer: TokenSigner
     tasks: TaskService
     uploads: Uploads
@@ -75,14 +75,14 @@ class Services:
         jwt = jwt_verifier(config.jwt)
         self.directory.reconfigure(config, jwt)
         self.tasks.config = config
-        self.upstream.reconfigure(config.upstream)
+        self.relays.reconfigure(config)
 
     async def close(self) -> None:
         try:
             await self.last_used.flush()
         except Exception:
             logger.exception("last_used_at flush at shutdown failed")
-        await self.upstream.close()
+        await self.relays.close()
         await self.store.close()
 
 
@@ -100,11 +100,11 @@ async def build_services(
     jwt = jwt_verifier(config.jwt)  # reads a JWT key file: fails before anything is opened
     await store.open()
     directory = DirectoryCache(config, jwt, store, on_change=lambda d: metrics.add_tenants(d.tenants))
-    upstream = Upstream(config.upstream, metrics)
+    relays = Relays(config, metrics)
     try:
         await directory.refresh()  # the store's tenants and keys before the first request
         secret = config.server.signing_secret or await store.secret("signing", secrets.token_urlsafe(48))
-        await upstream.start()
+        await relays.start()
     except BaseException:
         await store.close()
         raise
@@ -116,8 +116,8 @@ async def build_services(
         directory=directory,
         auth=Authenticator(lambda: directory.current, clock),
         last_used=LastUsed(store, last_used_interval),
-        upstream=upstream,
+        relays=relays,
         signer=signer,
-        tasks=TaskService(config, store, upstream, signer, metrics, clock),
+        tasks=TaskService(config, store, relays, signer, metrics, clock),
         uploads=Uploads(store, config.server.upload_ttl_seconds, clock),
     )

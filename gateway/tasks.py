@@ -24,6 +24,8 @@ from gateway.gen2 import Gen2Request
 from gateway.logs import log_fields
 from gateway.metrics import Metrics
 from gateway.quotas import refused
+from gateway.relays import Relays, RouteFailed
+from gateway.relays.client import Outcome, UpstreamFailure
 from gateway.store.base import (
     UNKNOWN,
     Charge,
@@ -37,7 +39,6 @@ from gateway.store.base import (
 from gateway.store.rules import day_key, month_key
 from gateway.tokens import TokenSigner
 from gateway.uploads import PendingUpload
-from gateway.upstream import Outcome, Upstream, UpstreamFailure
 
 logger = logging.getLogger("gateway.tasks")
 TIMED_OUT_POLL_SECONDS = 3600.0
@@ -57,26 +58,45 @@ class Created:
     task: dict[str, Any]
     rate: RateInfo | None
     upstream_ms: float
+    relay: str = ""  # the relay that created it
+    relay_attempts: int = 1  # how many relays the create tried
 
 
 class CreateFailed(UpstreamFailure):
     """An admitted create the upstream did not accept: answered like the failure it wraps,
     and carrying what `Created` would have (the bucket, the upstream time) for the request."""
 
-    def __init__(self, failure: UpstreamFailure, rate: RateInfo | None, upstream_ms: float):
+    def __init__(
+        self,
+        failure: UpstreamFailure,
+        rate: RateInfo | None,
+        upstream_ms: float,
+        relay: str | None = None,
+        relay_attempts: int = 0,
+    ):
         super().__init__(failure.status, failure.code, failure.message, failure.outcome, failure.upstream_status)
         self.headers = dict(failure.headers)
         self.rate = rate
         self.upstream_ms = upstream_ms
+        self.relay = relay
+        self.relay_attempts = relay_attempts
 
 
 class OutcomeUnknown(CreateFailed):
     """A create that reached the upstream without a usable answer (timeout, reset, garbage):
     the task may exist, under the reservation `rid`. An idempotent create binds its key to
-    `rid`, so a retry can never buy a second task."""
+    `rid`, so a retry can never buy a second task (and it never goes to another relay)."""
 
-    def __init__(self, failure: UpstreamFailure, rate: RateInfo | None, upstream_ms: float, rid: str):
-        super().__init__(failure, rate, upstream_ms)
+    def __init__(
+        self,
+        failure: UpstreamFailure,
+        rate: RateInfo | None,
+        upstream_ms: float,
+        rid: str,
+        relay: str | None = None,
+        relay_attempts: int = 0,
+    ):
+        super().__init__(failure, rate, upstream_ms, relay, relay_attempts)
         self.rid = rid
 
 
@@ -85,14 +105,14 @@ class TaskService:
         self,
         config: Config,
         store: Store,
-        upstream: Upstream,
+        relays: Relays,
         signer: TokenSigner,
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
     ):
         self.config = config
         self.store = store
-        self.upstream = upstream
+        self.relays = relays
         self.signer = signer
         self.metrics = metrics
         self.clock = clock
@@ -122,11 +142,15 @@ class TaskService:
         the limits of the caller's key when it has any, are checked in the same admission."""
         now = self.clock()
         credits = self.config.pricing.price(req.gen2_options)
+        plan = self.relays.plan(tenant.policy.relays)  # in memory: no store round trip
+        if not plan:
+            raise no_relay(tenant.policy.relays)
         rid = new_rid(now)
         reservation = TaskRecord(
             rid=rid,
             tenant_id=tenant.id,
-            key_index=self.upstream.next_key_index(),
+            relay=plan[0].id,
+            key_index=plan[0].pick_key(),
             hook=req.tenant_hook,
             credits=credits,
             created_at=now,
@@ -151,20 +175,28 @@ class TaskService:
         if upload is not None:
             await self._keep_upload(reservation, upload)
         start = time.perf_counter()
+
+        async def switch(relay: str, key_index: int) -> None:
+            """Before the create goes to another relay or key: the store records where."""
+            if not await self.store.assign_relay(rid, relay, key_index, self.clock()):
+                raise RuntimeError(f"reservation {rid} is no longer SUBMITTING")
+
         try:
-            task = await self.upstream.create(body, reservation.key_index, request_id)
-        except UpstreamFailure as failure:
+            routed = await self.relays.create(body, plan, reservation.key_index, request_id, switch)
+        except RouteFailed as failed:
+            failure = failed.failure
             upstream_ms = (time.perf_counter() - start) * 1000
             await self._settle_failed_create(reservation, failure, upload)
+            where = (failed.relay, failed.attempts)
             if failure.outcome is Outcome.UNKNOWN:
-                raise OutcomeUnknown(failure, admission.rate, upstream_ms, rid) from failure
-            raise CreateFailed(failure, admission.rate, upstream_ms) from failure
+                raise OutcomeUnknown(failure, admission.rate, upstream_ms, rid, *where) from failure
+            raise CreateFailed(failure, admission.rate, upstream_ms, *where) from failure
         upstream_ms = (time.perf_counter() - start) * 1000
         # the task exists and is paid for: recording it is retried through a store outage
-        result = await retry_unavailable(lambda: self.apply(rid, tenant.id, task))
+        result = await retry_unavailable(lambda: self.apply(rid, tenant.id, routed.task))
         self.metrics.count(self.metrics.tasks_created, (tenant.id, "gen2"))
         record = result.record or reservation
-        return Created(record, public_task(task), admission.rate, upstream_ms)
+        return Created(record, public_task(routed.task), admission.rate, upstream_ms, routed.relay, routed.attempts)
 
     async def _keep_upload(self, reservation: TaskRecord, upload: PendingUpload) -> None:
         """Store an admitted create's upload; if the store fails, nothing was sent: refund."""
@@ -288,7 +320,7 @@ class TaskService:
         if (
             record.terminal
             or not record.task_id
-            or not self.config.upstream.status_path
+            or not self.relays.get(record.relay).config.status_path
             or record.next_poll_at > self.clock()
             or record.rid in self._refreshing
         ):
@@ -304,8 +336,11 @@ class TaskService:
     async def poll(self, record: TaskRecord) -> None:
         """One upstream status call for a claimed task; failures wait for the next interval."""
         assert record.task_id is not None
+        relay = self.relays.get(record.relay)  # the task's own relay, whatever routing does now
+        if not relay.config.status_path:
+            return
         try:
-            task = await self.upstream.status(record.task_id, record.key_index, f"poll_{secrets.token_hex(6)}")
+            task = await relay.status(record.task_id, record.key_index, f"poll_{secrets.token_hex(6)}")
         except UpstreamFailure as failure:
             log_fields(logger, logging.INFO, {"event": "poll_failed", "task_id": record.task_id, "code": failure.code})
             return
@@ -314,7 +349,7 @@ class TaskService:
 
     async def poll_due(self, limit: int = 50) -> int:
         cfg = self.config.upstream
-        if not cfg.status_path:
+        if not any(relay.status_path for relay in self.config.relay_list):
             return 0
         due = await self.store.claim_due_polls(
             self.clock(),
@@ -329,14 +364,16 @@ class TaskService:
     async def expire(self) -> int:
         """Free the slots of tasks past task_timeout_seconds and of creates whose outcome
         stayed unknown past unknown_outcome_timeout_seconds; their charges stand. A
-        reservation still unanswered past the relay timeout plus IN_FLIGHT_MARGIN_SECONDS
-        lost its gateway mid-create: its outcome is unknown too (docs/lifecycle.md)."""
+        reservation still unanswered past the longest a create may wait on relays
+        (`Config.create_seconds`: every relay it may fail over to) plus
+        IN_FLIGHT_MARGIN_SECONDS lost its gateway mid-create: its outcome is unknown too
+        (docs/lifecycle.md)."""
         cfg = self.config.upstream
         expired = await self.store.expire_tasks(
             self.clock(),
             cfg.task_timeout_seconds,
             cfg.unknown_outcome_timeout_seconds,
-            in_flight=in_flight_seconds(cfg.timeout_seconds),
+            in_flight=in_flight_seconds(self.config.create_seconds),
         )
         for rec in expired:
             fields: dict[str, Any]
@@ -363,6 +400,18 @@ class TaskService:
 def in_flight_seconds(timeout_seconds: float) -> float:
     """The longest a live gateway holds a create: the relay timeout plus a margin."""
     return timeout_seconds + IN_FLIGHT_MARGIN_SECONDS
+
+
+def no_relay(allowed: tuple[str, ...]) -> UpstreamFailure:
+    """Every relay the tenant may use is drained (`enabled = false`): nothing is admitted."""
+    which = f" ({', '.join(allowed)})" if allowed else ""
+    return UpstreamFailure(
+        503,
+        "upstream_unavailable",
+        f"No relay this tenant may use{which} takes new tasks now.",
+        Outcome.NOT_SENT,
+        headers={"retry-after": "60"},
+    )
 
 
 def callback_expiry(created_at: float, task_timeout_seconds: float) -> int:

@@ -1,6 +1,6 @@
 """The usage ledger's report: `GET /admin/v1/usage` and `runway-gateway admin usage`.
 
-The store keeps one ledger row per UTC day, tenant and key (`Store.ledger`); this module
+The store keeps one ledger row per UTC day, tenant, key and relay (`Store.ledger`); this module
 reads a request's `from`, `to`, `tenant`, `key_id`, `group_by` and `format`, sums the
 rows into the groups asked for, and renders them as the API's JSON rows or as CSV. A
 field not grouped by is left out of every row (not summed into a meaningless value).
@@ -22,7 +22,7 @@ from gateway.store.rules import day_key
 
 MAX_DAYS = 366  # the longest range, `from` and `to` included
 DEFAULT_DAYS = 30  # `from` defaults to this many days before `to`
-GROUP_FIELDS = {"day": "date", "tenant": "tenant", "key": "key_id"}  # group_by part -> row field
+GROUP_FIELDS = {"day": "date", "tenant": "tenant", "key": "key_id", "relay": "relay"}  # group_by part -> row field
 DEFAULT_GROUP_BY = ("day", "tenant")
 FORMATS = ("json", "csv")
 DAY_RE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
@@ -32,7 +32,7 @@ FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 @dataclass(frozen=True)
 class UsageQuery:
-    """A checked request for the report. `group_by` is in row order (day, tenant, key)."""
+    """A checked request for the report. `group_by` is in row order (day, tenant, key, relay)."""
 
     from_day: str
     to_day: str
@@ -62,13 +62,15 @@ def parse_day(text: str, param: str) -> date:
 
 
 def parse_group_by(text: str) -> tuple[str, ...]:
-    """`day,tenant,key` or any non-empty subset, in any order; returned in row order."""
+    """`day,tenant,key,relay` or any non-empty subset, in any order; returned in row order."""
     parts = {part.strip() for part in text.split(",")}
     unknown = sorted(parts - GROUP_FIELDS.keys())
     if not text.strip() or unknown:
         shown = f": {', '.join(repr(p) for p in unknown)} unknown" if text.strip() else ""
         raise bad_request(
-            "invalid_value", f"`group_by` must be one or more of day, tenant, key, comma-separated{shown}.", "group_by"
+            "invalid_value",
+            f"`group_by` must be one or more of day, tenant, key, relay, comma-separated{shown}.",
+            "group_by",
         )
     return tuple(part for part in GROUP_FIELDS if part in parts)
 
@@ -105,12 +107,13 @@ def parse_query(params: Mapping[str, str], now: float) -> UsageQuery:
     )
 
 
-def group(rows: list[LedgerRow], group_by: tuple[str, ...]) -> list[dict[str, Any]]:
+def group(rows: list[LedgerRow], group_by: tuple[str, ...], first_relay: str = "") -> list[dict[str, Any]]:
     """The ledger rows summed per group, as the API's rows, sorted by (date, tenant,
-    key_id) with no key (a JWT's) first."""
+    key_id, relay) with no key (a JWT's) first. A row booked before relays had ids is the
+    first relay's (`first_relay`: the one relay there was)."""
     groups: dict[tuple[str, ...], dict[str, Any]] = {}
     for row in rows:
-        values = {"date": row.day, "tenant": row.tenant_id, "key_id": row.key_id}
+        values = {"date": row.day, "tenant": row.tenant_id, "key_id": row.key_id, "relay": row.relay or first_relay}
         shown = {GROUP_FIELDS[part]: values[GROUP_FIELDS[part]] for part in group_by}
         sums = groups.setdefault(
             tuple(str(v or "") for v in shown.values()), {**shown, **dict.fromkeys(LEDGER_COUNTERS, 0)}

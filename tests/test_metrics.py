@@ -25,11 +25,11 @@ def test_flushed_updates_equal_direct_prometheus_calls() -> None:
         status = "200" if i % 3 else "429"
         buffered.count(buffered.requests, ("acme", "/runway/tasks", "POST", status))
         buffered.observe(buffered.request_duration, ("/runway/tasks", "POST"), seconds)
-        buffered.observe(buffered.upstream_duration, ("create",), seconds * 2)
+        buffered.observe(buffered.upstream_duration, ("default", "create"), seconds * 2)
         buffered.count(buffered.credits_charged, ("acme",), 5)
         direct.requests.labels("acme", "/runway/tasks", "POST", status).inc()
         direct.request_duration.labels("/runway/tasks", "POST").observe(seconds)
-        direct.upstream_duration.labels("create").observe(seconds * 2)
+        direct.upstream_duration.labels("default", "create").observe(seconds * 2)
         direct.credits_charged.labels("acme").inc(5)
     assert exposition(buffered) != exposition(direct)  # nothing pushed yet
     buffered.flush()

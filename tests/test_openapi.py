@@ -247,7 +247,7 @@ def test_nested_bodies_have_exactly_the_checked_fields() -> None:
     assert set(native) == set(gen2.TOP_LEVEL)
     assert set(native["options"]["properties"]) == set(gen2.OPTIONS)
     assert _props("Gen2Options") == set(gen2_options.GEN2_OPTION_TYPES)
-    assert _props("Policy") == {"force", "defaults", "hook_hosts"}
+    assert _props("Policy") == {"force", "defaults", "hook_hosts", "relays"}  # relays: contract §14
     assert set(schemas["TenantCreate"]["properties"]["limits"]["properties"]) == set(admin.ALL_LIMITS)
     form = _props("VideoCreateMultipart")
     assert form == {*videos.CREATE_FIELDS, *videos.GEN2_KNOBS, "input_reference[image_url]"}

@@ -15,8 +15,10 @@ from conftest import UPSTREAM_KEY, GatewayProcess, RedisServer, Simulator, Tenan
 CONTRACT_SERIES = {
     "gateway_requests_total": {"tenant", "route", "method", "status"},
     "gateway_request_duration_seconds": {"route", "method"},
-    "gateway_upstream_requests_total": {"operation", "status"},
-    "gateway_upstream_request_duration_seconds": {"operation"},
+    "gateway_upstream_requests_total": {"relay", "operation", "status"},  # `relay`: contract §14
+    "gateway_upstream_request_duration_seconds": {"relay", "operation"},
+    "gateway_relay_up": {"relay"},
+    "gateway_relay_failovers_total": {"relay", "reason"},
     "gateway_auth_failures_total": {"reason"},
     "gateway_quota_rejections_total": {"tenant", "limit"},
     "gateway_tasks_created_total": {"tenant", "task_type"},

@@ -40,7 +40,7 @@ CREATE_ERRORS = (
 )
 TENANT_PAGE_MAX = 100
 RATE_HEADERS = ("x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests")
-_GROUP = r"\s*(day|tenant|key)\s*"
+_GROUP = r"\s*(day|tenant|key|relay)\s*"
 GROUP_BY_PATTERN = f"^{_GROUP}(,{_GROUP})*$"  # any non-empty subset, any order, spaces allowed
 
 
@@ -566,7 +566,7 @@ ADMIN = [
         "get",
         Op(
             "getUsage",
-            "The usage ledger: tasks and credits per day, tenant and key",
+            "The usage ledger: tasks and credits per day, tenant, key and relay",
             "admin",
             "admin",
             {
@@ -588,11 +588,23 @@ ADMIN = [
                 query(
                     "group_by",
                     {"type": "string", "pattern": GROUP_BY_PATTERN, "default": "day,tenant"},
-                    "Any subset of day, tenant, key, comma-separated.",
+                    "Any subset of day, tenant, key, relay, comma-separated.",
                 ),
                 query("format", or_empty(["json", "csv"], "json"), "The answer's form (empty: json)."),
             ),
             description="UTC dates, inclusive, at most 366 days.",
+        ),
+    ),
+    (
+        "/admin/v1/relays",
+        "get",
+        Op(
+            "listRelays",
+            "The relays, as the answering process sees them",
+            "admin",
+            "admin",
+            {200: json_ok("RelayList", "Every configured relay: state, priority, weight, keys' health; never a key.")},
+            description="Each process keeps its own view (circuit, cooling, refused keys, failovers).",
         ),
     ),
     (

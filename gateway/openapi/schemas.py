@@ -199,6 +199,13 @@ def _limits(*, write: bool) -> Schema:
     return obj({name: each for name in ALL_LIMITS}, () if write else ALL_LIMITS)
 
 
+RELAY_IDS: Schema = {
+    "type": "array",
+    "items": {"type": "string", "pattern": "^[a-z0-9-]{1,32}$"},
+    "description": "The configured relays this tenant's new tasks may go to (§14); absent or empty: every relay.",
+}
+
+
 def policy() -> Schema:
     return obj(
         {
@@ -209,8 +216,10 @@ def policy() -> Schema:
                 "items": {"type": "string", "minLength": 1},
                 "description": "Where notify_hook may point: host names, `*.suffix` wildcards, IP addresses, CIDRs.",
             },
+            "relays": RELAY_IDS,
         },
-        description="gen2Options fields forced or defaulted on every create, and the hosts its hooks may use.",
+        description="gen2Options fields forced or defaulted on every create, the hosts its hooks may use, and "
+        "the relays its tasks may go to.",
     )
 
 
@@ -421,6 +430,7 @@ def _tenant_properties() -> dict[str, Schema]:
                 "force": {"type": "object"},
                 "defaults": {"type": "object"},
                 "hook_hosts": {"type": "array", "items": STR},
+                "relays": RELAY_IDS,
             },
             ("force", "defaults", "hook_hosts"),
         ),
@@ -512,6 +522,7 @@ def usage_row() -> Schema:
             "date": {"type": "string", "format": "date"},
             "tenant": STR,
             "key_id": {"type": ["string", "null"], "description": "null for requests authenticated by JWT."},
+            "relay": {"type": "string", "description": "The relay that created the tasks (§14)."},
             **{c: {"type": "integer"} for c in USAGE_COUNTS},
         },
         USAGE_COUNTS,
@@ -528,6 +539,37 @@ def usage_list() -> Schema:
         ("object", "data"),
         closed=False,
     )
+
+
+RELAY_STATES = ("closed", "open", "half_open", "cooling")
+RELAY_FIELDS = ("object", "id", "host", "priority", "weight", "enabled", "state", "until", "keys", "last_error")
+
+
+def relay() -> Schema:
+    """One relay as the answering process sees it (§14); never a key."""
+    return obj(
+        {
+            "object": {"const": "relay"},
+            "id": STR,
+            "host": STR,
+            "priority": {"type": "integer"},
+            "weight": {"type": "integer", "minimum": 1, "maximum": 1000},
+            "enabled": {"type": "boolean", "description": "false: drained, takes no new task, serves its own."},
+            "state": {"type": "string", "enum": list(RELAY_STATES)},
+            "until": {
+                "type": ["integer", "null"],
+                "description": "UNIX time an open circuit gets its probe, or a 429's cooling ends.",
+            },
+            "keys": obj({"total": {"type": "integer"}, "refused": {"type": "integer"}}, ("total", "refused")),
+            "last_error": OPT_STR,
+            "failovers": {"type": "integer", "description": "Creates that left this relay for the next one."},
+        },
+        (*RELAY_FIELDS, "failovers"),
+    )
+
+
+def relay_list() -> Schema:
+    return obj({"object": {"const": "list"}, "data": {"type": "array", "items": ref("Relay")}}, ("object", "data"))
 
 
 def webhook_event() -> Schema:
@@ -600,6 +642,8 @@ def components() -> dict[str, Schema]:
         "AuditEvent": audit_event(),
         "AuditList": admin_list("AuditEvent"),
         "UsageRow": usage_row(),
+        "Relay": relay(),
+        "RelayList": relay_list(),
         "UsageList": usage_list(),
         "WebhookEvent": webhook_event(),
         "WebhookEventList": admin_list("WebhookEvent"),

@@ -70,7 +70,7 @@ async def create_tenant(request: Request) -> Response:
     audit = _require_admin(request)
     s = services(request)
     now = s.clock()
-    record = admin.tenant_create(await _body(request), now)
+    record = admin.tenant_create(await _body(request), now, _relay_ids(request))
     conflict = GatewayError(409, "tenant_exists", f"A tenant with id {record.id!r} exists.", param="id")
     if s.config.tenant(record.id) is not None:
         raise conflict
@@ -95,7 +95,7 @@ async def update_tenant(request: Request) -> Response:
     audit = _require_admin(request)
     s = services(request)
     tenant = await _directory(request).api_tenant(request.path_params["id"])
-    changes = admin.tenant_changes(await _body(request))
+    changes = admin.tenant_changes(await _body(request), _relay_ids(request))
     if not changes:
         return json_response(tenant.to_json())
     now = s.clock()
@@ -301,10 +301,27 @@ async def usage_report(request: Request) -> Response:
     _require_admin(request)
     s = services(request)
     query = usage.parse_query(request.query_params, s.clock())
-    rows = usage.group(await s.store.ledger(query.from_day, query.to_day, query.tenant, query.key_id), query.group_by)
+    ledger = await s.store.ledger(query.from_day, query.to_day, query.tenant, query.key_id)
+    rows = usage.group(ledger, query.group_by, s.relays.default_id)
     if query.format == "csv":
         return Response(usage.to_csv(rows, query), media_type="text/csv")
     return json_response({"object": "list", "data": rows, "has_more": False})
+
+
+# --- the relays ------------------------------------------------------------------------
+
+
+def _relay_ids(request: Request) -> list[str]:
+    """The relays a tenant's `policy.relays` may name: the configured ones."""
+    return [relay.id for relay in services(request).config.relay_list]
+
+
+async def list_relays(request: Request) -> Response:
+    """Every configured relay as this process sees it (contract §14): state, the time it
+    ends (open or cooling), its keys' health, its last error; never a key."""
+    _require_admin(request)
+    s = services(request)
+    return json_response({"object": "list", "data": s.relays.view(s.clock())})
 
 
 # --- the older usage read --------------------------------------------------------------
@@ -342,4 +359,5 @@ routes = [
     Route(f"{V1}/webhooks", list_webhooks, methods=["GET"]),
     Route(f"{V1}/webhooks/{{event_id}}/redeliver", redeliver_webhook, methods=["POST"]),
     Route(f"{V1}/usage", usage_report, methods=["GET"]),
+    Route(f"{V1}/relays", list_relays, methods=["GET"]),
 ]

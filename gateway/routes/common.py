@@ -139,8 +139,10 @@ async def submit_task(
         )
     except CreateFailed as failed:
         ctx.rate, ctx.upstream_ms = failed.rate, failed.upstream_ms
+        ctx.relay, ctx.relay_attempts = failed.relay, failed.relay_attempts
         raise
     ctx.rate, ctx.upstream_ms, ctx.task_id = created.rate, created.upstream_ms, created.task["id"]
+    ctx.relay, ctx.relay_attempts = created.relay, created.relay_attempts
     return created
 
 
@@ -165,7 +167,7 @@ async def create_once(
         principal.tenant.id,
         key,
         fingerprint(route, body()),
-        s.config.upstream.timeout_seconds,
+        s.config.create_seconds,
         lambda: admit_request(request, principal),
         create,
         render_task,

@@ -21,6 +21,7 @@ from starlette.types import Receive, Scope, Send
 
 from gateway import videos
 from gateway.errors import GatewayError, bad_request, not_found
+from gateway.relays.client import UpstreamFailure
 from gateway.routes.common import (
     authenticate,
     context,
@@ -44,7 +45,6 @@ from gateway.uploads import (
     is_data_url,
     require_upload_url,
 )
-from gateway.upstream import UpstreamFailure
 
 MAX_FORM_FIELDS = 64
 POLL_AFTER_MS_WITH_CALLBACKS = 1000
@@ -204,19 +204,20 @@ async def _open_artifact(
     a fresh upstream status, when the upstream has a status path."""
     s = services(request)
     request_id = context(request).request_id
-    resp, chunks = await s.upstream.stream(url, request_id)
+    relay = s.relays.get(record.relay)  # the task's own relay: its artifact_hosts, its key
+    resp, chunks = await relay.stream(url, request_id)
     if 200 <= resp.status < 300:
         return resp, chunks
     resp.close()
     status = resp.status
-    if status in EXPIRED_LINK_STATUSES and s.config.upstream.status_path and record.task_id:
+    if status in EXPIRED_LINK_STATUSES and relay.config.status_path and record.task_id:
         try:
-            fresh = await s.upstream.status(record.task_id, record.key_index, request_id)
+            fresh = await relay.status(record.task_id, record.key_index, request_id)
         except UpstreamFailure:
             fresh = None
         fresh_url = videos.artifact_url(fresh, variant) if fresh else None
         if fresh_url and fresh_url != url:
-            resp, chunks = await s.upstream.stream(fresh_url, request_id)
+            resp, chunks = await relay.stream(fresh_url, request_id)
             if 200 <= resp.status < 300:
                 return resp, chunks
             resp.close()

@@ -28,11 +28,7 @@ async def readyz(request: Request) -> Response:
     fail readiness: it is the same for every replica, so failing them all would turn a
     clear 502/503 into no answer at all, and status reads need no upstream."""
     s = services(request)
-    upstream = {
-        "upstream_circuit": s.upstream.circuit.state,
-        "upstream_auth": s.upstream.keys.state,
-        "upstream_auth_failing_keys": sorted(s.upstream.keys.failing),
-    }
+    upstream = s.relays.readiness()
     try:
         # a write, not only an answer: a Redis demoted by a failover still answers reads
         await asyncio.wait_for(s.store.ping(), READY_TIMEOUT)
@@ -62,6 +58,7 @@ async def metrics(request: Request) -> Response:
                 None,
                 {"www-authenticate": "Bearer"},
             )
+    s.relays.export()
     body = await s.metrics.render(s.store, s.tenant_limits, s.clock())
     return Response(body, media_type=CONTENT_TYPE)
 

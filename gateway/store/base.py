@@ -164,6 +164,9 @@ class TaskRecord:
     meta: dict[str, Any] = field(default_factory=dict)  # route-specific extras (OpenAI size, model...)
     key_id: str | None = None  # the API key that created it (None: a JWT, or adopted from a callback)
     key_limited: bool = False  # charged to its key's quota too (the key had limits): released there too
+    # the relay the create was sent to (with `key_index`, its key): polls, downloads go there;
+    # "" for a task recorded before relays had ids: the first relay configured
+    relay: str = ""
 
     @property
     def terminal(self) -> bool:
@@ -257,9 +260,9 @@ LEDGER_COUNTERS = ("tasks_created", "tasks_succeeded", "tasks_failed", "credits_
 
 @dataclass
 class LedgerRow:
-    """One day of the usage ledger for one tenant and key (`key_id` None: a JWT, or a task
-    adopted from a callback). The counters are LEDGER_COUNTERS; store/rules.py says what
-    books them (`book_*`)."""
+    """One day of the usage ledger for one tenant, key and relay (`key_id` None: a JWT, or a
+    task adopted from a callback; `relay` "": booked before relays had ids, the first relay).
+    The counters are LEDGER_COUNTERS; store/rules.py says what books them (`book_*`)."""
 
     day: str  # YYYY-MM-DD, UTC
     tenant_id: str
@@ -269,6 +272,7 @@ class LedgerRow:
     tasks_failed: int = 0
     credits_charged: int = 0
     credits_refunded: int = 0
+    relay: str = ""
 
 
 @dataclass
@@ -416,6 +420,20 @@ class Store(abc.ABC):
         and remove the reservation. Only from SUBMITTING/UNKNOWN; returns whether it did."""
 
     @abc.abstractmethod
+    async def assign_relay(self, rid: str, relay: str, key_index: int, now: float) -> bool:
+        """Before an admitted create is sent to another relay or key than its reservation
+        names (failover): record `relay` and `key_index` on it, and move its ledger booking
+        (the task and its credits, on its charge day) to that relay, in one step. Only while
+        SUBMITTING (nothing was sent where it could have created anything); returns whether
+        it did. The create is sent only after this returned, so a crash never leaves a task
+        at a relay its record does not name."""
+
+    @abc.abstractmethod
+    async def active_by_relay(self) -> dict[str, int]:
+        """Active tasks (counting toward max_active_tasks) per relay id ("" = recorded
+        before relays had ids): what a reload that removes a relay must not orphan."""
+
+    @abc.abstractmethod
     async def mark_unknown(self, rid: str, now: float) -> None:
         """SUBMITTING -> UNKNOWN (timeout after sending): the charge stands until settled."""
 
@@ -483,7 +501,7 @@ class Store(abc.ABC):
         self, from_day: str, to_day: str, tenant: str | None = None, key_id: str | None = None
     ) -> list[LedgerRow]:
         """The usage ledger's rows from `from_day` to `to_day` (YYYY-MM-DD, UTC, inclusive),
-        of one tenant and/or key when given, sorted by (day, tenant, key_id; None first).
+        of one tenant and/or key when given, sorted by (day, tenant, key_id; None first, relay).
         Every row has a counter other than zero. Rows are kept LEDGER_RETENTION_DAYS (rules)."""
 
     @abc.abstractmethod

@@ -327,20 +327,25 @@ LEDGER_RETENTION_DAYS = 400  # a day's rows are kept at least this long
 
 @dataclass
 class Booking:
-    """What one step adds to one ledger row: (UTC day, tenant, key; "" = no key) and the
-    amount for each counter it moves (LEDGER_COUNTERS). A store books it in the same
+    """What one step adds to one ledger row: (UTC day, tenant, key; "" = no key, relay) and
+    the amount for each counter it moves (LEDGER_COUNTERS). A store books it in the same
     transaction or script as the charge or refund it records."""
 
     day: str
     tenant_id: str
     key_id: str
     deltas: dict[str, int]
+    relay: str = ""
 
 
 def book_charge(rec: TaskRecord) -> Booking:
     """An admission (or an adoption): one task created and its credits, on the charge day."""
     return Booking(
-        rec.charge_day, rec.tenant_id, rec.key_id or "", {"tasks_created": 1, "credits_charged": rec.credits}
+        rec.charge_day,
+        rec.tenant_id,
+        rec.key_id or "",
+        {"tasks_created": 1, "credits_charged": rec.credits},
+        rec.relay,
     )
 
 
@@ -348,8 +353,23 @@ def book_not_created(rec: TaskRecord) -> Booking:
     """The upstream certainly did not create the task: its charge reversed on the charge
     day, so the ledger keeps no trace of it (a row left all zero is dropped)."""
     return Booking(
-        rec.charge_day, rec.tenant_id, rec.key_id or "", {"tasks_created": -1, "credits_charged": -rec.credits}
+        rec.charge_day,
+        rec.tenant_id,
+        rec.key_id or "",
+        {"tasks_created": -1, "credits_charged": -rec.credits},
+        rec.relay,
     )
+
+
+def book_relay_move(rec: TaskRecord, relay: str) -> list[Booking]:
+    """A reservation moved to another relay before it was sent there (failover): its
+    task and credits leave the old relay's row and join the new one's, on the charge day."""
+    if relay == rec.relay:
+        return []
+    moved = Booking(rec.charge_day, rec.tenant_id, rec.key_id or "", {}, relay)
+    left = book_not_created(rec)
+    moved.deltas = {name: -n for name, n in left.deltas.items()}
+    return [left, moved]
 
 
 def book_update(rec: TaskRecord, decision: UpdateResult, now: float) -> list[Booking]:
@@ -360,9 +380,10 @@ def book_update(rec: TaskRecord, decision: UpdateResult, now: float) -> list[Boo
     key = rec.key_id or ""
     if decision.finished:
         counter = "tasks_succeeded" if rec.status == "SUCCEEDED" else "tasks_failed"
-        bookings.append(Booking(day_key(now), rec.tenant_id, key, {counter: 1}))
+        bookings.append(Booking(day_key(now), rec.tenant_id, key, {counter: 1}, rec.relay))
     if decision.refunded_credits:
-        bookings.append(Booking(rec.charge_day, rec.tenant_id, key, {"credits_refunded": decision.refunded_credits}))
+        refund = {"credits_refunded": decision.refunded_credits}
+        bookings.append(Booking(rec.charge_day, rec.tenant_id, key, refund, rec.relay))
     return bookings
 
 
@@ -378,9 +399,9 @@ def days_between(from_day: str, to_day: str) -> list[str]:
     return [(first + timedelta(days=n)).isoformat() for n in range((last - first).days + 1)]
 
 
-def ledger_row_key(day: str, tenant_id: str, key_id: str | None) -> tuple[str, str, str]:
-    """The order of ledger rows: day, tenant, key (no key first)."""
-    return day, tenant_id, key_id or ""
+def ledger_row_key(day: str, tenant_id: str, key_id: str | None, relay: str = "") -> tuple[str, str, str, str]:
+    """The order of ledger rows: day, tenant, key (no key first), relay."""
+    return day, tenant_id, key_id or "", relay
 
 
 # --- idempotency ------------------------------------------------------------------------

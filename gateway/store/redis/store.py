@@ -42,7 +42,8 @@ Key layout (every key starts with `prefix`, "gw:" by default):
     {p}secret:{name}   string shared secrets (first writer wins)
     {p}ready           string the readiness probe's write (expires after 60 s)
     {p}led:{day}       hash   the usage ledger's rows of one UTC day: field
-                              "{tenant}<TAB>{key_id}<TAB>{counter}" -> count ("" key = none), a
+                              "{tenant}<TAB>{key_id}<TAB>{relay}<TAB>{counter}" -> count ("" key
+                              = none; without "{relay}<TAB>": booked before relays had ids), a
                               field back at 0 deleted; expires LEDGER_RETENTION_DAYS after
                               its last write
 
@@ -186,6 +187,7 @@ def _record_blob(rec: TaskRecord) -> bytes:
         "upd", _updated_at(rec.task),
         "key_id", rec.key_id or "",
         "key_limited", _flag(rec.key_limited),
+        "relay", rec.relay,
     ]  # fmt: skip
     for key, value in rec.meta.items():
         fields += [f"m:{key}", orjson.dumps(value).decode()]
@@ -232,6 +234,7 @@ def _record_from_map(h: dict[str, str]) -> TaskRecord | None:
         meta=meta,
         key_id=h.get("key_id") or None,
         key_limited=h.get("key_limited") == "1",
+        relay=h.get("relay") or "",
     )
 
 
@@ -363,6 +366,8 @@ class RedisStore(Store):
         self._list_audit = self._script("list_audit")
         self._prune_audit = self._script("prune_audit")
         self._ledger = self._script("ledger")
+        self._assign_relay = self._script("assign_relay")
+        self._active_by_relay = self._script("active_by_relay")
 
     def _script(self, name: str) -> Script:
         return self._r.register_script(script_source(name))
@@ -468,6 +473,14 @@ class RedisStore(Store):
     async def settle_not_created(self, rid: str, now: float) -> bool:
         args = [self.prefix, rid, day_key(now), month_key(now), LEDGER_TTL_MS]
         return bool(await self._settle(keys=[self._k("t", rid)], args=args))
+
+    async def assign_relay(self, rid: str, relay: str, key_index: int, now: float) -> bool:
+        args = [self.prefix, rid, relay, str(key_index), str(LEDGER_TTL_MS)]
+        return bool(await self._assign_relay(keys=[self._k("t", rid)], args=args))
+
+    async def active_by_relay(self) -> dict[str, int]:
+        flat = await self._active_by_relay(keys=[self._k("actz")], args=[self.prefix])
+        return {_s(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
 
     async def mark_unknown(self, rid: str, now: float) -> None:
         await self._mark_unknown(keys=[self._k("t", rid)], args=[self.prefix, _num(now), rid])
@@ -608,14 +621,17 @@ class RedisStore(Store):
         replies = await self._ledger(keys=[self._k("led", day) for day in days], args=args)
         rows: list[LedgerRow] = []
         for day, flat in zip(days, replies, strict=True):
-            by_row: dict[tuple[str, str], LedgerRow] = {}
+            by_row: dict[tuple[str, str, str], LedgerRow] = {}
             for field_name, value in _pairs(flat).items():
-                row_tenant, key, counter = field_name.rsplit("\t", 2)
-                if counter not in LEDGER_COUNTERS:
+                parts = field_name.split("\t")
+                if len(parts) == 3:  # booked before relays had ids
+                    parts.insert(2, "")
+                if len(parts) != 4 or parts[3] not in LEDGER_COUNTERS:
                     continue
-                row = by_row.setdefault((row_tenant, key), LedgerRow(day, row_tenant, key or None))
+                row_tenant, key, relay, counter = parts
+                row = by_row.setdefault((row_tenant, key, relay), LedgerRow(day, row_tenant, key or None, relay=relay))
                 setattr(row, counter, int(value))
-            rows += sorted(by_row.values(), key=lambda r: rules.ledger_row_key(r.day, r.tenant_id, r.key_id))
+            rows += sorted(by_row.values(), key=lambda r: rules.ledger_row_key(r.day, r.tenant_id, r.key_id, r.relay))
         return rows
 
     async def active_by_tenant(self) -> dict[str, int]:

@@ -98,17 +98,19 @@ CREATE TABLE IF NOT EXISTS assets (
     data BLOB NOT NULL,
     expires_at REAL NOT NULL
 );
--- the usage ledger: one row per UTC day, tenant and key ('' = no key), rules.book_*
+-- the usage ledger: one row per UTC day, tenant, key ('' = no key) and relay ('' = before
+-- relays had ids: the first relay), rules.book_*
 CREATE TABLE IF NOT EXISTS ledger (
     day TEXT NOT NULL,
     tenant TEXT NOT NULL,
     key_id TEXT NOT NULL DEFAULT '',
+    relay TEXT NOT NULL DEFAULT '',
     tasks_created INTEGER NOT NULL DEFAULT 0,
     tasks_succeeded INTEGER NOT NULL DEFAULT 0,
     tasks_failed INTEGER NOT NULL DEFAULT 0,
     credits_charged INTEGER NOT NULL DEFAULT 0,
     credits_refunded INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (day, tenant, key_id)
+    PRIMARY KEY (day, tenant, key_id, relay)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS ledger_by_tenant ON ledger (tenant, day);
 -- the directory (store/directory.py): `data` is the JSON of a record's field map
@@ -144,7 +146,10 @@ ADDED_COLUMNS = (
     ("tasks", "key_id", "TEXT"),  # NULL for the tasks created before: no key known
     ("webhooks", "last_error", "TEXT"),
     ("tasks", "key_limited", "INTEGER NOT NULL DEFAULT 0"),  # charged to its key's quota (§15)
+    ("tasks", "relay", "TEXT NOT NULL DEFAULT ''"),  # '' for the tasks created before: the first relay
 )
+_LEDGER_TABLE = SCHEMA[SCHEMA.index("CREATE TABLE IF NOT EXISTS ledger (") : SCHEMA.index(") WITHOUT ROWID;") + 15]
+LEDGER_COLUMNS = "day, tenant, key_id, tasks_created, tasks_succeeded, tasks_failed, credits_charged, credits_refunded"
 
 
 def migrate(db: sqlite3.Connection) -> None:
@@ -159,6 +164,25 @@ def migrate(db: sqlite3.Connection) -> None:
         except sqlite3.OperationalError as exc:
             if "duplicate column" not in str(exc):
                 raise
+    _ledger_by_relay(db)
+
+
+def _ledger_by_relay(db: sqlite3.Connection) -> None:
+    """A ledger from before relays (no `relay` column, key (day, tenant, key_id)) rebuilt
+    with the relay in its key, its rows under relay '' (the first relay), in one transaction."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if "relay" not in {row[1] for row in db.execute("PRAGMA table_info(ledger)")}:
+            db.execute("ALTER TABLE ledger RENAME TO ledger_before_relays")
+            db.execute("DROP INDEX IF EXISTS ledger_by_tenant")
+            db.execute(_LEDGER_TABLE)
+            db.execute("CREATE INDEX IF NOT EXISTS ledger_by_tenant ON ledger (tenant, day)")
+            db.execute(f"INSERT INTO ledger ({LEDGER_COLUMNS}) SELECT {LEDGER_COLUMNS} FROM ledger_before_relays")
+            db.execute("DROP TABLE ledger_before_relays")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
 
 
 def connect(path: str) -> sqlite3.Connection:

@@ -206,6 +206,21 @@ class SQLiteStore(Store):
             self._book(rules.book_not_created(rec))
         return True
 
+    async def assign_relay(self, rid: str, relay: str, key_index: int, now: float) -> bool:
+        async with self._tx:
+            rec = self._get(rid)
+            if rec is None or rec.status != SUBMITTING:
+                return False
+            for booking in rules.book_relay_move(rec, relay):
+                self._book(booking)
+            self.db.execute("UPDATE tasks SET relay = ?, key_index = ? WHERE rid = ?", (relay, key_index, rid))
+        return True
+
+    async def active_by_relay(self) -> dict[str, int]:
+        with OUTAGE:
+            rows = self.reader.execute("SELECT relay, COUNT(*) FROM tasks WHERE active = 1 GROUP BY relay").fetchall()
+        return {r[0] or "": r[1] for r in rows}
+
     async def mark_unknown(self, rid: str, now: float) -> None:
         async with self._tx:
             self.db.execute(
@@ -317,10 +332,15 @@ class SQLiteStore(Store):
         if key_id is not None:
             sql.append("AND key_id = ?")
             args.append(key_id)
-        sql.append("ORDER BY day, tenant, key_id")
+        sql.append("ORDER BY day, tenant, key_id, relay")
         with OUTAGE:
             rows = self.reader.execute(" ".join(sql), args).fetchall()
-        return [LedgerRow(r["day"], r["tenant"], r["key_id"] or None, *(r[c] for c in LEDGER_COUNTERS)) for r in rows]
+        return [
+            LedgerRow(
+                r["day"], r["tenant"], r["key_id"] or None, relay=r["relay"], **{c: r[c] for c in LEDGER_COUNTERS}
+            )
+            for r in rows
+        ]
 
     async def active_by_tenant(self) -> dict[str, int]:
         with OUTAGE:
@@ -832,7 +852,7 @@ class SQLiteStore(Store):
         self.db.execute(
             "INSERT INTO tasks (rid, tenant, task_id, key_index, status, task, hook, task_type, credits, charge_day,"
             " charge_month, created_at, updated_at, active, settled, timed_out, deleted, next_poll_at, meta, key_id,"
-            " key_limited) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " key_limited, relay) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 r.rid,
                 r.tenant_id,
@@ -855,6 +875,7 @@ class SQLiteStore(Store):
                 orjson.dumps(r.meta).decode(),
                 r.key_id,
                 int(r.key_limited),
+                r.relay,
             ),
         )
 
@@ -880,20 +901,21 @@ class SQLiteStore(Store):
         d = b.deltas
         counts = tuple(d.get(name, 0) for name in LEDGER_COUNTERS)
         self.db.execute(
-            "INSERT INTO ledger (day, tenant, key_id, tasks_created, tasks_succeeded, tasks_failed, credits_charged,"
-            " credits_refunded) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (day, tenant, key_id) DO UPDATE SET"
+            "INSERT INTO ledger (day, tenant, key_id, relay, tasks_created, tasks_succeeded, tasks_failed,"
+            " credits_charged, credits_refunded) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (day, tenant, key_id, relay) DO UPDATE SET"
             " tasks_created = tasks_created + excluded.tasks_created,"
             " tasks_succeeded = tasks_succeeded + excluded.tasks_succeeded,"
             " tasks_failed = tasks_failed + excluded.tasks_failed,"
             " credits_charged = credits_charged + excluded.credits_charged,"
             " credits_refunded = credits_refunded + excluded.credits_refunded",
-            (b.day, b.tenant_id, b.key_id, *counts),
+            (b.day, b.tenant_id, b.key_id, b.relay, *counts),
         )
         if min(counts) < 0:
             self.db.execute(
-                "DELETE FROM ledger WHERE day = ? AND tenant = ? AND key_id = ? AND tasks_created = 0"
+                "DELETE FROM ledger WHERE day = ? AND tenant = ? AND key_id = ? AND relay = ? AND tasks_created = 0"
                 " AND tasks_succeeded = 0 AND tasks_failed = 0 AND credits_charged = 0 AND credits_refunded = 0",
-                (b.day, b.tenant_id, b.key_id),
+                (b.day, b.tenant_id, b.key_id, b.relay),
             )
 
     def _enqueue_event(self, rec: TaskRecord, now: float) -> str:
@@ -970,4 +992,5 @@ def _record(row: sqlite3.Row) -> TaskRecord:
         meta=orjson.loads(row["meta"]),
         key_id=row["key_id"],
         key_limited=bool(row["key_limited"]),
+        relay=row["relay"] or "",
     )

@@ -87,7 +87,7 @@ if kq then
 end
 index_record(rid)
 redis.call('ZADD', P .. 'subz', now, rid)  -- in flight: expire_tasks finds it if its gateway dies
-book_charge(cday, tenant, ARGV[15], credits, 1, ARGV[16])
+book_charge(cday, tenant, ARGV[15], credits, 1, ARGV[16], redis.call('HGET', tkey(rid), 'relay'))
 -- the held Idempotency-Key names this reservation, and outlives its lease if the holder
 -- vanishes (idem_begin binds it then; store.base.Store.admit_create)
 local idem = ARGV[17]

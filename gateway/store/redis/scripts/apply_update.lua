@@ -14,17 +14,17 @@ local adopted = 0
 if redis.call('EXISTS', k) == 0 then
   if ARGV[16] == '' then return {0} end
   write_record(rid, ARGV[16])
-  local a = redis.call('HMGET', k, 'tenant_id', 'credits', 'charge_day', 'charge_month', 'key_id')
+  local a = redis.call('HMGET', k, 'tenant_id', 'credits', 'charge_day', 'charge_month', 'key_id', 'relay')
   local cday, cmonth = charge(P .. 'q:' .. a[1], a[3], a[4], 1, tonumber(a[2]) or 0)
   redis.call('HSET', k, 'charge_day', cday, 'charge_month', cmonth)
   index_record(rid)
-  book_charge(cday, a[1], a[5] or '', tonumber(a[2]) or 0, 1, ARGV[17])
+  book_charge(cday, a[1], a[5] or '', tonumber(a[2]) or 0, 1, ARGV[17], a[6])
   adopted = 1
 end
 
 local r = redis.call('HMGET', k, 'tenant_id', 'status', 'rank', 'active', 'settled', 'credits',
   'charge_day', 'charge_month', 'hook', 'task_id', 'deleted', 'created_at', 'next_poll_at', 'upd', 'key_id',
-  'key_limited')
+  'key_limited', 'relay')
 if r[1] ~= tenant then return {0} end
 local cur = r[2]
 -- The compare-and-set (rules.decide_update): no status, anything after a terminal state,
@@ -71,10 +71,10 @@ if TERMINAL[status] then
   local key = r[15] or ''
   local ended = status == 'SUCCEEDED' and 'tasks_succeeded' or 'tasks_failed'
   if r[7] == today then
-    book(today, tenant, key, {ended, 1, 'credits_refunded', refunded}, ARGV[17])
+    book(today, tenant, key, {ended, 1, 'credits_refunded', refunded}, ARGV[17], r[17])
   else
-    book(today, tenant, key, {ended, 1}, ARGV[17])
-    book(r[7], tenant, key, {'credits_refunded', refunded}, ARGV[17])
+    book(today, tenant, key, {ended, 1}, ARGV[17], r[17])
+    book(r[7], tenant, key, {'credits_refunded', refunded}, ARGV[17], r[17])
   end
 end
 local hook = r[9]

@@ -64,14 +64,16 @@ local function refund(q, day, month, today, this_month, tasks, credits)
 end
 
 -- The usage ledger (rules.Booking): add to counters of the row (day, tenant, key; '' = no
--- key), kept as fields "tenant<TAB>key<TAB>counter" of the day's hash {P}led:{day};
+-- key, relay), kept as fields "tenant<TAB>key<TAB>relay<TAB>counter" of the day's hash
+-- {P}led:{day} ("tenant<TAB>key<TAB>counter" for relay '': booked before relays had ids);
 -- `counts` is {counter, n, counter, n, ...}. A field back at zero is dropped (a reversed
 -- charge leaves no trace); the hash expires `ttl_ms` after its last write
 -- (rules.LEDGER_RETENTION_DAYS).
-local function book(day, tenant, key, counts, ttl_ms)
+local function book(day, tenant, key, counts, ttl_ms, relay)
   if not day then return end  -- a record without its charge day (never written so): no error
   local k = P .. 'led:' .. day
   local prefix = tenant .. '\t' .. key .. '\t'
+  if relay and relay ~= '' then prefix = prefix .. relay .. '\t' end
   local wrote = false
   for i = 1, #counts, 2 do
     local n = counts[i + 1]
@@ -85,8 +87,8 @@ local function book(day, tenant, key, counts, ttl_ms)
 end
 
 -- rules.book_charge (sign 1) and rules.book_not_created (sign -1).
-local function book_charge(day, tenant, key, credits, sign, ttl_ms)
-  book(day, tenant, key, {'tasks_created', sign, 'credits_charged', sign * credits}, ttl_ms)
+local function book_charge(day, tenant, key, credits, sign, ttl_ms, relay)
+  book(day, tenant, key, {'tasks_created', sign, 'credits_charged', sign * credits}, ttl_ms, relay)
 end
 
 local function tkey(rid) return P .. 't:' .. rid end

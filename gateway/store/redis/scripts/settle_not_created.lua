@@ -3,7 +3,7 @@
 -- removed (rules.uncharge and rules.book_not_created)
 local rid = ARGV[2]
 local k = KEYS[1]
-local r = redis.call('HMGET', k, 'status', 'settled', 'active', 'tenant_id', 'credits', 'charge_day', 'charge_month', 'task_id', 'key_id', 'key_limited')
+local r = redis.call('HMGET', k, 'status', 'settled', 'active', 'tenant_id', 'credits', 'charge_day', 'charge_month', 'task_id', 'key_id', 'key_limited', 'relay')
 local status, settled, active, tenant = r[1], r[2], r[3], r[4]
 if not status then return 0 end
 if (status ~= 'SUBMITTING' and status ~= 'UNKNOWN') or settled == '1' then return 0 end
@@ -14,7 +14,7 @@ if active == '1' then
 end
 refund(P .. 'q:' .. tenant, r[6], r[7], ARGV[3], ARGV[4], 1, tonumber(r[5]) or 0)
 if kq then refund(kq, r[6], r[7], ARGV[3], ARGV[4], 1, tonumber(r[5]) or 0) end
-book_charge(r[6], tenant, r[9] or '', tonumber(r[5]) or 0, -1, ARGV[5])
+book_charge(r[6], tenant, r[9] or '', tonumber(r[5]) or 0, -1, ARGV[5], r[11])
 local tid = r[8]
 if tid and tid ~= '' then
   if redis.call('GET', P .. 'tid:' .. tid) == rid then redis.call('DEL', P .. 'tid:' .. tid) end
