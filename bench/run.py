@@ -1268,6 +1268,7 @@ class Side:
     package: str = ""  # the gateway package the server imported
 
 
+COMPARE_TARGETS = 9  # per round: floor, relay alone, relay alone at 1 connection, 3 rows per side
 COMPARE_MEASURES = (  # (label, unit, what; None = the side's own row value)
     ("creates / aiohttp floor", "x", "create_ratio"),
     ("polls / relay alone", "x", "poll_ratio"),
@@ -1337,6 +1338,11 @@ def compare(args: argparse.Namespace, load: Load, command: str) -> int:
         servers.append(floor)
         floor.start()
         sim_pids = [s.pid for s in sims]
+        per_round = COMPARE_TARGETS * (load.duration + warmup + 1)
+        print(
+            f"{args.rounds} round(s) of {COMPARE_TARGETS} targets: about {args.rounds * per_round / 60:.1f} min",
+            file=sys.stderr,
+        )
         for r in range(args.rounds):
             print(f"round {r + 1} of {args.rounds}", file=sys.stderr)
             order = sides if r % 2 == 0 else sides[::-1]
