@@ -4,6 +4,7 @@
                                             [--only upstream,floors,sqlite,redis] [--profile]
                                             [--tenants config|store]
     .venv/bin/python bench/run.py --soak 300 [--store sqlite|redis] [--soak-callbacks] [--tenants config|store]
+    .venv/bin/python bench/run.py --compare REV [--rounds N] [--store sqlite|redis] [--relays N]
 
 Starts the upstream simulator in a fast mode (tasks take a day to finish, so no lifecycle
 step and no callback happens during a run), then, one at a time, each target:
@@ -142,9 +143,16 @@ class Server:
     """A server under test: its own process group, output to a log file."""
 
     def __init__(
-        self, name: str, args: list[str], workdir: Path, port: int, ready_path: str, env: dict[str, str] | None = None
+        self,
+        name: str,
+        args: list[str],
+        workdir: Path,
+        port: int,
+        ready_path: str,
+        env: dict[str, str] | None = None,
+        cwd: Path = ROOT,
     ):
-        self.name, self.args, self.port, self.ready_path = name, args, port, ready_path
+        self.name, self.args, self.port, self.ready_path, self.cwd = name, args, port, ready_path, cwd
         self.url = f"http://127.0.0.1:{port}"
         self.log = workdir / f"{name}.log"
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -158,7 +166,7 @@ class Server:
     def start(self, timeout: float = 30.0) -> Server:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                self.args, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT, start_new_session=True
+                self.args, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd, start_new_session=True
             )
         deadline = time.monotonic() + timeout
         while True:
@@ -301,13 +309,14 @@ def measure(
     connections: int | None = None,
     warmup: int = 0,
     task_id: str = "",
-    upstream_pid: int | None = None,
+    upstream_pid: int | list[int] | None = None,
 ) -> Row:
     conns = connections or load.connections
+    upstream_pids = [upstream_pid] if isinstance(upstream_pid, int) else upstream_pid or []
     if warmup:
         finish_load(start_load(load, url, mode, key, warmup, conns, task_id))
     cpu0 = cpu_seconds(server_pid)
-    up0 = cpu_seconds(upstream_pid) if upstream_pid else 0.0
+    up0 = sum(cpu_seconds(p) for p in upstream_pids)
     gen0 = _children_cpu()
     busy0, total0 = machine_ticks()
     wall0 = time.monotonic()
@@ -316,7 +325,7 @@ def measure(
     busy1, total1 = machine_ticks()
     gen = _children_cpu() - gen0  # the load generator is the only child reaped meanwhile
     cpu = cpu_seconds(server_pid) - cpu0
-    up = cpu_seconds(upstream_pid) - up0 if upstream_pid else 0.0
+    up = sum(cpu_seconds(p) for p in upstream_pids) - up0
     n = result["requests"]
     errors = sum(v for k, v in result.items() if k.startswith("errors_"))
     per = (lambda seconds: seconds / n * 1e6) if n else (lambda seconds: None)
@@ -327,7 +336,7 @@ def measure(
         p50_ms=result["p50_us"] / 1000,
         p99_ms=result["p99_us"] / 1000,
         cpu_us=per(cpu),
-        upstream_cpu_us=per(up) if upstream_pid else None,
+        upstream_cpu_us=per(up) if upstream_pids else None,
         loadgen_cpu_us=per(gen),
         busy=(busy1 - busy0) / (total1 - total0) if total1 > total0 else None,
         others=max(0.0, ((busy1 - busy0) / CLK_TCK - cpu - up - gen) / wall),
@@ -364,17 +373,41 @@ public_url = "{public_url}"
 max_body_bytes = 65536
 log_level = "info"
 
+{relays}
+[store]
+url = "{store}"
+{bench_tenant}{idle_tenants}"""
+
+# One relay: the single [upstream] table, in keys every version since 5f3e610 reads (so
+# `--compare` can run them; no artifact is downloaded during a run).
+UPSTREAM_TABLE = """
 [upstream]
-base_url = "{upstream}"
+base_url = "{base_url}"
 api_keys = ["{upstream_key}"]
 timeout_seconds = 30
 poll_interval_seconds = 3600
 task_timeout_seconds = 86400
-artifact_hosts = ["127.0.0.1"]
+"""
 
-[store]
-url = "{store}"
-{bench_tenant}{idle_tenants}"""
+# Several relays (`--relays N`): contract §14's [[relays]] blocks, one per simulator, all at
+# one priority and weight (new tasks spread over them), and [routing]. A gateway without
+# §14 refuses this config at start; `start_gateway` says so plainly.
+RELAY_BLOCK = """
+[[relays]]
+id = "{id}"
+base_url = "{base_url}"
+api_keys = ["{upstream_key}"]
+priority = 0
+weight = 1
+timeout_seconds = 30
+poll_interval_seconds = 3600
+task_timeout_seconds = 86400
+artifact_hosts = ["127.0.0.1"]
+"""
+ROUTING = """
+[routing]
+max_attempts = 2
+"""
 
 # The bench tenant's limits and policy, the same whether it is in the config file or created
 # through the admin API (`--tenants store`).
@@ -410,11 +443,21 @@ keys = ["{key_hash}"]
 
 
 def gateway_server(
-    name: str, workdir: Path, upstream: str, store: str, key: str, tenants: str, callbacks: bool = True
+    name: str,
+    workdir: Path,
+    upstreams: list[str],
+    store: str,
+    key: str,
+    tenants: str,
+    callbacks: bool = True,
+    tree: Path = ROOT,
 ) -> Server:
     """A gateway whose bench tenant has `key` in its [[tenants]] entry (`tenants` "config"), or
     with no bench tenant and `key` as its admin key (`tenants` "store": `tenant_key` then
-    creates the tenant and mints its key through the admin API)."""
+    creates the tenant and mints its key through the admin API). One relay per URL in
+    `upstreams`. `tree` is the checkout whose `gateway` package runs (`--compare` runs an
+    older one): the server starts in it with it first on PYTHONPATH, and prints the path of
+    the package it imported as its log's first line (`gateway_path`)."""
     port = free_port()
     if tenants == "config":
         bench_tenant = CONFIG_TENANT.format(
@@ -433,22 +476,74 @@ def gateway_server(
     config.write_text(
         GATEWAY_CONFIG.format(
             public_url=f"http://127.0.0.1:{port}" if callbacks else "",
-            upstream=upstream,
-            upstream_key=UPSTREAM_KEY,
+            relays=relays_config(upstreams),
             store=store,
             bench_tenant=bench_tenant,
             idle_tenants=idle,
         )
     )
     return Server(
-        name, [PY, "-m", "gateway", "serve", "--config", str(config), "--port", str(port)], workdir, port, "/readyz"
+        name,
+        [PY, "-c", SERVE_AND_SAY_WHERE, "serve", "--config", str(config), "--port", str(port)],
+        workdir,
+        port,
+        "/readyz",
+        env=code_env(tree),
+        cwd=tree,
     )
 
 
-def simulator(workdir: Path, seconds_to_finish: float) -> Server:
+# `python -m gateway serve`, after one line naming the gateway package this process imported
+SERVE_AND_SAY_WHERE = (
+    "import sys, gateway; print('BENCH_GATEWAY_PATH', gateway.__file__, flush=True); "
+    "from gateway.cli import main; sys.exit(main())"
+)
+
+
+def code_env(tree: Path) -> dict[str, str]:
+    """The environment that makes a Python process import `gateway` from `tree`: first on
+    PYTHONPATH, ahead of the virtualenv's editable install of the working tree."""
+    rest = os.environ.get("PYTHONPATH", "")
+    return {"PYTHONPATH": str(tree) + (os.pathsep + rest if rest else "")}
+
+
+def gateway_path(gw: Server) -> str:
+    """The gateway package the running server imported (its log's BENCH_GATEWAY_PATH line)."""
+    for line in gw.log.read_text(errors="replace").splitlines():
+        if line.startswith("BENCH_GATEWAY_PATH "):
+            return line.split(" ", 1)[1].strip()
+    raise RuntimeError(f"{gw.name} did not say which gateway package it runs:\n{gw.log_tail()}")
+
+
+def relays_config(upstreams: list[str]) -> str:
+    """The config's relay part: the single [upstream] table for one relay, contract §14's
+    [[relays]] and [routing] for more."""
+    if len(upstreams) == 1:
+        return UPSTREAM_TABLE.format(base_url=upstreams[0], upstream_key=UPSTREAM_KEY)
+    blocks = "".join(
+        RELAY_BLOCK.format(id=f"bench-{chr(ord('a') + i)}", base_url=url, upstream_key=UPSTREAM_KEY)
+        for i, url in enumerate(upstreams)
+    )
+    return blocks + ROUTING
+
+
+def start_gateway(gw: Server, relays: int) -> None:
+    """Start a gateway; with several relays, a refusal of [[relays]] gets a plain message."""
+    try:
+        gw.start()
+    except RuntimeError as exc:
+        if relays > 1 and "relays" in str(exc):
+            raise RuntimeError(
+                f"this gateway refused the [[relays]] config of --relays {relays} (contract §14: it needs the "
+                f"several-relays support); run with --relays 1. Its words:\n{str(exc)[-600:]}"
+            ) from None
+        raise
+
+
+def simulator(workdir: Path, seconds_to_finish: float, name: str = "simulator") -> Server:
     port = free_port()
     return Server(
-        "simulator",
+        name,
         [
             PY,
             "-m",
@@ -509,6 +604,16 @@ def tenants_text(tenants: str) -> str:
 def reset_simulator(sim: Server) -> None:
     """Forget earlier targets' tasks, so each target meets the same upstream."""
     http_request(sim.url + "/_sim/reset", "POST", timeout=60)
+
+
+def simulators(workdir: Path, seconds_to_finish: float, relays: int) -> list[Server]:
+    """One simulator per relay; the first is also "upstream alone"."""
+    return [simulator(workdir, seconds_to_finish, "simulator" + (f"-{i + 1}" if i else "")) for i in range(relays)]
+
+
+def reset_simulators(sims: list[Server]) -> None:
+    for sim in sims:
+        reset_simulator(sim)
 
 
 def create_one(gw_url: str, key: str) -> str:
@@ -616,17 +721,18 @@ def run_gateway(
     lat_rows: list[Row],
     label: str,
     workdir: Path,
-    sim: Server,
+    sims: list[Server],
     store: str,
     warmup: int,
     profile: bool,
     tenants: str,
 ) -> None:
     key = "sk-gw-bench-" + secrets.token_urlsafe(24)
-    gw = gateway_server(f"gateway-{label.lower()}", workdir, sim.url, store, key, tenants)
+    gw = gateway_server(f"gateway-{label.lower()}", workdir, [s.url for s in sims], store, key, tenants)
     names = (f"gateway {label}: create", f"gateway {label}: poll", f"gateway {label}: create, 1 conn")
+    sim_pids = [s.pid for s in sims]
     try:
-        gw.start()
+        start_gateway(gw, len(sims))
         key = tenant_key(gw, tenants, key)
         task_id = create_one(gw.url, key)
     except (RuntimeError, OSError, KeyError, ValueError) as exc:
@@ -637,10 +743,10 @@ def run_gateway(
         gw.stop()
         return
     try:
-        reset_simulator(sim)
+        reset_simulators(sims)
         spy = _start_profile(gw, load, workdir, label) if profile else None
         rows.append(
-            measure(load, names[0], gw.pid, gw.url + "/runway/tasks", "post", key, warmup=warmup, upstream_pid=sim.pid)
+            measure(load, names[0], gw.pid, gw.url + "/runway/tasks", "post", key, warmup=warmup, upstream_pid=sim_pids)
         )
         if spy is not None:
             _finish_profile(spy, workdir, label)
@@ -653,10 +759,10 @@ def run_gateway(
                 "get",
                 key,
                 warmup=warmup,
-                upstream_pid=sim.pid,
+                upstream_pid=sim_pids,
             )
         )
-        reset_simulator(sim)
+        reset_simulators(sims)
         lat_rows.append(
             measure(
                 load,
@@ -667,7 +773,7 @@ def run_gateway(
                 key,
                 connections=1,
                 warmup=warmup,
-                upstream_pid=sim.pid,
+                upstream_pid=sim_pids,
             )
         )
         errors = [line for line in gw.log_tail(20000).splitlines() if '"level":"error"' in line]
@@ -675,6 +781,9 @@ def run_gateway(
             print(f"  gateway {label} logged errors, e.g. {errors[-1][:300]}", file=sys.stderr)
     finally:
         gw.stop()
+
+
+PROFILE_RATE = 500  # py-spy samples per second (nonblocking: the server is never paused)
 
 
 def _start_profile(gw: Server, load: Load, workdir: Path, label: str) -> subprocess.Popen[bytes] | None:
@@ -692,7 +801,7 @@ def _start_profile(gw: Server, load: Load, workdir: Path, label: str) -> subproc
             "--duration",
             str(load.duration + 1),
             "--rate",
-            "200",
+            str(PROFILE_RATE),
             "--format",
             "raw",
             "--nonblocking",
@@ -730,13 +839,13 @@ def _find(rows: list[Row], name: str) -> Row | None:
     return next((r for r in rows if r.target == name and r.rps), None)
 
 
-GOALS = (  # (what, kind, numerator row, denominator row or None, target)
-    ("SQLite creates / aiohttp floor", "ratio", "gateway SQLite: create", "floor: Starlette + aiohttp", 0.5),
-    ("SQLite polls / upstream alone", "ratio", "gateway SQLite: poll", "upstream alone", 0.4),
-    ("SQLite p50 added at 1 connection", "added", "gateway SQLite: create, 1 conn", "upstream alone, 1 conn", 1.0),
-    ("Redis creates / SQLite creates", "ratio", "gateway Redis: create", "gateway SQLite: create", 0.8),
-    ("Redis polls / SQLite polls", "ratio", "gateway Redis: poll", "gateway SQLite: poll", 0.8),
-    ("Redis p50 added at 1 connection", "added", "gateway Redis: create, 1 conn", "upstream alone, 1 conn", 1.0),
+GOALS = (  # (what, kind, numerator row, denominator row or None, target): issue 23's
+    ("SQLite creates / aiohttp floor", "ratio", "gateway SQLite: create", "floor: Starlette + aiohttp", 0.6),
+    ("SQLite polls / upstream alone", "ratio", "gateway SQLite: poll", "upstream alone", 0.5),
+    ("SQLite p50 added at 1 connection", "added", "gateway SQLite: create, 1 conn", "upstream alone, 1 conn", 0.6),
+    ("Redis creates / SQLite creates", "ratio", "gateway Redis: create", "gateway SQLite: create", 0.9),
+    ("Redis polls / SQLite polls", "ratio", "gateway Redis: poll", "gateway SQLite: poll", 0.9),
+    ("Redis p50 added at 1 connection", "added", "gateway Redis: create, 1 conn", "upstream alone, 1 conn", 0.6),
 )
 
 
@@ -752,11 +861,11 @@ def goal_value(rows: list[Row], kind: str, num: str, den: str) -> tuple[float, s
 
 
 def _target(kind: str, goal: float) -> str:
-    return f">= {goal:g}x" if kind == "ratio" else f"< {goal:g} ms"
+    return f">= {goal:g}x" if kind == "ratio" else f"<= {goal:g} ms"
 
 
 def _met(kind: str, value: float, goal: float) -> str:
-    return "yes" if (value >= goal if kind == "ratio" else value < goal) else "**no**"
+    return "yes" if (value >= goal if kind == "ratio" else value <= goal) else "**no**"
 
 
 def ratios(rows: list[Row]) -> list[tuple[str, str, str, str]]:
@@ -903,12 +1012,13 @@ def bench(args: argparse.Namespace, load: Load, command: str) -> int:
     warmup = 0 if args.quick else args.warmup
     workdir = Path(tempfile.mkdtemp(prefix="runway-bench-"))
     results: list[tuple[list[Row], list[Row]]] = []  # (rows, 1-connection rows) per round
-    sim = simulator(workdir, FAST_SECONDS_TO_FINISH)
-    servers: list[Server] = [sim]
+    sims = simulators(workdir, FAST_SECONDS_TO_FINISH, args.relays)
+    servers: list[Server] = [*sims]
     redis = BenchRedis(args.redis_url, workdir)
     ok = False
     try:
-        sim.start()
+        for sim in sims:
+            sim.start()
         if "redis" in groups:
             redis.start()
         for round_ in range(args.rounds):
@@ -917,7 +1027,7 @@ def bench(args: argparse.Namespace, load: Load, command: str) -> int:
             rows: list[Row] = []
             lat_rows: list[Row] = []
             results.append((rows, lat_rows))
-            bench_round(args, load, groups, workdir, sim, servers, rows, lat_rows, warmup, redis)
+            bench_round(args, load, groups, workdir, sims, servers, rows, lat_rows, warmup, redis)
         ok = True
     finally:
         for s in servers:
@@ -955,7 +1065,7 @@ def bench_round(
     load: Load,
     groups: set[str],
     workdir: Path,
-    sim: Server,
+    sims: list[Server],
     servers: list[Server],
     rows: list[Row],
     lat_rows: list[Row],
@@ -963,6 +1073,7 @@ def bench_round(
     redis: BenchRedis,
 ) -> None:
     """One round: every selected target once, in the order of the table."""
+    sim = sims[0]
     if "upstream" in groups:
         rows.append(
             measure(load, "upstream alone", sim.pid, sim.url + "/runway/tasks", "post", UPSTREAM_KEY, warmup=warmup)
@@ -1026,7 +1137,7 @@ def bench_round(
                 floor.stop()
     if "sqlite" in groups:
         store = f"sqlite:///{workdir / 'gateway.db'}"
-        run_gateway(load, rows, lat_rows, "SQLite", workdir, sim, store, warmup, args.profile, args.tenants)
+        run_gateway(load, rows, lat_rows, "SQLite", workdir, sims, store, warmup, args.profile, args.tenants)
     if "redis" in groups:
         if redis.problem:
             note = f"pending: Redis {redis.url or '(private redis-server)'} not usable ({redis.problem[:80]})"
@@ -1039,7 +1150,7 @@ def bench_round(
         else:
             store, prefix = redis.store_url()
             try:
-                run_gateway(load, rows, lat_rows, "Redis", workdir, sim, store, warmup, args.profile, args.tenants)
+                run_gateway(load, rows, lat_rows, "Redis", workdir, sims, store, warmup, args.profile, args.tenants)
             finally:
                 redis.forget(prefix)
 
@@ -1049,7 +1160,7 @@ def soak(args: argparse.Namespace, load: Load, command: str) -> int:
     `--soak` seconds, sampling the gateway's RSS; reports start (after a warm-up), end, peak."""
     started = dt.datetime.now(dt.UTC)
     workdir = Path(tempfile.mkdtemp(prefix="runway-soak-"))
-    sim = simulator(workdir, SOAK_SECONDS_TO_FINISH)
+    sims = simulators(workdir, SOAK_SECONDS_TO_FINISH, args.relays)
     key = "sk-gw-bench-" + secrets.token_urlsafe(24)
     redis = BenchRedis(args.redis_url, workdir)
     prefix = ""
@@ -1062,15 +1173,16 @@ def soak(args: argparse.Namespace, load: Load, command: str) -> int:
         store, prefix = redis.store_url()
     else:
         store = f"sqlite:///{workdir / 'gateway.db'}"
-    gw = gateway_server("gateway-soak", workdir, sim.url, store, key, args.tenants)
+    gw = gateway_server("gateway-soak", workdir, [s.url for s in sims], store, key, args.tenants)
     ok = False
     try:
-        sim.start()
-        if not args.soak_callbacks:
-            http_request(
-                sim.url + "/_sim/control", "POST", b'{"drop_callbacks": true}', {"Content-Type": "application/json"}
-            )
-        gw.start()
+        for sim in sims:
+            sim.start()
+            if not args.soak_callbacks:
+                http_request(
+                    sim.url + "/_sim/control", "POST", b'{"drop_callbacks": true}', {"Content-Type": "application/json"}
+                )
+        start_gateway(gw, args.relays)
         key = tenant_key(gw, args.tenants, key)
         task_id = create_one(gw.url, key)
         warm = 0 if args.quick else args.soak_warmup
@@ -1088,7 +1200,8 @@ def soak(args: argparse.Namespace, load: Load, command: str) -> int:
         ok = True
     finally:
         gw.stop()
-        sim.stop()
+        for sim in sims:
+            sim.stop()
         if prefix:
             redis.forget(prefix)
         redis.stop()
@@ -1140,6 +1253,320 @@ def soak(args: argparse.Namespace, load: Load, command: str) -> int:
     return 0
 
 
+# --- --compare REV: an older commit and the working tree, interleaved in one run ------
+
+
+@dataclass
+class Side:
+    """One side of a `--compare` run: a checkout, its gateway server and what it measured."""
+
+    label: str  # "old 5f3e610" or "new (working tree)"
+    tree: Path
+    gw: Server | None = None
+    key: str = ""
+    task_id: str = ""
+    package: str = ""  # the gateway package the server imported
+    relays: int = 1  # relays it runs with (an old commit without [[relays]] gets one)
+
+
+COMPARE_TARGETS = 9  # per round: floor, relay alone, relay alone at 1 connection, 3 rows per side
+COMPARE_MEASURES = (  # (label, unit, what; None = the side's own row value)
+    ("creates / aiohttp floor", "x", "create_ratio"),
+    ("polls / relay alone", "x", "poll_ratio"),
+    ("p50 added at 1 connection", " ms", "added_ms"),
+    ("server CPU µs per create", " µs", "create_cpu"),
+    ("server CPU µs per poll", " µs", "poll_cpu"),
+)
+
+
+def compare(args: argparse.Namespace, load: Load, command: str) -> int:
+    """`--compare REV`: REV checked out in a scratch git worktree and the working tree, each
+    its own gateway (same interpreter and dependencies, its own `gateway` package), measured
+    in the same run against the same simulator and floor, side by side in each round (the
+    side that goes first alternates), so the machine's drift hits both alike."""
+    started = dt.datetime.now(dt.UTC)
+    rev = args.compare
+    found = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--verify", "--short", f"{rev}^{{commit}}"],
+        capture_output=True,
+        text=True,
+    )
+    if found.returncode:
+        print(f"--compare: {rev!r} is not a commit of {ROOT}: {found.stderr.strip()}", file=sys.stderr)
+        return 2
+    short = found.stdout.strip()
+    workdir = Path(tempfile.mkdtemp(prefix="runway-compare-"))
+    old_tree = workdir / f"rev-{short}"
+    subprocess.run(
+        ["git", "-C", str(ROOT), "worktree", "add", "--detach", "--quiet", str(old_tree), short],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    sides = [Side(f"old {short}", old_tree), Side("new (working tree)", ROOT)]
+    sims = simulators(workdir, FAST_SECONDS_TO_FINISH, args.relays)
+    servers: list[Server] = [*sims]
+    redis = BenchRedis(args.redis_url, workdir)
+    warmup = 0 if args.quick else args.warmup
+    rounds: list[dict[str, Row]] = []
+    problem = ""
+    stores: list[str] = []  # Redis key prefixes to forget
+    ok = False
+    try:
+        for sim in sims:
+            sim.start()
+        if args.store == "redis":
+            problem = redis.start()
+            if problem:
+                raise RuntimeError(f"Redis not usable: {problem}")
+        for i, side in enumerate(sides):
+            if args.store == "redis":
+                store, prefix = redis.store_url()
+                stores.append(prefix)
+            else:
+                store = f"sqlite:///{workdir / f'gateway-{i}.db'}"
+            key = "sk-gw-bench-" + secrets.token_urlsafe(24)
+            side.gw = gateway_server(
+                f"gateway-{i}", workdir, [s.url for s in sims], store, key, args.tenants, tree=side.tree
+            )
+            servers.append(side.gw)
+            side.relays = args.relays
+            try:
+                start_gateway(side.gw, args.relays)
+            except RuntimeError as exc:
+                if i or "refused the [[relays]] config" not in str(exc):
+                    raise
+                # an old commit from before contract §14: one relay for it, said in the header
+                print(f"{side.label}: refuses [[relays]]; measured with one relay", file=sys.stderr)
+                side.gw.log.rename(side.gw.log.with_suffix(".refused.log"))
+                side.gw = gateway_server(
+                    f"gateway-{i}", workdir, [sims[0].url], store, key, args.tenants, tree=side.tree
+                )
+                servers.append(side.gw)
+                side.relays = 1
+                start_gateway(side.gw, 1)
+            side.package = gateway_path(side.gw)
+            if not Path(side.package).resolve().is_relative_to(side.tree.resolve()):
+                raise RuntimeError(f"{side.label}: the server imported {side.package}, not the code in {side.tree}")
+            print(f"{side.label}: gateway package {side.package} (pid {side.gw.pid})", file=sys.stderr)
+            side.key = tenant_key(side.gw, args.tenants, key)
+            side.task_id = create_one(side.gw.url, side.key)
+        floor = floor_server(workdir, sims[0])
+        servers.append(floor)
+        floor.start()
+        sim_pids = [s.pid for s in sims]
+        per_round = COMPARE_TARGETS * (load.duration + warmup + 1)
+        print(
+            f"{args.rounds} round(s) of {COMPARE_TARGETS} targets: about {args.rounds * per_round / 60:.1f} min",
+            file=sys.stderr,
+        )
+        for r in range(args.rounds):
+            print(f"round {r + 1} of {args.rounds}", file=sys.stderr)
+            order = sides if r % 2 == 0 else sides[::-1]
+            rows: dict[str, Row] = {}
+            rounds.append(rows)
+            sim = sims[0]
+            reset_simulators(sims)
+            rows["floor"] = measure(
+                load,
+                "floor: Starlette + aiohttp",
+                floor.pid,
+                floor.url + "/runway/tasks",
+                "post",
+                UPSTREAM_KEY,
+                warmup=warmup,
+                upstream_pid=sims[0].pid,
+            )
+            reset_simulators(sims)
+            rows["relay"] = measure(
+                load, "relay alone", sim.pid, sim.url + "/runway/tasks", "post", UPSTREAM_KEY, warmup=warmup
+            )
+            for side in order:
+                assert side.gw is not None
+                reset_simulators(sims)
+                tag = "compare-" + side.label.split()[0]  # profile-compare-old.txt, -new.txt
+                spy = _start_profile(side.gw, load, workdir, tag) if args.profile and r == 0 else None
+                rows[side.label + " create"] = measure(
+                    load,
+                    f"{side.label}: create",
+                    side.gw.pid,
+                    side.gw.url + "/runway/tasks",
+                    "post",
+                    side.key,
+                    warmup=warmup,
+                    upstream_pid=sim_pids,
+                )
+                if spy is not None:
+                    _finish_profile(spy, workdir, tag)
+            for side in order:
+                assert side.gw is not None
+                rows[side.label + " poll"] = measure(
+                    load,
+                    f"{side.label}: poll",
+                    side.gw.pid,
+                    f"{side.gw.url}/runway/tasks/{side.task_id}",
+                    "get",
+                    side.key,
+                    warmup=warmup,
+                    upstream_pid=sim_pids,
+                )
+            reset_simulators(sims)
+            rows["relay 1"] = measure(
+                load,
+                "relay alone, 1 conn",
+                sim.pid,
+                sim.url + "/runway/tasks",
+                "post",
+                UPSTREAM_KEY,
+                connections=1,
+                warmup=warmup,
+            )
+            for side in order:
+                assert side.gw is not None
+                reset_simulators(sims)
+                rows[side.label + " create 1"] = measure(
+                    load,
+                    f"{side.label}: create, 1 conn",
+                    side.gw.pid,
+                    side.gw.url + "/runway/tasks",
+                    "post",
+                    side.key,
+                    connections=1,
+                    warmup=warmup,
+                    upstream_pid=sim_pids,
+                )
+        ok = True
+    except RuntimeError as exc:  # a server that would not start or answer: say so, no traceback
+        problem = str(exc)
+    finally:
+        for server in servers:
+            server.stop()
+        for prefix in stores:
+            redis.forget(prefix)
+        redis.stop()
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old_tree)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        if ok and not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            print(f"logs and configs kept in {workdir}", file=sys.stderr)
+    if problem:
+        print(f"--compare: {problem}", file=sys.stderr)
+        return 2
+    table = render_compare(sides, rounds, load, command, started, warmup, args)
+    print(table, flush=True)
+    if not args.no_save:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "compare.md").write_text(table)
+    return 0
+
+
+def floor_server(workdir: Path, sim: Server) -> Server:
+    port = free_port()
+    args = [PY, str(BENCH / "floor_aiohttp.py"), "--port", str(port), "--upstream", sim.url, "--api-key", UPSTREAM_KEY]
+    return Server("floor_aiohttp", args, workdir, port, "/healthz")
+
+
+def compare_values(side: Side, rows: dict[str, Row]) -> dict[str, float | None]:
+    """One side's figures in one round (None when a row did not run)."""
+    create, poll = rows.get(side.label + " create"), rows.get(side.label + " poll")
+    single, floor = rows.get(side.label + " create 1"), rows.get("floor")
+    relay, relay1 = rows.get("relay"), rows.get("relay 1")
+
+    def ratio(a: Row | None, b: Row | None) -> float | None:
+        return a.rps / b.rps if a and b and a.rps and b.rps else None
+
+    return {
+        "create_ratio": ratio(create, floor),
+        "poll_ratio": ratio(poll, relay),
+        "added_ms": (single.p50_ms or 0) - (relay1.p50_ms or 0) if single and relay1 and single.rps else None,
+        "create_cpu": create.cpu_us if create else None,
+        "poll_cpu": poll.cpu_us if poll else None,
+        "create_rps": create.rps if create else None,
+        "poll_rps": poll.rps if poll else None,
+    }
+
+
+def render_compare(
+    sides: list[Side],
+    rounds: list[dict[str, Row]],
+    load: Load,
+    command: str,
+    started: dt.datetime,
+    warmup: int,
+    args: argparse.Namespace,
+) -> str:
+    """Each round's rows of both sides, then each measure per side and round with medians,
+    and new against old within each round (creates, polls)."""
+    old, new = sides
+    lines = [
+        f"Command: `{command}`  ",
+        f"Date: {started.strftime('%Y-%m-%d %H:%M UTC')}  ",
+        f"Machine: {machine()}  ",
+        f"Sides: {old.label} ({old.package}) and {new.label} ({new.package}); the first side alternates by round  ",
+        f"Servers: {stack()}; store {args.store}; relays: {old.relays} ({old.label}), {new.relays} ({new.label}); "
+        f"{tenants_text(args.tenants)}  ",
+        f"Load: {generator_text(load)} (+{warmup} s warm-up), {load.connections} connections unless the row says 1",
+        "",
+    ]
+    for i, rows in enumerate(rounds):
+        lines += [
+            f"Round {i + 1}:",
+            "",
+            "| target | conns | req/s | p50 ms | p99 ms | server CPU µs/req | upstream CPU µs/req | other load (cores) "
+            "| errors |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in rows.values():
+            upstream_cpu = "—" if r.upstream_cpu_us is None else f"{r.upstream_cpu_us:,.0f}"
+            lines.append(
+                f"| {r.target} | {r.connections} | {_fmt(r.rps, ',.0f')} | {_fmt(r.p50_ms, '.2f')} | "
+                f"{_fmt(r.p99_ms, '.2f')} | {_fmt(r.cpu_us, ',.0f')} | {upstream_cpu} | {_fmt(r.others, '.2f')} "
+                f"| {r.errors} |"
+            )
+        lines.append("")
+    n = len(rounds)
+    per_side = [[compare_values(side, rows) for rows in rounds] for side in sides]
+    lines += [
+        "| measure | "
+        + " | ".join(f"{side.label} r{i + 1}" for i in range(n) for side in sides)
+        + f" | {old.label} median | {new.label} median |",
+        "|---|" + "---:|" * (2 * n + 2),
+    ]
+    for what, unit, field in COMPARE_MEASURES:
+        cells = [per_side[s][i][field] for i in range(n) for s in range(2)]
+        medians = [_median([v[field] for v in per_side[s]]) for s in range(2)]
+        lines.append(f"| {what} | " + " | ".join(_unit(v, unit) for v in [*cells, *medians]) + " |")
+    lines += ["", "| new / old, within each round | " + " | ".join(f"r{i + 1}" for i in range(n)) + " | median |"]
+    lines.append("|---|" + "---:|" * (n + 1))
+    for what, field in (
+        ("creates req/s", "create_rps"),
+        ("polls req/s", "poll_rps"),
+        ("CPU per create", "create_cpu"),
+        ("CPU per poll", "poll_cpu"),
+    ):
+        values = [_ratio(per_side[1][i][field], per_side[0][i][field]) for i in range(n)]
+        lines.append(f"| {what} | " + " | ".join(_unit(v, "x") for v in values) + f" | {_unit(_median(values), 'x')} |")
+    return "\n".join(lines) + "\n"
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _median(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
+def _unit(v: float | None, unit: str) -> str:
+    if v is None:
+        return "pending"
+    return f"{v:,.0f}{unit}" if unit == " µs" else f"{v:.2f}{unit}"
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog=".venv/bin/python -m bench",
@@ -1180,7 +1607,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=15,
         help="seconds of mixed load before the soak's first RSS sample (default 15)",
     )
-    p.add_argument("--store", choices=("sqlite", "redis"), default="sqlite", help="the soak's store")
+    p.add_argument("--store", choices=("sqlite", "redis"), default="sqlite", help="the soak's and --compare's store")
+    p.add_argument(
+        "--compare",
+        default="",
+        metavar="REV",
+        help="instead of the table: REV (checked out in a scratch git worktree) against the working tree, "
+        "both measured in each round, interleaved; prints both rows and their ratios",
+    )
+    p.add_argument(
+        "--relays",
+        type=int,
+        default=1,
+        help="relays (simulators) each gateway is configured with; 2 or more writes contract §14's [[relays]] "
+        "(a gateway without it refuses to start)",
+    )
     p.add_argument(
         "--soak-callbacks",
         action="store_true",
@@ -1218,8 +1659,13 @@ def main(argv: list[str] | None = None) -> int:
     command = ".venv/bin/python bench/run.py" + (
         "" if argv is None and len(sys.argv) <= 1 else " " + " ".join(argv if argv is not None else sys.argv[1:])
     )
+    if args.relays < 1:
+        print("bench: --relays must be at least 1", file=sys.stderr)
+        return 2
     if args.soak:
         return soak(args, load, command)
+    if args.compare:
+        return compare(args, load, command)
     return bench(args, load, command)
 
 

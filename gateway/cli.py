@@ -228,7 +228,7 @@ def app_from_env():  # type: ignore[no-untyped-def]
     setup_logging(os.environ.get("GATEWAY_LOG_LEVEL", config.server.log_level))
     for warning in config_warnings(config):
         logging.getLogger("gateway.config").warning(warning)
-    return create_app(config, config_path=os.environ["GATEWAY_CONFIG"])
+    return create_app(config, config_path=os.environ["GATEWAY_CONFIG"], tune_gc=True)
 
 
 def _simulate(args: argparse.Namespace) -> int:

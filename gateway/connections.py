@@ -21,6 +21,11 @@ which the middleware turns into the 408.
 
 A deadline is armed only when a request spans more than one read: one that arrives whole
 (nearly every request) costs no timer at all.
+
+uvicorn writes a response's head and its body with two `transport.write` calls: two
+segments and two send syscalls per answer. `HeadHoldingTransport` keeps the head until the
+body's first write (the same loop turn, for every response the gateway builds whole) and
+sends both at once; a head whose body does not follow in that turn goes out at its end.
 """
 
 from __future__ import annotations
@@ -92,7 +97,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     # the connection ----------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        super().connection_made(HeadHoldingTransport(transport, self))  # type: ignore[arg-type]
         self._arm(self.limits.header_timeout, self._headers_late)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -196,6 +201,41 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
 
 BUSY_APP = error_response(BUSY)
+
+
+class HeadHoldingTransport:
+    """The connection's transport for uvicorn, holding each response's head until the next
+    write (its body), so both leave in one write; everything else is the transport's own.
+    A held head is sent at the end of its loop turn at the latest, and before a close."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: GatewayHttpProtocol):
+        self._transport = transport
+        self._protocol = protocol
+        self._held = b""
+        self._cycle: object = None  # the request whose head was held (one per response)
+
+    def write(self, data: bytes) -> None:
+        cycle = self._protocol.cycle
+        if self._held:
+            data, self._held = self._held + data, b""
+        elif cycle is not None and cycle is not self._cycle and cycle.response_started and not cycle.response_complete:
+            self._cycle, self._held = cycle, data  # uvicorn writes the head once the response starts
+            self._protocol.loop.call_soon(self._release)
+            return
+        self._transport.write(data)
+
+    def _release(self) -> None:
+        if self._held:
+            data, self._held = self._held, b""
+            if not self._transport.is_closing():
+                self._transport.write(data)
+
+    def close(self) -> None:
+        self._release()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 def _raw_response(err: GatewayError) -> bytes:

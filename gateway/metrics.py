@@ -12,16 +12,19 @@ The series every request touches (requests, durations, upstream calls, creates, 
 are buffered in plain dicts and pushed into prometheus_client every FLUSH_SECONDS and before
 each scrape, as Envoy flushes its stats: a buffered update is a dict update, where
 prometheus_client takes a lock and, across workers, writes an mmapped file (the costs are in
-docs/benchmarks.md). prometheus_client has no public way to add many observations to a
-histogram at once (its maintainers point to custom collectors, which multiprocess mode does
-not aggregate), so a histogram's buffer keeps the values and the flush replays them through
-`observe()`: outside any request, and bounded by one flush interval's observations.
+docs/benchmarks.md). A histogram's buffer counts per bucket, as `observe()` would, and the
+flush adds each non-empty bucket's count and the sum once: one locked write per cell, not
+two per observation. prometheus_client has no public way to do that (its maintainers point
+to custom collectors, which multiprocess mode does not aggregate), so `_HistogramCells` is
+the one place that reads its histogram internals; should they ever change shape, the
+buffer keeps the values and replays them through `observe()` instead.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from bisect import bisect_left
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -160,7 +163,10 @@ class Metrics:
         self._upstream_keys = upstream_keys
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._counts: dict[tuple[Counter, tuple[str, ...]], float] = {}
-        self._observed: dict[tuple[Histogram, tuple[str, ...]], list[float]] = {}  # the values, in order
+        # per histogram child: its cells and [sum, count in bucket 0, 1, ...], or no cells and
+        # the values in order when its internals are not the expected ones (`_HistogramCells`)
+        self._observed: dict[tuple[Histogram, tuple[str, ...]], tuple[_HistogramCells | None, list[float]]] = {}
+        self._cells: dict[tuple[Histogram, tuple[str, ...]], _HistogramCells | None] = {}
         self._zero_children()
 
     def add_tenants(self, tenant_ids: Iterable[str]) -> None:
@@ -200,11 +206,22 @@ class Metrics:
     def observe(self, histogram: Histogram, labels: tuple[str, ...], value: float) -> None:
         """`histogram.labels(*labels).observe(value)` at the next `flush`."""
         key = (histogram, labels)
-        values = self._observed.get(key)
-        if values is None:
-            self.child(histogram, *labels)  # as in count(): the series exists from its first update on
-            values = self._observed[key] = []
-        values.append(value)
+        entry = self._observed.get(key)
+        if entry is None:
+            entry = self._observed[key] = self._empty_buffer(key)
+        cells, slots = entry
+        if cells is None:
+            slots.append(value)
+        else:
+            slots[0] += value
+            slots[1 + bisect_left(cells.bounds, value)] += 1  # the first bucket whose bound is >= value
+
+    def _empty_buffer(self, key: tuple[Histogram, tuple[str, ...]]) -> tuple[_HistogramCells | None, list[float]]:
+        if key not in self._cells:
+            # as in count(): the series exists from its first update on
+            self._cells[key] = _HistogramCells.of(self.child(key[0], *key[1]))
+        cells = self._cells[key]
+        return cells, [0.0] * (len(cells.bounds) + 1) if cells else []
 
     def flush(self) -> None:
         """Push the buffered updates into prometheus_client (its values, or the worker's file)."""
@@ -212,9 +229,12 @@ class Metrics:
         observed, self._observed = self._observed, {}
         for (counter, labels), amount in counts.items():
             self.child(counter, *labels).inc(amount)
-        for (histogram, labels), values in observed.items():
+        for (histogram, labels), (cells, slots) in observed.items():
+            if cells is not None:
+                cells.add(slots)
+                continue
             observe = self.child(histogram, *labels).observe
-            for value in values:
+            for value in slots:
                 observe(value)
 
     def _zero_children(self) -> None:
@@ -277,6 +297,36 @@ class Metrics:
             return generate_latest(registry)
         finally:
             registry.unregister(gauges)
+
+
+@dataclass(frozen=True)
+class _HistogramCells:
+    """A histogram child's cells as its `observe()` updates them: the sum, and one counter per
+    upper bound (+Inf last; an observation counts in the first bucket whose bound is >= it,
+    the exposition accumulates them). `of` returns None for a prometheus_client whose
+    histograms are not built this way."""
+
+    bounds: Sequence[float]
+    total: Any  # the _sum value (a lock-guarded float, or a cell of the worker's mmapped file)
+    buckets: Sequence[Any]
+
+    @classmethod
+    def of(cls, child: Any) -> _HistogramCells | None:
+        bounds = getattr(child, "_upper_bounds", None)
+        total = getattr(child, "_sum", None)
+        buckets = getattr(child, "_buckets", None)
+        if not isinstance(bounds, list) or not isinstance(buckets, list) or len(bounds) != len(buckets):
+            return None
+        if not all(hasattr(cell, "inc") for cell in [total, *buckets]):
+            return None
+        return cls(tuple(bounds), total, tuple(buckets))
+
+    def add(self, slots: list[float]) -> None:
+        """Add a buffer of [sum, count per bucket]: one write per non-empty cell."""
+        self.total.inc(slots[0])
+        for cell, n in zip(self.buckets, slots[1:], strict=True):
+            if n:
+                cell.inc(n)
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: hashed by identity, as the registry keys collectors

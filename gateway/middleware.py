@@ -10,6 +10,7 @@ middleware turns into the response's headers, the metrics and the access log lin
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import re
 import secrets
 import time
@@ -21,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway.errors import GatewayError, error_response
 from gateway.logs import AccessLog
 from gateway.metrics import Metrics
-from gateway.quotas import rate_headers
+from gateway.quotas import format_duration
 from gateway.store.base import RateInfo
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -78,6 +79,9 @@ class GatewayMiddleware:
             "invalid_request_error",
             headers={"connection": "close"},
         )
+        # new request ids: this process's random prefix and a counter (unique, no syscall)
+        self._id_prefix = f"req_{secrets.token_hex(8)}"
+        self._ids = itertools.count()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -85,7 +89,8 @@ class GatewayMiddleware:
             return
         start = time.perf_counter()
         state: dict[str, Any] = scope.setdefault("state", {})
-        context = state[CONTEXT] = RequestContext(_request_id(scope))
+        request_id, declared_length = _request_id_and_length(scope["headers"])
+        context = state[CONTEXT] = RequestContext(request_id or f"{self._id_prefix}{next(self._ids):016x}")
         status = 500
 
         async def send_wrapper(message: Message) -> None:
@@ -94,12 +99,17 @@ class GatewayMiddleware:
                 status = message["status"]
                 headers = message.setdefault("headers", [])
                 headers.append((b"x-request-id", context.request_id.encode()))
-                for name, value in rate_headers(context.rate).items():
-                    headers.append((name.encode(), value.encode()))
+                rate = context.rate
+                if rate is not None:
+                    headers += (
+                        (b"x-ratelimit-limit-requests", b"%d" % rate.limit),
+                        (b"x-ratelimit-remaining-requests", b"%d" % rate.remaining),
+                        (b"x-ratelimit-reset-requests", format_duration(rate.reset_seconds).encode()),
+                    )
             await send(message)
 
         try:
-            if _declared_length(scope) > self.max_body_bytes:
+            if declared_length > self.max_body_bytes:
                 await error_response(self.too_large)(scope, receive, send_wrapper)
             else:
                 await self.app(scope, self._limited(receive, state), send_wrapper)
@@ -187,21 +197,22 @@ def _trusted(ip: str, trusted_proxies: tuple[Network, ...]) -> bool:
     return any(addr in net for net in trusted_proxies)
 
 
-def _request_id(scope: Scope) -> str:
-    for name, value in scope["headers"]:
-        if name == b"x-request-id":
-            candidate: str = value.decode("latin-1")
-            if SAFE_REQUEST_ID.match(candidate):
-                return candidate
-            break
-    return f"req_{secrets.token_hex(16)}"
-
-
-def _declared_length(scope: Scope) -> int:
-    for name, value in scope["headers"]:
-        if name == b"content-length":
+def _request_id_and_length(headers: list[tuple[bytes, bytes]]) -> tuple[str | None, int]:
+    """The caller's X-Request-ID when it is a safe token (else None: the middleware makes
+    one), and the declared Content-Length (0 when absent or not a number), in one pass."""
+    request_id: str | None = None
+    length = 0
+    seen_id = seen_length = False
+    for name, value in headers:
+        if name == b"content-length" and not seen_length:
+            seen_length = True
             try:
-                return int(value)
+                length = int(value)
             except ValueError:
-                return 0
-    return 0
+                length = 0
+        elif name == b"x-request-id" and not seen_id:
+            seen_id = True
+            candidate = value.decode("latin-1")
+            if SAFE_REQUEST_ID.match(candidate):
+                request_id = candidate
+    return request_id, length

@@ -98,3 +98,56 @@ def test_bench_gateway_rows_run_with_a_store_tenant() -> None:
         assert m is not None, rows[name]
         assert int(m["rps"].replace(",", "")) > 0, rows[name]
         assert rows[name].rstrip(" |").endswith("| 0"), f"errors during {name}: {rows[name]}"
+
+
+@pytest.mark.timeout(120)
+def test_bench_compare_measures_a_commit_beside_the_working_tree() -> None:
+    """`--compare REV`: REV in a scratch worktree and the working tree, each server running
+    its own gateway package (the header names both paths), both sides' rows in the round,
+    the ratios per side and new against old; the scratch worktree is gone afterwards."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    short = head.stdout.strip()
+    proc = run_bench("--compare", "HEAD", "--rounds", "1", timeout=110)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    old = f"old {short}"
+    sides = re.search(r"^Sides: (.+)$", proc.stdout, re.M)
+    assert sides is not None, proc.stdout
+    paths = re.findall(r"\((/[^)]+/gateway/__init__\.py)\)", sides[1])
+    assert len(paths) == 2, sides[1]
+    assert f"/rev-{short}/gateway/__init__.py" in paths[0], paths
+    assert paths[1] == str(ROOT / "gateway" / "__init__.py"), paths
+    rows = table_rows(proc.stdout)
+    for name in (
+        "floor: Starlette + aiohttp",
+        "relay alone",
+        f"{old}: create",
+        "new (working tree): create",
+        f"{old}: poll",
+        "new (working tree): poll",
+        "relay alone, 1 conn",
+        f"{old}: create, 1 conn",
+        "new (working tree): create, 1 conn",
+    ):
+        m = MEASURED.match(rows.get(name, ""))
+        assert m is not None, f"row {name!r} missing from:\n{proc.stdout}"
+        assert int(m["rps"].replace(",", "")) > 0, rows[name]
+        assert rows[name].rstrip(" |").endswith("| 0"), f"errors during {name}: {rows[name]}"
+    for measure in ("creates / aiohttp floor", "polls / relay alone", "p50 added at 1 connection"):
+        assert re.search(rf"^\| {measure} \| [\d.]+x? ?(ms)? \|", proc.stdout, re.M), measure
+    assert re.search(r"^\| creates req/s \| [\d.]+x \| [\d.]+x \|$", proc.stdout, re.M), proc.stdout
+    worktrees = subprocess.run(["git", "worktree", "list"], cwd=ROOT, capture_output=True, text=True).stdout
+    assert f"rev-{short}" not in worktrees, worktrees
+
+
+@pytest.mark.timeout(60)
+def test_bench_says_when_a_gateway_refuses_several_relays() -> None:
+    """`--relays 2` writes contract §14's [[relays]] (two simulators); a gateway without it
+    leaves its rows pending with a plain message, not a traceback; one with it measures."""
+    proc = run_bench("--only", "sqlite", "--relays", "2", timeout=60)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = table_rows(proc.stdout)
+    if "refused the [[relays]] config of --relays 2" in proc.stderr:
+        assert "| gateway SQLite: create | 32 | pending: this gateway refused the [[relays]]" in proc.stdout
+        return
+    m = MEASURED.match(rows.get("gateway SQLite: create", ""))
+    assert m is not None and int(m["rps"].replace(",", "")) > 0, proc.stdout + proc.stderr[-3000:]

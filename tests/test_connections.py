@@ -6,6 +6,7 @@ proves its limit in a few seconds; the defaults (10 s, 30 s, 5 s) differ only in
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import subprocess
@@ -270,3 +271,69 @@ def test_check_config_refuses_unusable_limits(tmp_path: Path) -> None:
         "server.max_connections_per_worker: must be a positive integer",
     ):
         assert expected in problems, (expected, problems)
+
+
+class _Wire:
+    """A transport that records its writes."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def get_extra_info(self, name: str) -> str:
+        return f"info:{name}"
+
+
+class _Cycle:
+    def __init__(self) -> None:
+        self.response_started = False
+        self.response_complete = False
+
+
+class _Protocol:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.cycle: _Cycle | None = None
+
+
+async def test_a_response_head_leaves_with_its_body_in_one_write() -> None:
+    """uvicorn writes a head, then a body: the connection's transport sends them as one
+    write (one segment, one syscall); a head without a body in its turn, or before a
+    close, still leaves; writes outside a response pass straight through."""
+    from gateway.connections import HeadHoldingTransport
+
+    wire, protocol = _Wire(), _Protocol(asyncio.get_running_loop())
+    transport = HeadHoldingTransport(wire, protocol)  # type: ignore[arg-type]
+    transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # no response started: straight through
+    protocol.cycle = first = _Cycle()
+    first.response_started = True
+    transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
+    assert wire.writes == [b"HTTP/1.1 100 Continue\r\n\r\n"]
+    transport.write(b"{}")
+    assert wire.writes[1:] == [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"]
+    first.response_complete = True
+    await asyncio.sleep(0)  # the turn's end: nothing left to send
+    assert len(wire.writes) == 2
+
+    protocol.cycle = second = _Cycle()
+    second.response_started = True
+    transport.write(b"HTTP/1.1 204 No Content\r\n\r\n")  # its body never comes
+    assert len(wire.writes) == 2
+    await asyncio.sleep(0)
+    assert wire.writes[2:] == [b"HTTP/1.1 204 No Content\r\n\r\n"]
+
+    protocol.cycle = third = _Cycle()
+    third.response_started = True
+    transport.write(b"HTTP/1.1 500 Internal Server Error\r\n\r\n")
+    transport.close()  # closed before the turn ends: the head still goes first
+    assert wire.writes[3:] == [b"HTTP/1.1 500 Internal Server Error\r\n\r\n"] and wire.closed
+    assert transport.get_extra_info("peername") == "info:peername"

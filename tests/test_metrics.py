@@ -7,7 +7,7 @@ import asyncio
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from gateway.metrics import Metrics
+from gateway.metrics import Metrics, _HistogramCells
 from gateway.store.base import Usage
 
 OBSERVATIONS = (0.0004, 0.001, 0.0011, 0.02, 0.02, 0.7, 3.0, 9.5, 120.0)
@@ -38,6 +38,32 @@ def test_flushed_updates_equal_direct_prometheus_calls() -> None:
         buffered
     )
     buffered.flush()  # a second flush adds nothing
+    assert exposition(buffered) == exposition(direct)
+
+
+def test_histograms_are_buffered_per_bucket_on_this_prometheus_client() -> None:
+    """The buffer counts per bucket against prometheus_client's own cells: on the pinned
+    version they are found (else every flush would replay each value, the slow path)."""
+    m = Metrics(["acme"], registry=CollectorRegistry())
+    m.observe(m.request_duration, ("/runway/tasks", "POST"), 0.003)
+    m.observe(m.request_duration, ("/runway/tasks", "POST"), 0.004)
+    cells, slots = m._observed[(m.request_duration, ("/runway/tasks", "POST"))]
+    assert cells is not None
+    assert list(cells.bounds[:3]) == [0.001, 0.0025, 0.005]
+    assert slots[0] == 0.007 and slots[3] == 2 and sum(slots[1:]) == 2  # the sum, then both in the 0.005 bucket
+
+
+def test_histograms_without_the_expected_cells_replay_their_values() -> None:
+    """Should prometheus_client's histogram internals change shape, the flush falls back to
+    observe() per value, with the same exposition."""
+    assert _HistogramCells.of(object()) is None
+    buffered = Metrics(["acme"], registry=CollectorRegistry())
+    direct = Metrics(["acme"], registry=CollectorRegistry())
+    buffered._cells[(buffered.upstream_duration, ("create",))] = None  # as `of` answers for unknown internals
+    for seconds in OBSERVATIONS:
+        buffered.observe(buffered.upstream_duration, ("create",), seconds)
+        direct.upstream_duration.labels("create").observe(seconds)
+    buffered.flush()
     assert exposition(buffered) == exposition(direct)
 
 

@@ -4,6 +4,7 @@ the app's lifespan, and every Bearer credential is read by the one parser."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -77,3 +78,34 @@ async def test_admin_and_metrics_read_bearer_like_tenant_keys(app: Starlette) ->
             assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key", header
             refused = await client.get("/admin/tenants/t/usage", headers={"Authorization": header})
             assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key", header
+
+
+def test_the_served_process_settles_its_garbage_collector(tmp_path: Path) -> None:
+    """`serve`'s app (the uvicorn factory) freezes what startup built and collects young
+    objects less often (gateway.app.settle_gc; docs/benchmarks.md); an app built in a test
+    leaves the interpreter's collector alone. Run in a child: it changes the process."""
+    import subprocess
+    import sys
+
+    config = tmp_path / "gw.toml"
+    config.write_text(
+        '[upstream]\nbase_url = "http://127.0.0.1:9"\napi_keys = ["sk-up"]\n'
+        f'[store]\nurl = "sqlite:///{tmp_path / "gw.db"}"\n'
+        f'[[tenants]]\nid = "acme"\nkeys = ["{key_hash("sk-gw-wiring-gc")}"]\n'
+    )
+    probe = (
+        "import asyncio, gc, os\n"
+        "from gateway.app import GC_YOUNG_THRESHOLD, create_app\n"
+        "from gateway.cli import app_from_env\n"
+        "from gateway.config import load_config\n"
+        "async def lifespan(app):\n"
+        "    async with app.router.lifespan_context(app):\n"
+        "        return gc.get_threshold()[0], gc.get_freeze_count()\n"
+        "plain = asyncio.run(lifespan(create_app(load_config(os.environ['GATEWAY_CONFIG']), background=False)))\n"
+        "served = asyncio.run(lifespan(app_from_env()))\n"
+        "print(plain[0] != GC_YOUNG_THRESHOLD and plain[1] == 0, served[0] == GC_YOUNG_THRESHOLD and served[1] > 0)\n"
+    )
+    env = {**os.environ, "GATEWAY_CONFIG": str(config)}
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-2:] == ["True", "True"], proc.stdout + proc.stderr[-2000:]
