@@ -353,9 +353,15 @@ class Config:
 
     @property
     def create_seconds(self) -> float:
-        """The longest a create may wait on relays: the slowest relay's timeout, once per
-        relay it may try (failover). The Idempotency-Key's wait and lease are this long."""
-        return max(r.timeout_seconds for r in self.relay_list) * min(self.routing.max_attempts, len(self.relay_list))
+        """The longest a create may wait on relays: with one relay its timeout; with
+        several, each relay it may try (the `max_attempts` slowest) once per key, since a
+        refused key (401/403) moves the create to that relay's next key. The
+        Idempotency-Key's wait and lease, and the sweep of lost reservations, use this."""
+        relays = self.relay_list
+        if len(relays) == 1:
+            return relays[0].timeout_seconds
+        per_relay = sorted((r.timeout_seconds * len(r.api_keys) for r in relays), reverse=True)
+        return sum(per_relay[: self.routing.max_attempts])
 
     def tenant(self, tenant_id: str) -> Tenant | None:
         for t in self.tenants:
@@ -426,7 +432,25 @@ def config_warnings(config: Config) -> list[str]:
                 f"tenants[{i}].policy.relays: every relay it names is drained (enabled = false): "
                 "every create of this tenant will be refused with 503"
             )
-    return warnings + _placeholder_warnings(config)
+    return warnings + _gateway_wide_warnings(config) + _placeholder_warnings(config)
+
+
+# [[relays]] keys whose first relay's value applies to every task, whichever relay has it
+GATEWAY_WIDE_RELAY_SETTINGS = ("task_timeout_seconds", "unknown_outcome_timeout_seconds", "poll_interval_seconds")
+
+
+def _gateway_wide_warnings(config: Config) -> list[str]:
+    """The task lifecycle's clocks (slot timeout, unknown-outcome settlement, poll pace,
+    callback token lifetime) are the gateway's, taken from the first relay: another
+    relay's own value is accepted but has no effect, which its operator should know."""
+    first = config.relay_list[0]
+    return [
+        f"relays[{i}].{name}: {getattr(relay, name):g} differs from the first relay's ({getattr(first, name):g}), "
+        "which applies to every task: set them equal"
+        for i, relay in enumerate(config.relays)
+        for name in GATEWAY_WIDE_RELAY_SETTINGS
+        if i > 0 and getattr(relay, name) != getattr(first, name)
+    ]
 
 
 PLACEHOLDER_RELAY_KEY = "replace-me"  # config/gateway.example.toml's sk-replace-me

@@ -170,14 +170,19 @@ def client_ip(scope: Scope, trusted_proxies: tuple[Network, ...]) -> str | None:
     ip: str | None = peer[0] if peer else None
     if not ip or not trusted_proxies or not _trusted(ip, trusted_proxies):
         return ip
-    for name, value in scope["headers"]:
-        if name == b"x-forwarded-for":
-            hops: list[str] = [h.strip() for h in value.decode("latin-1").split(",")]
-            for hop in reversed(hops):
-                if not _is_ip(hop):
-                    return ip  # a hop that is no address ("unknown", "host:port"): only the peer is known
-                if not _trusted(hop, trusted_proxies):
-                    return hop
+    # every X-Forwarded-For line, in order, is one list (RFC 9110 5.3): a proxy that adds a
+    # line of its own puts it after the client's, so the walk starts at the last line
+    hops: list[str] = [
+        h.strip()
+        for name, value in scope["headers"]
+        if name == b"x-forwarded-for"
+        for h in value.decode("latin-1").split(",")
+    ]
+    for hop in reversed(hops):
+        if not _is_ip(hop):
+            return ip  # a hop that is no address ("unknown", "host:port"): only the peer is known
+        if not _trusted(hop, trusted_proxies):
+            return hop
     return ip
 
 

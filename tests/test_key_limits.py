@@ -273,6 +273,24 @@ def test_allowed_cidrs_take_the_client_address_after_the_trusted_proxy(gw: Gatew
     )
 
 
+def test_allowed_cidrs_read_every_forwarded_for_line_from_the_proxys_end(gw: GatewayProcess, api: httpx.Client) -> None:
+    """A proxy that adds its own `X-Forwarded-For` line (HAProxy's `option forwardfor`)
+    leaves the client's forged line before it: the hops of all lines, in order, are one
+    list (RFC 9110 5.3), read from the proxy's end, so a forged first line is not believed."""
+    tenant = make_tenant(api)
+    key = mint(api, tenant, allowed_cidrs=["10.20.0.0/16"])
+    ready(gw, key)
+    auth = ("Authorization", f"Bearer {key['secret']}")
+    forged = [auth, ("x-forwarded-for", "10.20.9.9"), ("x-forwarded-for", "192.0.2.7")]
+    resp = httpx.get(gw.url + "/v1/models", headers=forged)
+    assert "not allowed from this network" in error_of(resp, 403, "permission_denied")["message"]
+    create = httpx.post(gw.url + "/runway/tasks", json=gen2_body(), headers=forged)
+    error_of(create, 403, "permission_denied")
+    # the client inside the network, named by the proxy's own (last) line: admitted
+    honest = [auth, ("x-forwarded-for", "192.0.2.7"), ("x-forwarded-for", "10.20.9.9")]
+    assert httpx.get(gw.url + "/v1/models", headers=honest).status_code == 200
+
+
 # --- limits ------------------------------------------------------------------------------
 
 

@@ -9,10 +9,13 @@ the reload that would orphan tasks, and GET /admin/v1/relays.
 
 from __future__ import annotations
 
+import http.server
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -253,6 +256,52 @@ def test_an_unreadable_answer_never_goes_to_another_relay(
     resp = create(g)
     assert resp.status_code == 502, resp.text
     assert len(creates(relays["a"])) == 1 and creates(relays["b"]) == []
+
+
+@contextmanager
+def redirecting_to(target: str) -> Iterator[tuple[str, list[str]]]:
+    """A relay that answers every request 307 to `target` (plus its path): its URL and the
+    paths it received."""
+    seen: list[str] = []
+
+    class Redirect(http.server.BaseHTTPRequestHandler):
+        def _redirect(self) -> None:
+            seen.append(self.path)
+            length = int(self.headers.get("content-length") or 0)
+            self.rfile.read(length)
+            self.send_response(307)
+            self.send_header("location", target + self.path)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        do_POST = do_GET = _redirect
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_redirect_is_not_followed_to_another_host(
+    relays: dict[str, Simulator], gateway: Callable[..., GatewayProcess]
+) -> None:
+    """A relay answering a create with a redirect to another host (here the relay `c`, not
+    configured): the gateway does not send the create there (contract §13: no URL from the
+    upstream is fetched outside the SSRF rules; §14: a create goes to a second place only
+    when the first certainly created nothing); no answer with a task is unreadable."""
+    with redirecting_to(relays["c"].url) as (url, seen):
+        g = gateway([relay_block("a", url, priority=0), relay_block("b", relays["b"].url, priority=1)])
+        resp = create(g)
+        assert seen == ["/runway/tasks"]
+    assert resp.status_code == 502, resp.text
+    assert creates(relays["c"]) == [] and creates(relays["b"]) == []
 
 
 def test_a_2xx_is_the_task_at_the_first_relay(

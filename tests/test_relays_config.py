@@ -203,3 +203,47 @@ def test_check_config_warns_when_no_relay_takes_new_tasks() -> None:
         "tenants[0].policy.relays: every relay it names is drained (enabled = false): "
         "every create of this tenant will be refused with 503"
     ]
+
+
+def test_check_config_warns_when_a_relay_sets_a_gateway_wide_clock_of_its_own() -> None:
+    from gateway.config import config_warnings
+
+    same = parse_config({"relays": [relay("a"), relay("b")]}, environ={})
+    assert config_warnings(same) == []
+    differs = parse_config(
+        {
+            "relays": [
+                relay("a", task_timeout_seconds=600),
+                relay("b", task_timeout_seconds=900, poll_interval_seconds=2),
+            ]
+        },
+        environ={},
+    )
+    assert config_warnings(differs) == [
+        "relays[1].task_timeout_seconds: 900 differs from the first relay's (600), which applies to every task: "
+        "set them equal",
+        "relays[1].poll_interval_seconds: 2 differs from the first relay's (5), which applies to every task: "
+        "set them equal",
+    ]
+
+
+def test_a_create_may_wait_on_every_key_of_each_relay_it_may_try() -> None:
+    """The Idempotency-Key's lease and the sweep of lost reservations wait this long: with
+    several relays a refused key moves the create to the relay's next key (§14), so each
+    relay tried may take one timeout per key."""
+    one = parse_config(
+        {"upstream": {"base_url": "https://r.example", "api_keys": ["k1", "k2"], "timeout_seconds": 7}}, environ={}
+    )
+    assert one.create_seconds == 7  # one relay: its keys take turns, one call per create
+    several = parse_config(
+        {
+            "relays": [
+                relay("a", timeout_seconds=10, api_keys=["k1", "k2", "k3"]),
+                relay("b", timeout_seconds=20),
+                relay("c", timeout_seconds=5, api_keys=["k1", "k2"]),
+            ],
+            "routing": {"max_attempts": 2},
+        },
+        environ={},
+    )
+    assert several.create_seconds == 30 + 20  # the two slowest: a's 3 keys x 10 s, b's 1 x 20 s

@@ -24,7 +24,7 @@ from test_store_contract import (  # noqa: F401 - fixtures, used by name
     task_obj,
 )
 
-from gateway.store.base import Charge, LedgerRow, Store, TaskRecord
+from gateway.store.base import Charge, KeyLimits, LedgerRow, Limits, Store, TaskRecord, Usage
 from gateway.store.rules import day_key, month_key
 
 DAY = day_key(T0)
@@ -162,3 +162,39 @@ async def test_a_redis_record_and_ledger_field_from_before_relays(store: Store, 
         row("", tasks_created=4),
         row("a", tasks_created=1, credits_charged=PRICE),
     ]
+
+
+async def key_admitted(store: Store, relay: str) -> TaskRecord:
+    """A create by an API key with its own limits (contract §15), reserved at `relay`."""
+    rec = reservation()
+    rec.relay, rec.key_id = relay, "key_a"
+    key = KeyLimits("key_a", Limits(max_active_tasks=1, tasks_per_day=5))
+    charge = Charge(PRICE, DAY, month_key(T0))
+    assert (await store.admit_create(TENANT, Limits(max_active_tasks=5), charge, rec, T0, None, key)).ok
+    return rec
+
+
+async def test_a_key_limited_create_failed_over_then_lost_releases_the_key_as_the_tenant(store: Store) -> None:
+    """The three paths merged by hand (failover, key limits, the lost-reservation sweep):
+    a key-limited reservation moved to relay b, marked UNKNOWN by the sweep, then settled
+    as not created, gives back the key's quota with the tenant's and leaves no ledger trace;
+    one moved and left UNKNOWN until its timeout frees the key's slot with the tenant's."""
+    rec = await key_admitted(store, "a")
+    assert await store.assign_relay(rec.rid, "b", 1, T0 + 1)
+    (lost,) = await store.expire_tasks(T0 + 40, 3600, 300, in_flight=35)
+    assert (lost.rid, lost.status, lost.relay, lost.key_limited) == (rec.rid, "UNKNOWN", "b", True)
+    assert not await store.assign_relay(rec.rid, "a", 0, T0 + 41)  # no longer movable
+    assert await store.settle_not_created(rec.rid, T0 + 42)
+    assert await store.usage(TENANT, T0 + 42) == Usage()
+    assert await store.key_usage("key_a", T0 + 42) == Usage()
+    assert await store.ledger(DAY, DAY) == []
+    # the key's one slot is free again: the next create is admitted, moved, lost, timed out
+    kept = await key_admitted(store, "a")
+    assert await store.assign_relay(kept.rid, "b", 0, T0 + 1)
+    await store.expire_tasks(T0 + 40, 3600, 300, in_flight=35)
+    (expired,) = await store.expire_tasks(T0 + 301, 3600, 300, in_flight=35)
+    assert (expired.rid, expired.active) == (kept.rid, False)
+    charged = Usage(0, 1, PRICE, PRICE, 1)  # the charge stands (the relay may bill it)
+    assert await store.usage(TENANT, T0 + 301) == charged
+    assert await store.key_usage("key_a", T0 + 301) == charged
+    assert await store.ledger(DAY, DAY) == [row("b", tasks_created=1, credits_charged=PRICE)]

@@ -336,7 +336,12 @@ class RelayClient:
             headers["content-type"] = "application/json"
         start = time.perf_counter()
         try:
-            async with self._session.request(method, url, data=data, headers=headers, timeout=self._timeout) as resp:
+            # a redirect is the relay's answer, never followed: its Location is a URL from the
+            # upstream (§13: fetched only under the SSRF rules), and a create re-sent there
+            # could be bought somewhere else (§14); not a task, it is an unreadable answer
+            async with self._session.request(
+                method, url, data=data, headers=headers, timeout=self._timeout, allow_redirects=False
+            ) as resp:
                 body = await resp.content.read(MAX_REPLY_BYTES)
                 reply = _Reply(resp.status, body, resp.headers.get("retry-after"))
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
