@@ -59,10 +59,10 @@ def test_histograms_without_the_expected_cells_replay_their_values() -> None:
     assert _HistogramCells.of(object()) is None
     buffered = Metrics(["acme"], registry=CollectorRegistry())
     direct = Metrics(["acme"], registry=CollectorRegistry())
-    buffered._cells[(buffered.upstream_duration, ("create",))] = None  # as `of` answers for unknown internals
+    buffered._cells[(buffered.upstream_duration, ("default", "create"))] = None  # as `of` answers for unknown internals
     for seconds in OBSERVATIONS:
-        buffered.observe(buffered.upstream_duration, ("create",), seconds)
-        direct.upstream_duration.labels("create").observe(seconds)
+        buffered.observe(buffered.upstream_duration, ("default", "create"), seconds)
+        direct.upstream_duration.labels("default", "create").observe(seconds)
     buffered.flush()
     assert exposition(buffered) == exposition(direct)
 
