@@ -5,6 +5,7 @@
                                             [--tenants config|store]
     .venv/bin/python bench/run.py --soak 300 [--store sqlite|redis] [--soak-callbacks] [--tenants config|store]
     .venv/bin/python bench/run.py --compare REV [--rounds N] [--store sqlite|redis] [--relays N]
+    .venv/bin/python bench/run.py --key-limits [--rounds N] [--store sqlite|redis] [--relays N]
 
 Starts the upstream simulator in a fast mode (tasks take a day to finish, so no lifecycle
 step and no callback happens during a run), then, one at a time, each target:
@@ -44,6 +45,11 @@ authentication through the store-backed directory. The header says which.
 
 Callbacks are on (`public_url` set, as in production: each create signs a callback token);
 the background poller never calls the upstream during a run (poll interval 1 h).
+
+`--key-limits` (issue 24): one gateway, its bench tenant in the store, two keys minted
+through the admin API, one with its own limits (`KEY_LIMITS`: all six, generous, never
+refusing) and one without; each round measures creates with both, the order alternating,
+and prints both rows and with / without (req/s and CPU per create).
 """
 
 from __future__ import annotations
@@ -571,7 +577,17 @@ def tenant_key(gw: Server, tenants: str, key: str, timeout: float = 10.0) -> str
     admin = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
     tenant = {"id": "bench", "limits": BENCH_LIMITS, "policy": BENCH_POLICY}
     admin_call(gw.url + "/admin/v1/tenants", tenant, admin, ok=(201, 409))  # 409: an earlier target's store
-    minted = admin_call(gw.url + "/admin/v1/tenants/bench/keys", {"name": "bench-load"}, admin)
+    return mint_key(gw, key, {"name": "bench-load"}, timeout)
+
+
+def mint_key(gw: Server, admin_key: str, body: dict[str, Any], timeout: float = 10.0) -> str:
+    """Mint a key of the bench tenant (`body`: the admin API's, name and perhaps limits),
+    then poll until the gateway accepts it (its directory picks store changes up soon)."""
+    admin = {"Authorization": f"Bearer {admin_key}", "Content-Type": "application/json"}
+    minted = admin_call(gw.url + "/admin/v1/tenants/bench/keys", body, admin)
+    stored = {k: v for k, v in minted.get("limits", {}).items() if v is not None}
+    if stored != body.get("limits", {}):
+        raise RuntimeError(f"the minted key's limits are {stored}, not {body.get('limits', {})}")
     secret = str(minted["secret"])
     deadline = time.monotonic() + timeout
     while True:
@@ -1567,6 +1583,128 @@ def _unit(v: float | None, unit: str) -> str:
     return f"{v:,.0f}{unit}" if unit == " µs" else f"{v:.2f}{unit}"
 
 
+# --- --key-limits: a key with its own limits beside a key without (issue 24) ----------
+
+# A key's own limits, all six, generous: admission checks them with the tenant's (the same
+# single atomic step) and never refuses.
+KEY_LIMITS = {
+    "requests_per_minute": 10**9,
+    "tasks_per_minute": 10**9,
+    "max_active_tasks": 10**9,
+    "tasks_per_day": 10**9,
+    "credits_per_day": 10**12,
+    "credits_per_month": 10**12,
+}
+KEY_SIDES = ("key without limits", "key with limits")
+
+
+def key_limits(args: argparse.Namespace, load: Load, command: str) -> int:
+    """`--key-limits`: one gateway (`--store`), its bench tenant created in the store, two of
+    its keys minted through the admin API, one with `KEY_LIMITS` and one without; each round
+    measures creates with both keys, the one going first alternating."""
+    started = dt.datetime.now(dt.UTC)
+    workdir = Path(tempfile.mkdtemp(prefix="runway-keylimits-"))
+    sims = simulators(workdir, FAST_SECONDS_TO_FINISH, args.relays)
+    servers: list[Server] = [*sims]
+    redis = BenchRedis(args.redis_url, workdir)
+    warmup = 0 if args.quick else args.warmup
+    rounds: list[dict[str, Row]] = []
+    prefix, problem, ok = "", "", False
+    try:
+        for sim in sims:
+            sim.start()
+        if args.store == "redis":
+            problem = redis.start() or ""
+            if problem:
+                raise RuntimeError(f"Redis not usable: {problem}")
+            store, prefix = redis.store_url()
+        else:
+            store = f"sqlite:///{workdir / 'gateway.db'}"
+        admin_key = "sk-gw-bench-" + secrets.token_urlsafe(24)
+        gw = gateway_server("gateway-keys", workdir, [s.url for s in sims], store, admin_key, "store")
+        servers.append(gw)
+        start_gateway(gw, args.relays)
+        keys = {
+            KEY_SIDES[0]: tenant_key(gw, "store", admin_key),
+            KEY_SIDES[1]: mint_key(gw, admin_key, {"name": "bench-limited", "limits": KEY_LIMITS}),
+        }
+        sim_pids = [s.pid for s in sims]
+        for r in range(args.rounds):
+            print(f"round {r + 1} of {args.rounds}", file=sys.stderr)
+            rows: dict[str, Row] = {}
+            rounds.append(rows)
+            for label in KEY_SIDES if r % 2 == 0 else KEY_SIDES[::-1]:
+                reset_simulators(sims)
+                rows[label] = measure(
+                    load,
+                    f"{label}: create",
+                    gw.pid,
+                    gw.url + "/runway/tasks",
+                    "post",
+                    keys[label],
+                    warmup=warmup,
+                    upstream_pid=sim_pids,
+                )
+        ok = True
+    except RuntimeError as exc:  # a server that would not start or answer: say so, no traceback
+        problem = str(exc)
+    finally:
+        for server in servers:
+            server.stop()
+        if prefix:
+            redis.forget(prefix)
+        redis.stop()
+        if ok and not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            print(f"logs and configs kept in {workdir}", file=sys.stderr)
+    if problem:
+        print(f"--key-limits: {problem}", file=sys.stderr)
+        return 2
+    table = render_key_limits(rounds, load, command, started, warmup, args)
+    print(table, flush=True)
+    if not args.no_save:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "key-limits.md").write_text(table)
+    return 0
+
+
+def render_key_limits(
+    rounds: list[dict[str, Row]], load: Load, command: str, started: dt.datetime, warmup: int, args: argparse.Namespace
+) -> str:
+    """Both keys' create rows by round, then with / without within each round and the median."""
+    lines = [
+        f"Command: `{command}`  ",
+        f"Date: {started.strftime('%Y-%m-%d %H:%M UTC')}  ",
+        f"Machine: {machine()}  ",
+        f"Servers: {stack()}; store {args.store}; relays: {args.relays}; one gateway, its bench tenant and both "
+        f"keys from the store (admin API); the limited key's limits: "
+        + ", ".join(f"{k} {v:.0e}" for k, v in KEY_LIMITS.items())
+        + "  ",
+        f"Load: {generator_text(load)} (+{warmup} s warm-up), {load.connections} connections; "
+        "the key that goes first alternates by round",
+        "",
+        "| target | round | conns | req/s | p50 ms | p99 ms | server CPU µs/req | upstream CPU µs/req "
+        "| other load (cores) | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for i, rows in enumerate(rounds):
+        for r in rows.values():
+            lines.append(
+                f"| {r.target} | {i + 1} | {r.connections} | {_fmt(r.rps, ',.0f')} | {_fmt(r.p50_ms, '.2f')} | "
+                f"{_fmt(r.p99_ms, '.2f')} | {_fmt(r.cpu_us, ',.0f')} | {_fmt(r.upstream_cpu_us, ',.0f')} | "
+                f"{_fmt(r.others, '.2f')} | {r.errors} |"
+            )
+    n = len(rounds)
+    lines += ["", "| with limits / without, within each round | " + " | ".join(f"r{i + 1}" for i in range(n))]
+    lines[-1] += " | median |"
+    lines.append("|---|" + "---:|" * (n + 1))
+    for what, field in (("creates req/s", "rps"), ("CPU per create", "cpu_us")):
+        values = [_ratio(getattr(rows[KEY_SIDES[1]], field), getattr(rows[KEY_SIDES[0]], field)) for rows in rounds]
+        lines.append(f"| {what} | " + " | ".join(_unit(v, "x") for v in values) + f" | {_unit(_median(values), 'x')} |")
+    return "\n".join(lines) + "\n"
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog=".venv/bin/python -m bench",
@@ -1614,6 +1752,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="REV",
         help="instead of the table: REV (checked out in a scratch git worktree) against the working tree, "
         "both measured in each round, interleaved; prints both rows and their ratios",
+    )
+    p.add_argument(
+        "--key-limits",
+        action="store_true",
+        help="instead of the table: creates with a store key that has its own (generous) limits beside a key "
+        "without, on one gateway (--store), interleaved by round; prints both rows and their ratio",
     )
     p.add_argument(
         "--relays",
@@ -1666,6 +1810,8 @@ def main(argv: list[str] | None = None) -> int:
         return soak(args, load, command)
     if args.compare:
         return compare(args, load, command)
+    if args.key_limits:
+        return key_limits(args, load, command)
     return bench(args, load, command)
 
 

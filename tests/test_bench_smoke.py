@@ -151,3 +151,24 @@ def test_bench_says_when_a_gateway_refuses_several_relays() -> None:
         return
     m = MEASURED.match(rows.get("gateway SQLite: create", ""))
     assert m is not None and int(m["rps"].replace(",", "")) > 0, proc.stdout + proc.stderr[-3000:]
+
+
+@pytest.mark.timeout(90)
+def test_bench_key_limits_measures_a_limited_key_beside_one_without() -> None:
+    """`--key-limits` (issue 24): one gateway, two store keys of its tenant, one with its own
+    generous limits (the mint is checked to have stored them) and one without; creates with
+    both in each round, both rows and with / without printed."""
+    proc = run_bench("--key-limits", "--rounds", "2", timeout=80)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "the limited key's limits: requests_per_minute" in proc.stdout
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("| key ")]
+    assert len(lines) == 4, proc.stdout
+    for label in ("key without limits: create", "key with limits: create"):
+        for round_ in ("1", "2"):
+            line = next((x for x in lines if x.startswith(f"| {label} | {round_} |")), "")
+            cells = [c.strip() for c in line.split("|")[1:-1]]
+            assert len(cells) == 10, f"{label} round {round_} missing from:\n{proc.stdout}"
+            assert int(cells[3].replace(",", "")) > 0, line  # it ran; how fast is not asserted
+            assert cells[-1] == "0", f"errors: {line}"
+    assert re.search(r"^\| creates req/s \| [\d.]+x \| [\d.]+x \| [\d.]+x \|$", proc.stdout, re.M), proc.stdout
+    assert re.search(r"^\| CPU per create \| [\d.]+x \| [\d.]+x \| [\d.]+x \|$", proc.stdout, re.M), proc.stdout
