@@ -20,26 +20,17 @@ from typing import Any
 import httpx
 
 from gateway.errors import GatewayError
-from gateway.usage import parse_day
+from gateway.store.base import ALL_LIMITS, SCOPES
+from gateway.usage import parse_day, parse_group_by
 
 URL_ENV, KEY_ENV = "RUNWAY_GATEWAY_URL", "RUNWAY_GATEWAY_ADMIN_KEY"
 DEFAULT_URL = "http://127.0.0.1:8080"
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 DURATION_RE = re.compile(r"^(\d+)([smhdw]?)$")
-LIMIT_NAMES = (
-    "requests_per_minute",
-    "tasks_per_minute",
-    "max_active_tasks",
-    "tasks_per_day",
-    "credits_per_day",
-    "credits_per_month",
-)
-SCOPES = ("create", "read", "delete")  # a key's scopes (contract §15), as LIMIT_NAMES: the API checks both
 V1 = "/admin/v1"
 WEBHOOK_STATUSES = ("pending", "dead")
 # What a usage row may sum over (contract §10 and §14's `relay`), in the ledger's row order.
 # The gateway checks `group_by` again and answers 400 for a part it does not know.
-GROUP_PARTS = ("day", "tenant", "key", "relay")
 
 
 class ApiError(Exception):
@@ -73,18 +64,21 @@ def day(text: str) -> str:
 
 
 def group_by(text: str) -> str:
-    """`--group-by`: day, tenant, key, relay or a comma-separated set of them."""
-    parts = {part.strip() for part in text.split(",")}
-    if not text.strip() or not parts <= set(GROUP_PARTS):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected day, tenant, key, relay or a comma-separated set of them")
-    return ",".join(part for part in GROUP_PARTS if part in parts)
+    """`--group-by`: day, tenant, key, relay or a comma-separated set of them (the API's
+    own rule, `usage.parse_group_by`), in row order."""
+    try:
+        return ",".join(parse_group_by(text))
+    except GatewayError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected day, tenant, key, relay or a comma-separated set of them"
+        ) from None
 
 
 def limit_setting(text: str) -> tuple[str, int | None]:
     """`NAME=VALUE` or `NAME=none` (no limit)."""
     name, sep, value = text.partition("=")
-    if not sep or name not in LIMIT_NAMES:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=VALUE with NAME one of {', '.join(LIMIT_NAMES)}")
+    if not sep or name not in ALL_LIMITS:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=VALUE with NAME one of {', '.join(ALL_LIMITS)}")
     if value.lower() == "none":
         return name, None
     if not value.isdigit():

@@ -18,18 +18,11 @@ import httpx
 import pytest
 from conftest import ADMIN_KEY, GatewayProcess, Simulator, TenantSpec, gen2_body, wait_until
 
+from gateway.store.base import ALL_LIMITS
+
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 V1 = "/admin/v1"
-NO_LIMITS = dict.fromkeys(
-    (
-        "requests_per_minute",
-        "tasks_per_minute",
-        "max_active_tasks",
-        "tasks_per_day",
-        "credits_per_day",
-        "credits_per_month",
-    )
-)
+NO_LIMITS = dict.fromkeys(ALL_LIMITS)
 
 
 @pytest.fixture(scope="module")

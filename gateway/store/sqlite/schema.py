@@ -10,27 +10,27 @@ import sqlite3
 
 BUSY_TIMEOUT_MS = 10000  # the reader's wait, for the rare lock a read meets (WAL recovery)
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS quota (
-    tenant TEXT PRIMARY KEY,
+# the counters of one quota (token buckets, active tasks, day and month budgets): a tenant's
+# and, with the same rules, an API key's own (contract §15)
+QUOTA_COLUMNS = """
     rpm_tokens REAL, rpm_ts REAL NOT NULL DEFAULT 0,
     tpm_tokens REAL, tpm_ts REAL NOT NULL DEFAULT 0,
     active INTEGER NOT NULL DEFAULT 0,
     day TEXT NOT NULL DEFAULT '', day_tasks INTEGER NOT NULL DEFAULT 0, day_credits INTEGER NOT NULL DEFAULT 0,
     month TEXT NOT NULL DEFAULT '', month_credits INTEGER NOT NULL DEFAULT 0,
     month_tasks INTEGER NOT NULL DEFAULT 0
-);
--- an API key's own quota (contract §15), the same counters as a tenant's; a row only for
--- a key that had limits when it was admitted or polled
-CREATE TABLE IF NOT EXISTS key_quota (
-    key_id TEXT PRIMARY KEY,
-    rpm_tokens REAL, rpm_ts REAL NOT NULL DEFAULT 0,
-    tpm_tokens REAL, tpm_ts REAL NOT NULL DEFAULT 0,
-    active INTEGER NOT NULL DEFAULT 0,
-    day TEXT NOT NULL DEFAULT '', day_tasks INTEGER NOT NULL DEFAULT 0, day_credits INTEGER NOT NULL DEFAULT 0,
-    month TEXT NOT NULL DEFAULT '', month_credits INTEGER NOT NULL DEFAULT 0,
-    month_tasks INTEGER NOT NULL DEFAULT 0
-);
+"""
+
+SCHEMA = (
+    "\nCREATE TABLE IF NOT EXISTS quota (\n    tenant TEXT PRIMARY KEY,"
+    + QUOTA_COLUMNS
+    + ");\n"
+    # an API key's own quota (contract §15); a row only for a key that had limits when it
+    # was admitted or polled
+    + "CREATE TABLE IF NOT EXISTS key_quota (\n    key_id TEXT PRIMARY KEY,"
+    + QUOTA_COLUMNS
+    + ");\n"
+    + """
 CREATE TABLE IF NOT EXISTS tasks (
     rid TEXT PRIMARY KEY,
     tenant TEXT NOT NULL,
@@ -137,6 +137,7 @@ CREATE INDEX IF NOT EXISTS audit_by_action ON audit (action, time, id);
 CREATE TABLE IF NOT EXISTS directory (id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL);
 INSERT OR IGNORE INTO directory (id, version) VALUES (1, 0);
 """
+)
 
 
 # (table, column, definition): columns added after a table's first release
