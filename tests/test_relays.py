@@ -12,6 +12,7 @@ from __future__ import annotations
 import http.server
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -256,6 +257,65 @@ def test_an_unreadable_answer_never_goes_to_another_relay(
     resp = create(g)
     assert resp.status_code == 502, resp.text
     assert len(creates(relays["a"])) == 1 and creates(relays["b"]) == []
+
+
+@contextmanager
+def dropping_after_request() -> Iterator[tuple[str, list[bytes]]]:
+    """A relay that reads each request whole, then closes the connection without a byte of
+    answer (a relay crashing mid-create, a proxy cutting it): its URL and what it read."""
+    seen: list[bytes] = []
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = next(
+                    (
+                        int(line.split(b":")[1])
+                        for line in head.lower().split(b"\r\n")
+                        if line.startswith(b"content-length:")
+                    ),
+                    0,
+                )
+                while len(body) < length:
+                    body += conn.recv(65536)
+                seen.append(head.split(b"\r\n")[0])
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}", seen
+    finally:
+        stop.set()
+        thread.join()
+        server.close()
+
+
+def test_a_connection_dropped_after_the_create_never_goes_to_another_relay(
+    relays: dict[str, Simulator], gateway: Callable[..., GatewayProcess]
+) -> None:
+    """The relay read the create and closed the connection without answering: it may have
+    created the task, so the tenant gets 502, the charge stands until settled, and `b`
+    never sees the create (§14)."""
+    with dropping_after_request() as (url, seen):
+        g = gateway([relay_block("a", url, priority=0), relay_block("b", relays["b"].url, priority=1)])
+        resp = create(g, **{"x-request-id": "req-dropped"})
+        assert seen == [b"POST /runway/tasks HTTP/1.1"]
+    assert resp.status_code == 502 and resp.json()["error"]["code"] == "upstream_error", resp.text
+    assert creates(relays["b"]) == []
+    line = create_line(g, "req-dropped")
+    assert (line["relay"], line["relay_attempts"]) == ("a", 1)
+    assert g.usage("t")["tasks_today"] == 1  # unknown outcome: charged until a callback or poll settles it
 
 
 @contextmanager

@@ -1,9 +1,11 @@
 """One relay's client: pooled, timed out, behind its own circuit breaker.
 
-aiohttp directly, not httpx: httpx's default transport costs several times aiohttp's CPU
-per proxied request (docs/benchmarks.md, the floors), and aiohttp's
-exceptions say precisely whether a request left the machine, which decides whether a
-charge is refunded (`Outcome.NOT_SENT`, `REJECTED`) or kept until settled (`UNKNOWN`).
+Creates and status calls go through `http1.Http1Pool`, a lean keep-alive HTTP/1.1 client
+(a fraction of aiohttp's CPU per request: docs/benchmarks.md, "Round 3") whose errors say
+precisely whether a request left the machine, which decides whether a charge is refunded
+(`Outcome.NOT_SENT`, `REJECTED`) or kept until settled (`UNKNOWN`). Artifact downloads are
+streamed through an aiohttp session (not httpx: its default transport costs several times
+aiohttp's CPU per proxied request, docs/benchmarks.md, the floors).
 
 Artifact URLs come from the upstream's task objects, so they are fetched under the same
 SSRF rules as tenant webhooks (`gateway.ssrf`), with `artifact_hosts` as the allow-list:
@@ -41,11 +43,14 @@ from gateway.errors import GatewayError
 from gateway.logs import log_fields
 from gateway.metrics import Metrics
 from gateway.relays.circuit import CIRCUIT_FAILURES, CIRCUIT_OPEN_SECONDS, CircuitBreaker, Cooling, KeyHealth
+from gateway.relays.http1 import ConnectFailed, Http1Pool, ReplyFailed, ReplyTimeout
 from gateway.ssrf import HookPolicy, HookRefused, ResolvedHook, ResolveFailed, Resolver, resolve_hook
 
 logger = logging.getLogger("gateway.upstream")
 MAX_REPLY_BYTES = 2 * 1024 * 1024
 KEEPALIVE_SECONDS = 4.0
+MAX_CONNECTIONS = 256  # to one relay, from one process
+CONNECT_SECONDS = 5.0  # at most, and at most the relay's timeout
 MAX_ARTIFACT_REDIRECTS = 5
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 ARTIFACT_CONNECT_SECONDS = 5.0  # DNS, then connect: each bounded by this
@@ -109,7 +114,8 @@ class RelayClient:
         # the one relay of old keeps its circuit for connection failures and timeouts only
         self.answers_count = False
         self._turn = itertools.count()
-        self._session: aiohttp.ClientSession | None = None
+        self._session: aiohttp.ClientSession | None = None  # artifact downloads
+        self._http: Http1Pool | None = None  # creates and status calls
         self.reconfigure(config)
 
     @property
@@ -189,24 +195,32 @@ class RelayClient:
         if cooldown_seconds is not None:
             self.circuit.open_seconds = cooldown_seconds
         self.artifact_policy = HookPolicy.from_hosts(config.artifact_hosts, setting="artifact_hosts")
-        self._timeout = aiohttp.ClientTimeout(total=config.timeout_seconds, connect=min(5.0, config.timeout_seconds))
+        if self._http is not None and self._http.base_url != config.base_url:
+            self._http.close()
+            self._http = self._new_pool()
 
     async def start(self) -> None:
         self.open()
 
     def open(self) -> None:
-        """The pooled session (in the running event loop)."""
+        """The pooled connections (in the running event loop)."""
         # An idle pooled connection is dropped before common servers drop it (uvicorn: 5 s):
         # a create sent on a connection the relay is closing fails with an unknown outcome.
-        connector = aiohttp.TCPConnector(limit=256, keepalive_timeout=KEEPALIVE_SECONDS, ttl_dns_cache=60)
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=self._timeout,
-            json_serialize=lambda o: orjson.dumps(o).decode(),
-            auto_decompress=True,
+        connector = aiohttp.TCPConnector(limit=MAX_CONNECTIONS, keepalive_timeout=KEEPALIVE_SECONDS, ttl_dns_cache=60)
+        self._session = aiohttp.ClientSession(connector=connector, auto_decompress=True)
+        self._http = self._new_pool()
+
+    def _new_pool(self) -> Http1Pool:
+        return Http1Pool(
+            self.config.base_url,
+            max_connections=MAX_CONNECTIONS,
+            keepalive=KEEPALIVE_SECONDS,
+            max_reply_bytes=MAX_REPLY_BYTES,
         )
 
     async def close(self) -> None:
+        if self._http is not None:
+            self._http.close()
         if self._session is not None:
             await self._session.close()
 
@@ -219,9 +233,7 @@ class RelayClient:
         is the circuit's verdict: a task closes it; a 5xx (with several relays) or a 401/403
         of the relay's every key is a failure (the caller's `refused_keys`); a 429 cools
         the relay; another 4xx judged the request, not the relay."""
-        reply = await self._call(
-            "create", "POST", self.config.base_url + "/runway/tasks", key_index, request_id, orjson.dumps(body)
-        )
+        reply = await self._call("create", "POST", "/runway/tasks", key_index, request_id, orjson.dumps(body))
         try:
             task = self._task_or_fail(reply, "create")
         except UpstreamFailure as failure:
@@ -246,7 +258,7 @@ class RelayClient:
     async def status(self, task_id: str, key_index: int, request_id: str) -> dict[str, Any] | None:
         """The upstream's view of one task; None when it does not know the id (404)."""
         path = self.config.status_path.replace("{id}", task_id)
-        reply = await self._call("status", "GET", self.config.base_url + path, key_index, request_id, None)
+        reply = await self._call("status", "GET", path, key_index, request_id, None)
         if self._guards("status"):
             self.circuit.success()
         if reply.status == 404:
@@ -321,47 +333,45 @@ class RelayClient:
         return resp
 
     async def _call(
-        self, operation: str, method: str, url: str, key_index: int, request_id: str, data: bytes | None
+        self, operation: str, method: str, path: str, key_index: int, request_id: str, data: bytes | None
     ) -> _Reply:
-        assert self._session is not None
+        """One call to the relay (`path` under its base URL) with the key `key_index`."""
+        assert self._http is not None
         if self._guards(operation) and not self.circuit.allow():
             self.metrics.upstream_requests.labels(self.id, operation, "circuit_open").inc()
             raise _circuit_open()
-        headers = {
-            "authorization": f"Bearer {self.config.api_keys[key_index % len(self.config.api_keys)]}",
-            "x-request-id": request_id,
-            "accept": "application/json",
-        }
+        headers = [
+            ("Authorization", f"Bearer {self.config.api_keys[key_index % len(self.config.api_keys)]}"),
+            ("X-Request-Id", request_id),
+            ("Accept", "application/json"),
+        ]
         if data is not None:
-            headers["content-type"] = "application/json"
+            headers.append(("Content-Type", "application/json"))
+        timeout = self.config.timeout_seconds
         start = time.perf_counter()
         try:
             # a redirect is the relay's answer, never followed: its Location is a URL from the
             # upstream (§13: fetched only under the SSRF rules), and a create re-sent there
             # could be bought somewhere else (§14); not a task, it is an unreadable answer
-            async with self._session.request(
-                method, url, data=data, headers=headers, timeout=self._timeout, allow_redirects=False
-            ) as resp:
-                body = await resp.content.read(MAX_REPLY_BYTES)
-                reply = _Reply(resp.status, body, resp.headers.get("retry-after"))
-        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            answer = await self._http.request(
+                method, path, headers, data, timeout=timeout, connect_timeout=min(CONNECT_SECONDS, timeout)
+            )
+        except ConnectFailed as exc:
             self._failed(operation, start, "error", "could not connect")
             raise UpstreamFailure(
                 503, "upstream_unavailable", "Could not connect to the upstream.", Outcome.NOT_SENT
             ) from exc
-        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            self._failed(operation, start, "timeout", f"no answer within {self.config.timeout_seconds:g} s")
+        except ReplyTimeout as exc:
+            self._failed(operation, start, "timeout", f"no answer within {timeout:g} s")
             raise UpstreamFailure(
-                504,
-                "upstream_timeout",
-                f"The upstream did not answer within {self.config.timeout_seconds:g} s.",
-                Outcome.UNKNOWN,
+                504, "upstream_timeout", f"The upstream did not answer within {timeout:g} s.", Outcome.UNKNOWN
             ) from exc
-        except aiohttp.ClientError as exc:
+        except ReplyFailed as exc:
             self._failed(operation, start, "error", "connection closed without an answer")
             raise UpstreamFailure(
                 502, "upstream_error", "The upstream closed the connection without an answer.", Outcome.UNKNOWN
             ) from exc
+        reply = _Reply(answer.status, answer.body, answer.headers.get("retry-after"))
         self._count(operation, start, str(reply.status))
         self._check_key(key_index, reply.status, operation)
         return reply
