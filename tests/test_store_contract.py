@@ -2183,3 +2183,46 @@ async def test_a_keys_limits_scopes_and_networks_round_trip_and_change(store: St
     plain = key_record("key_plain")
     await store.create_key(plain, audit_entry("key.create", key_id=plain.id))
     assert await store.get_key(plain.id) == plain and plain.scopes is None and plain.limits == Limits()
+
+
+async def test_a_new_redis_task_hash_holds_no_default_field(redis_url: str) -> None:
+    """A Redis task hash is written without the fields at their default (empty, 0, false,
+    "gen2"): fewer fields to write and to return on every read (docs/benchmarks.md,
+    Round 3). Every reader takes a missing field for its default, so the record reads back
+    whole, before and after the upstream's answer, and a finished one too."""
+    spec = StoreSpec("redis", redis_url, f"gwtest:{uuid.uuid4().hex[:8]}:")
+    store = spec.make()
+    await store.open()
+    try:
+        adm, rec = await admit(store, NO_LIMITS)
+        assert adm.ok
+        raw = _pairs_of(await store._r.execute("HGETALL", store._k("t", rec.rid)))  # type: ignore[attr-defined]
+        assert set(raw) == {
+            "rid", "tenant_id", "status", "rank", "credits", "charge_day", "charge_month",
+            "created_at", "updated_at", "next_poll_at", "active", "m:model",
+        }  # fmt: skip
+        got = await store.get_by_rid(rec.rid)
+        assert got is not None
+        assert (got.task_id, got.key_index, got.task, got.hook, got.task_type, got.key_id, got.relay) == (
+            None, 0, {}, "", "gen2", None, "",
+        )  # fmt: skip
+        assert (got.active, got.settled, got.timed_out, got.deleted, got.key_limited) == (
+            True,
+            False,
+            False,
+            False,
+            False,
+        )
+        assert (got.status, got.credits, got.charge_day, got.meta) == ("SUBMITTING", PRICE, T0_DAY, {"model": "gen2"})
+        done = await store.apply_update(rec.rid, TENANT, task_obj("up-1", "FAILED"), T0 + 1, refund_failed=True)
+        assert done.record is not None and done.finished and done.refunded_credits == PRICE
+        assert (done.record.task_id, done.record.active, done.record.settled) == ("up-1", False, True)
+        usage = await store.usage(TENANT, T0 + 1)
+        assert (usage.active, usage.tasks_today, usage.credits_today) == (0, 1, 0)
+    finally:
+        await store.close()
+        await _delete_prefix(spec.target, spec.prefix)
+
+
+def _pairs_of(flat: list[bytes]) -> dict[str, bytes]:
+    return {flat[i].decode(): flat[i + 1] for i in range(0, len(flat), 2)}
