@@ -28,6 +28,7 @@ AREAS = (
     ("gateway/store/redis", "store: Redis (gateway code)"),
     ("redis/", "store: redis-py client"),
     ("gateway/upstream", "upstream client (gateway code)"),
+    ("gateway/relays/", "upstream client (gateway code)"),
     ("aiohttp/", "upstream client: aiohttp"),
     ("yarl/", "upstream client: aiohttp"),
     ("multidict/", "upstream client: aiohttp"),
@@ -72,7 +73,8 @@ STAGES: tuple[tuple[str, str, str], ...] = (
     ("gateway/tasks.py", "TaskService.apply", "recording"),
     ("gateway/tasks.py", "public_task", "recording"),
     ("gateway/tokens.py", "", "relay call (incl. callback token)"),
-    ("gateway/upstream.py", "", "relay call (incl. callback token)"),
+    ("gateway/upstream.py", "", "relay call (incl. callback token)"),  # before contract §14
+    ("gateway/relays/", "", "relay call (incl. callback token)"),
     ("aiohttp/", "", "relay call (incl. callback token)"),
     ("yarl/", "", "relay call (incl. callback token)"),
     ("multidict/", "", "relay call (incl. callback token)"),

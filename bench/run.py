@@ -865,6 +865,17 @@ GOALS = (  # (what, kind, numerator row, denominator row or None, target): issue
 )
 
 
+# what the goals are measured against: the same quantity for a bare proxy, in the same round
+CONTEXT = (
+    (
+        "aiohttp floor p50 added at 1 connection (context: a bare proxy)",
+        "added",
+        "floor: Starlette + aiohttp, 1 conn",
+        "upstream alone, 1 conn",
+    ),
+)
+
+
 def goal_value(rows: list[Row], kind: str, num: str, den: str) -> tuple[float, str] | None:
     """A goal's value in one round, with how it was computed; None when a row is missing."""
     a, b = _find(rows, num), _find(rows, den)
@@ -894,6 +905,9 @@ def ratios(rows: list[Row]) -> list[tuple[str, str, str, str]]:
             if v
             else (what, "pending", _target(kind, goal), "pending")
         )
+    for what, kind, num, den in CONTEXT:
+        v = goal_value(rows, kind, num, den)
+        out.append((what, v[1] if v else "pending", "-", "-"))
     return out
 
 
@@ -921,6 +935,12 @@ def rounds_table(rounds: list[list[Row]]) -> list[str]:
             + " | ".join(f"{x:.2f}{unit}" for x in nums)
             + f" | {med:.2f}{unit} | {_target(kind, goal)} | {_met(kind, med, goal)} |"
         )
+    for what, kind, num, den in CONTEXT:
+        found = [goal_value(rows, kind, num, den) for rows in rounds]
+        if all(v is not None for v in found):
+            nums = [v[0] for v in found if v]
+            shown = " | ".join(f"{x:.2f} ms" for x in nums)
+            lines.append(f"| {what} | {shown} | {statistics.median(nums):.2f} ms | - | - |")
     return lines
 
 
@@ -1149,6 +1169,21 @@ def bench_round(
                         upstream_pid=sim.pid,
                     )
                 )
+                if script == "floor_aiohttp.py":  # what a bare proxy adds at one connection
+                    reset_simulator(sim)
+                    lat_rows.append(
+                        measure(
+                            load,
+                            name + ", 1 conn",
+                            floor.pid,
+                            floor.url + "/runway/tasks",
+                            "post",
+                            UPSTREAM_KEY,
+                            connections=1,
+                            warmup=warmup,
+                            upstream_pid=sim.pid,
+                        )
+                    )
             finally:
                 floor.stop()
     if "sqlite" in groups:
