@@ -739,10 +739,14 @@ async def test_header_with_a_line_break_is_refused_before_sending(serve, pool, v
     assert server.accepted == 1 and not any(b"Evil" in r.raw for r in server.requests)
 
 
-async def test_non_http_base_url_is_refused() -> None:
-    for base in ("ftp://relay.example", "relay.example", "http://"):
-        with pytest.raises(ValueError):
-            Http1Pool(base, max_connections=1, keepalive=1, max_reply_bytes=1)
+async def test_non_http_base_url_fails_every_request_as_not_sent() -> None:
+    """A pool is built whatever its URL (a relay client exists before its config is checked,
+    and must start); a URL that is not http(s) fails each request as never sent."""
+    for base in ("ftp://relay.example", "relay.example", "http://", ""):
+        p = Http1Pool(base, max_connections=1, keepalive=1, max_reply_bytes=1)
+        with pytest.raises(ConnectFailed, match="not an http"):
+            await get(p)
+        assert p.connections_made == 0
 
 
 # --- the connection limit ------------------------------------------------------------------------

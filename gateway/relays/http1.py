@@ -206,11 +206,12 @@ class Http1Pool:
         ssl_context: ssl.SSLContext | None = None,
     ):
         parts = urlsplit(base_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"not an http(s) URL: {base_url!r}")
+        # a URL that is not http(s) fails each request as never sent, as a relay that cannot
+        # be reached would (the config check refuses it; a client built without one, too)
+        self.unusable = parts.scheme not in ("http", "https") or not parts.hostname
         self.base_url = base_url
         self.tls = parts.scheme == "https"
-        self.host = parts.hostname
+        self.host = parts.hostname or ""
         self.port = parts.port or (443 if self.tls else 80)
         self.prefix = parts.path.rstrip("/")
         default_port = parts.port is None or parts.port == (443 if self.tls else 80)
@@ -281,6 +282,8 @@ class Http1Pool:
         return None
 
     async def _connect(self, timeout: float) -> _Connection:
+        if self.unusable:
+            raise ConnectFailed(f"not an http(s) URL: {self.base_url!r}")
         loop = asyncio.get_running_loop()
         if self.tls and self._ssl is None:
             self._ssl = ssl.create_default_context()
