@@ -1450,6 +1450,8 @@ def compare(args: argparse.Namespace, load: Load, command: str) -> int:
                     _finish_profile(spy, workdir, tag)
             for side in order:
                 assert side.gw is not None
+                tag = "compare-" + side.label.split()[0] + "-poll"  # profile-compare-old-poll.txt, ...
+                spy = _start_profile(side.gw, load, workdir, tag) if args.profile and r == 0 else None
                 rows[side.label + " poll"] = measure(
                     load,
                     f"{side.label}: poll",
@@ -1460,6 +1462,8 @@ def compare(args: argparse.Namespace, load: Load, command: str) -> int:
                     warmup=warmup,
                     upstream_pid=sim_pids,
                 )
+                if spy is not None:
+                    _finish_profile(spy, workdir, tag)
             reset_simulators(sims)
             rows["relay 1"] = measure(
                 load,
