@@ -18,8 +18,10 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import hashlib
 import inspect
+import ipaddress
 import os
 import secrets
 import shutil
@@ -446,3 +448,37 @@ def redis_store_url(redis_url: str) -> Iterator[str]:
     r = redis.Redis.from_url(redis_url)
     for key in r.scan_iter(match=prefix + "*", count=1000):
         r.delete(key)
+
+
+def self_signed(tmp_path: Path, dns_names: list[str], ips: list[str] | None = None) -> tuple[Path, Path]:
+    """A self-signed certificate (its own CA) for `dns_names` and `ips`, valid for an hour:
+    the PEM files of the certificate and its key in `tmp_path`."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, (dns_names or ips or [""])[0])])
+    names: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
+    names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips or []]
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_file, key_file

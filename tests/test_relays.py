@@ -12,7 +12,6 @@ from __future__ import annotations
 import http.server
 import os
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -260,45 +259,36 @@ def test_an_unreadable_answer_never_goes_to_another_relay(
 
 
 @contextmanager
-def dropping_after_request() -> Iterator[tuple[str, list[bytes]]]:
-    """A relay that reads each request whole, then closes the connection without a byte of
-    answer (a relay crashing mid-create, a proxy cutting it): its URL and what it read."""
-    seen: list[bytes] = []
-    server = socket.create_server(("127.0.0.1", 0))
-    server.settimeout(0.2)
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = server.accept()
-            except TimeoutError:
-                continue
-            with conn:
-                data = b""
-                while b"\r\n\r\n" not in data:
-                    data += conn.recv(65536)
-                head, _, body = data.partition(b"\r\n\r\n")
-                length = next(
-                    (
-                        int(line.split(b":")[1])
-                        for line in head.lower().split(b"\r\n")
-                        if line.startswith(b"content-length:")
-                    ),
-                    0,
-                )
-                while len(body) < length:
-                    body += conn.recv(65536)
-                seen.append(head.split(b"\r\n")[0])
-
-    thread = threading.Thread(target=serve, daemon=True)
+def serving(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
+    """A threaded HTTP server on 127.0.0.1 answering with `handler`: its URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.getsockname()[1]}", seen
+        yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
-        stop.set()
-        thread.join()
-        server.close()
+        server.shutdown()
+        server.server_close()
+
+
+@contextmanager
+def dropping_after_request() -> Iterator[tuple[str, list[str]]]:
+    """A relay that reads each request whole, then closes the connection without a byte of
+    answer (a relay crashing mid-create, a proxy cutting it): its URL and the request
+    lines it read."""
+    seen: list[str] = []
+
+    class Drop(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length") or 0))
+            seen.append(self.requestline)
+            self.close_connection = True  # no answer at all
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    with serving(Drop) as url:
+        yield url, seen
 
 
 def test_a_connection_dropped_after_the_create_never_goes_to_another_relay(
@@ -310,7 +300,7 @@ def test_a_connection_dropped_after_the_create_never_goes_to_another_relay(
     with dropping_after_request() as (url, seen):
         g = gateway([relay_block("a", url, priority=0), relay_block("b", relays["b"].url, priority=1)])
         resp = create(g, **{"x-request-id": "req-dropped"})
-        assert seen == [b"POST /runway/tasks HTTP/1.1"]
+        assert seen == ["POST /runway/tasks HTTP/1.1"]
     assert resp.status_code == 502 and resp.json()["error"]["code"] == "upstream_error", resp.text
     assert creates(relays["b"]) == []
     line = create_line(g, "req-dropped")
@@ -339,14 +329,8 @@ def redirecting_to(target: str) -> Iterator[tuple[str, list[str]]]:
         def log_message(self, *args: Any) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", seen
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(Redirect) as url:
+        yield url, seen
 
 
 def test_a_redirect_is_not_followed_to_another_host(

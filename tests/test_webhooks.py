@@ -4,7 +4,6 @@ own contract tests) and real HTTP(S) receivers on 127.0.0.1."""
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import json
 import logging
 import ssl
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import self_signed
 
 from gateway.config import Config, Policy, Tenant, WebhookConfig
 from gateway.directory import Directory
@@ -379,42 +379,12 @@ async def test_connects_to_checked_address_with_host_and_sni() -> None:
         assert "authorization" not in request.headers and "cookie" not in request.headers
 
 
-def self_signed(tmp_path: Path, name: str) -> tuple[Path, Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return cert_file, key_file
-
-
 @pytest.mark.parametrize("hook_name,delivered", [("hooks.test", True), ("other.test", False)])
 async def test_https_verifies_certificate_against_hook_name(
     receiver, tmp_path: Path, hook_name: str, delivered: bool
 ) -> None:
     """Connected to 127.0.0.1, TLS still checks the certificate against the hook's host name."""
-    cert_file, key_file = self_signed(tmp_path, "hooks.test")
+    cert_file, key_file = self_signed(tmp_path, ["hooks.test"])
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_ctx.load_cert_chain(cert_file, key_file)
     rx = await receiver([200], server_ctx)
