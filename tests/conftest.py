@@ -453,6 +453,7 @@ def redis_store_url(redis_url: str) -> Iterator[str]:
 def self_signed(tmp_path: Path, dns_names: list[str], ips: list[str] | None = None) -> tuple[Path, Path]:
     """A self-signed certificate (its own CA) for `dns_names` and `ips`, valid for an hour:
     the PEM files of the certificate and its key in `tmp_path`."""
+    assert not isinstance(dns_names, str), "dns_names is a list of names"
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec

@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import RedisServer, eventually, free_port
-from test_webhooks import self_signed
+from conftest import RedisServer, eventually, free_port, self_signed
 
 from gateway.config import ConfigError, load_config
 from gateway.store.base import StoreUnavailable
@@ -336,8 +335,8 @@ async def test_rediss_with_a_private_ca_and_a_client_certificate(tmp_path: Path)
     present a client certificate to a Redis that requires one (tls-auth-clients yes)."""
     (tmp_path / "server").mkdir()
     (tmp_path / "client").mkdir()
-    server_cert, server_key = self_signed(tmp_path / "server", "localhost")
-    client_cert, client_key = self_signed(tmp_path / "client", "gateway")
+    server_cert, server_key = self_signed(tmp_path / "server", ["localhost"])
+    client_cert, client_key = self_signed(tmp_path / "client", ["gateway"])
     tls_port = free_port()
     server = RedisServer(
         tmp_path,

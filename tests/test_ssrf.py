@@ -16,9 +16,8 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from conftest import GatewayProcess, Simulator, TenantSpec, gen2_body
+from conftest import GatewayProcess, Simulator, TenantSpec, gen2_body, self_signed
 from prometheus_client import CollectorRegistry
-from test_webhooks import self_signed
 
 from gateway.config import UpstreamConfig
 from gateway.metrics import Metrics
@@ -466,7 +465,7 @@ def test_https_artifact_is_verified_against_its_host_name(
     contexts, certs = [], []
     for name in ("localhost", "other.test"):
         (tmp_path / name).mkdir()
-        cert, key = self_signed(tmp_path / name, name)
+        cert, key = self_signed(tmp_path / name, [name])
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.load_cert_chain(cert, key)
         contexts.append(ctx)
