@@ -29,8 +29,6 @@ UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 DURATION_RE = re.compile(r"^(\d+)([smhdw]?)$")
 V1 = "/admin/v1"
 WEBHOOK_STATUSES = ("pending", "dead")
-# What a usage row may sum over (contract §10 and §14's `relay`), in the ledger's row order.
-# The gateway checks `group_by` again and answers 400 for a part it does not know.
 
 
 class ApiError(Exception):

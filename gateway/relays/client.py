@@ -31,7 +31,6 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
@@ -43,7 +42,7 @@ from gateway.errors import GatewayError
 from gateway.logs import log_fields
 from gateway.metrics import Metrics
 from gateway.relays.circuit import CIRCUIT_FAILURES, CIRCUIT_OPEN_SECONDS, CircuitBreaker, Cooling, KeyHealth
-from gateway.relays.http1 import ConnectFailed, Http1Pool, ReplyFailed, ReplyTimeout
+from gateway.relays.http1 import ConnectFailed, Http1Pool, Reply, ReplyFailed, ReplyTimeout
 from gateway.ssrf import HookPolicy, HookRefused, ResolvedHook, ResolveFailed, Resolver, resolve_hook
 
 logger = logging.getLogger("gateway.upstream")
@@ -81,13 +80,6 @@ class UpstreamFailure(GatewayError):
         super().__init__(status, code, message, "api_error", headers=headers or {})
         self.outcome = outcome
         self.upstream_status = upstream_status
-
-
-@dataclass
-class _Reply:
-    status: int
-    body: bytes
-    retry_after: str | None = None
 
 
 class RelayClient:
@@ -240,7 +232,7 @@ class RelayClient:
             self.last_error = _short(failure.message)
             if reply.status == 429:
                 self.circuit.success()  # alive, rate limiting: it cools instead
-                self.cooling.start(retry_after_seconds(reply.retry_after, time.time()))
+                self.cooling.start(retry_after_seconds(reply.headers.get("retry-after"), time.time()))
             elif self.answers_count and (reply.status >= 500 or failure.outcome is Outcome.UNKNOWN):
                 self.circuit.failure()
             elif self.answers_count and reply.status in KEY_REFUSED_STATUSES:
@@ -334,7 +326,7 @@ class RelayClient:
 
     async def _call(
         self, operation: str, method: str, path: str, key_index: int, request_id: str, data: bytes | None
-    ) -> _Reply:
+    ) -> Reply:
         """One call to the relay (`path` under its base URL) with the key `key_index`."""
         assert self._http is not None
         if self._guards(operation) and not self.circuit.allow():
@@ -353,7 +345,7 @@ class RelayClient:
             # a redirect is the relay's answer, never followed: its Location is a URL from the
             # upstream (§13: fetched only under the SSRF rules), and a create re-sent there
             # could be bought somewhere else (§14); not a task, it is an unreadable answer
-            answer = await self._http.request(
+            reply = await self._http.request(
                 method, path, headers, data, timeout=timeout, connect_timeout=min(CONNECT_SECONDS, timeout)
             )
         except ConnectFailed as exc:
@@ -371,7 +363,6 @@ class RelayClient:
             raise UpstreamFailure(
                 502, "upstream_error", "The upstream closed the connection without an answer.", Outcome.UNKNOWN
             ) from exc
-        reply = _Reply(answer.status, answer.body, answer.headers.get("retry-after"))
         self._count(operation, start, str(reply.status))
         self._check_key(key_index, reply.status, operation)
         return reply
@@ -401,9 +392,9 @@ class RelayClient:
                 },
             )
 
-    def _task_or_fail(self, reply: _Reply, operation: str) -> dict[str, Any]:
+    def _task_or_fail(self, reply: Reply, operation: str) -> dict[str, Any]:
         if reply.status == 429:
-            seconds = retry_after_seconds(reply.retry_after, time.time())
+            seconds = retry_after_seconds(reply.headers.get("retry-after"), time.time())
             raise UpstreamFailure(
                 503,
                 "upstream_rate_limited",
