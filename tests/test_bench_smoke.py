@@ -27,6 +27,7 @@ TARGETS = [
     "gateway Redis: create",
     "gateway Redis: poll",
     "upstream alone, 1 conn",
+    "floor: Starlette + aiohttp, 1 conn",
     "gateway SQLite: create, 1 conn",
     "gateway Redis: create, 1 conn",
 ]
@@ -36,6 +37,7 @@ GOALS = [
     "SQLite p50 added at 1 connection",
     "Redis creates / SQLite creates",
     "Redis polls / SQLite polls",
+    "aiohttp floor p50 added at 1 connection (context: a bare proxy)",
 ]
 MEASURED = re.compile(
     r"^\| (?P<name>[^|]+?) \| (?P<conns>\d+) \| (?P<rps>[\d,]+) \| (?P<p50>[\d.]+) \| (?P<p99>[\d.]+) \| (?P<cpu>[\d,]+) \|"
