@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hashlib
+import http.client
 import inspect
 import ipaddress
 import os
@@ -67,6 +68,23 @@ def wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {message}")
         time.sleep(interval)
+
+
+def probe(base_url: str, path: str, secret: str) -> http.client.HTTPResponse:
+    """One GET on a new TCP connection (so each may land on any worker), read whole.
+
+    For tests that time how fast a change reaches every replica: http.client costs well
+    under a millisecond here, where `httpx.get` builds a client and loads the CA bundle on
+    each call (~20 ms on this machine), which a 1 s bound cannot afford many times over."""
+    host, _, port = base_url.removeprefix("http://").partition(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=5)
+    try:
+        conn.request("GET", path, headers={"Authorization": f"Bearer {secret}"})
+        response = conn.getresponse()
+        response.read()
+        return response
+    finally:
+        conn.close()
 
 
 async def eventually(

@@ -25,6 +25,7 @@ from conftest import (
     TenantSpec,
     free_port,
     gen2_body,
+    probe,
     wait_until,
 )
 from relay_stub import RelayStub, canned_relays, live_answers, relay_stub
@@ -167,8 +168,7 @@ def test_keys_rotate_grace_0_ends_the_old_secret_at_once_and_grace_n_gives_n_sec
     cli: Cli, cli_gw: GatewayProcess
 ) -> None:
     def status(secret: str) -> int:
-        auth = {"Authorization": f"Bearer {secret}"}
-        return httpx.get(cli_gw.url + "/v1/models", headers=auth, timeout=5).status_code
+        return probe(cli_gw.url, "/v1/models", secret).status
 
     def within_a_second(secret: str, expected: int) -> None:
         since = time.monotonic()
