@@ -105,6 +105,54 @@ def test_the_probes_failure_opens_it_again_for_ten_seconds() -> None:
     assert breaker.allow() and not breaker.allow()  # one probe again
 
 
+def test_a_late_failure_of_a_call_sent_before_it_opened_does_not_end_the_probe() -> None:
+    """A slow create sent while closed times out after the circuit opened and while the
+    half-open probe runs: it says nothing new, so the probe stays the only request."""
+    clock = Clock()
+    sent_before = clock.now - 1
+    breaker = opened(clock)
+    clock.now += CIRCUIT_OPEN_SECONDS
+    probe_sent = clock.now
+    assert breaker.allow()
+    breaker.failure(sent_before)
+    breaker.release(sent_before)
+    assert breaker.state == "half_open" and not breaker.allow()  # still one probe
+    assert breaker.opens_until == 1000.0 + CIRCUIT_OPEN_SECONDS  # not re-opened by it
+    breaker.failure(probe_sent)  # the probe's own verdict still decides
+    assert breaker.state == "open" and breaker.opens_until == probe_sent + CIRCUIT_OPEN_SECONDS
+
+
+def test_a_late_success_of_a_call_sent_before_it_opened_does_not_close_it() -> None:
+    clock = Clock()
+    sent_before = clock.now - 1
+    breaker = opened(clock)
+    clock.now += 2
+    breaker.success(sent_before)
+    assert breaker.state == "open" and not breaker.allow()
+    clock.now += CIRCUIT_OPEN_SECONDS
+    probe_sent = clock.now
+    assert breaker.allow()
+    breaker.success(probe_sent)
+    assert breaker.state == "closed"
+
+
+def test_failures_of_calls_sent_before_it_closed_do_not_count_towards_the_next_opening() -> None:
+    clock = Clock()
+    sent_while_open = clock.now - 1
+    breaker = opened(clock)
+    clock.now += CIRCUIT_OPEN_SECONDS
+    probe_sent = clock.now
+    assert breaker.allow()
+    clock.now += 1
+    breaker.success(probe_sent)
+    for _ in range(CIRCUIT_FAILURES):
+        breaker.failure(sent_while_open)
+    assert breaker.state == "closed"
+    for _ in range(CIRCUIT_FAILURES):
+        breaker.failure(clock.now)  # sent after it closed: these count
+    assert breaker.state == "open"
+
+
 async def test_a_relay_that_is_down_opens_the_circuit_and_readyz_says_so(tmp_path: Path) -> None:
     async with running(gateway_config(tmp_path)) as run, run.client() as client:
         for _ in range(CIRCUIT_FAILURES):

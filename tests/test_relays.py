@@ -15,6 +15,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -402,6 +403,81 @@ def test_a_failing_relay_opens_and_gets_traffic_back_after_its_cooldown(
     # the ledger books each task under the relay that created it: the failed-over ones at b
     rows = httpx.get(g.url + "/admin/v1/usage?group_by=relay", headers=ADMIN).json()["data"]
     assert {r["relay"]: r["tasks_created"] for r in rows} == {"a": created(relays["a"]), "b": created(relays["b"])}
+
+
+@contextmanager
+def held_relay() -> Iterator[tuple[str, list[str], dict[str, threading.Event]]]:
+    """A relay that answers each create by the marker in its prompt: `hold-503` and
+    `hold-ok` wait for their event (a slow create) then answer 503 or a task; any other
+    at once 503. Its URL, the markers it received in order, and the two events."""
+    seen: list[str] = []
+    release = {"hold-503": threading.Event(), "hold-ok": threading.Event()}
+
+    class Held(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("content-length") or 0)).decode()
+            marker = next((m for m in ("hold-503", "hold-ok", "fast") if m in body), "other")
+            seen.append(marker)
+            if marker in release:
+                release[marker].wait(30)
+            if marker == "hold-ok":
+                self._answer(200, b'{"task": {"id": "held-task-1", "status": "PENDING"}}')
+            else:
+                self._answer(503, b'{"error": "busy"}')
+
+        def do_GET(self) -> None:
+            self._answer(200, b'{"task": {"id": "held-task-1", "status": "RUNNING"}}')
+
+        def _answer(self, status: int, body: bytes) -> None:
+            self.send_response(status)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    with serving(Held) as url:
+        try:
+            yield url, seen, release
+        finally:
+            for event in release.values():
+                event.set()
+
+
+def test_a_late_failure_from_before_the_circuit_opened_never_lets_a_second_probe_through(
+    relays: dict[str, Simulator], gateway: Callable[..., GatewayProcess]
+) -> None:
+    """A slow create sent to `a` while its circuit was closed fails only after the circuit
+    opened and its half-open probe went out. That old failure says nothing about `a` now:
+    the probe stays the only create at `a` (before, it re-opened the circuit, and once the
+    cooldown passed a second probe went out while the first still ran)."""
+    with held_relay() as (url, seen, release):
+        blocks = [relay_block("a", url, priority=0, timeout_seconds=20), relay_block("b", relays["b"].url, priority=1)]
+        g = gateway(blocks, routing="cooldown_seconds = 1")
+        with g.client("t") as c, ThreadPoolExecutor(2) as pool:
+
+            def send(marker: str) -> httpx.Response:
+                return c.post("/runway/tasks", json=gen2_body(f"{marker} prompt"), timeout=30)
+
+            slow = pool.submit(send, "hold-503")
+            wait_until(lambda: seen == ["hold-503"], 5, 0.01, "the slow create at a")
+            # five creates answered 503 at once open a's circuit; each fails over to b
+            assert [send("fast").status_code for _ in range(5)] == [200] * 5
+            assert relays_view(g)["a"]["state"] == "open"
+            wait_until(lambda: relays_view(g)["a"]["state"] == "half_open", 5, 0.05, "half-open")
+            probe = pool.submit(send, "hold-ok")
+            wait_until(lambda: seen[-1:] == ["hold-ok"], 5, 0.01, "the probe at a")
+            release["hold-503"].set()
+            assert slow.result(timeout=30).status_code == 200  # failed over to b: 503 created nothing
+            time.sleep(1.3)  # past a cooldown the late failure would have started
+            assert send("fast").status_code == 200
+            assert seen == ["hold-503", *["fast"] * 5, "hold-ok"]  # the probe is still the only one
+            assert relays_view(g)["a"]["state"] == "half_open"
+            release["hold-ok"].set()
+            assert probe.result(timeout=30).status_code == 200
+    assert relays_view(g)["a"]["state"] == "closed"
 
 
 def test_weights_spread_new_tasks(relays: dict[str, Simulator], gateway: Callable[..., GatewayProcess]) -> None:

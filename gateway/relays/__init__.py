@@ -147,7 +147,7 @@ class Relays:
         for attempts, client in enumerate(plan, 1):
             first = key_index if attempts == 1 else client.pick_key()
             keys = [first, *(k for k in client.key_order(first) if k != first)] if self.several else [first]
-            refused = 0
+            refused, since = 0, client.circuit.clock()
             for k in keys:
                 if (client, k) != (relay, key):
                     try:
@@ -168,7 +168,7 @@ class Relays:
                 return Routed(task, client.id, k, attempts)
             assert failure is not None
             if refused == len(keys):
-                client.refused_keys()
+                client.refused_keys(since)
             reason = failover_reason(failure)
             if reason is None:
                 raise RouteFailed(failure, relay.id, key, attempts)

@@ -17,7 +17,12 @@ AUTH_LOG_INTERVAL_SECONDS = 60.0  # at most one error line per refused key per i
 class CircuitBreaker:
     """Closed -> open after N consecutive failures; open answers at once for
     `open_seconds`; then half-open lets one request through, whose success closes the
-    circuit and whose failure opens it again."""
+    circuit and whose failure opens it again.
+
+    A verdict names when its call was sent (`sent_at`, this clock's time, taken at
+    `allow`). Only calls sent since the circuit last opened or closed judge it: a late
+    answer to a call sent before it opened (a slow create timing out) can neither close it
+    nor end the half-open probe early and let a second one start. None: sent now."""
 
     def __init__(
         self,
@@ -28,6 +33,7 @@ class CircuitBreaker:
         self.threshold, self.open_seconds, self.clock = failures, open_seconds, clock
         self.failures = 0
         self.opened_at: float | None = None
+        self.changed_at = float("-inf")  # when it last opened or closed
         self.probing = False
 
     @property
@@ -56,19 +62,29 @@ class CircuitBreaker:
             return True
         return False
 
-    def success(self) -> None:
+    def success(self, sent_at: float | None = None) -> None:
+        if self._stale(sent_at):
+            return
+        if self.opened_at is not None:
+            self.changed_at = self.clock()
         self.failures, self.opened_at, self.probing = 0, None, False
 
-    def failure(self) -> None:
+    def failure(self, sent_at: float | None = None) -> None:
+        if self._stale(sent_at):
+            return
         self.failures += 1
         self.probing = False
         if self.opened_at is not None or self.failures >= self.threshold:
-            self.opened_at = self.clock()
+            self.opened_at = self.changed_at = self.clock()
 
-    def release(self) -> None:
+    def release(self, sent_at: float | None = None) -> None:
         """A probe let through ended without a verdict on the relay (it judged the request,
         e.g. a 400): the next request may probe."""
-        self.probing = False
+        if not self._stale(sent_at):
+            self.probing = False
+
+    def _stale(self, sent_at: float | None) -> bool:
+        return sent_at is not None and sent_at < self.changed_at
 
 
 class KeyHealth:

@@ -225,34 +225,37 @@ class RelayClient:
         is the circuit's verdict: a task closes it; a 5xx (with several relays) or a 401/403
         of the relay's every key is a failure (the caller's `refused_keys`); a 429 cools
         the relay; another 4xx judged the request, not the relay."""
-        reply = await self._call("create", "POST", "/runway/tasks", key_index, request_id, orjson.dumps(body))
+        sent = self.circuit.clock()
+        reply = await self._call("create", "POST", "/runway/tasks", key_index, request_id, orjson.dumps(body), sent)
         try:
             task = self._task_or_fail(reply, "create")
         except UpstreamFailure as failure:
             self.last_error = _short(failure.message)
             if reply.status == 429:
-                self.circuit.success()  # alive, rate limiting: it cools instead
+                self.circuit.success(sent)  # alive, rate limiting: it cools instead
                 self.cooling.start(retry_after_seconds(reply.headers.get("retry-after"), time.time()))
             elif self.answers_count and (reply.status >= 500 or failure.outcome is Outcome.UNKNOWN):
-                self.circuit.failure()
+                self.circuit.failure(sent)
             elif self.answers_count and reply.status in KEY_REFUSED_STATUSES:
-                self.circuit.release()  # one key: the caller tries the others, then judges the relay
+                self.circuit.release(sent)  # one key: the caller tries the others, then judges the relay
             else:
-                self.circuit.success()
+                self.circuit.success(sent)
             raise
-        self.circuit.success()
+        self.circuit.success(sent)
         return task
 
-    def refused_keys(self) -> None:
-        """Every key of the relay was refused on one create: a failure of the relay."""
-        self.circuit.failure()
+    def refused_keys(self, sent_at: float) -> None:
+        """Every key of the relay was refused on one create (the first sent at `sent_at`,
+        the circuit's clock): a failure of the relay."""
+        self.circuit.failure(sent_at)
 
     async def status(self, task_id: str, key_index: int, request_id: str) -> dict[str, Any] | None:
         """The upstream's view of one task; None when it does not know the id (404)."""
         path = self.config.status_path.replace("{id}", task_id)
-        reply = await self._call("status", "GET", path, key_index, request_id, None)
+        sent = self.circuit.clock()
+        reply = await self._call("status", "GET", path, key_index, request_id, None, sent)
         if self._guards("status"):
-            self.circuit.success()
+            self.circuit.success(sent)
         if reply.status == 404:
             return None
         return self._task_or_fail(reply, "status")
@@ -325,9 +328,17 @@ class RelayClient:
         return resp
 
     async def _call(
-        self, operation: str, method: str, path: str, key_index: int, request_id: str, data: bytes | None
+        self,
+        operation: str,
+        method: str,
+        path: str,
+        key_index: int,
+        request_id: str,
+        data: bytes | None,
+        sent: float,
     ) -> Reply:
-        """One call to the relay (`path` under its base URL) with the key `key_index`."""
+        """One call to the relay (`path` under its base URL) with the key `key_index`;
+        `sent` (the circuit's clock, read just before) stamps its verdict."""
         assert self._http is not None
         if self._guards(operation) and not self.circuit.allow():
             self.metrics.upstream_requests.labels(self.id, operation, "circuit_open").inc()
@@ -349,17 +360,17 @@ class RelayClient:
                 method, path, headers, data, timeout=timeout, connect_timeout=min(CONNECT_SECONDS, timeout)
             )
         except ConnectFailed as exc:
-            self._failed(operation, start, "error", "could not connect")
+            self._failed(operation, start, "error", "could not connect", sent)
             raise UpstreamFailure(
                 503, "upstream_unavailable", "Could not connect to the upstream.", Outcome.NOT_SENT
             ) from exc
         except ReplyTimeout as exc:
-            self._failed(operation, start, "timeout", f"no answer within {timeout:g} s")
+            self._failed(operation, start, "timeout", f"no answer within {timeout:g} s", sent)
             raise UpstreamFailure(
                 504, "upstream_timeout", f"The upstream did not answer within {timeout:g} s.", Outcome.UNKNOWN
             ) from exc
         except ReplyFailed as exc:
-            self._failed(operation, start, "error", "connection closed without an answer")
+            self._failed(operation, start, "error", "connection closed without an answer", sent)
             raise UpstreamFailure(
                 502, "upstream_error", "The upstream closed the connection without an answer.", Outcome.UNKNOWN
             ) from exc
@@ -449,9 +460,9 @@ class RelayClient:
         old guards its status calls too."""
         return operation == "create" or not self.answers_count
 
-    def _failed(self, operation: str, start: float, status: str, error: str) -> None:
+    def _failed(self, operation: str, start: float, status: str, error: str, sent: float) -> None:
         if self._guards(operation):
-            self.circuit.failure()
+            self.circuit.failure(sent)
         self.last_error = f"{operation}: {error}"
         self._count(operation, start, status)
 
