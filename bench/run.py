@@ -1036,6 +1036,22 @@ def render_rounds(
 # --- the runs -------------------------------------------------------------------------
 
 
+def tear_down(servers: list[Server], redis: BenchRedis, prefixes: list[str], workdir: Path, keep: bool) -> None:
+    """The end of every mode: stop the servers, forget the run's keys in a Redis that is
+    not its own (`prefixes`; "" for none), stop its own redis-server, and remove `workdir`
+    unless `keep` (asked for, or the run failed: its logs say why)."""
+    for server in servers:
+        server.stop()
+    for prefix in prefixes:
+        if prefix:
+            redis.forget(prefix)
+    redis.stop()
+    if keep:
+        print(f"logs and configs kept in {workdir}", file=sys.stderr)
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def bench(args: argparse.Namespace, load: Load, command: str) -> int:
     started = dt.datetime.now(dt.UTC)
     groups = set(args.only.split(",")) if args.only else set(GROUPS)
@@ -1066,13 +1082,7 @@ def bench(args: argparse.Namespace, load: Load, command: str) -> int:
             bench_round(args, load, groups, workdir, sims, servers, rows, lat_rows, warmup, redis)
         ok = True
     finally:
-        for s in servers:
-            s.stop()
-        redis.stop()
-        if ok and not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
-        else:
-            print(f"logs and configs kept in {workdir}", file=sys.stderr)
+        tear_down(servers, redis, [], workdir, keep=args.keep or not ok)
     if len(results) == 1:
         table = render(*results[0], load, command, started, warmup, args.tenants)
     else:
@@ -1250,16 +1260,7 @@ def soak(args: argparse.Namespace, load: Load, command: str) -> int:
         cpu = cpu_seconds(gw.pid) - cpu0
         ok = True
     finally:
-        gw.stop()
-        for sim in sims:
-            sim.stop()
-        if prefix:
-            redis.forget(prefix)
-        redis.stop()
-        if ok and not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
-        else:
-            print(f"logs and configs kept in {workdir}", file=sys.stderr)
+        tear_down([gw, *sims], redis, [prefix], workdir, keep=args.keep or not ok)
     n = result["requests"]
     start_rss, end_rss, peak = samples[0][1], samples[-1][1], max(s[1] for s in samples)
     growth = (end_rss - start_rss) / start_rss * 100 if start_rss else 0.0
@@ -1493,20 +1494,12 @@ def compare(args: argparse.Namespace, load: Load, command: str) -> int:
     except RuntimeError as exc:  # a server that would not start or answer: say so, no traceback
         problem = str(exc)
     finally:
-        for server in servers:
-            server.stop()
-        for prefix in stores:
-            redis.forget(prefix)
-        redis.stop()
         subprocess.run(
             ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old_tree)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        if ok and not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
-        else:
-            print(f"logs and configs kept in {workdir}", file=sys.stderr)
+        tear_down(servers, redis, stores, workdir, keep=args.keep or not ok)
     if problem:
         print(f"--compare: {problem}", file=sys.stderr)
         return 2
@@ -1688,15 +1681,7 @@ def key_limits(args: argparse.Namespace, load: Load, command: str) -> int:
     except RuntimeError as exc:  # a server that would not start or answer: say so, no traceback
         problem = str(exc)
     finally:
-        for server in servers:
-            server.stop()
-        if prefix:
-            redis.forget(prefix)
-        redis.stop()
-        if ok and not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
-        else:
-            print(f"logs and configs kept in {workdir}", file=sys.stderr)
+        tear_down(servers, redis, [prefix], workdir, keep=args.keep or not ok)
     if problem:
         print(f"--key-limits: {problem}", file=sys.stderr)
         return 2
