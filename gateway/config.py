@@ -18,7 +18,7 @@ import ipaddress
 import os
 import re
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -684,23 +684,31 @@ class _Validator:
         if not isinstance(items, list) or not items:
             self.fail("relays", "must be one or more [[relays]] tables")
             return ()
-        out: list[RelayConfig] = []
+        blocks = self.blocks(items, "relays", RelayConfig, RELAY_ID_RE, "required: must match [a-z0-9-]{1,32}")
+        return tuple(self.upstream({**t, "id": rid}, path, RelayConfig) for path, rid, t in blocks)
+
+    def blocks(
+        self, items: list[Any], section: str, schema: type, id_re: re.Pattern[str], id_rule: str
+    ) -> Iterator[tuple[str, str, dict[str, Any]]]:
+        """Each table of the array of tables `section` ([[relays]], [[tenants]]) with its
+        path and its id: keys known to `schema`, the id matching `id_re` and unique. A
+        table that is not one is skipped; a bad id is reported and stood in for."""
         seen: set[str] = set()
+        noun = section.removesuffix("s")
         for i, t in enumerate(items):
-            path = f"relays[{i}]"
+            path = f"{section}[{i}]"
             if not isinstance(t, dict):
                 self.fail(path, "must be a table")
                 continue
-            self.known_keys(t, path, _keys(RelayConfig))
-            rid = t.get("id")
-            if not isinstance(rid, str) or not RELAY_ID_RE.match(rid):
-                self.fail(f"{path}.id", "required: must match [a-z0-9-]{1,32}")
-                rid = f"invalid-{i}"
-            elif rid in seen:
-                self.fail(f"{path}.id", f"duplicate relay id {rid!r}")
-            seen.add(rid)
-            out.append(self.upstream({**t, "id": rid}, path, RelayConfig))
-        return tuple(out)
+            self.known_keys(t, path, _keys(schema))
+            ident = t.get("id")
+            if not isinstance(ident, str) or not id_re.match(ident):
+                self.fail(f"{path}.id", id_rule)
+                ident = f"invalid-{i}"
+            elif ident in seen:
+                self.fail(f"{path}.id", f"duplicate {noun} id {ident!r}")
+            seen.add(ident)
+            yield path, ident, t
 
     def tenant_relays(self, tenants: tuple[Tenant, ...], known: set[str]) -> None:
         """A tenant's `policy.relays` may name only configured relays."""
@@ -755,21 +763,8 @@ class _Validator:
             self.fail("tenants", "must be an array of tables ([[tenants]])")
             return ()
         out: list[Tenant] = []
-        seen_ids: set[str] = set()
         seen_keys: dict[str, str] = {}
-        for i, t in enumerate(items):
-            path = f"tenants[{i}]"
-            if not isinstance(t, dict):
-                self.fail(path, "must be a table")
-                continue
-            self.known_keys(t, path, _keys(Tenant))
-            tid = t.get("id")
-            if not isinstance(tid, str) or not TENANT_ID_RE.match(tid):
-                self.fail(f"{path}.id", "must match [a-z0-9-]{1,64}")
-                tid = f"invalid-{i}"
-            elif tid in seen_ids:
-                self.fail(f"{path}.id", f"duplicate tenant id {tid!r}")
-            seen_ids.add(tid)
+        for path, tid, t in self.blocks(items, "tenants", Tenant, TENANT_ID_RE, "must match [a-z0-9-]{1,64}"):
             values = self.settings(Tenant, t, path)
             for j, k in enumerate(values["keys"]):
                 if k in seen_keys:
