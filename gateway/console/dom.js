@@ -178,6 +178,46 @@ export function dialog(title, build) {
   return el;
 }
 
+/**
+ * A dialog that edits a record: `fields` go in a form whose submit sends `changes(form)`,
+ * only what changed (so the audit entry says what the operator did), through
+ * `save(body)`, then closes and calls `reload()`. Nothing changed: it just closes. A
+ * refusal shows in the form, next to the field it names.
+ */
+export function editDialog(title, { label, fields, changes, save, reload }) {
+  dialog(title, (close) => {
+    const box = alertBox();
+    const submit = h("button", { type: "submit", class: "primary" }, label);
+    const form = h(
+      "form",
+      {
+        novalidate: true,
+        onsubmit: async (event) => {
+          event.preventDefault();
+          clearErrors(form);
+          box.clear();
+          const body = changes(form);
+          if (!Object.keys(body).length) {
+            close();
+            return;
+          }
+          try {
+            await busy(submit, () => save(body), "Saving…");
+            close();
+            reload();
+          } catch (err) {
+            showError(err, { form, box });
+          }
+        },
+      },
+      ...fields,
+      box.el,
+      h("div", { class: "actions" }, h("button", { type: "button", onclick: close }, "Cancel"), submit),
+    );
+    return form;
+  });
+}
+
 /** Ask before something that cannot be undone; resolves to whether it went ahead. */
 export function confirmAction({ title, text, action, danger = true, run }) {
   return new Promise((resolve) => {

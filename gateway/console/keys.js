@@ -2,7 +2,7 @@
 // revoke with a confirmation; a key's own limits, scopes and networks shown and edited.
 
 import { all, del, patch, post, seg } from "./api.js";
-import { ago, alertBox, busy, clearErrors, confirmAction, dialog, empty, field, h, loading, secretPanel, sequence, showError, table, time } from "./dom.js";
+import { ago, alertBox, busy, clearErrors, confirmAction, dialog, editDialog, empty, field, h, loading, secretPanel, sequence, showError, table, time } from "./dom.js";
 import { LIMITS, limitFields, readLimits } from "./tenants.js";
 
 const SCOPES = ["create", "read", "delete"];
@@ -161,52 +161,32 @@ function access(k) {
 }
 
 function accessDialog(k, { reload }) {
-  dialog(`Access of ${k.name}`, (close) => {
-    const box = alertBox();
-    const submit = h("button", { type: "submit", class: "primary" }, "Save access");
-    const scopeBoxes = SCOPES.map((scope) =>
-      h("label", { class: "check" }, h("input", { type: "checkbox", name: `scope-${scope}`, checked: k.scopes.includes(scope) }), ` ${scope}`),
-    );
-    const cidrs = h("textarea", { name: "allowed_cidrs", rows: 3, placeholder: "anywhere" });
-    cidrs.value = (k.allowed_cidrs ?? []).join("\n");
-    const form = h(
-      "form",
-      {
-        novalidate: true,
-        onsubmit: async (event) => {
-          event.preventDefault();
-          clearErrors(form);
-          box.clear();
-          // only what changed: the audit entry then says what the operator did
-          const body = {};
-          const limits = Object.entries(readLimits(form)).filter(([name, v]) => v !== k.limits[name]);
-          if (limits.length) body.limits = Object.fromEntries(limits);
-          const scopes = SCOPES.filter((scope) => form.elements[`scope-${scope}`].checked);
-          if (scopes.join() !== k.scopes.join()) body.scopes = scopes.length === SCOPES.length ? null : scopes;
-          const networks = cidrs.value.split(/[\s,]+/).filter(Boolean);
-          if (networks.join() !== (k.allowed_cidrs ?? []).join()) body.allowed_cidrs = networks.length ? networks : null;
-          if (!Object.keys(body).length) {
-            close();
-            return;
-          }
-          try {
-            await busy(submit, () => patch(`/keys/${seg(k.id)}`, body), "Saving…");
-            close();
-            reload();
-          } catch (err) {
-            showError(err, { form, box });
-          }
-        },
-      },
+  const scopeBoxes = SCOPES.map((scope) =>
+    h("label", { class: "check" }, h("input", { type: "checkbox", name: `scope-${scope}`, checked: k.scopes.includes(scope) }), ` ${scope}`),
+  );
+  const cidrs = h("textarea", { name: "allowed_cidrs", rows: 3, placeholder: "anywhere" });
+  cidrs.value = (k.allowed_cidrs ?? []).join("\n");
+  editDialog(`Access of ${k.name}`, {
+    label: "Save access",
+    fields: [
       h("p", {}, "The key's own limits apply on top of its tenant's: a request needs both."),
       h("fieldset", {}, h("legend", {}, "Key limits (empty: the tenant's only)"), h("div", { class: "grid2" }, limitFields(k.limits))),
       h("fieldset", { "data-param": "scopes" }, h("legend", {}, "Scopes"), ...scopeBoxes, h("span", { class: "field-error", hidden: true })),
       field("Allowed networks (CIDRs, one per line; empty: anywhere)", cidrs, { param: "allowed_cidrs" }),
       h("p", { class: "hint" }, "A change applies on every replica within a second."),
-      box.el,
-      h("div", { class: "actions" }, h("button", { type: "button", onclick: close }, "Cancel"), submit),
-    );
-    return form;
+    ],
+    changes: (form) => {
+      const body = {};
+      const limits = Object.entries(readLimits(form)).filter(([name, v]) => v !== k.limits[name]);
+      if (limits.length) body.limits = Object.fromEntries(limits);
+      const scopes = SCOPES.filter((scope) => form.elements[`scope-${scope}`].checked);
+      if (scopes.join() !== k.scopes.join()) body.scopes = scopes.length === SCOPES.length ? null : scopes;
+      const networks = cidrs.value.split(/[\s,]+/).filter(Boolean);
+      if (networks.join() !== (k.allowed_cidrs ?? []).join()) body.allowed_cidrs = networks.length ? networks : null;
+      return body;
+    },
+    save: (body) => patch(`/keys/${seg(k.id)}`, body),
+    reload,
   });
 }
 

@@ -1,7 +1,7 @@
 // Tenants: limits against usage as bars, enabled state; create, edit limits, disable.
 
 import { all, get, patch, post, seg } from "./api.js";
-import { alertBox, busy, clearErrors, confirmAction, dialog, empty, field, h, loading, meter, secretPanel, sequence, showError, table } from "./dom.js";
+import { alertBox, busy, clearErrors, confirmAction, dialog, editDialog, empty, field, h, loading, meter, secretPanel, sequence, showError, table } from "./dom.js";
 
 export const LIMITS = [
   ["requests_per_minute", "Requests per minute"],
@@ -53,7 +53,7 @@ function tenantRow(t, reload) {
   const actions = h("td", { class: "row-actions" }, h("a", { class: "button", href: `#/keys/${seg(t.id)}`, "aria-label": `Keys of ${t.id}` }, "Keys"));
   if (t.source === "api") {
     actions.append(
-      h("button", { type: "button", "aria-label": `Edit limits of ${t.id}`, onclick: () => editDialog(t, reload) }, "Edit limits"),
+      h("button", { type: "button", "aria-label": `Edit limits of ${t.id}`, onclick: () => limitsDialog(t, reload) }, "Edit limits"),
       t.enabled
         ? h("button", { type: "button", class: "danger-quiet", "aria-label": `Disable ${t.id}`, onclick: () => disable(t, reload) }, "Disable")
         : h("button", { type: "button", "aria-label": `Enable ${t.id}`, onclick: (e) => enable(e.currentTarget, t, reload, rowBox) }, "Enable"),
@@ -158,44 +158,24 @@ function createDialog(reload) {
   });
 }
 
-function editDialog(t, reload) {
-  dialog(`Limits of ${t.id}`, (close) => {
-    const box = alertBox();
-    const submit = h("button", { type: "submit", class: "primary" }, "Save limits");
-    const form = h(
-      "form",
-      {
-        novalidate: true,
-        onsubmit: async (event) => {
-          event.preventDefault();
-          clearErrors(form);
-          box.clear();
-          // only what changed: the audit entry then says what the operator did
-          const body = {};
-          const limits = Object.entries(readLimits(form)).filter(([k, v]) => v !== t.limits[k]);
-          if (limits.length) body.limits = Object.fromEntries(limits);
-          const name = form.elements.name.value.trim();
-          if (name !== t.name) body.name = name;
-          if (!Object.keys(body).length) {
-            close();
-            return;
-          }
-          try {
-            await busy(submit, () => patch(`/tenants/${seg(t.id)}`, body), "Saving…");
-            close();
-            reload();
-          } catch (err) {
-            showError(err, { form, box });
-          }
-        },
-      },
+function limitsDialog(t, reload) {
+  editDialog(`Limits of ${t.id}`, {
+    label: "Save limits",
+    fields: [
       field("Display name", h("input", { name: "name", value: t.name, autocomplete: "off" }), { param: "name" }),
       h("fieldset", {}, h("legend", {}, "Limits (empty: no limit)"), h("div", { class: "grid2" }, limitFields(t.limits))),
       h("p", { class: "hint" }, "A change applies on every replica within a second; a limit below current usage refuses new work and stops nothing running."),
-      box.el,
-      h("div", { class: "actions" }, h("button", { type: "button", onclick: close }, "Cancel"), submit),
-    );
-    return form;
+    ],
+    changes: (form) => {
+      const body = {};
+      const limits = Object.entries(readLimits(form)).filter(([k, v]) => v !== t.limits[k]);
+      if (limits.length) body.limits = Object.fromEntries(limits);
+      const name = form.elements.name.value.trim();
+      if (name !== t.name) body.name = name;
+      return body;
+    },
+    save: (body) => patch(`/tenants/${seg(t.id)}`, body),
+    reload,
   });
 }
 
