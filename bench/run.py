@@ -855,23 +855,22 @@ def _find(rows: list[Row], name: str) -> Row | None:
     return next((r for r in rows if r.target == name and r.rps), None)
 
 
-GOALS = (  # (what, kind, numerator row, denominator row or None, target): issue 23's
+# (what, kind, numerator row, denominator row, target): issue 23's goals, and with no
+# target the context they are read against
+GOALS: tuple[tuple[str, str, str, str, float | None], ...] = (
     ("SQLite creates / aiohttp floor", "ratio", "gateway SQLite: create", "floor: Starlette + aiohttp", 0.6),
     ("SQLite polls / upstream alone", "ratio", "gateway SQLite: poll", "upstream alone", 0.5),
     ("SQLite p50 added at 1 connection", "added", "gateway SQLite: create, 1 conn", "upstream alone, 1 conn", 0.6),
     ("Redis creates / SQLite creates", "ratio", "gateway Redis: create", "gateway SQLite: create", 0.9),
     ("Redis polls / SQLite polls", "ratio", "gateway Redis: poll", "gateway SQLite: poll", 0.9),
     ("Redis p50 added at 1 connection", "added", "gateway Redis: create, 1 conn", "upstream alone, 1 conn", 0.6),
-)
-
-
-# what the goals are measured against: the same quantity for a bare proxy, in the same round
-CONTEXT = (
+    # no target: what the goals are measured against, a bare proxy in the same round
     (
         "aiohttp floor p50 added at 1 connection (context: a bare proxy)",
         "added",
         "floor: Starlette + aiohttp, 1 conn",
         "upstream alone, 1 conn",
+        None,
     ),
 )
 
@@ -887,11 +886,15 @@ def goal_value(rows: list[Row], kind: str, num: str, den: str) -> tuple[float, s
     return d, f"{d:.2f} ms ({a.p50_ms:.2f} - {b.p50_ms:.2f})"
 
 
-def _target(kind: str, goal: float) -> str:
+def _target(kind: str, goal: float | None) -> str:
+    if goal is None:
+        return "-"
     return f">= {goal:g}x" if kind == "ratio" else f"<= {goal:g} ms"
 
 
-def _met(kind: str, value: float, goal: float) -> str:
+def _met(kind: str, value: float, goal: float | None) -> str:
+    if goal is None:
+        return "-"
     return "yes" if (value >= goal if kind == "ratio" else value <= goal) else "**no**"
 
 
@@ -903,11 +906,8 @@ def ratios(rows: list[Row]) -> list[tuple[str, str, str, str]]:
         out.append(
             (what, v[1], _target(kind, goal), _met(kind, v[0], goal))
             if v
-            else (what, "pending", _target(kind, goal), "pending")
+            else (what, "pending", _target(kind, goal), "pending" if goal is not None else "-")
         )
-    for what, kind, num, den in CONTEXT:
-        v = goal_value(rows, kind, num, den)
-        out.append((what, v[1] if v else "pending", "-", "-"))
     return out
 
 
@@ -924,7 +924,7 @@ def rounds_table(rounds: list[list[Row]]) -> list[str]:
             lines.append(
                 f"| {what} | "
                 + " | ".join("pending" for _ in values)
-                + f" | pending | {_target(kind, goal)} | pending |"
+                + f" | pending | {_target(kind, goal)} | {'pending' if goal is not None else '-'} |"
             )
             continue
         nums = [v[0] for v in values if v]
@@ -935,12 +935,6 @@ def rounds_table(rounds: list[list[Row]]) -> list[str]:
             + " | ".join(f"{x:.2f}{unit}" for x in nums)
             + f" | {med:.2f}{unit} | {_target(kind, goal)} | {_met(kind, med, goal)} |"
         )
-    for what, kind, num, den in CONTEXT:
-        found = [goal_value(rows, kind, num, den) for rows in rounds]
-        if all(v is not None for v in found):
-            nums = [v[0] for v in found if v]
-            shown = " | ".join(f"{x:.2f} ms" for x in nums)
-            lines.append(f"| {what} | {shown} | {statistics.median(nums):.2f} ms | - | - |")
     return lines
 
 
