@@ -179,15 +179,16 @@ export function dialog(title, build) {
 }
 
 /**
- * A dialog that edits a record: `fields` go in a form whose submit sends `changes(form)`,
- * only what changed (so the audit entry says what the operator did), through
- * `save(body)`, then closes and calls `reload()`. Nothing changed: it just closes. A
- * refusal shows in the form, next to the field it names.
+ * A dialog holding one form: `fields`, then an alert box and Cancel and `label` buttons.
+ * On submit the last try's errors are cleared and `run(form, { close, send })` is awaited;
+ * `send(work)` runs the API call with the button busy (`busyLabel`). A refusal shows in
+ * the form, next to the field it names.
  */
-export function editDialog(title, { label, fields, changes, save, reload }) {
+export function formDialog(title, { label, busyLabel, fields, run }) {
   dialog(title, (close) => {
     const box = alertBox();
     const submit = h("button", { type: "submit", class: "primary" }, label);
+    const send = (work) => busy(submit, work, busyLabel);
     const form = h(
       "form",
       {
@@ -196,15 +197,8 @@ export function editDialog(title, { label, fields, changes, save, reload }) {
           event.preventDefault();
           clearErrors(form);
           box.clear();
-          const body = changes(form);
-          if (!Object.keys(body).length) {
-            close();
-            return;
-          }
           try {
-            await busy(submit, () => save(body), "Saving…");
-            close();
-            reload();
+            await run(form, { close, send });
           } catch (err) {
             showError(err, { form, box });
           }
@@ -215,6 +209,29 @@ export function editDialog(title, { label, fields, changes, save, reload }) {
       h("div", { class: "actions" }, h("button", { type: "button", onclick: close }, "Cancel"), submit),
     );
     return form;
+  });
+}
+
+/**
+ * A form dialog that edits a record: it sends `changes(form)`, only what changed (so the
+ * audit entry says what the operator did), through `save(body)`, then closes and calls
+ * `reload()`. Nothing changed: it just closes.
+ */
+export function editDialog(title, { label, fields, changes, save, reload }) {
+  formDialog(title, {
+    label,
+    busyLabel: "Saving…",
+    fields,
+    run: async (form, { close, send }) => {
+      const body = changes(form);
+      if (!Object.keys(body).length) {
+        close();
+        return;
+      }
+      await send(() => save(body));
+      close();
+      reload();
+    },
   });
 }
 

@@ -2,7 +2,7 @@
 // revoke with a confirmation; a key's own limits, scopes and networks shown and edited.
 
 import { all, del, patch, post, seg } from "./api.js";
-import { ago, alertBox, busy, clearErrors, confirmAction, dialog, editDialog, empty, field, h, loading, secretPanel, sequence, showError, table, time } from "./dom.js";
+import { ago, alertBox, busy, clearErrors, confirmAction, editDialog, empty, field, formDialog, h, loading, secretPanel, sequence, showError, table, time } from "./dom.js";
 import { LIMITS, limitFields, readLimits } from "./tenants.js";
 
 const SCOPES = ["create", "read", "delete"];
@@ -191,35 +191,22 @@ function accessDialog(k, { reload }) {
 }
 
 function rotateDialog(k, { reload, reveal }) {
-  dialog(`Rotate ${k.name}`, (close) => {
-    const box = alertBox();
-    const submit = h("button", { type: "submit", class: "primary" }, "Rotate key");
-    const form = h(
-      "form",
-      {
-        onsubmit: async (event) => {
-          event.preventDefault();
-          clearErrors(form);
-          box.clear();
-          const grace = Number(form.elements.grace.value);
-          try {
-            const rotated = await busy(submit, () => post(`/keys/${seg(k.id)}/rotate`, { grace_seconds: grace }), "Rotating…");
-            close();
-            const until = rotated.previous_secret_expires_at;
-            const note = until ? `The old secret keeps working until ${new Date(until * 1000).toISOString().slice(0, 16).replace("T", " ")} UTC. Copy the new one now: it is not shown again.` : "The old secret no longer works. Copy the new one now: it is not shown again.";
-            reveal(`New secret of ${k.name}`, rotated.secret, note);
-            reload();
-          } catch (err) {
-            showError(err, { form, box });
-          }
-        },
-      },
+  formDialog(`Rotate ${k.name}`, {
+    label: "Rotate key",
+    busyLabel: "Rotating…",
+    fields: [
       h("p", {}, "The key keeps its id and name and gets a new secret."),
       field("Old secret keeps working for", h("select", { name: "grace" }, GRACE.map(([v, label]) => h("option", { value: v, selected: v === "86400" }, label))), { param: "grace_seconds" }),
-      box.el,
-      h("div", { class: "actions" }, h("button", { type: "button", onclick: close }, "Cancel"), submit),
-    );
-    return form;
+    ],
+    run: async (form, { close, send }) => {
+      const grace = Number(form.elements.grace.value);
+      const rotated = await send(() => post(`/keys/${seg(k.id)}/rotate`, { grace_seconds: grace }));
+      close();
+      const until = rotated.previous_secret_expires_at;
+      const note = until ? `The old secret keeps working until ${new Date(until * 1000).toISOString().slice(0, 16).replace("T", " ")} UTC. Copy the new one now: it is not shown again.` : "The old secret no longer works. Copy the new one now: it is not shown again.";
+      reveal(`New secret of ${k.name}`, rotated.secret, note);
+      reload();
+    },
   });
 }
 

@@ -1,7 +1,7 @@
 // Tenants: limits against usage as bars, enabled state; create, edit limits, disable.
 
 import { all, get, patch, post, seg } from "./api.js";
-import { alertBox, busy, clearErrors, confirmAction, dialog, editDialog, empty, field, h, loading, meter, secretPanel, sequence, showError, table } from "./dom.js";
+import { alertBox, busy, confirmAction, editDialog, empty, field, formDialog, h, loading, meter, secretPanel, sequence, table } from "./dom.js";
 
 export const LIMITS = [
   ["requests_per_minute", "Requests per minute"],
@@ -108,38 +108,10 @@ export function readLimits(form) {
 }
 
 function createDialog(reload) {
-  dialog("New tenant", (close) => {
-    const box = alertBox();
-    const submit = h("button", { type: "submit", class: "primary" }, "Create tenant");
-    const form = h(
-      "form",
-      {
-        novalidate: true,
-        onsubmit: async (event) => {
-          event.preventDefault();
-          clearErrors(form);
-          box.clear();
-          const hosts = form.elements.hook_hosts.value.split(/[\s,]+/).filter(Boolean);
-          const body = { id: form.elements.id.value.trim(), limits: readLimits(form) };
-          if (form.elements.name.value.trim()) body.name = form.elements.name.value.trim();
-          if (hosts.length) body.policy = { hook_hosts: hosts };
-          try {
-            const created = await busy(submit, () => post("/tenants", body), "Creating…");
-            reload();
-            form.replaceWith(
-              h(
-                "div",
-                {},
-                h("p", { role: "status" }, `Tenant ${created.id} created.`),
-                secretPanel("Webhook secret", created.webhook_secret, "It signs this tenant's webhooks. Copy it now: it is not shown again."),
-                h("div", { class: "actions" }, h("a", { class: "button", href: `#/keys/${seg(created.id)}`, onclick: close }, "Mint a key"), h("button", { type: "button", class: "primary", onclick: close }, "Done")),
-              ),
-            );
-          } catch (err) {
-            showError(err, { form, box });
-          }
-        },
-      },
+  formDialog("New tenant", {
+    label: "Create tenant",
+    busyLabel: "Creating…",
+    fields: [
       h(
         "div",
         { class: "grid2" },
@@ -151,10 +123,24 @@ function createDialog(reload) {
         param: "policy.hook_hosts",
         hint: "Hosts this tenant's notify_hook may call, separated by commas.",
       }),
-      box.el,
-      h("div", { class: "actions" }, h("button", { type: "button", onclick: close }, "Cancel"), submit),
-    );
-    return form;
+    ],
+    run: async (form, { close, send }) => {
+      const hosts = form.elements.hook_hosts.value.split(/[\s,]+/).filter(Boolean);
+      const body = { id: form.elements.id.value.trim(), limits: readLimits(form) };
+      if (form.elements.name.value.trim()) body.name = form.elements.name.value.trim();
+      if (hosts.length) body.policy = { hook_hosts: hosts };
+      const created = await send(() => post("/tenants", body));
+      reload();
+      form.replaceWith(
+        h(
+          "div",
+          {},
+          h("p", { role: "status" }, `Tenant ${created.id} created.`),
+          secretPanel("Webhook secret", created.webhook_secret, "It signs this tenant's webhooks. Copy it now: it is not shown again."),
+          h("div", { class: "actions" }, h("a", { class: "button", href: `#/keys/${seg(created.id)}`, onclick: close }, "Mint a key"), h("button", { type: "button", class: "primary", onclick: close }, "Done")),
+        ),
+      );
+    },
   });
 }
 
